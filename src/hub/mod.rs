@@ -1,0 +1,1 @@
+//! Per-core fan-out hub (sans-IO).

@@ -1,0 +1,1 @@
+//! Synapse-compatible JSON (simplejson 3.17 defaults, PROTOCOL.md §2.3).
