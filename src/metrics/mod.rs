@@ -1,0 +1,19 @@
+//! Prometheus metrics: per-core plain counters gathered at scrape time.
+//!
+//! ```text
+//!  core 0 ─ CoreStats + ConnSample (SIOCINQ/SIOCOUTQ read on the core) ─┐
+//!  core N ─ ...                                                          ├─► render() ─► text ─► http
+//!  upstream ─ UpstreamSnapshot ──────────────────────────────────────────┘
+//! ```
+//!
+//! - [`snapshot`]: the plain data each core hands over (no atomics, no locks).
+//! - [`sockq`]: the `SIOCINQ`/`SIOCOUTQ` ioctls, called by a core on its own sockets.
+//! - [`render`](mod@render): folds the snapshots into Prometheus text, Synapse's names first.
+//! - [`http`]: the `/metrics` endpoint, one std thread, independent of the I/O driver.
+pub mod http;
+pub mod render;
+pub mod snapshot;
+pub mod sockq;
+
+pub use http::MetricsServer;
+pub use render::{render, RenderInfo};
