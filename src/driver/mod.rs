@@ -1,1 +1,160 @@
-//! I/O drivers.
+//! I/O drivers: thread per core, each running one [`crate::hub::Hub`] (ARCHITECTURE.md §3, §5).
+//!
+//! - `epoll`: a tokio current-thread runtime per core (portable; works where io_uring is
+//!   blocked, e.g. Docker's default seccomp profile).
+//! - `uring`: a hand-written io_uring loop per core (multishot accept/recv, provided buffers,
+//!   gathered sends).
+//!
+//! Shared by both: the messages a core receives ([`CoreMsg`]) through its [`Inbox`], the
+//! [`CoreContext`] a core thread starts with, the [`Clock`], and the source thread that runs
+//! the upstream link or the synthetic master and hands every batch to every core (one message
+//! per core per batch).
+pub mod epoll;
+pub mod source;
+pub mod uring;
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::hub::{Batch, HubConfig, UpstreamCmd, UpstreamEvent};
+use crate::metrics::snapshot::CoreSnapshot;
+use crate::time::Now;
+
+/// A message for one core, in order with the batches.
+// `Upstream` is large (a token per stream) but rare (one per upstream connect); boxing it would
+// cost an allocation per core per connect and change nothing on the batch path.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum CoreMsg {
+    /// Append to the log.
+    Batch(Arc<Batch>),
+    /// Upstream connected or dropped.
+    Upstream(UpstreamEvent),
+    /// Send a metrics snapshot back.
+    Snapshot(mpsc::Sender<CoreSnapshot>),
+    /// Say `ERROR server shutting down` to every worker, flush, close, and stop.
+    Shutdown,
+}
+
+/// The sending side of a mailbox: a channel plus a wake-up for the receiving loop
+/// (a tokio `Notify`, or an eventfd for io_uring). Cloneable, `Send`.
+///
+/// A core's mailbox is bounded ([`Inbox::bounded`]) so that a source producing faster than
+/// the cores consume (the synthetic master at rate 0) is held back by [`Inbox::try_send`]
+/// instead of growing the queue without limit; the receiving side is the same
+/// `mpsc::Receiver` either way.
+pub struct Inbox<T> {
+    tx: Sender<T>,
+    wake: Arc<dyn Fn() + Send + Sync>,
+}
+
+enum Sender<T> {
+    Unbounded(mpsc::Sender<T>),
+    Bounded(mpsc::SyncSender<T>),
+}
+
+impl<T> Clone for Inbox<T> {
+    fn clone(&self) -> Self {
+        let tx = match &self.tx {
+            Sender::Unbounded(tx) => Sender::Unbounded(tx.clone()),
+            Sender::Bounded(tx) => Sender::Bounded(tx.clone()),
+        };
+        Self { tx, wake: Arc::clone(&self.wake) }
+    }
+}
+
+impl<T> Inbox<T> {
+    /// A mailbox whose receiver is returned; `wake` is called after each send.
+    pub fn new(wake: Arc<dyn Fn() + Send + Sync>) -> (Self, mpsc::Receiver<T>) {
+        let (tx, rx) = mpsc::channel();
+        (Self { tx: Sender::Unbounded(tx), wake }, rx)
+    }
+
+    /// A mailbox holding at most `capacity` undelivered messages: [`Inbox::send`] blocks and
+    /// [`Inbox::try_send`] refuses while it is full.
+    pub fn bounded(wake: Arc<dyn Fn() + Send + Sync>, capacity: usize) -> (Self, mpsc::Receiver<T>) {
+        let (tx, rx) = mpsc::sync_channel(capacity.max(1));
+        (Self { tx: Sender::Bounded(tx), wake }, rx)
+    }
+
+    /// Sends and wakes the receiver (blocking while a bounded mailbox is full). Returns false
+    /// if the receiver is gone.
+    pub fn send(&self, msg: T) -> bool {
+        let ok = match &self.tx {
+            Sender::Unbounded(tx) => tx.send(msg).is_ok(),
+            Sender::Bounded(tx) => tx.send(msg).is_ok(),
+        };
+        (self.wake)();
+        ok
+    }
+
+    /// Sends without blocking and wakes the receiver. A full mailbox gives the message back
+    /// (`TrySendError::Full`), after waking the receiver so that it drains.
+    pub fn try_send(&self, msg: T) -> Result<(), mpsc::TrySendError<T>> {
+        let res = match &self.tx {
+            Sender::Unbounded(tx) => tx.send(msg).map_err(|e| mpsc::TrySendError::Disconnected(e.0)),
+            Sender::Bounded(tx) => tx.try_send(msg),
+        };
+        (self.wake)();
+        res
+    }
+}
+
+/// How a core's loop is woken when its inbox gets a message.
+pub enum CoreWakeup {
+    /// The epoll driver waits on a tokio `Notify`.
+    Notify(Arc<tokio::sync::Notify>),
+    /// The io_uring driver reads an eventfd.
+    EventFd(std::os::fd::OwnedFd),
+}
+
+/// What a core thread starts with.
+pub struct CoreContext {
+    /// Core index (0-based).
+    pub index: usize,
+    /// This core's listener: bound with SO_REUSEPORT, non-blocking, already listening.
+    pub listener: std::net::TcpListener,
+    /// Hub settings.
+    pub hub: HubConfig,
+    /// Messages from the source thread and the scraper.
+    pub inbox: mpsc::Receiver<CoreMsg>,
+    /// How `inbox` wakes this core.
+    pub wakeup: CoreWakeup,
+    /// Commands for the upstream, tagged with this core's index.
+    pub upstream: Inbox<(usize, UpstreamCmd)>,
+    /// The process clock.
+    pub clock: Clock,
+}
+
+/// The process clock: the only place that reads time. Sans-IO layers get [`Now`] from it.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    start: Instant,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock {
+    /// A clock whose monotonic zero is now.
+    pub fn new() -> Self {
+        Self { start: Instant::now() }
+    }
+
+    /// The current time for the sans-IO core.
+    pub fn now(&self) -> Now {
+        let wall_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        Now { mono_ms: u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX), wall_ms }
+    }
+
+    /// The monotonic instant of `mono_ms`.
+    pub fn instant_at(&self, mono_ms: u64) -> Instant {
+        self.start + std::time::Duration::from_millis(mono_ms)
+    }
+}

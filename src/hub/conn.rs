@@ -50,8 +50,11 @@ pub(super) struct Conn {
     /// Next log line to consider, and bytes of it already written.
     pub cursor: Seq,
     pub offset: usize,
-    /// Whether the cursor pins its log entry (the connection has or may have pending output).
+    /// Whether the connection has (or may have) pending output.
     pub active: bool,
+    /// Closing: the connection wants no more log lines, so its cursor pins nothing; only its
+    /// private lines (the ERROR, the rest of a half-written line) remain.
+    pub detached: bool,
     /// In the hub's dirty list.
     pub dirty: bool,
     /// The socket is full: wait for `on_writable`.
@@ -81,6 +84,7 @@ pub(super) struct Conn {
     /// Set once we decided to close: the reason, and whether `Close` was emitted.
     pub closing: Option<CloseReason>,
     pub close_emitted: bool,
+    pub abort_emitted: bool,
 }
 
 impl Conn {
@@ -92,6 +96,7 @@ impl Conn {
             cursor: head,
             offset: 0,
             active: false,
+            detached: false,
             dirty: false,
             blocked: false,
             in_flight: None,
@@ -109,7 +114,13 @@ impl Conn {
             outbound: [0; WORDS],
             closing: None,
             close_emitted: false,
+            abort_emitted: false,
         }
+    }
+
+    /// Whether the cursor holds a pin in the log.
+    pub fn pins(&self) -> bool {
+        self.active && !self.detached
     }
 
     /// Whether log line `seq` of `stream` (index, or BROADCAST) goes to this connection.

@@ -155,7 +155,7 @@ impl Hub {
     /// Bytes of log a connection holds back (its backlog).
     pub fn backlog_bytes(&self, conn: ConnId) -> Option<u64> {
         let c = self.conn(conn)?;
-        Some(if c.active { self.log.head_byte() - self.log.byte_of(c.cursor) } else { 0 })
+        Some(if c.pins() { self.log.head_byte() - self.log.byte_of(c.cursor) } else { 0 })
     }
 
     // ----------------------------------------------------------------------------------------
@@ -415,6 +415,8 @@ impl Hub {
                 }
             }
         }
+        // Nobody parked in (or before) this batch: drop it now.
+        self.log.trim();
         self.stats.log_bytes = self.log.held_bytes();
         if self.log.held_bytes() > self.config.max_pending_bytes {
             self.sweep(now, true);
@@ -494,7 +496,7 @@ impl Hub {
         for s in c.pending.iter() {
             self.pending_subs[s.index()].retain(|x| *x != id);
         }
-        if c.active {
+        if c.pins() {
             self.log.unpin(c.cursor);
         }
         for user_id in self.user_sync.remove_reporter(id) {
@@ -517,7 +519,9 @@ impl Hub {
             let id = c.id;
             match c.session.handle_timeout(now) {
                 TimerAction::Abort => {
-                    if !c.close_emitted {
+                    // Also after a graceful close: a peer that never sends EOF is dropped.
+                    if !c.abort_emitted {
+                        c.abort_emitted = true;
                         c.close_emitted = true;
                         c.closing.get_or_insert(CloseReason::ConnectionAborted);
                         tracing::info!(conn = id.to_u64(), name = c.display_name(), "close linger expired, aborting");
@@ -562,7 +566,7 @@ impl Hub {
         let mut evict = Vec::new();
         for slot in &self.slots {
             let Some(c) = &slot.conn else { continue };
-            if !c.active || c.closing.is_some() {
+            if !c.pins() || c.closing.is_some() {
                 continue;
             }
             if head_byte - self.log.byte_of(c.cursor) > self.config.max_pending_bytes {
@@ -582,15 +586,24 @@ impl Hub {
     /// Drops a slow consumer's backlog, tells it `ERROR Failed to keep up` and closes it.
     fn evict(&mut self, id: ConnId, reason: EvictReason, now: Now) {
         let backlog = self.backlog_bytes(id).unwrap_or(0);
-        let Some(c) = self.conn_mut(id) else { return };
+        let Some(c) = self.conn(id) else { return };
         tracing::warn!(conn = id.to_u64(), name = c.display_name(), reason = reason.label(), backlog, "slow consumer evicted");
         self.stats.evictions[reason as usize] += 1;
-        self.unsubscribe_all(id);
+        self.fail(id, &PeerError::FailedToKeepUp, CloseReason::SlowConsumer, now);
+    }
+
+    /// A closing connection wants no more log lines: drop its backlog (keeping the rest of a
+    /// half-written line, so the stream stays well-formed) and release its pin, so a peer that
+    /// stopped reading cannot hold the log.
+    fn detach(&mut self, id: ConnId) {
         let head = self.log.head();
         let Some(c) = slot_conn(&mut self.slots, id) else { return };
-        // Keep the rest of a half-written line so the stream stays well-formed; drop the rest.
+        if c.detached {
+            return;
+        }
         let mut keep: Option<Private> = None;
         if c.in_flight.is_some() {
+            // The write in flight accounts for itself and requeues any half-written line.
             c.replanned = true;
         } else if c.offset > 0 {
             if let Some((batch, i)) = self.log.locate(c.cursor) {
@@ -599,7 +612,6 @@ impl Hub {
                 keep = Some(Private { at: head, bytes: rest, word: CommandWord::Rdata, partial: true });
             }
         }
-        let Some(c) = self.conn_mut(id) else { return };
         if keep.is_none() && c.private.front().is_some_and(|p| p.partial) {
             keep = c.private.pop_front();
         }
@@ -608,13 +620,13 @@ impl Hub {
             k.at = head;
             c.private.push_back(k);
         }
-        let (old, was_active) = (c.cursor, c.active);
+        let (old, pinned) = (c.cursor, c.pins());
         c.cursor = head;
         c.offset = 0;
-        if was_active {
-            self.log.repin(old, head);
+        c.detached = true;
+        if pinned {
+            self.log.unpin(old);
         }
-        self.fail(id, &PeerError::FailedToKeepUp, CloseReason::SlowConsumer, now);
     }
 
     fn unsubscribe_all(&mut self, id: ConnId) {
@@ -638,31 +650,31 @@ impl Hub {
             return;
         }
         c.closing = Some(reason);
-        c.phase = ConnPhase::Closing;
         c.session.fail(err, now);
-        self.unsubscribe_all(id);
         self.drain_session(id, now);
     }
 
     // ----------------------------------------------------------------------------------------
     // Writes
 
-    /// Moves the session's queued lines into the connection's private queue at the head.
+    /// Moves the session's queued lines into the connection's private queue at the head. A
+    /// session that decided to close (an ERROR, a ping timeout) detaches the connection first.
     fn drain_session(&mut self, id: ConnId, now: Now) {
+        let Some(c) = slot_conn(&mut self.slots, id) else { return };
+        if c.session.is_closing() && !c.detached {
+            c.closing.get_or_insert(CloseReason::ProtocolError);
+            c.phase = ConnPhase::Closing;
+            self.unsubscribe_all(id);
+            self.detach(id);
+        }
         let head = self.log.head();
-        let Some(c) = self.conn_mut(id) else { return };
+        let Some(c) = slot_conn(&mut self.slots, id) else { return };
         let mut any = false;
         while let Some(bytes) = c.session.poll_transmit() {
             let word_end = memchr::memchr(b' ', &bytes).unwrap_or(bytes.len());
             let word = CommandWord::parse(&bytes[..word_end]).unwrap_or(CommandWord::Error);
             c.private.push_back(Private { at: head, bytes, word, partial: false });
             any = true;
-        }
-        if c.session.is_closing() {
-            c.phase = ConnPhase::Closing;
-            if c.closing.is_none() {
-                c.closing = Some(CloseReason::ProtocolError);
-            }
         }
         if any || c.closing.is_some() {
             self.wake(id, head, now);
@@ -684,7 +696,9 @@ impl Hub {
             c.offset = 0;
             c.active = true;
             c.progress_ms = now.mono_ms;
-            self.log.pin(c.cursor);
+            if !c.detached {
+                self.log.pin(c.cursor);
+            }
         }
         if !c.dirty && !c.blocked && c.in_flight.is_none() && !c.close_emitted {
             c.dirty = true;
@@ -751,7 +765,8 @@ impl Hub {
                     }
                 }
             }
-            if seq >= head {
+            if seq >= head || c.detached {
+                seq = seq.max(head);
                 reached_head = true;
                 break;
             }
@@ -806,7 +821,9 @@ impl Hub {
             c.cursor = Seq(seq);
             c.offset = 0;
             let closing = c.closing.is_some();
-            self.log.repin(old, Seq(seq));
+            if c.pins() {
+                self.log.repin(old, Seq(seq));
+            }
             if reached_head {
                 self.go_idle(id, closing);
             } else if let Some(c) = self.conn_mut(id) {
@@ -839,9 +856,11 @@ impl Hub {
     fn go_idle(&mut self, id: ConnId, closing: bool) {
         let Some(c) = self.conn_mut(id) else { return };
         if c.active && c.private.is_empty() && c.offset == 0 {
+            let (cursor, pinned) = (c.cursor, c.pins());
             c.active = false;
-            let cursor = c.cursor;
-            self.log.unpin(cursor);
+            if pinned {
+                self.log.unpin(cursor);
+            }
             if closing {
                 let Some(c) = self.conn_mut(id) else { return };
                 if !c.close_emitted {
@@ -926,7 +945,7 @@ impl Hub {
         self.stats.writes += 1;
         c.outbound[CommandWord::Rdata as usize] += lines_done;
         let old = c.cursor;
-        if !replanned {
+        if !replanned && !c.detached {
             if complete && n == requested {
                 if let Some(end) = c.flight_end {
                     new_cursor = Some((end, 0));
@@ -942,7 +961,7 @@ impl Hub {
         c.blocked = blocked;
         let closing = c.closing.is_some();
         let nothing_left = c.private.is_empty() && c.offset == 0 && c.cursor.0 >= self.log.head().0;
-        if old != new {
+        if old != new && c.pins() {
             self.log.repin(old, new);
         }
         if nothing_left {
@@ -976,13 +995,13 @@ impl Hub {
             .filter_map(|s| s.conn.as_ref())
             .map(|c| {
                 let (outq, inq) = kernel_queues(c.id);
-                let behind = if c.active { head.0 - c.cursor.0 } else { 0 };
+                let behind = if c.pins() { head.0 - c.cursor.0 } else { 0 };
                 ConnSample {
                     name: c.display_name().to_owned(),
                     phase: c.phase,
                     subscribed: c.mask.0,
                     pending_commands: behind + c.private.len() as u64,
-                    backlog_bytes: if c.active { self.log.head_byte() - self.log.byte_of(c.cursor) } else { 0 },
+                    backlog_bytes: if c.pins() { self.log.head_byte() - self.log.byte_of(c.cursor) } else { 0 },
                     kernel_send_queue: outq,
                     kernel_read_queue: inq,
                     inbound: c.inbound,

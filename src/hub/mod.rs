@@ -82,6 +82,8 @@ impl Default for HubConfig {
 }
 
 /// What the upstream link tells every core, through the same ordered mailbox as the batches.
+// Rare (once per upstream connection), so the size of `Connected` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum UpstreamEvent {
     /// Handshake with the upstream complete: its server name and the token of each stream it

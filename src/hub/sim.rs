@@ -50,6 +50,8 @@ pub struct Sim {
     pub batches: usize,
     dirty: Vec<ConnId>,
     iov_budget: usize,
+    /// Peers that never answer our FIN: a graceful close leaves their socket open.
+    pub peers_ignore_fin: bool,
 }
 
 impl Sim {
@@ -63,6 +65,7 @@ impl Sim {
             batches: 0,
             dirty: Vec::new(),
             iov_budget: 0,
+            peers_ignore_fin: false,
         }
     }
 
@@ -252,8 +255,11 @@ impl Sim {
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.closed = Some(how);
                     }
-                    // The driver closes the socket and reports it gone.
-                    self.hub.on_peer_closed(conn, false, self.now);
+                    // The driver closes the socket and reports it gone (after the peer's EOF
+                    // for a graceful close).
+                    if how == CloseHow::Abort || !self.peers_ignore_fin {
+                        self.hub.on_peer_closed(conn, false, self.now);
+                    }
                 }
                 HubOutput::Upstream(cmd) => self.upstream.push(cmd),
             }

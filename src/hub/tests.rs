@@ -247,6 +247,36 @@ fn a_stalled_worker_is_evicted_by_backlog_and_the_others_get_everything() {
 }
 
 #[test]
+fn an_evicted_worker_that_never_reads_holds_no_log() {
+    let mut sim = sim();
+    let w = sim.accept();
+    sim.send(w, "REPLICATE ALL");
+    sim.take_lines(w);
+    sim.set_capacity(w, Capacity::Stalled);
+    for k in 0..5_000 {
+        sim.batch(&[(Events, V(1_000 + k))]);
+        // Eviction happens once the backlog is over the limit: at most one batch over it.
+        assert!(sim.hub.log().held_bytes() <= config().max_pending_bytes + 64, "batch {k}: log holds {}", sim.hub.log().held_bytes());
+    }
+    assert_eq!(sim.hub.stats().evictions[0], 1);
+    assert!(sim.hub.contains(w), "still waiting to write its ERROR");
+    assert_eq!(sim.hub.log().held_bytes(), 0, "nobody needs the log");
+}
+
+#[test]
+fn a_peer_that_never_answers_our_close_is_aborted_after_the_linger() {
+    let mut sim = sim();
+    sim.peers_ignore_fin = true;
+    let w = sim.accept();
+    sim.send(w, "FOO");
+    assert_eq!(sim.closed(w), Some(CloseHow::Graceful));
+    assert!(sim.hub.contains(w));
+    sim.advance(30_100);
+    assert_eq!(sim.closed(w), Some(CloseHow::Abort));
+    assert!(!sim.hub.contains(w), "the driver reported it gone after the abort");
+}
+
+#[test]
 fn a_worker_without_write_progress_is_evicted_after_the_write_timeout() {
     let mut sim = sim();
     let w = sim.accept();
@@ -455,10 +485,8 @@ mod props {
                     continue;
                 }
                 match word {
-                    "POSITION" => {
-                        if first_position.is_none() {
-                            first_position = parts.next().and_then(|t| t.parse().ok());
-                        }
+                    "POSITION" if first_position.is_none() => {
+                        first_position = parts.next().and_then(|t| t.parse().ok());
                     }
                     "RDATA" => {
                         prop_assert!(first_position.is_some(), "RDATA before POSITION: {}", l);

@@ -1,0 +1,118 @@
+//! The command line: `replhub serve | tail | …` (clap derive). Each subcommand is one variant
+//! of [`Command`] plus one arm in [`run`].
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use replhub::config::ServeOptions;
+use replhub::server::Server;
+
+/// A fan-out hub for Synapse's TCP replication protocol: one upstream, thousands of workers.
+#[derive(Debug, Parser)]
+#[command(name = "replhub", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve workers from one upstream master (or the built-in synthetic one).
+    Serve(ServeArgs),
+    /// Connect as a worker and print what it receives.
+    Tail(TailArgs),
+    /// Load-test the hub (or Redis pub/sub) end to end over loopback.
+    Loadtest(replhub::loadtest::LoadtestArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    options: ServeOptions,
+    /// TOML file with the same keys as these flags (flags win)
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct TailArgs {
+    /// The hub (or master) to connect to
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9092")]
+    connect: String,
+    /// Stream to subscribe to, or ALL
+    #[arg(long, value_name = "S|ALL", default_value = "ALL")]
+    stream: String,
+    /// Decode rows instead of printing raw lines
+    #[arg(long)]
+    decode: bool,
+    /// Stop after N RDATA lines
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// The NAME to announce
+    #[arg(long, value_name = "NAME", default_value = "replhub-tail")]
+    name: String,
+    /// Log level or filter [default: $RUST_LOG, else warn]
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+}
+
+/// Parses the command line and runs; the process exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Prints help/version to stdout (exit 0) or the error with usage to stderr (exit 2).
+        Err(e) => e.exit(),
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("replhub: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Tail(args) => tail(args),
+        Command::Loadtest(args) => replhub::loadtest::cli(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let (config, log_level) = args.options.resolve(args.config.as_ref())?;
+    init_logging(log_level.as_deref(), "info")?;
+    let server = Server::start(config)?;
+    server.wait_for_signal()
+}
+
+fn tail(args: TailArgs) -> anyhow::Result<()> {
+    init_logging(args.log_level.as_deref(), "warn")?;
+    let opts = replhub::tail::TailOptions {
+        connect: args.connect,
+        stream: args.stream,
+        decode: args.decode,
+        name: args.name,
+        count: args.count,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(replhub::tail::run(opts))
+}
+
+/// Logs to stderr: `--log-level` if given, else `RUST_LOG`, else `default`.
+fn init_logging(level: Option<&str>, default: &str) -> anyhow::Result<()> {
+    let filter = match level {
+        Some(l) => EnvFilter::try_new(l).map_err(|e| anyhow::anyhow!("--log-level {l:?}: {e}"))?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    Ok(())
+}

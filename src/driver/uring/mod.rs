@@ -1,0 +1,77 @@
+//! The io_uring driver (ARCHITECTURE.md §5): one ring per core thread, running that core's
+//! [`Hub`](crate::hub::Hub).
+//!
+//! ```text
+//!   multishot ACCEPT on the core's SO_REUSEPORT listener ─► TCP_NODELAY, hub.accept,
+//!       one multishot RECV per socket, buffers picked by the kernel from a registered ring
+//!   RECV completion ─► hub.on_bytes (the hub copies) ─► buffer back into the ring at once
+//!   POLL on the mailbox eventfd ─► drain every CoreMsg: on_batch / on_upstream / snapshot /
+//!       shutdown ─► re-arm
+//!   TIMEOUT at hub.poll_timeout (and the driver's own deadlines) ─► hub.handle_timeout
+//!   end of every turn: hub outputs (closes, upstream commands), then one gathered SENDMSG
+//!       per dirty connection (take_dirty → gather → iovecs in the connection's own storage),
+//!       one in flight per socket; then one io_uring_enter that submits and waits
+//! ```
+//!
+//! Design notes:
+//! - **Op accounting.** Every op's `user_data` carries its kind and its connection (slot index
+//!   and generation, [`token`]). A connection has at most one recv and one send in flight; it
+//!   is torn down by cancelling them (`ASYNC_CANCEL`), and its fd is closed and the hub told
+//!   ([`Hub::on_peer_closed`](crate::hub::Hub::on_peer_closed)) only after both final
+//!   completions. So the hub never reuses a slot with an op in flight, fd numbers are never
+//!   reused under a pending op, and the bytes a send points at (kept by the hub until
+//!   `on_written`/`on_peer_closed`) outlive it.
+//! - **Buffers.** 512 × 4 KiB recv buffers per core. Each is returned to the ring as soon as
+//!   its completion is handled (the hub copies partial lines into the connection's splitter),
+//!   so no subscriber can pin pool memory.
+//! - **ENOBUFS cannot spin.** A multishot recv that finds the ring empty ends with `ENOBUFS`
+//!   (even with no data, liburing#1275). It is never re-armed in the turn it ended in, but in a
+//!   later one, after every completion was handled, i.e. with every buffer back in the ring;
+//!   and at most one recv per buffer is re-armed per turn (the rest wait in a FIFO, and the
+//!   loop then reaps without sleeping). A re-armed recv can only end in `ENOBUFS` again if, in
+//!   that same turn, completions carrying data used up the whole ring, so every `ENOBUFS` is
+//!   paid for by received data and the FIFO shrinks in any turn without input.
+//! - **Graceful close.** The hub's `Close{Graceful}` comes once everything was written:
+//!   `shutdown(SHUT_WR)`, received bytes are dropped until EOF, and after the session's close
+//!   timeout without EOF the socket is reset, as the epoll driver does. `Close{Abort}`:
+//!   `SO_LINGER {1, 0}`, then the same teardown (RST).
+//! - **Shutdown.** `ERROR server shutting down` to everyone, flush, close; whatever is still
+//!   open after 2 s is reset. Before the buffers are freed the loop waits (bounded) until the
+//!   kernel has finished every op; if it has not, the ring and its memory are leaked rather
+//!   than freed under the kernel.
+//! - Submissions are batched: one `io_uring_enter` per loop turn submits everything and
+//!   waits for at least one completion; submissions that do not fit the queue wait in a
+//!   backlog. The kernel keeps overflowing completions (NODROP). An idle core sleeps in the
+//!   kernel until the mailbox, a socket or the hub's timer wakes it.
+mod bufring;
+mod event_loop;
+mod probe;
+mod token;
+mod wakeup;
+
+use std::sync::Arc;
+
+use super::{CoreContext, CoreWakeup};
+
+/// Probes io_uring once at start: `kernel.io_uring_disabled`, ring setup (with
+/// `SINGLE_ISSUER | DEFER_TASKRUN` where the kernel has them), the opcodes this driver uses, a
+/// provided-buffer ring, and a functional self-test (one multishot recv from the buffer ring
+/// and one `SENDMSG` over a socket pair, bounded by 1 s). `Err` carries a one-line reason for
+/// the log (seccomp, sysctl, old kernel, ...).
+pub fn probe() -> Result<(), String> {
+    probe::probe()
+}
+
+/// A wake-up for a core running this driver (an eventfd), and the function that fires it.
+pub fn new_wakeup() -> std::io::Result<(CoreWakeup, Arc<dyn Fn() + Send + Sync>)> {
+    wakeup::new_wakeup()
+}
+
+/// Runs one core on the calling thread until it is told to shut down (or its mailbox is
+/// dropped). The context's wake-up must come from [`new_wakeup`].
+pub fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
+    event_loop::run_core(ctx)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,422 @@
+//! `replhub serve` as a library: the source thread, one thread per core and the `/metrics`
+//! endpoint, wired together (ARCHITECTURE.md §3, §5, §6).
+//!
+//! ```text
+//!   source thread ──CoreMsg (one per core per batch)──► replhub-core-0 … replhub-core-N-1
+//!        ▲                                                   │  (each: own SO_REUSEPORT listener,
+//!        └────────── (core, UpstreamCmd) ◄───────────────────┘   own Hub, epoll or io_uring)
+//!   metrics thread: Snapshot to every core + the source at scrape time ─► render
+//! ```
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use replhub::config::{ServeConfig, SourceConfig};
+//! let mut config = ServeConfig::new(SourceConfig::Synthetic { rate: 100, line_size: None });
+//! config.listen = "127.0.0.1:0".parse()?;
+//! let server = replhub::server::Server::start(config)?;
+//! println!("workers connect to {}", server.local_addr());
+//! server.shutdown()?;
+//! # Ok(())
+//! # }
+//! ```
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::{IoBackend, ServeConfig};
+use crate::driver::source::{self, SourceContext, SourceHandle};
+use crate::driver::{epoll, uring, Clock, CoreContext, CoreMsg, Inbox};
+use crate::metrics::snapshot::{CoreSnapshot, UpstreamSnapshot};
+use crate::metrics::{MetricsServer, RenderInfo};
+use crate::upstream::backoff::BackoffConfig;
+
+/// Set to `1` to make the io_uring probe fail (tests of the epoll fallback).
+pub const DISABLE_URING_ENV: &str = "REPLHUB_DISABLE_URING";
+/// Messages a core's mailbox holds before the source waits for it (back-pressure).
+pub const CORE_MAILBOX: usize = 256;
+/// Listen backlog of each core's listener.
+const BACKLOG: i32 = 1024;
+/// How long a scrape waits for the cores and the source.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A running hub. Stop it with [`Server::shutdown`] (or [`Server::wait_for_signal`]); dropping
+/// it does the same, ignoring errors.
+pub struct Server {
+    local_addr: SocketAddr,
+    backend: &'static str,
+    fallback: Option<String>,
+    cores: Vec<Inbox<CoreMsg>>,
+    core_threads: Vec<JoinHandle<anyhow::Result<()>>>,
+    source: SourceHandle,
+    source_thread: Option<JoinHandle<anyhow::Result<()>>>,
+    metrics: Option<MetricsServer>,
+    watch: Watch,
+}
+
+/// Notices a core or the source thread ending before it was asked to.
+#[derive(Clone, Default)]
+struct Watch {
+    stopping: Arc<AtomicBool>,
+    exited: Arc<tokio::sync::Notify>,
+    what: Arc<Mutex<Option<String>>>,
+}
+
+impl Watch {
+    fn exited(&self, what: &str) {
+        if !self.stopping.load(Ordering::SeqCst) {
+            tracing::error!("{what} stopped unexpectedly");
+            if let Ok(mut w) = self.what.lock() {
+                w.get_or_insert_with(|| what.to_owned());
+            }
+            self.exited.notify_one();
+        }
+    }
+}
+
+/// The io backend chosen at start, and why io_uring is not used when `auto` fell back.
+fn choose_backend(io: IoBackend) -> anyhow::Result<(IoBackend, Option<String>)> {
+    let probe = || -> Result<(), String> {
+        if std::env::var(DISABLE_URING_ENV).is_ok_and(|v| v == "1") {
+            return Err(format!("disabled by {DISABLE_URING_ENV}=1"));
+        }
+        uring::probe()
+    };
+    match io {
+        IoBackend::Epoll => Ok((IoBackend::Epoll, None)),
+        IoBackend::Uring => match probe() {
+            Ok(()) => Ok((IoBackend::Uring, None)),
+            Err(why) => anyhow::bail!("--io uring: io_uring is unavailable: {why}"),
+        },
+        IoBackend::Auto => match probe() {
+            Ok(()) => Ok((IoBackend::Uring, None)),
+            Err(why) => Ok((IoBackend::Epoll, Some(why))),
+        },
+    }
+}
+
+/// A non-blocking listener with `SO_REUSEPORT`, so that every core can bind the same port.
+fn bind_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+impl Server {
+    /// Starts the source thread, `config.threads` core threads and the metrics endpoint, and
+    /// returns once every core's listener is bound and listening (connections made from then
+    /// on are queued by the kernel until the core accepts them).
+    pub fn start(config: ServeConfig) -> anyhow::Result<Self> {
+        Self::start_with(config, BackoffConfig::default())
+    }
+
+    /// [`Server::start`] with explicit upstream reconnect delays (tests use short ones).
+    pub fn start_with(config: ServeConfig, backoff: BackoffConfig) -> anyhow::Result<Self> {
+        let (backend, fallback) = choose_backend(config.io)?;
+        let backend_name = match backend {
+            IoBackend::Uring => "uring",
+            _ => "epoll",
+        };
+        match (&fallback, config.io) {
+            (Some(why), _) => {
+                tracing::info!("io backend: epoll (io_uring unavailable: {why}; using epoll instead)");
+            }
+            (None, IoBackend::Auto) => tracing::info!("io backend: {backend_name} (probed)"),
+            (None, io) => tracing::info!("io backend: {backend_name} (--io {})", io.as_str()),
+        }
+
+        let threads = config.threads.max(1);
+        let first =
+            bind_listener(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
+        let local_addr = first.local_addr()?;
+        let mut listeners = vec![first];
+        for _ in 1..threads {
+            listeners.push(
+                bind_listener(local_addr)
+                    .with_context(|| format!("cannot bind another SO_REUSEPORT listener on {local_addr}"))?,
+            );
+        }
+
+        let clock = Clock::new();
+        let (source, commands_rx, control_rx, source_wakeup, stop) = SourceHandle::new();
+        let mut cores = Vec::with_capacity(threads);
+        let mut contexts = Vec::with_capacity(threads);
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let (wakeup, wake) = match backend {
+                IoBackend::Uring => uring::new_wakeup().context("cannot create an io_uring wake-up")?,
+                _ => epoll::new_wakeup(),
+            };
+            let (inbox, rx) = Inbox::bounded(wake, CORE_MAILBOX);
+            cores.push(inbox);
+            contexts.push(CoreContext {
+                index,
+                listener,
+                hub: config.hub.clone(),
+                inbox: rx,
+                wakeup,
+                upstream: source.commands(),
+                clock,
+            });
+        }
+
+        let watch = Watch::default();
+        let mut core_threads = Vec::with_capacity(threads);
+        for ctx in contexts {
+            let index = ctx.index;
+            let watch = watch.clone();
+            let spawned = std::thread::Builder::new().name(format!("replhub-core-{index}")).spawn(move || {
+                let res = match backend {
+                    IoBackend::Uring => uring::run_core(ctx),
+                    _ => epoll::run_core(ctx),
+                };
+                if let Err(e) = &res {
+                    tracing::error!(core = index, error = %format!("{e:#}"), "core stopped with an error");
+                }
+                watch.exited(&format!("core {index}"));
+                res
+            });
+            match spawned {
+                Ok(handle) => core_threads.push(handle),
+                Err(e) => {
+                    stop_cores(&cores, core_threads);
+                    return Err(e).context("cannot spawn a core thread");
+                }
+            }
+        }
+
+        let source_ctx = SourceContext {
+            source: config.source.clone(),
+            hub: config.hub.clone(),
+            backoff,
+            cores: cores.clone(),
+            commands: commands_rx,
+            control: control_rx,
+            wakeup: source_wakeup,
+            stop,
+            clock,
+        };
+        let source_watch = watch.clone();
+        let source_thread =
+            match std::thread::Builder::new().name("replhub-source".to_owned()).spawn(move || {
+                let res = source::run(source_ctx);
+                if let Err(e) = &res {
+                    tracing::error!(error = %format!("{e:#}"), "source thread stopped with an error");
+                }
+                source_watch.exited("the source thread");
+                res
+            }) {
+                Ok(h) => h,
+                Err(e) => {
+                    stop_cores(&cores, core_threads);
+                    return Err(e).context("cannot spawn the source thread");
+                }
+            };
+
+        let mut server = Self {
+            local_addr,
+            backend: backend_name,
+            fallback,
+            cores,
+            core_threads,
+            source,
+            source_thread: Some(source_thread),
+            metrics: None,
+            watch,
+        };
+        if let Some(addr) = config.metrics_listen {
+            let info = RenderInfo {
+                io_backend: backend_name,
+                io_fallback_reason: server.fallback.clone(),
+                version: env!("CARGO_PKG_VERSION"),
+                threads,
+                max_pending_bytes: config.hub.max_pending_bytes,
+            };
+            let scraper = Scraper { cores: server.cores.clone(), source: server.source.clone(), info };
+            match MetricsServer::start(addr, move || scraper.render()) {
+                Ok(m) => server.metrics = Some(m),
+                Err(e) => {
+                    drop(server);
+                    return Err(anyhow::Error::new(e).context(format!("cannot serve metrics on {addr}")));
+                }
+            }
+        }
+        tracing::info!(
+            listen = %local_addr,
+            metrics = %server.metrics_addr().map_or_else(|| "off".to_owned(), |a| a.to_string()),
+            threads,
+            source = config.source_label(),
+            "replhub serving"
+        );
+        Ok(server)
+    }
+
+    /// The worker-facing address (with the real port when the config said port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The `/metrics` address, unless metrics are off.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
+    }
+
+    /// The backend in use (`"uring"` or `"epoll"`) and, when `--io auto` fell back to epoll,
+    /// why io_uring was not used.
+    pub fn backend(&self) -> (&'static str, Option<String>) {
+        (self.backend, self.fallback.clone())
+    }
+
+    /// Every core's metrics snapshot (cores that do not answer within `timeout` are left out).
+    pub fn core_snapshots(&self, timeout: Duration) -> Vec<CoreSnapshot> {
+        collect_snapshots(&self.cores, timeout)
+    }
+
+    /// The source's metrics snapshot.
+    pub fn upstream_snapshot(&self, timeout: Duration) -> Option<UpstreamSnapshot> {
+        self.source.snapshot(timeout)
+    }
+
+    /// Says `ERROR server shutting down` to every worker, flushes, closes, stops the source and
+    /// joins every thread. A core gives up on workers that do not close after about 2 s.
+    pub fn shutdown(mut self) -> anyhow::Result<()> {
+        self.stop_all()
+    }
+
+    fn stop_all(&mut self) -> anyhow::Result<()> {
+        if self.core_threads.is_empty() && self.source_thread.is_none() {
+            return Ok(());
+        }
+        tracing::info!("shutting down");
+        self.watch.stopping.store(true, Ordering::SeqCst);
+        self.source.stop();
+        let mut first_err: Option<anyhow::Error> = None;
+        for core in &self.cores {
+            core.send(CoreMsg::Shutdown);
+        }
+        for (i, t) in self.core_threads.drain(..).enumerate() {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e.context(format!("core {i}")));
+                }
+                Err(_) => {
+                    first_err.get_or_insert(anyhow::anyhow!("core {i} panicked"));
+                }
+            }
+        }
+        if let Some(t) = self.source_thread.take() {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e.context("source thread"));
+                }
+                Err(_) => {
+                    first_err.get_or_insert(anyhow::anyhow!("source thread panicked"));
+                }
+            }
+        }
+        if let Some(m) = self.metrics.take() {
+            m.shutdown();
+        }
+        tracing::info!("stopped");
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Runs until SIGINT or SIGTERM, then [`Server::shutdown`]. If a core or the source thread
+    /// stops on its own first, shuts down too and returns an error naming it.
+    pub fn wait_for_signal(self) -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let exited = Arc::clone(&self.watch.exited);
+        let signal = rt.block_on(async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            anyhow::Ok(tokio::select! {
+                res = tokio::signal::ctrl_c() => {
+                    res?;
+                    Some("SIGINT")
+                }
+                _ = term.recv() => Some("SIGTERM"),
+                () = exited.notified() => None,
+            })
+        })?;
+        drop(rt);
+        if let Some(signal) = signal {
+            tracing::info!(signal, "signal received");
+            return self.shutdown();
+        }
+        let what = self.watch.what.lock().ok().and_then(|w| w.clone()).unwrap_or_default();
+        if let Err(e) = self.shutdown() {
+            tracing::warn!(error = %format!("{e:#}"), "error while stopping");
+        }
+        anyhow::bail!("{what} stopped unexpectedly")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop_all() {
+            tracing::warn!(error = %format!("{e:#}"), "error while stopping the server");
+        }
+    }
+}
+
+/// Stops cores after a failed start.
+fn stop_cores(cores: &[Inbox<CoreMsg>], threads: Vec<JoinHandle<anyhow::Result<()>>>) {
+    for core in cores {
+        core.send(CoreMsg::Shutdown);
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+fn collect_snapshots(cores: &[Inbox<CoreMsg>], timeout: Duration) -> Vec<CoreSnapshot> {
+    let (tx, rx) = mpsc::channel();
+    let mut asked = 0;
+    for core in cores {
+        if core.send(CoreMsg::Snapshot(tx.clone())) {
+            asked += 1;
+        }
+    }
+    drop(tx);
+    let deadline = Instant::now() + timeout;
+    let mut snaps = Vec::with_capacity(asked);
+    while snaps.len() < asked {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(s) => snaps.push(s),
+            Err(_) => {
+                tracing::warn!(
+                    answered = snaps.len(),
+                    asked,
+                    "a core did not answer the metrics scrape in time"
+                );
+                break;
+            }
+        }
+    }
+    snaps.sort_by_key(|s| s.core);
+    snaps
+}
+
+/// What the metrics thread calls at each scrape.
+struct Scraper {
+    cores: Vec<Inbox<CoreMsg>>,
+    source: SourceHandle,
+    info: RenderInfo,
+}
+
+impl Scraper {
+    fn render(&self) -> String {
+        let snaps = collect_snapshots(&self.cores, SCRAPE_TIMEOUT);
+        let upstream = self.source.snapshot(SCRAPE_TIMEOUT).unwrap_or_default();
+        crate::metrics::render(&snaps, &upstream, &self.info)
+    }
+}

@@ -1,0 +1,582 @@
+//! `replhub tail`: subscribe like a worker and print what arrives.
+//!
+//! Each received line is printed as it came (stdout is buffered and flushed once per read).
+//! With `--decode`, RDATA rows are printed as JSON objects named after PROTOCOL.md §6, e.g.
+//! `{"stream":"events","token":5322,"row":{"kind":"ev","event_id":"$e1:example.com",...}}`
+//! (`"token":"batch"` for a row whose group continues). A row whose shape does not match its
+//! stream's is printed as the raw array (`"row":[...]`).
+//!
+//! Rows are parsed with simd-json (in a scratch copy: it parses in place), falling back to
+//! replhub's own JSON parser for what simd-json refuses (NaN, integers beyond 64 bits).
+use std::io::{self, Write};
+
+use anyhow::Context as _;
+use simd_json::BorrowedValue;
+
+use crate::client::{Client, ClientError, ClientOptions};
+use crate::proto::fields::parse_rdata;
+use crate::proto::{json, CommandWord, Line, StreamId, Token};
+
+/// What `tail` does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TailOptions {
+    /// `HOST:PORT` of the replication server.
+    pub connect: String,
+    /// The stream to subscribe to, or `ALL`.
+    pub stream: String,
+    /// Print RDATA rows as named JSON objects.
+    pub decode: bool,
+    /// The `NAME` to announce.
+    pub name: String,
+    /// Exit after this many RDATA lines.
+    pub count: Option<u64>,
+}
+
+impl Default for TailOptions {
+    fn default() -> Self {
+        Self {
+            connect: "127.0.0.1:9092".to_owned(),
+            stream: "ALL".to_owned(),
+            decode: false,
+            name: "replhub-tail".to_owned(),
+            count: None,
+        }
+    }
+}
+
+/// Connects and prints to stdout until the server closes, `count` RDATA were printed, or
+/// stdout is closed (e.g. `| head`).
+pub async fn run(opts: TailOptions) -> anyhow::Result<()> {
+    let mut out = io::BufWriter::with_capacity(1 << 16, io::stdout());
+    match run_to(&opts, &mut out).await {
+        Err(e) if is_broken_pipe(&e) => Ok(()),
+        other => other,
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<io::Error>()
+        .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+}
+
+/// [`run`] writing to `out`.
+pub async fn run_to<W: Write>(opts: &TailOptions, out: &mut W) -> anyhow::Result<()> {
+    let options = ClientOptions {
+        name: opts.name.clone(),
+        streams: vec![opts.stream.clone()],
+        ..ClientOptions::default()
+    };
+    let mut client = Client::connect(opts.connect.as_str(), options)
+        .await
+        .with_context(|| format!("cannot connect to {}", opts.connect))?;
+    let mut printer = Printer {
+        decoder: opts.decode.then(RowDecoder::default),
+        rdata: 0,
+        count: opts.count,
+    };
+    loop {
+        // Everything one read brought, then one flush.
+        loop {
+            match client.try_next_raw() {
+                Ok(Some(line)) => {
+                    if printer.print(&line, out)? {
+                        out.flush()?;
+                        return Ok(());
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return fail(client, e).await,
+            }
+        }
+        out.flush()?;
+        match client.next_raw().await {
+            Ok(Some(line)) => {
+                if printer.print(&line, out)? {
+                    out.flush()?;
+                    return Ok(());
+                }
+            }
+            Ok(None) => {
+                out.flush()?;
+                return Ok(());
+            }
+            Err(e) => return fail(client, e).await,
+        }
+    }
+}
+
+/// Sends our ERROR (if any) before reporting `e`.
+async fn fail(client: Client, e: ClientError) -> anyhow::Result<()> {
+    let _ = client.close().await;
+    Err(e.into())
+}
+
+struct Printer {
+    decoder: Option<RowDecoder>,
+    rdata: u64,
+    count: Option<u64>,
+}
+
+impl Printer {
+    /// Prints one line; true once `count` RDATA were printed.
+    fn print<W: Write>(&mut self, line: &Line, out: &mut W) -> io::Result<bool> {
+        if line.command() != Some(CommandWord::Rdata) {
+            out.write_all(line.as_bytes())?;
+            out.write_all(b"\n")?;
+            return Ok(false);
+        }
+        match (&mut self.decoder, parse_rdata(line.args())) {
+            (Some(decoder), Ok(r)) => {
+                let text = decoder.decode(r.stream, r.token, r.row);
+                out.write_all(text)?;
+                out.write_all(b"\n")?;
+            }
+            _ => {
+                out.write_all(line.as_bytes())?;
+                out.write_all(b"\n")?;
+            }
+        }
+        self.rdata += 1;
+        Ok(self.count.is_some_and(|n| self.rdata >= n))
+    }
+}
+
+/// Row field names per stream (PROTOCOL.md §6), for rows that are flat arrays.
+fn flat_fields(stream: StreamId, len: usize) -> Option<&'static [&'static str]> {
+    const EV: &[&str] = &[
+        "event_id",
+        "room_id",
+        "type",
+        "state_key",
+        "redacts",
+        "relates_to",
+    ];
+    let fields: &'static [&'static str] = match stream {
+        StreamId::Events | StreamId::Federation => return None,
+        StreamId::Backfill => EV,
+        StreamId::Presence => &[
+            "user_id",
+            "state",
+            "last_active_ts",
+            "last_federation_update_ts",
+            "last_user_sync_ts",
+            "status_msg",
+            "currently_active",
+        ],
+        StreamId::Typing => &["room_id", "user_ids"],
+        StreamId::Receipts => &["room_id", "receipt_type", "user_id", "event_id", "data"],
+        StreamId::PushRules | StreamId::UserSignature => &["user_id"],
+        StreamId::Pushers => &["user_id", "app_id", "pushkey", "deleted"],
+        StreamId::Caches => &["cache_func", "keys", "invalidation_ts"],
+        StreamId::PublicRooms => &["room_id", "visibility", "appservice_id", "network_id"],
+        // Before Synapse 1.13 device_lists rows were [user_id, destination].
+        StreamId::DeviceLists if len == 2 => &["user_id", "destination"],
+        StreamId::DeviceLists | StreamId::ToDevice => &["entity"],
+        StreamId::TagAccountData => &["user_id", "room_id", "data"],
+        StreamId::AccountData => &["user_id", "room_id", "data_type"],
+        StreamId::Groups => &["group_id", "user_id", "type", "content"],
+    };
+    (fields.len() == len).then_some(fields)
+}
+
+/// Field names of an `events` row's data for `kind` with `len` fields (the seed's six `ev`
+/// fields, plus the later releases' `membership`, `rejected`, `outlier`).
+fn event_fields(kind: &str, len: usize) -> Option<&'static [&'static str]> {
+    const EV: [&str; 9] = [
+        "event_id",
+        "room_id",
+        "type",
+        "state_key",
+        "redacts",
+        "relates_to",
+        "membership",
+        "rejected",
+        "outlier",
+    ];
+    match (kind, len) {
+        ("ev", 6 | 8 | 9) => Some(&EV[..len]),
+        ("state", 4) => Some(&["room_id", "type", "state_key", "event_id"]),
+        _ => None,
+    }
+}
+
+/// The parts of a parsed JSON value the mapping needs, for both parsers.
+trait JsonView {
+    fn items(&self) -> Option<&[Self]>
+    where
+        Self: Sized;
+    fn string(&self) -> Option<&str>;
+    fn write_to(&self, out: &mut Vec<u8>);
+}
+
+impl JsonView for BorrowedValue<'_> {
+    fn items(&self) -> Option<&[Self]> {
+        match self {
+            BorrowedValue::Array(a) => Some(a.as_slice()),
+            _ => None,
+        }
+    }
+    fn string(&self) -> Option<&str> {
+        match self {
+            BorrowedValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+    fn write_to(&self, out: &mut Vec<u8>) {
+        use simd_json::prelude::Writable as _;
+        // Writing into a Vec cannot fail.
+        let _ = self.write(out);
+    }
+}
+
+impl JsonView for json::Value {
+    fn items(&self) -> Option<&[Self]> {
+        self.as_array()
+    }
+    fn string(&self) -> Option<&str> {
+        self.as_str()
+    }
+    fn write_to(&self, out: &mut Vec<u8>) {
+        json::encode(self, out);
+    }
+}
+
+/// Decodes RDATA rows into named JSON objects, reusing its buffers.
+#[derive(Default)]
+pub struct RowDecoder {
+    scratch: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl RowDecoder {
+    /// `{"stream":..,"token":..,"row":..}` for one RDATA row (see the module docs). A row
+    /// that is not JSON at all is given as a string under `"invalid_row"`.
+    pub fn decode(&mut self, stream: &str, token: Token, row: &[u8]) -> &[u8] {
+        self.out.clear();
+        self.out.extend_from_slice(b"{\"stream\":");
+        json::write_str(&mut self.out, stream);
+        self.out.extend_from_slice(b",\"token\":");
+        match token {
+            Token::Batch => self.out.extend_from_slice(b"\"batch\""),
+            Token::Value(v) => json::write_i64(&mut self.out, v),
+        }
+        let id = StreamId::from_name(stream.as_bytes());
+        self.scratch.clear();
+        self.scratch.extend_from_slice(row);
+        if let Ok(value) = simd_json::to_borrowed_value(&mut self.scratch) {
+            self.out.extend_from_slice(b",\"row\":");
+            write_row(id, &value, &mut self.out);
+        } else if let Ok(value) = json::parse(row) {
+            self.out.extend_from_slice(b",\"row\":");
+            write_row(id, &value, &mut self.out);
+        } else {
+            self.out.extend_from_slice(b",\"invalid_row\":");
+            json::write_str(&mut self.out, &String::from_utf8_lossy(row));
+        }
+        self.out.push(b'}');
+        &self.out
+    }
+}
+
+/// The row as an object with named fields, or as it is if its shape is unexpected.
+fn write_row<V: JsonView>(stream: Option<StreamId>, row: &V, out: &mut Vec<u8>) {
+    let (Some(stream), Some(items)) = (stream, row.items()) else {
+        row.write_to(out);
+        return;
+    };
+    match stream {
+        StreamId::Events => {
+            let kind_and_data = match items {
+                [kind, data] => kind.string().zip(data.items()),
+                _ => None,
+            };
+            let named = kind_and_data
+                .and_then(|(kind, data)| Some((kind, data, event_fields(kind, data.len())?)));
+            let Some((kind, data, names)) = named else {
+                row.write_to(out);
+                return;
+            };
+            out.extend_from_slice(b"{\"kind\":");
+            json::write_str(out, kind);
+            for (name, value) in names.iter().zip(data) {
+                out.push(b',');
+                json::write_str(out, name);
+                out.push(b':');
+                value.write_to(out);
+            }
+            out.push(b'}');
+        }
+        StreamId::Federation => {
+            let Some((kind, data)) = (match items {
+                [kind, data] => kind.string().map(|k| (k, data)),
+                _ => None,
+            }) else {
+                row.write_to(out);
+                return;
+            };
+            out.extend_from_slice(b"{\"kind\":");
+            json::write_str(out, kind);
+            out.extend_from_slice(b",\"data\":");
+            data.write_to(out);
+            out.push(b'}');
+        }
+        _ => {
+            let Some(names) = flat_fields(stream, items.len()) else {
+                row.write_to(out);
+                return;
+            };
+            out.push(b'{');
+            for (i, (name, value)) in names.iter().zip(items).enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                json::write_str(out, name);
+                out.push(b':');
+                value.write_to(out);
+            }
+            out.push(b'}');
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(stream: &str, token: Token, row: &str) -> serde_json::Value {
+        let mut d = RowDecoder::default();
+        let text = d.decode(stream, token, row.as_bytes()).to_vec();
+        serde_json::from_slice(&text)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&text)))
+    }
+
+    fn row_of(stream: &str, row: &str) -> serde_json::Value {
+        let v = decode(stream, Token::Value(1), row);
+        assert_eq!(v["stream"], stream);
+        v["row"].clone()
+    }
+
+    fn keys(v: &serde_json::Value) -> Vec<String> {
+        v.as_object().unwrap().keys().cloned().collect()
+    }
+
+    #[test]
+    fn envelope() {
+        let v = decode(
+            "events",
+            Token::Value(5322),
+            r#"["state", ["!r:hs", "m.room.name", "", null]]"#,
+        );
+        assert_eq!(v["token"], 5322);
+        let v = decode(
+            "events",
+            Token::Batch,
+            r#"["state", ["!r:hs", "m.room.name", "", null]]"#,
+        );
+        assert_eq!(v["token"], "batch");
+        assert_eq!(keys(&v), ["stream", "token", "row"]);
+    }
+
+    #[test]
+    fn events_rows() {
+        let r = row_of(
+            "events",
+            r#"["ev", ["$e1:hs", "!r:hs", "m.room.name", "", null, null]]"#,
+        );
+        assert_eq!(
+            keys(&r),
+            [
+                "kind",
+                "event_id",
+                "room_id",
+                "type",
+                "state_key",
+                "redacts",
+                "relates_to"
+            ]
+        );
+        assert_eq!(
+            (
+                r["kind"].as_str(),
+                r["event_id"].as_str(),
+                r["state_key"].as_str()
+            ),
+            (Some("ev"), Some("$e1:hs"), Some(""))
+        );
+        assert!(r["redacts"].is_null());
+        let r = row_of(
+            "events",
+            r#"["state", ["!r:hs", "m.room.name", "", "$e1:hs"]]"#,
+        );
+        assert_eq!(
+            keys(&r),
+            ["kind", "room_id", "type", "state_key", "event_id"]
+        );
+        let r = row_of(
+            "events",
+            r#"["ev", ["$e", "!r", "t", null, null, null, "join", false, true]]"#,
+        );
+        assert_eq!(r["outlier"], true);
+        assert_eq!(r["membership"], "join");
+        // Wrong shape: the raw array.
+        let r = row_of("events", r#"["ev", ["$e", "!r"]]"#);
+        assert!(r.is_array());
+        let r = row_of("events", r#"["nope", []]"#);
+        assert!(r.is_array());
+    }
+
+    #[test]
+    fn flat_rows_of_every_stream() {
+        let cases: &[(&str, &str, &[&str])] = &[
+            (
+                "backfill",
+                r#"["$e", "!r", "m.room.message", null, null, null]"#,
+                &[
+                    "event_id",
+                    "room_id",
+                    "type",
+                    "state_key",
+                    "redacts",
+                    "relates_to",
+                ],
+            ),
+            (
+                "presence",
+                r#"["@a:hs", "online", 1, 2, 3, null, true]"#,
+                &[
+                    "user_id",
+                    "state",
+                    "last_active_ts",
+                    "last_federation_update_ts",
+                    "last_user_sync_ts",
+                    "status_msg",
+                    "currently_active",
+                ],
+            ),
+            ("typing", r#"["!r", ["@a:hs"]]"#, &["room_id", "user_ids"]),
+            (
+                "receipts",
+                r#"["!r", "m.read", "@a:hs", "$e", {"ts": 1}]"#,
+                &["room_id", "receipt_type", "user_id", "event_id", "data"],
+            ),
+            ("push_rules", r#"["@a:hs"]"#, &["user_id"]),
+            (
+                "pushers",
+                r#"["@a:hs", "m.http", "k", false]"#,
+                &["user_id", "app_id", "pushkey", "deleted"],
+            ),
+            (
+                "caches",
+                r#"["get_user_by_id", ["@a:hs"], 1583254801000]"#,
+                &["cache_func", "keys", "invalidation_ts"],
+            ),
+            (
+                "public_rooms",
+                r#"["!r", true, null, null]"#,
+                &["room_id", "visibility", "appservice_id", "network_id"],
+            ),
+            ("device_lists", r#"["@a:hs"]"#, &["entity"]),
+            (
+                "device_lists",
+                r#"["@a:hs", "remote.org"]"#,
+                &["user_id", "destination"],
+            ),
+            ("to_device", r#"["remote.org"]"#, &["entity"]),
+            (
+                "tag_account_data",
+                r#"["@a:hs", "!r", "{\"m.favourite\": {}}"]"#,
+                &["user_id", "room_id", "data"],
+            ),
+            (
+                "account_data",
+                r#"["@a:hs", null, "m.direct"]"#,
+                &["user_id", "room_id", "data_type"],
+            ),
+            (
+                "groups",
+                r#"["+g:hs", "@a:hs", "membership", {"membership": "join"}]"#,
+                &["group_id", "user_id", "type", "content"],
+            ),
+            ("user_signature", r#"["@a:hs"]"#, &["user_id"]),
+        ];
+        for (stream, row, names) in cases {
+            let r = row_of(stream, row);
+            assert_eq!(keys(&r), *names, "{stream}");
+            let raw: serde_json::Value = serde_json::from_str(row).unwrap();
+            for (i, n) in names.iter().enumerate() {
+                assert_eq!(r[*n], raw[i], "{stream}.{n}");
+            }
+        }
+        // Wrong field count: the raw array.
+        assert!(row_of("pushers", r#"["@a:hs"]"#).is_array());
+        assert!(row_of("caches", r#"{"a": 1}"#).is_object());
+    }
+
+    #[test]
+    fn federation_rows() {
+        let r = row_of(
+            "federation",
+            r#"["e", {"edu_type": "m.typing", "content": {}, "origin": "a", "destination": "b"}]"#,
+        );
+        assert_eq!(keys(&r), ["kind", "data"]);
+        assert_eq!(r["kind"], "e");
+        assert_eq!(r["data"]["edu_type"], "m.typing");
+        assert!(row_of("federation", r#"[1, 2]"#).is_array());
+    }
+
+    #[test]
+    fn fallbacks() {
+        // Unknown stream: the row as it is.
+        assert_eq!(row_of("nosuch", r#"[1, "x"]"#), serde_json::json!([1, "x"]));
+        // simd-json refuses NaN and huge integers; replhub's parser takes them.
+        let mut d = RowDecoder::default();
+        let text = String::from_utf8(
+            d.decode(
+                "caches",
+                Token::Value(1),
+                b"[\"f\", [123456789012345678901234567890], 5]",
+            )
+            .to_vec(),
+        )
+        .unwrap();
+        assert!(
+            text.contains("\"keys\":[123456789012345678901234567890]"),
+            "{text}"
+        );
+        let text = String::from_utf8(
+            d.decode(
+                "presence",
+                Token::Value(1),
+                b"[\"@a\", \"online\", NaN, 1, 1, null, true]",
+            )
+            .to_vec(),
+        )
+        .unwrap();
+        assert!(text.contains("\"last_active_ts\":NaN"), "{text}");
+        // Not JSON at all.
+        let v = decode("caches", Token::Value(1), "[\"f\", ");
+        assert_eq!(v["invalid_row"], "[\"f\", ");
+    }
+
+    #[test]
+    fn every_sample_row_decodes_to_named_fields() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/vectors/stream-sample.txt"
+        );
+        let data = std::fs::read(path).expect("shared/vectors/stream-sample.txt beside the repo");
+        let mut d = RowDecoder::default();
+        let mut n = 0;
+        for line in data
+            .split(|&b| b == b'\n')
+            .filter(|l| l.starts_with(b"RDATA "))
+        {
+            let r = parse_rdata(&line[6..]).unwrap();
+            let text = d.decode(r.stream, r.token, r.row).to_vec();
+            let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
+            assert!(v["row"].is_object(), "{}", String::from_utf8_lossy(&text));
+            n += 1;
+        }
+        assert_eq!(n, 3460);
+    }
+}

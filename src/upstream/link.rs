@@ -1,0 +1,560 @@
+//! The client-role connection to the master, sans-IO (PROTOCOL.md §3.1, ARCHITECTURE.md
+//! invariants 3 and 6).
+//!
+//! A driver owns the socket and the clock and feeds the link:
+//!
+//! ```text
+//!   connected     ─► on_connected(now)            (queues NAME, PING, REPLICATE ALL, USER_SYNC…)
+//!   readable      ─► read_buffer() ← recv, then on_read(now)
+//!   wrote a line  ─► on_sent(now)
+//!   timer         ─► handle_timeout(now)          (keep-alive PING, ping timeout, linger)
+//!   socket gone   ─► on_disconnected(reason, now)
+//!   a core's cmd  ─► on_command(core, cmd, now)
+//! ```
+//!
+//! and after every input drains `poll_event` (to the cores, in order), `poll_transmit` (to the
+//! socket), `wants_close` and `poll_timeout`. Reads go into one large buffer; each read's
+//! complete lines become one [`Batch`] sharing that buffer (no copy, no JSON parsing).
+//!
+//! Handshake: the link reports [`LinkEvent::Up`] with the master's server name and the
+//! POSITION of every stream once the POSITION for `user_signature` (the last stream in map
+//! order) arrived, or at the first RDATA after SERVER (then streams without a POSITION are not
+//! served). RDATA received before that are held and delivered right after `Up`, in order.
+//!
+//! Keep-alive: the session sends PING every 5 s of write silence. The receive side (ping
+//! timeout) is tracked here, because reads are split into chunks rather than single lines: any
+//! received line counts, and once the master has PINGed, 25 s of silence end the link with
+//! `ERROR ping timeout`.
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use super::batch::{index_chunk, Indexed};
+use crate::hub::{Batch, CloseHow, Transition, UpstreamCmd, UpstreamEvent, UserSyncMerger};
+use crate::metrics::snapshot::UpstreamSnapshot;
+use crate::proto::inbound::{check_command, parse_args};
+use crate::proto::{
+    Command, CommandWord, Line, LineSplitter, Parsed, PeerError, Role, StreamId, SyncState,
+};
+use crate::session::{Session, SessionConfig, TimerAction};
+use crate::time::Now;
+
+/// Settings of the upstream link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkConfig {
+    /// The `NAME` replhub announces.
+    pub client_name: String,
+    /// If set, a master announcing another `SERVER` name gets `ERROR Wrong remote` and the
+    /// link closes.
+    pub expected_server_name: Option<String>,
+    /// Ping/timeout/linger constants and the line limit.
+    pub session: SessionConfig,
+    /// Commands forwarded while disconnected are queued up to this many; beyond it the oldest
+    /// is dropped (logged and counted).
+    pub max_forward_queue: usize,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        Self {
+            client_name: "replhub".to_owned(),
+            expected_server_name: None,
+            session: SessionConfig::default(),
+            max_forward_queue: 10_000,
+        }
+    }
+}
+
+/// What the link reports to the driver, in order.
+// `Up` is large (16 positions) but there is one per connection; boxing it would only cost an
+// allocation and an API wrinkle.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+pub enum LinkEvent {
+    /// Handshake complete ([`UpstreamEvent::Connected`]); always before the connection's first
+    /// batch. The driver resets its reconnect backoff and tells every core.
+    Up(UpstreamEvent),
+    /// Relayable lines from one read, for every core.
+    Batch(Arc<Batch>),
+    /// The connection is gone (once per connection); tell every core
+    /// [`UpstreamEvent::Disconnected`] and reconnect with backoff.
+    Down {
+        /// Why, for logs.
+        reason: String,
+    },
+}
+
+/// Counters for [`UpstreamLink::snapshot`].
+#[derive(Clone, Debug, Default)]
+struct Stats {
+    connects: u64,
+    stream_updates: [u64; StreamId::COUNT],
+    inbound_rdata: [u64; StreamId::COUNT],
+    forwarded: u64,
+    forward_dropped: u64,
+    malformed_rdata: u64,
+    unknown_stream_rdata: u64,
+}
+
+/// Per-connection state, dropped on disconnect.
+struct Conn {
+    session: Session,
+    server_name: Option<String>,
+    positions: [Option<i64>; StreamId::COUNT],
+    up: bool,
+    /// Batches received before the handshake completed.
+    pending: Vec<Arc<Batch>>,
+    last_recv_ms: u64,
+    peer_pinged: bool,
+    abort: bool,
+    /// The last `ERROR` the master sent.
+    peer_error: Option<String>,
+}
+
+/// The client-role link to the master. See the module docs for how a driver runs it.
+pub struct UpstreamLink {
+    config: LinkConfig,
+    splitter: LineSplitter,
+    conn: Option<Conn>,
+    events: VecDeque<LinkEvent>,
+    user_sync: UserSyncMerger<usize>,
+    forward_queue: VecDeque<Bytes>,
+    tokens: [Option<i64>; StreamId::COUNT],
+    stats: Stats,
+}
+
+impl UpstreamLink {
+    /// A disconnected link.
+    pub fn new(config: LinkConfig) -> Self {
+        Self {
+            splitter: LineSplitter::new(config.session.max_line_len),
+            config,
+            conn: None,
+            events: VecDeque::new(),
+            user_sync: UserSyncMerger::new(),
+            forward_queue: VecDeque::new(),
+            tokens: [None; StreamId::COUNT],
+            stats: Stats::default(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LinkConfig {
+        &self.config
+    }
+
+    /// Whether a TCP connection is in use (handshake done or not).
+    pub fn is_connected(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    /// Whether the handshake of the current connection completed.
+    pub fn is_up(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.up)
+    }
+
+    /// The master's server name on the current connection, once it sent `SERVER`.
+    pub fn server_name(&self) -> Option<&str> {
+        self.conn.as_ref().and_then(|c| c.server_name.as_deref())
+    }
+
+    /// The latest token seen per stream (POSITION at the handshake, then each RDATA).
+    pub fn tokens(&self) -> [Option<i64>; StreamId::COUNT] {
+        self.tokens
+    }
+
+    /// A fresh TCP connection to the master at `now`: queues `NAME`, `PING`, `REPLICATE ALL`,
+    /// then `USER_SYNC <user> start <now>` for every user a core reports syncing, then the
+    /// commands forwarded while disconnected (PROTOCOL.md §3.1).
+    pub fn on_connected(&mut self, now: Now) {
+        if self.conn.is_some() {
+            self.on_disconnected("replaced by a new connection", now);
+        }
+        self.splitter = LineSplitter::new(self.config.session.max_line_len);
+        let mut session = Session::new(Role::Client, self.config.session.clone(), now);
+        session.start(&self.config.client_name, &["ALL"], now);
+        for user_id in self.user_sync.users() {
+            let cmd = Command::UserSync {
+                user_id,
+                state: SyncState::Start,
+                last_sync_ms: now.wall_ms,
+            };
+            if session.send(&cmd) {
+                self.stats.forwarded += 1;
+            }
+        }
+        for line in self.forward_queue.drain(..) {
+            session.send_encoded(line);
+            self.stats.forwarded += 1;
+        }
+        self.stats.connects += 1;
+        tracing::info!(
+            connects = self.stats.connects,
+            "upstream connected; handshake started"
+        );
+        self.conn = Some(Conn {
+            session,
+            server_name: None,
+            positions: [None; StreamId::COUNT],
+            up: false,
+            pending: Vec::new(),
+            last_recv_ms: now.mono_ms,
+            peer_pinged: false,
+            abort: false,
+            peer_error: None,
+        });
+    }
+
+    /// The connection is gone (EOF, socket error, or closed after [`Self::wants_close`]).
+    /// Reports [`LinkEvent::Down`] once per connection and resets the per-connection state;
+    /// the users syncing and the forward queue are kept for the next connection.
+    pub fn on_disconnected(&mut self, reason: &str, _now: Now) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        let mut why = reason.to_owned();
+        if let Some(err) = conn.session.error() {
+            why = format!("we sent ERROR {err}; {why}");
+        } else if let Some(text) = &conn.peer_error {
+            why = format!("upstream sent ERROR {text}; {why}");
+        }
+        if !conn.pending.is_empty() {
+            tracing::warn!(
+                batches = conn.pending.len(),
+                "upstream closed before its handshake completed; its early RDATA are dropped"
+            );
+        }
+        tracing::warn!(reason = %why, was_up = conn.up, "upstream disconnected");
+        self.splitter = LineSplitter::new(self.config.session.max_line_len);
+        self.events.push_back(LinkEvent::Down { reason: why });
+    }
+
+    /// The buffer to read into (reserve, then read into its spare capacity; only append).
+    pub fn read_buffer(&mut self) -> &mut BytesMut {
+        self.splitter.buffer_mut()
+    }
+
+    /// Bytes were appended to [`Self::read_buffer`] at `now`: split off the complete lines,
+    /// handle control lines, queue batches.
+    pub fn on_read(&mut self, now: Now) {
+        loop {
+            let open = self.conn.as_ref().is_some_and(|c| !c.session.is_closing());
+            if !open {
+                // Disconnected, or closing after an ERROR: nothing more is read.
+                self.splitter.buffer_mut().clear();
+                return;
+            }
+            match self.splitter.next_chunk() {
+                Ok(Some(chunk)) => self.on_chunk(&chunk, now),
+                Ok(None) => return,
+                Err(_) => {
+                    tracing::warn!("upstream sent a line over the length limit");
+                    if let Some(conn) = self.conn.as_mut() {
+                        conn.session.fail(&PeerError::LineTooLong, now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_chunk(&mut self, chunk: &Bytes, now: Now) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let mut idx: Indexed = index_chunk(chunk);
+        if idx.has_lines() {
+            conn.last_recv_ms = now.mono_ms;
+        }
+        for (total, n) in self.stats.inbound_rdata.iter_mut().zip(idx.rdata) {
+            *total += n;
+        }
+        self.stats.malformed_rdata += idx.malformed;
+        self.stats.unknown_stream_rdata += idx.unknown_stream;
+
+        let mut cut = None;
+        let mut prev = 0;
+        for c in &idx.control {
+            if !conn.up && conn.server_name.is_some() && idx.has_rdata_in(prev..c.after) {
+                conn.complete_handshake(&mut self.events, &mut self.tokens, &mut self.stats);
+            }
+            prev = c.after;
+            conn.on_control(&c.line, &self.config, now);
+            if conn.session.is_closing() {
+                cut = Some(c.after);
+                break;
+            }
+            if !conn.up
+                && conn.server_name.is_some()
+                && conn.positions[StreamId::UserSignature.index()].is_some()
+            {
+                conn.complete_handshake(&mut self.events, &mut self.tokens, &mut self.stats);
+            }
+        }
+        if let Some(n) = cut {
+            idx.truncate(n);
+        } else if !conn.up && conn.server_name.is_some() && idx.has_rdata_in(prev..idx.lines.len())
+        {
+            conn.complete_handshake(&mut self.events, &mut self.tokens, &mut self.stats);
+        }
+        if idx.lines.is_empty() {
+            return;
+        }
+        let batch = Arc::new(idx.into_batch());
+        if conn.up {
+            emit_batch(batch, &mut self.events, &mut self.tokens, &mut self.stats);
+        } else {
+            conn.pending.push(batch);
+        }
+    }
+
+    /// A command from core `core` (already merged across that core's connections).
+    ///
+    /// `USER_SYNC` is merged across cores: `start` goes upstream when the first core starts a
+    /// user, `end` when the last one ends it. While disconnected only the state changes (it is
+    /// re-announced on connect). Forwarded lines go upstream verbatim; while disconnected they
+    /// are queued (bounded by `max_forward_queue`, oldest dropped).
+    pub fn on_command(&mut self, core: usize, cmd: UpstreamCmd, _now: Now) {
+        match cmd {
+            UpstreamCmd::UserSync {
+                user_id,
+                state,
+                last_sync_ms,
+            } => {
+                let transition = match state {
+                    SyncState::Start => self.user_sync.start(core, &user_id),
+                    SyncState::End => self.user_sync.end(core, &user_id),
+                };
+                if transition == Transition::Unchanged {
+                    return;
+                }
+                if let Some(session) = self.open_session() {
+                    if session.send(&Command::UserSync {
+                        user_id: &user_id,
+                        state,
+                        last_sync_ms,
+                    }) {
+                        self.stats.forwarded += 1;
+                    }
+                }
+            }
+            UpstreamCmd::Forward(line) => {
+                if let Some(session) = self.open_session() {
+                    session.send_encoded(line);
+                    self.stats.forwarded += 1;
+                    return;
+                }
+                if self.forward_queue.len() >= self.config.max_forward_queue {
+                    self.forward_queue.pop_front();
+                    self.stats.forward_dropped += 1;
+                    tracing::error!(
+                        limit = self.config.max_forward_queue,
+                        dropped = self.stats.forward_dropped,
+                        "upstream is down and the forward queue is full: dropping the oldest command"
+                    );
+                }
+                if self.config.max_forward_queue > 0 {
+                    self.forward_queue.push_back(line);
+                }
+            }
+        }
+    }
+
+    fn open_session(&mut self) -> Option<&mut Session> {
+        self.conn
+            .as_mut()
+            .map(|c| &mut c.session)
+            .filter(|s| !s.is_closing())
+    }
+
+    /// The next event for the driver.
+    pub fn poll_event(&mut self) -> Option<LinkEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next line to write to the master.
+    pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        self.conn.as_mut().and_then(|c| c.session.poll_transmit())
+    }
+
+    /// The driver wrote to the socket at `now`.
+    pub fn on_sent(&mut self, now: Now) {
+        if let Some(c) = self.conn.as_mut() {
+            c.session.on_sent(now);
+        }
+    }
+
+    /// When [`Self::handle_timeout`] next wants to run (monotonic ms), while connected.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.conn.as_ref().map(|c| c.session.poll_timeout())
+    }
+
+    /// Runs the session tick: keep-alive PING, ping timeout, close linger. `Abort` means drop
+    /// the socket now ([`Self::wants_close`] says so too).
+    pub fn handle_timeout(&mut self, now: Now) -> TimerAction {
+        let Some(conn) = self.conn.as_mut() else {
+            return TimerAction::None;
+        };
+        let due = now.mono_ms >= conn.session.poll_timeout();
+        let action = conn.session.handle_timeout(now);
+        if due
+            && !conn.session.is_closing()
+            && conn.peer_pinged
+            && now.mono_ms.saturating_sub(conn.last_recv_ms) > self.config.session.ping_timeout_ms
+        {
+            tracing::warn!("upstream ping timeout");
+            conn.session.fail(&PeerError::PingTimeout, now);
+        }
+        if action == TimerAction::Abort {
+            conn.abort = true;
+        }
+        action
+    }
+
+    /// Whether the driver should close the socket: `Abort` at once, `Graceful` once every line
+    /// from [`Self::poll_transmit`] was written (after our ERROR, e.g. `Wrong remote`, `ping
+    /// timeout`, `Line length exceeded`). Then call [`Self::on_disconnected`].
+    pub fn wants_close(&self) -> Option<CloseHow> {
+        let conn = self.conn.as_ref()?;
+        if conn.abort {
+            Some(CloseHow::Abort)
+        } else if conn.session.is_closing() && !conn.session.has_transmit() {
+            Some(CloseHow::Graceful)
+        } else {
+            None
+        }
+    }
+
+    /// Metrics.
+    pub fn snapshot(&self) -> UpstreamSnapshot {
+        UpstreamSnapshot {
+            mode: "upstream",
+            connected: self.is_up(),
+            reconnects: self.stats.connects.saturating_sub(1),
+            tokens: self.tokens,
+            stream_updates: self.stats.stream_updates,
+            inbound_rdata: self.stats.inbound_rdata,
+            syncing_users: self.user_sync.len() as u64,
+            forwarded: self.stats.forwarded,
+        }
+    }
+
+    /// Forwarded commands dropped because the queue was full while disconnected.
+    pub fn forward_dropped(&self) -> u64 {
+        self.stats.forward_dropped
+    }
+
+    /// RDATA lines from the master that were not relayed: (unknown stream, malformed).
+    pub fn dropped_rdata(&self) -> (u64, u64) {
+        (self.stats.unknown_stream_rdata, self.stats.malformed_rdata)
+    }
+}
+
+impl Conn {
+    /// Handles one non-relayed line: direction check, then SERVER / POSITION / PING / ERROR /
+    /// SYNC. A violation queues `ERROR ...` and closes the session.
+    fn on_control(&mut self, line: &Line, config: &LinkConfig, now: Now) {
+        let word = match check_command(Role::Client, line) {
+            Ok(word) => word,
+            Err(err) => {
+                tracing::warn!(error = %err, "upstream sent a line a server may not send");
+                self.session.fail(&err, now);
+                return;
+            }
+        };
+        if word == CommandWord::Ping {
+            self.peer_pinged = true;
+        }
+        let parsed = match parse_args(word, line) {
+            Ok(p) => p,
+            Err(err) => {
+                tracing::warn!(error = %err, "upstream sent a malformed line");
+                self.session.fail(&err, now);
+                return;
+            }
+        };
+        match parsed {
+            Parsed::Server(name) => {
+                if let Some(expected) = &config.expected_server_name {
+                    if expected != name {
+                        tracing::error!(expected = %expected, got = %name, "upstream has the wrong server name");
+                        self.session.fail(&PeerError::WrongRemote, now);
+                        return;
+                    }
+                }
+                if self.up && self.server_name.as_deref() != Some(name) {
+                    tracing::warn!(
+                        name,
+                        "upstream changed its SERVER name mid-connection; ignored"
+                    );
+                    return;
+                }
+                self.server_name = Some(name.to_owned());
+            }
+            Parsed::Position(p) => match StreamId::from_name(p.stream.as_bytes()) {
+                Some(s) if !self.up => self.positions[s.index()] = Some(p.token),
+                Some(s) => {
+                    tracing::info!(
+                        stream = s.name(),
+                        token = p.token,
+                        "POSITION after the handshake; ignored"
+                    );
+                }
+                None => tracing::warn!(
+                    stream = p.stream,
+                    "POSITION for a stream replhub does not know"
+                ),
+            },
+            Parsed::Error(text) => {
+                tracing::warn!(error = text, "upstream sent ERROR");
+                self.peer_error = Some(text.to_owned());
+            }
+            Parsed::Ping(_) | Parsed::Sync(_) => {}
+            other => {
+                tracing::debug!(word = %other.word(), "upstream line not relayed");
+            }
+        }
+    }
+
+    fn complete_handshake(
+        &mut self,
+        events: &mut VecDeque<LinkEvent>,
+        tokens: &mut [Option<i64>; StreamId::COUNT],
+        stats: &mut Stats,
+    ) {
+        let Some(server_name) = self.server_name.clone() else {
+            return;
+        };
+        self.up = true;
+        *tokens = self.positions;
+        let served = self.positions.iter().filter(|p| p.is_some()).count();
+        tracing::info!(server = %server_name, streams = served, "upstream handshake complete");
+        events.push_back(LinkEvent::Up(UpstreamEvent::Connected {
+            server_name,
+            positions: self.positions,
+        }));
+        for batch in self.pending.drain(..) {
+            emit_batch(batch, events, tokens, stats);
+        }
+    }
+}
+
+fn emit_batch(
+    batch: Arc<Batch>,
+    events: &mut VecDeque<LinkEvent>,
+    tokens: &mut [Option<i64>; StreamId::COUNT],
+    stats: &mut Stats,
+) {
+    for m in batch.lines() {
+        if let Some(s) = m.stream_id() {
+            stats.stream_updates[s.index()] += 1;
+            if let Some(t) = m.token {
+                tokens[s.index()] = Some(t);
+            }
+        }
+    }
+    events.push_back(LinkEvent::Batch(batch));
+}
+
+#[cfg(test)]
+mod tests;

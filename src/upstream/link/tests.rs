@@ -1,0 +1,588 @@
+//! The upstream link driven with a fake clock, fed bytes as Synapse's server sends them.
+use super::*;
+
+const T0: Now = Now::new(1_000, 1_583_254_800_000);
+
+fn sample() -> Vec<u8> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/vectors/stream-sample.txt"
+    );
+    std::fs::read(path).expect("shared/vectors/stream-sample.txt beside the repo")
+}
+
+/// The sample's lines with their `\n`.
+fn sample_lines(data: &[u8]) -> Vec<&[u8]> {
+    data.split_inclusive(|&b| b == b'\n').collect()
+}
+
+fn link() -> UpstreamLink {
+    UpstreamLink::new(LinkConfig::default())
+}
+
+fn feed(link: &mut UpstreamLink, bytes: &[u8], now: Now) {
+    link.read_buffer().extend_from_slice(bytes);
+    link.on_read(now);
+}
+
+fn transmits(link: &mut UpstreamLink) -> Vec<String> {
+    std::iter::from_fn(|| link.poll_transmit())
+        .map(|b| String::from_utf8(b.to_vec()).unwrap())
+        .collect()
+}
+
+fn events(link: &mut UpstreamLink) -> Vec<LinkEvent> {
+    std::iter::from_fn(|| link.poll_event()).collect()
+}
+
+/// Every relayed line, in order, with its `\n`.
+fn relayed(events: &[LinkEvent]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for e in events {
+        if let LinkEvent::Batch(b) = e {
+            out.extend((0..b.lines().len()).map(|i| b.line(i).to_vec()));
+        }
+    }
+    out
+}
+
+const SAMPLE_POSITIONS: [Option<i64>; 16] = [
+    Some(100),
+    Some(7),
+    Some(33),
+    Some(2),
+    Some(45),
+    Some(12),
+    Some(3),
+    Some(250),
+    Some(4),
+    Some(88),
+    Some(61),
+    Some(0),
+    Some(19),
+    Some(19),
+    Some(1),
+    Some(88),
+];
+
+fn connected_event() -> UpstreamEvent {
+    UpstreamEvent::Connected {
+        server_name: "example.com".into(),
+        positions: SAMPLE_POSITIONS,
+    }
+}
+
+#[test]
+fn opening_lines_then_up_with_sixteen_positions() {
+    let mut l = link();
+    assert!(l.poll_timeout().is_none());
+    l.on_connected(T0);
+    assert_eq!(
+        transmits(&mut l),
+        vec!["NAME replhub\n", "PING 1583254800000\n", "REPLICATE ALL\n"]
+    );
+    let data = sample();
+    let lines = sample_lines(&data);
+    let handshake: Vec<u8> = lines[..17].concat();
+    feed(&mut l, &handshake, T0);
+    assert!(
+        events(&mut l).is_empty(),
+        "no Up before user_signature's POSITION"
+    );
+    assert!(!l.is_up());
+    feed(&mut l, lines[17], T0);
+    let ev = events(&mut l);
+    assert_eq!(ev.len(), 1);
+    assert!(matches!(&ev[0], LinkEvent::Up(up) if *up == connected_event()));
+    assert!(l.is_up());
+    assert_eq!(l.server_name(), Some("example.com"));
+    assert_eq!(l.tokens(), SAMPLE_POSITIONS);
+    assert!(l.wants_close().is_none());
+}
+
+#[test]
+fn every_rdata_is_relayed_byte_identical_and_in_order() {
+    let data = sample();
+    let want: Vec<Vec<u8>> = sample_lines(&data)
+        .into_iter()
+        .filter(|l| l.starts_with(b"RDATA"))
+        .map(<[u8]>::to_vec)
+        .collect();
+    let mut l = link();
+    l.on_connected(T0);
+    feed(&mut l, &data, T0);
+    let ev = events(&mut l);
+    assert!(matches!(&ev[0], LinkEvent::Up(up) if *up == connected_event()));
+    assert_eq!(ev.len(), 2, "one read, one batch");
+    assert_eq!(relayed(&ev), want);
+    let snap = l.snapshot();
+    assert_eq!(snap.mode, "upstream");
+    assert!(snap.connected);
+    assert_eq!(snap.stream_updates.iter().sum::<u64>(), 3460);
+    assert_eq!(snap.inbound_rdata, snap.stream_updates);
+    assert_eq!(snap.stream_updates[StreamId::Events.index()], 2000);
+    // Tokens follow the last numbered RDATA per stream.
+    let last_events = want
+        .iter()
+        .rev()
+        .find_map(|l| {
+            let s = std::str::from_utf8(l).ok()?;
+            let mut f = s.split(' ');
+            (f.nth(1)? == "events")
+                .then(|| f.next()?.parse::<i64>().ok())
+                .flatten()
+        })
+        .unwrap();
+    assert_eq!(l.tokens()[StreamId::Events.index()], Some(last_events));
+}
+
+/// A tiny deterministic PRNG for split points.
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+#[test]
+fn any_chunking_gives_the_same_lines() {
+    let data = sample();
+    let mut whole = link();
+    whole.on_connected(T0);
+    feed(&mut whole, &data, T0);
+    let want = relayed(&events(&mut whole));
+    for seed in 1..=40u64 {
+        let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut l = link();
+        l.on_connected(T0);
+        let mut got_events = Vec::new();
+        let mut pos = 0;
+        while pos < data.len() {
+            let max = if seed % 4 == 0 { 3 } else { 9000 };
+            let n = (xorshift(&mut rng) % max + 1) as usize;
+            let end = (pos + n).min(data.len());
+            feed(&mut l, &data[pos..end], T0);
+            got_events.extend(events(&mut l));
+            pos = end;
+        }
+        assert!(matches!(&got_events[0], LinkEvent::Up(up) if *up == connected_event()));
+        assert_eq!(
+            got_events
+                .iter()
+                .filter(|e| matches!(e, LinkEvent::Up(_)))
+                .count(),
+            1
+        );
+        assert_eq!(relayed(&got_events), want, "seed {seed}");
+    }
+}
+
+#[test]
+fn first_rdata_after_server_completes_the_handshake() {
+    let mut l = link();
+    l.on_connected(T0);
+    feed(
+        &mut l,
+        b"SERVER hs\nPING 1\nPOSITION events 10\nPOSITION caches 3\n",
+        T0,
+    );
+    assert!(events(&mut l).is_empty());
+    feed(
+        &mut l,
+        b"RDATA events 11 [\"ev\", []]\nPOSITION typing 4\nRDATA typing 5 [\"!r\", []]\n",
+        T0,
+    );
+    let ev = events(&mut l);
+    let mut positions = [None; 16];
+    positions[StreamId::Events.index()] = Some(10);
+    positions[StreamId::Caches.index()] = Some(3);
+    assert!(
+        matches!(&ev[0], LinkEvent::Up(UpstreamEvent::Connected { server_name, positions: p })
+        if server_name == "hs" && *p == positions),
+        "{ev:?}"
+    );
+    assert_eq!(
+        relayed(&ev),
+        vec![
+            b"RDATA events 11 [\"ev\", []]\n".to_vec(),
+            b"RDATA typing 5 [\"!r\", []]\n".to_vec()
+        ]
+    );
+    assert_eq!(
+        l.tokens()[StreamId::Typing.index()],
+        Some(5),
+        "late POSITION is not a position"
+    );
+}
+
+#[test]
+fn rdata_before_server_is_held_until_up() {
+    let mut l = link();
+    l.on_connected(T0);
+    feed(
+        &mut l,
+        b"RDATA caches 1 [\"f\", null, 1]\nREMOTE_SERVER_UP a.org\n",
+        T0,
+    );
+    assert!(events(&mut l).is_empty());
+    feed(&mut l, b"RDATA caches 2 [\"f\", null, 2]\n", T0);
+    assert!(events(&mut l).is_empty(), "still no SERVER");
+    feed(
+        &mut l,
+        b"SERVER hs\nPOSITION user_signature 9\nRDATA caches 3 [\"f\", null, 3]\n",
+        T0,
+    );
+    let ev = events(&mut l);
+    assert!(matches!(&ev[0], LinkEvent::Up(_)));
+    assert_eq!(
+        relayed(&ev),
+        vec![
+            b"RDATA caches 1 [\"f\", null, 1]\n".to_vec(),
+            b"REMOTE_SERVER_UP a.org\n".to_vec(),
+            b"RDATA caches 2 [\"f\", null, 2]\n".to_vec(),
+            b"RDATA caches 3 [\"f\", null, 3]\n".to_vec(),
+        ]
+    );
+    assert_eq!(ev.len(), 4, "Up, two held batches, then the new one");
+}
+
+#[test]
+fn wrong_server_name_is_refused() {
+    let mut l = UpstreamLink::new(LinkConfig {
+        expected_server_name: Some("example.org".into()),
+        ..LinkConfig::default()
+    });
+    l.on_connected(T0);
+    transmits(&mut l);
+    let data = sample();
+    feed(&mut l, &data, T0);
+    assert!(events(&mut l).is_empty(), "no Up, no batch");
+    assert_eq!(transmits(&mut l), vec!["ERROR Wrong remote\n"]);
+    assert_eq!(l.wants_close(), Some(CloseHow::Graceful));
+    feed(&mut l, b"RDATA caches 1 [\"f\", null, 1]\n", T0);
+    assert!(events(&mut l).is_empty(), "nothing more is read");
+    l.on_disconnected("closed", T0);
+    let ev = events(&mut l);
+    assert!(matches!(&ev[..], [LinkEvent::Down { reason }] if reason.contains("Wrong remote")));
+    // The right name is accepted.
+    let mut l = UpstreamLink::new(LinkConfig {
+        expected_server_name: Some("example.com".into()),
+        ..LinkConfig::default()
+    });
+    l.on_connected(T0);
+    feed(&mut l, &data, T0);
+    assert!(matches!(events(&mut l).first(), Some(LinkEvent::Up(_))));
+}
+
+#[test]
+fn reconnect_resets_the_handshake_and_reannounces_user_syncs() {
+    let mut l = link();
+    l.on_connected(T0);
+    transmits(&mut l);
+    let data = sample();
+    let lines = sample_lines(&data);
+    feed(&mut l, &lines[..30].concat(), T0);
+    assert!(l.is_up());
+    l.on_command(
+        0,
+        UpstreamCmd::UserSync {
+            user_id: "@b:hs".into(),
+            state: SyncState::Start,
+            last_sync_ms: 5,
+        },
+        T0,
+    );
+    l.on_command(
+        1,
+        UpstreamCmd::UserSync {
+            user_id: "@a:hs".into(),
+            state: SyncState::Start,
+            last_sync_ms: 6,
+        },
+        T0,
+    );
+    assert_eq!(
+        transmits(&mut l),
+        vec!["USER_SYNC @b:hs start 5\n", "USER_SYNC @a:hs start 6\n"]
+    );
+    events(&mut l);
+
+    let t1 = T0.plus_ms(10);
+    l.on_disconnected("connection reset", t1);
+    l.on_disconnected("connection reset", t1);
+    let ev = events(&mut l);
+    assert!(
+        matches!(&ev[..], [LinkEvent::Down { reason }] if reason == "connection reset"),
+        "{ev:?}"
+    );
+    assert!(!l.is_connected() && l.poll_timeout().is_none());
+    assert!(!l.snapshot().connected);
+    // While down: user syncs change state only; forwards are queued.
+    l.on_command(
+        0,
+        UpstreamCmd::UserSync {
+            user_id: "@b:hs".into(),
+            state: SyncState::End,
+            last_sync_ms: 7,
+        },
+        t1,
+    );
+    l.on_command(
+        2,
+        UpstreamCmd::UserSync {
+            user_id: "@c:hs".into(),
+            state: SyncState::Start,
+            last_sync_ms: 8,
+        },
+        t1,
+    );
+    l.on_command(
+        2,
+        UpstreamCmd::Forward(Bytes::from_static(b"FEDERATION_ACK 12\n")),
+        t1,
+    );
+    assert!(l.poll_transmit().is_none());
+
+    let t2 = T0.plus_ms(500);
+    l.on_connected(t2);
+    assert_eq!(
+        transmits(&mut l),
+        vec![
+            "NAME replhub\n",
+            "PING 1583254800500\n",
+            "REPLICATE ALL\n",
+            "USER_SYNC @a:hs start 1583254800500\n",
+            "USER_SYNC @c:hs start 1583254800500\n",
+            "FEDERATION_ACK 12\n",
+        ]
+    );
+    assert!(!l.is_up());
+    // Half a handshake: nothing yet, and the old connection's state is gone.
+    feed(&mut l, b"SERVER example.com\nPOSITION events 500\n", t2);
+    assert!(events(&mut l).is_empty());
+    feed(&mut l, b"POSITION user_signature 600\n", t2);
+    let mut positions = [None; 16];
+    positions[StreamId::Events.index()] = Some(500);
+    positions[StreamId::UserSignature.index()] = Some(600);
+    let ev = events(&mut l);
+    assert!(
+        matches!(&ev[..], [LinkEvent::Up(UpstreamEvent::Connected { positions: p, .. })] if *p == positions)
+    );
+    assert_eq!(
+        l.tokens(),
+        positions,
+        "tokens follow the new handshake (the master may have restarted)"
+    );
+    let snap = l.snapshot();
+    assert_eq!(
+        (snap.reconnects, snap.syncing_users, snap.forwarded),
+        (1, 2, 5)
+    );
+}
+
+#[test]
+fn user_sync_is_merged_across_cores() {
+    let mut l = link();
+    l.on_connected(T0);
+    transmits(&mut l);
+    let us = |l: &mut UpstreamLink, core, state| {
+        l.on_command(
+            core,
+            UpstreamCmd::UserSync {
+                user_id: "@u:hs".into(),
+                state,
+                last_sync_ms: 1,
+            },
+            T0,
+        );
+        transmits(l)
+    };
+    assert_eq!(
+        us(&mut l, 0, SyncState::Start),
+        vec!["USER_SYNC @u:hs start 1\n"]
+    );
+    assert!(us(&mut l, 1, SyncState::Start).is_empty());
+    assert!(
+        us(&mut l, 0, SyncState::Start).is_empty(),
+        "repeat from the same core"
+    );
+    assert!(
+        us(&mut l, 0, SyncState::End).is_empty(),
+        "core 1 still syncs the user"
+    );
+    assert!(
+        us(&mut l, 2, SyncState::End).is_empty(),
+        "core 2 never started it"
+    );
+    assert_eq!(
+        us(&mut l, 1, SyncState::End),
+        vec!["USER_SYNC @u:hs end 1\n"]
+    );
+    assert!(us(&mut l, 1, SyncState::End).is_empty());
+    assert_eq!(l.snapshot().syncing_users, 0);
+}
+
+#[test]
+fn forward_queue_is_bounded_while_down() {
+    let mut l = UpstreamLink::new(LinkConfig {
+        max_forward_queue: 3,
+        ..LinkConfig::default()
+    });
+    for i in 0..5 {
+        let line = Bytes::from(format!("FEDERATION_ACK {i}\n"));
+        l.on_command(0, UpstreamCmd::Forward(line), T0);
+    }
+    assert_eq!(l.forward_dropped(), 2);
+    l.on_connected(T0);
+    let sent = transmits(&mut l);
+    assert_eq!(
+        &sent[3..],
+        [
+            "FEDERATION_ACK 2\n",
+            "FEDERATION_ACK 3\n",
+            "FEDERATION_ACK 4\n"
+        ]
+    );
+    l.on_command(
+        0,
+        UpstreamCmd::Forward(Bytes::from_static(b"REMOTE_SERVER_UP x\n")),
+        T0,
+    );
+    assert_eq!(transmits(&mut l), vec!["REMOTE_SERVER_UP x\n"]);
+}
+
+#[test]
+fn keepalive_and_ping_timeout() {
+    let mut l = link();
+    l.on_connected(T0);
+    transmits(&mut l);
+    l.on_sent(T0);
+    assert_eq!(l.poll_timeout(), Some(T0.mono_ms + 5_000));
+    // A master that never PINGs is never timed out; we keep pinging it.
+    let mut now = T0;
+    for _ in 0..8 {
+        now = now.plus_ms(5_000);
+        assert_eq!(l.handle_timeout(now), TimerAction::None);
+        assert_eq!(transmits(&mut l), vec![format!("PING {}\n", now.wall_ms)]);
+        l.on_sent(now);
+    }
+    assert!(l.wants_close().is_none());
+    // Once it has PINGed, 25 s of silence end the link.
+    feed(&mut l, b"SERVER hs\nPING 5\n", now);
+    let last = now;
+    for _ in 0..5 {
+        now = now.plus_ms(5_000);
+        l.handle_timeout(now);
+        l.on_sent(now);
+        assert!(
+            l.wants_close().is_none(),
+            "{} ms",
+            now.mono_ms - last.mono_ms
+        );
+        transmits(&mut l);
+    }
+    now = now.plus_ms(5_000);
+    l.handle_timeout(now);
+    // As in Synapse's tick: the idle PING first, then the timeout check.
+    assert_eq!(
+        transmits(&mut l),
+        vec![
+            format!("PING {}\n", now.wall_ms),
+            "ERROR ping timeout\n".into()
+        ]
+    );
+    assert_eq!(l.wants_close(), Some(CloseHow::Graceful));
+    // If the socket does not go away, the linger aborts it.
+    for _ in 0..6 {
+        now = now.plus_ms(5_000);
+        l.handle_timeout(now);
+    }
+    assert_eq!(l.wants_close(), Some(CloseHow::Abort));
+    l.on_disconnected("aborted", now);
+    assert!(
+        matches!(&events(&mut l)[..], [LinkEvent::Down { reason }] if reason.contains("ping timeout"))
+    );
+}
+
+#[test]
+fn received_lines_defer_the_ping_timeout() {
+    let mut l = link();
+    l.on_connected(T0);
+    feed(&mut l, b"SERVER hs\nPING 5\n", T0);
+    let mut now = T0;
+    for i in 0..20u64 {
+        now = now.plus_ms(5_000);
+        // RDATA only (no PING) still counts as received.
+        feed(
+            &mut l,
+            format!("RDATA caches {i} [\"f\", null, 1]\n").as_bytes(),
+            now,
+        );
+        l.handle_timeout(now);
+        l.on_sent(now);
+        assert!(l.wants_close().is_none());
+    }
+}
+
+#[test]
+fn protocol_violations_from_the_master() {
+    // A line a server may not send: ERROR, and the batch stops before it.
+    let mut l = link();
+    l.on_connected(T0);
+    transmits(&mut l);
+    feed(
+        &mut l,
+        b"SERVER hs\nRDATA caches 1 [\"f\", null, 1]\nNAME x\nRDATA caches 2 [\"f\", null, 2]\n",
+        T0,
+    );
+    let ev = events(&mut l);
+    assert_eq!(
+        relayed(&ev),
+        vec![b"RDATA caches 1 [\"f\", null, 1]\n".to_vec()]
+    );
+    assert_eq!(transmits(&mut l), vec!["ERROR invalid command: NAME\n"]);
+    assert_eq!(l.wants_close(), Some(CloseHow::Graceful));
+
+    // A malformed POSITION: parse ERROR.
+    let mut l = link();
+    l.on_connected(T0);
+    transmits(&mut l);
+    feed(&mut l, b"SERVER hs\nPOSITION events x\n", T0);
+    let sent = transmits(&mut l);
+    assert!(
+        sent[0].starts_with("ERROR failed to parse line for  'POSITION': "),
+        "{sent:?}"
+    );
+
+    // An over-long line.
+    let mut l = link();
+    l.on_connected(T0);
+    transmits(&mut l);
+    let mut long = b"RDATA caches 1 ".to_vec();
+    long.resize(20_000, b'x');
+    feed(&mut l, &long, T0);
+    assert_eq!(transmits(&mut l), vec!["ERROR Line length exceeded\n"]);
+    assert_eq!(l.wants_close(), Some(CloseHow::Graceful));
+}
+
+#[test]
+fn malformed_and_unknown_rdata_are_counted_not_relayed() {
+    let mut l = link();
+    l.on_connected(T0);
+    feed(
+        &mut l,
+        b"SERVER hs\nPOSITION user_signature 1\nRDATA caches x []\nRDATA nosuch 1 []\nRDATA caches 2 [1]\nERROR server shutting down\n",
+        T0,
+    );
+    let ev = events(&mut l);
+    assert_eq!(relayed(&ev), vec![b"RDATA caches 2 [1]\n".to_vec()]);
+    assert_eq!(l.dropped_rdata(), (1, 1));
+    assert!(
+        l.wants_close().is_none(),
+        "the master's ERROR is only logged"
+    );
+    l.on_disconnected("eof", T0);
+    assert!(
+        matches!(&events(&mut l)[..], [LinkEvent::Down { reason }] if reason.contains("server shutting down"))
+    );
+}

@@ -1,0 +1,737 @@
+//! The server integration tests, one function per test, each taking the I/O backend; the
+//! `serve_tests!` macro instantiates them per backend.
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use replhub::config::IoBackend;
+use replhub::proto::StreamId;
+use replhub::session::SessionConfig;
+use serde_json::Value;
+
+use super::{
+    eventually, positions, rdata_stream, sample_rdata, start, stop, upstream_config, vector_path,
+    MasterOptions, TestMaster, Worker, WAIT,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Handshake and server name
+
+pub fn handshake_uses_the_upstream_server_name(io: IoBackend) {
+    let master = TestMaster::start();
+    let server = start(upstream_config(io, master.addr()));
+    master.wait_handshakes(1);
+    let lines = master.lines();
+    assert_eq!(lines[0], "NAME replhub-test", "replhub introduces itself upstream");
+    assert!(lines[1].starts_with("PING "), "{lines:?}");
+    assert_eq!(lines[2], "REPLICATE ALL", "{lines:?}");
+
+    let mut w = Worker::connect(server.local_addr());
+    assert_eq!(w.greeting(), "example.com", "SERVER carries the master's name");
+    stop(server, vec![w]);
+}
+
+pub fn configured_server_name_is_checked_against_the_upstream(io: IoBackend) {
+    let master = TestMaster::start_with(
+        MasterOptions { server_name: "impostor.example".to_owned(), ..MasterOptions::default() },
+        positions(1),
+    );
+    let mut config = upstream_config(io, master.addr());
+    config.hub.server_name = Some("example.com".to_owned());
+    let server = start(config);
+    // The configured name is known at once: workers are greeted without waiting for the master.
+    let mut w = Worker::connect(server.local_addr());
+    assert_eq!(w.greeting(), "example.com");
+    // A master announcing another name is refused, as a Synapse worker would.
+    master.wait_line("ERROR Wrong remote", |l| l == "ERROR Wrong remote");
+    stop(server, vec![w]);
+}
+
+pub fn workers_wait_for_the_upstream_before_their_greeting(io: IoBackend) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = start(upstream_config(io, addr));
+    let mut w = Worker::connect(server.local_addr());
+    // The server name is not known yet: nothing may be said (a wrong SERVER would make the
+    // worker disconnect).
+    assert_eq!(w.line_within(Duration::from_millis(200)), None, "no greeting before the upstream is up");
+    let master = TestMaster::start_on(listener, MasterOptions::default(), positions(10));
+    assert_eq!(w.greeting(), "example.com");
+    master.wait_handshakes(1);
+    w.send("REPLICATE typing");
+    assert_eq!(w.line_skip_ping(), "POSITION typing 13");
+    stop(server, vec![w]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// REPLICATE and POSITION
+
+pub fn replicate_answers_positions_in_map_order(io: IoBackend) {
+    let master = TestMaster::start();
+    let mut config = upstream_config(io, master.addr());
+    // One core, so that "the core has seen this batch" is observable through any worker.
+    config.threads = 1;
+    let server = start(config);
+    master.wait_handshakes(1);
+
+    let mut w = Worker::connect(server.local_addr());
+    w.greeting();
+    w.send("NAME positions");
+    w.send("REPLICATE events");
+    assert_eq!(w.line_skip_ping(), "POSITION events 100");
+    w.send("REPLICATE caches");
+    assert_eq!(w.line_skip_ping(), "POSITION caches 107");
+    w.send("REPLICATE ALL");
+    for (i, s) in StreamId::ALL.iter().enumerate() {
+        assert_eq!(w.line_skip_ping(), format!("POSITION {} {}", s.name(), 100 + i));
+    }
+    // Repeating a subscription answers again; the subscription continues.
+    w.send("REPLICATE events");
+    assert_eq!(w.line_skip_ping(), "POSITION events 100");
+
+    // POSITION follows the last complete upstream batch of the stream.
+    let ev = b"RDATA events 150 [\"ev\", [\"$a:example.com\", \"!r:example.com\", \"m.room.message\", null, null, null]]\n";
+    master.push(ev);
+    assert_eq!(w.rdata(1), vec![ev.to_vec()]);
+    let mut late = Worker::connect(server.local_addr());
+    late.greeting();
+    late.send("REPLICATE events");
+    assert_eq!(late.line_skip_ping(), "POSITION events 150");
+
+    // Inside a `batch` run, a subscription waits for the run's end: POSITION carries the run's
+    // token and none of its lines are delivered (invariant 2).
+    let run1 = b"RDATA caches batch [\"f\", [\"a\"], 1]\n";
+    let run2 = b"RDATA caches 160 [\"f\", [\"b\"], 2]\n";
+    master.push(run1);
+    assert_eq!(w.rdata(1), vec![run1.to_vec()], "the subscriber to ALL sees the open run");
+    late.send("REPLICATE caches");
+    assert_eq!(late.line_within(Duration::from_millis(200)), None, "no POSITION inside a run");
+    master.push(run2);
+    assert_eq!(w.rdata(1), vec![run2.to_vec()]);
+    assert_eq!(late.line_skip_ping(), "POSITION caches 160");
+    let next = b"RDATA caches 161 [\"f\", [\"c\"], 3]\n";
+    master.push(next);
+    assert_eq!(late.rdata(1), vec![next.to_vec()], "later RDATA follow the POSITION");
+    assert_eq!(w.rdata(1), vec![next.to_vec()]);
+
+    // An unknown stream ends the connection with Synapse's text.
+    late.send("REPLICATE nope");
+    assert_eq!(
+        late.line_skip_ping(),
+        "ERROR failed to handle replicate: Exception('unknown stream %s', 'nope')"
+    );
+    assert_eq!(late.read_to_eof(), Vec::<String>::new());
+    stop(server, vec![w]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Relay
+
+/// Pushes `lines` to the master's connection in uneven chunks that split lines.
+fn push_chunked(master: &TestMaster, lines: &[Vec<u8>]) {
+    let all: Vec<u8> = lines.concat();
+    let sizes = [1usize, 7_919, 64 << 10, 333, 20_000];
+    let mut at = 0;
+    let mut k = 0;
+    while at < all.len() {
+        let end = (at + sizes[k % sizes.len()]).min(all.len());
+        master.push(&all[at..end]);
+        at = end;
+        k += 1;
+    }
+}
+
+pub fn relays_the_sample_to_many_workers_byte_identical(io: IoBackend) {
+    let master = TestMaster::start();
+    let server = start(upstream_config(io, master.addr()));
+    master.wait_handshakes(1);
+    let sample = Arc::new(sample_rdata());
+    assert_eq!(sample.len(), 3_460);
+
+    let mut readers = Vec::new();
+    for i in 0..20 {
+        let mut w = Worker::connect(server.local_addr());
+        w.subscribe(&format!("worker{i}"), &["ALL"]);
+        let sample = Arc::clone(&sample);
+        readers.push(thread::spawn(move || {
+            let got = w.rdata(sample.len());
+            for (k, (g, want)) in got.iter().zip(sample.iter()).enumerate() {
+                assert_eq!(g, want, "worker{i}: line {k} differs");
+            }
+        }));
+    }
+    push_chunked(&master, &sample);
+    for r in readers {
+        r.join().expect("every worker got every line in order");
+    }
+    stop(server, vec![]);
+}
+
+pub fn filters_by_stream(io: IoBackend) {
+    let master = TestMaster::start();
+    let server = start(upstream_config(io, master.addr()));
+    master.wait_handshakes(1);
+    let sample = sample_rdata();
+
+    let subs: [&[&str]; 3] = [&["caches"], &["events", "typing"], &["ALL"]];
+    let mut workers: Vec<(Worker, Vec<Vec<u8>>)> = subs
+        .iter()
+        .enumerate()
+        .map(|(i, streams)| {
+            let mut w = Worker::connect(server.local_addr());
+            w.subscribe(&format!("filter{i}"), streams);
+            let want: Vec<Vec<u8>> = sample
+                .iter()
+                .filter(|l| streams.contains(&"ALL") || streams.contains(&rdata_stream(l)))
+                .cloned()
+                .collect();
+            (w, want)
+        })
+        .collect();
+    assert_eq!(workers[0].1.len(), 300, "the sample has 300 caches lines");
+
+    push_chunked(&master, &sample);
+    let end_caches = b"RDATA caches 100000 [\"end\", null, 0]\n".to_vec();
+    let end_events = b"RDATA events 100000 [\"state\", [\"!end:x\", \"t\", \"\", null]]\n".to_vec();
+    master.push(&end_caches);
+    master.push(&end_events);
+    for (i, (w, want)) in workers.iter_mut().enumerate() {
+        let got = w.rdata(want.len());
+        assert!(got == *want, "worker {i} ({:?}) got other lines than its streams'", subs[i]);
+        let next = w.rdata(1).remove(0);
+        let marker = if i == 1 { &end_events } else { &end_caches };
+        assert_eq!(&next, marker, "worker {i}: nothing else before the end marker");
+    }
+    stop(server, workers.into_iter().map(|(w, _)| w).collect());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad workers
+
+fn vectors() -> Value {
+    let text = std::fs::read_to_string(vector_path("commands.json")).expect("commands.json");
+    serde_json::from_str(&sanitize_non_finite(&text)).expect("commands.json is JSON")
+}
+
+/// Python's bare `NaN`/`Infinity` outside strings, made palatable to serde_json.
+fn sanitize_non_finite(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if !in_string {
+            if let Some(word) = ["-Infinity", "Infinity", "NaN"].iter().find(|w| rest.starts_with(**w)) {
+                out.push_str("null");
+                rest = &rest[word.len()..];
+                continue;
+            }
+        }
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+fn vector_line(v: &Value) -> Vec<u8> {
+    if let Some(hex) = v["line_hex"].as_str() {
+        return (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect();
+    }
+    if let Some(full) = v["line_full"].as_str() {
+        return full.as_bytes().to_vec();
+    }
+    v["line"].as_str().expect("line").as_bytes().to_vec()
+}
+
+/// `failed to parse line for  '<NAME>': ` of a parse error text.
+fn parse_error_prefix(text: &str) -> &str {
+    let end = text.find("': ").unwrap_or_else(|| panic!("no `': ` in {text:?}")) + 3;
+    &text[..end]
+}
+
+pub fn invalid_commands_get_their_policy_outcome(io: IoBackend) {
+    let master = TestMaster::start();
+    let server = start(upstream_config(io, master.addr()));
+    master.wait_handshakes(1);
+    let mut watcher = Worker::connect(server.local_addr());
+    watcher.subscribe("watcher", &["caches"]);
+
+    let v = vectors();
+    let mut tally: BTreeMap<&str, usize> = BTreeMap::new();
+    let server_side: Vec<&Value> =
+        v["invalid"].as_array().expect("invalid[]").iter().filter(|x| x["receiver"] == "server").collect();
+    assert!(server_side.len() >= 20, "vectors present");
+    for (k, vec) in server_side.iter().enumerate() {
+        let id = vec["id"].as_str().expect("id");
+        let reaction = &vec["received_by_synapse_server"];
+        let outcome = reaction["outcome"].as_str().expect("outcome");
+        let mut w = Worker::connect(server.local_addr());
+        w.greeting();
+        let mut line = vector_line(vec);
+        line.push(b'\n');
+        w.send_raw(&line);
+        match (id, outcome) {
+            // Policy (ARCHITECTURE.md §4): blank lines are ignored and a one-word line is the
+            // command with empty arguments; the connection stays up.
+            ("blank-line" | "ping-no-space" | "name-no-space", "connection_dropped") => {
+                w.send("REPLICATE caches");
+                assert!(w.line_skip_ping().starts_with("POSITION caches "), "{id}: still served");
+                tally.entry("stays open (policy)").and_modify(|n| *n += 1).or_insert(1);
+                continue;
+            }
+            ("replicate-bare", "connection_dropped") => {
+                assert_eq!(
+                    w.line_skip_ping(),
+                    "ERROR failed to handle replicate: Exception('unknown stream %s', '')",
+                    "{id}"
+                );
+                tally.entry("dropped -> replicate ERROR (policy)").and_modify(|n| *n += 1).or_insert(1);
+            }
+            (_, "connection_dropped") => {
+                let got = w.line_skip_ping();
+                assert!(got.starts_with("ERROR failed to parse line for  "), "{id}: {got}");
+                tally.entry("dropped -> parse ERROR (policy)").and_modify(|n| *n += 1).or_insert(1);
+            }
+            (_, "error_and_close") => {
+                let want = reaction["sent_by_synapse"][0].as_str().expect("sent");
+                let got = w.line_skip_ping();
+                if want.contains("JSONDecodeError(") {
+                    assert_eq!(parse_error_prefix(&got), parse_error_prefix(want), "{id}");
+                    tally.entry("ERROR (prefix; JSON detail differs)").and_modify(|n| *n += 1).or_insert(1);
+                } else {
+                    assert_eq!(got, want, "{id}");
+                    tally.entry("ERROR (exact)").and_modify(|n| *n += 1).or_insert(1);
+                }
+            }
+            (id, outcome) => panic!("vector {id} with outcome {outcome} is not handled here"),
+        }
+        // After the ERROR: nothing more, then the close.
+        assert_eq!(w.read_to_eof(), Vec::<String>::new(), "{id}: closed after the ERROR");
+
+        // Meanwhile the other worker keeps receiving.
+        let rd = format!("RDATA caches {} [\"f\", [\"{id}\"], {k}]\n", 1000 + k);
+        master.push(rd.as_bytes());
+        assert_eq!(watcher.rdata(1), vec![rd.into_bytes()], "{id}: the watcher is unaffected");
+    }
+    println!("server-side invalid vectors: {tally:?}");
+    assert_eq!(tally.values().sum::<usize>(), server_side.len());
+    // The upstream never noticed.
+    assert!(!master.lines().iter().any(|l| l.starts_with("ERROR")), "{:?}", master.lines());
+    stop(server, vec![watcher]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slow consumers
+
+/// Lines received per fast reader, with a condvar to wait on.
+struct Progress {
+    counts: Mutex<Vec<usize>>,
+    cv: Condvar,
+}
+
+impl Progress {
+    fn wait_all(&self, n: usize) {
+        let deadline = Instant::now() + WAIT;
+        let mut c = self.counts.lock().expect("lock");
+        while c.iter().any(|x| *x < n) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "fast workers stalled at {c:?} of {n}");
+            c = self.cv.wait_timeout(c, left).expect("wait").0;
+        }
+    }
+}
+
+pub fn slow_worker_is_evicted_and_others_get_everything(io: IoBackend) {
+    const MAX_PENDING: u64 = 256 << 10;
+    let master = TestMaster::start();
+    let mut config = upstream_config(io, master.addr());
+    // One core: the stalled and the fast workers share one log.
+    config.threads = 1;
+    config.hub.max_pending_bytes = MAX_PENDING;
+    config.hub.write_timeout_ms = 1_000;
+    let server = start(config);
+    master.wait_handshakes(1);
+
+    let sample = sample_rdata();
+    let copies = 10;
+    let all: Arc<Vec<Vec<u8>>> = Arc::new((0..copies).flat_map(|_| sample.iter().cloned()).collect());
+
+    let mut stalled = Worker::connect_small_rcvbuf(server.local_addr());
+    stalled.subscribe("stalled", &["ALL"]);
+
+    let progress = Arc::new(Progress { counts: Mutex::new(vec![0; 2]), cv: Condvar::new() });
+    let mut fast = Vec::new();
+    for i in 0..2 {
+        let mut w = Worker::connect(server.local_addr());
+        w.subscribe(&format!("fast{i}"), &["ALL"]);
+        let (all, progress) = (Arc::clone(&all), Arc::clone(&progress));
+        fast.push(thread::spawn(move || {
+            let mut n = 0;
+            while n < all.len() {
+                let got = w.rdata(1).remove(0);
+                assert!(got == all[n], "fast{i}: line {n} differs");
+                n += 1;
+                progress.counts.lock().expect("lock")[i] = n;
+                progress.cv.notify_all();
+            }
+        }));
+    }
+
+    // Push in steps the fast workers keep up with; the stalled one falls behind. The kernel
+    // absorbs a few MB first, then the hub's backlog grows past the cap and it is evicted.
+    let mut max_log_before_eviction = 0u64;
+    let mut evicted = false;
+    for (k, chunk) in all.chunks(1_000).enumerate() {
+        master.push(&chunk.concat());
+        progress.wait_all(k * 1_000 + chunk.len());
+        if !evicted {
+            let snaps = server.core_snapshots(WAIT);
+            evicted = snaps.iter().any(|s| s.stats.evictions.iter().sum::<u64>() > 0);
+            if !evicted {
+                max_log_before_eviction =
+                    snaps.iter().map(|s| s.stats.log_bytes).sum::<u64>().max(max_log_before_eviction);
+            }
+        }
+    }
+    for f in fast {
+        f.join().expect("the fast workers got everything, in order");
+    }
+    eventually("the stalled worker's eviction", || {
+        server.core_snapshots(WAIT).iter().map(|s| s.stats.evictions.iter().sum::<u64>()).sum::<u64>() == 1
+    });
+    // Until the eviction the log held at most the cap plus about one upstream read. (After it,
+    // the evicted connection keeps the log pinned until its ERROR is written or the close
+    // linger aborts it: a hub issue reported separately, so it is not asserted here.)
+    assert!(
+        max_log_before_eviction <= MAX_PENDING + (1 << 20),
+        "log grew to {max_log_before_eviction} bytes before the eviction"
+    );
+
+    // The stalled worker now reads: a clean prefix of the stream, then the ERROR, then EOF.
+    let lines = stalled.read_to_eof();
+    let (last, body) = lines.split_last().expect("some lines");
+    assert_eq!(last, "ERROR Failed to keep up");
+    let rdata: Vec<&String> = body.iter().filter(|l| !l.starts_with("PING ")).collect();
+    assert!(rdata.len() < all.len(), "evicted before the end");
+    for (n, l) in rdata.iter().enumerate() {
+        assert_eq!(
+            format!("{l}\n").as_bytes(),
+            &all[n][..],
+            "stalled worker: line {n} (no gap before the ERROR)"
+        );
+    }
+    // Memory is released once the stalled worker is gone.
+    let log: u64 = server.core_snapshots(WAIT).iter().map(|s| s.stats.log_bytes).sum();
+    assert!(log <= MAX_PENDING, "log still holds {log} bytes");
+    stop(server, vec![]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream restarts
+
+pub fn upstream_restart_gives_fresh_positions_before_newer_rdata(io: IoBackend) {
+    let master = TestMaster::start();
+    let server = start(upstream_config(io, master.addr()));
+    master.wait_handshakes(1);
+    let sample = sample_rdata();
+    let (first, second) = sample.split_at(1_500);
+
+    let mut w_all = Worker::connect(server.local_addr());
+    w_all.subscribe("all", &["ALL"]);
+    let mut w_caches = Worker::connect(server.local_addr());
+    w_caches.subscribe("caches", &["caches"]);
+    let caches = |lines: &[Vec<u8>]| -> Vec<Vec<u8>> {
+        lines.iter().filter(|l| rdata_stream(l) == "caches").cloned().collect()
+    };
+
+    push_chunked(&master, first);
+    assert!(w_all.rdata(first.len()) == first, "everything before the drop arrives");
+    let want = caches(first);
+    assert!(w_caches.rdata(want.len()) == want);
+
+    master.set_positions(positions(5_000));
+    master.drop_connection();
+    master.wait_handshakes(2);
+    assert_eq!(master.lines().iter().filter(|l| *l == "REPLICATE ALL").count(), 2);
+    push_chunked(&master, second);
+
+    for (i, s) in StreamId::ALL.iter().enumerate() {
+        assert_eq!(
+            w_all.line_skip_ping(),
+            format!("POSITION {} {}", s.name(), 5_000 + i),
+            "fresh POSITIONs first"
+        );
+    }
+    assert!(w_all.rdata(second.len()) == second, "then the newer RDATA");
+    assert_eq!(w_caches.line_skip_ping(), "POSITION caches 5007");
+    let want = caches(second);
+    assert!(w_caches.rdata(want.len()) == want);
+    stop(server, vec![w_all, w_caches]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands for the upstream
+
+fn count(master: &TestMaster, prefix: &str) -> usize {
+    master.lines().iter().filter(|l| l.starts_with(prefix)).count()
+}
+
+pub fn user_sync_is_merged_across_workers(io: IoBackend) {
+    let master = TestMaster::start();
+    let server = start(upstream_config(io, master.addr()));
+    master.wait_handshakes(1);
+    let mut w1 = Worker::connect(server.local_addr());
+    w1.greeting();
+    let mut w2 = Worker::connect(server.local_addr());
+    w2.greeting();
+
+    // Each worker's commands reach the master in order, so an acknowledged FEDERATION_ACK
+    // sent after a USER_SYNC shows that the USER_SYNC was handled.
+    w1.send("USER_SYNC @alice:example.com start 1000");
+    w1.send("FEDERATION_ACK 1");
+    w2.send("USER_SYNC @alice:example.com start 1001");
+    w2.send("FEDERATION_ACK 2");
+    master.wait_line("ack 1", |l| l == "FEDERATION_ACK 1");
+    master.wait_line("ack 2", |l| l == "FEDERATION_ACK 2");
+    assert_eq!(count(&master, "USER_SYNC @alice:example.com start "), 1, "{:?}", master.lines());
+
+    w1.send("USER_SYNC @alice:example.com end 2000");
+    w1.send("FEDERATION_ACK 3");
+    master.wait_line("ack 3", |l| l == "FEDERATION_ACK 3");
+    assert_eq!(count(&master, "USER_SYNC @alice:example.com end "), 0, "alice still syncs on w2");
+
+    // The last worker syncing alice disconnects: now the master hears the end.
+    w2.close();
+    master.wait_line("end of alice", |l| l.starts_with("USER_SYNC @alice:example.com end "));
+    assert_eq!(count(&master, "USER_SYNC @alice:example.com start "), 1);
+
+    // A user ended explicitly by its only worker.
+    w1.send("USER_SYNC @bob:example.com start 3000");
+    w1.send("USER_SYNC @bob:example.com end 3001");
+    master.wait_line("end of bob", |l| l == "USER_SYNC @bob:example.com end 3001");
+    assert!(master.lines().iter().any(|l| l == "USER_SYNC @bob:example.com start 3000"));
+    stop(server, vec![w1]);
+}
+
+pub fn forwards_worker_commands_upstream(io: IoBackend) {
+    let master = TestMaster::start();
+    let server = start(upstream_config(io, master.addr()));
+    master.wait_handshakes(1);
+    let mut w = Worker::connect(server.local_addr());
+    w.greeting();
+    let commands = [
+        "FEDERATION_ACK 1204",
+        "REMOVE_PUSHER m.http pushkey123 @alice:example.com",
+        "INVALIDATE_CACHE get_user_by_id [\"@alice:example.com\"]",
+        "USER_IP @alice:example.com [\"syt_abc\", \"10.0.0.7\", \"Element/1.6\", \"ABCDEF\", 1583254800000]",
+        "REMOTE_SERVER_UP remote.example.org",
+    ];
+    for c in commands {
+        w.send(c);
+    }
+    for c in commands {
+        master.wait_line(c, |l| l == c);
+    }
+    // Worker-only chatter stays with replhub.
+    assert!(!master.lines().iter().any(|l| l.starts_with("NAME ") && l != "NAME replhub-test"));
+
+    // REMOTE_SERVER_UP from the master reaches every greeted worker.
+    let mut other = Worker::connect(server.local_addr());
+    other.greeting();
+    master.push(b"REMOTE_SERVER_UP back.example.org\n");
+    assert_eq!(w.line_skip_ping(), "REMOTE_SERVER_UP back.example.org");
+    assert_eq!(other.line_skip_ping(), "REMOTE_SERVER_UP back.example.org");
+    stop(server, vec![w, other]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timers and shutdown
+
+pub fn ping_timeout_closes_a_silent_worker(io: IoBackend) {
+    // The master pings often, so the upstream link (same timing constants) stays up.
+    let master = TestMaster::start_with(
+        MasterOptions { keepalive: Some(Duration::from_millis(50)), ..MasterOptions::default() },
+        positions(1),
+    );
+    let mut config = upstream_config(io, master.addr());
+    config.hub.session = SessionConfig {
+        ping_interval_ms: 100,
+        ping_timeout_ms: 400,
+        close_timeout_ms: 1_000,
+        ..SessionConfig::default()
+    };
+    let server = start(config);
+    master.wait_handshakes(1);
+
+    let mut pinger = Worker::connect(server.local_addr());
+    pinger.greeting();
+    let mut quiet = Worker::connect(server.local_addr());
+    quiet.greeting();
+    let t0 = Instant::now();
+    pinger.send("PING 1");
+    // Then silence: PINGs from the server keep coming, then the timeout.
+    let lines = pinger.read_to_eof();
+    let elapsed = t0.elapsed();
+    let (last, before) = lines.split_last().expect("lines");
+    assert_eq!(last, "ERROR ping timeout");
+    assert!(before.iter().all(|l| l.starts_with("PING ")), "{before:?}");
+    assert!(!before.is_empty(), "idle links get PINGs");
+    assert!(elapsed >= Duration::from_millis(400) && elapsed < Duration::from_secs(3), "{elapsed:?}");
+
+    // A worker that never pinged is never timed out: it is still served.
+    quiet.send("REPLICATE typing");
+    assert_eq!(quiet.line_skip_ping(), "POSITION typing 4");
+    assert_eq!(
+        master.lines().iter().filter(|l| *l == "REPLICATE ALL").count(),
+        1,
+        "the upstream link stayed up"
+    );
+    stop(server, vec![quiet]);
+}
+
+pub fn shutdown_says_so_to_every_worker(io: IoBackend) {
+    let master = TestMaster::start();
+    let server = start(upstream_config(io, master.addr()));
+    master.wait_handshakes(1);
+    let mut workers = Vec::new();
+    for i in 0..4 {
+        let mut w = Worker::connect(server.local_addr());
+        if i % 2 == 0 {
+            w.subscribe(&format!("sub{i}"), &["ALL"]);
+        } else {
+            w.greeting();
+        }
+        workers.push(w);
+    }
+    stop(server, workers);
+    master.wait_closed(1);
+}
+
+pub fn metrics_endpoint_renders_a_scrape(io: IoBackend) {
+    let master = TestMaster::start();
+    let mut config = upstream_config(io, master.addr());
+    config.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    let server = start(config);
+    master.wait_handshakes(1);
+    let mut w = Worker::connect(server.local_addr());
+    w.subscribe("scraped", &["caches"]);
+
+    let addr = server.metrics_addr().expect("metrics on");
+    let mut http = TcpStream::connect(addr).expect("connect to /metrics");
+    http.set_read_timeout(Some(WAIT)).expect("timeout");
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("request");
+    let mut body = String::new();
+    http.read_to_string(&mut body).expect("response");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("synapse_replication_tcp_resource_total_connections 1"), "{body}");
+    assert!(
+        body.contains("synapse_replication_tcp_resource_connections_per_stream{stream_name=\"caches\"} 1"),
+        "{body}"
+    );
+    let (backend, _) = server.backend();
+    assert!(body.contains(&format!("replhub_io_backend{{backend=\"{backend}\"}} 1")), "{body}");
+    stop(server, vec![w]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Synthetic mode
+
+fn synthetic_config(io: IoBackend, rate: u64) -> replhub::config::ServeConfig {
+    let mut config =
+        replhub::config::ServeConfig::new(replhub::config::SourceConfig::Synthetic { rate, line_size: None });
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    config.metrics_listen = None;
+    config.threads = 2;
+    config.io = io;
+    config
+}
+
+pub fn synthetic_mode_serves_rows_as_localhost(io: IoBackend) {
+    let server = start(synthetic_config(io, 5_000));
+    let mut w = Worker::connect(server.local_addr());
+    assert_eq!(w.greeting(), "localhost", "synthetic mode defaults to localhost");
+    w.send("REPLICATE ALL");
+    let mut last: BTreeMap<String, i64> = BTreeMap::new();
+    for s in StreamId::ALL {
+        let l = w.line_skip_ping();
+        let token = l
+            .strip_prefix(&format!("POSITION {} ", s.name()))
+            .unwrap_or_else(|| panic!("expected POSITION {}, got {l:?}", s.name()));
+        last.insert(s.name().to_owned(), token.parse().expect("token"));
+    }
+    // Rows flow, each stream's numbered tokens above its POSITION and increasing.
+    for raw in w.rdata(300) {
+        let line = String::from_utf8(raw).expect("utf-8");
+        let mut parts = line.splitn(4, ' ');
+        let (_, stream, token) = (parts.next(), parts.next().expect("stream"), parts.next().expect("token"));
+        assert!(StreamId::from_name(stream.as_bytes()).is_some(), "{line}");
+        if token != "batch" {
+            let t: i64 = token.parse().expect("numeric token");
+            let prev = last.insert(stream.to_owned(), t).expect("known stream");
+            assert!(t > prev, "{stream}: {t} after {prev}");
+        }
+    }
+    stop(server, vec![w]);
+
+    let mut config = synthetic_config(io, 100);
+    config.hub.server_name = Some("synth.example".to_owned());
+    let server = start(config);
+    let mut w = Worker::connect(server.local_addr());
+    assert_eq!(w.greeting(), "synth.example");
+    stop(server, vec![w]);
+}
+
+pub fn synthetic_unpaced_stays_responsive_and_bounded(io: IoBackend) {
+    let server = start(synthetic_config(io, 0));
+    let mut w = Worker::connect(server.local_addr());
+    w.subscribe("fast", &["ALL"]);
+    let lines = w.rdata(50_000);
+    assert_eq!(lines.len(), 50_000);
+    // The source is held back by the cores' mailboxes: scrapes still get answers at once and
+    // the logs stay within the slow-consumer cap.
+    let t0 = Instant::now();
+    let snaps = server.core_snapshots(Duration::from_secs(2));
+    assert_eq!(snaps.len(), 2, "every core answers");
+    let up = server.upstream_snapshot(Duration::from_secs(2)).expect("the source answers");
+    assert_eq!(up.mode, "synthetic");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    for s in &snaps {
+        assert!(s.stats.log_bytes <= 64 << 20, "core {} holds {} bytes", s.core, s.stats.log_bytes);
+    }
+    drop(w);
+    server.shutdown().expect("clean shutdown");
+}
+
+pub fn a_closed_worker_that_never_closes_is_dropped_after_the_linger(io: IoBackend) {
+    let master = TestMaster::start();
+    let mut config = upstream_config(io, master.addr());
+    config.hub.session = SessionConfig { close_timeout_ms: 300, ..SessionConfig::default() };
+    let server = start(config);
+    master.wait_handshakes(1);
+    let mut w = Worker::connect(server.local_addr());
+    w.greeting();
+    w.send("FOO bar");
+    assert_eq!(w.line_skip_ping(), "ERROR invalid command: FOO");
+    // The server closed its side; this worker keeps its socket open and says nothing.
+    assert_eq!(w.line_within(Duration::from_millis(100)), None);
+    let live = || server.core_snapshots(WAIT).iter().map(|s| s.conns.len()).sum::<usize>();
+    eventually("the server to drop the lingering connection", || live() == 0);
+    stop(server, vec![]);
+    drop(w);
+}

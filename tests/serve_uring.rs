@@ -1,0 +1,7 @@
+//! The server integration tests (tests/common/serve.rs) on the io_uring driver. `--io uring`
+//! makes a failed probe fatal, so on a machine without io_uring these fail loudly instead of
+//! quietly testing epoll twice.
+#[macro_use]
+mod common;
+
+serve_tests!(replhub::config::IoBackend::Uring);
