@@ -5,7 +5,9 @@
 //! Both sides stop at the bytes handed to the kernel (the hub: the gathered iovecs; the
 //! baseline: a per-connection buffer), so the kernel's copy, equal for both, is left out.
 //! `Throughput::Elements` counts delivered lines (lines × subscribers).
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::IoSlice;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -14,6 +16,35 @@ use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criteri
 use replhub::hub::{Batch, Hub, HubConfig, HubOutput, LineMeta, UpstreamEvent};
 use replhub::proto::{fields, json, Command, StreamId, Token};
 use replhub::time::Now;
+
+/// Counts live heap bytes, to state the per-connection memory constant.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every method forwards to the system allocator with the caller's layout unchanged;
+// the counter is only bookkeeping.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(new_size, Ordering::Relaxed);
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
 
 /// RDATA lines from Synapse's own output (the vectors), or a generated stand-in.
 fn sample_lines(n: usize) -> Vec<Bytes> {
@@ -164,5 +195,52 @@ fn fanout(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, fanout);
+/// Memory with 10 000 subscribers of which 1 000 never read: the log stays under the eviction
+/// bound and each connection costs a small constant. Printed, not timed.
+fn memory(_c: &mut Criterion) {
+    const N: usize = 10_000;
+    let max_pending: u64 = 8 << 20;
+    let before = LIVE.load(Ordering::Relaxed);
+    let mut hub = Hub::new(HubConfig { max_pending_bytes: max_pending, ..HubConfig::default() });
+    let now = Now::new(1, 1);
+    hub.on_upstream(&UpstreamEvent::Connected { server_name: "hs".into(), positions: [Some(0); 16] }, now);
+    let ids: Vec<_> = (0..N).map(|_| hub.accept(now)).collect();
+    for &id in &ids {
+        hub.on_bytes(id, b"NAME bench\nREPLICATE ALL\n", now);
+    }
+    let mut s = Setup { hub, now, dirty: Vec::new() };
+    deliver(&mut s);
+    let idle = LIVE.load(Ordering::Relaxed) - before;
+    let lines = sample_lines(1_000);
+    let mut peak_log = 0;
+    for _ in 0..200 {
+        s.hub.on_batch(make_batch(&lines), s.now);
+        // The first 1 000 connections never read: their writes report 0 bytes.
+        s.dirty.clear();
+        s.hub.take_dirty(&mut s.dirty);
+        for &id in &std::mem::take(&mut s.dirty) {
+            let mut iov: Vec<IoSlice<'_>> = Vec::new();
+            let n = s.hub.gather(id, &mut iov);
+            drop(iov);
+            let stalled = (id.index as usize) < 1_000;
+            s.hub.on_written(id, if stalled { 0 } else { n }, s.now);
+        }
+        while let Some(out) = s.hub.poll_output() {
+            if let HubOutput::Close { conn, .. } = out {
+                s.hub.on_peer_closed(conn, false, s.now);
+            }
+        }
+        peak_log = peak_log.max(s.hub.log().held_bytes());
+    }
+    let live = LIVE.load(Ordering::Relaxed) - before;
+    println!(
+        "memory: {N} subscribers: {} bytes/connection idle; after 200 batches of 1000 lines with 1000 stalled readers: \
+         log peak {peak_log} bytes (bound {max_pending}), heap {} MiB, {} evicted",
+        idle / N,
+        live >> 20,
+        s.hub.stats().evictions[0] + s.hub.stats().evictions[1],
+    );
+}
+
+criterion_group!(benches, fanout, memory);
 criterion_main!(benches);

@@ -26,8 +26,7 @@
 use bytes::{BufMut, BytesMut};
 
 use crate::proto::json::{
-    write_bool, write_f64, write_i64, write_key, write_null, write_sep, write_str,
-    write_str_contents,
+    write_bool, write_f64, write_i64, write_key, write_null, write_sep, write_str, write_str_contents,
 };
 use crate::proto::{StreamId, StreamMask, Token, MAX_LINE_LEN};
 use crate::time::Now;
@@ -52,12 +51,7 @@ pub struct SyntheticConfig {
 
 impl Default for SyntheticConfig {
     fn default() -> Self {
-        Self {
-            rate: 1000,
-            seed: 1,
-            streams: StreamMask::ALL,
-            pad_to: None,
-        }
+        Self { rate: 1000, seed: 1, streams: StreamMask::ALL, pad_to: None }
     }
 }
 
@@ -128,9 +122,9 @@ const REMOTE_SERVERS: &[&str] = &[
     "tchncs.de",
 ];
 const NAMES: &[&str] = &[
-    "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy", "mallory",
-    "niaj", "olivia", "peggy", "rupert", "sybil", "trent", "victor", "walter", "zoë", "jürgen",
-    "søren", "renée", "łukasz",
+    "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy", "mallory", "niaj",
+    "olivia", "peggy", "rupert", "sybil", "trent", "victor", "walter", "zoë", "jürgen", "søren", "renée",
+    "łukasz",
 ];
 const STATUS_MSGS: &[&str] = &[
     "In a meeting",
@@ -153,11 +147,7 @@ const CACHE_FUNCS_ROOM: &[&str] = &[
     "get_current_state_ids",
     "get_forward_extremeties_for_room",
 ];
-const CACHE_FUNCS_ALL: &[&str] = &[
-    "get_rooms_for_user",
-    "get_user_filter",
-    "get_server_version",
-];
+const CACHE_FUNCS_ALL: &[&str] = &["get_rooms_for_user", "get_user_filter", "get_server_version"];
 const GLOBAL_ACCOUNT_DATA: &[&str] = &[
     "m.direct",
     "m.ignored_user_list",
@@ -167,13 +157,8 @@ const GLOBAL_ACCOUNT_DATA: &[&str] = &[
 ];
 const ROOM_ACCOUNT_DATA: &[&str] = &["m.fully_read", "org.matrix.room.preview_urls"];
 const TAGS: &[&str] = &["m.favourite", "m.lowpriority", "u.work", "u.ünï"];
-const EMPTY_STATE_TYPES: &[&str] = &[
-    "m.room.name",
-    "m.room.topic",
-    "m.room.power_levels",
-    "m.room.join_rules",
-    "m.room.avatar",
-];
+const EMPTY_STATE_TYPES: &[&str] =
+    &["m.room.name", "m.room.topic", "m.room.power_levels", "m.room.join_rules", "m.room.avatar"];
 const B64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 /// Padding characters: valid in every id localpart we pad.
 const FILLER: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
@@ -280,28 +265,18 @@ impl Synthetic {
         let users = (0..400)
             .map(|i| {
                 let name = rng.pick(NAMES);
-                let server = if rng.chance(70) {
-                    LOCAL_SERVER
-                } else {
-                    rng.pick(REMOTE_SERVERS)
-                };
+                let server = if rng.chance(70) { LOCAL_SERVER } else { rng.pick(REMOTE_SERVERS) };
                 format!("@{name}{i}:{server}")
             })
             .collect();
         let rooms = (0..150)
             .map(|_| {
                 let local: String = (0..18).map(|_| char::from(B64URL[rng.below(52)])).collect();
-                let server = if rng.chance(80) {
-                    LOCAL_SERVER
-                } else {
-                    rng.pick(REMOTE_SERVERS)
-                };
+                let server = if rng.chance(80) { LOCAL_SERVER } else { rng.pick(REMOTE_SERVERS) };
                 format!("!{local}:{server}")
             })
             .collect();
-        let groups = (0..10)
-            .map(|i| format!("+{}{i}:{LOCAL_SERVER}", rng.pick(NAMES)))
-            .collect();
+        let groups = (0..10).map(|i| format!("+{}{i}:{LOCAL_SERVER}", rng.pick(NAMES))).collect();
         let mut me = Self {
             cfg,
             rng,
@@ -368,18 +343,11 @@ impl Synthetic {
         let Some(&(_, total)) = self.table.last() else {
             return 0;
         };
-        out.reserve(
-            n.saturating_mul(self.cfg.pad_to.unwrap_or(0).max(220))
-                .min(1 << 26),
-        );
+        out.reserve(n.saturating_mul(self.cfg.pad_to.unwrap_or(0).max(220)).min(1 << 26));
         let mut written = 0;
         while written < n {
             let r = self.rng.below(total as usize) as u32;
-            let stream = self
-                .table
-                .iter()
-                .find(|(_, c)| r < *c)
-                .map_or(StreamId::Events, |e| e.0);
+            let stream = self.table.iter().find(|(_, c)| r < *c).map_or(StreamId::Events, |e| e.0);
             written += self.group(stream, now, out, &mut on_line);
         }
         if self.cfg.rate > 0 {
@@ -398,12 +366,7 @@ impl Synthetic {
     ) -> usize {
         let token = self.next_token(stream);
         let ts = now.wall_ms;
-        let mut line = LineCtx {
-            stream,
-            token,
-            rows: self.group_size(stream),
-            written: 0,
-        };
+        let mut line = LineCtx { stream, token, rows: self.group_size(stream), written: 0 };
         match stream {
             StreamId::Events => return self.events_group(out, &mut line, on_line),
             StreamId::Caches if line.rows > 1 => {
@@ -556,10 +519,7 @@ impl Synthetic {
                 Some(self.users[u].clone())
             }
             EventKind::EmptyKeyState(_) => Some(String::new()),
-            EventKind::CustomState => Some(format!(
-                "ünïcødé ☃ 😀 \"{}\" back\\slash",
-                self.rng.below(100)
-            )),
+            EventKind::CustomState => Some(format!("ünïcødé ☃ 😀 \"{}\" back\\slash", self.rng.below(100))),
             _ => None,
         };
         let related = self.recent_event();
@@ -568,10 +528,7 @@ impl Synthetic {
         let start = line.begin(out);
         out.put_slice(b"[\"ev\", [\"");
         out.put_slice(&id);
-        let slot = PadSlot {
-            at: out.len(),
-            wrap: false,
-        };
+        let slot = PadSlot { at: out.len(), wrap: false };
         out.put_slice(b"\", ");
         put_id(out, &self.rooms[room]);
         write_sep(out);
@@ -593,10 +550,7 @@ impl Synthetic {
         write_sep(out);
         put_opt_event(out, (kind == EventKind::Redaction).then_some(&related));
         write_sep(out);
-        put_opt_event(
-            out,
-            matches!(kind, EventKind::Reaction | EventKind::Edit).then_some(&related),
-        );
+        put_opt_event(out, matches!(kind, EventKind::Reaction | EventKind::Edit).then_some(&related));
         out.put_slice(b"]]");
         let fill = self.finish(out, start, line, Some(slot), on_line);
 
@@ -623,13 +577,7 @@ impl Synthetic {
     // -----------------------------------------------------------------------------------------
 
     /// Writes one row of `stream` (not `events`); `nth` = index within its group.
-    fn row(
-        &mut self,
-        stream: StreamId,
-        out: &mut BytesMut,
-        ts: i64,
-        nth: usize,
-    ) -> Option<PadSlot> {
+    fn row(&mut self, stream: StreamId, out: &mut BytesMut, ts: i64, nth: usize) -> Option<PadSlot> {
         match stream {
             StreamId::Events => None,
             StreamId::Backfill => Some(self.row_backfill(out)),
@@ -678,20 +626,14 @@ impl Synthetic {
                 out.put_slice(b", \"");
                 if email {
                     let u = &self.users[user];
-                    let local = u
-                        .get(1..)
-                        .and_then(|r| r.split(':').next())
-                        .unwrap_or("user");
+                    let local = u.get(1..).and_then(|r| r.split(':').next()).unwrap_or("user");
                     write_str_contents(out, local);
                 } else {
                     for _ in 0..22 {
                         out.put_u8(B64URL[self.rng.below(64)]);
                     }
                 }
-                let slot = PadSlot {
-                    at: out.len(),
-                    wrap: false,
-                };
+                let slot = PadSlot { at: out.len(), wrap: false };
                 if email {
                     out.put_slice(b"@mail.example.com");
                 }
@@ -773,10 +715,7 @@ impl Synthetic {
         let id = self.new_event_id();
         out.put_slice(b"[\"");
         out.put_slice(&id);
-        let slot = PadSlot {
-            at: out.len(),
-            wrap: false,
-        };
+        let slot = PadSlot { at: out.len(), wrap: false };
         out.put_slice(b"\", ");
         put_id(out, &self.rooms[room]);
         if member {
@@ -793,9 +732,7 @@ impl Synthetic {
     /// The 7 presence fields, as an array body or (with `object`) as object members.
     fn presence_fields(&mut self, out: &mut BytesMut, ts: i64, object: bool) -> PadSlot {
         let user = self.user();
-        let state = self
-            .rng
-            .pick(&["online", "online", "unavailable", "offline"]);
+        let state = self.rng.pick(&["online", "online", "unavailable", "offline"]);
         let key = |out: &mut BytesMut, k: &str| {
             if object {
                 write_key(out, k);
@@ -806,11 +743,7 @@ impl Synthetic {
         write_sep(out);
         key(out, "state");
         write_str(out, state);
-        for k in [
-            "last_active_ts",
-            "last_federation_update_ts",
-            "last_user_sync_ts",
-        ] {
+        for k in ["last_active_ts", "last_federation_update_ts", "last_user_sync_ts"] {
             write_sep(out);
             key(out, k);
             write_i64(out, ts - self.rng.below(120_000) as i64);
@@ -842,10 +775,7 @@ impl Synthetic {
                 out.put_slice(b", [");
                 let u = self.user();
                 put_id(out, &self.users[u]);
-                let slot = PadSlot {
-                    at: out.len(),
-                    wrap: true,
-                };
+                let slot = PadSlot { at: out.len(), wrap: true };
                 out.put_u8(b']');
                 Some(slot)
             }
@@ -854,10 +784,7 @@ impl Synthetic {
                 out.put_slice(b", [");
                 let r = self.room();
                 put_id(out, &self.rooms[r]);
-                let slot = PadSlot {
-                    at: out.len(),
-                    wrap: true,
-                };
+                let slot = PadSlot { at: out.len(), wrap: true };
                 out.put_u8(b']');
                 Some(slot)
             }
@@ -872,20 +799,13 @@ impl Synthetic {
     fn row_cs_cache_fake(&mut self, out: &mut BytesMut, room: &str, ts: i64) -> Option<PadSlot> {
         out.put_slice(b"[\"cs_cache_fake\", [");
         put_id(out, room);
-        let members = if self.rng.chance(5) {
-            50
-        } else {
-            1 + self.rng.below(8)
-        };
+        let members = if self.rng.chance(5) { 50 } else { 1 + self.rng.below(8) };
         for _ in 0..members {
             write_sep(out);
             let u = self.user();
             put_id(out, &self.users[u]);
         }
-        let slot = PadSlot {
-            at: out.len(),
-            wrap: true,
-        };
+        let slot = PadSlot { at: out.len(), wrap: true };
         out.put_slice(b"], ");
         write_i64(out, ts);
         out.put_u8(b']');
@@ -992,10 +912,7 @@ impl Synthetic {
                         for _ in 0..16 {
                             out.put_u8(self.rng.pick(FILLER));
                         }
-                        slot = PadSlot {
-                            at: out.len(),
-                            wrap: false,
-                        };
+                        slot = PadSlot { at: out.len(), wrap: false };
                         out.put_slice(b"\", \"messages\": {");
                         put_id(out, &self.users[to]);
                         out.put_slice(b": {\"*\": {\"action\": \"request_cancellation\"}}}}");
@@ -1010,10 +927,7 @@ impl Synthetic {
                         for _ in 0..10 {
                             out.put_u8(B64URL[self.rng.below(26)]);
                         }
-                        slot = PadSlot {
-                            at: out.len(),
-                            wrap: false,
-                        };
+                        slot = PadSlot { at: out.len(), wrap: false };
                         out.put_slice(b"\", \"stream_id\": ");
                         write_i64(out, stream_id);
                         out.put_slice(b", \"prev_id\": [");
@@ -1111,13 +1025,7 @@ fn put_filler(out: &mut BytesMut, mut n: usize) {
 
 /// Grows the line that started at `start` (not yet `\n`-terminated) to `target - 1` bytes by
 /// inserting filler at `slot`. Returns the filler length (0 if the line is long enough).
-fn pad_line(
-    scratch: &mut Vec<u8>,
-    out: &mut BytesMut,
-    start: usize,
-    slot: PadSlot,
-    target: usize,
-) -> usize {
+fn pad_line(scratch: &mut Vec<u8>, out: &mut BytesMut, start: usize, slot: PadSlot, target: usize) -> usize {
     let target = target.saturating_sub(1).min(MAX_LINE_LEN);
     let overhead = if slot.wrap { 4 } else { 0 };
     let len = out.len() - start;
@@ -1205,11 +1113,7 @@ mod tests {
         };
         let json_text = parts.next().expect("row");
         let row = json::parse(json_text.as_bytes()).unwrap_or_else(|e| panic!("{e}: {text}"));
-        assert_eq!(
-            json::to_vec(&row),
-            json_text.as_bytes(),
-            "re-encodes identically"
-        );
+        assert_eq!(json::to_vec(&row), json_text.as_bytes(), "re-encodes identically");
         Parsed { stream, token, row }
     }
 
@@ -1223,11 +1127,7 @@ mod tests {
             match p.token {
                 Token::Batch => open_run = Some(p.stream),
                 Token::Value(t) => {
-                    assert!(
-                        t > last[p.stream.index()],
-                        "{} token {t} not increasing",
-                        p.stream
-                    );
+                    assert!(t > last[p.stream.index()], "{} token {t} not increasing", p.stream);
                     last[p.stream.index()] = t;
                     open_run = None;
                 }
@@ -1265,12 +1165,8 @@ mod tests {
     }
 
     fn check_presence_object(o: &Value) -> Result<(), String> {
-        let keys: Vec<&str> = o
-            .as_object()
-            .ok_or("presence object")?
-            .iter()
-            .map(|(k, _)| k.as_str())
-            .collect();
+        let keys: Vec<&str> =
+            o.as_object().ok_or("presence object")?.iter().map(|(k, _)| k.as_str()).collect();
         ensure(
             keys == [
                 "user_id",
@@ -1284,35 +1180,15 @@ mod tests {
             "presence keys",
         )?;
         let g = |k: &str| o.get(k).cloned().unwrap_or(Value::Null);
-        ensure(
-            is_str(&g("user_id")) && is_str(&g("state")),
-            "presence strings",
-        )?;
-        ensure(
-            is_int(&g("last_active_ts")) && is_int(&g("last_user_sync_ts")),
-            "presence ts",
-        )?;
-        ensure(
-            is_opt_str(&g("status_msg")) && g("currently_active").as_bool().is_some(),
-            "presence",
-        )
+        ensure(is_str(&g("user_id")) && is_str(&g("state")), "presence strings")?;
+        ensure(is_int(&g("last_active_ts")) && is_int(&g("last_user_sync_ts")), "presence ts")?;
+        ensure(is_opt_str(&g("status_msg")) && g("currently_active").as_bool().is_some(), "presence")
     }
 
     fn check_edu(e: &Value) -> Result<(), String> {
-        let keys: Vec<&str> = e
-            .as_object()
-            .ok_or("edu")?
-            .iter()
-            .map(|(k, _)| k.as_str())
-            .collect();
-        ensure(
-            keys == ["origin", "destination", "edu_type", "content"],
-            "edu keys",
-        )?;
-        ensure(
-            e.get("content").and_then(Value::as_object).is_some(),
-            "edu content",
-        )
+        let keys: Vec<&str> = e.as_object().ok_or("edu")?.iter().map(|(k, _)| k.as_str()).collect();
+        ensure(keys == ["origin", "destination", "edu_type", "content"], "edu keys")?;
+        ensure(e.get("content").and_then(Value::as_object).is_some(), "edu content")
     }
 
     /// The row shapes of PROTOCOL.md §6.
@@ -1323,27 +1199,18 @@ mod tests {
                 match r[0].as_str() {
                     Some("ev") => {
                         let f = arr(&r[1], 6, "ev")?;
-                        ensure(
-                            f[..3].iter().all(is_str) && f[3..].iter().all(is_opt_str),
-                            "ev fields",
-                        )
+                        ensure(f[..3].iter().all(is_str) && f[3..].iter().all(is_opt_str), "ev fields")
                     }
                     Some("state") => {
                         let f = arr(&r[1], 4, "state")?;
-                        ensure(
-                            f[..3].iter().all(is_str) && is_opt_str(&f[3]),
-                            "state fields",
-                        )
+                        ensure(f[..3].iter().all(is_str) && is_opt_str(&f[3]), "state fields")
                     }
                     _ => Err("events kind".into()),
                 }
             }
             StreamId::Backfill => {
                 let f = arr(row, 6, "backfill")?;
-                ensure(
-                    f[..3].iter().all(is_str) && f[3..].iter().all(is_opt_str),
-                    "backfill",
-                )
+                ensure(f[..3].iter().all(is_str) && f[3..].iter().all(is_opt_str), "backfill")
             }
             StreamId::Presence => {
                 let f = arr(row, 7, "presence")?;
@@ -1358,30 +1225,18 @@ mod tests {
             }
             StreamId::Typing => {
                 let f = arr(row, 2, "typing")?;
-                ensure(
-                    is_str(&f[0]) && f[1].as_array().is_some_and(|u| u.iter().all(is_str)),
-                    "typing",
-                )
+                ensure(is_str(&f[0]) && f[1].as_array().is_some_and(|u| u.iter().all(is_str)), "typing")
             }
             StreamId::Receipts => {
                 let f = arr(row, 5, "receipts")?;
-                ensure(
-                    f[..4].iter().all(is_str) && f[4].as_object().is_some(),
-                    "receipts",
-                )
+                ensure(f[..4].iter().all(is_str) && f[4].as_object().is_some(), "receipts")
             }
-            StreamId::PushRules
-            | StreamId::DeviceLists
-            | StreamId::ToDevice
-            | StreamId::UserSignature => {
+            StreamId::PushRules | StreamId::DeviceLists | StreamId::ToDevice | StreamId::UserSignature => {
                 ensure(is_str(&arr(row, 1, stream.name())?[0]), "one string")
             }
             StreamId::Pushers => {
                 let f = arr(row, 4, "pushers")?;
-                ensure(
-                    f[..3].iter().all(is_str) && f[3].as_bool().is_some(),
-                    "pushers",
-                )
+                ensure(f[..3].iter().all(is_str) && f[3].as_bool().is_some(), "pushers")
             }
             StreamId::Caches => {
                 let f = arr(row, 3, "caches")?;
@@ -1390,20 +1245,14 @@ mod tests {
                 if f[0].as_str() == Some("cs_cache_fake") {
                     let k = f[1].as_array().ok_or("cs_cache_fake keys")?;
                     // room id + at most 50 members (+ one padding key when padded)
-                    ensure(
-                        k.len() >= 2 && k.len() <= 52 && k.iter().all(is_str),
-                        "cs_cache_fake",
-                    )?;
+                    ensure(k.len() >= 2 && k.len() <= 52 && k.iter().all(is_str), "cs_cache_fake")?;
                 }
                 Ok(())
             }
             StreamId::PublicRooms => {
                 let f = arr(row, 4, "public_rooms")?;
                 ensure(
-                    is_str(&f[0])
-                        && f[1].as_bool().is_some()
-                        && is_opt_str(&f[2])
-                        && is_opt_str(&f[3]),
+                    is_str(&f[0]) && f[1].as_bool().is_some() && is_opt_str(&f[2]) && is_opt_str(&f[3]),
                     "public_rooms",
                 )
             }
@@ -1430,35 +1279,21 @@ mod tests {
                 let f = arr(row, 3, "tag_account_data")?;
                 let data = f[2].as_str().ok_or("tag data must be a string")?;
                 let tags = json::parse(data.as_bytes()).map_err(|e| e.message)?;
-                ensure(
-                    is_str(&f[0]) && is_str(&f[1]) && tags.as_object().is_some(),
-                    "tags",
-                )
+                ensure(is_str(&f[0]) && is_str(&f[1]) && tags.as_object().is_some(), "tags")
             }
             StreamId::AccountData => {
                 let f = arr(row, 3, "account_data")?;
-                ensure(
-                    is_str(&f[0]) && is_opt_str(&f[1]) && is_str(&f[2]),
-                    "account_data",
-                )
+                ensure(is_str(&f[0]) && is_opt_str(&f[1]) && is_str(&f[2]), "account_data")
             }
             StreamId::Groups => {
                 let f = arr(row, 4, "groups")?;
-                ensure(
-                    f[..3].iter().all(is_str) && f[3].as_object().is_some(),
-                    "groups",
-                )
+                ensure(f[..3].iter().all(is_str) && f[3].as_object().is_some(), "groups")
             }
         }
     }
 
     fn cfg(seed: u64) -> SyntheticConfig {
-        SyntheticConfig {
-            rate: 0,
-            seed,
-            streams: StreamMask::ALL,
-            pad_to: None,
-        }
+        SyntheticConfig { rate: 0, seed, streams: StreamMask::ALL, pad_to: None }
     }
 
     #[test]
@@ -1481,51 +1316,26 @@ mod tests {
         let count = |s: StreamId| lines.iter().filter(|p| p.stream == s).count();
         let events = count(StreamId::Events) as f64 / lines.len() as f64;
         assert!((0.5..0.7).contains(&events), "events share {events}");
-        let mut by_count: Vec<(usize, StreamId)> =
-            StreamId::ALL.iter().map(|&s| (count(s), s)).collect();
+        let mut by_count: Vec<(usize, StreamId)> = StreamId::ALL.iter().map(|&s| (count(s), s)).collect();
         by_count.sort_unstable_by(|a, b| b.cmp(a));
         assert_eq!(by_count[0].1, StreamId::Events);
         assert_eq!(by_count[1].1, StreamId::Caches);
-        for s in [
-            StreamId::Events,
-            StreamId::DeviceLists,
-            StreamId::Caches,
-            StreamId::Federation,
-        ] {
-            assert!(
-                lines
-                    .iter()
-                    .any(|p| p.stream == s && p.token == Token::Batch),
-                "{s} has no batch run"
-            );
+        for s in [StreamId::Events, StreamId::DeviceLists, StreamId::Caches, StreamId::Federation] {
+            assert!(lines.iter().any(|p| p.stream == s && p.token == Token::Batch), "{s} has no batch run");
         }
         // Events batch runs are an `ev` row followed by its `state` row.
         for w in lines.windows(2) {
             if w[0].stream == StreamId::Events && w[0].token == Token::Batch {
-                let kind = |p: &Parsed| {
-                    p.row
-                        .as_array()
-                        .and_then(|a| a[0].as_str())
-                        .map(str::to_owned)
-                };
+                let kind = |p: &Parsed| p.row.as_array().and_then(|a| a[0].as_str()).map(str::to_owned);
                 assert_eq!(kind(&w[0]).as_deref(), Some("ev"));
                 assert_eq!(kind(&w[1]).as_deref(), Some("state"));
-                let ev_id = w[0]
-                    .row
-                    .as_array()
-                    .and_then(|a| a[1].as_array())
-                    .map(|f| f[0].clone());
-                let st_id = w[1]
-                    .row
-                    .as_array()
-                    .and_then(|a| a[1].as_array())
-                    .map(|f| f[3].clone());
+                let ev_id = w[0].row.as_array().and_then(|a| a[1].as_array()).map(|f| f[0].clone());
+                let st_id = w[1].row.as_array().and_then(|a| a[1].as_array()).map(|f| f[3].clone());
                 assert_eq!(ev_id, st_id);
             }
         }
-        let cs = lines
-            .iter()
-            .filter(|p| p.row.as_array().and_then(|a| a[0].as_str()) == Some("cs_cache_fake"));
+        let cs =
+            lines.iter().filter(|p| p.row.as_array().and_then(|a| a[0].as_str()) == Some("cs_cache_fake"));
         assert!(cs.count() > 10);
     }
 
@@ -1535,10 +1345,7 @@ mod tests {
         mask.insert(StreamId::Typing);
         mask.insert(StreamId::UserSignature);
         mask.insert(StreamId::TagAccountData);
-        let c = SyntheticConfig {
-            streams: mask,
-            ..cfg(4)
-        };
+        let c = SyntheticConfig { streams: mask, ..cfg(4) };
         let start = Synthetic::new(c).positions();
         let (g, lines, _) = run(c, &[3000]);
         assert!(lines.iter().all(|p| mask.contains(p.stream)));
@@ -1546,16 +1353,10 @@ mod tests {
             if !mask.contains(s) {
                 assert_eq!(g.positions()[s.index()], start[s.index()], "{s} moved");
             } else {
-                assert!(
-                    g.positions()[s.index()] > start[s.index()],
-                    "{s} did not move"
-                );
+                assert!(g.positions()[s.index()] > start[s.index()], "{s} did not move");
             }
         }
-        let c = SyntheticConfig {
-            streams: StreamMask::NONE,
-            ..cfg(4)
-        };
+        let c = SyntheticConfig { streams: StreamMask::NONE, ..cfg(4) };
         let mut g = Synthetic::new(c);
         let mut out = BytesMut::new();
         assert_eq!(g.generate(Now::default(), 10, &mut out, |_, _, _, _| {}), 0);
@@ -1591,18 +1392,12 @@ mod tests {
         let (_, _, c) = run(cfg(78), &[500]);
         assert_eq!(a, b);
         assert_ne!(a, c);
-        assert_eq!(
-            Synthetic::new(cfg(77)).positions(),
-            Synthetic::new(cfg(77)).positions()
-        );
+        assert_eq!(Synthetic::new(cfg(77)).positions(), Synthetic::new(cfg(77)).positions());
     }
 
     #[test]
     fn timestamps_come_from_wall_clock() {
-        let mut g = Synthetic::new(SyntheticConfig {
-            streams: StreamMask(StreamId::Caches.bit()),
-            ..cfg(3)
-        });
+        let mut g = Synthetic::new(SyntheticConfig { streams: StreamMask(StreamId::Caches.bit()), ..cfg(3) });
         let mut out = BytesMut::new();
         let wall = 1_700_000_000_123;
         g.generate(Now::new(5, wall), 50, &mut out, |_, _, _, _| {});
@@ -1615,10 +1410,7 @@ mod tests {
     #[test]
     fn padding_reaches_the_target_without_changing_shapes() {
         for target in [64, 256, 1000, 4096, 20_000] {
-            let c = SyntheticConfig {
-                pad_to: Some(target),
-                ..cfg(6)
-            };
+            let c = SyntheticConfig { pad_to: Some(target), ..cfg(6) };
             let (_, lines, out) = run(c, &[3000]);
             let cap = target.min(MAX_LINE_LEN + 1);
             let mut exact = 0;
@@ -1635,21 +1427,14 @@ mod tests {
             assert_eq!(start, out.len());
             if target >= 1000 {
                 // Everything except the state rows that follow their `ev` row is exact.
-                assert!(
-                    exact * 10 >= lines.len() * 8,
-                    "{exact} of {} exact",
-                    lines.len()
-                );
+                assert!(exact * 10 >= lines.len() * 8, "{exact} of {} exact", lines.len());
             }
         }
     }
 
     #[test]
     fn due_paces_with_a_token_bucket() {
-        let c = SyntheticConfig {
-            rate: 1000,
-            ..cfg(8)
-        };
+        let c = SyntheticConfig { rate: 1000, ..cfg(8) };
         let mut g = Synthetic::new(c);
         let t0 = Now::new(10_000, 1_583_254_800_000);
         assert_eq!(g.due(t0), 0, "the first call starts the clock");
@@ -1687,10 +1472,7 @@ mod tests {
 
     #[test]
     fn sustained_pacing_matches_the_rate() {
-        let mut g = Synthetic::new(SyntheticConfig {
-            rate: 5000,
-            ..cfg(10)
-        });
+        let mut g = Synthetic::new(SyntheticConfig { rate: 5000, ..cfg(10) });
         let t0 = Now::new(0, 0);
         g.due(t0);
         let mut out = BytesMut::new();

@@ -11,12 +11,8 @@ fn vectors_dir() -> PathBuf {
 
 fn read_vector(name: &str) -> Vec<u8> {
     let path = vectors_dir().join(name);
-    std::fs::read(&path).unwrap_or_else(|e| {
-        panic!(
-            "conformance vector {} is missing or unreadable: {e}",
-            path.display()
-        )
-    })
+    std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("conformance vector {} is missing or unreadable: {e}", path.display()))
 }
 
 /// commands.json, read with our own decoder (it holds bare `NaN`, which stricter decoders
@@ -27,9 +23,7 @@ fn commands() -> Value {
 }
 
 fn section<'a>(doc: &'a Value, name: &str) -> &'a [Value] {
-    doc.get(name)
-        .and_then(Value::as_array)
-        .unwrap_or_else(|| panic!("no section {name}"))
+    doc.get(name).and_then(Value::as_array).unwrap_or_else(|| panic!("no section {name}"))
 }
 
 fn str_field<'a>(v: &'a Value, name: &str) -> Option<&'a str> {
@@ -65,16 +59,12 @@ fn python_example(python: &str) -> Option<Value> {
         "(1, 2)" => Value::Array(vec![int(1), int(2)]),
         "Named(a=1, b='x')" => Value::Array(vec![int(1), s("x")]),
         "{'b': 1, 'a': 2}" => Value::Object(vec![("b".into(), int(1)), ("a".into(), int(2))]),
-        "[1.0, 1.5, 0.1, 1e16, 1e-07, 1e100, -0.0]" => Value::Array(
-            [1.0, 1.5, 0.1, 1e16, 1e-07, 1e100, -0.0]
-                .map(Value::from)
-                .to_vec(),
-        ),
-        "float('nan'), float('inf')" => Value::Array(
-            [f64::NAN, f64::INFINITY, f64::NEG_INFINITY]
-                .map(Value::from)
-                .to_vec(),
-        ),
+        "[1.0, 1.5, 0.1, 1e16, 1e-07, 1e100, -0.0]" => {
+            Value::Array([1.0, 1.5, 0.1, 1e16, 1e-07, 1e100, -0.0].map(Value::from).to_vec())
+        }
+        "float('nan'), float('inf')" => {
+            Value::Array([f64::NAN, f64::INFINITY, f64::NEG_INFINITY].map(Value::from).to_vec())
+        }
         "2**64" => Value::Number(Number::Int("18446744073709551616".into())),
         "'é😀'" => s("é😀"),
         "'\\x00\\x1f\\x7f'" => s("\u{0}\u{1f}\u{7f}"),
@@ -101,18 +91,10 @@ fn json_encoding_examples() {
         let python = str_field(ex, "python").expect("python");
         let want = str_field(ex, "json").expect("json");
         assert_eq!(reencode(want), want, "round trip of {python}");
-        let value = python_example(python)
-            .unwrap_or_else(|| panic!("new example {python:?}: build it by hand here"));
-        assert_eq!(
-            String::from_utf8(json::to_vec(&value)).unwrap(),
-            want,
-            "encoding {python}"
-        );
-        assert_eq!(
-            json::parse(want.as_bytes()).unwrap(),
-            value,
-            "decoding {want}"
-        );
+        let value =
+            python_example(python).unwrap_or_else(|| panic!("new example {python:?}: build it by hand here"));
+        assert_eq!(String::from_utf8(json::to_vec(&value)).unwrap(), want, "encoding {python}");
+        assert_eq!(json::parse(want.as_bytes()).unwrap(), value, "decoding {want}");
     }
 }
 
@@ -145,8 +127,7 @@ fn noncanonical_json_reencodes_to_the_canonical_line() {
     let mut checked = 0;
     for v in section(&doc, "accepted_noncanonical") {
         let id = str_field(v, "id").unwrap_or("?");
-        let (Some(line), Some(canonical)) = (str_field(v, "line"), str_field(v, "canonical_line"))
-        else {
+        let (Some(line), Some(canonical)) = (str_field(v, "line"), str_field(v, "canonical_line")) else {
             continue;
         };
         let (Some(text), Some(want)) = (json_part(line), json_part(canonical)) else {
@@ -172,9 +153,7 @@ fn json_errors_read_as_simplejson_writes_them() {
             continue;
         }
         let want = str_field(from_line, "message").expect("message");
-        let line = str_field(v, "line")
-            .or_else(|| str_field(v, "line_full"))
-            .expect("line");
+        let line = str_field(v, "line").or_else(|| str_field(v, "line_full")).expect("line");
         let text = json_part(line).expect("JSON part");
         let err = json::parse(text.as_bytes()).expect_err(id);
         assert_eq!(err.message, want, "{id}");
@@ -187,11 +166,7 @@ fn json_errors_read_as_simplejson_writes_them() {
             .filter_map(Value::as_str)
             .find(|l| l.starts_with("ERROR "));
         if let Some(sent) = sent {
-            assert!(
-                sent.contains(&err.python_repr()),
-                "{id}: {sent} lacks {}",
-                err.python_repr()
-            );
+            assert!(sent.contains(&err.python_repr()), "{id}: {sent} lacks {}", err.python_repr());
         }
         checked += 1;
     }

@@ -23,7 +23,9 @@ pub const TICK_MS: u64 = 100;
 
 struct Slot {
     gen: u32,
-    conn: Option<Conn>,
+    /// Boxed so that the slot table stays small (its growth by doubling would otherwise cost
+    /// more than the connections themselves).
+    conn: Option<Box<Conn>>,
 }
 
 /// A live connection by id, borrowing only the slot table (so other fields stay usable).
@@ -32,7 +34,7 @@ fn slot_conn(slots: &mut [Slot], id: ConnId) -> Option<&mut Conn> {
     if slot.gen != id.gen {
         return None;
     }
-    slot.conn.as_mut()
+    slot.conn.as_deref_mut()
 }
 
 /// The per-core hub. See the [module docs](super).
@@ -96,7 +98,7 @@ impl Hub {
         if slot.gen != id.gen {
             return None;
         }
-        slot.conn.as_ref()
+        slot.conn.as_deref()
     }
 
     fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
@@ -104,7 +106,7 @@ impl Hub {
         if slot.gen != id.gen {
             return None;
         }
-        slot.conn.as_mut()
+        slot.conn.as_deref_mut()
     }
 
     /// Number of live connections.
@@ -174,10 +176,10 @@ impl Hub {
         let slot = &mut self.slots[index as usize];
         let id = ConnId { index, gen: slot.gen };
         let session = Session::new(Role::Server, self.config.session.clone(), now);
-        slot.conn = Some(Conn::new(id, session, ConnPhase::Waiting, self.log.head(), now.mono_ms));
+        slot.conn = Some(Box::new(Conn::new(id, session, ConnPhase::Waiting, self.log.head(), now.mono_ms)));
         self.live += 1;
         self.stats.accepted += 1;
-        tracing::debug!(conn = id.to_u64(), "accepted");
+        tracing::info!(conn = id.to_u64(), name = "anon", "connection accepted");
         if self.shutting_down {
             self.fail(id, &PeerError::ShuttingDown, CloseReason::ConnectionAborted, now);
         } else if let Some(name) = self.server_name.clone() {
@@ -292,6 +294,13 @@ impl Hub {
     }
 
     fn replicate(&mut self, id: ConnId, target: ReplicateTarget<'_>, now: Now) {
+        let stream = match target {
+            ReplicateTarget::All => "ALL",
+            ReplicateTarget::Stream(s) => s.name(),
+            ReplicateTarget::Unknown(name) => name,
+        };
+        let name = self.conn(id).map(|c| c.display_name().to_owned()).unwrap_or_default();
+        tracing::info!(conn = id.to_u64(), name, stream, "subscribe (REPLICATE)");
         match target {
             ReplicateTarget::All => {
                 let streams: Vec<StreamId> = match self.served {
@@ -304,13 +313,20 @@ impl Hub {
             }
             ReplicateTarget::Stream(s) => {
                 if self.served.is_some_and(|m| !m.contains(s)) {
-                    self.fail(id, &PeerError::UnknownStream(s.name().to_owned()), CloseReason::ProtocolError, now);
+                    tracing::info!(conn = id.to_u64(), name, stream, "unknown stream, closing");
+                    self.fail(
+                        id,
+                        &PeerError::UnknownStream(s.name().to_owned()),
+                        CloseReason::ProtocolError,
+                        now,
+                    );
                 } else {
                     self.request_subscription(id, s, now);
                 }
             }
-            ReplicateTarget::Unknown(name) => {
-                self.fail(id, &PeerError::UnknownStream(name.to_owned()), CloseReason::ProtocolError, now);
+            ReplicateTarget::Unknown(stream) => {
+                tracing::info!(conn = id.to_u64(), name, stream, "unknown stream, closing");
+                self.fail(id, &PeerError::UnknownStream(stream.to_owned()), CloseReason::ProtocolError, now);
             }
         }
     }
@@ -362,7 +378,12 @@ impl Hub {
         line.put_u8(b' ');
         line.put_slice(token_str.as_bytes());
         line.put_u8(b'\n');
-        c.private.push_back(Private { at, bytes: line.freeze(), word: CommandWord::Position, partial: false });
+        c.private.push_back(Private {
+            at,
+            bytes: line.freeze(),
+            word: CommandWord::Position,
+            partial: false,
+        });
         tracing::debug!(conn = id.to_u64(), stream = s.name(), token, "subscribed");
         if newly {
             self.stream_subs[s.index()].push(id);
@@ -435,7 +456,11 @@ impl Hub {
                 self.upstream_up = true;
                 match &self.server_name {
                     Some(known) if known != server_name && self.config.server_name.is_none() => {
-                        tracing::warn!(old = known.as_str(), new = server_name.as_str(), "upstream server name changed");
+                        tracing::warn!(
+                            old = known.as_str(),
+                            new = server_name.as_str(),
+                            "upstream server name changed"
+                        );
                         self.server_name = Some(server_name.clone());
                     }
                     Some(_) => {}
@@ -452,7 +477,8 @@ impl Hub {
                 self.served = Some(served);
                 let name = self.server_name.clone().unwrap_or_default();
                 let head = self.log.head();
-                let ids: Vec<ConnId> = self.slots.iter().filter_map(|s| s.conn.as_ref().map(|c| c.id)).collect();
+                let ids: Vec<ConnId> =
+                    self.slots.iter().filter_map(|s| s.conn.as_ref().map(|c| c.id)).collect();
                 for id in ids {
                     self.greet(id, &name, now);
                     let mask = self.conn(id).map_or(StreamMask::NONE, |c| c.mask);
@@ -469,7 +495,12 @@ impl Hub {
                         }
                         match positions[s.index()] {
                             Some(token) => self.subscribe_at(id, s, head, token, now),
-                            None => self.fail(id, &PeerError::UnknownStream(s.name().to_owned()), CloseReason::ProtocolError, now),
+                            None => self.fail(
+                                id,
+                                &PeerError::UnknownStream(s.name().to_owned()),
+                                CloseReason::ProtocolError,
+                                now,
+                            ),
                         }
                     }
                 }
@@ -487,9 +518,15 @@ impl Hub {
         slot.gen = slot.gen.wrapping_add(1);
         self.free.push(id.index);
         self.live -= 1;
-        let reason = c.closing.unwrap_or(if lost { CloseReason::ConnectionLost } else { CloseReason::ConnectionDone });
+        let reason =
+            c.closing.unwrap_or(if lost { CloseReason::ConnectionLost } else { CloseReason::ConnectionDone });
         self.stats.close_reasons[reason as usize] += 1;
-        tracing::info!(conn = id.to_u64(), name = c.display_name(), reason = reason.label(), "connection closed");
+        tracing::info!(
+            conn = id.to_u64(),
+            name = c.display_name(),
+            reason = reason.label(),
+            "connection closed"
+        );
         for s in c.mask.iter() {
             self.stream_subs[s.index()].retain(|x| *x != id);
         }
@@ -524,7 +561,11 @@ impl Hub {
                         c.abort_emitted = true;
                         c.close_emitted = true;
                         c.closing.get_or_insert(CloseReason::ConnectionAborted);
-                        tracing::info!(conn = id.to_u64(), name = c.display_name(), "close linger expired, aborting");
+                        tracing::info!(
+                            conn = id.to_u64(),
+                            name = c.display_name(),
+                            "close linger expired, aborting"
+                        );
                         self.outputs.push_back(HubOutput::Close { conn: id, how: CloseHow::Abort });
                     }
                 }
@@ -587,7 +628,13 @@ impl Hub {
     fn evict(&mut self, id: ConnId, reason: EvictReason, now: Now) {
         let backlog = self.backlog_bytes(id).unwrap_or(0);
         let Some(c) = self.conn(id) else { return };
-        tracing::warn!(conn = id.to_u64(), name = c.display_name(), reason = reason.label(), backlog, "slow consumer evicted");
+        tracing::warn!(
+            conn = id.to_u64(),
+            name = c.display_name(),
+            reason = reason.label(),
+            backlog,
+            "slow consumer evicted"
+        );
         self.stats.evictions[reason as usize] += 1;
         self.fail(id, &PeerError::FailedToKeepUp, CloseReason::SlowConsumer, now);
     }
@@ -804,7 +851,11 @@ impl Hub {
             } else {
                 i += 1;
                 s += 1;
-                while i < lines.len() && s < limit && lines[i].start == lines[i - 1].end && c.wants(lines[i].stream, s) {
+                while i < lines.len()
+                    && s < limit
+                    && lines[i].start == lines[i - 1].end
+                    && c.wants(lines[i].stream, s)
+                {
                     i += 1;
                     s += 1;
                 }
@@ -837,7 +888,8 @@ impl Hub {
         c.replanned = false;
         c.in_flight = Some(pieces);
         // Borrow again, shared and for 'a, to hand out the slices.
-        let Some(pieces) = self.slots[id.index as usize].conn.as_ref().and_then(|c| c.in_flight.as_ref()) else {
+        let Some(pieces) = self.slots[id.index as usize].conn.as_ref().and_then(|c| c.in_flight.as_ref())
+        else {
             return 0;
         };
         for p in pieces {
@@ -858,6 +910,10 @@ impl Hub {
         if c.active && c.private.is_empty() && c.offset == 0 {
             let (cursor, pinned) = (c.cursor, c.pins());
             c.active = false;
+            if c.private.capacity() > 8 {
+                // A burst of private lines (REPLICATE ALL) is over: don't keep its queue.
+                c.private = VecDeque::new();
+            }
             if pinned {
                 self.log.unpin(cursor);
             }
@@ -919,7 +975,12 @@ impl Hub {
                         let within = pos - lines[k].start as usize;
                         if replanned {
                             let rest = batch.data().slice(pos..lines[k].end as usize);
-                            requeue.push(Private { at: c.cursor, bytes: rest, word: CommandWord::Rdata, partial: true });
+                            requeue.push(Private {
+                                at: c.cursor,
+                                bytes: rest,
+                                word: CommandWord::Rdata,
+                                partial: true,
+                            });
                         } else {
                             new_cursor = Some((first_seq + (k - first) as u64, within));
                         }
@@ -933,7 +994,12 @@ impl Hub {
                         continue;
                     }
                     let bytes = if skip > 0 { line.bytes.slice(skip..) } else { line.bytes };
-                    requeue.push(Private { at: line.at, bytes, word: line.word, partial: line.partial || skip > 0 });
+                    requeue.push(Private {
+                        at: line.at,
+                        bytes,
+                        word: line.word,
+                        partial: line.partial || skip > 0,
+                    });
                 }
             }
         }
@@ -1001,7 +1067,11 @@ impl Hub {
                     phase: c.phase,
                     subscribed: c.mask.0,
                     pending_commands: behind + c.private.len() as u64,
-                    backlog_bytes: if c.pins() { self.log.head_byte() - self.log.byte_of(c.cursor) } else { 0 },
+                    backlog_bytes: if c.pins() {
+                        self.log.head_byte() - self.log.byte_of(c.cursor)
+                    } else {
+                        0
+                    },
                     kernel_send_queue: outq,
                     kernel_read_queue: inq,
                     inbound: c.inbound,

@@ -64,9 +64,7 @@ impl PartialEq for Number {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
             (Self::Int(a), Self::Int(b)) => a == b,
-            (Self::Float(a), Self::Float(b)) => {
-                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
-            }
+            (Self::Float(a), Self::Float(b)) => a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
             _ => false,
         }
     }
@@ -149,10 +147,7 @@ impl Value {
     /// The value of `key` (the first one, should a hand-built object repeat it), if this is an
     /// object that has it.
     pub fn get(&self, key: &str) -> Option<&Self> {
-        self.as_object()?
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v)
+        self.as_object()?.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 }
 
@@ -230,11 +225,7 @@ impl JsonError {
 /// JSON error message can contain (controls, and the usual invisible ones); other non-ASCII
 /// text is kept as Python 3 keeps it.
 fn py_str_repr(s: &str) -> String {
-    let quote = if s.contains('\'') && !s.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
+    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
     let mut r = String::with_capacity(s.len() + 2);
     r.push(quote);
     for c in s.chars() {
@@ -295,11 +286,7 @@ const ERR_STRING_ESC4: &str = "Invalid \\uXXXX escape sequence";
 /// reported the way Python's decoder words it).
 pub fn parse(bytes: &[u8]) -> Result<Value, JsonError> {
     let text = std::str::from_utf8(bytes).map_err(|e| utf8_error(bytes, &e))?;
-    let mut p = Parser {
-        text,
-        s: text.as_bytes(),
-        depth: 0,
-    };
+    let mut p = Parser { text, s: text.as_bytes(), depth: 0 };
     let mut i = 0;
     // simplejson's raw_decode strips one BOM, as U+FEFF or as its three Latin-1 characters.
     if p.s.starts_with("\u{feff}".as_bytes()) {
@@ -324,11 +311,7 @@ fn utf8_error(bytes: &[u8], e: &std::str::Utf8Error) -> JsonError {
         Some(_) if matches!(byte, 0x80..=0xc1 | 0xf5..=0xff) => "invalid start byte",
         Some(_) => "invalid continuation byte",
     };
-    JsonError {
-        message: format!(
-            "'utf-8' codec can't decode byte 0x{byte:02x} in position {pos}: {reason}"
-        ),
-    }
+    JsonError { message: format!("'utf-8' codec can't decode byte 0x{byte:02x} in position {pos}: {reason}") }
 }
 
 struct Parser<'a> {
@@ -358,10 +341,7 @@ impl Parser<'_> {
 
     /// Code-point index of byte offset `pos` (Python positions count characters).
     fn char_index(&self, pos: usize) -> usize {
-        self.s[..pos.min(self.s.len())]
-            .iter()
-            .filter(|&&b| (b as i8) >= -0x40)
-            .count()
+        self.s[..pos.min(self.s.len())].iter().filter(|&&b| (b as i8) >= -0x40).count()
     }
 
     /// simplejson's `linecol` + `pos`, all in characters.
@@ -380,9 +360,7 @@ impl Parser<'_> {
     #[cold]
     fn err(&self, msg: &str, pos: usize) -> JsonError {
         let (line, col, cpos) = self.linecol(pos);
-        JsonError {
-            message: format!("{msg}: line {line} column {col} (char {cpos})"),
-        }
+        JsonError { message: format!("{msg}: line {line} column {col} (char {cpos})") }
     }
 
     #[cold]
@@ -619,11 +597,7 @@ impl Parser<'_> {
             }
         }
         if self.at(i) != Some(b']') {
-            let msg = if items.is_empty() {
-                ERR_ARRAY_VALUE_FIRST
-            } else {
-                ERR_ARRAY_DELIMITER
-            };
+            let msg = if items.is_empty() { ERR_ARRAY_VALUE_FIRST } else { ERR_ARRAY_DELIMITER };
             return Err(self.err(msg, i));
         }
         self.depth -= 1;
@@ -666,11 +640,7 @@ impl Parser<'_> {
             }
         }
         if self.at(i) != Some(b'}') {
-            let msg = if did_parse {
-                ERR_OBJECT_DELIMITER
-            } else {
-                ERR_OBJECT_PROPERTY_FIRST
-            };
+            let msg = if did_parse { ERR_OBJECT_DELIMITER } else { ERR_OBJECT_PROPERTY_FIRST };
             return Err(self.err(msg, i));
         }
         self.depth -= 1;
@@ -705,8 +675,7 @@ fn dedup_keys(mut members: Vec<(String, Value)>) -> Vec<(String, Value)> {
             }
         }
     } else {
-        let mut seen: std::collections::HashMap<&str, usize> =
-            std::collections::HashMap::with_capacity(n);
+        let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::with_capacity(n);
         for (j, (k, _)) in members.iter().enumerate() {
             match seen.entry(k.as_str()) {
                 std::collections::hash_map::Entry::Occupied(e) => {
@@ -751,9 +720,7 @@ pub struct Scratch {
 
 impl std::fmt::Debug for Scratch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Scratch")
-            .field("capacity", &self.input.capacity())
-            .finish()
+        f.debug_struct("Scratch").field("capacity", &self.input.capacity()).finish()
     }
 }
 
@@ -791,12 +758,10 @@ impl Scratch {
     fn simd_accepts(&mut self, bytes: &[u8]) -> bool {
         self.input.clear();
         self.input.extend_from_slice(bytes);
-        self.input
-            .resize(bytes.len() + simd_json::INPUT_PADDING, b' ');
+        self.input.resize(bytes.len() + simd_json::INPUT_PADDING, b' ');
         let mut tape = std::mem::replace(&mut self.tape, simd_json::Tape::null()).reset();
         let ok =
-            simd_json::fill_tape_padded(&mut self.input, bytes.len(), &mut self.buffers, &mut tape)
-                .is_ok();
+            simd_json::fill_tape_padded(&mut self.input, bytes.len(), &mut self.buffers, &mut tape).is_ok();
         self.tape = tape.reset();
         ok
     }
@@ -970,17 +935,10 @@ pub fn write_f64<B: BufMut + ?Sized>(out: &mut B, x: f64) {
         return out.put_slice(if x > 0.0 { b"Infinity" } else { b"-Infinity" });
     }
     if x == 0.0 {
-        return out.put_slice(if x.is_sign_negative() {
-            b"-0.0"
-        } else {
-            b"0.0"
-        });
+        return out.put_slice(if x.is_sign_negative() { b"-0.0" } else { b"0.0" });
     }
     // `{:e}` gives the shortest round-trip digits: `-1.2345e-7`, `5e-324`, `1e16`.
-    let mut sci = StackBuf {
-        buf: [0; 32],
-        len: 0,
-    };
+    let mut sci = StackBuf { buf: [0; 32], len: 0 };
     if write!(sci, "{:e}", x.abs()).is_err() {
         // Cannot happen (at most 24 bytes); fall back to Rust's own shortest form.
         return out.put_slice(x.to_string().as_bytes());
@@ -1053,22 +1011,15 @@ fn round_half_even(x: f64, digits: &mut [u8], exp: i32) {
     if (last - b'0') % 2 == 0 || n > 19 {
         return;
     }
-    let dint = digits
-        .iter()
-        .fold(0u64, |a, &d| a * 10 + u64::from(d - b'0'));
+    let dint = digits.iter().fold(0u64, |a, &d| a * 10 + u64::from(d - b'0'));
     // x ~ dint * 10^(exp - n + 1); the halfway points are (10 * dint -+ 5) * 10^(exp - n).
     let q = exp - n as i32;
     for (cand, half) in [(dint - 1, 10 * dint - 5), (dint + 1, 10 * dint + 5)] {
         if !exactly_equals(x, half, q) {
             continue;
         }
-        let mut buf = StackBuf {
-            buf: [0; 32],
-            len: 0,
-        };
-        let text = write!(buf, "{cand}e{}", q + 1)
-            .ok()
-            .map(|()| &buf.buf[..buf.len]);
+        let mut buf = StackBuf { buf: [0; 32], len: 0 };
+        let text = write!(buf, "{cand}e{}", q + 1).ok().map(|()| &buf.buf[..buf.len]);
         let round_trips = text
             .and_then(|t| std::str::from_utf8(t).ok())
             .and_then(|t| t.parse::<f64>().ok())
@@ -1095,11 +1046,7 @@ fn exactly_equals(x: f64, p: u64, q: i32) -> bool {
     let bits = x.to_bits();
     let biased = ((bits >> 52) & 0x7ff) as i64;
     let frac = bits & ((1 << 52) - 1);
-    let (mut mant, mut e2) = if biased == 0 {
-        (frac, -1074i64)
-    } else {
-        (frac | (1 << 52), biased - 1075)
-    };
+    let (mut mant, mut e2) = if biased == 0 { (frac, -1074i64) } else { (frac | (1 << 52), biased - 1075) };
     if mant == 0 || p == 0 {
         return false;
     }
@@ -1113,8 +1060,7 @@ fn exactly_equals(x: f64, p: u64, q: i32) -> bool {
     let pow5 = |k: u32| 5u128.checked_pow(k);
     if q >= 0 {
         // x = mant * 2^e2, p * 10^q = p_odd * 5^q * 2^(ptz + q)
-        e2 == ptz + i64::from(q)
-            && pow5(q.unsigned_abs()).and_then(|f| p_odd.checked_mul(f)) == Some(mant)
+        e2 == ptz + i64::from(q) && pow5(q.unsigned_abs()).and_then(|f| p_odd.checked_mul(f)) == Some(mant)
     } else {
         // mant * 2^e2 * 2^a * 5^a = p_odd * 2^ptz, with a = -q
         let a = q.unsigned_abs();
@@ -1145,10 +1091,7 @@ fn block_needs_escape(block: &[u8; 16]) -> bool {
 fn plain_prefix_len(bytes: &[u8]) -> usize {
     let n = bytes.len();
     let mut i = 0;
-    while let Some(block) = bytes
-        .get(i..i + 16)
-        .and_then(|b| <&[u8; 16]>::try_from(b).ok())
-    {
+    while let Some(block) = bytes.get(i..i + 16).and_then(|b| <&[u8; 16]>::try_from(b).ok()) {
         if block_needs_escape(block) {
             break;
         }
@@ -1161,10 +1104,7 @@ fn plain_prefix_len(bytes: &[u8]) -> usize {
             }
         }
     }
-    i + bytes[i..]
-        .iter()
-        .position(|&b| needs_escape(b))
-        .unwrap_or(n - i)
+    i + bytes[i..].iter().position(|&b| needs_escape(b)).unwrap_or(n - i)
 }
 
 /// A string, quoted and escaped as simplejson's `ensure_ascii` encoder does.
@@ -1320,26 +1260,14 @@ mod tests {
         assert_eq!(enc(&Value::Array(vec![int(1), int(2)])), "[1, 2]");
         assert_eq!(enc(&Value::Array(vec![int(1), s("x")])), "[1, \"x\"]");
         assert_eq!(
-            enc(&Value::Object(vec![
-                ("b".into(), int(1)),
-                ("a".into(), int(2))
-            ])),
+            enc(&Value::Object(vec![("b".into(), int(1)), ("a".into(), int(2))])),
             "{\"b\": 1, \"a\": 2}"
         );
         let floats = [1.0, 1.5, 0.1, 1e16, 1e-07, 1e100, -0.0].map(Value::from);
-        assert_eq!(
-            enc(&Value::Array(floats.to_vec())),
-            "[1.0, 1.5, 0.1, 1e+16, 1e-07, 1e+100, -0.0]"
-        );
+        assert_eq!(enc(&Value::Array(floats.to_vec())), "[1.0, 1.5, 0.1, 1e+16, 1e-07, 1e+100, -0.0]");
         let specials = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY].map(Value::from);
-        assert_eq!(
-            enc(&Value::Array(specials.to_vec())),
-            "[NaN, Infinity, -Infinity]"
-        );
-        assert_eq!(
-            enc(&Value::Number(Number::Int("18446744073709551616".into()))),
-            "18446744073709551616"
-        );
+        assert_eq!(enc(&Value::Array(specials.to_vec())), "[NaN, Infinity, -Infinity]");
+        assert_eq!(enc(&Value::Number(Number::Int("18446744073709551616".into()))), "18446744073709551616");
         assert_eq!(enc(&s("é😀")), "\"\\u00e9\\ud83d\\ude00\"");
         assert_eq!(enc(&s("\u{0}\u{1f}\u{7f}")), "\"\\u0000\\u001f\\u007f\"");
         assert_eq!(enc(&s("\u{2028}\u{2029}")), "\"\\u2028\\u2029\"");
@@ -1347,10 +1275,7 @@ mod tests {
         assert_eq!(enc(&s("\t\n\r\u{8}\u{c}")), "\"\\t\\n\\r\\b\\f\"");
         assert_eq!(enc(&Value::Object(vec![])), "{}");
         assert_eq!(enc(&Value::Array(vec![])), "[]");
-        assert_eq!(
-            enc(&Value::Object(vec![("1".into(), s("int key"))])),
-            "{\"1\": \"int key\"}"
-        );
+        assert_eq!(enc(&Value::Object(vec![("1".into(), s("int key"))])), "{\"1\": \"int key\"}");
     }
 
     #[test]
@@ -1378,10 +1303,7 @@ mod tests {
         }
         assert_eq!(enc(&s(&"b".repeat(33))), format!("\"{}\"", "b".repeat(33)));
         assert_eq!(enc(&s("😀😀")), "\"\\ud83d\\ude00\\ud83d\\ude00\"");
-        assert_eq!(
-            enc(&s("\u{ffff}\u{10000}\u{10ffff}")),
-            "\"\\uffff\\ud800\\udc00\\udbff\\udfff\""
-        );
+        assert_eq!(enc(&s("\u{ffff}\u{10000}\u{10ffff}")), "\"\\uffff\\ud800\\udc00\\udbff\\udfff\"");
         assert_eq!(enc(&s("~\u{80}")), "\"~\\u0080\"");
     }
 
@@ -1398,25 +1320,13 @@ mod tests {
         );
         assert_eq!(parse(b"-Infinity").unwrap(), Value::from(f64::NEG_INFINITY));
         assert_eq!(parse(b"\"\\ud83d\\ude00\\u00E9\\/\"").unwrap(), s("😀é/"));
-        assert_eq!(
-            parse("\"raw ü\u{7f}\"".as_bytes()).unwrap(),
-            s("raw ü\u{7f}")
-        );
+        assert_eq!(parse("\"raw ü\u{7f}\"".as_bytes()).unwrap(), s("raw ü\u{7f}"));
         assert_eq!(parse(b"\"\\ud800\"").unwrap(), s("\u{fffd}"));
         assert_eq!(parse(b"\"\\ude00\\ud83d\"").unwrap(), s("\u{fffd}\u{fffd}"));
-        assert_eq!(
-            parse(b"\"\\ud800\\ud800\\udc00\"").unwrap(),
-            s("\u{fffd}\u{10000}")
-        );
-        assert_eq!(
-            parse("\u{feff}[1]".as_bytes()).unwrap(),
-            Value::Array(vec![int(1)])
-        );
+        assert_eq!(parse(b"\"\\ud800\\ud800\\udc00\"").unwrap(), s("\u{fffd}\u{10000}"));
+        assert_eq!(parse("\u{feff}[1]".as_bytes()).unwrap(), Value::Array(vec![int(1)]));
         let dup = parse(br#"{"a":1,"b":2,"a":3}"#).unwrap();
-        assert_eq!(
-            dup,
-            Value::Object(vec![("a".into(), int(3)), ("b".into(), int(2))])
-        );
+        assert_eq!(dup, Value::Object(vec![("a".into(), int(3)), ("b".into(), int(2))]));
         let many: String = (0..40).map(|i| format!("\"k{}\": {i}, ", i % 20)).collect();
         let many = parse(format!("{{{many}\"k0\": -1}}").as_bytes()).unwrap();
         let m = many.as_object().unwrap();
@@ -1512,10 +1422,7 @@ mod tests {
             r#"JSONDecodeError("Invalid \\X escape sequence '\\\\': line 1 column 2 (char 1)")"#
         );
         assert_eq!(py_str_repr("a'b\"c"), r#"'a\'b"c'"#);
-        assert_eq!(
-            py_str_repr("x\u{1}\u{7f}é\u{2028}"),
-            "'x\\x01\\x7fé\\u2028'"
-        );
+        assert_eq!(py_str_repr("x\u{1}\u{7f}é\u{2028}"), "'x\\x01\\x7fé\\u2028'");
     }
 
     #[test]
@@ -1544,17 +1451,9 @@ mod tests {
         assert!(parse(nest(MAX_DEPTH).as_bytes()).is_ok());
         assert!(validate(nest(MAX_DEPTH).as_bytes()).is_ok());
         let e = parse(nest(MAX_DEPTH + 1).as_bytes()).unwrap_err();
-        assert!(
-            e.message
-                .starts_with("maximum nesting depth (128) exceeded"),
-            "{e}"
-        );
+        assert!(e.message.starts_with("maximum nesting depth (128) exceeded"), "{e}");
         assert!(validate(nest(MAX_DEPTH + 1).as_bytes()).is_err());
-        let objs = format!(
-            "{}1{}",
-            "{\"a\":".repeat(MAX_DEPTH + 1),
-            "}".repeat(MAX_DEPTH + 1)
-        );
+        let objs = format!("{}1{}", "{\"a\":".repeat(MAX_DEPTH + 1), "}".repeat(MAX_DEPTH + 1));
         assert!(parse(objs.as_bytes()).is_err());
         assert!(validate(objs.as_bytes()).is_err());
         // Far beyond any stack: still an error, not a crash.
@@ -1598,12 +1497,7 @@ mod tests {
             b"[\"\\",
         ];
         for c in cases {
-            assert_eq!(
-                validate(c).is_ok(),
-                parse(c).is_ok(),
-                "{:?}",
-                String::from_utf8_lossy(c)
-            );
+            assert_eq!(validate(c).is_ok(), parse(c).is_ok(), "{:?}", String::from_utf8_lossy(c));
             if let Err(e) = validate(c) {
                 assert_eq!(e, parse(c).unwrap_err());
             }
@@ -1621,14 +1515,8 @@ mod tests {
             any::<i64>().prop_map(Value::from),
             "-?[1-9][0-9]{18,40}".prop_map(|d| Value::Number(Number::Int(d))),
             any::<f64>().prop_map(Value::from),
-            prop_oneof![
-                Just(f64::NAN),
-                Just(-0.0),
-                Just(5e-324),
-                Just(1e16),
-                Just(1e-5)
-            ]
-            .prop_map(Value::from),
+            prop_oneof![Just(f64::NAN), Just(-0.0), Just(5e-324), Just(1e16), Just(1e-5)]
+                .prop_map(Value::from),
             any::<String>().prop_map(Value::String),
             "[ -~]{0,40}".prop_map(Value::String),
         ];
@@ -1638,11 +1526,7 @@ mod tests {
                 prop::collection::vec((any::<String>(), inner), 0..8).prop_map(|m| {
                     // Python dicts cannot hold a key twice: keep the first of each.
                     let mut seen = std::collections::HashSet::new();
-                    Value::Object(
-                        m.into_iter()
-                            .filter(|(k, _)| seen.insert(k.clone()))
-                            .collect(),
-                    )
+                    Value::Object(m.into_iter().filter(|(k, _)| seen.insert(k.clone())).collect())
                 }),
             ]
         })

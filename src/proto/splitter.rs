@@ -30,9 +30,12 @@ pub struct LineSplitter {
     scanned: usize,
     /// After an over-long unterminated line: drop input up to and including the next `\n`.
     discarding: bool,
-    /// Finds an empty line inside a chunk.
-    blank: memchr::memmem::Finder<'static>,
 }
+
+/// Finds an empty line inside a chunk. Shared: a finder is ~300 bytes, too much to keep per
+/// connection.
+static BLANK: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\n\n"));
 
 impl LineSplitter {
     /// A splitter enforcing `max_len` (normally [`MAX_LINE_LEN`]).
@@ -42,13 +45,21 @@ impl LineSplitter {
             max_len,
             scanned: 0,
             discarding: false,
-            blank: memchr::memmem::Finder::new(b"\n\n"),
         }
     }
 
     /// Copies received bytes in.
     pub fn extend_from_slice(&mut self, data: &[u8]) {
         self.buf.extend_from_slice(data);
+    }
+
+    /// Gives a large, now empty buffer back to the allocator, so that thousands of idle
+    /// connections hold no read buffers.
+    pub fn release_if_empty(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 1024 {
+            self.buf = BytesMut::new();
+            self.scanned = 0;
+        }
     }
 
     /// The buffer to read into directly (no copy): reserve, then read into its spare capacity.
@@ -128,7 +139,7 @@ impl LineSplitter {
             last + 1
         };
         // Stop after the line before an empty one.
-        let end = self.blank.find(&self.buf[..end]).map_or(end, |p| p + 1);
+        let end = BLANK.find(&self.buf[..end]).map_or(end, |p| p + 1);
         self.scanned = 0;
         Ok(Some(self.buf.split_to(end).freeze()))
     }

@@ -218,7 +218,10 @@ impl Session {
         }
         let raw = match self.splitter.next_line() {
             Ok(Some(raw)) => raw,
-            Ok(None) => return None,
+            Ok(None) => {
+                self.splitter.release_if_empty();
+                return None;
+            }
             Err(_) => {
                 let err = PeerError::LineTooLong;
                 self.fail(&err, now);
