@@ -26,6 +26,7 @@ use crate::proto::inbound::parse_args;
 use crate::proto::Role;
 use crate::proto::{Command, CommandWord, EncodeError, Line, Parsed, PeerError, Token};
 use crate::session::{Session, SessionConfig, TimerAction};
+use crate::time::Now;
 
 /// Default read size: bytes reserved in the line buffer before each read.
 pub const DEFAULT_READ_BUFFER: usize = 256 * 1024;
@@ -146,6 +147,9 @@ pub struct Client {
     stream: TcpStream,
     session: Session,
     clock: Clock,
+    /// When the last read completed: lines are stamped with it (one clock read per read, not
+    /// per line).
+    read_at: Now,
     options: ClientOptions,
     /// Encoded lines not yet written.
     out: BytesMut,
@@ -175,6 +179,7 @@ impl Client {
             stream,
             session,
             clock,
+            read_at: now,
             options,
             out: BytesMut::new(),
             server_name: None,
@@ -244,8 +249,7 @@ impl Client {
     /// its output). After an error here, the `ERROR` line we queued is written by the next
     /// call to [`Self::next_raw`], [`Self::flush`] or [`Self::close`].
     pub fn try_next_raw(&mut self) -> Result<Option<Line>, ClientError> {
-        let now = self.clock.now();
-        match self.session.poll_line(now) {
+        match self.session.poll_line(self.read_at) {
             None => Ok(None),
             Some(Err(err)) => Err(ClientError::Protocol(err)),
             Some(Ok((word, line))) => {
@@ -350,6 +354,7 @@ impl Client {
             () = tick => Woke::Tick,
         };
         let now = self.clock.now();
+        self.read_at = now;
         match woke {
             Woke::Read(0) => self.eof = true,
             Woke::Read(_) => {}

@@ -262,7 +262,8 @@ impl Source {
                         ConnEnd::Lost(why) => why,
                         ConnEnd::Closed(CloseHow::Graceful) => "closed after an error".to_owned(),
                         ConnEnd::Closed(CloseHow::Abort) => "aborted".to_owned(),
-                        ConnEnd::Stop => "replhub is stopping".to_owned(),
+                        // Stopping is not a disconnection anyone needs to hear about.
+                        ConnEnd::Stop => return,
                     };
                     link.0.on_disconnected(&reason, self.ctx.clock.now());
                     if !self.dispatch(&mut link.0, &mut backoff).await || self.stopping() {

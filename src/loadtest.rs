@@ -1,1 +1,0 @@
-//! `replhub loadtest`.

@@ -1,0 +1,152 @@
+//! `replhub loadtest` on the command line: the flags, and the subcommand itself.
+use std::io::IsTerminal;
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::Context as _;
+
+use super::{run_blocking, Limit, LoadtestOptions, ServerMode, StreamSet, Target};
+use crate::config::IoBackend;
+
+/// `replhub loadtest` flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LoadtestArgs {
+    /// Subscribing worker connections
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub subscribers: usize,
+    /// Lines per second to publish; 0 = as fast as the server delivers
+    #[arg(long, value_name = "R", default_value_t = 0)]
+    pub rate: u64,
+    /// Publish for this many seconds [default: 10, unless --messages]
+    #[arg(long, value_name = "S", conflicts_with = "messages")]
+    pub seconds: Option<f64>,
+    /// Publish this many lines in all
+    #[arg(long, value_name = "M")]
+    pub messages: Option<u64>,
+    /// Bytes per RDATA line, newline included
+    #[arg(long, value_name = "BYTES", default_value_t = 300)]
+    pub message_size: usize,
+    /// Streams published and replicated: one (events), several (4), ALL (16)
+    #[arg(long, value_name = "one|several|ALL", default_value = "one", ignore_case = true)]
+    pub streams: StreamSet,
+    /// The hub's I/O backend
+    #[arg(long, value_name = "BACKEND", default_value = "auto")]
+    pub io: IoBackend,
+    /// The hub's core threads [default: number of CPUs]
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Threads running the subscribers [default: number of CPUs]
+    #[arg(long, value_name = "N")]
+    pub client_threads: Option<usize>,
+    /// Extra worker connections that subscribe to nothing (idle memory)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub idle: usize,
+    /// Most lines in flight (published, not yet received by the slowest subscriber)
+    /// [default: 2 MiB per subscriber, 64 MiB in all, at least 256 lines]
+    #[arg(long, value_name = "LINES")]
+    pub window: Option<u64>,
+    /// Run the hub as a child `replhub serve` process (its own CPU and RSS are measured)
+    #[arg(long)]
+    pub spawn_server: bool,
+    /// Load Redis pub/sub instead of replhub (a loopback address): redis://127.0.0.1:PORT
+    #[arg(long, value_name = "URL")]
+    pub target: Option<String>,
+    /// With --target: the server's process id, to measure its CPU and RSS
+    #[arg(long, value_name = "PID", requires = "target")]
+    pub server_pid: Option<u32>,
+    /// Print the final report as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+    /// No progress line
+    #[arg(long)]
+    pub quiet: bool,
+    /// Log level or filter [default: $RUST_LOG, else warn]
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+impl LoadtestArgs {
+    /// The options these flags describe.
+    pub fn to_options(&self) -> anyhow::Result<LoadtestOptions> {
+        let target = match &self.target {
+            None => Target::Replhub {
+                server: if self.spawn_server {
+                    ServerMode::Process(
+                        std::env::current_exe().context("cannot find the replhub executable")?,
+                    )
+                } else {
+                    ServerMode::InProcess
+                },
+                io: self.io,
+                threads: self.threads.unwrap_or_else(crate::config::default_threads),
+            },
+            Some(url) => {
+                let rest = url
+                    .strip_prefix("redis://")
+                    .ok_or_else(|| anyhow::anyhow!("--target {url:?}: expected redis://127.0.0.1:PORT"))?;
+                let addr: SocketAddr = rest
+                    .trim_end_matches('/')
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--target {url:?}: expected redis://IP:PORT"))?;
+                if !matches!(addr.ip(), IpAddr::V4(ip) if ip.is_loopback()) && !addr.ip().is_loopback() {
+                    anyhow::bail!("--target {url:?}: only loopback addresses");
+                }
+                if self.spawn_server {
+                    anyhow::bail!("--spawn-server starts a hub; it does not apply with --target");
+                }
+                Target::Redis { addr, pid: self.server_pid }
+            }
+        };
+        let limit = match (self.seconds, self.messages) {
+            (_, Some(m)) => Limit::Messages(m),
+            (Some(s), None) => Limit::Seconds(s),
+            (None, None) => Limit::Seconds(10.0),
+        };
+        Ok(LoadtestOptions {
+            target,
+            subscribers: self.subscribers,
+            idle: self.idle,
+            rate: self.rate,
+            limit,
+            message_size: self.message_size,
+            streams: self.streams,
+            client_threads: self.client_threads.unwrap_or_else(crate::config::default_threads).max(1),
+            window: self.window,
+            progress: !self.quiet,
+        })
+    }
+}
+
+/// `replhub loadtest`: runs, prints the report (text, or JSON on stdout with `--json`), and
+/// fails if any line was lost.
+pub fn cli(args: LoadtestArgs) -> anyhow::Result<()> {
+    let filter = match &args.log_level {
+        Some(l) => tracing_subscriber::EnvFilter::try_new(l)
+            .map_err(|e| anyhow::anyhow!("--log-level {l:?}: {e}"))?,
+        None => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+    let opts = args.to_options()?;
+    let report = run_blocking(&opts)?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_text());
+    }
+    if !report.is_clean() {
+        anyhow::bail!(
+            "the run was not clean: delivered {} of {}, lost {}, reordered {}, disconnected {}, errors {}",
+            report.delivered,
+            report.expected,
+            report.lost,
+            report.reordered,
+            report.disconnected,
+            report.errors.len()
+        );
+    }
+    Ok(())
+}

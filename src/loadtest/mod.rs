@@ -1,0 +1,612 @@
+//! `replhub loadtest`: the hub, a publisher and N subscribers on one machine, all over
+//! loopback, with no setup; or the same load generator against Redis pub/sub
+//! (`--target redis://127.0.0.1:PORT`), for `scripts/compare-redis`.
+//!
+//! ```text
+//!   lt-publisher ──TCP: SERVER, POSITION×16, RDATA…──► replhub (--upstream) ──TCP──► N × Client
+//!   (tiny master; paced or windowed)                   in-process, or a child    (lt-client-K
+//!                                                      `replhub serve`            threads)
+//!   lt-publisher ──TCP: PUBLISH <stream> <line>…────► redis-server ──────────TCP──► N × RESP
+//! ```
+//!
+//! Why a master on a loopback port rather than an embedded publisher: it is the path
+//! production takes (upstream socket read, batch indexing, cross-core mailboxes, fan-out
+//! writes), it needs no API beyond `Server::start`, and it makes the Redis comparison
+//! symmetrical: in both cases one TCP connection brings the lines in and N take them out.
+//!
+//! Every line carries its publish time (a monotonic clock shared by the publisher and the
+//! subscribers, which live in this process) and a per-stream token that goes up by exactly one,
+//! so each subscriber measures latency and checks it got every line of its streams, in order.
+//! Server CPU comes from `/proc` (the hub's `replhub-*` threads, or every thread of a server
+//! process), divided by the lines delivered.
+mod cli;
+mod hist;
+mod payload;
+mod procstat;
+mod publisher;
+mod report;
+mod resp;
+mod server_under_test;
+mod subscriber;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+pub use cli::{cli, LoadtestArgs};
+pub use hist::Histogram;
+pub use publisher::Limit;
+pub use report::{Latency, Report};
+
+use crate::config::{IoBackend, ServeConfig, SourceConfig};
+use crate::proto::StreamId;
+use crate::server::Server;
+use procstat::Pid;
+use publisher::{Master, PubPlan, RedisSink, Replies};
+use report::{build_report, Progress};
+use server_under_test::{spawn_server, wait_backend, wait_listening, Running};
+use subscriber::{SubPlan, SubTarget, ThreadResult};
+
+/// How long subscribers may take to connect and subscribe (plus 5 ms per connection).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait for the last lines after publishing stopped.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default window: at most this many bytes in flight per subscriber…
+const WINDOW_BYTES_PER_SUBSCRIBER: u64 = 2 << 20;
+/// …and at most this many in all (kernel socket buffers and client buffers hold them)…
+const WINDOW_BYTES_TOTAL: u64 = 64 << 20;
+/// …but never fewer lines than this (enough for large gathered writes).
+const WINDOW_MIN_LINES: u64 = 256;
+/// Errors kept for the report.
+const MAX_ERRORS: usize = 8;
+
+/// Which streams the publisher writes and every subscriber replicates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum StreamSet {
+    /// `events` only (`REPLICATE events`).
+    #[default]
+    One,
+    /// `events`, `presence`, `receipts`, `caches` (four `REPLICATE` lines), round-robin.
+    Several,
+    /// All 16 streams (`REPLICATE ALL`), round-robin.
+    #[value(name = "ALL")]
+    All,
+}
+
+impl StreamSet {
+    /// The streams, in map order.
+    pub fn streams(self) -> Vec<StreamId> {
+        match self {
+            Self::One => vec![StreamId::Events],
+            Self::Several => vec![StreamId::Events, StreamId::Presence, StreamId::Receipts, StreamId::Caches],
+            Self::All => StreamId::ALL.to_vec(),
+        }
+    }
+
+    /// What a replhub subscriber sends `REPLICATE` for.
+    fn replicate(self) -> Vec<String> {
+        match self {
+            Self::All => vec!["ALL".to_owned()],
+            other => other.streams().iter().map(|s| s.name().to_owned()).collect(),
+        }
+    }
+
+    /// The name used on the command line.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::One => "one",
+            Self::Several => "several",
+            Self::All => "ALL",
+        }
+    }
+}
+
+/// What to load.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Target {
+    /// replhub, started by the load test.
+    Replhub {
+        /// In this process, or as a child `replhub serve` (from this executable).
+        server: ServerMode,
+        /// Its I/O backend.
+        io: IoBackend,
+        /// Its core threads.
+        threads: usize,
+    },
+    /// A running Redis on a loopback address; `pid` (if given) is measured for CPU and RSS.
+    Redis {
+        /// Where it listens.
+        addr: SocketAddr,
+        /// Its process id.
+        pid: Option<u32>,
+    },
+}
+
+/// Where the hub runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerMode {
+    /// `Server::start` in this process (CPU counted over the `replhub-*` threads; RSS is the
+    /// whole process, load generator included).
+    InProcess,
+    /// `<exe> serve …` as a child process (CPU and RSS are the child's own).
+    Process(PathBuf),
+}
+
+/// The load test's settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadtestOptions {
+    /// What to load.
+    pub target: Target,
+    /// Subscribing connections.
+    pub subscribers: usize,
+    /// Extra connections that subscribe to nothing (memory per idle worker).
+    pub idle: usize,
+    /// Lines per second; 0 = as fast as the server delivers (bounded by `window`).
+    pub rate: u64,
+    /// How long to publish.
+    pub limit: Limit,
+    /// Bytes per line, `\n` included (the minimum is about 60 + the stream name).
+    pub message_size: usize,
+    /// Which streams.
+    pub streams: StreamSet,
+    /// Threads running the subscribers.
+    pub client_threads: usize,
+    /// Most lines in flight (published, not yet received by the slowest subscriber);
+    /// `None` = 2 MiB worth of lines per subscriber, 64 MiB in all, at least 256 lines.
+    pub window: Option<u64>,
+    /// A progress line on stderr once a second.
+    pub progress: bool,
+}
+
+impl Default for LoadtestOptions {
+    fn default() -> Self {
+        Self {
+            target: Target::Replhub {
+                server: ServerMode::InProcess,
+                io: IoBackend::Auto,
+                threads: crate::config::default_threads(),
+            },
+            subscribers: 100,
+            idle: 0,
+            rate: 0,
+            limit: Limit::Seconds(10.0),
+            message_size: 300,
+            streams: StreamSet::One,
+            client_threads: crate::config::default_threads(),
+            window: None,
+            progress: false,
+        }
+    }
+}
+
+/// A monotonic nanosecond clock shared by the publisher and the subscribers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LtClock(Instant);
+
+impl LtClock {
+    #[inline]
+    pub(crate) fn now_ns(self) -> u64 {
+        self.0.elapsed().as_nanos() as u64
+    }
+}
+
+/// One subscriber's progress, on its own cache line (written once per read).
+#[repr(align(64))]
+#[derive(Debug)]
+pub(crate) struct Slot {
+    received: AtomicU64,
+    alive: AtomicBool,
+}
+
+/// State shared by the publisher, the client threads and the controller.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    clock: LtClock,
+    subscribers: usize,
+    slots: Box<[Slot]>,
+    published: AtomicU64,
+    ready: AtomicUsize,
+    failed: AtomicUsize,
+    stop_clients: AtomicBool,
+    abort: AtomicBool,
+    errors: Mutex<Vec<String>>,
+}
+
+impl Shared {
+    fn note_error(&self, e: String) {
+        if let Ok(mut errs) = self.errors.lock() {
+            if errs.len() < MAX_ERRORS {
+                errs.push(e);
+            }
+        }
+    }
+
+    fn connect_failed(&self, e: String) {
+        self.failed.fetch_add(1, Ordering::SeqCst);
+        self.note_error(e);
+    }
+
+    /// The fewest lines any live subscriber has received (`None` if none is alive).
+    fn slowest_received(&self) -> Option<u64> {
+        self.slots
+            .iter()
+            .filter(|s| s.alive.load(Ordering::Relaxed))
+            .map(|s| s.received.load(Ordering::Relaxed))
+            .min()
+    }
+
+    fn total_received(&self) -> u64 {
+        self.slots.iter().map(|s| s.received.load(Ordering::Relaxed)).sum()
+    }
+
+    fn alive(&self) -> usize {
+        self.slots.iter().filter(|s| s.alive.load(Ordering::Relaxed)).count()
+    }
+}
+
+/// Runs a load test. See the module docs. The blocking work runs on tokio's blocking pool, so
+/// this can be awaited from any runtime.
+pub async fn run(opts: LoadtestOptions) -> anyhow::Result<Report> {
+    tokio::task::spawn_blocking(move || run_blocking(&opts)).await.context("the load test panicked")?
+}
+
+/// [`run`] on the calling thread.
+pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
+    check(opts)?;
+    let streams = opts.streams.streams();
+    let clock = LtClock(Instant::now());
+    let window = opts.window.unwrap_or_else(|| default_window(opts.subscribers, opts.message_size));
+    let shared = Arc::new(Shared {
+        clock,
+        subscribers: opts.subscribers,
+        slots: (0..opts.subscribers)
+            .map(|_| Slot { received: AtomicU64::new(0), alive: AtomicBool::new(true) })
+            .collect(),
+        published: AtomicU64::new(0),
+        ready: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
+        stop_clients: AtomicBool::new(false),
+        abort: AtomicBool::new(false),
+        errors: Mutex::new(Vec::new()),
+    });
+
+    // The server, and the publisher's connection to it.
+    let expect_replies = Arc::new(AtomicU64::new(u64::MAX));
+    let replies_stop = Arc::new(AtomicBool::new(false));
+    // Whatever happens from here on, the threads started below stop by themselves.
+    let _stop = StopOnDrop(Arc::clone(&shared), Arc::clone(&replies_stop));
+    let (running, sink, sub_target, backend, master_drain, replies_handle) = match &opts.target {
+        Target::Replhub { server, io, threads } => {
+            let master = Master::bind().context("cannot listen for the hub's upstream connection")?;
+            let master_addr = master.addr()?;
+            let (running, worker_addr) = match server {
+                ServerMode::InProcess => {
+                    let mut config = ServeConfig::new(SourceConfig::Upstream {
+                        addr: master_addr.to_string(),
+                        client_name: "replhub-loadtest".to_owned(),
+                    });
+                    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+                    config.metrics_listen = None;
+                    config.threads = *threads;
+                    config.io = *io;
+                    let server = Server::start(config).context("cannot start the hub")?;
+                    let addr = server.local_addr();
+                    (Running::InProcess(Box::new(server)), addr)
+                }
+                ServerMode::Process(exe) => {
+                    let (child, addr) = spawn_server(exe, master_addr, *io, *threads)?;
+                    (Running::Child(child), addr)
+                }
+            };
+            let give_up = || match &running {
+                Running::Child(c) => c.exited(),
+                _ => None,
+            };
+            let (sink, drain) = master.accept(Duration::from_secs(15), &give_up)?;
+            let backend = match &running {
+                Running::InProcess(s) => s.backend().0.to_owned(),
+                Running::Child(c) => {
+                    wait_listening(worker_addr)?;
+                    wait_backend(c)
+                }
+                Running::External(_) => "external".to_owned(),
+            };
+            (running, Sink::Replhub(sink), SubTarget::Replhub(worker_addr), backend, Some(drain), None)
+        }
+        Target::Redis { addr, pid } => {
+            let (sink, replies) =
+                RedisSink::connect(*addr, Arc::clone(&expect_replies), Arc::clone(&replies_stop))
+                    .with_context(|| format!("cannot connect the publisher to redis at {addr}"))?;
+            (
+                Running::External(*pid),
+                Sink::Redis(sink),
+                SubTarget::Redis(*addr),
+                "redis".to_owned(),
+                None,
+                Some(replies),
+            )
+        }
+    };
+
+    // Subscribers (and idle connections), spread over the client threads.
+    let plan = Arc::new(SubPlan {
+        target: sub_target,
+        streams: streams.clone(),
+        replicate: opts.streams.replicate(),
+    });
+    let threads = opts.client_threads.max(1);
+    let mut clients: Vec<JoinHandle<anyhow::Result<ThreadResult>>> = Vec::with_capacity(threads);
+    for t in 0..threads {
+        let subs: Vec<usize> = (t..opts.subscribers).step_by(threads).collect();
+        let idle: Vec<usize> = (t..opts.idle).step_by(threads).collect();
+        let (plan, shared) = (Arc::clone(&plan), Arc::clone(&shared));
+        clients.push(
+            std::thread::Builder::new()
+                .name(format!("lt-client-{t}"))
+                .spawn(move || subscriber::client_thread(subs, idle, plan, shared))?,
+        );
+    }
+    let stop_clients =
+        |clients: Vec<JoinHandle<anyhow::Result<ThreadResult>>>| -> anyhow::Result<Vec<ThreadResult>> {
+            shared.stop_clients.store(true, Ordering::SeqCst);
+            let mut out = Vec::new();
+            for c in clients {
+                out.push(c.join().map_err(|_| anyhow::anyhow!("a client thread panicked"))??);
+            }
+            Ok(out)
+        };
+
+    let conns = opts.subscribers + opts.idle;
+    let ready_deadline = Instant::now() + READY_TIMEOUT + Duration::from_millis(5 * conns as u64);
+    loop {
+        let (ready, failed) = (shared.ready.load(Ordering::SeqCst), shared.failed.load(Ordering::SeqCst));
+        if failed > 0 {
+            let errs = shared.errors.lock().map(|e| e.join("; ")).unwrap_or_default();
+            let _ = stop_clients(clients);
+            anyhow::bail!("{failed} of {conns} connections failed: {errs}");
+        }
+        if ready >= conns {
+            break;
+        }
+        if Instant::now() >= ready_deadline {
+            let _ = stop_clients(clients);
+            anyhow::bail!("only {ready} of {conns} connections were ready after {:?}", READY_TIMEOUT);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let rss_ready = running.rss();
+
+    // Publish, and watch.
+    let pub_plan = PubPlan {
+        streams: streams.clone(),
+        size: opts.message_size,
+        rate: opts.rate,
+        limit: opts.limit,
+        window,
+    };
+    let cpu_before = running.cpu();
+    let gen_before = procstat::thread_cpu(Pid::Own, &|n| n.starts_with("lt-")).unwrap_or_default();
+    let pub_handle = {
+        let shared = Arc::clone(&shared);
+        std::thread::Builder::new().name("lt-publisher".to_owned()).spawn(move || match sink {
+            Sink::Replhub(mut s) => (publisher::publish(&mut s, &pub_plan, &shared), Some(s)),
+            Sink::Redis(mut s) => (publisher::publish(&mut s, &pub_plan, &shared), None),
+        })?
+    };
+
+    let progress = Progress::new(opts.progress);
+    let mut rss_max = rss_ready.map(|r| r.0);
+    let mut last_tick = Instant::now();
+    while !pub_handle.is_finished() {
+        std::thread::sleep(Duration::from_millis(2));
+        if last_tick.elapsed() >= Duration::from_secs(1) {
+            last_tick = Instant::now();
+            progress.tick(&shared);
+            if let Some((rss, _)) = running.rss() {
+                rss_max = rss_max.max(Some(rss));
+            }
+        }
+    }
+    let (published, master_sink) =
+        pub_handle.join().map_err(|_| anyhow::anyhow!("the publisher panicked"))?;
+    if let Some(e) = &published.error {
+        shared.note_error(format!("publisher: {e}"));
+    }
+    expect_replies.store(published.lines, Ordering::SeqCst);
+
+    // Wait for the last deliveries.
+    let drain_deadline = Instant::now() + DRAIN_TIMEOUT;
+    let want = published.lines;
+    let done_ns = loop {
+        let all = shared
+            .slots
+            .iter()
+            .all(|s| !s.alive.load(Ordering::Relaxed) || s.received.load(Ordering::Relaxed) >= want);
+        let now = clock.now_ns();
+        if all || Instant::now() >= drain_deadline {
+            break now;
+        }
+        if last_tick.elapsed() >= Duration::from_secs(1) {
+            last_tick = Instant::now();
+            progress.tick(&shared);
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    };
+    let cpu_after = running.cpu();
+    let gen_after = procstat::thread_cpu(Pid::Own, &|n| n.starts_with("lt-")).unwrap_or_default();
+    let rss_end = running.rss();
+    progress.finish();
+
+    let results = stop_clients(clients)?;
+    let replies: Option<Replies> = match replies_handle {
+        Some(h) => {
+            let wait = Instant::now() + Duration::from_secs(10);
+            while !h.is_finished() && Instant::now() < wait {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            replies_stop.store(true, Ordering::SeqCst);
+            Some(h.join().map_err(|_| anyhow::anyhow!("the reply reader panicked"))?)
+        }
+        None => None,
+    };
+    let server_label = match &running {
+        Running::InProcess(_) => "in-process",
+        Running::Child(_) => "process",
+        Running::External(_) => "external",
+    };
+    let rss_scope = match &running {
+        Running::InProcess(_) => "whole process (hub + load generator)",
+        Running::Child(_) => "hub process",
+        Running::External(Some(_)) => "server process",
+        Running::External(None) => "not measured (no --server-pid)",
+    };
+    // Stop the hub before its upstream goes away.
+    match running {
+        Running::InProcess(server) => {
+            if let Err(e) = server.shutdown() {
+                shared.note_error(format!("hub shutdown: {e:#}"));
+            }
+        }
+        Running::Child(c) => drop(c),
+        Running::External(_) => {}
+    }
+    if let Some(s) = master_sink {
+        s.close();
+    }
+    if let Some(d) = master_drain {
+        let _ = d.join();
+    }
+
+    let server_cpu = match (&cpu_before, &cpu_after) {
+        (Some(b), Some(a)) => Some(procstat::cpu_delta(b, a)),
+        _ => None,
+    };
+    let gen_cpu = procstat::cpu_delta(&gen_before, &gen_after);
+    let mut report = build_report(opts, &results, &published, &streams, done_ns, window);
+    report.target = match opts.target {
+        Target::Replhub { .. } => "replhub".to_owned(),
+        Target::Redis { .. } => "redis".to_owned(),
+    };
+    report.backend = backend;
+    report.server = server_label.to_owned();
+    report.server_threads = match opts.target {
+        Target::Replhub { threads, .. } => threads,
+        Target::Redis { .. } => 0,
+    };
+    let per = |ns: u64| if report.delivered > 0 { ns as f64 / report.delivered as f64 } else { 0.0 };
+    report.server_cpu_seconds = server_cpu.map(|ns| ns as f64 / 1e9);
+    report.server_cpu_ns_per_delivery = server_cpu.map(per);
+    report.loadgen_cpu_ns_per_delivery = per(gen_cpu);
+    report.rss_scope = rss_scope.to_owned();
+    report.rss_ready_bytes = rss_ready.map(|r| r.0);
+    report.rss_end_bytes = rss_end.map(|r| r.0).max(rss_max);
+    report.rss_peak_bytes = rss_end.map(|r| r.1);
+    if let Some(r) = &replies {
+        report.publish_receivers = Some(r.receivers);
+        if let Some(e) = &r.error {
+            report.errors.push(format!("publisher replies: {e}"));
+        }
+        if r.count < published.lines {
+            report.errors.push(format!("only {} of {} PUBLISH replies arrived", r.count, published.lines));
+        }
+    }
+    let mut errors = shared.errors.lock().map(|e| e.clone()).unwrap_or_default();
+    errors.append(&mut report.errors);
+    report.errors = errors;
+    Ok(report)
+}
+
+/// Tells the client threads, the publisher and the reply reader to stop (on every exit path
+/// of [`run_blocking`]).
+struct StopOnDrop(Arc<Shared>, Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.abort.store(true, Ordering::SeqCst);
+        self.0.stop_clients.store(true, Ordering::SeqCst);
+        self.1.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The publisher's connection.
+enum Sink {
+    Replhub(publisher::ReplhubSink),
+    Redis(RedisSink),
+}
+
+/// The default window in lines: 2 MiB per subscriber, 64 MiB in all, at least 256 lines. At
+/// max rate latency is mostly time spent in the window, so it stays small with many
+/// subscribers, while throughput only needs enough lines for large gathered writes.
+fn default_window(subscribers: usize, message_size: usize) -> u64 {
+    let size = message_size.max(64) as u64;
+    let per = WINDOW_BYTES_PER_SUBSCRIBER / size;
+    let total = WINDOW_BYTES_TOTAL / (size * subscribers.max(1) as u64);
+    per.min(total).max(WINDOW_MIN_LINES)
+}
+
+fn check(opts: &LoadtestOptions) -> anyhow::Result<()> {
+    if opts.message_size > crate::proto::MAX_LINE_LEN {
+        anyhow::bail!(
+            "--message-size {} is over the protocol's line limit ({})",
+            opts.message_size,
+            crate::proto::MAX_LINE_LEN
+        );
+    }
+    match opts.limit {
+        Limit::Seconds(s) if !(s > 0.0 && s <= 3600.0) => anyhow::bail!("--seconds must be in (0, 3600]"),
+        Limit::Messages(0) => anyhow::bail!("--messages must be at least 1"),
+        _ => {}
+    }
+    if opts.subscribers > 100_000 || opts.idle > 100_000 {
+        anyhow::bail!("at most 100000 subscribers and 100000 idle connections");
+    }
+    if let Target::Redis { addr, .. } = &opts.target {
+        if !addr.ip().is_loopback() {
+            anyhow::bail!("the load test only talks to loopback addresses, not {addr}");
+        }
+    }
+    if let Target::Replhub { threads, .. } = &opts.target {
+        if *threads == 0 || *threads > crate::config::MAX_THREADS {
+            anyhow::bail!("--threads must be in 1..={}", crate::config::MAX_THREADS);
+        }
+    }
+    // Each connection is one fd here, plus one in the hub when it runs in this process.
+    let conns = (opts.subscribers + opts.idle) as u64;
+    let per =
+        if matches!(opts.target, Target::Replhub { server: ServerMode::InProcess, .. }) { 2 } else { 1 };
+    if let Some(limit) = procstat::open_files_limit() {
+        if conns * per + 64 > limit {
+            anyhow::bail!(
+                "{conns} connections need about {} file descriptors but the limit is {limit}: raise it \
+                 (ulimit -n) or run the hub as its own process (--spawn-server)",
+                conns * per + 64
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows() {
+        assert_eq!(default_window(1, 300), (2 << 20) / 300);
+        assert_eq!(default_window(100, 300), (64 << 20) / 300 / 100);
+        assert_eq!(default_window(1000, 300), 256);
+    }
+
+    #[test]
+    fn stream_sets() {
+        assert_eq!(StreamSet::One.replicate(), vec!["events"]);
+        assert_eq!(StreamSet::Several.streams().len(), 4);
+        assert_eq!(StreamSet::All.replicate(), vec!["ALL"]);
+        assert_eq!(StreamSet::All.streams().len(), 16);
+    }
+}

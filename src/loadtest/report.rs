@@ -1,0 +1,468 @@
+//! The result of a run: what it counts, and how it is printed (text, or one JSON object).
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use super::hist::Histogram;
+use super::publisher::Published;
+use super::subscriber::ThreadResult;
+use super::{LoadtestOptions, Shared, MAX_ERRORS};
+use crate::proto::StreamId;
+
+/// Latency percentiles, nanoseconds.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Latency {
+    /// Lines measured.
+    pub samples: u64,
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest.
+    pub max: u64,
+    /// Mean.
+    pub mean: f64,
+}
+
+/// The result of a run.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Report {
+    /// `replhub` or `redis`.
+    pub target: String,
+    /// `epoll` or `uring` for replhub; `redis` otherwise.
+    pub backend: String,
+    /// `in-process`, `process` or `external`.
+    pub server: String,
+    /// Server core threads (replhub).
+    pub server_threads: usize,
+    /// Client threads.
+    pub client_threads: usize,
+    /// Subscribing connections.
+    pub subscribers: usize,
+    /// Idle connections.
+    pub idle: usize,
+    /// `one`, `several` or `ALL`.
+    pub streams: String,
+    /// Bytes per line (with `\n`), as asked.
+    pub message_size: usize,
+    /// Lines per second asked (0 = max).
+    pub rate: u64,
+    /// The window, lines.
+    pub window: u64,
+    /// Lines published.
+    pub published: u64,
+    /// Deliveries due: published × subscribers.
+    pub expected: u64,
+    /// Lines received in order.
+    pub delivered: u64,
+    /// Lines a subscriber never got (gaps, or missing at the end): must be 0.
+    pub lost: u64,
+    /// Lines received out of order or twice.
+    pub reordered: u64,
+    /// RDATA that were not the load test's (should be 0).
+    pub unexpected: u64,
+    /// Subscribers whose connection ended before the end.
+    pub disconnected: usize,
+    /// Seconds spent publishing.
+    pub publish_seconds: f64,
+    /// Seconds from the first line published to the last delivered.
+    pub elapsed_seconds: f64,
+    /// Lines published per second.
+    pub publish_rate: f64,
+    /// Deliveries per second.
+    pub deliveries_per_sec: f64,
+    /// Delivered line bytes per second / 10^6.
+    pub mb_per_sec: f64,
+    /// Publish → receive.
+    pub latency: Latency,
+    /// Server CPU seconds during the run (None if not measurable).
+    pub server_cpu_seconds: Option<f64>,
+    /// Server CPU per delivered line.
+    pub server_cpu_ns_per_delivery: Option<f64>,
+    /// Load generator CPU (`lt-*` threads) per delivered line.
+    pub loadgen_cpu_ns_per_delivery: f64,
+    /// Whose memory the RSS figures are.
+    pub rss_scope: String,
+    /// VmRSS once every connection was ready (before publishing).
+    pub rss_ready_bytes: Option<u64>,
+    /// VmRSS at the end of the run.
+    pub rss_end_bytes: Option<u64>,
+    /// VmHWM (peak) at the end of the run.
+    pub rss_peak_bytes: Option<u64>,
+    /// For Redis: the sum of PUBLISH receiver counts (should be `expected`).
+    pub publish_receivers: Option<u64>,
+    /// The first few errors and disconnect reasons.
+    pub errors: Vec<String>,
+}
+
+/// Adds up the client threads' accounting.
+pub(super) fn build_report(
+    opts: &LoadtestOptions,
+    results: &[ThreadResult],
+    published: &Published,
+    streams: &[StreamId],
+    done_ns: u64,
+    window: u64,
+) -> Report {
+    let mut hist = Histogram::new();
+    let mut r = Report {
+        client_threads: opts.client_threads.max(1),
+        subscribers: opts.subscribers,
+        idle: opts.idle,
+        streams: opts.streams.as_str().to_owned(),
+        message_size: opts.message_size,
+        rate: opts.rate,
+        window,
+        published: published.lines,
+        expected: published.lines * opts.subscribers as u64,
+        ..Report::default()
+    };
+    let mut bytes = 0u64;
+    for t in results {
+        hist.merge(&t.hist);
+        for s in &t.subs {
+            r.delivered += s.received;
+            bytes += s.bytes;
+            r.reordered += s.reordered;
+            r.unexpected += s.unexpected;
+            let tail: u64 = streams
+                .iter()
+                .map(|st| {
+                    let last = s.last[st.index()].max(0) as u64;
+                    published.tokens[st.index()].saturating_sub(last)
+                })
+                .sum();
+            r.lost += s.gaps + tail;
+            if let Some(why) = &s.ended {
+                r.disconnected += 1;
+                if r.errors.len() < MAX_ERRORS {
+                    r.errors.push(format!("subscriber {} disconnected: {why}", s.id));
+                }
+            }
+        }
+    }
+    r.publish_seconds = published.end_ns.saturating_sub(published.start_ns) as f64 / 1e9;
+    r.elapsed_seconds = done_ns.saturating_sub(published.start_ns) as f64 / 1e9;
+    if r.publish_seconds > 0.0 {
+        r.publish_rate = published.lines as f64 / r.publish_seconds;
+    }
+    if r.elapsed_seconds > 0.0 {
+        r.deliveries_per_sec = r.delivered as f64 / r.elapsed_seconds;
+        r.mb_per_sec = bytes as f64 / r.elapsed_seconds / 1e6;
+    }
+    r.latency = Latency {
+        samples: hist.len(),
+        p50: hist.quantile(0.5),
+        p99: hist.quantile(0.99),
+        p999: hist.quantile(0.999),
+        max: hist.max(),
+        mean: hist.mean(),
+    };
+    r
+}
+
+/// The once-a-second progress line on stderr.
+pub(super) struct Progress {
+    on: bool,
+    tty: bool,
+    start: Instant,
+    last: Mutex<(Instant, u64, u64)>,
+}
+
+impl Progress {
+    pub(super) fn new(on: bool) -> Self {
+        let now = Instant::now();
+        Self { on, tty: std::io::stderr().is_terminal(), start: now, last: Mutex::new((now, 0, 0)) }
+    }
+
+    pub(super) fn tick(&self, shared: &Shared) {
+        if !self.on {
+            return;
+        }
+        let (published, delivered) = (shared.published.load(Ordering::Relaxed), shared.total_received());
+        let Ok(mut last) = self.last.lock() else { return };
+        let dt = last.0.elapsed().as_secs_f64().max(1e-9);
+        let pub_rate = (published - last.1) as f64 / dt;
+        let del_rate = (delivered.saturating_sub(last.2)) as f64 / dt;
+        *last = (Instant::now(), published, delivered);
+        let line = format!(
+            "loadtest {:5.1}s  published {} ({}/s)  delivered {} ({}/s)  subscribers alive {}",
+            self.start.elapsed().as_secs_f64(),
+            si(published as f64),
+            si(pub_rate),
+            si(delivered as f64),
+            si(del_rate),
+            shared.alive(),
+        );
+        if self.tty {
+            eprint!("\r{line}\x1b[K");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    pub(super) fn finish(&self) {
+        if self.on && self.tty {
+            eprintln!();
+        }
+    }
+}
+
+/// 1234567 → "1.23M".
+fn si(v: f64) -> String {
+    if v >= 1e9 {
+        format!("{:.2}G", v / 1e9)
+    } else if v >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1}k", v / 1e3)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// Nanoseconds as µs or ms.
+fn dur(ns: u64) -> String {
+    if ns >= 10_000_000 {
+        format!("{:.1} ms", ns as f64 / 1e6)
+    } else if ns >= 1_000_000 {
+        format!("{:.2} ms", ns as f64 / 1e6)
+    } else {
+        format!("{:.0} µs", ns as f64 / 1e3)
+    }
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
+impl Report {
+    /// Whether every line reached every subscriber, in order, with no disconnect and no error.
+    pub fn is_clean(&self) -> bool {
+        self.lost == 0
+            && self.reordered == 0
+            && self.disconnected == 0
+            && self.delivered == self.expected
+            && self.errors.is_empty()
+    }
+
+    /// The human-readable report.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let rate = if self.rate == 0 { "max".to_owned() } else { format!("{}/s", si(self.rate as f64)) };
+        let _ = writeln!(
+            s,
+            "{} ({}, {}{}): {} subscribers{}, streams {}, {}-byte lines, rate {}, window {} lines",
+            self.target,
+            self.backend,
+            self.server,
+            if self.server_threads > 0 {
+                format!(", {} core threads", self.server_threads)
+            } else {
+                String::new()
+            },
+            self.subscribers,
+            if self.idle > 0 { format!(" + {} idle", self.idle) } else { String::new() },
+            self.streams,
+            self.message_size,
+            rate,
+            self.window,
+        );
+        let _ = writeln!(
+            s,
+            "  published    {} lines in {:.2} s ({}/s)",
+            self.published,
+            self.publish_seconds,
+            si(self.publish_rate)
+        );
+        let _ = writeln!(
+            s,
+            "  delivered    {} of {} expected; lost {}, reordered {}, unexpected {}, disconnected {}",
+            self.delivered, self.expected, self.lost, self.reordered, self.unexpected, self.disconnected
+        );
+        let _ = writeln!(
+            s,
+            "  throughput   {} deliveries/s, {:.1} MB/s (over {:.2} s)",
+            si(self.deliveries_per_sec),
+            self.mb_per_sec,
+            self.elapsed_seconds
+        );
+        let l = &self.latency;
+        let _ = writeln!(
+            s,
+            "  latency      p50 {}  p99 {}  p99.9 {}  max {}  ({} samples)",
+            dur(l.p50),
+            dur(l.p99),
+            dur(l.p999),
+            dur(l.max),
+            l.samples
+        );
+        match (self.server_cpu_seconds, self.server_cpu_ns_per_delivery) {
+            (Some(sec), Some(ns)) => {
+                let _ = writeln!(
+                    s,
+                    "  CPU          server {sec:.2} s = {ns:.1} ns per delivered line; load generator {:.1} ns/line",
+                    self.loadgen_cpu_ns_per_delivery
+                );
+            }
+            _ => {
+                let _ = writeln!(
+                    s,
+                    "  CPU          server not measured; load generator {:.1} ns/line",
+                    self.loadgen_cpu_ns_per_delivery
+                );
+            }
+        }
+        if let (Some(ready), Some(end), Some(peak)) =
+            (self.rss_ready_bytes, self.rss_end_bytes, self.rss_peak_bytes)
+        {
+            let _ = writeln!(
+                s,
+                "  memory       VmRSS {} when connected, {} max during the run, peak {} ({})",
+                mib(ready),
+                mib(end),
+                mib(peak),
+                self.rss_scope
+            );
+        }
+        if let Some(n) = self.publish_receivers {
+            let _ = writeln!(s, "  redis        PUBLISH reported {n} receivers in all");
+        }
+        for e in &self.errors {
+            let _ = writeln!(s, "  error        {e}");
+        }
+        s
+    }
+
+    /// The report as one JSON object.
+    pub fn to_json(&self) -> String {
+        let mut j = Json::default();
+        j.str("target", &self.target);
+        j.str("backend", &self.backend);
+        j.str("server", &self.server);
+        j.num("server_threads", self.server_threads as f64);
+        j.num("client_threads", self.client_threads as f64);
+        j.num("subscribers", self.subscribers as f64);
+        j.num("idle", self.idle as f64);
+        j.str("streams", &self.streams);
+        j.num("message_size", self.message_size as f64);
+        j.num("rate", self.rate as f64);
+        j.num("window", self.window as f64);
+        j.num("published", self.published as f64);
+        j.num("expected", self.expected as f64);
+        j.num("delivered", self.delivered as f64);
+        j.num("lost", self.lost as f64);
+        j.num("reordered", self.reordered as f64);
+        j.num("unexpected", self.unexpected as f64);
+        j.num("disconnected", self.disconnected as f64);
+        j.num("publish_seconds", self.publish_seconds);
+        j.num("elapsed_seconds", self.elapsed_seconds);
+        j.num("publish_rate", self.publish_rate);
+        j.num("deliveries_per_sec", self.deliveries_per_sec);
+        j.num("mb_per_sec", self.mb_per_sec);
+        j.raw(
+            "latency_ns",
+            &format!(
+                "{{\"samples\":{},\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{},\"mean\":{:.1}}}",
+                self.latency.samples,
+                self.latency.p50,
+                self.latency.p99,
+                self.latency.p999,
+                self.latency.max,
+                self.latency.mean
+            ),
+        );
+        j.opt("server_cpu_seconds", self.server_cpu_seconds);
+        j.opt("server_cpu_ns_per_delivery", self.server_cpu_ns_per_delivery);
+        j.num("loadgen_cpu_ns_per_delivery", self.loadgen_cpu_ns_per_delivery);
+        j.str("rss_scope", &self.rss_scope);
+        j.opt("rss_ready_bytes", self.rss_ready_bytes.map(|v| v as f64));
+        j.opt("rss_end_bytes", self.rss_end_bytes.map(|v| v as f64));
+        j.opt("rss_peak_bytes", self.rss_peak_bytes.map(|v| v as f64));
+        j.opt("publish_receivers", self.publish_receivers.map(|v| v as f64));
+        let errs: Vec<String> = self.errors.iter().map(|e| json_str(e)).collect();
+        j.raw("errors", &format!("[{}]", errs.join(",")));
+        j.finish()
+    }
+}
+
+/// A flat JSON object writer (the report has no nesting beyond two literal objects).
+#[derive(Default)]
+struct Json(String);
+
+impl Json {
+    fn key(&mut self, k: &str) {
+        self.0.push(if self.0.is_empty() { '{' } else { ',' });
+        self.0.push_str(&json_str(k));
+        self.0.push(':');
+    }
+    fn str(&mut self, k: &str, v: &str) {
+        self.key(k);
+        self.0.push_str(&json_str(v));
+    }
+    fn num(&mut self, k: &str, v: f64) {
+        self.key(k);
+        if v.is_finite() {
+            if v.fract() == 0.0 && v.abs() < 9e15 {
+                let _ = write!(self.0, "{}", v as i64);
+            } else {
+                let _ = write!(self.0, "{v:.3}");
+            }
+        } else {
+            self.0.push_str("null");
+        }
+    }
+    fn opt(&mut self, k: &str, v: Option<f64>) {
+        match v {
+            Some(v) => self.num(k, v),
+            None => self.raw(k, "null"),
+        }
+    }
+    fn raw(&mut self, k: &str, v: &str) {
+        self.key(k);
+        self.0.push_str(v);
+    }
+    fn finish(mut self) -> String {
+        if self.0.is_empty() {
+            self.0.push('{');
+        }
+        self.0.push('}');
+        self.0
+    }
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_is_valid() {
+        let r = Report { target: "replhub".into(), errors: vec!["a \"b\"\n".into()], ..Report::default() };
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).expect("valid JSON");
+        assert_eq!(v["target"], "replhub");
+        assert_eq!(v["errors"][0], "a \"b\"\n");
+        assert!(v["server_cpu_ns_per_delivery"].is_null());
+        assert_eq!(v["latency_ns"]["p99"], 0);
+    }
+}

@@ -1,0 +1,183 @@
+//! Just enough RESP (the Redis protocol) for the pub/sub side of the load test: commands are
+//! written as arrays of bulk strings; replies are parsed in place from the read buffer without
+//! copying (a message's payload is a slice of that buffer).
+
+/// A parsed reply (borrowing the read buffer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// `message <channel> <payload>` (pub/sub delivery).
+    Message {
+        /// The channel.
+        channel: &'a [u8],
+        /// The payload.
+        payload: &'a [u8],
+    },
+    /// `subscribe <channel> <count>` (SUBSCRIBE confirmation).
+    Subscribed {
+        /// The channel.
+        channel: &'a [u8],
+    },
+    /// An integer reply (PUBLISH: the number of receivers).
+    Int(i64),
+    /// Anything else that parsed (simple strings, other arrays).
+    Other,
+}
+
+/// The server said something we cannot parse, or sent an error reply.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RespError {
+    /// An `-ERR ...` reply.
+    #[error("redis error: {0}")]
+    Server(String),
+    /// Bytes that are not RESP.
+    #[error("bad RESP: {0}")]
+    Bad(&'static str),
+}
+
+/// Appends a command (an array of bulk strings).
+pub fn write_command(out: &mut Vec<u8>, args: &[&[u8]]) {
+    let mut itoa = itoa::Buffer::new();
+    out.push(b'*');
+    out.extend_from_slice(itoa.format(args.len()).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for a in args {
+        write_bulk_header(out, a.len());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Appends `*3 $7 PUBLISH $n <channel>` and the header of a bulk string of `payload_len`
+/// bytes: the caller appends the payload, then `\r\n`.
+pub fn write_publish_head(out: &mut Vec<u8>, channel: &[u8], payload_len: usize) {
+    out.extend_from_slice(b"*3\r\n$7\r\nPUBLISH\r\n");
+    write_bulk_header(out, channel.len());
+    out.extend_from_slice(channel);
+    out.extend_from_slice(b"\r\n");
+    write_bulk_header(out, payload_len);
+}
+
+fn write_bulk_header(out: &mut Vec<u8>, len: usize) {
+    let mut itoa = itoa::Buffer::new();
+    out.push(b'$');
+    out.extend_from_slice(itoa.format(len).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// One element of an array reply.
+#[derive(Clone, Copy)]
+enum Elem<'a> {
+    Bulk(&'a [u8]),
+    Int(i64),
+    Nil,
+}
+
+/// The line starting at `at` (without `\r\n`) and the offset after it; `None` if incomplete.
+#[inline]
+fn line(buf: &[u8], at: usize) -> Result<Option<(&[u8], usize)>, RespError> {
+    let Some(rel) = memchr::memchr(b'\n', buf.get(at..).unwrap_or(&[])) else {
+        return Ok(None);
+    };
+    let nl = at + rel;
+    if nl == at || buf[nl - 1] != b'\r' {
+        return Err(RespError::Bad("line without CRLF"));
+    }
+    Ok(Some((&buf[at..nl - 1], nl + 1)))
+}
+
+#[inline]
+fn int(s: &[u8]) -> Result<i64, RespError> {
+    crate::proto::number::parse_i64(s).map_err(|_| RespError::Bad("bad integer"))
+}
+
+/// One element (bulk string or integer) at `at`.
+#[inline]
+fn elem(buf: &[u8], at: usize) -> Result<Option<(Elem<'_>, usize)>, RespError> {
+    let Some(&kind) = buf.get(at) else { return Ok(None) };
+    let Some((head, next)) = line(buf, at + 1)? else { return Ok(None) };
+    match kind {
+        b'$' => {
+            let len = int(head)?;
+            if len < 0 {
+                return Ok(Some((Elem::Nil, next)));
+            }
+            let end = next + len as usize;
+            if buf.len() < end + 2 {
+                return Ok(None);
+            }
+            if &buf[end..end + 2] != b"\r\n" {
+                return Err(RespError::Bad("bulk string without CRLF"));
+            }
+            Ok(Some((Elem::Bulk(&buf[next..end]), end + 2)))
+        }
+        b':' => Ok(Some((Elem::Int(int(head)?), next))),
+        b'+' => Ok(Some((Elem::Nil, next))),
+        b'-' => Err(RespError::Server(String::from_utf8_lossy(head).into_owned())),
+        _ => Err(RespError::Bad("unexpected element type")),
+    }
+}
+
+/// The first complete reply in `buf` and its length; `Ok(None)` if more bytes are needed.
+pub fn parse(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, RespError> {
+    let Some(&kind) = buf.first() else { return Ok(None) };
+    if kind != b'*' {
+        return Ok(elem(buf, 0)?.map(|(e, n)| {
+            let f = match e {
+                Elem::Int(i) => Frame::Int(i),
+                _ => Frame::Other,
+            };
+            (f, n)
+        }));
+    }
+    let Some((head, mut at)) = line(buf, 1)? else { return Ok(None) };
+    let n = int(head)?;
+    let mut first = [Elem::Nil; 3];
+    for i in 0..n.max(0) as usize {
+        let Some((e, next)) = elem(buf, at)? else { return Ok(None) };
+        if let Some(slot) = first.get_mut(i) {
+            *slot = e;
+        }
+        at = next;
+    }
+    let frame = match (n, first) {
+        (3, [Elem::Bulk(b"message"), Elem::Bulk(channel), Elem::Bulk(payload)]) => {
+            Frame::Message { channel, payload }
+        }
+        (3, [Elem::Bulk(b"subscribe"), Elem::Bulk(channel), _]) => Frame::Subscribed { channel },
+        _ => Frame::Other,
+    };
+    Ok(Some((frame, at)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_and_replies() {
+        let mut out = Vec::new();
+        write_command(&mut out, &[b"SUBSCRIBE", b"events"]);
+        assert_eq!(out, b"*2\r\n$9\r\nSUBSCRIBE\r\n$6\r\nevents\r\n");
+        out.clear();
+        write_publish_head(&mut out, b"events", 3);
+        out.extend_from_slice(b"abc\r\n");
+        assert_eq!(out, b"*3\r\n$7\r\nPUBLISH\r\n$6\r\nevents\r\n$3\r\nabc\r\n");
+
+        let wire = b"*3\r\n$9\r\nsubscribe\r\n$6\r\nevents\r\n:1\r\n*3\r\n$7\r\nmessage\r\n$6\r\nevents\r\n$5\r\nhe\r\no\r\n:42\r\n";
+        let (f, n) = parse(wire).unwrap().unwrap();
+        assert_eq!(f, Frame::Subscribed { channel: b"events" });
+        let (f, m) = parse(&wire[n..]).unwrap().unwrap();
+        assert_eq!(f, Frame::Message { channel: b"events", payload: b"he\r\no" });
+        let (f, k) = parse(&wire[n + m..]).unwrap().unwrap();
+        assert_eq!((f, n + m + k), (Frame::Int(42), wire.len()));
+        // Every strict prefix is incomplete, never an error.
+        for cut in 0..n + m {
+            let mut at = 0;
+            while let Some((_, used)) = parse(&wire[at..cut]).unwrap() {
+                at += used;
+            }
+        }
+        assert_eq!(parse(b"-ERR no\r\n"), Err(RespError::Server("ERR no".into())));
+        assert!(parse(b"*1\n").is_err());
+    }
+}

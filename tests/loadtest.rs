@@ -1,0 +1,151 @@
+//! `replhub loadtest` end to end, kept small (a few seconds): every line reaches every
+//! subscriber, in order, and the report adds up. The Redis mode runs against a real
+//! `redis-server` when one is installed (the test says so and passes when it is not).
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use replhub::config::IoBackend;
+use replhub::loadtest::{self, Limit, LoadtestOptions, Report, ServerMode, StreamSet, Target};
+
+fn options(
+    target: Target,
+    subscribers: usize,
+    rate: u64,
+    seconds: f64,
+    streams: StreamSet,
+) -> LoadtestOptions {
+    LoadtestOptions {
+        target,
+        subscribers,
+        rate,
+        limit: Limit::Seconds(seconds),
+        streams,
+        client_threads: 2,
+        ..LoadtestOptions::default()
+    }
+}
+
+fn replhub(server: ServerMode, io: IoBackend) -> Target {
+    Target::Replhub { server, io, threads: 2 }
+}
+
+/// What every clean run satisfies.
+fn assert_clean(r: &Report, subscribers: usize, rate: u64, seconds: f64) {
+    let text = r.to_text();
+    assert_eq!(r.lost, 0, "{text}");
+    assert_eq!((r.reordered, r.unexpected, r.disconnected), (0, 0, 0), "{text}");
+    assert!(r.errors.is_empty(), "{text}");
+    assert_eq!(r.expected, r.published * subscribers as u64, "{text}");
+    assert_eq!(r.delivered, r.expected, "{text}");
+    assert!(r.is_clean(), "{text}");
+    // Paced: never ahead of rate × seconds. The window holds the publisher back when the
+    // subscribers fall behind, which an unoptimized build on a busy machine does, so the lower
+    // bound is only checked in optimized builds.
+    let want = rate as f64 * seconds;
+    assert!(r.published > 0 && (r.published as f64) < want * 1.02 + 10.0, "{text}");
+    if !cfg!(debug_assertions) {
+        assert!(r.published as f64 > want * 0.5, "{text}");
+    }
+    let l = &r.latency;
+    assert_eq!(l.samples, r.delivered, "{text}");
+    assert!(0 < l.p50 && l.p50 <= l.p99 && l.p99 <= l.p999 && l.p999 <= l.max, "{text}");
+    assert!(r.deliveries_per_sec > 0.0 && r.mb_per_sec > 0.0, "{text}");
+    assert!(r.elapsed_seconds >= r.publish_seconds, "{text}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn twenty_subscribers_get_every_line_in_order() {
+    let opts = options(replhub(ServerMode::InProcess, IoBackend::Epoll), 20, 20_000, 2.0, StreamSet::One);
+    let r = loadtest::run(opts).await.expect("load test runs");
+    assert_clean(&r, 20, 20_000, 2.0);
+    assert_eq!(
+        (r.target.as_str(), r.backend.as_str(), r.server.as_str()),
+        ("replhub", "epoll", "in-process")
+    );
+    // The hub's threads did the fan-out, so their CPU time is there.
+    assert!(r.server_cpu_ns_per_delivery.is_some_and(|ns| ns > 0.0), "{}", r.to_text());
+    assert!(r.rss_ready_bytes.is_some_and(|b| b > 0));
+    let json: serde_json::Value = serde_json::from_str(&r.to_json()).expect("JSON report");
+    assert_eq!(json["lost"], 0);
+    assert_eq!(json["delivered"].as_u64(), Some(r.delivered));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn all_streams_through_the_default_backend() {
+    // REPLICATE ALL, lines round-robin over the 16 streams; io auto (io_uring where it works).
+    let opts = options(replhub(ServerMode::InProcess, IoBackend::Auto), 10, 8_000, 1.0, StreamSet::All);
+    let r = loadtest::run(opts).await.expect("load test runs");
+    assert_clean(&r, 10, 8_000, 1.0);
+    // Four REPLICATE lines, max rate for a fixed number of lines.
+    let mut opts = options(replhub(ServerMode::InProcess, IoBackend::Auto), 10, 0, 1.0, StreamSet::Several);
+    opts.limit = Limit::Messages(20_000);
+    let r = loadtest::run(opts).await.expect("load test runs");
+    assert_eq!((r.published, r.delivered, r.lost), (20_000, 200_000, 0), "{}", r.to_text());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_hub_as_its_own_process() {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_replhub"));
+    let opts = options(replhub(ServerMode::Process(exe), IoBackend::Epoll), 5, 5_000, 1.0, StreamSet::One);
+    let r = loadtest::run(opts).await.expect("load test runs");
+    assert_clean(&r, 5, 5_000, 1.0);
+    assert_eq!((r.server.as_str(), r.backend.as_str()), ("process", "epoll"));
+    assert_eq!(r.rss_scope, "hub process");
+    assert!(r.rss_end_bytes.is_some_and(|b| b > 1 << 20), "{}", r.to_text());
+}
+
+/// `redis-server` from PATH.
+fn find_redis() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join("redis-server")).find(|p| p.is_file())
+}
+
+/// A redis-server on a free loopback port, killed when dropped.
+struct Redis {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_redis(exe: &PathBuf) -> Redis {
+    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+    let child = Command::new(exe)
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+        .args(["--client-output-buffer-limit", "pubsub 0 0 0", "--daemonize", "no", "--logfile", ""])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server starts");
+    let redis = Redis { child, addr: SocketAddr::from(([127, 0, 0, 1], port)) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(redis.addr).is_err() {
+        assert!(Instant::now() < deadline, "redis-server does not listen on {}", redis.addr);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    redis
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_same_load_against_redis() {
+    let Some(exe) = find_redis() else {
+        eprintln!("skipped: redis-server is not installed (apt-get install redis-server to run this test)");
+        return;
+    };
+    let redis = start_redis(&exe);
+    let target = Target::Redis { addr: redis.addr, pid: Some(redis.child.id()) };
+    let r =
+        loadtest::run(options(target, 10, 10_000, 1.0, StreamSet::Several)).await.expect("load test runs");
+    assert_clean(&r, 10, 10_000, 1.0);
+    assert_eq!(r.target, "redis");
+    // PUBLISH said how many subscribers got each message: all of them, every time.
+    assert_eq!(r.publish_receivers, Some(r.expected), "{}", r.to_text());
+    assert!(r.server_cpu_ns_per_delivery.is_some_and(|ns| ns > 0.0), "{}", r.to_text());
+}
