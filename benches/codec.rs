@@ -20,8 +20,7 @@ const READ_SIZE: usize = 64 << 10;
 
 /// The sample stream's lines, or a generated stand-in if `shared/` is not there.
 fn sample_lines() -> Vec<String> {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors/stream-sample.txt");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors/stream-sample.txt");
     match std::fs::read_to_string(&path) {
         Ok(text) => text.lines().map(str::to_owned).collect(),
         Err(e) => {
@@ -54,10 +53,7 @@ fn stream() -> Vec<u8> {
                 let extra = match n % 3 {
                     0 => format!("PING {}", 1_583_254_800_000 + n),
                     1 => format!("POSITION events {n}"),
-                    _ => format!(
-                        "USER_SYNC @user{n}:example.com start {}",
-                        1_583_254_800_000 + n
-                    ),
+                    _ => format!("USER_SYNC @user{n}:example.com start {}", 1_583_254_800_000 + n),
                 };
                 out.extend_from_slice(extra.as_bytes());
                 out.push(b'\n');
@@ -127,17 +123,11 @@ fn naive_full_parse(input: &[u8]) -> u64 {
             acc += match word {
                 "RDATA" => {
                     let mut it = rest.splitn(3, ' ');
-                    let (Some(stream), Some(token), Some(row)) = (it.next(), it.next(), it.next())
-                    else {
+                    let (Some(stream), Some(token), Some(row)) = (it.next(), it.next(), it.next()) else {
                         continue;
                     };
-                    let token: Option<i64> = if token == "batch" {
-                        None
-                    } else {
-                        token.parse().ok()
-                    };
-                    let row: serde_json::Value =
-                        serde_json::from_str(row).unwrap_or(serde_json::Value::Null);
+                    let token: Option<i64> = if token == "batch" { None } else { token.parse().ok() };
+                    let row: serde_json::Value = serde_json::from_str(row).unwrap_or(serde_json::Value::Null);
                     stream.len() as u64 + token.unwrap_or(0) as u64 + u64::from(row.is_array())
                 }
                 "POSITION" => {
@@ -169,10 +159,9 @@ fn bench_split(c: &mut Criterion) {
     g.bench_function("LineSplitter next_chunk + memchr + CommandWord", |b| {
         b.iter(|| split_chunks_and_word(black_box(&input)))
     });
-    g.bench_function(
-        "naive baseline: Vec per line + full parse (serde_json)",
-        |b| b.iter(|| naive_full_parse(black_box(&input))),
-    );
+    g.bench_function("naive baseline: Vec per line + full parse (serde_json)", |b| {
+        b.iter(|| naive_full_parse(black_box(&input)))
+    });
     g.finish();
 }
 
@@ -182,24 +171,13 @@ fn bench_encode(c: &mut Criterion) {
         .iter()
         .filter_map(|l| l.strip_prefix("RDATA "))
         .filter_map(|args| parse_rdata(args.as_bytes()).ok())
-        .map(|r| {
-            (
-                r.stream.to_owned(),
-                r.token,
-                String::from_utf8_lossy(r.row).into_owned(),
-            )
-        })
+        .map(|r| (r.stream.to_owned(), r.token, String::from_utf8_lossy(r.row).into_owned()))
         .collect();
     assert!(!rows.is_empty(), "no RDATA lines in the sample");
     let mut out = BytesMut::new();
     for (stream, token, row) in &rows {
-        let cmd = Command::Rdata {
-            stream,
-            token: *token,
-            row: row.as_bytes(),
-        };
-        cmd.encode_into(&mut out)
-            .expect("sample rows are encodable");
+        let cmd = Command::Rdata { stream, token: *token, row: row.as_bytes() };
+        cmd.encode_into(&mut out).expect("sample rows are encodable");
     }
     let total = out.len();
     let mut g = c.benchmark_group("rdata encode");
@@ -208,11 +186,7 @@ fn bench_encode(c: &mut Criterion) {
         b.iter(|| {
             out.clear();
             for (stream, token, row) in &rows {
-                let cmd = Command::Rdata {
-                    stream,
-                    token: *token,
-                    row: row.as_bytes(),
-                };
+                let cmd = Command::Rdata { stream, token: *token, row: row.as_bytes() };
                 let _ = black_box(cmd.encode_into(&mut out));
             }
             out.len()

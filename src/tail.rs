@@ -55,8 +55,7 @@ pub async fn run(opts: TailOptions) -> anyhow::Result<()> {
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<io::Error>()
-        .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    e.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
 }
 
 /// [`run`] writing to `out`.
@@ -69,11 +68,7 @@ pub async fn run_to<W: Write>(opts: &TailOptions, out: &mut W) -> anyhow::Result
     let mut client = Client::connect(opts.connect.as_str(), options)
         .await
         .with_context(|| format!("cannot connect to {}", opts.connect))?;
-    let mut printer = Printer {
-        decoder: opts.decode.then(RowDecoder::default),
-        rdata: 0,
-        count: opts.count,
-    };
+    let mut printer = Printer { decoder: opts.decode.then(RowDecoder::default), rdata: 0, count: opts.count };
     loop {
         // Everything one read brought, then one flush.
         loop {
@@ -143,14 +138,7 @@ impl Printer {
 
 /// Row field names per stream (PROTOCOL.md §6), for rows that are flat arrays.
 fn flat_fields(stream: StreamId, len: usize) -> Option<&'static [&'static str]> {
-    const EV: &[&str] = &[
-        "event_id",
-        "room_id",
-        "type",
-        "state_key",
-        "redacts",
-        "relates_to",
-    ];
+    const EV: &[&str] = &["event_id", "room_id", "type", "state_key", "redacts", "relates_to"];
     let fields: &'static [&'static str] = match stream {
         StreamId::Events | StreamId::Federation => return None,
         StreamId::Backfill => EV,
@@ -290,8 +278,8 @@ fn write_row<V: JsonView>(stream: Option<StreamId>, row: &V, out: &mut Vec<u8>) 
                 [kind, data] => kind.string().zip(data.items()),
                 _ => None,
             };
-            let named = kind_and_data
-                .and_then(|(kind, data)| Some((kind, data, event_fields(kind, data.len())?)));
+            let named =
+                kind_and_data.and_then(|(kind, data)| Some((kind, data, event_fields(kind, data.len())?)));
             let Some((kind, data, names)) = named else {
                 row.write_to(out);
                 return;
@@ -346,8 +334,7 @@ mod tests {
     fn decode(stream: &str, token: Token, row: &str) -> serde_json::Value {
         let mut d = RowDecoder::default();
         let text = d.decode(stream, token, row.as_bytes()).to_vec();
-        serde_json::from_slice(&text)
-            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&text)))
+        serde_json::from_slice(&text).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&text)))
     }
 
     fn row_of(stream: &str, row: &str) -> serde_json::Value {
@@ -362,60 +349,25 @@ mod tests {
 
     #[test]
     fn envelope() {
-        let v = decode(
-            "events",
-            Token::Value(5322),
-            r#"["state", ["!r:hs", "m.room.name", "", null]]"#,
-        );
+        let v = decode("events", Token::Value(5322), r#"["state", ["!r:hs", "m.room.name", "", null]]"#);
         assert_eq!(v["token"], 5322);
-        let v = decode(
-            "events",
-            Token::Batch,
-            r#"["state", ["!r:hs", "m.room.name", "", null]]"#,
-        );
+        let v = decode("events", Token::Batch, r#"["state", ["!r:hs", "m.room.name", "", null]]"#);
         assert_eq!(v["token"], "batch");
         assert_eq!(keys(&v), ["stream", "token", "row"]);
     }
 
     #[test]
     fn events_rows() {
-        let r = row_of(
-            "events",
-            r#"["ev", ["$e1:hs", "!r:hs", "m.room.name", "", null, null]]"#,
-        );
+        let r = row_of("events", r#"["ev", ["$e1:hs", "!r:hs", "m.room.name", "", null, null]]"#);
+        assert_eq!(keys(&r), ["kind", "event_id", "room_id", "type", "state_key", "redacts", "relates_to"]);
         assert_eq!(
-            keys(&r),
-            [
-                "kind",
-                "event_id",
-                "room_id",
-                "type",
-                "state_key",
-                "redacts",
-                "relates_to"
-            ]
-        );
-        assert_eq!(
-            (
-                r["kind"].as_str(),
-                r["event_id"].as_str(),
-                r["state_key"].as_str()
-            ),
+            (r["kind"].as_str(), r["event_id"].as_str(), r["state_key"].as_str()),
             (Some("ev"), Some("$e1:hs"), Some(""))
         );
         assert!(r["redacts"].is_null());
-        let r = row_of(
-            "events",
-            r#"["state", ["!r:hs", "m.room.name", "", "$e1:hs"]]"#,
-        );
-        assert_eq!(
-            keys(&r),
-            ["kind", "room_id", "type", "state_key", "event_id"]
-        );
-        let r = row_of(
-            "events",
-            r#"["ev", ["$e", "!r", "t", null, null, null, "join", false, true]]"#,
-        );
+        let r = row_of("events", r#"["state", ["!r:hs", "m.room.name", "", "$e1:hs"]]"#);
+        assert_eq!(keys(&r), ["kind", "room_id", "type", "state_key", "event_id"]);
+        let r = row_of("events", r#"["ev", ["$e", "!r", "t", null, null, null, "join", false, true]]"#);
         assert_eq!(r["outlier"], true);
         assert_eq!(r["membership"], "join");
         // Wrong shape: the raw array.
@@ -431,14 +383,7 @@ mod tests {
             (
                 "backfill",
                 r#"["$e", "!r", "m.room.message", null, null, null]"#,
-                &[
-                    "event_id",
-                    "room_id",
-                    "type",
-                    "state_key",
-                    "redacts",
-                    "relates_to",
-                ],
+                &["event_id", "room_id", "type", "state_key", "redacts", "relates_to"],
             ),
             (
                 "presence",
@@ -460,11 +405,7 @@ mod tests {
                 &["room_id", "receipt_type", "user_id", "event_id", "data"],
             ),
             ("push_rules", r#"["@a:hs"]"#, &["user_id"]),
-            (
-                "pushers",
-                r#"["@a:hs", "m.http", "k", false]"#,
-                &["user_id", "app_id", "pushkey", "deleted"],
-            ),
+            ("pushers", r#"["@a:hs", "m.http", "k", false]"#, &["user_id", "app_id", "pushkey", "deleted"]),
             (
                 "caches",
                 r#"["get_user_by_id", ["@a:hs"], 1583254801000]"#,
@@ -476,22 +417,14 @@ mod tests {
                 &["room_id", "visibility", "appservice_id", "network_id"],
             ),
             ("device_lists", r#"["@a:hs"]"#, &["entity"]),
-            (
-                "device_lists",
-                r#"["@a:hs", "remote.org"]"#,
-                &["user_id", "destination"],
-            ),
+            ("device_lists", r#"["@a:hs", "remote.org"]"#, &["user_id", "destination"]),
             ("to_device", r#"["remote.org"]"#, &["entity"]),
             (
                 "tag_account_data",
                 r#"["@a:hs", "!r", "{\"m.favourite\": {}}"]"#,
                 &["user_id", "room_id", "data"],
             ),
-            (
-                "account_data",
-                r#"["@a:hs", null, "m.direct"]"#,
-                &["user_id", "room_id", "data_type"],
-            ),
+            ("account_data", r#"["@a:hs", null, "m.direct"]"#, &["user_id", "room_id", "data_type"]),
             (
                 "groups",
                 r#"["+g:hs", "@a:hs", "membership", {"membership": "join"}]"#,
@@ -531,25 +464,12 @@ mod tests {
         // simd-json refuses NaN and huge integers; replhub's parser takes them.
         let mut d = RowDecoder::default();
         let text = String::from_utf8(
-            d.decode(
-                "caches",
-                Token::Value(1),
-                b"[\"f\", [123456789012345678901234567890], 5]",
-            )
-            .to_vec(),
+            d.decode("caches", Token::Value(1), b"[\"f\", [123456789012345678901234567890], 5]").to_vec(),
         )
         .unwrap();
-        assert!(
-            text.contains("\"keys\":[123456789012345678901234567890]"),
-            "{text}"
-        );
+        assert!(text.contains("\"keys\":[123456789012345678901234567890]"), "{text}");
         let text = String::from_utf8(
-            d.decode(
-                "presence",
-                Token::Value(1),
-                b"[\"@a\", \"online\", NaN, 1, 1, null, true]",
-            )
-            .to_vec(),
+            d.decode("presence", Token::Value(1), b"[\"@a\", \"online\", NaN, 1, 1, null, true]").to_vec(),
         )
         .unwrap();
         assert!(text.contains("\"last_active_ts\":NaN"), "{text}");
@@ -560,17 +480,11 @@ mod tests {
 
     #[test]
     fn every_sample_row_decodes_to_named_fields() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../shared/vectors/stream-sample.txt"
-        );
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/stream-sample.txt");
         let data = std::fs::read(path).expect("shared/vectors/stream-sample.txt beside the repo");
         let mut d = RowDecoder::default();
         let mut n = 0;
-        for line in data
-            .split(|&b| b == b'\n')
-            .filter(|l| l.starts_with(b"RDATA "))
-        {
+        for line in data.split(|&b| b == b'\n').filter(|l| l.starts_with(b"RDATA ")) {
             let r = parse_rdata(&line[6..]).unwrap();
             let text = d.decode(r.stream, r.token, r.row).to_vec();
             let v: serde_json::Value = serde_json::from_slice(&text).unwrap();

@@ -14,10 +14,7 @@ use tokio::net::TcpListener;
 const GUARD: Duration = Duration::from_secs(20);
 
 fn sample() -> Vec<u8> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/vectors/stream-sample.txt"
-    );
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/stream-sample.txt");
     std::fs::read(path).expect("shared/vectors/stream-sample.txt beside the repo")
 }
 
@@ -31,10 +28,7 @@ impl Master {
     async fn accept(listener: &TcpListener) -> Self {
         let (sock, _) = listener.accept().await.unwrap();
         let (rd, wr) = sock.into_split();
-        Self {
-            rd: BufReader::new(rd),
-            wr,
-        }
+        Self { rd: BufReader::new(rd), wr }
     }
 
     async fn write(&mut self, bytes: &[u8]) {
@@ -44,10 +38,7 @@ impl Master {
     /// The next line the client sent (with its `\n`), or `None` at EOF.
     async fn line(&mut self) -> Option<String> {
         let mut s = String::new();
-        let n = tokio::time::timeout(GUARD, self.rd.read_line(&mut s))
-            .await
-            .expect("guard")
-            .unwrap();
+        let n = tokio::time::timeout(GUARD, self.rd.read_line(&mut s)).await.expect("guard").unwrap();
         (n > 0).then_some(s)
     }
 
@@ -68,16 +59,11 @@ async fn listener() -> (TcpListener, String) {
 }
 
 fn options(name: &str) -> ClientOptions {
-    ClientOptions {
-        name: name.into(),
-        ..ClientOptions::default()
-    }
+    ClientOptions { name: name.into(), ..ClientOptions::default() }
 }
 
 async fn next(client: &mut Client) -> Result<Option<Event>, ClientError> {
-    tokio::time::timeout(GUARD, client.next())
-        .await
-        .expect("guard")
+    tokio::time::timeout(GUARD, client.next()).await.expect("guard")
 }
 
 #[tokio::test]
@@ -101,26 +87,15 @@ async fn handshake_events_and_byte_identical_rows() {
     assert_eq!(master.line().await.unwrap(), "REPLICATE ALL\n");
 
     master.write(&head).await;
-    assert_eq!(
-        next(&mut client).await.unwrap(),
-        Some(Event::Server("example.com".into()))
-    );
+    assert_eq!(next(&mut client).await.unwrap(), Some(Event::Server("example.com".into())));
     assert_eq!(client.server_name(), Some("example.com"));
-    assert!(
-        matches!(next(&mut client).await.unwrap(), Some(Event::Ping(p)) if p == "1795803865043")
-    );
+    assert!(matches!(next(&mut client).await.unwrap(), Some(Event::Ping(p)) if p == "1795803865043"));
     assert_eq!(
         next(&mut client).await.unwrap(),
-        Some(Event::Position {
-            stream: "events".into(),
-            token: 100
-        })
+        Some(Event::Position { stream: "events".into(), token: 100 })
     );
     for _ in 0..15 {
-        assert!(matches!(
-            next(&mut client).await.unwrap(),
-            Some(Event::Position { .. })
-        ));
+        assert!(matches!(next(&mut client).await.unwrap(), Some(Event::Position { .. })));
     }
     for want in &lines[18..200] {
         let Some(Event::Rdata { stream, token, row }) = next(&mut client).await.unwrap() else {
@@ -137,39 +112,19 @@ async fn handshake_events_and_byte_identical_rows() {
     }
 
     // The raw path, and the server closing.
-    master
-        .write(b"REMOTE_SERVER_UP other.org\nRDATA caches 251 [\"f\", null, 1]\nSYNC s1\n")
-        .await;
-    let line = tokio::time::timeout(GUARD, client.next_raw())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    master.write(b"REMOTE_SERVER_UP other.org\nRDATA caches 251 [\"f\", null, 1]\nSYNC s1\n").await;
+    let line = tokio::time::timeout(GUARD, client.next_raw()).await.unwrap().unwrap().unwrap();
     assert_eq!(
         (line.command(), line.as_bytes()),
-        (
-            Some(CommandWord::RemoteServerUp),
-            &b"REMOTE_SERVER_UP other.org"[..]
-        )
+        (Some(CommandWord::RemoteServerUp), &b"REMOTE_SERVER_UP other.org"[..])
     );
-    let line = tokio::time::timeout(GUARD, client.next_raw())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let line = tokio::time::timeout(GUARD, client.next_raw()).await.unwrap().unwrap().unwrap();
     assert_eq!(parse_rdata(line.args()).unwrap().token, Token::Value(251));
-    assert_eq!(
-        next(&mut client).await.unwrap(),
-        Some(Event::Sync("s1".into()))
-    );
+    assert_eq!(next(&mut client).await.unwrap(), Some(Event::Sync("s1".into())));
 
     // Commands from the caller reach the master verbatim.
     client
-        .send(Command::UserSync {
-            user_id: "@a:hs",
-            state: SyncState::Start,
-            last_sync_ms: 17,
-        })
+        .send(Command::UserSync { user_id: "@a:hs", state: SyncState::Start, last_sync_ms: 17 })
         .await
         .unwrap();
     assert_eq!(master.line().await.unwrap(), "USER_SYNC @a:hs start 17\n");
@@ -178,10 +133,7 @@ async fn handshake_events_and_byte_identical_rows() {
 
     master.write(b"ERROR server shutting down\n").await;
     drop(master);
-    assert_eq!(
-        next(&mut client).await.unwrap(),
-        Some(Event::Error("server shutting down".into()))
-    );
+    assert_eq!(next(&mut client).await.unwrap(), Some(Event::Error("server shutting down".into())));
     assert_eq!(next(&mut client).await.unwrap(), None);
     assert_eq!(next(&mut client).await.unwrap(), None);
 }
@@ -189,13 +141,9 @@ async fn handshake_events_and_byte_identical_rows() {
 #[tokio::test]
 async fn rows_are_split_across_reads_and_subscriptions_are_sent() {
     let (l, addr) = listener().await;
-    let opts = ClientOptions {
-        streams: vec!["events".into(), "caches".into()],
-        read_buffer: 1024,
-        ..options("w2")
-    };
-    let (client, mut master) =
-        tokio::join!(Client::connect(addr.as_str(), opts), Master::accept(&l));
+    let opts =
+        ClientOptions { streams: vec!["events".into(), "caches".into()], read_buffer: 1024, ..options("w2") };
+    let (client, mut master) = tokio::join!(Client::connect(addr.as_str(), opts), Master::accept(&l));
     let mut client = client.unwrap();
     let mut got = Vec::new();
     for _ in 0..4 {
@@ -213,25 +161,17 @@ async fn rows_are_split_across_reads_and_subscriptions_are_sent() {
         master
     };
     let (ev, _master) = tokio::join!(next(&mut client), writer);
-    let Some(Event::Rdata { row, .. }) = ev.unwrap() else {
-        panic!()
-    };
+    let Some(Event::Rdata { row, .. }) = ev.unwrap() else { panic!() };
     assert_eq!(row, Bytes::from_static(&line[15..line.len() - 1]));
 }
 
 #[tokio::test]
 async fn wrong_server_name_sends_error_wrong_remote() {
     let (l, addr) = listener().await;
-    let opts = ClientOptions {
-        expected_server_name: Some("example.org".into()),
-        ..options("w")
-    };
-    let (client, mut master) =
-        tokio::join!(Client::connect(addr.as_str(), opts), Master::accept(&l));
+    let opts = ClientOptions { expected_server_name: Some("example.org".into()), ..options("w") };
+    let (client, mut master) = tokio::join!(Client::connect(addr.as_str(), opts), Master::accept(&l));
     let mut client = client.unwrap();
-    master
-        .write(b"SERVER example.com\nPING 1\nPOSITION events 1\n")
-        .await;
+    master.write(b"SERVER example.com\nPING 1\nPOSITION events 1\n").await;
     let err = next(&mut client).await.unwrap_err();
     assert!(
         matches!(&err, ClientError::WrongRemote { expected, got } if expected == "example.org" && got == "example.com"),
@@ -239,10 +179,7 @@ async fn wrong_server_name_sends_error_wrong_remote() {
     );
     // Nothing more is read; the next call reports the closed session.
     let again = next(&mut client).await.unwrap_err();
-    assert!(
-        matches!(again, ClientError::Protocol(PeerError::WrongRemote)),
-        "{again}"
-    );
+    assert!(matches!(again, ClientError::Protocol(PeerError::WrongRemote)), "{again}");
     drop(client);
     let sent = master.rest().await;
     assert_eq!(sent.len(), 4, "{sent:?}");
@@ -252,44 +189,25 @@ async fn wrong_server_name_sends_error_wrong_remote() {
 #[tokio::test]
 async fn right_server_name_is_accepted() {
     let (l, addr) = listener().await;
-    let opts = ClientOptions {
-        expected_server_name: Some("example.com".into()),
-        ..options("w")
-    };
-    let (client, mut master) =
-        tokio::join!(Client::connect(addr.as_str(), opts), Master::accept(&l));
+    let opts = ClientOptions { expected_server_name: Some("example.com".into()), ..options("w") };
+    let (client, mut master) = tokio::join!(Client::connect(addr.as_str(), opts), Master::accept(&l));
     let mut client = client.unwrap();
     master.write(b"SERVER example.com\n").await;
-    assert_eq!(
-        next(&mut client).await.unwrap(),
-        Some(Event::Server("example.com".into()))
-    );
+    assert_eq!(next(&mut client).await.unwrap(), Some(Event::Server("example.com".into())));
 }
 
 #[tokio::test]
 async fn wrong_direction_lines_are_refused() {
     let (l, addr) = listener().await;
-    let (client, mut master) = tokio::join!(
-        Client::connect(addr.as_str(), options("w")),
-        Master::accept(&l)
-    );
+    let (client, mut master) = tokio::join!(Client::connect(addr.as_str(), options("w")), Master::accept(&l));
     let mut client = client.unwrap();
     master.write(b"SERVER hs\nNAME x\nPING 1\n").await;
-    assert_eq!(
-        next(&mut client).await.unwrap(),
-        Some(Event::Server("hs".into()))
-    );
+    assert_eq!(next(&mut client).await.unwrap(), Some(Event::Server("hs".into())));
     let err = next(&mut client).await.unwrap_err();
-    assert!(
-        matches!(&err, ClientError::Protocol(PeerError::InvalidCommand(w)) if w == "NAME"),
-        "{err}"
-    );
+    assert!(matches!(&err, ClientError::Protocol(PeerError::InvalidCommand(w)) if w == "NAME"), "{err}");
     drop(client);
     let sent = master.rest().await;
-    assert_eq!(
-        sent.last().map(String::as_str),
-        Some("ERROR invalid command: NAME\n")
-    );
+    assert_eq!(sent.last().map(String::as_str), Some("ERROR invalid command: NAME\n"));
 }
 
 fn fast_session() -> SessionConfig {
@@ -304,12 +222,8 @@ fn fast_session() -> SessionConfig {
 #[tokio::test]
 async fn keepalive_pings_while_the_caller_waits() {
     let (l, addr) = listener().await;
-    let opts = ClientOptions {
-        session: fast_session(),
-        ..options("w")
-    };
-    let (client, mut master) =
-        tokio::join!(Client::connect(addr.as_str(), opts), Master::accept(&l));
+    let opts = ClientOptions { session: fast_session(), ..options("w") };
+    let (client, mut master) = tokio::join!(Client::connect(addr.as_str(), opts), Master::accept(&l));
     let mut client = client.unwrap();
     // The caller waits in next(); the master stays silent (and never pings, so no timeout).
     let waiting = tokio::spawn(async move {
@@ -331,55 +245,28 @@ async fn keepalive_pings_while_the_caller_waits() {
 #[tokio::test]
 async fn silent_pinging_server_times_out() {
     let (l, addr) = listener().await;
-    let opts = ClientOptions {
-        session: fast_session(),
-        ..options("w")
-    };
-    let (client, mut master) =
-        tokio::join!(Client::connect(addr.as_str(), opts), Master::accept(&l));
+    let opts = ClientOptions { session: fast_session(), ..options("w") };
+    let (client, mut master) = tokio::join!(Client::connect(addr.as_str(), opts), Master::accept(&l));
     let mut client = client.unwrap();
     master.write(b"SERVER hs\nPING 1\n").await;
-    assert_eq!(
-        next(&mut client).await.unwrap(),
-        Some(Event::Server("hs".into()))
-    );
-    assert!(matches!(
-        next(&mut client).await.unwrap(),
-        Some(Event::Ping(_))
-    ));
+    assert_eq!(next(&mut client).await.unwrap(), Some(Event::Server("hs".into())));
+    assert!(matches!(next(&mut client).await.unwrap(), Some(Event::Ping(_))));
     let err = next(&mut client).await.unwrap_err();
-    assert!(
-        matches!(err, ClientError::Protocol(PeerError::PingTimeout)),
-        "{err}"
-    );
+    assert!(matches!(err, ClientError::Protocol(PeerError::PingTimeout)), "{err}");
     drop(client);
     let sent = master.rest().await;
-    assert_eq!(
-        sent.last().map(String::as_str),
-        Some("ERROR ping timeout\n")
-    );
+    assert_eq!(sent.last().map(String::as_str), Some("ERROR ping timeout\n"));
 }
 
 #[tokio::test]
 async fn no_keepalive_when_disabled() {
     let (l, addr) = listener().await;
-    let opts = ClientOptions {
-        session: fast_session(),
-        ping: false,
-        ..options("w")
-    };
-    let (client, mut master) =
-        tokio::join!(Client::connect(addr.as_str(), opts), Master::accept(&l));
+    let opts = ClientOptions { session: fast_session(), ping: false, ..options("w") };
+    let (client, mut master) = tokio::join!(Client::connect(addr.as_str(), opts), Master::accept(&l));
     let mut client = client.unwrap();
     master.write(b"SERVER hs\nPING 1\n").await;
-    assert_eq!(
-        next(&mut client).await.unwrap(),
-        Some(Event::Server("hs".into()))
-    );
-    assert!(matches!(
-        next(&mut client).await.unwrap(),
-        Some(Event::Ping(_))
-    ));
+    assert_eq!(next(&mut client).await.unwrap(), Some(Event::Server("hs".into())));
+    assert!(matches!(next(&mut client).await.unwrap(), Some(Event::Ping(_))));
     // Ten ping intervals of silence (the period under test, not a synchronisation): the
     // caller's wait neither PINGs nor times out.
     let waited = tokio::time::timeout(Duration::from_millis(400), client.next()).await;
@@ -393,15 +280,9 @@ async fn no_keepalive_when_disabled() {
 async fn connect_refused_is_an_io_error() {
     let (l, addr) = listener().await;
     drop(l);
-    let err = Client::connect(addr.as_str(), options("w"))
-        .await
-        .err()
-        .unwrap();
+    let err = Client::connect(addr.as_str(), options("w")).await.err().unwrap();
     assert!(matches!(err, ClientError::Io(_)), "{err}");
-    let err = Client::connect(addr.as_str(), options("bad\nname"))
-        .await
-        .err()
-        .unwrap();
+    let err = Client::connect(addr.as_str(), options("bad\nname")).await.err().unwrap();
     assert!(matches!(err, ClientError::Encode(_)), "{err}");
 }
 
@@ -410,11 +291,7 @@ async fn tail_prints_lines_as_they_came() {
     let (l, addr) = listener().await;
     let data = sample();
     let lines: Vec<&[u8]> = data.split_inclusive(|&b| b == b'\n').collect();
-    let opts = replhub::tail::TailOptions {
-        connect: addr,
-        count: Some(30),
-        ..Default::default()
-    };
+    let opts = replhub::tail::TailOptions { connect: addr, count: Some(30), ..Default::default() };
     let mut out = Vec::new();
     let tail = replhub::tail::run_to(&opts, &mut out);
     let master = async {

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use bytes::{Bytes, BytesMut};
 use replhub::proto::{
-    inbound, json, parse_args, parse_line, parse_line_strict, Command, Line, LineSplitter,
-    LineTooLong, Parsed, PeerError, ReplicateTarget, Role, SyncState, Token, MAX_LINE_LEN,
+    inbound, json, parse_args, parse_line, parse_line_strict, Command, Line, LineSplitter, LineTooLong,
+    Parsed, PeerError, ReplicateTarget, Role, SyncState, Token, MAX_LINE_LEN,
 };
 use serde_json::{json as j, Value};
 
@@ -73,14 +73,11 @@ fn sanitize_non_finite(text: &str) -> String {
 /// A JSON text received on the wire, as a comparable value.
 fn wire_json(bytes: &[u8]) -> Value {
     let text = std::str::from_utf8(bytes).expect("JSON on the wire is UTF-8");
-    serde_json::from_str(&sanitize_non_finite(text))
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"))
+    serde_json::from_str(&sanitize_non_finite(text)).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"))
 }
 
 fn s<'a>(v: &'a Value, key: &str) -> &'a str {
-    v[key]
-        .as_str()
-        .unwrap_or_else(|| panic!("vector field {key:?} missing in {v}"))
+    v[key].as_str().unwrap_or_else(|| panic!("vector field {key:?} missing in {v}"))
 }
 
 /// The line's bytes: `line`, or `line_full` for long ones, or `line_hex` for non-UTF-8 ones.
@@ -190,49 +187,31 @@ fn canonical_encoding(p: &Parsed<'_>) -> Bytes {
     let cmd = match cmd {
         Command::Rdata { stream, token, row } => {
             fixed = reencode(row);
-            Command::Rdata {
-                stream,
-                token,
-                row: &fixed,
-            }
+            Command::Rdata { stream, token, row: &fixed }
         }
-        Command::InvalidateCache {
-            cache_func,
-            keys_json,
-        } => {
+        Command::InvalidateCache { cache_func, keys_json } => {
             fixed = reencode(keys_json);
-            Command::InvalidateCache {
-                cache_func,
-                keys_json: &fixed,
-            }
+            Command::InvalidateCache { cache_func, keys_json: &fixed }
         }
         Command::UserIp { user_id, json } => {
             fixed = reencode(json);
-            Command::UserIp {
-                user_id,
-                json: &fixed,
-            }
+            Command::UserIp { user_id, json: &fixed }
         }
         other => other,
     };
-    cmd.to_bytes()
-        .unwrap_or_else(|e| panic!("cannot encode {cmd:?}: {e}"))
+    cmd.to_bytes().unwrap_or_else(|e| panic!("cannot encode {cmd:?}: {e}"))
 }
 
 /// The text after `ERROR `.
 fn error_text(sent: &Value) -> &str {
     let line = sent[0].as_str().expect("sent_by_synapse[0]");
-    line.strip_prefix("ERROR ")
-        .unwrap_or_else(|| panic!("not an ERROR line: {line:?}"))
+    line.strip_prefix("ERROR ").unwrap_or_else(|| panic!("not an ERROR line: {line:?}"))
 }
 
 /// The part of a parse ERROR that implementations must match exactly (PROTOCOL.md §1.1
 /// step 8): up to and including `': `.
 fn parse_error_prefix(text: &str) -> &str {
-    let end = text
-        .find("': ")
-        .unwrap_or_else(|| panic!("no `': ` in {text:?}"))
-        + 3;
+    let end = text.find("': ").unwrap_or_else(|| panic!("no `': ` in {text:?}")) + 3;
     &text[..end]
 }
 
@@ -255,10 +234,7 @@ fn valid_vectors_parse_and_reencode_byte_for_byte() {
     for vec in valid {
         let id = s(vec, "id");
         let raw = line_bytes(vec);
-        assert_eq!(
-            raw.len() as u64,
-            vec["line_utf8_bytes"].as_u64().unwrap_or(raw.len() as u64)
-        );
+        assert_eq!(raw.len() as u64, vec["line_utf8_bytes"].as_u64().unwrap_or(raw.len() as u64));
         // Through the splitter first: a valid line (up to exactly 16384 bytes) comes out whole.
         let mut splitter = LineSplitter::new(MAX_LINE_LEN);
         splitter.extend_from_slice(&with_newline(&raw));
@@ -270,29 +246,14 @@ fn valid_vectors_parse_and_reencode_byte_for_byte() {
         for dir in directions {
             let role = receiving_role(dir.as_str().expect("direction"));
             let parsed = parse_line_strict(role, &line).unwrap_or_else(|e| panic!("{id}: {e}"));
-            assert_eq!(
-                parse_line(role, &line).as_ref(),
-                Ok(&parsed),
-                "{id}: strict vs relay"
-            );
+            assert_eq!(parse_line(role, &line).as_ref(), Ok(&parsed), "{id}: strict vs relay");
             assert_fields(id, &fields_of(&parsed), &vec["fields"]);
             // Synapse wrote this line: we must write exactly the same bytes.
-            let encoded = parsed
-                .to_command()
-                .to_bytes()
-                .unwrap_or_else(|e| panic!("{id}: {e}"));
+            let encoded = parsed.to_command().to_bytes().unwrap_or_else(|e| panic!("{id}: {e}"));
             assert_eq!(encoded, with_newline(&raw), "{id}: re-encoding differs");
-            assert_eq!(
-                canonical_encoding(&parsed),
-                encoded,
-                "{id}: JSON re-encoding differs"
-            );
+            assert_eq!(canonical_encoding(&parsed), encoded, "{id}: JSON re-encoding differs");
             // The other side must refuse it unless it is accepted both ways.
-            let other = if role == Role::Server {
-                Role::Client
-            } else {
-                Role::Server
-            };
+            let other = if role == Role::Server { Role::Client } else { Role::Server };
             if directions.len() == 1 {
                 assert_eq!(
                     parse_line(other, &line),
@@ -300,11 +261,7 @@ fn valid_vectors_parse_and_reencode_byte_for_byte() {
                     "{id}: wrong direction accepted"
                 );
             }
-            tally.add(if role == Role::Server {
-                "parsed as server"
-            } else {
-                "parsed as client"
-            });
+            tally.add(if role == Role::Server { "parsed as server" } else { "parsed as client" });
         }
         tally.add("valid vectors");
     }
@@ -315,9 +272,7 @@ fn valid_vectors_parse_and_reencode_byte_for_byte() {
 #[test]
 fn noncanonical_vectors_parse_and_encode_canonically() {
     let v = vectors();
-    let entries = v["accepted_noncanonical"]
-        .as_array()
-        .expect("accepted_noncanonical[]");
+    let entries = v["accepted_noncanonical"].as_array().expect("accepted_noncanonical[]");
     let mut tally = Tally::default();
     for vec in entries {
         let id = s(vec, "id");
@@ -339,17 +294,10 @@ fn noncanonical_vectors_parse_and_encode_canonically() {
                 let parsed = parse_line_strict(role, &line).unwrap_or_else(|e| panic!("{id}: {e}"));
                 assert_fields(id, &fields_of(&parsed), &vec["fields"]);
                 let canonical = with_newline(s(vec, "canonical_line").as_bytes());
-                assert_eq!(
-                    canonical_encoding(&parsed),
-                    canonical,
-                    "{id}: canonical encoding"
-                );
+                assert_eq!(canonical_encoding(&parsed), canonical, "{id}: canonical encoding");
                 // The relay path forwards a received command as it came; only JSON arguments
                 // (and integer spellings) can differ from the canonical form.
-                let as_parsed = parsed
-                    .to_command()
-                    .to_bytes()
-                    .unwrap_or_else(|e| panic!("{id}: {e}"));
+                let as_parsed = parsed.to_command().to_bytes().unwrap_or_else(|e| panic!("{id}: {e}"));
                 if as_parsed == canonical {
                     tally.add("canonical without JSON re-encoding");
                 } else {
@@ -413,20 +361,13 @@ fn invalid_vectors_get_the_reference_errors_or_a_documented_policy() {
             // accept written as `PING ` / `NAME ` (see the ping-empty and name-empty vectors).
             ("ping-no-space" | "name-no-space", "connection_dropped") => {
                 let parsed = parse_line(role, &line).unwrap_or_else(|e| panic!("{id}: {e}"));
-                assert!(
-                    matches!(parsed, Parsed::Ping("") | Parsed::Name("")),
-                    "{id}"
-                );
+                assert!(matches!(parsed, Parsed::Ping("") | Parsed::Name("")), "{id}");
                 tally.add("one-word line accepted (policy)");
             }
             // `REPLICATE` alone is REPLICATE of '': the hub answers the unknown-stream ERROR.
             ("replicate-bare", "connection_dropped") => {
                 let parsed = parse_line(role, &line).unwrap_or_else(|e| panic!("{id}: {e}"));
-                assert_eq!(
-                    parsed,
-                    Parsed::Replicate(ReplicateTarget::Unknown("")),
-                    "{id}"
-                );
+                assert_eq!(parsed, Parsed::Replicate(ReplicateTarget::Unknown("")), "{id}");
                 assert_eq!(
                     PeerError::UnknownStream(String::new()).to_string(),
                     "failed to handle replicate: Exception('unknown stream %s', '')"
@@ -441,21 +382,14 @@ fn invalid_vectors_get_the_reference_errors_or_a_documented_policy() {
             }
             // ---- decided above the codec ----------------------------------------------------
             ("replicate-1.12-style" | "replicate-all-now", "error_and_close") => {
-                let Ok(Parsed::Replicate(ReplicateTarget::Unknown(name))) = parse_line(role, &line)
-                else {
+                let Ok(Parsed::Replicate(ReplicateTarget::Unknown(name))) = parse_line(role, &line) else {
                     panic!("{id}: expected an unknown REPLICATE target");
                 };
-                assert_eq!(
-                    PeerError::UnknownStream(name.to_owned()).to_string(),
-                    error_text(sent)
-                );
+                assert_eq!(PeerError::UnknownStream(name.to_owned()).to_string(), error_text(sent));
                 tally.add("unknown stream (hub)");
             }
             ("wrong-server-name", "error_and_close") => {
-                assert!(
-                    matches!(parse_line(role, &line), Ok(Parsed::Server(_))),
-                    "{id}"
-                );
+                assert!(matches!(parse_line(role, &line), Ok(Parsed::Server(_))), "{id}");
                 assert_eq!(PeerError::WrongRemote.to_string(), error_text(sent), "{id}");
                 tally.add("wrong remote (session)");
             }
@@ -464,9 +398,7 @@ fn invalid_vectors_get_the_reference_errors_or_a_documented_policy() {
                 let err = parse_line(role, &line).expect_err(id);
                 let text = err.to_string();
                 assert!(
-                    text.starts_with(
-                        "failed to parse line for  'NAME': UnicodeDecodeError('utf-8', "
-                    ),
+                    text.starts_with("failed to parse line for  'NAME': UnicodeDecodeError('utf-8', "),
                     "{id}: {text}"
                 );
                 // Python's own repr of the exception, as in the vector.
@@ -476,44 +408,23 @@ fn invalid_vectors_get_the_reference_errors_or_a_documented_policy() {
             // A parse error whose ERROR would exceed 16384 bytes: the reference fails to send
             // it and drops the connection; replhub cuts the embedded line so it always fits.
             ("bad-json-near-limit", "connection_dropped") => {
-                assert!(
-                    parse_line(role, &line).is_ok(),
-                    "{id}: the relay path does not parse rows"
-                );
+                assert!(parse_line(role, &line).is_ok(), "{id}: the relay path does not parse rows");
                 let err = parse_line_strict(role, &line).expect_err(id);
                 let wire = err.to_line();
-                assert!(
-                    wire.len() - 1 <= MAX_LINE_LEN,
-                    "{id}: ERROR line is {} bytes",
-                    wire.len()
-                );
-                assert!(
-                    wire.starts_with(b"ERROR failed to parse line for  'RDATA': JSONDecodeError(")
-                );
+                assert!(wire.len() - 1 <= MAX_LINE_LEN, "{id}: ERROR line is {} bytes", wire.len());
+                assert!(wire.starts_with(b"ERROR failed to parse line for  'RDATA': JSONDecodeError("));
                 assert!(wire.ends_with(b"...'):\n"), "{id}");
-                assert!(
-                    err.to_string().len() + "ERROR ".len() > MAX_LINE_LEN,
-                    "{id}: not near the limit"
-                );
+                assert!(err.to_string().len() + "ERROR ".len() > MAX_LINE_LEN, "{id}: not near the limit");
                 tally.add("dropped -> truncated parse ERROR (policy)");
             }
             // ---- direction check and unknown words: exact text ------------------------------
             (_, "error_and_close") if error_text(sent).starts_with("invalid command: ") => {
-                assert_eq!(
-                    parse_line(role, &line).map(|_| ()),
-                    Err(invalid_command(sent)),
-                    "{id}"
-                );
-                assert_eq!(
-                    inbound::check_command(role, &line).map(|_| ()),
-                    Err(invalid_command(sent))
-                );
+                assert_eq!(parse_line(role, &line).map(|_| ()), Err(invalid_command(sent)), "{id}");
+                assert_eq!(inbound::check_command(role, &line).map(|_| ()), Err(invalid_command(sent)));
                 tally.add("invalid command (exact)");
             }
             // ---- argument parse errors: prefix exact, and the detail where we can -----------
-            (_, "error_and_close")
-                if error_text(sent).starts_with("failed to parse line for  ") =>
-            {
+            (_, "error_and_close") if error_text(sent).starts_with("failed to parse line for  ") => {
                 let want = error_text(sent);
                 let err = match parse_line(role, &line) {
                     Err(e) => e,
@@ -532,17 +443,10 @@ fn invalid_vectors_get_the_reference_errors_or_a_documented_policy() {
                     tally.add("parse error (exact text)");
                 } else {
                     // Only JSON decoder messages may differ in detail.
-                    assert!(
-                        got.contains("JSONDecodeError("),
-                        "{id}:\n got {got}\nwant {want}"
-                    );
+                    assert!(got.contains("JSONDecodeError("), "{id}:\n got {got}\nwant {want}");
                     tally.add("parse error (prefix; JSON detail differs)");
                 }
-                assert_eq!(
-                    &err.to_line()[..],
-                    format!("ERROR {got}\n").as_bytes(),
-                    "{id}"
-                );
+                assert_eq!(&err.to_line()[..], format!("ERROR {got}\n").as_bytes(), "{id}");
             }
             // ---- handler-level failures are not protocol errors -----------------------------
             (_, "handler_exception_logged") => {
@@ -554,11 +458,7 @@ fn invalid_vectors_get_the_reference_errors_or_a_documented_policy() {
         }
     }
     println!("invalid: {:?}", tally.0);
-    let relay_notes = tally
-        .0
-        .get("bad RDATA JSON accepted on the relay path")
-        .copied()
-        .unwrap_or(0);
+    let relay_notes = tally.0.get("bad RDATA JSON accepted on the relay path").copied().unwrap_or(0);
     assert_eq!(tally.0.values().sum::<usize>() - relay_notes, entries.len());
 }
 
@@ -571,10 +471,7 @@ fn invalid_command(sent: &Value) -> PeerError {
 fn check_from_line(id: &str, from_line: &Value, line: &Line) {
     let Some(word) = line.command() else {
         // Unknown words never reach argument parsing.
-        assert!(
-            from_line.get("unknown_command").is_some() || from_line.get("raises").is_some(),
-            "{id}"
-        );
+        assert!(from_line.get("unknown_command").is_some() || from_line.get("raises").is_some(), "{id}");
         return;
     };
     let ours = parse_args(word, line);
@@ -596,11 +493,5 @@ fn error_lines_are_always_sendable() {
     let err = parse_line_strict(Role::Client, &line).expect_err("unterminated string");
     assert!(err.to_line().len() <= MAX_LINE_LEN + 1);
     let token = Token::Value(1);
-    assert!(Command::Rdata {
-        stream: "caches",
-        token,
-        row: &[b'1'; MAX_LINE_LEN]
-    }
-    .to_bytes()
-    .is_err());
+    assert!(Command::Rdata { stream: "caches", token, row: &[b'1'; MAX_LINE_LEN] }.to_bytes().is_err());
 }

@@ -5,9 +5,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use replhub::metrics::snapshot::{
-    ConnPhase, ConnSample, CoreSnapshot, CoreStats, UpstreamSnapshot,
-};
+use replhub::metrics::snapshot::{ConnPhase, ConnSample, CoreSnapshot, CoreStats, UpstreamSnapshot};
 use replhub::metrics::{render, MetricsServer, RenderInfo};
 
 /// Guards every client read: a hung server fails the test instead of hanging it.
@@ -103,8 +101,7 @@ fn get_metrics_is_200_with_exposition() {
     assert_eq!(r.header("Content-Length"), Some(r.body.len().to_string().as_str()));
     let body = String::from_utf8(r.body).unwrap();
     assert!(body.contains("\nsynapse_replication_tcp_resource_total_connections 2\n"), "{body}");
-    assert!(body
-        .contains("synapse_replication_tcp_protocol_pending_commands{name=\"synchrotron1\"} 0\n"));
+    assert!(body.contains("synapse_replication_tcp_protocol_pending_commands{name=\"synchrotron1\"} 0\n"));
     assert!(body.contains("\nsynapse_replication_tcp_resource_user_sync_total 1\n"));
     assert_eq!(body, fixed_render());
     server.shutdown();

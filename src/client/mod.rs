@@ -160,10 +160,7 @@ pub struct Client {
 
 impl Client {
     /// Connects and sends the opening lines: `NAME`, `PING`, one `REPLICATE` per stream.
-    pub async fn connect(
-        addr: impl ToSocketAddrs,
-        options: ClientOptions,
-    ) -> Result<Self, ClientError> {
+    pub async fn connect(addr: impl ToSocketAddrs, options: ClientOptions) -> Result<Self, ClientError> {
         Command::Name(&options.name).to_bytes()?;
         for s in &options.streams {
             Command::Replicate(s).to_bytes()?;
@@ -273,10 +270,7 @@ impl Client {
         };
         if let Some(expected) = &self.options.expected_server_name {
             if expected != name {
-                let err = ClientError::WrongRemote {
-                    expected: expected.clone(),
-                    got: name.to_owned(),
-                };
+                let err = ClientError::WrongRemote { expected: expected.clone(), got: name.to_owned() };
                 self.session.fail(&PeerError::WrongRemote, self.clock.now());
                 return Err(err);
             }
@@ -324,17 +318,16 @@ impl Client {
     }
 
     fn closed_error(&self) -> ClientError {
-        self.session
-            .error()
-            .map_or(ClientError::Closed, |e| ClientError::Protocol(e.clone()))
+        self.session.error().map_or(ClientError::Closed, |e| ClientError::Protocol(e.clone()))
     }
 
     /// Waits for one of: bytes to read, the keep-alive tick, write progress.
     async fn drive(&mut self) -> Result<(), ClientError> {
         self.fill_out();
-        let deadline = self.options.ping.then(|| {
-            tokio::time::Instant::from_std(self.clock.instant_at(self.session.poll_timeout()))
-        });
+        let deadline = self
+            .options
+            .ping
+            .then(|| tokio::time::Instant::from_std(self.clock.instant_at(self.session.poll_timeout())));
         let read_size = self.options.read_buffer.max(1024);
         let buf = self.session.read_buffer();
         if buf.capacity() - buf.len() < read_size / 4 {
@@ -383,21 +376,14 @@ enum Woke {
 /// Parses a line that passed the client-role direction check into an [`Event`].
 fn to_event(line: &Line) -> Result<Event, PeerError> {
     let Some(word) = line.command() else {
-        return Err(PeerError::InvalidCommand(
-            String::from_utf8_lossy(line.word()).into_owned(),
-        ));
+        return Err(PeerError::InvalidCommand(String::from_utf8_lossy(line.word()).into_owned()));
     };
     Ok(match parse_args(word, line)? {
         Parsed::Server(s) => Event::Server(s.to_owned()),
-        Parsed::Rdata(r) => Event::Rdata {
-            stream: r.stream.to_owned(),
-            token: r.token,
-            row: line.bytes().slice_ref(r.row),
-        },
-        Parsed::Position(p) => Event::Position {
-            stream: p.stream.to_owned(),
-            token: p.token,
-        },
+        Parsed::Rdata(r) => {
+            Event::Rdata { stream: r.stream.to_owned(), token: r.token, row: line.bytes().slice_ref(r.row) }
+        }
+        Parsed::Position(p) => Event::Position { stream: p.stream.to_owned(), token: p.token },
         Parsed::RemoteServerUp(s) => Event::RemoteServerUp(s.to_owned()),
         Parsed::Error(s) => Event::Error(s.to_owned()),
         Parsed::Ping(s) => Event::Ping(s.to_owned()),
@@ -417,13 +403,7 @@ mod tests {
     #[test]
     fn events_from_lines() {
         assert_eq!(ev(b"SERVER hs"), Ok(Event::Server("hs".into())));
-        assert_eq!(
-            ev(b"POSITION events 5"),
-            Ok(Event::Position {
-                stream: "events".into(),
-                token: 5
-            })
-        );
+        assert_eq!(ev(b"POSITION events 5"), Ok(Event::Position { stream: "events".into(), token: 5 }));
         assert_eq!(
             ev(b"RDATA caches batch [\"f\", null, 1]"),
             Ok(Event::Rdata {
@@ -435,10 +415,7 @@ mod tests {
         assert_eq!(ev(b"PING"), Ok(Event::Ping(String::new())));
         assert_eq!(ev(b"ERROR x y"), Ok(Event::Error("x y".into())));
         assert_eq!(ev(b"SYNC s"), Ok(Event::Sync("s".into())));
-        assert_eq!(
-            ev(b"REMOTE_SERVER_UP r"),
-            Ok(Event::RemoteServerUp("r".into()))
-        );
+        assert_eq!(ev(b"REMOTE_SERVER_UP r"), Ok(Event::RemoteServerUp("r".into())));
         assert!(ev(b"RDATA caches 5")
             .unwrap_err()
             .to_string()
@@ -448,9 +425,7 @@ mod tests {
     #[test]
     fn rows_are_slices_of_the_line() {
         let line = Line::new(Bytes::from_static(b"RDATA events 7 [1, 2]"));
-        let Ok(Event::Rdata { row, .. }) = to_event(&line) else {
-            panic!()
-        };
+        let Ok(Event::Rdata { row, .. }) = to_event(&line) else { panic!() };
         assert_eq!(row.as_ptr(), line.as_bytes()[15..].as_ptr());
     }
 }

@@ -134,11 +134,8 @@ impl Conn {
 
     /// Recomputes [`Conn::full_from`] after a subscription change.
     pub fn refresh_full_from(&mut self) {
-        self.full_from = if self.mask.is_all() {
-            self.sub_from.iter().copied().max().unwrap_or(0)
-        } else {
-            u64::MAX
-        };
+        self.full_from =
+            if self.mask.is_all() { self.sub_from.iter().copied().max().unwrap_or(0) } else { u64::MAX };
     }
 
     pub fn display_name(&self) -> &str {

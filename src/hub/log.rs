@@ -61,9 +61,9 @@ impl Batch {
     /// in `\n` and not overlap (checked in debug builds).
     pub fn new(data: Bytes, lines: Vec<LineMeta>) -> Self {
         debug_assert!(lines.windows(2).all(|w| w[0].end <= w[1].start));
-        debug_assert!(lines.iter().all(|l| l.start < l.end
-            && (l.end as usize) <= data.len()
-            && data[l.end as usize - 1] == b'\n'));
+        debug_assert!(lines
+            .iter()
+            .all(|l| l.start < l.end && (l.end as usize) <= data.len() && data[l.end as usize - 1] == b'\n'));
         let mut run_end = vec![0u32; lines.len()];
         let mut end = lines.len() as u32;
         for i in (0..lines.len()).rev() {
@@ -258,7 +258,8 @@ impl Log {
                 break;
             }
             let bytes = self.entries.front().map_or(0, |e| {
-                e.offsets.last().map_or(0, |o| u64::from(*o)) + e.batch.lines().last().map_or(0, |l| l.len() as u64)
+                e.offsets.last().map_or(0, |o| u64::from(*o))
+                    + e.batch.lines().last().map_or(0, |l| l.len() as u64)
             });
             self.held_bytes -= bytes;
             self.entries.pop_front();
@@ -329,11 +330,13 @@ mod tests {
 
     #[test]
     fn runs_break_where_bytes_are_not_contiguous() {
-        let data = Bytes::from_static(b"a
+        let data = Bytes::from_static(
+            b"a
 PING x
 b
 c
-");
+",
+        );
         let m = |start, end| LineMeta { start, end, stream: 0, token: None };
         let b = Batch::new(data, vec![m(0, 2), m(9, 11), m(11, 13)]);
         assert_eq!((b.run_end(0), b.run_end(1), b.run_end(2)), (1, 3, 3));

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Batch, CloseHow, ConnId, Hub, HubConfig, HubOutput, LineMeta, UpstreamCmd, UpstreamEvent, BROADCAST};
+use super::{
+    Batch, CloseHow, ConnId, Hub, HubConfig, HubOutput, LineMeta, UpstreamCmd, UpstreamEvent, BROADCAST,
+};
 use crate::proto::{StreamId, Token};
 use crate::time::Now;
 
@@ -83,7 +85,10 @@ impl Sim {
     /// A worker connects.
     pub fn accept(&mut self) -> ConnId {
         let id = self.hub.accept(self.now);
-        self.conns.insert(id, FakeConn { received: Vec::new(), capacity: Capacity::Unlimited, closed: None, blocked: false });
+        self.conns.insert(
+            id,
+            FakeConn { received: Vec::new(), capacity: Capacity::Unlimited, closed: None, blocked: false },
+        );
         self.flush();
         id
     }

@@ -11,7 +11,12 @@ fn config() -> HubConfig {
     HubConfig {
         max_pending_bytes: 64 * 1024,
         write_timeout_ms: 2_000,
-        session: SessionConfig { ping_interval_ms: 5_000, ping_timeout_ms: 25_000, close_timeout_ms: 25_000, max_line_len: 16384 },
+        session: SessionConfig {
+            ping_interval_ms: 5_000,
+            ping_timeout_ms: 25_000,
+            close_timeout_ms: 25_000,
+            max_line_len: 16384,
+        },
         ..HubConfig::default()
     }
 }
@@ -49,7 +54,11 @@ fn waits_for_the_upstream_name_before_greeting() {
     sim.connect_upstream("late.example", Sim::positions());
     assert_eq!(
         sim.take_lines(w),
-        vec!["SERVER late.example".to_owned(), format!("PING {}", sim.now.wall_ms), "POSITION events 100".to_owned()]
+        vec![
+            "SERVER late.example".to_owned(),
+            format!("PING {}", sim.now.wall_ms),
+            "POSITION events 100".to_owned()
+        ]
     );
 }
 
@@ -239,7 +248,11 @@ fn a_stalled_worker_is_evicted_by_backlog_and_the_others_get_everything() {
     assert_eq!(rdata(&sim.take_lines(fast)), sent.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(sim.hub.stats().evictions[0], 1, "evicted for its backlog");
     // Memory is bounded by the policy, not by how much was sent.
-    assert!(sim.hub.log().held_bytes() <= config().max_pending_bytes, "log holds {}", sim.hub.log().held_bytes());
+    assert!(
+        sim.hub.log().held_bytes() <= config().max_pending_bytes,
+        "log holds {}",
+        sim.hub.log().held_bytes()
+    );
     // Once it reads again it gets the error and is closed.
     sim.set_capacity(stalled, Capacity::Unlimited);
     assert_eq!(sim.take_lines(stalled).last().map(String::as_str), Some("ERROR Failed to keep up"));
@@ -256,7 +269,11 @@ fn an_evicted_worker_that_never_reads_holds_no_log() {
     for k in 0..5_000 {
         sim.batch(&[(Events, V(1_000 + k))]);
         // Eviction happens once the backlog is over the limit: at most one batch over it.
-        assert!(sim.hub.log().held_bytes() <= config().max_pending_bytes + 64, "batch {k}: log holds {}", sim.hub.log().held_bytes());
+        assert!(
+            sim.hub.log().held_bytes() <= config().max_pending_bytes + 64,
+            "batch {k}: log holds {}",
+            sim.hub.log().held_bytes()
+        );
     }
     assert_eq!(sim.hub.stats().evictions[0], 1);
     assert!(sim.hub.contains(w), "still waiting to write its ERROR");
@@ -317,10 +334,15 @@ fn user_sync_is_merged_per_core() {
     sim.send(b, "USER_SYNC @u:hs start 11");
     sim.send(a, "USER_SYNC @u:hs end 12");
     let up = sim.take_upstream();
-    assert_eq!(up, vec![UpstreamCmd::UserSync { user_id: "@u:hs".into(), state: SyncState::Start, last_sync_ms: 10 }]);
+    assert_eq!(
+        up,
+        vec![UpstreamCmd::UserSync { user_id: "@u:hs".into(), state: SyncState::Start, last_sync_ms: 10 }]
+    );
     sim.disconnect(b);
     let up = sim.take_upstream();
-    assert!(matches!(&up[..], [UpstreamCmd::UserSync { user_id, state: SyncState::End, .. }] if user_id == "@u:hs"));
+    assert!(
+        matches!(&up[..], [UpstreamCmd::UserSync { user_id, state: SyncState::End, .. }] if user_id == "@u:hs")
+    );
     assert_eq!(sim.hub.stats().user_sync, 3);
 }
 
@@ -426,7 +448,8 @@ fn a_full_subscriber_gathers_one_slice_per_contiguous_batch() {
     let w = sim.accept();
     sim.send(w, "REPLICATE ALL");
     sim.take_lines(w);
-    let rows: Vec<(StreamId, Token)> = (0..1_000).map(|k| (StreamId::ALL[k % 16], V(1_000 + k as i64))).collect();
+    let rows: Vec<(StreamId, Token)> =
+        (0..1_000).map(|k| (StreamId::ALL[k % 16], V(1_000 + k as i64))).collect();
     sim.set_capacity(w, Capacity::Stalled);
     sim.batch(&rows);
     sim.reset_iov_seen();
@@ -471,11 +494,16 @@ mod props {
     }
 
     /// Invariants 1 and 2 for one worker, from the lines it received and the lines sent.
-    fn check_worker(lines: &[String], sent: &[(u64, StreamId, String)], errored: bool) -> Result<(), TestCaseError> {
+    fn check_worker(
+        lines: &[String],
+        sent: &[(u64, StreamId, String)],
+        errored: bool,
+    ) -> Result<(), TestCaseError> {
         for s in StreamId::ALL {
             let ours: Vec<&String> = sent.iter().filter(|x| x.1 == s).map(|x| &x.2).collect();
             let epochs: Vec<u64> = sent.iter().filter(|x| x.1 == s).map(|x| x.0).collect();
-            let index: std::collections::HashMap<&String, usize> = ours.iter().enumerate().map(|(i, l)| (*l, i)).collect();
+            let index: std::collections::HashMap<&String, usize> =
+                ours.iter().enumerate().map(|(i, l)| (*l, i)).collect();
             let mut first_position: Option<i64> = None;
             let mut delivered: Vec<usize> = Vec::new();
             for l in lines {
@@ -490,7 +518,8 @@ mod props {
                     }
                     "RDATA" => {
                         prop_assert!(first_position.is_some(), "RDATA before POSITION: {}", l);
-                        let i = *index.get(l).ok_or_else(|| TestCaseError::fail(format!("never sent: {l}")))?;
+                        let i =
+                            *index.get(l).ok_or_else(|| TestCaseError::fail(format!("never sent: {l}")))?;
                         delivered.push(i);
                     }
                     _ => {}
@@ -506,10 +535,22 @@ mod props {
                 if f > 0 && epochs[f - 1] == epochs[f] {
                     let prev = ours[f - 1];
                     let prev_token = prev.split(' ').nth(2).unwrap_or("");
-                    prop_assert_eq!(prev_token, t.to_string(), "POSITION {} then {} after {}", t, ours[f], prev);
+                    prop_assert_eq!(
+                        prev_token,
+                        t.to_string(),
+                        "POSITION {} then {} after {}",
+                        t,
+                        ours[f],
+                        prev
+                    );
                 }
                 if !errored {
-                    prop_assert_eq!(*delivered.last().unwrap_or(&0), ours.len() - 1, "{} lost its tail", s.name());
+                    prop_assert_eq!(
+                        *delivered.last().unwrap_or(&0),
+                        ours.len() - 1,
+                        "{} lost its tail",
+                        s.name()
+                    );
                 }
             }
         }

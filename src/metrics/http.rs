@@ -46,10 +46,7 @@ impl MetricsServer {
     /// Binds `addr` and serves `GET /metrics` with the text `render` returns, on a new thread.
     ///
     /// `render` is called once per scrape, on the server thread.
-    pub fn start(
-        addr: SocketAddr,
-        render: impl Fn() -> String + Send + Sync + 'static,
-    ) -> io::Result<Self> {
+    pub fn start(addr: SocketAddr, render: impl Fn() -> String + Send + Sync + 'static) -> io::Result<Self> {
         let listener = TcpListener::bind(addr)?;
         let local_addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -120,11 +117,7 @@ fn serve(listener: &TcpListener, stop: &AtomicBool, render: &dyn Fn() -> String)
                     tracing::debug!(%peer, error = %e, "metrics request failed");
                 }
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-                ) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "metrics listener accept failed");
                 std::thread::sleep(ACCEPT_BACKOFF);
@@ -153,9 +146,7 @@ fn handle(mut stream: TcpStream, render: &dyn Fn() -> String) -> io::Result<()> 
         Head::Incomplete { timed_out: true, .. } => {
             Reply::text("408 Request Timeout", "request head not received in time\n")
         }
-        Head::Incomplete { timed_out: false, .. } => {
-            Reply::text("400 Bad Request", "incomplete request\n")
-        }
+        Head::Incomplete { timed_out: false, .. } => Reply::text("400 Bad Request", "incomplete request\n"),
         Head::TooLarge => Reply::text("400 Bad Request", "request head too large\n"),
     };
     stream.write_all(&reply.into_bytes())?;

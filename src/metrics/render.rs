@@ -17,8 +17,7 @@
 use std::collections::BTreeMap;
 
 use prometheus::core::{
-    AtomicI64, AtomicU64, Collector, GenericCounter, GenericCounterVec, GenericGauge,
-    GenericGaugeVec,
+    AtomicI64, AtomicU64, Collector, GenericCounter, GenericCounterVec, GenericGauge, GenericGaugeVec,
 };
 use prometheus::{Opts, Registry, TextEncoder};
 
@@ -251,11 +250,7 @@ impl Exposition {
 const P: &str = "synapse_replication_tcp_protocol_";
 const R: &str = "synapse_replication_tcp_resource_";
 
-fn build(
-    cores: &[CoreSnapshot],
-    up: &UpstreamSnapshot,
-    info: &RenderInfo,
-) -> prometheus::Result<Registry> {
+fn build(cores: &[CoreSnapshot], up: &UpstreamSnapshot, info: &RenderInfo) -> prometheus::Result<Registry> {
     let t = Totals::gather(cores);
     let x = Exposition { reg: Registry::new() };
 
@@ -265,11 +260,7 @@ fn build(
 }
 
 /// The metrics named as Synapse names them (PROTOCOL.md §7).
-fn synapse_metrics(
-    x: &Exposition,
-    t: &Totals<'_>,
-    up: &UpstreamSnapshot,
-) -> prometheus::Result<()> {
+fn synapse_metrics(x: &Exposition, t: &Totals<'_>, up: &UpstreamSnapshot) -> prometheus::Result<()> {
     let close: Vec<_> =
         CloseReason::ALL.iter().map(|r| ([r.label()], t.close_reasons[*r as usize])).collect();
     x.synapse_counter_vec(
@@ -355,16 +346,8 @@ fn synapse_metrics(
     )?;
 
     x.synapse_counter(&format!("{R}user_sync"), "USER_SYNC commands received.", t.user_sync)?;
-    x.synapse_counter(
-        &format!("{R}federation_ack"),
-        "FEDERATION_ACK commands received.",
-        t.federation_ack,
-    )?;
-    x.synapse_counter(
-        &format!("{R}remove_pusher"),
-        "REMOVE_PUSHER commands received.",
-        t.remove_pusher,
-    )?;
+    x.synapse_counter(&format!("{R}federation_ack"), "FEDERATION_ACK commands received.", t.federation_ack)?;
+    x.synapse_counter(&format!("{R}remove_pusher"), "REMOVE_PUSHER commands received.", t.remove_pusher)?;
     x.synapse_counter(
         &format!("{R}invalidate_cache"),
         "INVALIDATE_CACHE commands received.",
@@ -406,11 +389,7 @@ fn replhub_metrics(
         "Largest backlog (bytes of log held back) of any live connection.",
         t.backlog_max,
     )?;
-    x.gauge(
-        "replhub_backlog_bytes_sum",
-        "Backlog bytes summed over all live connections.",
-        t.backlog_sum,
-    )?;
+    x.gauge("replhub_backlog_bytes_sum", "Backlog bytes summed over all live connections.", t.backlog_sum)?;
     x.gauge(
         "replhub_max_pending_bytes",
         "The configured backlog limit per connection (--max-pending-bytes).",
@@ -427,22 +406,15 @@ fn replhub_metrics(
          once per core).",
         t.batches,
     )?;
-    let evict: Vec<_> =
-        EvictReason::ALL.iter().map(|r| ([r.label()], t.evictions[*r as usize])).collect();
+    let evict: Vec<_> = EvictReason::ALL.iter().map(|r| ([r.label()], t.evictions[*r as usize])).collect();
     x.counter_vec(
         "replhub_slow_consumer_disconnects_total",
         "Workers disconnected with `ERROR Failed to keep up`, by reason.",
         ["reason"],
         &evict,
     )?;
-    let phases: Vec<_> =
-        ConnPhase::ALL.iter().map(|p| ([p.label()], t.per_phase[*p as usize])).collect();
-    x.gauge_vec(
-        "replhub_connections",
-        "Live worker connections by life stage.",
-        ["state"],
-        &phases,
-    )?;
+    let phases: Vec<_> = ConnPhase::ALL.iter().map(|p| ([p.label()], t.per_phase[*p as usize])).collect();
+    x.gauge_vec("replhub_connections", "Live worker connections by life stage.", ["state"], &phases)?;
     x.counter(
         "replhub_oversized_lines_dropped_total",
         "Outbound lines refused because they were longer than 16384 bytes.",
@@ -462,15 +434,9 @@ fn replhub_metrics(
             &[([up.mode], 1)],
         )?;
     }
-    x.counter(
-        "replhub_upstream_reconnects_total",
-        "Reconnects to the upstream master.",
-        up.reconnects,
-    )?;
-    let tokens: Vec<_> = StreamId::ALL
-        .iter()
-        .filter_map(|s| up.tokens[s.index()].map(|tok| ([s.name()], tok)))
-        .collect();
+    x.counter("replhub_upstream_reconnects_total", "Reconnects to the upstream master.", up.reconnects)?;
+    let tokens: Vec<_> =
+        StreamId::ALL.iter().filter_map(|s| up.tokens[s.index()].map(|tok| ([s.name()], tok))).collect();
     x.gauge_vec_i64(
         "replhub_upstream_token",
         "Current upstream token per stream (streams whose token is not yet known are absent).",
@@ -537,8 +503,7 @@ mod tests {
 
     /// Two cores, three connections; `synchrotron1` has one on each core.
     fn fixture() -> (Vec<CoreSnapshot>, UpstreamSnapshot, RenderInfo) {
-        let mut a =
-            conn("synchrotron1", ConnPhase::Subscribed, &[StreamId::Events, StreamId::Typing]);
+        let mut a = conn("synchrotron1", ConnPhase::Subscribed, &[StreamId::Events, StreamId::Typing]);
         a.pending_commands = 3;
         a.backlog_bytes = 100;
         a.kernel_send_queue = 10;
@@ -640,22 +605,10 @@ mod tests {
         let out = rendered();
         has(&out, r#"synapse_replication_tcp_protocol_pending_commands{name="synchrotron1"} 7"#);
         has(&out, r#"synapse_replication_tcp_protocol_pending_commands{name="anon"} 0"#);
-        has(
-            &out,
-            r#"synapse_replication_tcp_protocol_transport_send_buffer{name="synchrotron1"} 350"#,
-        );
-        has(
-            &out,
-            r#"synapse_replication_tcp_protocol_transport_kernel_send_buffer{name="synchrotron1"} 30"#,
-        );
-        has(
-            &out,
-            r#"synapse_replication_tcp_protocol_transport_kernel_read_buffer{name="synchrotron1"} 3"#,
-        );
-        has(
-            &out,
-            r#"synapse_replication_tcp_protocol_transport_kernel_read_buffer{name="anon"} 9"#,
-        );
+        has(&out, r#"synapse_replication_tcp_protocol_transport_send_buffer{name="synchrotron1"} 350"#);
+        has(&out, r#"synapse_replication_tcp_protocol_transport_kernel_send_buffer{name="synchrotron1"} 30"#);
+        has(&out, r#"synapse_replication_tcp_protocol_transport_kernel_read_buffer{name="synchrotron1"} 3"#);
+        has(&out, r#"synapse_replication_tcp_protocol_transport_kernel_read_buffer{name="anon"} 9"#);
         // One series per name, never one per socket.
         let series = out
             .lines()
@@ -683,10 +636,7 @@ mod tests {
             &out,
             r#"synapse_replication_tcp_protocol_outbound_commands{command="RDATA",name="synchrotron1"} 42"#,
         );
-        lacks_prefix(
-            &out,
-            r#"synapse_replication_tcp_protocol_inbound_commands{command="USER_SYNC""#,
-        );
+        lacks_prefix(&out, r#"synapse_replication_tcp_protocol_inbound_commands{command="USER_SYNC""#);
         lacks_prefix(&out, r#"synapse_replication_tcp_protocol_outbound_commands{command="PING""#);
         let inbound = out
             .lines()
@@ -699,14 +649,8 @@ mod tests {
     fn connections_per_stream_has_every_stream() {
         let out = rendered();
         has(&out, "synapse_replication_tcp_resource_total_connections 3");
-        has(
-            &out,
-            r#"synapse_replication_tcp_resource_connections_per_stream{stream_name="events"} 2"#,
-        );
-        has(
-            &out,
-            r#"synapse_replication_tcp_resource_connections_per_stream{stream_name="typing"} 1"#,
-        );
+        has(&out, r#"synapse_replication_tcp_resource_connections_per_stream{stream_name="events"} 2"#);
+        has(&out, r#"synapse_replication_tcp_resource_connections_per_stream{stream_name="typing"} 1"#);
         has(
             &out,
             r#"synapse_replication_tcp_resource_connections_per_stream{stream_name="user_signature"} 0"#,
@@ -721,10 +665,9 @@ mod tests {
     #[test]
     fn synapse_counters_appear_bare_and_with_total() {
         let out = rendered();
-        for name in [
-            "synapse_replication_tcp_resource_user_sync",
-            "synapse_replication_tcp_resource_user_sync_total",
-        ] {
+        for name in
+            ["synapse_replication_tcp_resource_user_sync", "synapse_replication_tcp_resource_user_sync_total"]
+        {
             has(&out, &format!("# TYPE {name} counter"));
             has(&out, &format!("{name} 7"));
         }
@@ -733,24 +676,12 @@ mod tests {
         has(&out, "synapse_replication_tcp_resource_remove_pusher_total 1");
         has(&out, "synapse_replication_tcp_resource_invalidate_cache 2");
         has(&out, "synapse_replication_tcp_resource_user_ip_cache_total 7");
-        has(
-            &out,
-            r#"synapse_replication_tcp_protocol_close_reason{reason_type="ConnectionDone"} 1"#,
-        );
-        has(
-            &out,
-            r#"synapse_replication_tcp_protocol_close_reason_total{reason_type="PingTimeout"} 3"#,
-        );
+        has(&out, r#"synapse_replication_tcp_protocol_close_reason{reason_type="ConnectionDone"} 1"#);
+        has(&out, r#"synapse_replication_tcp_protocol_close_reason_total{reason_type="PingTimeout"} 3"#);
         has(&out, r#"synapse_replication_tcp_protocol_close_reason{reason_type="SlowConsumer"} 0"#);
         has(&out, r#"synapse_replication_tcp_resource_stream_updates{stream_name="events"} 300"#);
-        has(
-            &out,
-            r#"synapse_replication_tcp_resource_stream_updates_total{stream_name="caches"} 0"#,
-        );
-        has(
-            &out,
-            r#"synapse_replication_tcp_protocol_inbound_rdata_count_total{stream_name="events"} 310"#,
-        );
+        has(&out, r#"synapse_replication_tcp_resource_stream_updates_total{stream_name="caches"} 0"#);
+        has(&out, r#"synapse_replication_tcp_protocol_inbound_rdata_count_total{stream_name="events"} 310"#);
     }
 
     #[test]
@@ -805,21 +736,13 @@ mod tests {
             .collect();
         assert!(types.len() > 40, "{types:?}");
         for name in types {
-            assert!(
-                out.lines().any(|l| l.starts_with(&format!("# HELP {name} "))),
-                "no HELP for {name}"
-            );
+            assert!(out.lines().any(|l| l.starts_with(&format!("# HELP {name} "))), "no HELP for {name}");
         }
     }
 
     #[test]
     fn empty_process_still_renders() {
-        let info = RenderInfo {
-            io_backend: "uring",
-            version: "0.1.0",
-            threads: 1,
-            ..RenderInfo::default()
-        };
+        let info = RenderInfo { io_backend: "uring", version: "0.1.0", threads: 1, ..RenderInfo::default() };
         let out = render(&[], &UpstreamSnapshot::default(), &info);
         has(&out, "synapse_replication_tcp_resource_total_connections 0");
         has(&out, r#"replhub_io_backend{backend="uring"} 1"#);
@@ -829,10 +752,7 @@ mod tests {
         lacks_prefix(&out, "replhub_upstream_mode");
         // No names: the per-name families have no samples and are omitted, as Synapse does.
         lacks_prefix(&out, "synapse_replication_tcp_protocol_pending_commands");
-        has(
-            &out,
-            r#"synapse_replication_tcp_resource_connections_per_stream{stream_name="events"} 0"#,
-        );
+        has(&out, r#"synapse_replication_tcp_resource_connections_per_stream{stream_name="events"} 0"#);
     }
 
     #[test]
@@ -840,10 +760,7 @@ mod tests {
         let (mut cores, up, info) = fixture();
         cores[0].conns[0].name = "evil\"}\nfake_metric 1\\".to_owned();
         let out = render(&cores, &up, &info);
-        has(
-            &out,
-            r#"synapse_replication_tcp_protocol_pending_commands{name="evil\"}\nfake_metric 1\\"} 3"#,
-        );
+        has(&out, r#"synapse_replication_tcp_protocol_pending_commands{name="evil\"}\nfake_metric 1\\"} 3"#);
         lacks_prefix(&out, "fake_metric");
     }
 
@@ -851,11 +768,8 @@ mod tests {
     #[test]
     fn docs_table_matches_output() {
         let doc = include_str!("../../docs/metrics.md");
-        let documented: std::collections::BTreeSet<&str> = doc
-            .lines()
-            .filter_map(|l| l.strip_prefix("| `"))
-            .filter_map(|l| l.split('`').next())
-            .collect();
+        let documented: std::collections::BTreeSet<&str> =
+            doc.lines().filter_map(|l| l.strip_prefix("| `")).filter_map(|l| l.split('`').next()).collect();
         let out = rendered();
         let rendered: std::collections::BTreeSet<&str> = out
             .lines()

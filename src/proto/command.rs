@@ -171,11 +171,9 @@ mod tests {
 
     #[test]
     fn inbound_tables_match_the_seed() {
-        let server: Vec<_> =
-            CommandWord::ALL.into_iter().filter(|w| w.accepted_by(Role::Server)).collect();
+        let server: Vec<_> = CommandWord::ALL.into_iter().filter(|w| w.accepted_by(Role::Server)).collect();
         assert_eq!(server.len(), 10);
-        let client: Vec<_> =
-            CommandWord::ALL.into_iter().filter(|w| w.accepted_by(Role::Client)).collect();
+        let client: Vec<_> = CommandWord::ALL.into_iter().filter(|w| w.accepted_by(Role::Client)).collect();
         assert_eq!(client.len(), 7);
         assert!(!CommandWord::ClearUserSync.accepted_by(Role::Server));
         assert!(CommandWord::Rdata.sent_by(Role::Server));

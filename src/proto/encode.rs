@@ -103,28 +103,17 @@ impl Command<'_> {
                 let token = format_i64(token, &mut num);
                 put(word, &[stream], &[stream, b" ", token], out)
             }
-            Self::UserSync {
-                user_id,
-                state,
-                last_sync_ms,
-            } => {
+            Self::UserSync { user_id, state, last_sync_ms } => {
                 let (u, st) = (user_id.as_bytes(), state.as_str().as_bytes());
                 let ms = format_i64(last_sync_ms, &mut num);
                 put(word, &[u], &[u, b" ", st, b" ", ms], out)
             }
             Self::FederationAck(token) => put(word, &[], &[format_i64(token, &mut num)], out),
-            Self::RemovePusher {
-                app_id,
-                push_key,
-                user_id,
-            } => {
+            Self::RemovePusher { app_id, push_key, user_id } => {
                 let (a, k, u) = (app_id.as_bytes(), push_key.as_bytes(), user_id.as_bytes());
                 put(word, &[a, k, u], &[a, b" ", k, b" ", u], out)
             }
-            Self::InvalidateCache {
-                cache_func,
-                keys_json,
-            } => {
+            Self::InvalidateCache { cache_func, keys_json } => {
                 let f = cache_func.as_bytes();
                 put(word, &[f, keys_json], &[f, b" ", keys_json], out)
             }
@@ -185,12 +174,7 @@ fn has_newline(b: &[u8]) -> bool {
 /// Writes `word + " " + parts... + "\n"` with one reservation, after checking that the
 /// caller-supplied parts (`free`; the others are constants and digits) hold no `\n`.
 #[inline]
-fn put(
-    word: &'static str,
-    free: &[&[u8]],
-    parts: &[&[u8]],
-    out: &mut BytesMut,
-) -> Result<(), EncodeError> {
+fn put(word: &'static str, free: &[&[u8]], parts: &[&[u8]], out: &mut BytesMut) -> Result<(), EncodeError> {
     if free.iter().any(|p| has_newline(p)) {
         return Err(EncodeError::ContainsNewline { word });
     }
@@ -220,80 +204,33 @@ mod tests {
     fn encodes_like_synapse() {
         let row = b"[\"ev\", []]";
         assert_eq!(
-            enc(Command::Rdata {
-                stream: "events",
-                token: Token::Batch,
-                row
-            })
-            .unwrap(),
+            enc(Command::Rdata { stream: "events", token: Token::Batch, row }).unwrap(),
             "RDATA events batch [\"ev\", []]\n"
         );
         assert_eq!(
-            enc(Command::Rdata {
-                stream: "events",
-                token: Token::Value(-7),
-                row
-            })
-            .unwrap(),
+            enc(Command::Rdata { stream: "events", token: Token::Value(-7), row }).unwrap(),
             "RDATA events -7 [\"ev\", []]\n"
         );
+        assert_eq!(enc(Command::Position { stream: "caches", token: 250 }).unwrap(), "POSITION caches 250\n");
         assert_eq!(
-            enc(Command::Position {
-                stream: "caches",
-                token: 250
-            })
-            .unwrap(),
-            "POSITION caches 250\n"
-        );
-        assert_eq!(
-            enc(Command::UserSync {
-                user_id: "@a:hs",
-                state: SyncState::End,
-                last_sync_ms: 1
-            })
-            .unwrap(),
+            enc(Command::UserSync { user_id: "@a:hs", state: SyncState::End, last_sync_ms: 1 }).unwrap(),
             "USER_SYNC @a:hs end 1\n"
         );
+        assert_eq!(enc(Command::FederationAck(i64::MIN)).unwrap(), "FEDERATION_ACK -9223372036854775808\n");
         assert_eq!(
-            enc(Command::FederationAck(i64::MIN)).unwrap(),
-            "FEDERATION_ACK -9223372036854775808\n"
-        );
-        assert_eq!(
-            enc(Command::RemovePusher {
-                app_id: "m.http",
-                push_key: "k",
-                user_id: "@a:hs"
-            })
-            .unwrap(),
+            enc(Command::RemovePusher { app_id: "m.http", push_key: "k", user_id: "@a:hs" }).unwrap(),
             "REMOVE_PUSHER m.http k @a:hs\n"
         );
         assert_eq!(
-            enc(Command::InvalidateCache {
-                cache_func: "f",
-                keys_json: b"[]"
-            })
-            .unwrap(),
+            enc(Command::InvalidateCache { cache_func: "f", keys_json: b"[]" }).unwrap(),
             "INVALIDATE_CACHE f []\n"
         );
-        assert_eq!(
-            enc(Command::UserIp {
-                user_id: "@a:hs",
-                json: b"[1]"
-            })
-            .unwrap(),
-            "USER_IP @a:hs [1]\n"
-        );
+        assert_eq!(enc(Command::UserIp { user_id: "@a:hs", json: b"[1]" }).unwrap(), "USER_IP @a:hs [1]\n");
         assert_eq!(enc(Command::Ping("")).unwrap(), "PING \n");
         assert_eq!(enc(Command::Replicate("")).unwrap(), "REPLICATE \n");
         assert_eq!(enc(Command::Ping("123\r")).unwrap(), "PING 123\r\n");
-        assert_eq!(
-            enc(Command::ClearUserSync("abcde")).unwrap(),
-            "CLEAR_USER_SYNC abcde\n"
-        );
-        assert_eq!(
-            enc(Command::Error("Wrong remote")).unwrap(),
-            "ERROR Wrong remote\n"
-        );
+        assert_eq!(enc(Command::ClearUserSync("abcde")).unwrap(), "CLEAR_USER_SYNC abcde\n");
+        assert_eq!(enc(Command::Error("Wrong remote")).unwrap(), "ERROR Wrong remote\n");
     }
 
     #[test]
@@ -307,24 +244,10 @@ mod tests {
         out.truncate(4);
         let over = "x".repeat(MAX_LINE_LEN - "PING ".len() + 1);
         let e = Command::Ping(&over).encode_into(&mut out).unwrap_err();
-        assert_eq!(
-            e,
-            EncodeError::TooLong {
-                word: "PING",
-                len: MAX_LINE_LEN + 1
-            }
-        );
-        assert_eq!(
-            e.to_string(),
-            "Failed to send command PING as too long (16385 > 16384)"
-        );
+        assert_eq!(e, EncodeError::TooLong { word: "PING", len: MAX_LINE_LEN + 1 });
+        assert_eq!(e.to_string(), "Failed to send command PING as too long (16385 > 16384)");
         let row = vec![b'1'; MAX_LINE_LEN];
-        let e = Command::Rdata {
-            stream: "caches",
-            token: Token::Value(1),
-            row: &row,
-        }
-        .encode_into(&mut out);
+        let e = Command::Rdata { stream: "caches", token: Token::Value(1), row: &row }.encode_into(&mut out);
         assert!(matches!(e, Err(EncodeError::TooLong { word: "RDATA", .. })));
         assert_eq!(&out[..], b"keep");
     }
@@ -334,10 +257,7 @@ mod tests {
         let cmds = [
             Command::Server("s"),
             Command::Sync("s"),
-            Command::Position {
-                stream: "s",
-                token: 1,
-            },
+            Command::Position { stream: "s", token: 1 },
             Command::RemoteServerUp("r"),
         ];
         for c in cmds {

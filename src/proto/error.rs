@@ -69,10 +69,7 @@ impl PeerError {
         } else {
             match self {
                 Self::Parse { name, detail, rest } => {
-                    let head = format!(
-                        "failed to parse line for  {}: ",
-                        py_repr_truncated(name, 1024)
-                    );
+                    let head = format!("failed to parse line for  {}: ", py_repr_truncated(name, 1024));
                     // What is left for `<detail> (<rest repr>):`, keeping >= 64 bytes for rest.
                     let left = BUDGET - head.len() - " ():".len();
                     let detail = truncate_str(detail, left - 64);
@@ -85,21 +82,14 @@ impl PeerError {
                 }
                 Self::UnknownStream(name) => {
                     let head = "failed to handle replicate: Exception('unknown stream %s', ";
-                    format!(
-                        "{head}{})",
-                        py_repr_truncated(name, BUDGET - head.len() - 1)
-                    )
+                    format!("{head}{})", py_repr_truncated(name, BUDGET - head.len() - 1))
                 }
                 _ => truncate_str(&full, BUDGET).into_owned(),
             }
         };
         // A received line never holds a `\n`, but a hand-made error might: escape it, as a
         // `\n` would end the ERROR line early.
-        let text = if text.contains('\n') {
-            text.replace('\n', "\\n")
-        } else {
-            text
-        };
+        let text = if text.contains('\n') { text.replace('\n', "\\n") } else { text };
         let text = truncate_str(&text, BUDGET);
         let mut out = BytesMut::with_capacity("ERROR ".len() + text.len() + 1);
         out.put_slice(b"ERROR ");
@@ -184,18 +174,12 @@ mod tests {
             e.to_string(),
             "failed to parse line for  'FEDERATION_ACK': ValueError(\"invalid literal for int() with base 10: 'x'\") ('x'):"
         );
-        assert_eq!(
-            PeerError::InvalidCommand(String::new()).to_string(),
-            "invalid command: "
-        );
+        assert_eq!(PeerError::InvalidCommand(String::new()).to_string(), "invalid command: ");
         assert_eq!(
             PeerError::UnknownStream("events 5".into()).to_string(),
             "failed to handle replicate: Exception('unknown stream %s', 'events 5')"
         );
-        assert_eq!(
-            &PeerError::LineTooLong.to_line()[..],
-            b"ERROR Line length exceeded\n"
-        );
+        assert_eq!(&PeerError::LineTooLong.to_line()[..], b"ERROR Line length exceeded\n");
     }
 
     #[test]
@@ -216,11 +200,7 @@ mod tests {
     fn error_lines_always_fit() {
         let huge = "a\u{2028}".repeat(20_000);
         let cases = [
-            PeerError::parse(
-                b"RDATA",
-                huge.as_bytes(),
-                FieldError("JSONDecodeError('x')".into()),
-            ),
+            PeerError::parse(b"RDATA", huge.as_bytes(), FieldError("JSONDecodeError('x')".into())),
             PeerError::parse(b"RDATA", b"x", FieldError(huge.clone())),
             PeerError::parse(huge.as_bytes(), huge.as_bytes(), FieldError(huge.clone())),
             PeerError::InvalidCommand(huge.clone()),
@@ -233,14 +213,10 @@ mod tests {
             assert_eq!(memchr::memchr(b'\n', &line), Some(line.len() - 1));
             assert!(std::str::from_utf8(&line).is_ok());
         }
-        let e = PeerError::parse(
-            b"RDATA",
-            huge.as_bytes(),
-            FieldError("JSONDecodeError('x')".into()),
-        );
-        assert!(e.to_line().starts_with(
-            b"ERROR failed to parse line for  'RDATA': JSONDecodeError('x') ('a\\u2028"
-        ));
+        let e = PeerError::parse(b"RDATA", huge.as_bytes(), FieldError("JSONDecodeError('x')".into()));
+        assert!(e
+            .to_line()
+            .starts_with(b"ERROR failed to parse line for  'RDATA': JSONDecodeError('x') ('a\\u2028"));
         let short = PeerError::parse(b"RDATA", b"x", FieldError("E('y')".into()));
         assert_eq!(short.to_line(), format!("ERROR {short}\n").as_bytes());
     }

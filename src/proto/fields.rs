@@ -159,10 +159,7 @@ pub fn split_fields<const N: usize>(args: &[u8]) -> Result<[&[u8]; N], FieldErro
 
 /// `ValueError('not enough values to unpack (expected 3, got 2)')`
 pub fn not_enough_values(expected: usize, got: usize) -> FieldError {
-    FieldError(py_exc(
-        "ValueError",
-        &format!("not enough values to unpack (expected {expected}, got {got})"),
-    ))
+    FieldError(py_exc("ValueError", &format!("not enough values to unpack (expected {expected}, got {got})")))
 }
 
 /// A field as `&str`, or Python's `UnicodeDecodeError` for it.
@@ -177,11 +174,7 @@ pub fn utf8_field(field: &[u8]) -> Result<&str, FieldError> {
 pub fn parse_rdata(args: &[u8]) -> Result<Rdata<'_>, FieldError> {
     let [stream, token, row] = split_fields::<3>(args)?;
     let stream = utf8_field(stream)?;
-    let token = if token == b"batch" {
-        Token::Batch
-    } else {
-        Token::Value(parse_i64(token)?)
-    };
+    let token = if token == b"batch" { Token::Batch } else { Token::Value(parse_i64(token)?) };
     Ok(Rdata { stream, token, row })
 }
 
@@ -194,10 +187,7 @@ pub fn validate_rdata(rdata: &Rdata<'_>) -> Result<(), FieldError> {
 /// Parses POSITION arguments: `<stream> <token>` (the token is the whole rest).
 pub fn parse_position(args: &[u8]) -> Result<Position<'_>, FieldError> {
     let [stream, token] = split_fields::<2>(args)?;
-    Ok(Position {
-        stream: utf8_field(stream)?,
-        token: parse_i64(token)?,
-    })
+    Ok(Position { stream: utf8_field(stream)?, token: parse_i64(token)? })
 }
 
 /// Parses USER_SYNC arguments: `<user_id> <start|end> <last_sync_ms>`.
@@ -209,24 +199,15 @@ pub fn parse_user_sync(args: &[u8]) -> Result<UserSync<'_>, FieldError> {
         b"end" => SyncState::End,
         other => {
             let shown = py_repr(&String::from_utf8_lossy(other));
-            return Err(FieldError(py_exc(
-                "Exception",
-                &format!("Invalid USER_SYNC state {shown}"),
-            )));
+            return Err(FieldError(py_exc("Exception", &format!("Invalid USER_SYNC state {shown}"))));
         }
     };
-    Ok(UserSync {
-        user_id,
-        state,
-        last_sync_ms: parse_i64(ms)?,
-    })
+    Ok(UserSync { user_id, state, last_sync_ms: parse_i64(ms)? })
 }
 
 /// Parses FEDERATION_ACK arguments: `<token>` (the whole rest).
 pub fn parse_federation_ack(args: &[u8]) -> Result<FederationAck, FieldError> {
-    Ok(FederationAck {
-        token: parse_i64(args)?,
-    })
+    Ok(FederationAck { token: parse_i64(args)? })
 }
 
 /// Parses REMOVE_PUSHER arguments: `<app_id> <push_key> <user_id>` (user id = the rest).
@@ -243,10 +224,7 @@ pub fn parse_remove_pusher(args: &[u8]) -> Result<RemovePusher<'_>, FieldError> 
 /// [`validate_invalidate_cache`], not here.
 pub fn parse_invalidate_cache(args: &[u8]) -> Result<InvalidateCache<'_>, FieldError> {
     let [cache_func, keys_json] = split_fields::<2>(args)?;
-    Ok(InvalidateCache {
-        cache_func: utf8_field(cache_func)?,
-        keys_json,
-    })
+    Ok(InvalidateCache { cache_func: utf8_field(cache_func)?, keys_json })
 }
 
 /// Checks INVALIDATE_CACHE's keys: any JSON value (Synapse only `json.loads` it).
@@ -258,10 +236,7 @@ pub fn validate_invalidate_cache(cmd: &InvalidateCache<'_>) -> Result<(), FieldE
 /// [`validate_user_ip`], not here.
 pub fn parse_user_ip(args: &[u8]) -> Result<UserIp<'_>, FieldError> {
     let [user_id, json] = split_fields::<2>(args)?;
-    Ok(UserIp {
-        user_id: utf8_field(user_id)?,
-        json,
-    })
+    Ok(UserIp { user_id: utf8_field(user_id)?, json })
 }
 
 /// Checks USER_IP's JSON: it must parse, and unpack into exactly 5 values as Synapse's
@@ -282,27 +257,18 @@ pub fn validate_user_ip(cmd: &UserIp<'_>) -> Result<(), FieldError> {
     };
     match count {
         5 if is_array => Ok(()),
-        5 => Err(FieldError(py_exc(
-            "TypeError",
-            "USER_IP data must be a JSON array of 5 values",
-        ))),
+        5 => Err(FieldError(py_exc("TypeError", "USER_IP data must be a JSON array of 5 values"))),
         n if n < 5 => Err(FieldError(py_exc(
             "ValueError",
             &format!("not enough values to unpack (expected 5, got {n})"),
         ))),
-        _ => Err(FieldError(py_exc(
-            "ValueError",
-            "too many values to unpack (expected 5)",
-        ))),
+        _ => Err(FieldError(py_exc("ValueError", "too many values to unpack (expected 5)"))),
     }
 }
 
 /// `TypeError('cannot unpack non-iterable int object')`
 fn not_iterable(python_type: &str) -> FieldError {
-    FieldError(py_exc(
-        "TypeError",
-        &format!("cannot unpack non-iterable {python_type} object"),
-    ))
+    FieldError(py_exc("TypeError", &format!("cannot unpack non-iterable {python_type} object")))
 }
 
 /// Parses REPLICATE's argument (the whole rest): `ALL` exactly, a served stream's name, or
@@ -328,10 +294,7 @@ mod tests {
 
     #[test]
     fn split_like_python() {
-        assert_eq!(
-            split_fields::<3>(b"a b c d").unwrap(),
-            [&b"a"[..], b"b", b"c d"]
-        );
+        assert_eq!(split_fields::<3>(b"a b c d").unwrap(), [&b"a"[..], b"b", b"c d"]);
         assert_eq!(split_fields::<3>(b"a  b").unwrap(), [&b"a"[..], b"", b"b"]);
         assert_eq!(split_fields::<2>(b" ").unwrap(), [&b""[..], b""]);
         assert_eq!(split_fields::<1>(b"a b").unwrap(), [&b"a b"[..]]);
@@ -348,14 +311,7 @@ mod tests {
     #[test]
     fn rdata() {
         let r = parse_rdata(b"events 101 [\"ev\", []]").unwrap();
-        assert_eq!(
-            r,
-            Rdata {
-                stream: "events",
-                token: Token::Value(101),
-                row: b"[\"ev\", []]"
-            }
-        );
+        assert_eq!(r, Rdata { stream: "events", token: Token::Value(101), row: b"[\"ev\", []]" });
         let r = parse_rdata(b"caches batch  x y").unwrap();
         assert_eq!((r.token, r.row), (Token::Batch, &b" x y"[..]));
         assert_eq!(
@@ -377,13 +333,7 @@ mod tests {
 
     #[test]
     fn position() {
-        assert_eq!(
-            parse_position(b"events 5\r").unwrap(),
-            Position {
-                stream: "events",
-                token: 5
-            }
-        );
+        assert_eq!(parse_position(b"events 5\r").unwrap(), Position { stream: "events", token: 5 });
         assert_eq!(
             err(parse_position(b"events master 5")),
             "ValueError(\"invalid literal for int() with base 10: 'master 5'\")"
@@ -397,22 +347,9 @@ mod tests {
     #[test]
     fn user_sync() {
         let u = parse_user_sync(b"@a:hs start  15").unwrap();
-        assert_eq!(
-            u,
-            UserSync {
-                user_id: "@a:hs",
-                state: SyncState::Start,
-                last_sync_ms: 15
-            }
-        );
-        assert_eq!(
-            parse_user_sync(b"@a:hs end 1").unwrap().state,
-            SyncState::End
-        );
-        assert_eq!(
-            err(parse_user_sync(b"@a:hs stop 1")),
-            "Exception(\"Invalid USER_SYNC state 'stop'\")"
-        );
+        assert_eq!(u, UserSync { user_id: "@a:hs", state: SyncState::Start, last_sync_ms: 15 });
+        assert_eq!(parse_user_sync(b"@a:hs end 1").unwrap().state, SyncState::End);
+        assert_eq!(err(parse_user_sync(b"@a:hs stop 1")), "Exception(\"Invalid USER_SYNC state 'stop'\")");
         assert_eq!(
             err(parse_user_sync(b"@a:hs start soon")),
             "ValueError(\"invalid literal for int() with base 10: 'soon'\")"
@@ -421,16 +358,10 @@ mod tests {
 
     #[test]
     fn small_commands() {
-        assert_eq!(
-            parse_federation_ack(b"1234").unwrap(),
-            FederationAck { token: 1234 }
-        );
+        assert_eq!(parse_federation_ack(b"1234").unwrap(), FederationAck { token: 1234 });
         assert!(parse_federation_ack(b"").is_err());
         let p = parse_remove_pusher(b"m.http key with spaces @a:hs").unwrap();
-        assert_eq!(
-            (p.app_id, p.push_key, p.user_id),
-            ("m.http", "key", "with spaces @a:hs")
-        );
+        assert_eq!((p.app_id, p.push_key, p.user_id), ("m.http", "key", "with spaces @a:hs"));
         let c = parse_invalidate_cache(b"f [1, 2]").unwrap();
         assert_eq!((c.cache_func, c.keys_json), ("f", &b"[1, 2]"[..]));
         let u = parse_user_ip(b"@a:hs [1]").unwrap();
@@ -440,42 +371,24 @@ mod tests {
     #[test]
     fn replicate() {
         assert_eq!(parse_replicate(b"ALL").unwrap(), ReplicateTarget::All);
-        assert_eq!(
-            parse_replicate(b"events").unwrap(),
-            ReplicateTarget::Stream(StreamId::Events)
-        );
-        assert_eq!(
-            parse_replicate(b"all").unwrap(),
-            ReplicateTarget::Unknown("all")
-        );
-        assert_eq!(
-            parse_replicate(b"events 5").unwrap(),
-            ReplicateTarget::Unknown("events 5")
-        );
+        assert_eq!(parse_replicate(b"events").unwrap(), ReplicateTarget::Stream(StreamId::Events));
+        assert_eq!(parse_replicate(b"all").unwrap(), ReplicateTarget::Unknown("all"));
+        assert_eq!(parse_replicate(b"events 5").unwrap(), ReplicateTarget::Unknown("events 5"));
         assert_eq!(parse_replicate(b"").unwrap(), ReplicateTarget::Unknown(""));
         assert_eq!(ReplicateTarget::Stream(StreamId::Caches).as_str(), "caches");
     }
 
     #[test]
     fn json_validators() {
-        let ic = |j: &'static [u8]| {
-            validate_invalidate_cache(&InvalidateCache {
-                cache_func: "f",
-                keys_json: j,
-            })
-        };
+        let ic =
+            |j: &'static [u8]| validate_invalidate_cache(&InvalidateCache { cache_func: "f", keys_json: j });
         assert!(ic(b"[\"@a:hs\"]").is_ok());
         assert!(ic(b"null").is_ok());
         assert_eq!(
             err(ic(b"[\"@a:example.com\"")),
             "JSONDecodeError(\"Expecting ',' delimiter or ']': line 1 column 18 (char 17)\")"
         );
-        let ip = |j: &'static [u8]| {
-            validate_user_ip(&UserIp {
-                user_id: "@a:hs",
-                json: j,
-            })
-        };
+        let ip = |j: &'static [u8]| validate_user_ip(&UserIp { user_id: "@a:hs", json: j });
         assert!(ip(b"[\"t\", \"1.2.3.4\", null, null, 1]").is_ok());
         assert_eq!(
             err(ip(b"[\"t\", \"1.2.3.4\", null, null]")),
@@ -485,30 +398,12 @@ mod tests {
             err(ip(b"{\"access_token\": \"tok\"}")),
             "ValueError('not enough values to unpack (expected 5, got 1)')"
         );
-        assert_eq!(
-            err(ip(b"[1, 2, 3, 4, 5, 6]")),
-            "ValueError('too many values to unpack (expected 5)')"
-        );
-        assert_eq!(
-            err(ip(b"7")),
-            "TypeError('cannot unpack non-iterable int object')"
-        );
-        assert_eq!(
-            err(ip(b"7.5")),
-            "TypeError('cannot unpack non-iterable float object')"
-        );
-        assert_eq!(
-            err(ip(b"null")),
-            "TypeError('cannot unpack non-iterable NoneType object')"
-        );
+        assert_eq!(err(ip(b"[1, 2, 3, 4, 5, 6]")), "ValueError('too many values to unpack (expected 5)')");
+        assert_eq!(err(ip(b"7")), "TypeError('cannot unpack non-iterable int object')");
+        assert_eq!(err(ip(b"7.5")), "TypeError('cannot unpack non-iterable float object')");
+        assert_eq!(err(ip(b"null")), "TypeError('cannot unpack non-iterable NoneType object')");
         assert!(err(ip(b"\"abcde\"")).starts_with("TypeError("));
-        let rd = |j: &'static [u8]| {
-            validate_rdata(&Rdata {
-                stream: "s",
-                token: Token::Batch,
-                row: j,
-            })
-        };
+        let rd = |j: &'static [u8]| validate_rdata(&Rdata { stream: "s", token: Token::Batch, row: j });
         assert!(rd(b"[\"f\", [NaN, Infinity, -Infinity], 1]").is_ok());
         assert!(rd(b"   [1]\r").is_ok());
         assert_eq!(

@@ -15,8 +15,7 @@
 use super::command::{CommandWord, Role};
 use super::error::{FieldError, PeerError};
 use super::fields::{
-    self, FederationAck, InvalidateCache, Position, Rdata, RemovePusher, ReplicateTarget, UserIp,
-    UserSync,
+    self, FederationAck, InvalidateCache, Position, Rdata, RemovePusher, ReplicateTarget, UserIp, UserSync,
 };
 use super::line::Line;
 
@@ -82,37 +81,22 @@ impl Parsed<'_> {
         use super::Command as C;
         match self {
             Self::Server(s) => C::Server(s),
-            Self::Rdata(r) => C::Rdata {
-                stream: r.stream,
-                token: r.token,
-                row: r.row,
-            },
-            Self::Position(p) => C::Position {
-                stream: p.stream,
-                token: p.token,
-            },
+            Self::Rdata(r) => C::Rdata { stream: r.stream, token: r.token, row: r.row },
+            Self::Position(p) => C::Position { stream: p.stream, token: p.token },
             Self::Sync(s) => C::Sync(s),
             Self::Name(s) => C::Name(s),
             Self::Replicate(t) => C::Replicate(t.as_str()),
-            Self::UserSync(u) => C::UserSync {
-                user_id: u.user_id,
-                state: u.state,
-                last_sync_ms: u.last_sync_ms,
-            },
+            Self::UserSync(u) => {
+                C::UserSync { user_id: u.user_id, state: u.state, last_sync_ms: u.last_sync_ms }
+            }
             Self::FederationAck(a) => C::FederationAck(a.token),
-            Self::RemovePusher(p) => C::RemovePusher {
-                app_id: p.app_id,
-                push_key: p.push_key,
-                user_id: p.user_id,
-            },
-            Self::InvalidateCache(c) => C::InvalidateCache {
-                cache_func: c.cache_func,
-                keys_json: c.keys_json,
-            },
-            Self::UserIp(u) => C::UserIp {
-                user_id: u.user_id,
-                json: u.json,
-            },
+            Self::RemovePusher(p) => {
+                C::RemovePusher { app_id: p.app_id, push_key: p.push_key, user_id: p.user_id }
+            }
+            Self::InvalidateCache(c) => {
+                C::InvalidateCache { cache_func: c.cache_func, keys_json: c.keys_json }
+            }
+            Self::UserIp(u) => C::UserIp { user_id: u.user_id, json: u.json },
             Self::Ping(s) => C::Ping(s),
             Self::Error(s) => C::Error(s),
             Self::RemoteServerUp(s) => C::RemoteServerUp(s),
@@ -125,18 +109,12 @@ impl Parsed<'_> {
 /// for a peer in `role` (we are `role`; the line came from the other side).
 pub fn check_command(role: Role, line: &Line) -> Result<CommandWord, PeerError> {
     if let Err(e) = std::str::from_utf8(line.as_bytes()) {
-        return Err(PeerError::parse(
-            line.word(),
-            line.args(),
-            FieldError::unicode(line.as_bytes(), &e),
-        ));
+        return Err(PeerError::parse(line.word(), line.args(), FieldError::unicode(line.as_bytes(), &e)));
     }
     match line.command() {
         Some(word) if word.accepted_by(role) => Ok(word),
         // The line is valid UTF-8, so the word is too.
-        _ => Err(PeerError::InvalidCommand(
-            String::from_utf8_lossy(line.word()).into_owned(),
-        )),
+        _ => Err(PeerError::InvalidCommand(String::from_utf8_lossy(line.word()).into_owned())),
     }
 }
 
@@ -209,38 +187,20 @@ mod tests {
 
     #[test]
     fn direction_check_comes_first() {
-        assert_eq!(
-            error_text(Role::Server, b"RDATA garbage"),
-            "invalid command: RDATA"
-        );
-        assert_eq!(
-            error_text(Role::Server, b"SERVER x"),
-            "invalid command: SERVER"
-        );
+        assert_eq!(error_text(Role::Server, b"RDATA garbage"), "invalid command: RDATA");
+        assert_eq!(error_text(Role::Server, b"SERVER x"), "invalid command: SERVER");
         assert_eq!(error_text(Role::Client, b"NAME x"), "invalid command: NAME");
-        assert_eq!(
-            error_text(Role::Client, b"REPLICATE ALL"),
-            "invalid command: REPLICATE"
-        );
-        assert_eq!(
-            error_text(Role::Server, b"name worker1"),
-            "invalid command: name"
-        );
+        assert_eq!(error_text(Role::Client, b"REPLICATE ALL"), "invalid command: REPLICATE");
+        assert_eq!(error_text(Role::Server, b"name worker1"), "invalid command: name");
         assert_eq!(error_text(Role::Server, b"FOO"), "invalid command: FOO");
         assert_eq!(error_text(Role::Server, b" NAME x"), "invalid command: ");
         assert_eq!(error_text(Role::Server, b"   "), "invalid command: ");
-        assert_eq!(
-            error_text(Role::Server, b"CLEAR_USER_SYNC abc"),
-            "invalid command: CLEAR_USER_SYNC"
-        );
+        assert_eq!(error_text(Role::Server, b"CLEAR_USER_SYNC abc"), "invalid command: CLEAR_USER_SYNC");
     }
 
     #[test]
     fn one_word_lines_have_empty_arguments() {
-        assert_eq!(
-            parse_line(Role::Server, &line(b"PING")),
-            Ok(Parsed::Ping(""))
-        );
+        assert_eq!(parse_line(Role::Server, &line(b"PING")), Ok(Parsed::Ping("")));
         assert_eq!(
             parse_line(Role::Server, &line(b"REPLICATE")),
             Ok(Parsed::Replicate(ReplicateTarget::Unknown("")))
@@ -278,48 +238,20 @@ mod tests {
         assert_eq!(c!(b"SERVER example.com"), Parsed::Server("example.com"));
         assert_eq!(
             c!(b"RDATA events batch [1]"),
-            Parsed::Rdata(Rdata {
-                stream: "events",
-                token: Token::Batch,
-                row: b"[1]"
-            })
+            Parsed::Rdata(Rdata { stream: "events", token: Token::Batch, row: b"[1]" })
         );
-        assert_eq!(
-            c!(b"POSITION events 5\r"),
-            Parsed::Position(Position {
-                stream: "events",
-                token: 5
-            })
-        );
+        assert_eq!(c!(b"POSITION events 5\r"), Parsed::Position(Position { stream: "events", token: 5 }));
         assert_eq!(c!(b"SYNC abc"), Parsed::Sync("abc"));
         assert_eq!(c!(b"PING 123\r"), Parsed::Ping("123\r"));
         assert_eq!(c!(b"ERROR x y"), Parsed::Error("x y"));
         assert_eq!(c!(b"REMOTE_SERVER_UP r"), Parsed::RemoteServerUp("r"));
         assert_eq!(s!(b"NAME "), Parsed::Name(""));
-        assert_eq!(
-            s!(b"REPLICATE events"),
-            Parsed::Replicate(ReplicateTarget::Stream(StreamId::Events))
-        );
-        assert!(matches!(
-            s!(b"USER_SYNC @a:hs start 1"),
-            Parsed::UserSync(_)
-        ));
-        assert_eq!(
-            s!(b"FEDERATION_ACK 12"),
-            Parsed::FederationAck(FederationAck { token: 12 })
-        );
-        assert!(matches!(
-            s!(b"REMOVE_PUSHER a k @u:hs"),
-            Parsed::RemovePusher(_)
-        ));
-        assert!(matches!(
-            s!(b"INVALIDATE_CACHE f [\"k\"]"),
-            Parsed::InvalidateCache(_)
-        ));
-        assert!(matches!(
-            s!(b"USER_IP @a:hs [\"t\", \"ip\", null, null, 1]"),
-            Parsed::UserIp(_)
-        ));
+        assert_eq!(s!(b"REPLICATE events"), Parsed::Replicate(ReplicateTarget::Stream(StreamId::Events)));
+        assert!(matches!(s!(b"USER_SYNC @a:hs start 1"), Parsed::UserSync(_)));
+        assert_eq!(s!(b"FEDERATION_ACK 12"), Parsed::FederationAck(FederationAck { token: 12 }));
+        assert!(matches!(s!(b"REMOVE_PUSHER a k @u:hs"), Parsed::RemovePusher(_)));
+        assert!(matches!(s!(b"INVALIDATE_CACHE f [\"k\"]"), Parsed::InvalidateCache(_)));
+        assert!(matches!(s!(b"USER_IP @a:hs [\"t\", \"ip\", null, null, 1]"), Parsed::UserIp(_)));
         assert_eq!(s!(b"REMOTE_SERVER_UP r"), Parsed::RemoteServerUp("r"));
     }
 

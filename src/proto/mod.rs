@@ -21,8 +21,8 @@ pub use command::{CommandWord, Role};
 pub use encode::Command;
 pub use error::{EncodeError, FieldError, PeerError};
 pub use fields::{
-    FederationAck, InvalidateCache, Position, Rdata, RemovePusher, ReplicateTarget, SyncState,
-    Token, UserIp, UserSync,
+    FederationAck, InvalidateCache, Position, Rdata, RemovePusher, ReplicateTarget, SyncState, Token, UserIp,
+    UserSync,
 };
 pub use inbound::{check_command, parse_args, parse_line, parse_line_strict, Parsed};
 pub use line::Line;

@@ -20,9 +20,7 @@ const PY_INT_REPR_MAX_CHARS: usize = 200;
 pub fn parse_i64(field: &[u8]) -> Result<i64, FieldError> {
     // Fast path: plain ASCII digits, no sign, short enough not to overflow.
     if !field.is_empty() && field.len() <= 18 && field.iter().all(u8::is_ascii_digit) {
-        return Ok(field
-            .iter()
-            .fold(0i64, |acc, &d| acc * 10 + i64::from(d - b'0')));
+        return Ok(field.iter().fold(0i64, |acc, &d| acc * 10 + i64::from(d - b'0')));
     }
     parse_slow(field)
 }
@@ -39,18 +37,14 @@ fn parse_slow(field: &[u8]) -> Result<i64, FieldError> {
     }
     let mut magnitude: u64 = 0;
     for &d in digits {
-        magnitude = match magnitude
-            .checked_mul(10)
-            .and_then(|m| m.checked_add(u64::from(d - b'0')))
-        {
+        magnitude = match magnitude.checked_mul(10).and_then(|m| m.checked_add(u64::from(d - b'0'))) {
             Some(m) => m,
             None => return Err(too_large(field)),
         };
     }
     if negative {
         // i64::MIN's magnitude is one more than i64::MAX's.
-        0i64.checked_sub_unsigned(magnitude)
-            .ok_or_else(|| too_large(field))
+        0i64.checked_sub_unsigned(magnitude).ok_or_else(|| too_large(field))
     } else {
         i64::try_from(magnitude).map_err(|_| too_large(field))
     }
@@ -87,19 +81,13 @@ fn literal_repr(field: &[u8]) -> String {
 
 /// `ValueError("invalid literal for int() with base 10: '5.0'")`
 fn invalid_literal(field: &[u8]) -> FieldError {
-    let msg = format!(
-        "invalid literal for int() with base 10: {}",
-        literal_repr(field)
-    );
+    let msg = format!("invalid literal for int() with base 10: {}", literal_repr(field));
     FieldError(py_exc("ValueError", &msg))
 }
 
 /// Not a Python error (its ints are unbounded): worded like Python's own overflow errors.
 fn too_large(field: &[u8]) -> FieldError {
-    let msg = format!(
-        "int too large to convert to a 64-bit integer: {}",
-        literal_repr(field)
-    );
+    let msg = format!("int too large to convert to a 64-bit integer: {}", literal_repr(field));
     FieldError(py_exc("OverflowError", &msg))
 }
 
@@ -146,32 +134,11 @@ mod tests {
     #[test]
     fn rejects_like_python_with_python_text() {
         let err = |s: &[u8]| parse_i64(s).unwrap_err().0;
-        assert_eq!(
-            err(b"5.0"),
-            "ValueError(\"invalid literal for int() with base 10: '5.0'\")"
-        );
-        assert_eq!(
-            err(b""),
-            "ValueError(\"invalid literal for int() with base 10: ''\")"
-        );
-        assert_eq!(
-            err(b"master 5"),
-            "ValueError(\"invalid literal for int() with base 10: 'master 5'\")"
-        );
-        assert_eq!(
-            err(b"BATCH"),
-            "ValueError(\"invalid literal for int() with base 10: 'BATCH'\")"
-        );
-        for bad in [
-            &b"0x10"[..],
-            b"-",
-            b"+",
-            b" ",
-            b"1 2",
-            b"--1",
-            b"1e3",
-            b"\xd9\xa1",
-        ] {
+        assert_eq!(err(b"5.0"), "ValueError(\"invalid literal for int() with base 10: '5.0'\")");
+        assert_eq!(err(b""), "ValueError(\"invalid literal for int() with base 10: ''\")");
+        assert_eq!(err(b"master 5"), "ValueError(\"invalid literal for int() with base 10: 'master 5'\")");
+        assert_eq!(err(b"BATCH"), "ValueError(\"invalid literal for int() with base 10: 'BATCH'\")");
+        for bad in [&b"0x10"[..], b"-", b"+", b" ", b"1 2", b"--1", b"1e3", b"\xd9\xa1"] {
             assert!(parse_i64(bad).is_err(), "{bad:?}");
         }
     }
@@ -181,10 +148,7 @@ mod tests {
         // Python accepts these; we do not (module docs).
         assert!(parse_i64(b"1_000").is_err());
         assert!(parse_i64("١٢".as_bytes()).is_err());
-        assert!(parse_i64(b"9223372036854775808")
-            .unwrap_err()
-            .0
-            .starts_with("OverflowError("));
+        assert!(parse_i64(b"9223372036854775808").unwrap_err().0.starts_with("OverflowError("));
         assert!(parse_i64(b"-9223372036854775809").is_err());
         assert!(parse_i64(b"99999999999999999999999").is_err());
     }

@@ -128,10 +128,7 @@ fn is_printable(c: char) -> bool {
         return false; // Cc
     }
     // Zs (other than U+0020), Zl, Zp.
-    if matches!(
-        cp,
-        0xa0 | 0x1680 | 0x2000..=0x200a | 0x2028 | 0x2029 | 0x202f | 0x205f | 0x3000
-    ) {
+    if matches!(cp, 0xa0 | 0x1680 | 0x2000..=0x200a | 0x2028 | 0x2029 | 0x202f | 0x205f | 0x3000) {
         return false;
     }
     // Cf.
@@ -200,17 +197,11 @@ mod tests {
     #[test]
     fn exception_reprs() {
         assert_eq!(
-            py_exc(
-                "ValueError",
-                "not enough values to unpack (expected 3, got 2)"
-            ),
+            py_exc("ValueError", "not enough values to unpack (expected 3, got 2)"),
             "ValueError('not enough values to unpack (expected 3, got 2)')"
         );
         assert_eq!(
-            py_exc(
-                "ValueError",
-                "invalid literal for int() with base 10: '5.0'"
-            ),
+            py_exc("ValueError", "invalid literal for int() with base 10: '5.0'"),
             "ValueError(\"invalid literal for int() with base 10: '5.0'\")"
         );
     }

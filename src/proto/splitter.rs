@@ -40,12 +40,7 @@ static BLANK: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
 impl LineSplitter {
     /// A splitter enforcing `max_len` (normally [`MAX_LINE_LEN`]).
     pub fn new(max_len: usize) -> Self {
-        Self {
-            buf: BytesMut::new(),
-            max_len,
-            scanned: 0,
-            discarding: false,
-        }
+        Self { buf: BytesMut::new(), max_len, scanned: 0, discarding: false }
     }
 
     /// Copies received bytes in.

@@ -28,7 +28,10 @@ fn server_opening_sequence() {
 fn client_opening_sequence() {
     let mut s = Session::new(Role::Client, cfg(), t(0));
     s.start("worker1", &["caches", "events"], t(4));
-    assert_eq!(drain(&mut s), vec!["NAME worker1", "PING 1583254800004", "REPLICATE caches", "REPLICATE events"]);
+    assert_eq!(
+        drain(&mut s),
+        vec!["NAME worker1", "PING 1583254800004", "REPLICATE caches", "REPLICATE events"]
+    );
 }
 
 #[test]

@@ -21,11 +21,7 @@ pub struct BackoffConfig {
 
 impl Default for BackoffConfig {
     fn default() -> Self {
-        Self {
-            initial_ms: 100,
-            max_ms: 5_000,
-            jitter_percent: 20,
-        }
+        Self { initial_ms: 100, max_ms: 5_000, jitter_percent: 20 }
     }
 }
 
@@ -41,11 +37,7 @@ impl Backoff {
     /// A backoff with the given settings; `seed` feeds the jitter (any value; e.g. the pid or
     /// the clock, so that hubs differ).
     pub fn new(config: BackoffConfig, seed: u64) -> Self {
-        Self {
-            config,
-            failures: 0,
-            rng: seed,
-        }
+        Self { config, failures: 0, rng: seed }
     }
 
     /// Failures since the last reset.
@@ -57,11 +49,7 @@ impl Backoff {
     pub fn next_delay_ms(&mut self) -> u64 {
         let shift = self.failures.min(40);
         self.failures = self.failures.saturating_add(1);
-        let base = self
-            .config
-            .initial_ms
-            .saturating_mul(1u64 << shift)
-            .min(self.config.max_ms);
+        let base = self.config.initial_ms.saturating_mul(1u64 << shift).min(self.config.max_ms);
         let spread = base.saturating_mul(self.config.jitter_percent.min(100)) / 100;
         let jittered = if spread == 0 {
             base
@@ -98,10 +86,7 @@ mod tests {
             let mut base = 100u64;
             for _ in 0..12 {
                 let d = b.next_delay_ms();
-                assert!(
-                    d >= base * 8 / 10 && d <= (base * 12 / 10).min(5_000),
-                    "{d} around {base}"
-                );
+                assert!(d >= base * 8 / 10 && d <= (base * 12 / 10).min(5_000), "{d} around {base}");
                 base = (base * 2).min(5_000);
             }
             assert_eq!(b.failures(), 12);
@@ -116,22 +101,14 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay_ms() <= 120);
-        let firsts: std::collections::HashSet<u64> = (0..32)
-            .map(|s| Backoff::new(BackoffConfig::default(), s).next_delay_ms())
-            .collect();
-        assert!(
-            firsts.len() > 5,
-            "jitter spreads the first delay: {firsts:?}"
-        );
+        let firsts: std::collections::HashSet<u64> =
+            (0..32).map(|s| Backoff::new(BackoffConfig::default(), s).next_delay_ms()).collect();
+        assert!(firsts.len() > 5, "jitter spreads the first delay: {firsts:?}");
     }
 
     #[test]
     fn no_jitter_and_huge_failure_counts() {
-        let cfg = BackoffConfig {
-            initial_ms: 10,
-            max_ms: 1_000,
-            jitter_percent: 0,
-        };
+        let cfg = BackoffConfig { initial_ms: 10, max_ms: 1_000, jitter_percent: 0 };
         let mut b = Backoff::new(cfg, 0);
         let got: Vec<u64> = (0..8).map(|_| b.next_delay_ms()).collect();
         assert_eq!(got, vec![10, 20, 40, 80, 160, 320, 640, 1_000]);

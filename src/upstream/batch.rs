@@ -55,17 +55,12 @@ impl Indexed {
 
     /// Whether the chunk held any line at all (relayed, control or dropped).
     pub fn has_lines(&self) -> bool {
-        !self.lines.is_empty()
-            || !self.control.is_empty()
-            || self.unknown_stream != 0
-            || self.malformed != 0
+        !self.lines.is_empty() || !self.control.is_empty() || self.unknown_stream != 0 || self.malformed != 0
     }
 
     /// Whether any of the relayable lines in `range` is an RDATA line.
     pub fn has_rdata_in(&self, range: std::ops::Range<usize>) -> bool {
-        self.lines
-            .get(range)
-            .is_some_and(|ls| ls.iter().any(|m| m.stream != BROADCAST))
+        self.lines.get(range).is_some_and(|ls| ls.iter().any(|m| m.stream != BROADCAST))
     }
 
     /// The batch of relayable lines (sharing the chunk's bytes).
@@ -79,10 +74,7 @@ impl Indexed {
 pub fn index_chunk(chunk: &Bytes) -> Indexed {
     debug_assert!(u32::try_from(chunk.len()).is_ok(), "chunk over 4 GiB");
     let data: &[u8] = chunk;
-    let mut out = Indexed {
-        data: chunk.clone(),
-        ..Indexed::default()
-    };
+    let mut out = Indexed { data: chunk.clone(), ..Indexed::default() };
     let mut start = 0usize;
     for nl in memchr::memchr_iter(b'\n', data) {
         let line = &data[start..nl];
@@ -130,10 +122,9 @@ pub fn index_chunk(chunk: &Bytes) -> Indexed {
                     token: None,
                 });
             }
-            _ => out.control.push(ControlLine {
-                line: Line::new(chunk.slice(meta_start..nl)),
-                after: out.lines.len(),
-            }),
+            _ => out
+                .control
+                .push(ControlLine { line: Line::new(chunk.slice(meta_start..nl)), after: out.lines.len() }),
         }
     }
     out
@@ -159,10 +150,7 @@ mod tests {
     use super::*;
 
     fn sample() -> Bytes {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../shared/vectors/stream-sample.txt"
-        );
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/stream-sample.txt");
         Bytes::from(std::fs::read(path).expect("shared/vectors/stream-sample.txt beside the repo"))
     }
 
@@ -170,10 +158,8 @@ mod tests {
     fn indexes_every_rdata_of_the_sample_byte_identical() {
         let chunk = sample();
         let idx = index_chunk(&chunk);
-        let want: Vec<&[u8]> = chunk
-            .split_inclusive(|&b| b == b'\n')
-            .filter(|l| l.starts_with(b"RDATA "))
-            .collect();
+        let want: Vec<&[u8]> =
+            chunk.split_inclusive(|&b| b == b'\n').filter(|l| l.starts_with(b"RDATA ")).collect();
         assert_eq!(want.len(), 3460);
         assert_eq!(idx.lines.len(), want.len());
         assert_eq!(idx.control.len(), 18, "SERVER, PING, 16 POSITION");
@@ -189,10 +175,7 @@ mod tests {
             assert_eq!(batch.line(i), *w);
         }
         let first = batch.lines()[0];
-        assert_eq!(
-            (first.stream_id(), first.token),
-            (Some(StreamId::Events), None)
-        );
+        assert_eq!((first.stream_id(), first.token), (Some(StreamId::Events), None));
         assert_eq!(batch.lines()[1].token, Some(101));
         // All RDATA lines follow the handshake, so they form one contiguous run.
         assert_eq!(batch.run_end(0), batch.lines().len());
@@ -216,34 +199,17 @@ mod tests {
                 (StreamId::Typing as u8, Some(-3)),
             ]
         );
-        let control: Vec<(&[u8], usize)> = idx
-            .control
-            .iter()
-            .map(|c| (c.line.as_bytes(), c.after))
-            .collect();
+        let control: Vec<(&[u8], usize)> = idx.control.iter().map(|c| (c.line.as_bytes(), c.after)).collect();
         assert_eq!(
             control,
-            vec![
-                (&b"PING 1"[..], 0),
-                (b"POSITION events 3", 2),
-                (b"REMOTE_SERVER_UP", 3),
-                (b"NAME x", 3),
-            ]
+            vec![(&b"PING 1"[..], 0), (b"POSITION events 3", 2), (b"REMOTE_SERVER_UP", 3), (b"NAME x", 3),]
         );
         assert_eq!((idx.unknown_stream, idx.malformed), (1, 2));
-        assert_eq!(
-            idx.rdata[StreamId::Events.index()],
-            1,
-            "bad token counted as received"
-        );
+        assert_eq!(idx.rdata[StreamId::Events.index()], 1, "bad token counted as received");
         assert!(idx.has_rdata_in(0..1) && !idx.has_rdata_in(1..2) && !idx.has_rdata_in(9..10));
         let batch = idx.into_batch();
         assert_eq!(batch.line(1), b"REMOTE_SERVER_UP other.org\n");
-        assert_eq!(
-            batch.line(2),
-            b"RDATA typing batch [1]\r\n",
-            "the CR stays part of the row"
-        );
+        assert_eq!(batch.line(2), b"RDATA typing batch [1]\r\n", "the CR stays part of the row");
     }
 
     #[test]

@@ -34,9 +34,7 @@ use super::batch::{index_chunk, Indexed};
 use crate::hub::{Batch, CloseHow, Transition, UpstreamCmd, UpstreamEvent, UserSyncMerger};
 use crate::metrics::snapshot::UpstreamSnapshot;
 use crate::proto::inbound::{check_command, parse_args};
-use crate::proto::{
-    Command, CommandWord, Line, LineSplitter, Parsed, PeerError, Role, StreamId, SyncState,
-};
+use crate::proto::{Command, CommandWord, Line, LineSplitter, Parsed, PeerError, Role, StreamId, SyncState};
 use crate::session::{Session, SessionConfig, TimerAction};
 use crate::time::Now;
 
@@ -175,11 +173,7 @@ impl UpstreamLink {
         let mut session = Session::new(Role::Client, self.config.session.clone(), now);
         session.start(&self.config.client_name, &["ALL"], now);
         for user_id in self.user_sync.users() {
-            let cmd = Command::UserSync {
-                user_id,
-                state: SyncState::Start,
-                last_sync_ms: now.wall_ms,
-            };
+            let cmd = Command::UserSync { user_id, state: SyncState::Start, last_sync_ms: now.wall_ms };
             if session.send(&cmd) {
                 self.stats.forwarded += 1;
             }
@@ -189,10 +183,7 @@ impl UpstreamLink {
             self.stats.forwarded += 1;
         }
         self.stats.connects += 1;
-        tracing::info!(
-            connects = self.stats.connects,
-            "upstream connected; handshake started"
-        );
+        tracing::info!(connects = self.stats.connects, "upstream connected; handshake started");
         self.conn = Some(Conn {
             session,
             server_name: None,
@@ -293,8 +284,7 @@ impl UpstreamLink {
         }
         if let Some(n) = cut {
             idx.truncate(n);
-        } else if !conn.up && conn.server_name.is_some() && idx.has_rdata_in(prev..idx.lines.len())
-        {
+        } else if !conn.up && conn.server_name.is_some() && idx.has_rdata_in(prev..idx.lines.len()) {
             conn.complete_handshake(&mut self.events, &mut self.tokens, &mut self.stats);
         }
         if idx.lines.is_empty() {
@@ -316,11 +306,7 @@ impl UpstreamLink {
     /// are queued (bounded by `max_forward_queue`, oldest dropped).
     pub fn on_command(&mut self, core: usize, cmd: UpstreamCmd, _now: Now) {
         match cmd {
-            UpstreamCmd::UserSync {
-                user_id,
-                state,
-                last_sync_ms,
-            } => {
+            UpstreamCmd::UserSync { user_id, state, last_sync_ms } => {
                 let transition = match state {
                     SyncState::Start => self.user_sync.start(core, &user_id),
                     SyncState::End => self.user_sync.end(core, &user_id),
@@ -329,11 +315,7 @@ impl UpstreamLink {
                     return;
                 }
                 if let Some(session) = self.open_session() {
-                    if session.send(&Command::UserSync {
-                        user_id: &user_id,
-                        state,
-                        last_sync_ms,
-                    }) {
+                    if session.send(&Command::UserSync { user_id: &user_id, state, last_sync_ms }) {
                         self.stats.forwarded += 1;
                     }
                 }
@@ -361,10 +343,7 @@ impl UpstreamLink {
     }
 
     fn open_session(&mut self) -> Option<&mut Session> {
-        self.conn
-            .as_mut()
-            .map(|c| &mut c.session)
-            .filter(|s| !s.is_closing())
+        self.conn.as_mut().map(|c| &mut c.session).filter(|s| !s.is_closing())
     }
 
     /// The next event for the driver.
@@ -483,10 +462,7 @@ impl Conn {
                     }
                 }
                 if self.up && self.server_name.as_deref() != Some(name) {
-                    tracing::warn!(
-                        name,
-                        "upstream changed its SERVER name mid-connection; ignored"
-                    );
+                    tracing::warn!(name, "upstream changed its SERVER name mid-connection; ignored");
                     return;
                 }
                 self.server_name = Some(name.to_owned());
@@ -500,10 +476,7 @@ impl Conn {
                         "POSITION after the handshake; ignored"
                     );
                 }
-                None => tracing::warn!(
-                    stream = p.stream,
-                    "POSITION for a stream replhub does not know"
-                ),
+                None => tracing::warn!(stream = p.stream, "POSITION for a stream replhub does not know"),
             },
             Parsed::Error(text) => {
                 tracing::warn!(error = text, "upstream sent ERROR");
@@ -529,10 +502,7 @@ impl Conn {
         *tokens = self.positions;
         let served = self.positions.iter().filter(|p| p.is_some()).count();
         tracing::info!(server = %server_name, streams = served, "upstream handshake complete");
-        events.push_back(LinkEvent::Up(UpstreamEvent::Connected {
-            server_name,
-            positions: self.positions,
-        }));
+        events.push_back(LinkEvent::Up(UpstreamEvent::Connected { server_name, positions: self.positions }));
         for batch in self.pending.drain(..) {
             emit_batch(batch, events, tokens, stats);
         }

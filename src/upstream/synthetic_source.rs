@@ -62,11 +62,7 @@ impl SyntheticSource {
     pub fn positions(&self) -> [Option<i64>; StreamId::COUNT] {
         let mask = self.gen.config().streams;
         let tokens = self.gen.positions();
-        std::array::from_fn(|i| {
-            StreamId::from_index(i)
-                .filter(|s| mask.contains(*s))
-                .map(|_| tokens[i])
-        })
+        std::array::from_fn(|i| StreamId::from_index(i).filter(|s| mask.contains(*s)).map(|_| tokens[i]))
     }
 
     /// Starts the clock and reports `Up` with the position of every generated stream.
@@ -77,11 +73,10 @@ impl SyntheticSource {
         // The first `due` starts the generator's token bucket.
         self.gen.due(now);
         self.last_tick_ms = Some(now.mono_ms);
-        self.events
-            .push_back(LinkEvent::Up(UpstreamEvent::Connected {
-                server_name: self.server_name.clone(),
-                positions: self.positions(),
-            }));
+        self.events.push_back(LinkEvent::Up(UpstreamEvent::Connected {
+            server_name: self.server_name.clone(),
+            positions: self.positions(),
+        }));
     }
 
     /// Generates the lines due at `now` (at most [`MAX_LINES_PER_TICK`]), plus any echoed
@@ -100,31 +95,24 @@ impl SyntheticSource {
         for line in self.echo.drain(..) {
             let start = buf.len() as u32;
             buf.extend_from_slice(&line);
-            metas.push(LineMeta {
-                start,
-                end: buf.len() as u32,
-                stream: BROADCAST,
-                token: None,
-            });
+            metas.push(LineMeta { start, end: buf.len() as u32, stream: BROADCAST, token: None });
         }
         if due > 0 {
             let updates = &mut self.stream_updates;
-            self.gen
-                .generate(now, due, &mut buf, |stream, token, start, end| {
-                    updates[stream.index()] += 1;
-                    metas.push(LineMeta {
-                        start: start as u32,
-                        end: end as u32,
-                        stream: stream as u8,
-                        token: token.value(),
-                    });
+            self.gen.generate(now, due, &mut buf, |stream, token, start, end| {
+                updates[stream.index()] += 1;
+                metas.push(LineMeta {
+                    start: start as u32,
+                    end: end as u32,
+                    stream: stream as u8,
+                    token: token.value(),
                 });
+            });
         }
         if metas.is_empty() {
             return;
         }
-        self.events
-            .push_back(LinkEvent::Batch(Arc::new(Batch::new(buf.freeze(), metas))));
+        self.events.push_back(LinkEvent::Batch(Arc::new(Batch::new(buf.freeze(), metas))));
     }
 
     /// A command from core `core`.
@@ -198,10 +186,7 @@ mod tests {
 
     fn source(rate: u64) -> SyntheticSource {
         SyntheticSource::new(
-            SyntheticConfig {
-                rate,
-                ..SyntheticConfig::default()
-            },
+            SyntheticConfig { rate, ..SyntheticConfig::default() },
             "synthetic.example".into(),
         )
     }
@@ -222,11 +207,7 @@ mod tests {
         s.tick(T0);
         assert!(s.poll_event().is_none(), "nothing before start");
         s.start(T0);
-        let Some(LinkEvent::Up(UpstreamEvent::Connected {
-            server_name,
-            positions,
-        })) = s.poll_event()
-        else {
+        let Some(LinkEvent::Up(UpstreamEvent::Connected { server_name, positions })) = s.poll_event() else {
             panic!("Up first");
         };
         assert_eq!(server_name, "synthetic.example");
@@ -287,16 +268,8 @@ mod tests {
         let mut s = source(1);
         s.start(T0);
         s.poll_event();
-        s.on_command(
-            3,
-            UpstreamCmd::Forward(Bytes::from_static(b"REMOTE_SERVER_UP other.org\n")),
-            T0,
-        );
-        s.on_command(
-            3,
-            UpstreamCmd::Forward(Bytes::from_static(b"FEDERATION_ACK 5\n")),
-            T0,
-        );
+        s.on_command(3, UpstreamCmd::Forward(Bytes::from_static(b"REMOTE_SERVER_UP other.org\n")), T0);
+        s.on_command(3, UpstreamCmd::Forward(Bytes::from_static(b"FEDERATION_ACK 5\n")), T0);
         assert_eq!(s.poll_timeout(), Some(T0.mono_ms), "an echo is due at once");
         s.tick(T0);
         let b = batches(&mut s);
@@ -311,11 +284,7 @@ mod tests {
     #[test]
     fn user_sync_is_merged_and_counted() {
         let mut s = source(1);
-        let us = |user: &str, state| UpstreamCmd::UserSync {
-            user_id: user.into(),
-            state,
-            last_sync_ms: 1,
-        };
+        let us = |user: &str, state| UpstreamCmd::UserSync { user_id: user.into(), state, last_sync_ms: 1 };
         s.on_command(0, us("@a:hs", SyncState::Start), T0);
         s.on_command(1, us("@a:hs", SyncState::Start), T0);
         s.on_command(1, us("@b:hs", SyncState::Start), T0);
@@ -331,27 +300,17 @@ mod tests {
         let mut mask = StreamMask::NONE;
         mask.insert(StreamId::Caches);
         mask.insert(StreamId::Typing);
-        let cfg = SyntheticConfig {
-            rate: 0,
-            streams: mask,
-            ..SyntheticConfig::default()
-        };
+        let cfg = SyntheticConfig { rate: 0, streams: mask, ..SyntheticConfig::default() };
         let mut s = SyntheticSource::new(cfg, "hs".into());
         s.start(T0);
         let Some(LinkEvent::Up(UpstreamEvent::Connected { positions, .. })) = s.poll_event() else {
             panic!();
         };
         let served: Vec<usize> = (0..16).filter(|i| positions[*i].is_some()).collect();
-        assert_eq!(
-            served,
-            vec![StreamId::Typing.index(), StreamId::Caches.index()]
-        );
+        assert_eq!(served, vec![StreamId::Typing.index(), StreamId::Caches.index()]);
         s.tick(T0.plus_ms(1));
         for b in batches(&mut s) {
-            assert!(b
-                .lines()
-                .iter()
-                .all(|m| mask.contains(m.stream_id().unwrap())));
+            assert!(b.lines().iter().all(|m| mask.contains(m.stream_id().unwrap())));
         }
     }
 }

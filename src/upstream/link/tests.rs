@@ -4,10 +4,7 @@ use super::*;
 const T0: Now = Now::new(1_000, 1_583_254_800_000);
 
 fn sample() -> Vec<u8> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/vectors/stream-sample.txt"
-    );
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/stream-sample.txt");
     std::fs::read(path).expect("shared/vectors/stream-sample.txt beside the repo")
 }
 
@@ -26,9 +23,7 @@ fn feed(link: &mut UpstreamLink, bytes: &[u8], now: Now) {
 }
 
 fn transmits(link: &mut UpstreamLink) -> Vec<String> {
-    std::iter::from_fn(|| link.poll_transmit())
-        .map(|b| String::from_utf8(b.to_vec()).unwrap())
-        .collect()
+    std::iter::from_fn(|| link.poll_transmit()).map(|b| String::from_utf8(b.to_vec()).unwrap()).collect()
 }
 
 fn events(link: &mut UpstreamLink) -> Vec<LinkEvent> {
@@ -66,10 +61,7 @@ const SAMPLE_POSITIONS: [Option<i64>; 16] = [
 ];
 
 fn connected_event() -> UpstreamEvent {
-    UpstreamEvent::Connected {
-        server_name: "example.com".into(),
-        positions: SAMPLE_POSITIONS,
-    }
+    UpstreamEvent::Connected { server_name: "example.com".into(), positions: SAMPLE_POSITIONS }
 }
 
 #[test]
@@ -77,18 +69,12 @@ fn opening_lines_then_up_with_sixteen_positions() {
     let mut l = link();
     assert!(l.poll_timeout().is_none());
     l.on_connected(T0);
-    assert_eq!(
-        transmits(&mut l),
-        vec!["NAME replhub\n", "PING 1583254800000\n", "REPLICATE ALL\n"]
-    );
+    assert_eq!(transmits(&mut l), vec!["NAME replhub\n", "PING 1583254800000\n", "REPLICATE ALL\n"]);
     let data = sample();
     let lines = sample_lines(&data);
     let handshake: Vec<u8> = lines[..17].concat();
     feed(&mut l, &handshake, T0);
-    assert!(
-        events(&mut l).is_empty(),
-        "no Up before user_signature's POSITION"
-    );
+    assert!(events(&mut l).is_empty(), "no Up before user_signature's POSITION");
     assert!(!l.is_up());
     feed(&mut l, lines[17], T0);
     let ev = events(&mut l);
@@ -103,11 +89,8 @@ fn opening_lines_then_up_with_sixteen_positions() {
 #[test]
 fn every_rdata_is_relayed_byte_identical_and_in_order() {
     let data = sample();
-    let want: Vec<Vec<u8>> = sample_lines(&data)
-        .into_iter()
-        .filter(|l| l.starts_with(b"RDATA"))
-        .map(<[u8]>::to_vec)
-        .collect();
+    let want: Vec<Vec<u8>> =
+        sample_lines(&data).into_iter().filter(|l| l.starts_with(b"RDATA")).map(<[u8]>::to_vec).collect();
     let mut l = link();
     l.on_connected(T0);
     feed(&mut l, &data, T0);
@@ -128,9 +111,7 @@ fn every_rdata_is_relayed_byte_identical_and_in_order() {
         .find_map(|l| {
             let s = std::str::from_utf8(l).ok()?;
             let mut f = s.split(' ');
-            (f.nth(1)? == "events")
-                .then(|| f.next()?.parse::<i64>().ok())
-                .flatten()
+            (f.nth(1)? == "events").then(|| f.next()?.parse::<i64>().ok()).flatten()
         })
         .unwrap();
     assert_eq!(l.tokens()[StreamId::Events.index()], Some(last_events));
@@ -166,13 +147,7 @@ fn any_chunking_gives_the_same_lines() {
             pos = end;
         }
         assert!(matches!(&got_events[0], LinkEvent::Up(up) if *up == connected_event()));
-        assert_eq!(
-            got_events
-                .iter()
-                .filter(|e| matches!(e, LinkEvent::Up(_)))
-                .count(),
-            1
-        );
+        assert_eq!(got_events.iter().filter(|e| matches!(e, LinkEvent::Up(_))).count(), 1);
         assert_eq!(relayed(&got_events), want, "seed {seed}");
     }
 }
@@ -181,17 +156,9 @@ fn any_chunking_gives_the_same_lines() {
 fn first_rdata_after_server_completes_the_handshake() {
     let mut l = link();
     l.on_connected(T0);
-    feed(
-        &mut l,
-        b"SERVER hs\nPING 1\nPOSITION events 10\nPOSITION caches 3\n",
-        T0,
-    );
+    feed(&mut l, b"SERVER hs\nPING 1\nPOSITION events 10\nPOSITION caches 3\n", T0);
     assert!(events(&mut l).is_empty());
-    feed(
-        &mut l,
-        b"RDATA events 11 [\"ev\", []]\nPOSITION typing 4\nRDATA typing 5 [\"!r\", []]\n",
-        T0,
-    );
+    feed(&mut l, b"RDATA events 11 [\"ev\", []]\nPOSITION typing 4\nRDATA typing 5 [\"!r\", []]\n", T0);
     let ev = events(&mut l);
     let mut positions = [None; 16];
     positions[StreamId::Events.index()] = Some(10);
@@ -203,35 +170,20 @@ fn first_rdata_after_server_completes_the_handshake() {
     );
     assert_eq!(
         relayed(&ev),
-        vec![
-            b"RDATA events 11 [\"ev\", []]\n".to_vec(),
-            b"RDATA typing 5 [\"!r\", []]\n".to_vec()
-        ]
+        vec![b"RDATA events 11 [\"ev\", []]\n".to_vec(), b"RDATA typing 5 [\"!r\", []]\n".to_vec()]
     );
-    assert_eq!(
-        l.tokens()[StreamId::Typing.index()],
-        Some(5),
-        "late POSITION is not a position"
-    );
+    assert_eq!(l.tokens()[StreamId::Typing.index()], Some(5), "late POSITION is not a position");
 }
 
 #[test]
 fn rdata_before_server_is_held_until_up() {
     let mut l = link();
     l.on_connected(T0);
-    feed(
-        &mut l,
-        b"RDATA caches 1 [\"f\", null, 1]\nREMOTE_SERVER_UP a.org\n",
-        T0,
-    );
+    feed(&mut l, b"RDATA caches 1 [\"f\", null, 1]\nREMOTE_SERVER_UP a.org\n", T0);
     assert!(events(&mut l).is_empty());
     feed(&mut l, b"RDATA caches 2 [\"f\", null, 2]\n", T0);
     assert!(events(&mut l).is_empty(), "still no SERVER");
-    feed(
-        &mut l,
-        b"SERVER hs\nPOSITION user_signature 9\nRDATA caches 3 [\"f\", null, 3]\n",
-        T0,
-    );
+    feed(&mut l, b"SERVER hs\nPOSITION user_signature 9\nRDATA caches 3 [\"f\", null, 3]\n", T0);
     let ev = events(&mut l);
     assert!(matches!(&ev[0], LinkEvent::Up(_)));
     assert_eq!(
@@ -285,62 +237,36 @@ fn reconnect_resets_the_handshake_and_reannounces_user_syncs() {
     assert!(l.is_up());
     l.on_command(
         0,
-        UpstreamCmd::UserSync {
-            user_id: "@b:hs".into(),
-            state: SyncState::Start,
-            last_sync_ms: 5,
-        },
+        UpstreamCmd::UserSync { user_id: "@b:hs".into(), state: SyncState::Start, last_sync_ms: 5 },
         T0,
     );
     l.on_command(
         1,
-        UpstreamCmd::UserSync {
-            user_id: "@a:hs".into(),
-            state: SyncState::Start,
-            last_sync_ms: 6,
-        },
+        UpstreamCmd::UserSync { user_id: "@a:hs".into(), state: SyncState::Start, last_sync_ms: 6 },
         T0,
     );
-    assert_eq!(
-        transmits(&mut l),
-        vec!["USER_SYNC @b:hs start 5\n", "USER_SYNC @a:hs start 6\n"]
-    );
+    assert_eq!(transmits(&mut l), vec!["USER_SYNC @b:hs start 5\n", "USER_SYNC @a:hs start 6\n"]);
     events(&mut l);
 
     let t1 = T0.plus_ms(10);
     l.on_disconnected("connection reset", t1);
     l.on_disconnected("connection reset", t1);
     let ev = events(&mut l);
-    assert!(
-        matches!(&ev[..], [LinkEvent::Down { reason }] if reason == "connection reset"),
-        "{ev:?}"
-    );
+    assert!(matches!(&ev[..], [LinkEvent::Down { reason }] if reason == "connection reset"), "{ev:?}");
     assert!(!l.is_connected() && l.poll_timeout().is_none());
     assert!(!l.snapshot().connected);
     // While down: user syncs change state only; forwards are queued.
     l.on_command(
         0,
-        UpstreamCmd::UserSync {
-            user_id: "@b:hs".into(),
-            state: SyncState::End,
-            last_sync_ms: 7,
-        },
+        UpstreamCmd::UserSync { user_id: "@b:hs".into(), state: SyncState::End, last_sync_ms: 7 },
         t1,
     );
     l.on_command(
         2,
-        UpstreamCmd::UserSync {
-            user_id: "@c:hs".into(),
-            state: SyncState::Start,
-            last_sync_ms: 8,
-        },
+        UpstreamCmd::UserSync { user_id: "@c:hs".into(), state: SyncState::Start, last_sync_ms: 8 },
         t1,
     );
-    l.on_command(
-        2,
-        UpstreamCmd::Forward(Bytes::from_static(b"FEDERATION_ACK 12\n")),
-        t1,
-    );
+    l.on_command(2, UpstreamCmd::Forward(Bytes::from_static(b"FEDERATION_ACK 12\n")), t1);
     assert!(l.poll_transmit().is_none());
 
     let t2 = T0.plus_ms(500);
@@ -368,16 +294,9 @@ fn reconnect_resets_the_handshake_and_reannounces_user_syncs() {
     assert!(
         matches!(&ev[..], [LinkEvent::Up(UpstreamEvent::Connected { positions: p, .. })] if *p == positions)
     );
-    assert_eq!(
-        l.tokens(),
-        positions,
-        "tokens follow the new handshake (the master may have restarted)"
-    );
+    assert_eq!(l.tokens(), positions, "tokens follow the new handshake (the master may have restarted)");
     let snap = l.snapshot();
-    assert_eq!(
-        (snap.reconnects, snap.syncing_users, snap.forwarded),
-        (1, 2, 5)
-    );
+    assert_eq!((snap.reconnects, snap.syncing_users, snap.forwarded), (1, 2, 5));
 }
 
 #[test]
@@ -386,48 +305,22 @@ fn user_sync_is_merged_across_cores() {
     l.on_connected(T0);
     transmits(&mut l);
     let us = |l: &mut UpstreamLink, core, state| {
-        l.on_command(
-            core,
-            UpstreamCmd::UserSync {
-                user_id: "@u:hs".into(),
-                state,
-                last_sync_ms: 1,
-            },
-            T0,
-        );
+        l.on_command(core, UpstreamCmd::UserSync { user_id: "@u:hs".into(), state, last_sync_ms: 1 }, T0);
         transmits(l)
     };
-    assert_eq!(
-        us(&mut l, 0, SyncState::Start),
-        vec!["USER_SYNC @u:hs start 1\n"]
-    );
+    assert_eq!(us(&mut l, 0, SyncState::Start), vec!["USER_SYNC @u:hs start 1\n"]);
     assert!(us(&mut l, 1, SyncState::Start).is_empty());
-    assert!(
-        us(&mut l, 0, SyncState::Start).is_empty(),
-        "repeat from the same core"
-    );
-    assert!(
-        us(&mut l, 0, SyncState::End).is_empty(),
-        "core 1 still syncs the user"
-    );
-    assert!(
-        us(&mut l, 2, SyncState::End).is_empty(),
-        "core 2 never started it"
-    );
-    assert_eq!(
-        us(&mut l, 1, SyncState::End),
-        vec!["USER_SYNC @u:hs end 1\n"]
-    );
+    assert!(us(&mut l, 0, SyncState::Start).is_empty(), "repeat from the same core");
+    assert!(us(&mut l, 0, SyncState::End).is_empty(), "core 1 still syncs the user");
+    assert!(us(&mut l, 2, SyncState::End).is_empty(), "core 2 never started it");
+    assert_eq!(us(&mut l, 1, SyncState::End), vec!["USER_SYNC @u:hs end 1\n"]);
     assert!(us(&mut l, 1, SyncState::End).is_empty());
     assert_eq!(l.snapshot().syncing_users, 0);
 }
 
 #[test]
 fn forward_queue_is_bounded_while_down() {
-    let mut l = UpstreamLink::new(LinkConfig {
-        max_forward_queue: 3,
-        ..LinkConfig::default()
-    });
+    let mut l = UpstreamLink::new(LinkConfig { max_forward_queue: 3, ..LinkConfig::default() });
     for i in 0..5 {
         let line = Bytes::from(format!("FEDERATION_ACK {i}\n"));
         l.on_command(0, UpstreamCmd::Forward(line), T0);
@@ -435,19 +328,8 @@ fn forward_queue_is_bounded_while_down() {
     assert_eq!(l.forward_dropped(), 2);
     l.on_connected(T0);
     let sent = transmits(&mut l);
-    assert_eq!(
-        &sent[3..],
-        [
-            "FEDERATION_ACK 2\n",
-            "FEDERATION_ACK 3\n",
-            "FEDERATION_ACK 4\n"
-        ]
-    );
-    l.on_command(
-        0,
-        UpstreamCmd::Forward(Bytes::from_static(b"REMOTE_SERVER_UP x\n")),
-        T0,
-    );
+    assert_eq!(&sent[3..], ["FEDERATION_ACK 2\n", "FEDERATION_ACK 3\n", "FEDERATION_ACK 4\n"]);
+    l.on_command(0, UpstreamCmd::Forward(Bytes::from_static(b"REMOTE_SERVER_UP x\n")), T0);
     assert_eq!(transmits(&mut l), vec!["REMOTE_SERVER_UP x\n"]);
 }
 
@@ -474,23 +356,13 @@ fn keepalive_and_ping_timeout() {
         now = now.plus_ms(5_000);
         l.handle_timeout(now);
         l.on_sent(now);
-        assert!(
-            l.wants_close().is_none(),
-            "{} ms",
-            now.mono_ms - last.mono_ms
-        );
+        assert!(l.wants_close().is_none(), "{} ms", now.mono_ms - last.mono_ms);
         transmits(&mut l);
     }
     now = now.plus_ms(5_000);
     l.handle_timeout(now);
     // As in Synapse's tick: the idle PING first, then the timeout check.
-    assert_eq!(
-        transmits(&mut l),
-        vec![
-            format!("PING {}\n", now.wall_ms),
-            "ERROR ping timeout\n".into()
-        ]
-    );
+    assert_eq!(transmits(&mut l), vec![format!("PING {}\n", now.wall_ms), "ERROR ping timeout\n".into()]);
     assert_eq!(l.wants_close(), Some(CloseHow::Graceful));
     // If the socket does not go away, the linger aborts it.
     for _ in 0..6 {
@@ -499,9 +371,7 @@ fn keepalive_and_ping_timeout() {
     }
     assert_eq!(l.wants_close(), Some(CloseHow::Abort));
     l.on_disconnected("aborted", now);
-    assert!(
-        matches!(&events(&mut l)[..], [LinkEvent::Down { reason }] if reason.contains("ping timeout"))
-    );
+    assert!(matches!(&events(&mut l)[..], [LinkEvent::Down { reason }] if reason.contains("ping timeout")));
 }
 
 #[test]
@@ -513,11 +383,7 @@ fn received_lines_defer_the_ping_timeout() {
     for i in 0..20u64 {
         now = now.plus_ms(5_000);
         // RDATA only (no PING) still counts as received.
-        feed(
-            &mut l,
-            format!("RDATA caches {i} [\"f\", null, 1]\n").as_bytes(),
-            now,
-        );
+        feed(&mut l, format!("RDATA caches {i} [\"f\", null, 1]\n").as_bytes(), now);
         l.handle_timeout(now);
         l.on_sent(now);
         assert!(l.wants_close().is_none());
@@ -536,10 +402,7 @@ fn protocol_violations_from_the_master() {
         T0,
     );
     let ev = events(&mut l);
-    assert_eq!(
-        relayed(&ev),
-        vec![b"RDATA caches 1 [\"f\", null, 1]\n".to_vec()]
-    );
+    assert_eq!(relayed(&ev), vec![b"RDATA caches 1 [\"f\", null, 1]\n".to_vec()]);
     assert_eq!(transmits(&mut l), vec!["ERROR invalid command: NAME\n"]);
     assert_eq!(l.wants_close(), Some(CloseHow::Graceful));
 
@@ -549,10 +412,7 @@ fn protocol_violations_from_the_master() {
     transmits(&mut l);
     feed(&mut l, b"SERVER hs\nPOSITION events x\n", T0);
     let sent = transmits(&mut l);
-    assert!(
-        sent[0].starts_with("ERROR failed to parse line for  'POSITION': "),
-        "{sent:?}"
-    );
+    assert!(sent[0].starts_with("ERROR failed to parse line for  'POSITION': "), "{sent:?}");
 
     // An over-long line.
     let mut l = link();
@@ -577,10 +437,7 @@ fn malformed_and_unknown_rdata_are_counted_not_relayed() {
     let ev = events(&mut l);
     assert_eq!(relayed(&ev), vec![b"RDATA caches 2 [1]\n".to_vec()]);
     assert_eq!(l.dropped_rdata(), (1, 1));
-    assert!(
-        l.wants_close().is_none(),
-        "the master's ERROR is only logged"
-    );
+    assert!(l.wants_close().is_none(), "the master's ERROR is only logged");
     l.on_disconnected("eof", T0);
     assert!(
         matches!(&events(&mut l)[..], [LinkEvent::Down { reason }] if reason.contains("server shutting down"))
