@@ -173,6 +173,8 @@ impl Server {
             let index = ctx.index;
             let watch = watch.clone();
             let spawned = std::thread::Builder::new().name(format!("replhub-core-{index}")).spawn(move || {
+                // Every log line from this core (the hub's included) names it.
+                let _span = tracing::info_span!("core", n = index).entered();
                 let res = match backend {
                     IoBackend::Uring => uring::run_core(ctx),
                     _ => epoll::run_core(ctx),

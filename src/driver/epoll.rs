@@ -230,7 +230,7 @@ impl Core {
             }
             self.lingering.borrow_mut().pop_front();
             if self.is_live(id) {
-                tracing::info!(core = self.index, conn = id.to_u64(), "no EOF after close; aborting");
+                tracing::info!(core = self.index, conn = %id, "no EOF after close; aborting");
                 self.abort(id);
             }
         }
@@ -258,7 +258,7 @@ impl Core {
             // The hub reused a slot whose socket we still hold: it forgot that connection.
             tracing::error!(
                 core = self.index,
-                conn = old.id.to_u64(),
+                conn = %old.id,
                 "slot reused while its socket was open"
             );
             old.reader.abort();
@@ -272,7 +272,7 @@ impl Core {
     async fn read_loop(self: Rc<Self>, id: ConnId, stream: Rc<TcpStream>) {
         let lost = loop {
             if let Err(e) = stream.readable().await {
-                tracing::debug!(core = self.index, conn = id.to_u64(), error = %e, "readable failed");
+                tracing::debug!(core = self.index, conn = %id, error = %e, "readable failed");
                 break true;
             }
             let mut buf = self.read_buf.borrow_mut();
@@ -286,7 +286,7 @@ impl Core {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => {
-                    tracing::debug!(core = self.index, conn = id.to_u64(), error = %e, "read failed");
+                    tracing::debug!(core = self.index, conn = %id, error = %e, "read failed");
                     break true;
                 }
             }
@@ -379,7 +379,7 @@ impl Core {
                         self.lingering.borrow_mut().push_back((at, conn));
                     }
                     Err(e) => {
-                        tracing::debug!(core = self.index, conn = conn.to_u64(), error = %e, "shutdown failed");
+                        tracing::debug!(core = self.index, conn = %conn, error = %e, "shutdown failed");
                         if let Some(io) = self.forget(conn) {
                             io.reader.abort();
                         }
@@ -423,7 +423,7 @@ impl Core {
                 self.wait_writable(id, stream);
             }
             Err(e) => {
-                tracing::debug!(core = self.index, conn = id.to_u64(), error = %e, "write failed");
+                tracing::debug!(core = self.index, conn = %id, error = %e, "write failed");
                 hub.on_written(id, 0, now);
                 drop(hub);
                 if let Some(io) = self.forget(id) {

@@ -179,7 +179,7 @@ impl Hub {
         slot.conn = Some(Box::new(Conn::new(id, session, ConnPhase::Waiting, self.log.head(), now.mono_ms)));
         self.live += 1;
         self.stats.accepted += 1;
-        tracing::info!(conn = id.to_u64(), name = "anon", "connection accepted");
+        tracing::info!(conn = %id, name = "anon", "connection accepted");
         if self.shutting_down {
             self.fail(id, &PeerError::ShuttingDown, CloseReason::ConnectionAborted, now);
         } else if let Some(name) = self.server_name.clone() {
@@ -216,7 +216,7 @@ impl Hub {
                 }
                 Err(err) => {
                     let name = c.display_name().to_owned();
-                    tracing::info!(conn = id.to_u64(), name, error = %err, "protocol error, closing");
+                    tracing::info!(conn = %id, name, error = %err, "protocol error, closing");
                     c.closing.get_or_insert(CloseReason::ProtocolError);
                     break;
                 }
@@ -230,7 +230,7 @@ impl Hub {
             Ok(p) => p,
             Err(err) => {
                 let name = self.conn(id).map(|c| c.display_name().to_owned()).unwrap_or_default();
-                tracing::info!(conn = id.to_u64(), name, error = %err, "bad command, closing");
+                tracing::info!(conn = %id, name, error = %err, "bad command, closing");
                 self.fail(id, &err, CloseReason::ProtocolError, now);
                 return;
             }
@@ -238,7 +238,7 @@ impl Hub {
         match parsed {
             Parsed::Name(name) => {
                 if let Some(c) = self.conn_mut(id) {
-                    tracing::info!(conn = id.to_u64(), name, "worker named itself");
+                    tracing::info!(conn = %id, name, "worker named itself");
                     c.name = Some(name.to_owned());
                 }
             }
@@ -279,7 +279,7 @@ impl Hub {
             Parsed::RemoteServerUp(_) => self.forward(line),
             Parsed::Error(text) => {
                 let name = self.conn(id).map(|c| c.display_name().to_owned()).unwrap_or_default();
-                tracing::warn!(conn = id.to_u64(), name, text, "worker reported an error");
+                tracing::warn!(conn = %id, name, text, "worker reported an error");
             }
             // PING is handled by the session; the rest never pass the server's direction check.
             _ => {}
@@ -300,7 +300,7 @@ impl Hub {
             ReplicateTarget::Unknown(name) => name,
         };
         let name = self.conn(id).map(|c| c.display_name().to_owned()).unwrap_or_default();
-        tracing::info!(conn = id.to_u64(), name, stream, "subscribe (REPLICATE)");
+        tracing::info!(conn = %id, name, stream, "subscribe (REPLICATE)");
         match target {
             ReplicateTarget::All => {
                 let streams: Vec<StreamId> = match self.served {
@@ -313,7 +313,7 @@ impl Hub {
             }
             ReplicateTarget::Stream(s) => {
                 if self.served.is_some_and(|m| !m.contains(s)) {
-                    tracing::info!(conn = id.to_u64(), name, stream, "unknown stream, closing");
+                    tracing::info!(conn = %id, name, stream, "unknown stream, closing");
                     self.fail(
                         id,
                         &PeerError::UnknownStream(s.name().to_owned()),
@@ -325,7 +325,7 @@ impl Hub {
                 }
             }
             ReplicateTarget::Unknown(stream) => {
-                tracing::info!(conn = id.to_u64(), name, stream, "unknown stream, closing");
+                tracing::info!(conn = %id, name, stream, "unknown stream, closing");
                 self.fail(id, &PeerError::UnknownStream(stream.to_owned()), CloseReason::ProtocolError, now);
             }
         }
@@ -384,7 +384,7 @@ impl Hub {
             word: CommandWord::Position,
             partial: false,
         });
-        tracing::debug!(conn = id.to_u64(), stream = s.name(), token, "subscribed");
+        tracing::debug!(conn = %id, stream = s.name(), token, "subscribed");
         if newly {
             self.stream_subs[s.index()].push(id);
         }
@@ -522,7 +522,7 @@ impl Hub {
             c.closing.unwrap_or(if lost { CloseReason::ConnectionLost } else { CloseReason::ConnectionDone });
         self.stats.close_reasons[reason as usize] += 1;
         tracing::info!(
-            conn = id.to_u64(),
+            conn = %id,
             name = c.display_name(),
             reason = reason.label(),
             "connection closed"
@@ -562,7 +562,7 @@ impl Hub {
                         c.close_emitted = true;
                         c.closing.get_or_insert(CloseReason::ConnectionAborted);
                         tracing::info!(
-                            conn = id.to_u64(),
+                            conn = %id,
                             name = c.display_name(),
                             "close linger expired, aborting"
                         );
@@ -573,7 +573,7 @@ impl Hub {
                     if c.session.is_closing() && c.closing.is_none() {
                         // The session failed on its own: ping timeout.
                         c.closing = Some(CloseReason::PingTimeout);
-                        tracing::info!(conn = id.to_u64(), name = c.display_name(), "ping timeout");
+                        tracing::info!(conn = %id, name = c.display_name(), "ping timeout");
                     }
                     if c.session.has_transmit() {
                         self.drain_session(id, now);
@@ -629,7 +629,7 @@ impl Hub {
         let backlog = self.backlog_bytes(id).unwrap_or(0);
         let Some(c) = self.conn(id) else { return };
         tracing::warn!(
-            conn = id.to_u64(),
+            conn = %id,
             name = c.display_name(),
             reason = reason.label(),
             backlog,

@@ -39,6 +39,13 @@ pub struct ConnId {
     pub gen: u32,
 }
 
+impl std::fmt::Display for ConnId {
+    /// `index.generation`, as in the logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.index, self.gen)
+    }
+}
+
 impl ConnId {
     /// Packs into a u64 (e.g. as completion user data).
     pub const fn to_u64(self) -> u64 {

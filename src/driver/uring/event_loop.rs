@@ -473,7 +473,7 @@ impl Driver {
             }
             e if e < 0 && e != -libc::ECANCELED && !closing => {
                 let error = std::io::Error::from_raw_os_error(-e);
-                tracing::debug!(core = self.index, conn = id.to_u64(), %error, "recv failed");
+                tracing::debug!(core = self.index, conn = %id, %error, "recv failed");
                 self.teardown(id, true, false, now);
             }
             _ => {}
@@ -497,7 +497,7 @@ impl Driver {
             self.hub.on_written(id, 0, now);
             if !matches!(state, State::Closing { .. }) {
                 let error = std::io::Error::from_raw_os_error(-res);
-                tracing::debug!(core = self.index, conn = id.to_u64(), %error, "send failed");
+                tracing::debug!(core = self.index, conn = %id, %error, "send failed");
                 self.teardown(id, true, false, now);
             }
         }
@@ -553,7 +553,7 @@ impl Driver {
         conn.state = State::Closing { lost };
         if abort {
             if let Err(e) = SockRef::from(&conn.fd).set_linger(Some(Duration::ZERO)) {
-                tracing::debug!(core = self.index, conn = id.to_u64(), error = %e, "SO_LINGER failed");
+                tracing::debug!(core = self.index, conn = %id, error = %e, "SO_LINGER failed");
             }
         }
         let (recv, send) = (conn.recv_armed, conn.sending.is_some());
@@ -603,7 +603,7 @@ impl Driver {
             }
             self.draining.pop_front();
             if conn_mut(&mut self.conns, id).is_some_and(|c| matches!(c.state, State::Draining { .. })) {
-                tracing::info!(core = self.index, conn = id.to_u64(), "no EOF after close; aborting");
+                tracing::info!(core = self.index, conn = %id, "no EOF after close; aborting");
                 self.teardown(id, false, true, now);
             }
         }
@@ -693,7 +693,7 @@ impl Driver {
                         self.draining.push_back((until_ms, id));
                     }
                     Err(e) => {
-                        tracing::debug!(core = self.index, conn = id.to_u64(), error = %e, "shutdown failed");
+                        tracing::debug!(core = self.index, conn = %id, error = %e, "shutdown failed");
                         self.teardown(id, true, false, now);
                     }
                 }
