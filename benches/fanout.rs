@@ -13,7 +13,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 
-use replhub::hub::{Batch, Hub, HubConfig, HubOutput, LineMeta, UpstreamEvent};
+use replhub::hub::{Batch, ConnId, Hub, HubConfig, HubOutput, LineMeta, UpstreamEvent};
 use replhub::proto::{fields, json, Command, StreamId, Token};
 use replhub::time::Now;
 
@@ -126,7 +126,11 @@ fn deliver(s: &mut Setup) -> usize {
 
 /// The reference master: rows decoded once, then for every connection every row is encoded to
 /// JSON and formatted into its own line.
-fn per_connection_encode(rows: &[(StreamId, Token, json::Value)], subscribers: usize, out: &mut BytesMut) -> usize {
+fn per_connection_encode(
+    rows: &[(StreamId, Token, json::Value)],
+    subscribers: usize,
+    out: &mut BytesMut,
+) -> usize {
     let mut bytes = 0;
     let mut row_json = Vec::with_capacity(512);
     for _ in 0..subscribers {
@@ -134,7 +138,9 @@ fn per_connection_encode(rows: &[(StreamId, Token, json::Value)], subscribers: u
         for (stream, token, row) in rows {
             row_json.clear();
             json::encode(row, &mut row_json);
-            Command::Rdata { stream: stream.name(), token: *token, row: &row_json }.encode_into(out).expect("encodes");
+            Command::Rdata { stream: stream.name(), token: *token, row: &row_json }
+                .encode_into(out)
+                .expect("encodes");
         }
         bytes += out.len();
     }
@@ -147,7 +153,11 @@ fn fanout(c: &mut Criterion) {
         .iter()
         .map(|l| {
             let rd = fields::parse_rdata(&l[6..l.len() - 1]).expect("parses");
-            (StreamId::from_name(rd.stream.as_bytes()).expect("known"), rd.token, json::parse(rd.row).expect("json"))
+            (
+                StreamId::from_name(rd.stream.as_bytes()).expect("known"),
+                rd.token,
+                json::parse(rd.row).expect("json"),
+            )
         })
         .collect();
     let mut group = c.benchmark_group("fanout_100_lines");
@@ -242,5 +252,168 @@ fn memory(_c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, fanout, memory);
+/// A connected loopback TCP pair: a live socket for the snapshot's ioctls.
+fn loopback_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let client = std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+    let (server_side, _) = listener.accept().expect("accept");
+    (client, server_side)
+}
+
+/// What the drivers pass to [`Hub::snapshot`]: SIOCOUTQ and SIOCINQ of the connection's
+/// socket. Here every connection reads the same live socket: the cost is the two syscalls.
+fn kernel_queues_of(fd: std::os::fd::RawFd) -> impl Fn(ConnId) -> (u64, u64) + Copy {
+    move |_| {
+        let outq = replhub::metrics::sockq::send_queue(fd).map_or(0, u64::from);
+        let inq = replhub::metrics::sockq::recv_queue(fd).map_or(0, u64::from);
+        (outq, inq)
+    }
+}
+
+/// What metrics cost on the fan-out path (ARCHITECTURE.md invariant 8). The hub's per-core
+/// counters are plain additions that are always on; a scrape sends each core a message, and the
+/// core answers with [`Hub::snapshot`], reading SIOCOUTQ and SIOCINQ for every connection. The
+/// same fan-out (100 subscribers to every stream, batches of 100 lines) runs with no scrape, with
+/// one scrape every `SCRAPE_EVERY` batches (about 100 ms of this work: a scraper ten times more
+/// eager than a fast Prometheus), and with one every 50 batches (far beyond any scraper). The
+/// snapshot makes the real ioctls, one pair per connection, on a live loopback socket.
+fn metrics_overhead(c: &mut Criterion) {
+    /// About 100 ms of the work below (≈ 20 µs per batch of 100 lines × 100 subscribers).
+    const SCRAPE_EVERY: u64 = 5_000;
+    let (client, _server_side) = loopback_pair();
+    let kernel_queues = kernel_queues_of(std::os::fd::AsRawFd::as_raw_fd(&client));
+
+    let lines = sample_lines(100);
+    let subscribers = 100;
+    let mut group = c.benchmark_group("metrics_overhead_100_lines_100_subscribers");
+    group.throughput(Throughput::Elements((lines.len() * subscribers) as u64));
+    for every in [None, Some(SCRAPE_EVERY), Some(50)] {
+        let mut setup = hub_with(subscribers);
+        let mut batches = 0u64;
+        let id = every.map_or_else(|| "no_scrape".to_owned(), |n| format!("scrape_every_{n}_batches"));
+        group.bench_function(id, |b| {
+            b.iter_batched(
+                || make_batch(&lines),
+                |batch| {
+                    setup.hub.on_batch(batch, setup.now);
+                    let n = deliver(&mut setup);
+                    batches += 1;
+                    if every.is_some_and(|e| batches % e == 0) {
+                        std::hint::black_box(setup.hub.snapshot(0, kernel_queues));
+                    }
+                    n
+                },
+                BatchSize::SmallInput,
+            );
+        });
+    }
+    group.finish();
+
+    // One scrape's share of the work on a core, directly: the snapshot of 100 connections.
+    let mut group = c.benchmark_group("metrics_snapshot");
+    for n in [100usize, 10_000] {
+        let setup = hub_with(n);
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_with_input(BenchmarkId::new("core_snapshot_with_ioctls", n), &n, |b, _| {
+            b.iter(|| setup.hub.snapshot(0, kernel_queues));
+        });
+    }
+    group.finish();
+}
+
+/// CPU time of the calling thread: unlike the wall clock, it does not count the time this
+/// thread waits for a CPU, so other load on the machine does not land in one arm only.
+fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec for the whole call, and
+    // CLOCK_THREAD_CPUTIME_ID is supported by every Linux kernel replhub runs on.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// The same question as [`metrics_overhead`], answered so that it survives a busy machine:
+/// two identical hubs run blocks of the same work in alternating order, one of them also
+/// answering scrapes, and the ratio of the thread CPU time of each pair of blocks is kept.
+/// An A/A row (neither scrapes) shows the noise floor. Printed, not timed.
+fn metrics_overhead_paired(_c: &mut Criterion) {
+    const ROUNDS: usize = 20;
+    const BLOCK: u64 = 5_000;
+    let (client, _server_side) = loopback_pair();
+    let kernel_queues = kernel_queues_of(std::os::fd::AsRawFd::as_raw_fd(&client));
+    let batch = make_batch(&sample_lines(100));
+    let block = |s: &mut Setup, scrape_every: Option<u64>| -> std::time::Duration {
+        let t0 = thread_cpu_time();
+        for k in 1..=BLOCK {
+            s.hub.on_batch(Arc::clone(&batch), s.now);
+            std::hint::black_box(deliver(s));
+            if scrape_every.is_some_and(|e| k % e == 0) {
+                std::hint::black_box(s.hub.snapshot(0, kernel_queues));
+            }
+        }
+        thread_cpu_time() - t0
+    };
+    // The two costs on their own (medians of thread CPU time), which give the overhead with far
+    // less noise than any difference of two runs: one batch fanned out, one snapshot.
+    let median = |mut v: Vec<f64>| -> f64 {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut s = hub_with(100);
+    let per_batch = median((0..ROUNDS).map(|_| block(&mut s, None).as_secs_f64() / BLOCK as f64).collect());
+    let per_snapshot = median(
+        (0..ROUNDS)
+            .map(|_| {
+                let t0 = thread_cpu_time();
+                for _ in 0..100 {
+                    std::hint::black_box(s.hub.snapshot(0, kernel_queues));
+                }
+                (thread_cpu_time() - t0).as_secs_f64() / 100.0
+            })
+            .collect(),
+    );
+    println!(
+        "metrics overhead, 100 subscribers × 100-line batches: {:.1} µs CPU per batch, {:.1} µs CPU \
+         per snapshot (100 connections, 200 ioctls): 1 scrape per 100 ms of work costs {:.3}%, \
+         1 per {BLOCK} batches {:.3}%, 1 per 50 batches {:.2}%",
+        per_batch * 1e6,
+        per_snapshot * 1e6,
+        per_snapshot / 0.1 * 100.0,
+        per_snapshot / (BLOCK as f64 * per_batch) * 100.0,
+        per_snapshot / (50.0 * per_batch) * 100.0,
+    );
+
+    for (label, every) in [
+        ("A/A control: neither hub scrapes", u64::MAX),
+        ("1 scrape per 5000 batches (~100 ms of work)", BLOCK),
+        ("1 scrape per 50 batches", 50),
+    ] {
+        let (mut plain, mut scraped) = (hub_with(100), hub_with(100));
+        block(&mut plain, None);
+        block(&mut scraped, Some(every));
+        let mut ratios: Vec<f64> = (0..ROUNDS)
+            .map(|r| {
+                let (a, b) = if r % 2 == 0 {
+                    let a = block(&mut plain, None);
+                    (a, block(&mut scraped, Some(every)))
+                } else {
+                    let b = block(&mut scraped, Some(every));
+                    (block(&mut plain, None), b)
+                };
+                b.as_secs_f64() / a.as_secs_f64()
+            })
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        let pct = |q: f64| (ratios[((ratios.len() - 1) as f64 * q).round() as usize] - 1.0) * 100.0;
+        println!(
+            "metrics overhead, {label}, 100 subscribers × 100-line batches, {ROUNDS} paired blocks of \
+             {BLOCK} batches: CPU time with scrapes / without = median {:+.2}% (p10 {:+.2}%, p90 {:+.2}%)",
+            pct(0.5),
+            pct(0.1),
+            pct(0.9),
+        );
+    }
+}
+
+criterion_group!(benches, fanout, memory, metrics_overhead, metrics_overhead_paired);
 criterion_main!(benches);

@@ -44,6 +44,8 @@ macro_rules! serve_tests {
             ping_timeout_closes_a_silent_worker,
             shutdown_says_so_to_every_worker,
             metrics_endpoint_renders_a_scrape,
+            metrics_scrape_has_synapse_names_and_follows_traffic,
+            metrics_kernel_send_queue_rises_for_a_stalled_worker,
             synthetic_mode_serves_rows_as_localhost,
             synthetic_unpaced_stays_responsive_and_bounded,
             a_closed_worker_that_never_closes_is_dropped_after_the_linger,

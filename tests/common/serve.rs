@@ -2,13 +2,14 @@
 //! `serve_tests!` macro instantiates them per backend.
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use replhub::config::IoBackend;
 use replhub::proto::StreamId;
+use replhub::server::Server;
 use replhub::session::SessionConfig;
 use serde_json::Value;
 
@@ -734,4 +735,267 @@ pub fn a_closed_worker_that_never_closes_is_dropped_after_the_linger(io: IoBacke
     eventually("the server to drop the lingering connection", || live() == 0);
     stop(server, vec![]);
     drop(w);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics end to end: a real server, a scrape over HTTP, traffic in between
+
+/// One `GET path` on the metrics endpoint: the status line and the body.
+fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut http = TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    http.set_read_timeout(Some(WAIT)).expect("timeout");
+    http.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .expect("request");
+    let mut raw = String::new();
+    http.read_to_string(&mut raw).expect("response");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no end of head: {raw:?}"));
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    (status, body.to_owned())
+}
+
+/// A scrape, parsed: every sample by its series (`name{labels}` exactly as printed).
+struct Scrape {
+    text: String,
+    samples: BTreeMap<String, f64>,
+}
+
+impl Scrape {
+    fn take(server: &Server) -> Self {
+        let (status, text) = http_get(server.metrics_addr().expect("metrics on"), "/metrics");
+        assert_eq!(status, "HTTP/1.1 200 OK", "{text}");
+        let samples = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample {l:?}"));
+                (series.to_owned(), value.parse().unwrap_or_else(|_| panic!("bad value in {l:?}")))
+            })
+            .collect();
+        Self { text, samples }
+    }
+
+    /// The value of a series that must be present, as an integer.
+    fn get(&self, series: &str) -> u64 {
+        let v = self.samples.get(series).unwrap_or_else(|| panic!("no {series} in:\n{}", self.text));
+        assert!(v.fract() == 0.0 && *v >= 0.0, "{series} = {v}");
+        *v as u64
+    }
+
+    /// Asserts `series` has `value`.
+    fn expect(&self, series: &str, value: u64) {
+        assert_eq!(self.get(series), value, "{series} in:\n{}", self.text);
+    }
+
+    /// Series of a family (samples whose name is exactly `family`, with or without labels).
+    fn family(&self, family: &str) -> Vec<&str> {
+        self.samples
+            .keys()
+            .filter(|k| k.strip_prefix(family).is_some_and(|rest| rest.is_empty() || rest.starts_with('{')))
+            .map(String::as_str)
+            .collect()
+    }
+}
+
+/// Scrapes until `cond` holds (failure guard: [`WAIT`]); for values a core updates after the
+/// worker has already seen the bytes (a write's completion is handled after the peer reads).
+fn scrape_until(server: &Server, what: &str, cond: impl Fn(&Scrape) -> bool) -> Scrape {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = Scrape::take(server);
+        if cond(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; last scrape:\n{}", s.text);
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+const P: &str = "synapse_replication_tcp_protocol_";
+const R: &str = "synapse_replication_tcp_resource_";
+
+fn per_stream(family: &str, stream: &str) -> String {
+    format!("{family}{{stream_name=\"{stream}\"}}")
+}
+
+fn per_name(family: &str, name: &str) -> String {
+    format!("{P}{family}{{name=\"{name}\"}}")
+}
+
+fn per_command(family: &str, command: &str, name: &str) -> String {
+    format!("{P}{family}{{command=\"{command}\",name=\"{name}\"}}")
+}
+
+/// `n` RDATA lines of `stream` with tokens from `first` on.
+fn rdata_lines(stream: &str, first: i64, n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| format!("RDATA {stream} {} [\"row\", {i}, \"metrics\"]\n", first + i as i64).into_bytes())
+        .collect()
+}
+
+pub fn metrics_scrape_has_synapse_names_and_follows_traffic(io: IoBackend) {
+    let master = TestMaster::start();
+    let mut config = upstream_config(io, master.addr());
+    config.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    // No keep-alive PINGs during the test, so the bytes delivered are exactly the lines pushed.
+    config.hub.session = SessionConfig { ping_interval_ms: 3_600_000, ..SessionConfig::default() };
+    let server = start(config);
+    master.wait_handshakes(1);
+    let addr = server.metrics_addr().expect("metrics on");
+
+    // Routing: only /metrics exists.
+    assert_eq!(http_get(addr, "/nope").0, "HTTP/1.1 404 Not Found");
+    assert_eq!(http_get(addr, "/metrics/").0, "HTTP/1.1 404 Not Found");
+
+    let mut w1 = Worker::connect(server.local_addr());
+    w1.subscribe("w1", &["events", "caches"]);
+    let mut w2 = Worker::connect(server.local_addr());
+    w2.subscribe("w2", &["ALL"]);
+    // A worker that never sends NAME is `anon`, as in Synapse.
+    let mut w3 = Worker::connect(server.local_addr());
+    w3.greeting();
+    w3.send("REPLICATE typing");
+    assert!(w3.line_skip_ping().starts_with("POSITION typing "));
+
+    // Connections, subscriptions and inbound commands, per worker name.
+    let s = scrape_until(&server, "the POSITIONs to be counted as written", |s| {
+        [("w1", 2.0), ("w2", 16.0), ("anon", 1.0)]
+            .iter()
+            .all(|(name, n)| s.samples.get(&per_command("outbound_commands", "POSITION", name)) == Some(n))
+    });
+    s.expect(&format!("{R}total_connections"), 3);
+    for stream in StreamId::ALL {
+        let want = 1 + u64::from(matches!(stream, StreamId::Events | StreamId::Caches | StreamId::Typing));
+        s.expect(&per_stream(&format!("{R}connections_per_stream"), stream.name()), want);
+    }
+    assert_eq!(s.family(&format!("{R}connections_per_stream")).len(), StreamId::COUNT);
+    s.expect(&per_command("inbound_commands", "REPLICATE", "w1"), 2);
+    s.expect(&per_command("inbound_commands", "NAME", "w1"), 1);
+    s.expect(&per_command("inbound_commands", "REPLICATE", "w2"), 1);
+    s.expect(&per_command("inbound_commands", "REPLICATE", "anon"), 1);
+    assert!(!s.samples.contains_key(&per_command("inbound_commands", "NAME", "anon")));
+    for name in ["w1", "w2", "anon"] {
+        s.expect(&per_command("outbound_commands", "SERVER", name), 1);
+        s.expect(&per_name("pending_commands", name), 0);
+    }
+    s.expect(r#"replhub_connections{state="subscribed"}"#, 3);
+    s.expect("replhub_connections_accepted_total", 3);
+    s.expect("replhub_upstream_connected", 1);
+    s.expect(r#"replhub_upstream_mode{mode="upstream"}"#, 1);
+    s.expect(&format!("replhub_io_backend{{backend=\"{}\"}}", server.backend().0), 1);
+    s.expect(&format!("replhub_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")), 1);
+    s.expect("replhub_threads", 2);
+    s.expect("replhub_scrape_cores_reported", 2);
+    s.expect(&format!("{R}user_sync"), 0);
+
+    // Commands for the upstream are counted; the master seeing the FEDERATION_ACK sent after the
+    // USER_SYNC shows both were handled.
+    w1.send("USER_SYNC @alice:example.com start 1000");
+    w1.send("FEDERATION_ACK 7");
+    master.wait_line("FEDERATION_ACK 7", |l| l == "FEDERATION_ACK 7");
+    let s = Scrape::take(&server);
+    for suffix in ["", "_total"] {
+        s.expect(&format!("{R}user_sync{suffix}"), 1);
+        s.expect(&format!("{R}federation_ack{suffix}"), 1);
+        s.expect(&format!("{R}invalidate_cache{suffix}"), 0);
+    }
+    s.expect(&per_command("inbound_commands", "USER_SYNC", "w1"), 1);
+    s.expect(&per_command("inbound_commands", "FEDERATION_ACK", "w1"), 1);
+    s.expect("replhub_upstream_syncing_users", 1);
+
+    // Traffic: counters move by exactly what was delivered.
+    let before = Scrape::take(&server);
+    let events = rdata_lines("events", 1_000, 50);
+    let caches = rdata_lines("caches", 2_000, 30);
+    let typing = rdata_lines("typing", 3_000, 20);
+    let bytes = |lines: &[Vec<u8>]| lines.iter().map(Vec::len).sum::<usize>() as u64;
+    let mut all = Vec::new();
+    for i in 0..50 {
+        for set in [&events, &caches, &typing] {
+            if let Some(l) = set.get(i) {
+                all.push(l.clone());
+            }
+        }
+    }
+    master.push(&all.concat());
+    let want = |streams: &[&str]| -> Vec<Vec<u8>> {
+        all.iter().filter(|l| streams.contains(&rdata_stream(l))).cloned().collect()
+    };
+    assert!(w1.rdata(80) == want(&["events", "caches"]), "w1 got its streams");
+    assert!(w2.rdata(100) == all, "w2 got everything");
+    assert!(w3.rdata(20) == want(&["typing"]), "w3 got typing");
+
+    let lines0 = before.get("replhub_lines_delivered_total");
+    let (want_lines, want_bytes) =
+        (2 * 50 + 2 * 30 + 2 * 20, 2 * (bytes(&events) + bytes(&caches) + bytes(&typing)));
+    let after = scrape_until(&server, "the deliveries to be counted", |s| {
+        s.get("replhub_lines_delivered_total") >= lines0 + want_lines
+    });
+    after.expect("replhub_lines_delivered_total", lines0 + want_lines);
+    after.expect("replhub_bytes_delivered_total", before.get("replhub_bytes_delivered_total") + want_bytes);
+    for (stream, n) in [("events", 50), ("caches", 30), ("typing", 20), ("presence", 0)] {
+        for family in [format!("{P}inbound_rdata_count"), format!("{R}stream_updates")] {
+            for suffix in ["", "_total"] {
+                let series = per_stream(&format!("{family}{suffix}"), stream);
+                after.expect(&series, before.get(&series) + n);
+            }
+        }
+    }
+    after.expect(r#"replhub_upstream_token{stream_name="events"}"#, 1_049);
+    after.expect(r#"replhub_upstream_token{stream_name="typing"}"#, 3_019);
+    after.expect(&per_command("outbound_commands", "RDATA", "w1"), 80);
+    after.expect(&per_command("outbound_commands", "RDATA", "w2"), 100);
+    after.expect(&per_command("outbound_commands", "RDATA", "anon"), 20);
+    assert!(after.get("replhub_writes_total") > before.get("replhub_writes_total"));
+    after.expect("replhub_backlog_bytes_max", 0);
+
+    // A worker leaves: the gauges drop it, the close is counted by reason.
+    let done = before.get(&format!("{P}close_reason{{reason_type=\"ConnectionDone\"}}"));
+    w3.close();
+    let s = scrape_until(&server, "the closed connection to go", |s| {
+        s.get(&format!("{R}total_connections")) == 2
+    });
+    for suffix in ["", "_total"] {
+        s.expect(&format!("{P}close_reason{suffix}{{reason_type=\"ConnectionDone\"}}"), done + 1);
+        s.expect(&format!("{P}close_reason{suffix}{{reason_type=\"ProtocolError\"}}"), 0);
+    }
+    s.expect(&per_stream(&format!("{R}connections_per_stream"), "typing"), 1);
+    assert!(!s.samples.keys().any(|k| k.contains("name=\"anon\"")), "anon is gone:\n{}", s.text);
+    stop(server, vec![w1, w2]);
+}
+
+pub fn metrics_kernel_send_queue_rises_for_a_stalled_worker(io: IoBackend) {
+    let master = TestMaster::start();
+    let mut config = upstream_config(io, master.addr());
+    config.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    let server = start(config);
+    master.wait_handshakes(1);
+
+    let mut stalled = Worker::connect_small_rcvbuf(server.local_addr());
+    stalled.subscribe("stalled", &["events"]);
+    let mut reader = Worker::connect(server.local_addr());
+    reader.subscribe("reader", &["events"]);
+    let kernel_send = per_name("transport_kernel_send_buffer", "stalled");
+    scrape_until(&server, "a quiet socket's send queue to be empty", |s| s.get(&kernel_send) == 0);
+
+    // 2 MB the stalled worker does not read: its socket's send queue fills up.
+    let lines = rdata_lines("events", 10_000, 8_000);
+    let pushed = lines.iter().map(Vec::len).sum::<usize>() as u64;
+    master.push(&lines.concat());
+    assert!(reader.rdata(lines.len()) == lines, "the reader gets everything");
+    let s =
+        scrape_until(&server, "the stalled worker's kernel send queue to fill", |s| s.get(&kernel_send) > 0);
+    let queued = s.get(&kernel_send);
+    assert!(queued <= pushed, "{queued} bytes queued of {pushed} pushed");
+    // The reader's queue drains (the gauge is per worker name, not one sum for all).
+    scrape_until(&server, "the reader's send queue to drain", |s| {
+        s.get(&per_name("transport_kernel_send_buffer", "reader")) == 0
+    });
+    // What the kernel does not hold yet is the hub's backlog for the stalled worker.
+    let s = Scrape::take(&server);
+    let backlog = s.get(&per_name("transport_send_buffer", "stalled"));
+    assert!(s.get(&kernel_send) + backlog <= pushed, "kernel {} + backlog {backlog}", s.get(&kernel_send));
+    assert_eq!(s.get("replhub_backlog_bytes_max"), backlog, "the stalled worker has the largest backlog");
+    assert_eq!(s.family(&format!("{P}transport_kernel_send_buffer")).len(), 2, "one series per name");
+    stalled.close();
+    stop(server, vec![reader]);
 }
