@@ -36,6 +36,12 @@ use crate::upstream::SyntheticSource;
 
 /// How much spare room the upstream read buffer gets before each read.
 const READ_RESERVE: usize = 256 << 10;
+/// Reads that arrive less than this long after the last batch wait (at most this long) to be
+/// cut into one batch with what follows: at a few thousand lines per second every line would
+/// otherwise be its own batch, and so its own write to every worker. Idle links are not delayed.
+const COALESCE: Duration = Duration::from_millis(1);
+/// ... unless this much is already buffered.
+const COALESCE_BYTES: usize = 64 << 10;
 /// How long to wait before retrying a full core mailbox.
 const FULL_RETRY: Duration = Duration::from_millis(1);
 /// Give up dialing after this long (then back off and retry).
@@ -327,6 +333,9 @@ impl Source {
     ) -> ConnEnd {
         let mut out: VecDeque<Bytes> = VecDeque::new();
         let mut out_off = 0usize;
+        // Bytes read but not yet cut into a batch (see COALESCE), and when the last batch was cut.
+        let mut held = false;
+        let mut last_cut = tokio::time::Instant::now();
         loop {
             if !self.dispatch(&mut link.0, backoff).await {
                 return ConnEnd::Stop;
@@ -355,8 +364,12 @@ impl Source {
             if self.stopping() {
                 return ConnEnd::Stop;
             }
-            let deadline =
+            let mut deadline =
                 link.0.poll_timeout().map(|ms| tokio::time::Instant::from_std(self.ctx.clock.instant_at(ms)));
+            if held {
+                let cut_at = last_cut + COALESCE;
+                deadline = Some(deadline.map_or(cut_at, |d| d.min(cut_at)));
+            }
             tokio::select! {
                 biased;
                 () = self.ctx.wakeup.notified() => self.drain(link),
@@ -373,12 +386,26 @@ impl Source {
                     buf.reserve(READ_RESERVE);
                     match stream.try_read_buf(buf) {
                         Ok(0) => return ConnEnd::Lost("closed by the upstream".to_owned()),
-                        Ok(_) => link.0.on_read(self.ctx.clock.now()),
+                        Ok(_) => {
+                            let t = tokio::time::Instant::now();
+                            if buf.len() >= COALESCE_BYTES || t >= last_cut + COALESCE {
+                                link.0.on_read(self.ctx.clock.now());
+                                held = false;
+                                last_cut = t;
+                            } else {
+                                held = true;
+                            }
+                        }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => return ConnEnd::Lost(format!("read failed: {e}")),
                     }
                 }
                 () = sleep_opt(deadline) => {
+                    if held && tokio::time::Instant::now() >= last_cut + COALESCE {
+                        link.0.on_read(self.ctx.clock.now());
+                        held = false;
+                        last_cut = tokio::time::Instant::now();
+                    }
                     link.0.handle_timeout(self.ctx.clock.now());
                 }
             }
