@@ -453,6 +453,16 @@ fn replhub_metrics(
         "Commands forwarded to the upstream master.",
         up.forwarded,
     )?;
+    x.counter(
+        "replhub_upstream_rdata_dropped_total",
+        "RDATA lines from the upstream that were not relayed: an unknown stream, or malformed.",
+        up.rdata_dropped,
+    )?;
+    x.counter(
+        "replhub_upstream_forwards_dropped_total",
+        "Worker commands dropped because the queue for a disconnected upstream was full.",
+        up.forwards_dropped,
+    )?;
 
     x.gauge_vec(
         "replhub_io_backend",
@@ -571,6 +581,8 @@ mod tests {
             reconnects: 2,
             syncing_users: 5,
             forwarded: 17,
+            rdata_dropped: 3,
+            forwards_dropped: 4,
             ..UpstreamSnapshot::default()
         };
         up.tokens[StreamId::Events.index()] = Some(5321);
@@ -711,6 +723,8 @@ mod tests {
             r#"replhub_upstream_token{stream_name="typing"} 42"#,
             "replhub_upstream_syncing_users 5",
             "replhub_upstream_forwarded_total 17",
+            "replhub_upstream_rdata_dropped_total 3",
+            "replhub_upstream_forwards_dropped_total 4",
             r#"replhub_io_backend{backend="epoll"} 1"#,
             r#"replhub_io_fallback{reason="io_uring_setup: Operation not permitted"} 1"#,
             r#"replhub_build_info{version="0.1.0"} 1"#,

@@ -197,4 +197,8 @@ pub struct UpstreamSnapshot {
     pub syncing_users: u64,
     /// Commands forwarded to the upstream.
     pub forwarded: u64,
+    /// RDATA lines from the upstream not relayed: an unknown stream, or malformed.
+    pub rdata_dropped: u64,
+    /// Worker commands dropped because the queue for a disconnected upstream was full.
+    pub forwards_dropped: u64,
 }

@@ -415,6 +415,8 @@ impl UpstreamLink {
             inbound_rdata: self.stats.inbound_rdata,
             syncing_users: self.user_sync.len() as u64,
             forwarded: self.stats.forwarded,
+            rdata_dropped: self.stats.unknown_stream_rdata + self.stats.malformed_rdata,
+            forwards_dropped: self.stats.forward_dropped,
         }
     }
 

@@ -172,6 +172,8 @@ impl SyntheticSource {
             inbound_rdata: self.stream_updates,
             syncing_users: self.user_sync.len() as u64,
             forwarded: self.commands,
+            rdata_dropped: 0,
+            forwards_dropped: self.dropped_commands,
         }
     }
 }
