@@ -1,8 +1,9 @@
 //! Line splitting with memchr over a reusable buffer (PROTOCOL.md §1.1 steps 1–3).
 //!
 //! Modelled on the `LinesCodec` of the async runtime's codec utilities: "need more bytes" is
-//! `Ok(None)`, the scan resumes where it stopped (a long unterminated line is not rescanned on every read), and after an
-//! over-long line the splitter discards input up to the next `\n` before resuming.
+//! `Ok(None)`, the scan resumes where it stopped (a long unterminated line is not rescanned on
+//! every read), and after an over-long line the splitter discards input up to the next `\n`
+//! before resuming.
 //!
 //! Lines are split off the buffer as `Bytes` without copying; once every line of an
 //! allocation has been dropped, the buffer's `reserve` reuses that allocation.
