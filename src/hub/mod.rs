@@ -12,6 +12,7 @@
 //! unchanged until the next `on_written` or `on_peer_closed` for that connection.
 
 pub mod log;
+pub mod slots;
 pub mod user_sync;
 
 mod conn;
@@ -23,6 +24,7 @@ mod tests;
 
 pub use self::core::Hub;
 pub use self::log::{Batch, LineMeta, Log, Seq, BROADCAST};
+pub use self::slots::{SlotMap, Slots};
 pub use self::user_sync::{Transition, UserSyncMerger};
 
 use bytes::Bytes;
