@@ -51,7 +51,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Limits on each connection to the endpoint and on all of them together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Connections held at once. When full, a new connection closes the oldest one that is not
+    /// Connections held at once (at least 1). When full, a new connection closes the oldest one that is not
     /// waiting for its render (so a crowd of slow clients cannot lock a scrape out); if every
     /// one is, the newcomer is told `503 Service Unavailable` and closed.
     pub max_conns: usize,
@@ -121,6 +121,8 @@ impl MetricsServer {
             let _in_runtime = rt.enter();
             TcpListener::from_std(listener)?
         };
+        // With no slot at all every connection would be refused.
+        let limits = Limits { max_conns: limits.max_conns.max(1), ..limits };
         let shared = Arc::new(Shared {
             limits,
             routes: Routes { metrics: Page { content_type: CONTENT_TYPE, render: Arc::new(render) } },
@@ -285,7 +287,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: onesh
                     refuse(&stream);
                     continue;
                 }
-                let task = tokio::spawn(serve_conn(stream, peer, id, Arc::clone(&shared)));
+                let task = tokio::spawn(serve_conn(stream, peer, id, Instant::now(), Arc::clone(&shared)));
                 conns.evictable.insert(id, task.abort_handle());
             }
             Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
@@ -310,9 +312,14 @@ fn refuse(stream: &TcpStream) {
     let _ = stream.try_write(&reply.into_bytes());
 }
 
-async fn serve_conn(mut stream: TcpStream, peer: SocketAddr, id: u64, shared: Arc<Shared>) {
+async fn serve_conn(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    accepted: Instant,
+    shared: Arc<Shared>,
+) {
     let _registered = Registered { id, shared: &shared };
-    let accepted = Instant::now();
     let limits = shared.limits;
     match timeout_at(accepted + limits.conn_timeout, exchange(&mut stream, id, accepted, &shared)).await {
         Ok(Ok(())) => {}
