@@ -1,10 +1,11 @@
 //! The `/metrics` endpoint over real loopback TCP: routing, status codes, and that a silent
-//! client cannot block later scrapes.
+//! client cannot block later scrapes (`metrics_crowd.rs` does the same with hundreds).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use replhub::metrics::http::Limits;
 use replhub::metrics::snapshot::{ConnPhase, ConnSample, CoreSnapshot, CoreStats, UpstreamSnapshot};
 use replhub::metrics::{render, MetricsServer, RenderInfo};
 
@@ -167,14 +168,19 @@ fn a_silent_client_does_not_block_later_scrapes() {
     let mut partial = connect(addr);
     partial.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
 
-    // Queued behind both; completes once the server has given up on them.
+    // Served beside both, without waiting for their head deadline.
+    let head_timeout = Limits::default().head_timeout;
+    let t = Instant::now();
     let r = scrape(addr);
     assert_eq!(r.status_line, "HTTP/1.1 200 OK");
+    assert!(t.elapsed() < head_timeout / 2, "scrape took {:?}", t.elapsed());
 
-    // The silent one was closed without a response, the partial one told it timed out.
+    // Then, at their deadline, the silent one is closed without a response, and the partial
+    // one told it timed out.
     let mut rest = Vec::new();
     assert_eq!(silent.read_to_end(&mut rest).unwrap(), 0);
     assert_eq!(read_response(partial).status_line, "HTTP/1.1 408 Request Timeout");
+    assert!(t.elapsed() >= head_timeout / 2, "closed before its deadline");
 }
 
 #[test]

@@ -1,60 +1,141 @@
-//! The `/metrics` endpoint: a minimal HTTP/1.1 responder on one std thread.
+//! The `/metrics` endpoint: a small HTTP/1.1 server on a thread of its own, independent of the
+//! I/O driver.
 //!
-//! Prometheus scrapes once every 15 s or so, so a dedicated blocking thread serving one request
-//! per connection (`Connection: close`) is all that is needed, and it works the same under both
-//! I/O drivers without touching their loops. Each connection gets at most [`HEAD_TIMEOUT`] to
-//! deliver its request head (≤ [`MAX_HEAD`] bytes), so a silent or trickling client cannot hold
-//! the thread for longer than that.
+//! ```text
+//!  listener ─accept─► Conns: at most max_conns; when full, the oldest connection not being
+//!      │               rendered for is closed (or, if every one is, the newcomer gets a 503)
+//!      └─► one task per connection, all under one conn_timeout from accept:
+//!            read the head (≤ MAX_HEAD bytes, head_timeout) ─► Routes::route
+//!              ─► render on the render thread (asks every core) ─► write ─► half-close, linger
+//! ```
+//!
+//! The thread runs a tokio current-thread runtime, so a silent, trickling or non-reading client
+//! occupies one small task and never delays another connection: a scrape is answered as soon as
+//! its own request has arrived and the cores have answered. Rendering (which blocks on the cores'
+//! replies) runs on the runtime's one blocking thread, so scrapes are rendered one at a time and
+//! only for complete requests. Every response says `Connection: close` and the server closes
+//! first, so a client that keeps its end open after reading costs at most `linger`, and can be
+//! closed at once to make room.
 
-use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::AbortHandle;
+use tokio::time::{timeout_at, Instant};
 
 /// Longest request head accepted (request line and headers).
 pub const MAX_HEAD: usize = 8 * 1024;
 
-/// Time a client has, from accept, to send its whole request head.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Per-write timeout for the response.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// After responding, how long to drain what the client still sends before closing, so that
-/// unread request bytes do not turn our close into a reset that destroys the response.
-const LINGER: Duration = Duration::from_millis(500);
-
-/// Pause after an accept error such as `EMFILE`, which would otherwise repeat at once.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-
 /// The content type of Prometheus text exposition 0.0.4.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Listen backlog. Accepting never waits on a client, so the queue only has to absorb a burst of
+/// connects between two turns of the accept loop.
+const BACKLOG: i32 = 1024;
+
+/// Pause after an accept error such as `EMFILE`, which would otherwise repeat at once.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+
+/// How long stopping waits for a render in progress before leaving it behind.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// Limits on each connection to the endpoint and on all of them together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections held at once (at least 1). When full, a new connection closes the oldest one that is not
+    /// waiting for its render (so a crowd of slow clients cannot lock a scrape out); if every
+    /// one is, the newcomer is told `503 Service Unavailable` and closed.
+    pub max_conns: usize,
+    /// Time a client has, from accept, to send its whole request head; then it is told
+    /// `408 Request Timeout` (or closed without a word if it sent nothing).
+    pub head_timeout: Duration,
+    /// Time a connection may live from accept, whatever it is doing (waiting for the render,
+    /// or writing to a client that does not read).
+    pub conn_timeout: Duration,
+    /// After responding, how long to drain what the client still sends before closing, so that
+    /// unread request bytes do not turn our close into a reset that destroys the response.
+    pub linger: Duration,
+}
+
+impl Default for Limits {
+    /// 128 connections (a Prometheus server uses one per scrape), 2 s for the head, 10 s in all
+    /// (Prometheus's default scrape timeout), 500 ms of linger.
+    fn default() -> Self {
+        Self {
+            max_conns: 128,
+            head_timeout: Duration::from_secs(2),
+            conn_timeout: Duration::from_secs(10),
+            linger: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Produces a page's body; called on the render thread, once per complete request for it.
+type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// A running `/metrics` endpoint. Stops (and joins its thread) on [`shutdown`](Self::shutdown)
 /// or drop.
 #[derive(Debug)]
 pub struct MetricsServer {
     local_addr: SocketAddr,
-    stop: Arc<AtomicBool>,
+    stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl MetricsServer {
-    /// Binds `addr` and serves `GET /metrics` with the text `render` returns, on a new thread.
+    /// Binds `addr` and serves `GET /metrics` with the text `render` returns, on a new thread,
+    /// with the default [`Limits`].
     ///
-    /// `render` is called once per scrape, on the server thread.
+    /// `render` is called once per complete `GET /metrics` request, on the render thread, one
+    /// call at a time.
     pub fn start(addr: SocketAddr, render: impl Fn() -> String + Send + Sync + 'static) -> io::Result<Self> {
-        let listener = TcpListener::bind(addr)?;
+        Self::start_with(addr, Limits::default(), render)
+    }
+
+    /// [`MetricsServer::start`] with explicit limits (tests use small ones).
+    pub fn start_with(
+        addr: SocketAddr,
+        limits: Limits,
+        render: impl Fn() -> String + Send + Sync + 'static,
+    ) -> io::Result<Self> {
+        let listener = bind(addr)?;
         let local_addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = std::thread::Builder::new().name("replhub-metrics".to_owned()).spawn({
-            let stop = Arc::clone(&stop);
-            move || serve(&listener, &stop, &render)
-        })?;
-        Ok(Self { local_addr, stop, thread: Some(thread) })
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            // One blocking thread: scrapes are rendered one at a time, which bounds what a burst
+            // of requests can ask of the cores.
+            .max_blocking_threads(1)
+            .thread_name("replhub-metrics")
+            .build()?;
+        let listener = {
+            let _in_runtime = rt.enter();
+            TcpListener::from_std(listener)?
+        };
+        // With no slot at all every connection would be refused.
+        let limits = Limits { max_conns: limits.max_conns.max(1), ..limits };
+        let shared = Arc::new(Shared {
+            limits,
+            routes: Routes { metrics: Page { content_type: CONTENT_TYPE, render: Arc::new(render) } },
+            conns: Mutex::new(Conns::default()),
+        });
+        let (stop, stopped) = oneshot::channel();
+        let thread =
+            std::thread::Builder::new().name("replhub-metrics-http".to_owned()).spawn(move || {
+                rt.block_on(accept_loop(listener, shared, stopped));
+                // The listener is closed by now; this drops every connection still open.
+                rt.shutdown_timeout(SHUTDOWN_GRACE);
+            })?;
+        Ok(Self { local_addr, stop: Some(stop), thread: Some(thread) })
     }
 
     /// The address actually bound (useful with port 0).
@@ -62,27 +143,21 @@ impl MetricsServer {
         self.local_addr
     }
 
-    /// Stops accepting, finishes the request in progress (bounded by the timeouts) and joins
-    /// the thread.
+    /// Stops accepting, closes every open connection (waiting at most 1 s for a render in
+    /// progress) and joins the thread. The port is free when this returns.
     pub fn shutdown(mut self) {
         self.stop_and_join();
     }
 
     fn stop_and_join(&mut self) {
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
-        self.stop.store(true, Ordering::SeqCst);
-        // The thread is blocked in accept(); one connection wakes it, and it sees the flag.
-        match TcpStream::connect_timeout(&wake_addr(self.local_addr), Duration::from_secs(1)) {
-            Ok(_) => {
-                if thread.join().is_err() {
-                    tracing::error!("metrics thread panicked");
-                }
+        if let Some(stop) = self.stop.take() {
+            // An error means the accept loop has already ended; joining is all that is left.
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("metrics thread panicked");
             }
-            // Without the wake-up, joining could block forever; the thread is left to end
-            // with the process instead.
-            Err(e) => tracing::warn!(error = %e, "could not wake the metrics thread to stop it"),
         }
     }
 }
@@ -93,37 +168,192 @@ impl Drop for MetricsServer {
     }
 }
 
-/// Where to connect to reach a listener bound to `addr` (loopback for a wildcard address).
-fn wake_addr(addr: SocketAddr) -> SocketAddr {
-    let mut a = addr;
-    if a.ip().is_unspecified() {
-        a.set_ip(match a {
-            SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
-            SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    a
+/// A non-blocking listener with a backlog large enough for a burst of connects.
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
 }
 
-fn serve(listener: &TcpListener, stop: &AtomicBool, render: &dyn Fn() -> String) {
-    loop {
-        let accepted = listener.accept();
-        if stop.load(Ordering::SeqCst) {
-            return;
+/// What every connection task shares.
+struct Shared {
+    limits: Limits,
+    routes: Routes,
+    conns: Mutex<Conns>,
+}
+
+impl Shared {
+    /// The registry. Held only between awaits, on the one runtime thread, so never contended;
+    /// nothing in it can be left half-updated by a panic.
+    fn conns(&self) -> MutexGuard<'_, Conns> {
+        self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The open connections, by id (ids grow with accept order, so the first is the oldest).
+///
+/// A connection's task is registered right after it is spawned, before it first runs: the
+/// runtime has one thread, and the accept loop does not yield in between.
+#[derive(Default)]
+struct Conns {
+    /// Connections that may be closed to make room: reading a head, writing, lingering.
+    evictable: BTreeMap<u64, AbortHandle>,
+    /// Connections waiting for their render, which are never closed to make room: each is a
+    /// complete request, and its render is bounded by the cores' reply timeout.
+    rendering: BTreeMap<u64, AbortHandle>,
+}
+
+impl Conns {
+    fn len(&self) -> usize {
+        self.evictable.len() + self.rendering.len()
+    }
+
+    /// Closes the oldest evictable connections until fewer than `max` remain; false if that is
+    /// not possible (every connection is waiting for a render).
+    fn make_room(&mut self, max: usize) -> bool {
+        while self.len() >= max {
+            if !self.evict_oldest() {
+                return false;
+            }
         }
+        true
+    }
+
+    /// Aborts the oldest evictable connection's task (dropping it closes the socket).
+    fn evict_oldest(&mut self) -> bool {
+        match self.evictable.pop_first() {
+            Some((_, task)) => {
+                task.abort();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Moves `id` into or out of the rendering set; false if it is not registered.
+    fn set_rendering(&mut self, id: u64, rendering: bool) -> bool {
+        let (from, to) = if rendering {
+            (&mut self.evictable, &mut self.rendering)
+        } else {
+            (&mut self.rendering, &mut self.evictable)
+        };
+        match from.remove(&id) {
+            Some(task) => {
+                to.insert(id, task);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.evictable.remove(&id);
+        self.rendering.remove(&id);
+    }
+}
+
+/// Unregisters a connection when its task ends, however it ends (finished, timed out, evicted,
+/// runtime shut down).
+struct Registered<'a> {
+    id: u64,
+    shared: &'a Shared,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.shared.conns().remove(self.id);
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
+    let mut next_id: u64 = 0;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = &mut stop => return,
+            accepted = listener.accept() => accepted,
+        };
         match accepted {
             Ok((stream, peer)) => {
-                if let Err(e) = handle(stream, render) {
-                    tracing::debug!(%peer, error = %e, "metrics request failed");
+                let id = next_id;
+                next_id += 1;
+                let mut conns = shared.conns();
+                if !conns.make_room(shared.limits.max_conns) {
+                    drop(conns);
+                    tracing::debug!(%peer, "metrics endpoint full of renders; refusing a connection");
+                    refuse(&stream);
+                    continue;
                 }
+                let task = tokio::spawn(serve_conn(stream, peer, id, Instant::now(), Arc::clone(&shared)));
+                conns.evictable.insert(id, task.abort_handle());
             }
             Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "metrics listener accept failed");
-                std::thread::sleep(ACCEPT_BACKOFF);
+                // Out of descriptors, most likely: give back the oldest idle one so the next
+                // accept can succeed, instead of leaving the listen queue to fill.
+                let freed = shared.conns().evict_oldest();
+                tracing::warn!(error = %e, freed, "metrics listener accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }
     }
+}
+
+/// Best effort `503` to a connection there is no room for: one non-blocking write (the socket's
+/// empty send buffer takes it whole), then close.
+fn refuse(stream: &TcpStream) {
+    let reply = Reply {
+        extra_header: Some("Retry-After: 1"),
+        ..Reply::text("503 Service Unavailable", "too many connections\n")
+    };
+    let _ = stream.try_write(&reply.into_bytes());
+}
+
+async fn serve_conn(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    accepted: Instant,
+    shared: Arc<Shared>,
+) {
+    let _registered = Registered { id, shared: &shared };
+    let limits = shared.limits;
+    match timeout_at(accepted + limits.conn_timeout, exchange(&mut stream, id, accepted, &shared)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics request failed"),
+        Err(_) => tracing::debug!(%peer, "metrics connection timed out"),
+    }
+}
+
+/// Reads one request, answers it, half-closes and lingers.
+async fn exchange(stream: &mut TcpStream, id: u64, accepted: Instant, shared: &Shared) -> io::Result<()> {
+    let mut buf = vec![0u8; MAX_HEAD];
+    let reply = match read_head(stream, &mut buf, accepted + shared.limits.head_timeout).await? {
+        Head::Complete(len) => match shared.routes.route(&buf[..len]) {
+            Route::Reply(reply) => reply,
+            Route::Page(page) => {
+                if !shared.conns().set_rendering(id, true) {
+                    return Ok(());
+                }
+                let reply = page.render().await;
+                shared.conns().set_rendering(id, false);
+                reply
+            }
+        },
+        Head::Incomplete { got: 0, .. } => return Ok(()),
+        Head::Incomplete { timed_out: true, .. } => {
+            Reply::text("408 Request Timeout", "request head not received in time\n")
+        }
+        Head::Incomplete { timed_out: false, .. } => Reply::text("400 Bad Request", "incomplete request\n"),
+        Head::TooLarge => Reply::text("400 Bad Request", "request head too large\n"),
+    };
+    drop(buf);
+    stream.write_all(&reply.into_bytes()).await?;
+    linger_close(stream, shared.limits.linger).await;
+    Ok(())
 }
 
 /// How reading a request head ended.
@@ -137,48 +367,45 @@ enum Head {
     TooLarge,
 }
 
-fn handle(mut stream: TcpStream, render: &dyn Fn() -> String) -> io::Result<()> {
-    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
-    let mut buf = [0u8; MAX_HEAD];
-    let reply = match read_head(&mut stream, &mut buf)? {
-        Head::Complete(len) => respond(&buf[..len], render),
-        Head::Incomplete { got: 0, .. } => return Ok(()),
-        Head::Incomplete { timed_out: true, .. } => {
-            Reply::text("408 Request Timeout", "request head not received in time\n")
-        }
-        Head::Incomplete { timed_out: false, .. } => Reply::text("400 Bad Request", "incomplete request\n"),
-        Head::TooLarge => Reply::text("400 Bad Request", "request head too large\n"),
-    };
-    stream.write_all(&reply.into_bytes())?;
-    stream.flush()?;
-    linger_close(stream);
-    Ok(())
-}
-
-/// Reads until the end of the request head, the size limit, EOF, or [`HEAD_TIMEOUT`].
-fn read_head(stream: &mut TcpStream, buf: &mut [u8; MAX_HEAD]) -> io::Result<Head> {
-    let deadline = Instant::now() + HEAD_TIMEOUT;
+/// Reads until the end of the request head, the size limit, EOF, or `deadline`.
+async fn read_head(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<Head> {
     let mut got = 0;
+    // Where the next search for the blank line starts: a terminator (at most 3 bytes) that was
+    // not complete in what was already searched ends in the new bytes.
+    let mut from = 0;
     loop {
-        if let Some(len) = head_len(&buf[..got]) {
-            return Ok(Head::Complete(len));
+        if let Some(len) = head_len(&buf[from..got]) {
+            return Ok(Head::Complete(from + len));
         }
         if got == buf.len() {
             return Ok(Head::TooLarge);
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Ok(Head::Incomplete { got, timed_out: true });
+        from = got.saturating_sub(2);
+        match timeout_at(deadline, stream.read(&mut buf[got..])).await {
+            Err(_) => return Ok(Head::Incomplete { got, timed_out: true }),
+            Ok(Ok(0)) => return Ok(Head::Incomplete { got, timed_out: false }),
+            Ok(Ok(n)) => got += n,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(e)) => return Err(e),
         }
-        stream.set_read_timeout(Some(left))?;
-        match stream.read(&mut buf[got..]) {
-            Ok(0) => return Ok(Head::Incomplete { got, timed_out: false }),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                return Ok(Head::Incomplete { got, timed_out: true });
-            }
-            Err(e) => return Err(e),
+    }
+}
+
+/// Half-closes, then discards whatever the client still sends (a request body, say) for at
+/// most `linger`, so that closing with unread data does not reset the connection before the
+/// client has read the response. A client that keeps its end open after reading only holds the
+/// connection that long.
+async fn linger_close(stream: &mut TcpStream, linger: Duration) {
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let deadline = Instant::now() + linger;
+    let mut sink = [0u8; 4096];
+    loop {
+        match timeout_at(deadline, stream.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            _ => return,
         }
     }
 }
@@ -305,53 +532,67 @@ const fn is_tchar(b: u8) -> bool {
         )
 }
 
-fn respond(head: &[u8], render: &dyn Fn() -> String) -> Reply {
-    let Some(req) = parse(head) else {
-        return Reply::text("400 Bad Request", "malformed request\n");
-    };
-    if req.method != b"GET" {
-        return Reply {
-            extra_header: Some("Allow: GET"),
-            ..Reply::text("405 Method Not Allowed", "only GET is supported\n")
-        };
-    }
-    if req.path != b"/metrics" {
-        return Reply::text("404 Not Found", "not found; try /metrics\n");
-    }
-    // A bug in rendering must not take the endpoint down for every later scrape.
-    match catch_unwind(AssertUnwindSafe(render)) {
-        Ok(body) => Reply {
-            status: "200 OK",
-            content_type: CONTENT_TYPE,
-            extra_header: None,
-            body: body.into_bytes(),
-        },
-        Err(_) => {
-            tracing::error!("metrics rendering panicked");
-            Reply::text("500 Internal Server Error", "rendering metrics failed\n")
+/// A page the endpoint serves: its content type and what renders its body.
+struct Page {
+    content_type: &'static str,
+    render: Render,
+}
+
+impl Page {
+    /// Renders on the render thread. A bug in rendering must not take the endpoint down for
+    /// every later scrape, so a panic is a `500`.
+    async fn render(&self) -> Reply {
+        let (tx, rx) = oneshot::channel();
+        let render = Arc::clone(&self.render);
+        // Detached: if the connection goes away first, the job sees it and skips the render.
+        drop(tokio::task::spawn_blocking(move || {
+            if !tx.is_closed() {
+                let _ = tx.send(catch_unwind(AssertUnwindSafe(|| render())));
+            }
+        }));
+        match rx.await {
+            Ok(Ok(body)) => Reply {
+                status: "200 OK",
+                content_type: self.content_type,
+                extra_header: None,
+                body: body.into_bytes(),
+            },
+            Ok(Err(_)) => {
+                tracing::error!("metrics rendering panicked");
+                Reply::text("500 Internal Server Error", "rendering failed\n")
+            }
+            Err(_) => Reply::text("500 Internal Server Error", "server stopping\n"),
         }
     }
 }
 
-/// Half-closes, then discards whatever the client still sends (a request body, say) for at
-/// most [`LINGER`], so that closing with unread data does not reset the connection before the
-/// client has read the response.
-fn linger_close(mut stream: TcpStream) {
-    if stream.shutdown(Shutdown::Write).is_err() {
-        return;
-    }
-    let deadline = Instant::now() + LINGER;
-    let mut sink = [0u8; 4096];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return;
+/// The pages served. A new endpoint is a field here and one arm in [`Routes::route`].
+struct Routes {
+    metrics: Page,
+}
+
+/// What a request resolves to.
+enum Route<'a> {
+    /// A fixed reply (an error), sent without asking anyone.
+    Reply(Reply),
+    /// A page to render.
+    Page(&'a Page),
+}
+
+impl Routes {
+    fn route(&self, head: &[u8]) -> Route<'_> {
+        let Some(req) = parse(head) else {
+            return Route::Reply(Reply::text("400 Bad Request", "malformed request\n"));
+        };
+        if req.method != b"GET" {
+            return Route::Reply(Reply {
+                extra_header: Some("Allow: GET"),
+                ..Reply::text("405 Method Not Allowed", "only GET is supported\n")
+            });
         }
-        match stream.read(&mut sink) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return,
+        match req.path {
+            b"/metrics" => Route::Page(&self.metrics),
+            _ => Route::Reply(Reply::text("404 Not Found", "not found; try /metrics\n")),
         }
     }
 }
@@ -394,36 +635,66 @@ mod tests {
         }
     }
 
+    fn routes(render: impl Fn() -> String + Send + Sync + 'static) -> Routes {
+        Routes { metrics: Page { content_type: CONTENT_TYPE, render: Arc::new(render) } }
+    }
+
+    /// Routes `head` and, for a page, renders it on a runtime like the server's.
+    fn answer(routes: &Routes, head: &[u8]) -> Reply {
+        match routes.route(head) {
+            Route::Reply(reply) => reply,
+            Route::Page(page) => tokio::runtime::Builder::new_current_thread()
+                .max_blocking_threads(1)
+                .build()
+                .unwrap()
+                .block_on(page.render()),
+        }
+    }
+
     #[test]
-    fn routes() {
-        let render = || "body\n".to_owned();
-        let ok = respond(b"GET /metrics HTTP/1.1\r\n\r\n", &render).into_bytes();
-        let ok = String::from_utf8(ok).unwrap();
+    fn routes_requests() {
+        let r = routes(|| "body\n".to_owned());
+        let ok = String::from_utf8(answer(&r, b"GET /metrics HTTP/1.1\r\n\r\n").into_bytes()).unwrap();
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
         assert!(ok.contains("\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"));
         assert!(ok.contains("\r\nContent-Length: 5\r\n"));
         assert!(ok.ends_with("\r\nConnection: close\r\n\r\nbody\n"));
-        assert_eq!(respond(b"GET /nope HTTP/1.1\r\n\r\n", &render).status, "404 Not Found");
-        let post = respond(b"POST /metrics HTTP/1.1\r\n\r\n", &render);
+        assert_eq!(answer(&r, b"GET /nope HTTP/1.1\r\n\r\n").status, "404 Not Found");
+        let post = answer(&r, b"POST /metrics HTTP/1.1\r\n\r\n");
         assert_eq!(post.status, "405 Method Not Allowed");
         assert_eq!(post.extra_header, Some("Allow: GET"));
-        assert_eq!(respond(b"nonsense\r\n\r\n", &render).status, "400 Bad Request");
+        assert_eq!(answer(&r, b"nonsense\r\n\r\n").status, "400 Bad Request");
     }
 
     #[test]
     fn a_panicking_render_is_a_500() {
-        let render = || -> String { panic!("render bug") };
-        let r = respond(b"GET /metrics HTTP/1.1\r\n\r\n", &render);
-        assert_eq!(r.status, "500 Internal Server Error");
+        let r = routes(|| -> String { panic!("render bug") });
+        assert_eq!(answer(&r, b"GET /metrics HTTP/1.1\r\n\r\n").status, "500 Internal Server Error");
     }
 
     #[test]
-    fn wake_addr_uses_loopback_for_wildcards() {
-        let a: SocketAddr = "0.0.0.0:9093".parse().unwrap();
-        assert_eq!(wake_addr(a), "127.0.0.1:9093".parse().unwrap());
-        let a: SocketAddr = "[::]:9093".parse().unwrap();
-        assert_eq!(wake_addr(a), "[::1]:9093".parse().unwrap());
-        let a: SocketAddr = "10.1.2.3:9093".parse().unwrap();
-        assert_eq!(wake_addr(a), a);
+    fn room_is_made_by_closing_the_oldest_connection_not_rendering() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let _in_runtime = rt.enter();
+        let mut conns = Conns::default();
+        let mut tasks = Vec::new();
+        for id in 0..3 {
+            let task = tokio::spawn(std::future::pending::<()>());
+            conns.evictable.insert(id, task.abort_handle());
+            tasks.push(task);
+        }
+        assert!(conns.set_rendering(0, true));
+        assert!(conns.make_room(3));
+        // Connection 0 renders, so 1 (the oldest other) goes.
+        assert_eq!(conns.evictable.keys().copied().collect::<Vec<_>>(), [2]);
+        assert!(rt.block_on(&mut tasks[1]).unwrap_err().is_cancelled());
+        assert!(conns.make_room(2));
+        assert!(conns.evictable.is_empty());
+        // Only renders left: no room can be made below one.
+        assert!(!conns.make_room(1));
+        assert!(conns.set_rendering(0, false));
+        assert!(!conns.set_rendering(7, true));
+        conns.remove(0);
+        assert_eq!(conns.len(), 0);
     }
 }

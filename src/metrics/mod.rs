@@ -9,7 +9,8 @@
 //! - [`snapshot`]: the plain data each core hands over (no atomics, no locks).
 //! - [`sockq`]: the `SIOCINQ`/`SIOCOUTQ` ioctls, called by a core on its own sockets.
 //! - [`render`](mod@render): folds the snapshots into Prometheus text, Synapse's names first.
-//! - [`http`]: the `/metrics` endpoint, one std thread, independent of the I/O driver.
+//! - [`http`]: the `/metrics` endpoint: its own thread and current-thread runtime, one task per
+//!   connection (so no client waits for another), independent of the I/O driver.
 pub mod http;
 pub mod render;
 pub mod snapshot;
