@@ -11,7 +11,7 @@
 //! ```
 //!
 //! The driver holds only the sockets: what to write, when to close and what to forward all
-//! come from the hub, through the loop shared with io_uring ([`super::core_loop`]). Everything
+//! come from the hub, through the loop shared with io_uring (`driver::core_loop`). Everything
 //! runs on one thread, so the loop lives in a `RefCell` that is only ever borrowed between two
 //! awaits; there is no lock or atomic per line.
 use std::cell::RefCell;

@@ -15,7 +15,7 @@
 //!
 //! Design notes:
 //! - **Op accounting.** Every op's `user_data` carries its kind and its connection (slot index
-//!   and generation, [`token`]). A connection has at most one recv and one send in flight; it
+//!   and generation, `token`). A connection has at most one recv and one send in flight; it
 //!   is torn down by cancelling them (`ASYNC_CANCEL`), and its fd is closed and the hub told
 //!   ([`Hub::on_peer_closed`](crate::hub::Hub::on_peer_closed)) only after both final
 //!   completions. So the hub never reuses a slot with an op in flight, fd numbers are never
