@@ -110,9 +110,9 @@ impl CoreLoop {
         self.stop_at_ms
     }
 
-    /// Handles every queued message (batches coalesce into one flush). Returns false once the
-    /// core is shutting down: `Shutdown` received, now or before, or the mailbox gone.
-    pub fn drain_inbox(&mut self, inbox: &Receiver<CoreMsg>, sockets: &impl Sockets, now: Now) -> bool {
+    /// Handles every queued message (batches coalesce into one flush). `Shutdown`, or the
+    /// mailbox gone, starts the shutdown grace ([`CoreLoop::stop_at_ms`]).
+    pub fn drain_inbox(&mut self, inbox: &Receiver<CoreMsg>, sockets: &impl Sockets, now: Now) {
         loop {
             match inbox.try_recv() {
                 Ok(CoreMsg::Batch(batch)) => self.hub.on_batch(batch, now),
@@ -124,13 +124,13 @@ impl CoreLoop {
                     let _ = reply.send(snap);
                 }
                 Ok(CoreMsg::Shutdown) => self.begin_shutdown(now),
-                Err(TryRecvError::Empty) => return self.stop_at_ms.is_none(),
+                Err(TryRecvError::Empty) => return,
                 Err(TryRecvError::Disconnected) => {
                     if self.stop_at_ms.is_none() {
                         tracing::info!(core = self.index, "mailbox closed; shutting down");
                     }
                     self.begin_shutdown(now);
-                    return false;
+                    return;
                 }
             }
         }
