@@ -264,8 +264,8 @@ fn loopback_pair() -> (std::net::TcpStream, std::net::TcpStream) {
 /// socket. Here every connection reads the same live socket: the cost is the two syscalls.
 fn kernel_queues_of(fd: std::os::fd::RawFd) -> impl Fn(ConnId) -> (u64, u64) + Copy {
     move |_| {
-        let outq = replhub::metrics::sockq::send_queue(fd).map_or(0, u64::from);
-        let inq = replhub::metrics::sockq::recv_queue(fd).map_or(0, u64::from);
+        let outq = replhub::driver::sockq::send_queue(fd).map_or(0, u64::from);
+        let inq = replhub::driver::sockq::recv_queue(fd).map_or(0, u64::from);
         (outq, inq)
     }
 }

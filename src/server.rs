@@ -30,9 +30,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{IoBackend, ServeConfig};
 use crate::driver::source::{self, SourceContext, SourceHandle};
-use crate::driver::{epoll, uring, Clock, CoreContext, CoreMsg, Inbox};
+use crate::driver::{epoll, uring, CoreContext, CoreMsg, Inbox};
 use crate::metrics::snapshot::{CoreSnapshot, UpstreamSnapshot};
 use crate::metrics::{MetricsServer, RenderInfo};
+use crate::time::Clock;
 use crate::upstream::backoff::BackoffConfig;
 
 /// Set to `1` to make the io_uring probe fail (tests of the epoll fallback).

@@ -1,4 +1,6 @@
-//! Time as the sans-IO layers see it: always passed in, never read.
+//! Time: [`Now`], as the sans-IO layers see it (always passed in, never read), and the
+//! [`Clock`] that the threads doing I/O read it from.
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// A point in time handed to the sans-IO core by its driver.
 ///
@@ -23,5 +25,37 @@ impl Now {
     #[must_use]
     pub const fn plus_ms(self, ms: u64) -> Self {
         Self { mono_ms: self.mono_ms + ms, wall_ms: self.wall_ms + ms as i64 }
+    }
+}
+
+/// The process clock: the only place that reads time. Sans-IO layers get [`Now`] from it.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    start: Instant,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock {
+    /// A clock whose monotonic zero is now.
+    pub fn new() -> Self {
+        Self { start: Instant::now() }
+    }
+
+    /// The current time for the sans-IO core.
+    pub fn now(&self) -> Now {
+        let wall_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        Now { mono_ms: u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX), wall_ms }
+    }
+
+    /// The monotonic instant of `mono_ms`.
+    pub fn instant_at(&self, mono_ms: u64) -> Instant {
+        self.start + std::time::Duration::from_millis(mono_ms)
     }
 }

@@ -21,11 +21,11 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
 
-use crate::driver::Clock;
 use crate::proto::inbound::parse_args;
 use crate::proto::Role;
 use crate::proto::{Command, CommandWord, EncodeError, Line, Parsed, PeerError, Token};
 use crate::session::{Session, SessionConfig, TimerAction};
+use crate::time::Clock;
 use crate::time::Now;
 
 /// Default read size: bytes reserved in the line buffer before each read.

@@ -6,20 +6,24 @@
 //!   gathered sends).
 //!
 //! Shared by both: the messages a core receives ([`CoreMsg`]) through its [`Inbox`], the
-//! [`CoreContext`] a core thread starts with, the [`Clock`], and the source thread that runs
-//! the upstream link or the synthetic master and hands every batch to every core (one message
-//! per core per batch).
+//! [`CoreContext`] a core thread starts with, `core_loop` (the mailbox, the hub's outputs, the
+//! gathered writes of a turn and the shutdown grace, behind a small `Sockets` trait that each
+//! driver implements for its I/O), `sockq` (the kernel queue ioctls), and the source thread
+//! that runs the upstream link or the synthetic master and hands every batch to every core
+//! (one message per core per batch). The drivers hold the sockets and nothing else.
+mod core_loop;
 pub mod epoll;
+pub mod sockq;
 pub mod source;
 pub mod uring;
 
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::hub::{Batch, HubConfig, UpstreamCmd, UpstreamEvent};
 use crate::metrics::snapshot::CoreSnapshot;
-use crate::time::Now;
+/// Re-exported for the source thread; the clock lives beside [`crate::time::Now`].
+pub use crate::time::Clock;
 
 /// A message for one core, in order with the batches.
 // `Upstream` is large (a token per stream) but rare (one per upstream connect); boxing it would
@@ -125,36 +129,4 @@ pub struct CoreContext {
     pub upstream: Inbox<(usize, UpstreamCmd)>,
     /// The process clock.
     pub clock: Clock,
-}
-
-/// The process clock: the only place that reads time. Sans-IO layers get [`Now`] from it.
-#[derive(Clone, Copy, Debug)]
-pub struct Clock {
-    start: Instant,
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Clock {
-    /// A clock whose monotonic zero is now.
-    pub fn new() -> Self {
-        Self { start: Instant::now() }
-    }
-
-    /// The current time for the sans-IO core.
-    pub fn now(&self) -> Now {
-        let wall_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        Now { mono_ms: u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX), wall_ms }
-    }
-
-    /// The monotonic instant of `mono_ms`.
-    pub fn instant_at(&self, mono_ms: u64) -> Instant {
-        self.start + std::time::Duration::from_millis(mono_ms)
-    }
 }

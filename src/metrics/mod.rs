@@ -1,20 +1,18 @@
 //! Prometheus metrics: per-core plain counters gathered at scrape time.
 //!
 //! ```text
-//!  core 0 ─ CoreStats + ConnSample (SIOCINQ/SIOCOUTQ read on the core) ─┐
+//!  core 0 ─ CoreStats + ConnSample (SIOCINQ/SIOCOUTQ from the driver) ───┐
 //!  core N ─ ...                                                          ├─► render() ─► text ─► http
 //!  upstream ─ UpstreamSnapshot ──────────────────────────────────────────┘
 //! ```
 //!
 //! - [`snapshot`]: the plain data each core hands over (no atomics, no locks).
-//! - [`sockq`]: the `SIOCINQ`/`SIOCOUTQ` ioctls, called by a core on its own sockets.
 //! - [`render`](mod@render): folds the snapshots into Prometheus text, Synapse's names first.
 //! - [`http`]: the `/metrics` endpoint: its own thread and current-thread runtime, one task per
 //!   connection (so no client waits for another), independent of the I/O driver.
 pub mod http;
 pub mod render;
 pub mod snapshot;
-pub mod sockq;
 
 pub use http::MetricsServer;
 pub use render::{render, RenderInfo};

@@ -259,7 +259,15 @@ impl Session {
     pub fn close(&mut self, now: Now) {
         if !self.is_closing() {
             self.state = State::Closing { since_ms: now.mono_ms };
+            // The linger is timed here, not in the drivers: tick when it ends, not up to one
+            // ping interval later.
+            self.next_tick_ms = self.next_tick_ms.min(self.linger_end(now.mono_ms));
         }
+    }
+
+    /// The first instant that is more than the close linger after `since_ms`.
+    fn linger_end(&self, since_ms: u64) -> u64 {
+        since_ms.saturating_add(self.config.close_timeout_ms).saturating_add(1)
     }
 
     /// When [`Session::handle_timeout`] next wants to run (monotonic ms).
@@ -280,6 +288,8 @@ impl Session {
             if now.mono_ms.saturating_sub(since_ms) > self.config.close_timeout_ms {
                 return TimerAction::Abort;
             }
+            // Still within the linger, so its end is in the future.
+            self.next_tick_ms = self.next_tick_ms.min(self.linger_end(since_ms));
             return TimerAction::None;
         }
         if self.started && now.mono_ms.saturating_sub(self.last_sent_ms) >= self.config.ping_interval_ms {

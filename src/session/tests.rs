@@ -114,6 +114,22 @@ fn close_linger_aborts_after_25_seconds() {
 }
 
 #[test]
+fn the_close_linger_ends_on_time_not_on_the_next_ping_tick() {
+    let mut s = Session::new(Role::Server, cfg(), t(0));
+    s.close(t(1_000));
+    assert_eq!(s.poll_timeout(), 5_000, "the regular tick comes first");
+    assert_eq!(s.handle_timeout(t(5_000)), TimerAction::None);
+    assert_eq!(s.poll_timeout(), 10_000);
+    for k in 2..=5 {
+        assert_eq!(s.handle_timeout(t(k * 5_000)), TimerAction::None);
+    }
+    assert_eq!(s.poll_timeout(), 26_001, "the linger's end, not the 30 s tick");
+    assert_eq!(s.handle_timeout(t(26_000)), TimerAction::None, "exactly 25 s is not more than 25 s");
+    assert_eq!(s.handle_timeout(t(26_001)), TimerAction::Abort);
+    assert!(s.poll_timeout() > 26_001, "an expired linger does not keep the timer due");
+}
+
+#[test]
 fn nothing_is_sent_after_closing() {
     let mut s = Session::new(Role::Server, cfg(), t(0));
     s.fail(&PeerError::WrongRemote, t(0));

@@ -5,17 +5,17 @@
 //!   multishot ACCEPT on the core's SO_REUSEPORT listener ─► TCP_NODELAY, hub.accept,
 //!       one multishot RECV per socket, buffers picked by the kernel from a registered ring
 //!   RECV completion ─► hub.on_bytes (the hub copies) ─► buffer back into the ring at once
-//!   POLL on the mailbox eventfd ─► drain every CoreMsg: on_batch / on_upstream / snapshot /
-//!       shutdown ─► re-arm
-//!   TIMEOUT at hub.poll_timeout (and the driver's own deadlines) ─► hub.handle_timeout
-//!   end of every turn: hub outputs (closes, upstream commands), then one gathered SENDMSG
-//!       per dirty connection (take_dirty → gather → iovecs in the connection's own storage),
-//!       one in flight per socket; then one io_uring_enter that submits and waits
+//!   POLL on the mailbox eventfd ─► CoreLoop::drain_inbox ─► re-arm
+//!   TIMEOUT at hub.poll_timeout (or the shutdown grace, an accept retry) ─► hub.handle_timeout
+//!   end of every turn: CoreLoop::turn: hub outputs (closes, upstream commands), then one
+//!       gathered SENDMSG per dirty connection (Sockets::write copies the slices into iovecs in
+//!       the connection's own storage), one in flight per socket; then one io_uring_enter
+//!       that submits and waits
 //! ```
 //!
 //! Design notes:
 //! - **Op accounting.** Every op's `user_data` carries its kind and its connection (slot index
-//!   and generation, [`token`]). A connection has at most one recv and one send in flight; it
+//!   and generation, `token`). A connection has at most one recv and one send in flight; it
 //!   is torn down by cancelling them (`ASYNC_CANCEL`), and its fd is closed and the hub told
 //!   ([`Hub::on_peer_closed`](crate::hub::Hub::on_peer_closed)) only after both final
 //!   completions. So the hub never reuses a slot with an op in flight, fd numbers are never
@@ -32,9 +32,9 @@
 //!   that same turn, completions carrying data used up the whole ring, so every `ENOBUFS` is
 //!   paid for by received data and the FIFO shrinks in any turn without input.
 //! - **Graceful close.** The hub's `Close{Graceful}` comes once everything was written:
-//!   `shutdown(SHUT_WR)`, received bytes are dropped until EOF, and after the session's close
-//!   timeout without EOF the socket is reset, as the epoll driver does. `Close{Abort}`:
-//!   `SO_LINGER {1, 0}`, then the same teardown (RST).
+//!   `shutdown(SHUT_WR)`, and received bytes are dropped until EOF. The driver keeps no timer
+//!   for a peer that never sends it: the session's close linger ends in the hub's
+//!   `Close{Abort}`: `SO_LINGER {1, 0}`, then the same teardown (RST).
 //! - **Shutdown.** `ERROR server shutting down` to everyone, flush, close; whatever is still
 //!   open after 2 s is reset. Before the buffers are freed the loop waits (bounded) until the
 //!   kernel has finished every op; if it has not, the ring and its memory are leaked rather

@@ -4,8 +4,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::driver::{Clock, CoreMsg, Inbox};
+use crate::driver::{CoreMsg, Inbox};
 use crate::hub::HubConfig;
+use crate::time::Clock;
 
 #[test]
 fn probe_succeeds_on_this_machine() {

@@ -1,9 +1,10 @@
 //! `user_data` of every submission: which kind of op it is and, for connection ops, which
-//! connection (slot index plus generation), so a completion is routed without a lookup table
-//! and a late completion for a slot that was since reused is recognised and ignored.
+//! connection (slot index plus generation), so a completion finds its socket in the driver's
+//! slot table and a late completion for a slot that was since reused is recognised and ignored.
 //!
-//! Layout: bits 60..64 the op kind, bits 32..60 the low 28 bits of the generation, bits 0..32
-//! the slot index.
+//! Layout: bits 60..64 the op kind, bits 28..60 the generation, bits 0..28 the slot index. A
+//! core never holds 2^28 connections at once (each costs a file descriptor and kilobytes of
+//! memory), and the driver refuses one whose index would not fit ([`fits`]).
 use crate::hub::ConnId;
 
 /// The kind of an op, in the top four bits of its `user_data`.
@@ -38,27 +39,17 @@ impl Op {
 }
 
 const KIND_SHIFT: u32 = 60;
-const GEN_BITS: u32 = 28;
-const GEN_MASK: u64 = (1 << GEN_BITS) - 1;
+const GEN_SHIFT: u32 = 28;
+const INDEX_MASK: u64 = (1 << GEN_SHIFT) - 1;
 
-/// The connection an op belongs to, as far as `user_data` can say: the slot index and the
-/// low bits of the generation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Target {
-    pub index: u32,
-    gen_low: u32,
+/// Whether `id` can be carried in `user_data` (its slot index fits in 28 bits).
+pub(super) const fn fits(id: ConnId) -> bool {
+    id.index as u64 <= INDEX_MASK
 }
 
-impl Target {
-    /// Whether this is (still) connection `id`.
-    pub fn is(self, id: ConnId) -> bool {
-        self.index == id.index && u64::from(self.gen_low) == u64::from(id.gen) & GEN_MASK
-    }
-}
-
-/// `user_data` for an op of `kind` on connection `id`.
+/// `user_data` for an op of `kind` on connection `id` (which [`fits`]).
 pub(super) const fn encode(kind: Op, id: ConnId) -> u64 {
-    ((kind as u64) << KIND_SHIFT) | ((id.gen as u64 & GEN_MASK) << 32) | id.index as u64
+    ((kind as u64) << KIND_SHIFT) | ((id.gen as u64) << GEN_SHIFT) | (id.index as u64 & INDEX_MASK)
 }
 
 /// `user_data` for an op that belongs to the loop, not to a connection.
@@ -66,12 +57,12 @@ pub(super) const fn encode_loop(kind: Op) -> u64 {
     (kind as u64) << KIND_SHIFT
 }
 
-/// Splits `user_data` back into its op kind and target; `None` for a value this driver never
-/// submits.
-pub(super) fn decode(user_data: u64) -> Option<(Op, Target)> {
+/// Splits `user_data` back into its op kind and connection; `None` for a value this driver
+/// never submits.
+pub(super) fn decode(user_data: u64) -> Option<(Op, ConnId)> {
     let kind = Op::from_bits(user_data >> KIND_SHIFT)?;
-    let target = Target { index: user_data as u32, gen_low: ((user_data >> 32) & GEN_MASK) as u32 };
-    Some((kind, target))
+    let id = ConnId { index: (user_data & INDEX_MASK) as u32, gen: (user_data >> GEN_SHIFT) as u32 };
+    Some((kind, id))
 }
 
 #[cfg(test)]
@@ -84,11 +75,10 @@ mod tests {
             for id in [
                 ConnId { index: 0, gen: 0 },
                 ConnId { index: 7, gen: 3 },
-                ConnId { index: u32::MAX, gen: (1 << 28) - 1 },
+                ConnId { index: (1 << 28) - 1, gen: u32::MAX },
             ] {
-                let (k, t) = decode(encode(kind, id)).unwrap();
-                assert_eq!(k, kind);
-                assert!(t.is(id));
+                assert!(fits(id));
+                assert_eq!(decode(encode(kind, id)), Some((kind, id)));
             }
         }
     }
@@ -98,9 +88,14 @@ mod tests {
         let old = ConnId { index: 5, gen: 1 };
         let new = ConnId { index: 5, gen: 2 };
         let (_, t) = decode(encode(Op::Recv, old)).unwrap();
-        assert!(t.is(old));
-        assert!(!t.is(new));
-        assert!(!t.is(ConnId { index: 6, gen: 1 }));
+        assert_eq!(t, old);
+        assert_ne!(t, new);
+    }
+
+    #[test]
+    fn an_index_beyond_28_bits_does_not_fit() {
+        assert!(!fits(ConnId { index: 1 << 28, gen: 0 }));
+        assert!(!fits(ConnId { index: u32::MAX, gen: 0 }));
     }
 
     #[test]
