@@ -28,15 +28,15 @@ pub enum JsonType {
     /// Any object.
     Object,
     /// `null` or the inner type.
-    Nullable(&'static JsonType),
+    Nullable(&'static Self),
     /// An array whose every element has the inner type.
-    ArrayOf(&'static JsonType),
+    ArrayOf(&'static Self),
     /// An object with exactly these members, in this order.
     Record(&'static [Field]),
     /// A string holding the JSON text of a value of the inner type.
-    Encoded(&'static JsonType),
+    Encoded(&'static Self),
     /// Either of two types.
-    Either(&'static JsonType, &'static JsonType),
+    Either(&'static Self, &'static Self),
 }
 
 /// One named field.

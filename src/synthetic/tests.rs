@@ -90,26 +90,27 @@ fn check_runs_and_tokens(lines: &[Parsed], start: [i64; 16], g: &Synthetic) {
 }
 
 /// The generator's own promises beyond the shapes of PROTOCOL.md §6 (which `shape::check`
-/// verifies): a `cs_cache_fake` row names a room and at most 50 members, all strings (one more key when
-/// padded), and a `pd` row has somewhere to go.
+/// verifies): a `cs_cache_fake` row names a room and at most 50 members, all strings (one more
+/// key when padded), and a `pd` row has somewhere to go.
 fn check_row(stream: StreamId, row: &Value) -> Result<(), String> {
     shape::check(stream, row).map_err(|e| e.to_string())?;
     let items = row.as_array().unwrap_or_default();
+    let strings = |v: &Value| v.as_array().unwrap_or_default().iter().all(|k| k.as_str().is_some());
+    let len = |v: Option<&Value>| v.and_then(Value::as_array).map_or(0, <[Value]>::len);
     match (stream, items) {
-        (StreamId::Caches, [func, keys, _]) if func.as_str() == Some("cs_cache_fake") => {
-            let keys = keys.as_array().unwrap_or_default();
-            if !(2..=52).contains(&keys.len()) || !keys.iter().all(|k| k.as_str().is_some()) {
-                return Err(format!("cs_cache_fake keys {keys:?}"));
-            }
+        (StreamId::Caches, [func, keys, _])
+            if func.as_str() == Some("cs_cache_fake")
+                && !((2..=52).contains(&len(Some(keys))) && strings(keys)) =>
+        {
+            Err(format!("cs_cache_fake keys {keys:?}"))
         }
-        (StreamId::Federation, [kind, data]) if kind.as_str() == Some("pd") => {
-            if data.get("dests").and_then(Value::as_array).is_none_or(<[Value]>::is_empty) {
-                return Err("pd without dests".into());
-            }
+        (StreamId::Federation, [kind, data])
+            if kind.as_str() == Some("pd") && len(data.get("dests")) == 0 =>
+        {
+            Err("pd without dests".into())
         }
-        _ => {}
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 fn cfg(seed: u64) -> SyntheticConfig {
