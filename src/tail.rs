@@ -1,7 +1,8 @@
 //! `replhub tail`: subscribe like a worker and print what arrives.
 //!
 //! Each received line is printed as it came (stdout is buffered and flushed once per read).
-//! With `--decode`, RDATA rows are printed as JSON objects named after PROTOCOL.md §6, e.g.
+//! With `--decode`, RDATA rows are printed as JSON objects named after PROTOCOL.md §6 (the
+//! names come from the row-shape table in [`crate::synthetic::shape`]), e.g.
 //! `{"stream":"events","token":5322,"row":{"kind":"ev","event_id":"$e1:example.com",...}}`
 //! (`"token":"batch"` for a row whose group continues). A row whose shape does not match its
 //! stream's is printed as the raw array (`"row":[...]`).
@@ -16,6 +17,7 @@ use simd_json::BorrowedValue;
 use crate::client::{Client, ClientError, ClientOptions};
 use crate::proto::fields::parse_rdata;
 use crate::proto::{json, CommandWord, Line, StreamId, Token};
+use crate::synthetic::shape::{self, RowShape};
 
 /// What `tail` does.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,58 +138,6 @@ impl Printer {
     }
 }
 
-/// Row field names per stream (PROTOCOL.md §6), for rows that are flat arrays.
-fn flat_fields(stream: StreamId, len: usize) -> Option<&'static [&'static str]> {
-    const EV: &[&str] = &["event_id", "room_id", "type", "state_key", "redacts", "relates_to"];
-    let fields: &'static [&'static str] = match stream {
-        StreamId::Events | StreamId::Federation => return None,
-        StreamId::Backfill => EV,
-        StreamId::Presence => &[
-            "user_id",
-            "state",
-            "last_active_ts",
-            "last_federation_update_ts",
-            "last_user_sync_ts",
-            "status_msg",
-            "currently_active",
-        ],
-        StreamId::Typing => &["room_id", "user_ids"],
-        StreamId::Receipts => &["room_id", "receipt_type", "user_id", "event_id", "data"],
-        StreamId::PushRules | StreamId::UserSignature => &["user_id"],
-        StreamId::Pushers => &["user_id", "app_id", "pushkey", "deleted"],
-        StreamId::Caches => &["cache_func", "keys", "invalidation_ts"],
-        StreamId::PublicRooms => &["room_id", "visibility", "appservice_id", "network_id"],
-        // Before Synapse 1.13 device_lists rows were [user_id, destination].
-        StreamId::DeviceLists if len == 2 => &["user_id", "destination"],
-        StreamId::DeviceLists | StreamId::ToDevice => &["entity"],
-        StreamId::TagAccountData => &["user_id", "room_id", "data"],
-        StreamId::AccountData => &["user_id", "room_id", "data_type"],
-        StreamId::Groups => &["group_id", "user_id", "type", "content"],
-    };
-    (fields.len() == len).then_some(fields)
-}
-
-/// Field names of an `events` row's data for `kind` with `len` fields (the seed's six `ev`
-/// fields, plus the later releases' `membership`, `rejected`, `outlier`).
-fn event_fields(kind: &str, len: usize) -> Option<&'static [&'static str]> {
-    const EV: [&str; 9] = [
-        "event_id",
-        "room_id",
-        "type",
-        "state_key",
-        "redacts",
-        "relates_to",
-        "membership",
-        "rejected",
-        "outlier",
-    ];
-    match (kind, len) {
-        ("ev", 6 | 8 | 9) => Some(&EV[..len]),
-        ("state", 4) => Some(&["room_id", "type", "state_key", "event_id"]),
-        _ => None,
-    }
-}
-
 /// The parts of a parsed JSON value the mapping needs, for both parsers.
 trait JsonView {
     fn items(&self) -> Option<&[Self]>
@@ -266,39 +216,42 @@ impl RowDecoder {
     }
 }
 
-/// The row as an object with named fields, or as it is if its shape is unexpected.
+/// The row as an object with named fields, or as it is if its shape is unexpected. The names
+/// come from the row-shape table ([`shape::row_shape`]), chosen by field count only: a field
+/// of an unexpected type is still named.
 fn write_row<V: JsonView>(stream: Option<StreamId>, row: &V, out: &mut Vec<u8>) {
     let (Some(stream), Some(items)) = (stream, row.items()) else {
         row.write_to(out);
         return;
     };
-    match stream {
-        StreamId::Events => {
-            let kind_and_data = match items {
-                [kind, data] => kind.string().zip(data.items()),
-                _ => None,
-            };
-            let named =
-                kind_and_data.and_then(|(kind, data)| Some((kind, data, event_fields(kind, data.len())?)));
-            let Some((kind, data, names)) = named else {
+    let kind_and_data = match items {
+        [kind, data] => kind.string().map(|k| (k, data)),
+        _ => None,
+    };
+    match shape::row_shape(stream) {
+        RowShape::KindFields(kinds) => {
+            let named = kind_and_data.and_then(|(kind, data)| {
+                let data = data.items()?;
+                let k = kinds.iter().find(|k| k.kind == kind)?;
+                Some((kind, data, shape::layout_of_len(k.data, data.len())?))
+            });
+            let Some((kind, data, layout)) = named else {
                 row.write_to(out);
                 return;
             };
             out.extend_from_slice(b"{\"kind\":");
             json::write_str(out, kind);
-            for (name, value) in names.iter().zip(data) {
+            for (field, value) in layout.iter().zip(data) {
                 out.push(b',');
-                json::write_str(out, name);
+                json::write_str(out, field.name);
                 out.push(b':');
                 value.write_to(out);
             }
             out.push(b'}');
         }
-        StreamId::Federation => {
-            let Some((kind, data)) = (match items {
-                [kind, data] => kind.string().map(|k| (k, data)),
-                _ => None,
-            }) else {
+        RowShape::KindValue(_) => {
+            // Every kind is named, known or not: the data is one value, printed whole.
+            let Some((kind, data)) = kind_and_data else {
                 row.write_to(out);
                 return;
             };
@@ -308,17 +261,17 @@ fn write_row<V: JsonView>(stream: Option<StreamId>, row: &V, out: &mut Vec<u8>) 
             data.write_to(out);
             out.push(b'}');
         }
-        _ => {
-            let Some(names) = flat_fields(stream, items.len()) else {
+        RowShape::Flat(layouts) => {
+            let Some(layout) = shape::layout_of_len(layouts, items.len()) else {
                 row.write_to(out);
                 return;
             };
             out.push(b'{');
-            for (i, (name, value)) in names.iter().zip(items).enumerate() {
+            for (i, (field, value)) in layout.iter().zip(items).enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
-                json::write_str(out, name);
+                json::write_str(out, field.name);
                 out.push(b':');
                 value.write_to(out);
             }

@@ -3,6 +3,12 @@
 //! Values below 256 are counted exactly; above, each power of two is split into 128 equal
 //! buckets, so a reported percentile is at most 1/128 (0.8%) above the true value. Recording
 //! is a `leading_zeros`, a shift and an add: cheap enough for every delivered line.
+//!
+//! Why not the `hdrhistogram` crate: at two significant digits it has exactly these buckets and
+//! gives the same percentiles (checked on 10M latency-like values: p50/p99/p99.9 and 10,000
+//! other quantiles identical), but recording took 7–9 ns per value with the exact maximum and
+//! sum the report wants kept beside it (the crate gives both only to a bucket edge), against
+//! 4–5 ns here, on the load generator's per-line path; and its current release needs Rust 1.88.
 
 /// Sub-buckets per power of two, as a power of two: 2^(SUB_BITS-1) buckets per octave.
 const SUB_BITS: u32 = 8;

@@ -5,6 +5,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use serde::{Serialize, Serializer};
+
 use super::hist::Histogram;
 use super::publisher::Published;
 use super::subscriber::ThreadResult;
@@ -12,7 +14,7 @@ use super::{LoadtestOptions, Shared, MAX_ERRORS};
 use crate::proto::StreamId;
 
 /// Latency percentiles, nanoseconds.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Latency {
     /// Lines measured.
     pub samples: u64,
@@ -25,11 +27,13 @@ pub struct Latency {
     /// Largest.
     pub max: u64,
     /// Mean.
+    #[serde(serialize_with = "deci")]
     pub mean: f64,
 }
 
-/// The result of a run.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// The result of a run. Its JSON form ([`Report::to_json`]) has these fields as keys, in this
+/// order (`latency` as `latency_ns`), with fractional numbers rounded to three decimals.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Report {
     /// `replhub` or `redis`.
     pub target: String,
@@ -68,22 +72,31 @@ pub struct Report {
     /// Subscribers whose connection ended before the end.
     pub disconnected: usize,
     /// Seconds spent publishing.
+    #[serde(serialize_with = "milli")]
     pub publish_seconds: f64,
     /// Seconds from the first line published to the last delivered.
+    #[serde(serialize_with = "milli")]
     pub elapsed_seconds: f64,
     /// Lines published per second.
+    #[serde(serialize_with = "milli")]
     pub publish_rate: f64,
     /// Deliveries per second.
+    #[serde(serialize_with = "milli")]
     pub deliveries_per_sec: f64,
     /// Delivered line bytes per second / 10^6.
+    #[serde(serialize_with = "milli")]
     pub mb_per_sec: f64,
     /// Publish → receive.
+    #[serde(rename = "latency_ns")]
     pub latency: Latency,
     /// Server CPU seconds during the run (None if not measurable).
+    #[serde(serialize_with = "opt_milli")]
     pub server_cpu_seconds: Option<f64>,
     /// Server CPU per delivered line.
+    #[serde(serialize_with = "opt_milli")]
     pub server_cpu_ns_per_delivery: Option<f64>,
     /// Load generator CPU (`lt-*` threads) per delivered line.
+    #[serde(serialize_with = "milli")]
     pub loadgen_cpu_ns_per_delivery: f64,
     /// Whose memory the RSS figures are.
     pub rss_scope: String,
@@ -338,118 +351,44 @@ impl Report {
         s
     }
 
-    /// The report as one JSON object.
+    /// The report as one JSON object, on one line (`scripts/compare-redis` reads it with `sed`,
+    /// so it stays compact: `"key":value`).
     pub fn to_json(&self) -> String {
-        let mut j = Json::default();
-        j.str("target", &self.target);
-        j.str("backend", &self.backend);
-        j.str("server", &self.server);
-        j.num("server_threads", self.server_threads as f64);
-        j.num("client_threads", self.client_threads as f64);
-        j.num("subscribers", self.subscribers as f64);
-        j.num("idle", self.idle as f64);
-        j.str("streams", &self.streams);
-        j.num("message_size", self.message_size as f64);
-        j.num("rate", self.rate as f64);
-        j.num("window", self.window as f64);
-        j.num("published", self.published as f64);
-        j.num("expected", self.expected as f64);
-        j.num("delivered", self.delivered as f64);
-        j.num("lost", self.lost as f64);
-        j.num("reordered", self.reordered as f64);
-        j.num("unexpected", self.unexpected as f64);
-        j.num("disconnected", self.disconnected as f64);
-        j.num("publish_seconds", self.publish_seconds);
-        j.num("elapsed_seconds", self.elapsed_seconds);
-        j.num("publish_rate", self.publish_rate);
-        j.num("deliveries_per_sec", self.deliveries_per_sec);
-        j.num("mb_per_sec", self.mb_per_sec);
-        j.raw(
-            "latency_ns",
-            &format!(
-                "{{\"samples\":{},\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{},\"mean\":{:.1}}}",
-                self.latency.samples,
-                self.latency.p50,
-                self.latency.p99,
-                self.latency.p999,
-                self.latency.max,
-                self.latency.mean
-            ),
-        );
-        j.opt("server_cpu_seconds", self.server_cpu_seconds);
-        j.opt("server_cpu_ns_per_delivery", self.server_cpu_ns_per_delivery);
-        j.num("loadgen_cpu_ns_per_delivery", self.loadgen_cpu_ns_per_delivery);
-        j.str("rss_scope", &self.rss_scope);
-        j.opt("rss_ready_bytes", self.rss_ready_bytes.map(|v| v as f64));
-        j.opt("rss_end_bytes", self.rss_end_bytes.map(|v| v as f64));
-        j.opt("rss_peak_bytes", self.rss_peak_bytes.map(|v| v as f64));
-        j.opt("publish_receivers", self.publish_receivers.map(|v| v as f64));
-        let errs: Vec<String> = self.errors.iter().map(|e| json_str(e)).collect();
-        j.raw("errors", &format!("[{}]", errs.join(",")));
-        j.finish()
+        // Only strings, numbers and options: serializing cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
     }
 }
 
-/// A flat JSON object writer (the report has no nesting beyond two literal objects).
-#[derive(Default)]
-struct Json(String);
-
-impl Json {
-    fn key(&mut self, k: &str) {
-        self.0.push(if self.0.is_empty() { '{' } else { ',' });
-        self.0.push_str(&json_str(k));
-        self.0.push(':');
+/// `v` with `decimals` decimals (rounded as `format!` rounds), as an integer when it is whole,
+/// `null` if not finite: numbers as a reader wants them, without the noise digits of a division.
+fn rounded<S: Serializer>(v: f64, decimals: usize, s: S) -> Result<S::Ok, S::Error> {
+    if !v.is_finite() {
+        return s.serialize_none();
     }
-    fn str(&mut self, k: &str, v: &str) {
-        self.key(k);
-        self.0.push_str(&json_str(v));
-    }
-    fn num(&mut self, k: &str, v: f64) {
-        self.key(k);
-        if v.is_finite() {
-            if v.fract() == 0.0 && v.abs() < 9e15 {
-                let _ = write!(self.0, "{}", v as i64);
-            } else {
-                let _ = write!(self.0, "{v:.3}");
-            }
-        } else {
-            self.0.push_str("null");
-        }
-    }
-    fn opt(&mut self, k: &str, v: Option<f64>) {
-        match v {
-            Some(v) => self.num(k, v),
-            None => self.raw(k, "null"),
-        }
-    }
-    fn raw(&mut self, k: &str, v: &str) {
-        self.key(k);
-        self.0.push_str(v);
-    }
-    fn finish(mut self) -> String {
-        if self.0.is_empty() {
-            self.0.push('{');
-        }
-        self.0.push('}');
-        self.0
+    let r = format!("{v:.decimals$}").parse().unwrap_or(v);
+    if r.fract() == 0.0 && r.abs() < 9e15 {
+        s.serialize_i64(r as i64)
+    } else {
+        s.serialize_f64(r)
     }
 }
 
-fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
+/// Three decimals.
+fn milli<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    rounded(*v, 3, s)
+}
+
+/// Three decimals, or `null`.
+fn opt_milli<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => rounded(*v, 3, s),
+        None => s.serialize_none(),
     }
-    out.push('"');
-    out
+}
+
+/// One decimal.
+fn deci<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    rounded(*v, 1, s)
 }
 
 #[cfg(test)]
@@ -464,5 +403,69 @@ mod tests {
         assert_eq!(v["errors"][0], "a \"b\"\n");
         assert!(v["server_cpu_ns_per_delivery"].is_null());
         assert_eq!(v["latency_ns"]["p99"], 0);
+    }
+
+    #[test]
+    fn json_keys_and_numbers() {
+        let r = Report {
+            publish_seconds: 1.234_567,
+            elapsed_seconds: 2.0,
+            loadgen_cpu_ns_per_delivery: f64::NAN,
+            server_cpu_seconds: Some(0.5),
+            rss_ready_bytes: Some(1 << 20),
+            latency: Latency { p999: 6_073_352_191, mean: 5.55, ..Latency::default() },
+            ..Report::default()
+        };
+        let text = r.to_json();
+        assert!(!text.contains(' ') && !text.contains('\n'), "one compact line: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "target",
+                "backend",
+                "server",
+                "server_threads",
+                "client_threads",
+                "subscribers",
+                "idle",
+                "streams",
+                "message_size",
+                "rate",
+                "window",
+                "published",
+                "expected",
+                "delivered",
+                "lost",
+                "reordered",
+                "unexpected",
+                "disconnected",
+                "publish_seconds",
+                "elapsed_seconds",
+                "publish_rate",
+                "deliveries_per_sec",
+                "mb_per_sec",
+                "latency_ns",
+                "server_cpu_seconds",
+                "server_cpu_ns_per_delivery",
+                "loadgen_cpu_ns_per_delivery",
+                "rss_scope",
+                "rss_ready_bytes",
+                "rss_end_bytes",
+                "rss_peak_bytes",
+                "publish_receivers",
+                "errors",
+            ]
+        );
+        let latency: Vec<&str> = v["latency_ns"].as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(latency, ["samples", "p50", "p99", "p999", "max", "mean"]);
+        assert!(text.contains("\"publish_seconds\":1.235,"), "{text}");
+        assert!(text.contains("\"elapsed_seconds\":2,"), "{text}");
+        assert!(text.contains("\"loadgen_cpu_ns_per_delivery\":null,"), "{text}");
+        assert!(text.contains("\"server_cpu_seconds\":0.5,"), "{text}");
+        assert!(text.contains("\"rss_ready_bytes\":1048576,"), "{text}");
+        assert!(text.contains("\"p999\":6073352191,"), "{text}");
+        assert!(text.contains("\"mean\":5.5}"), "{text}");
     }
 }

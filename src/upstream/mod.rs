@@ -11,7 +11,8 @@
 //!   handshake (`NAME`, `PING`, `REPLICATE ALL`), batches of relayable lines indexed without
 //!   copying ([`batch::index_chunk`]), keep-alive, USER_SYNC merged across cores and
 //!   re-announced after a reconnect (invariant 6), forwarded worker commands.
-//! - [`SyntheticSource`]: the built-in synthetic master, for demos and load tests.
+//! - [`SyntheticSource`]: the built-in synthetic master, for demos and load tests. It lives in
+//!   [`crate::synthetic`] with its generator and is re-exported here beside the link.
 //!
 //! Neither does I/O nor reads the clock: time comes in as [`Now`](crate::time::Now).
 //! Reconnecting is the driver's job, paced by [`Backoff`]: after `Down`, wait
@@ -33,9 +34,8 @@
 pub mod backoff;
 pub mod batch;
 pub mod link;
-pub mod synthetic_source;
 
+pub use crate::synthetic::SyntheticSource;
 pub use backoff::{Backoff, BackoffConfig};
 pub use batch::{index_chunk, ControlLine, Indexed};
 pub use link::{LinkConfig, LinkEvent, UpstreamLink};
-pub use synthetic_source::SyntheticSource;

@@ -1,4 +1,5 @@
-//! The synthetic master behind the same event interface as [`UpstreamLink`](super::UpstreamLink).
+//! The synthetic master behind the same event interface as
+//! [`UpstreamLink`](crate::upstream::UpstreamLink).
 //!
 //! [`SyntheticSource::start`] reports `Up` with the generator's positions; then each
 //! [`SyntheticSource::tick`] writes the lines due at that time into one buffer and reports them
@@ -11,12 +12,12 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::link::LinkEvent;
+use super::{Synthetic, SyntheticConfig, UNPACED_BATCH};
 use crate::hub::{Batch, LineMeta, UpstreamCmd, UpstreamEvent, UserSyncMerger, BROADCAST};
 use crate::metrics::snapshot::UpstreamSnapshot;
 use crate::proto::{StreamId, SyncState};
-use crate::synthetic::{Synthetic, SyntheticConfig, UNPACED_BATCH};
 use crate::time::Now;
+use crate::upstream::LinkEvent;
 
 /// At most this many generated lines per tick (and per batch); a backlog of due lines is
 /// taken over the following ticks.
