@@ -12,13 +12,15 @@
 //!
 //! Batches are cut naturally: whatever one upstream read returns becomes one batch at once, so
 //! at light load a line reaches the cores one read after it left the master, with no timer in
-//! between. Lines coalesce only while a core is busy: if a core's mailbox is full (it has not
-//! yet taken the last [`server::CORE_MAILBOX`](crate::server::CORE_MAILBOX) messages) and the
-//! message that did not fit still waits in the source's queue for that core, further reads
-//! stay in the link's buffer, uncut, until that core has taken it (checked on every read and at
-//! least every [`HOLD_RETRY`]) or [`COALESCE_BYTES`] are held. A read buffer becomes a batch
-//! without a copy either way. A core that is already more than one queued message behind (a
-//! lagging core, see below) does not hold the others back.
+//! between. Lines coalesce only while a core is busy: while some core's mailbox is full (it has
+//! not taken the last [`CORE_MAILBOX`](crate::server::CORE_MAILBOX) message yet) and a message
+//! waits behind it in the source's queue for that core, further reads stay uncut in the link's
+//! buffer. They are cut into one batch as soon as every such core has taken its message (checked
+//! on every read, and every [`HOLD_RETRY`] otherwise), or once [`COALESCE_BYTES`] are held, or
+//! once the oldest held read is [`HOLD_MAX`] old, whichever comes first; so a core that stopped
+//! taking messages costs the other cores at most [`HOLD_MAX`] of latency, never a stall. A read
+//! buffer becomes a batch without a copy either way. The synthetic master cuts its own batches
+//! (one per tick, see [`SyntheticSource::tick`]) and then takes the same path.
 //!
 //! # Back-pressure
 //!
@@ -31,7 +33,9 @@
 //! taken enough for the queue to be at or under the limit again. A core that far behind is not
 //! being served by its own event loop at all (a running core would have evicted every worker
 //! that far behind), so waiting for it bounds memory at cores × `max_pending_bytes` plus the
-//! mailboxes, the same bound as the hub's.
+//! mailboxes, the same bound as the hub's. While stopped the source reads nothing from the
+//! master (so the master's socket buffer fills and TCP slows the master) but still takes the
+//! cores' commands and answers control requests, a stop included.
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,9 +67,8 @@ pub const COALESCE_BYTES: usize = 64 << 10;
 /// a core (a mailbox has no "taken" signal). The timer wheel's 1 ms is the finest tokio offers;
 /// every read retries too, so under load the retry is much sooner.
 pub const HOLD_RETRY: Duration = Duration::from_millis(1);
-/// A core with more than this many messages queued in the source is lagging: it no longer holds
-/// read data back for the other cores.
-const LAGGING: usize = 1;
+/// Held read data is cut into a batch once the oldest of it is this old, busy core or not.
+pub const HOLD_MAX: Duration = Duration::from_millis(1);
 /// Give up dialing after this long (then back off and retry).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default forward-queue bound while the upstream is down.
@@ -293,11 +296,11 @@ impl Source {
         }
     }
 
-    /// Whether read data should stay uncut: some core that is not lagging still has a
-    /// message queued here because its mailbox was full (see the module doc).
-    fn hold(&mut self) -> bool {
+    /// Whether a core is busy: after moving what fits into the mailboxes, some core still has a
+    /// message queued here (its mailbox is full). Read data is held meanwhile (module doc).
+    fn busy(&mut self) -> bool {
         self.flush();
-        self.queues.iter().any(|q| (1..=LAGGING).contains(&q.msgs.len()))
+        self.queued()
     }
 
     /// Whether anything waits here for a core (then the source retries on a timer).
@@ -347,14 +350,21 @@ impl Source {
         true
     }
 
-    /// Waits until `deadline` (monotonic ms) or a message arrives; false if stopping.
+    /// Waits until `deadline` (monotonic ms) or a message arrives; false if stopping. While
+    /// messages wait here for a full mailbox, wakes every [`HOLD_RETRY`] to move them on.
     async fn idle_until(&mut self, up: &mut dyn Upstream, deadline: Option<u64>) -> bool {
+        let mut deadline = deadline;
+        if self.queued() {
+            let retry = self.ctx.clock.now().mono_ms + HOLD_RETRY.as_millis() as u64;
+            deadline = Some(deadline.map_or(retry, |d| d.min(retry)));
+        }
         let sleep = deadline.map(|ms| tokio::time::Instant::from_std(self.ctx.clock.instant_at(ms)));
         tokio::select! {
             () = self.ctx.wakeup.notified() => {}
             () = async { if let Some(t) = sleep { tokio::time::sleep_until(t).await } else { std::future::pending().await } } => {}
         }
         self.drain(up);
+        self.flush();
         !self.stopping()
     }
 
@@ -392,6 +402,8 @@ impl Source {
                             return;
                         }
                     }
+                    // Messages still waiting for a full mailbox move on while we dial.
+                    () = tokio::time::sleep(HOLD_RETRY), if self.queued() => self.flush(),
                 }
             };
             match connected {
@@ -475,11 +487,15 @@ impl Source {
         let mut out: VecDeque<Bytes> = VecDeque::new();
         let mut out_off = 0usize;
         // Whether read data waits uncut in the link's buffer for a busy core (module doc).
-        let mut held = false;
+        // When the oldest read still uncut arrived, if any.
+        let mut held: Option<tokio::time::Instant> = None;
         loop {
-            if held && (link.0.read_buffer().len() >= COALESCE_BYTES || !self.hold()) {
-                link.0.on_read(self.ctx.clock.now());
-                held = false;
+            if let Some(since) = held {
+                if link.0.read_buffer().len() >= COALESCE_BYTES || since.elapsed() >= HOLD_MAX || !self.busy()
+                {
+                    link.0.on_read(self.ctx.clock.now());
+                    held = None;
+                }
             }
             if !self.dispatch(link, backoff).await {
                 return ConnEnd::Stop;
@@ -510,8 +526,12 @@ impl Source {
             }
             let mut deadline =
                 link.0.poll_timeout().map(|ms| tokio::time::Instant::from_std(self.ctx.clock.instant_at(ms)));
-            if held || self.queued() {
-                let retry = tokio::time::Instant::now() + HOLD_RETRY;
+            let retry = match held {
+                Some(since) => Some(since + HOLD_MAX),
+                None if self.queued() => Some(tokio::time::Instant::now() + HOLD_RETRY),
+                None => None,
+            };
+            if let Some(retry) = retry {
                 deadline = Some(deadline.map_or(retry, |d| d.min(retry)));
             }
             tokio::select! {
@@ -532,7 +552,9 @@ impl Source {
                         Ok(0) => return ConnEnd::Lost("closed by the upstream".to_owned()),
                         // Cut at once unless a busy core holds it back; the top of the loop
                         // re-checks held data on every turn.
-                        Ok(_) => held = true,
+                        Ok(_) => {
+                            held.get_or_insert_with(tokio::time::Instant::now);
+                        }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => return ConnEnd::Lost(format!("read failed: {e}")),
                     }
@@ -586,16 +608,10 @@ impl Source {
                     // Let the runtime look at its timers and the mailbox between chunks.
                     tokio::task::yield_now().await;
                 }
-                mut deadline => {
-                    if self.queued() {
-                        // A full mailbox is retried on a short timer, whatever the rate.
-                        let retry = now.mono_ms + HOLD_RETRY.as_millis() as u64;
-                        deadline = Some(deadline.map_or(retry, |d| d.min(retry)));
-                    }
+                deadline => {
                     if !self.idle_until(&mut gen, deadline).await {
                         return;
                     }
-                    self.flush();
                     let now = self.ctx.clock.now();
                     if gen.0.poll_timeout().is_some_and(|at| at <= now.mono_ms) {
                         gen.0.tick(now);
@@ -733,10 +749,10 @@ mod tests {
         }
     }
 
-    /// The hold rule: read data waits only while a core that is not lagging has a message
-    /// queued behind its full mailbox, and stops waiting as soon as that core takes one.
+    /// The hold rule: read data waits only while a core has a message queued behind its full
+    /// mailbox, and stops waiting as soon as that core takes one.
     #[test]
-    fn reads_are_held_only_while_a_core_that_is_not_lagging_is_full() {
+    fn reads_are_held_only_while_a_core_has_a_message_behind_a_full_mailbox() {
         let synthetic = SourceConfig::Synthetic { rate: 0, line_size: None };
         let (ctx, _handle, rxs) = context(synthetic, 2, 1 << 20);
         let queues = ctx.cores.iter().map(|_| CoreQueue::default()).collect();
@@ -749,31 +765,23 @@ mod tests {
         };
 
         // Idle cores: every read is cut at once.
-        assert!(!src.hold());
+        assert!(!src.busy());
         for _ in 0..MAILBOX {
             send(&mut src);
         }
-        assert!(!src.hold(), "full mailboxes with nothing queued behind them hold nothing");
+        assert!(!src.busy(), "full mailboxes with nothing queued behind them hold nothing");
         // One message waits behind core 0's and core 1's full mailboxes: hold.
         send(&mut src);
         assert_eq!(src.queue_report().messages, vec![1, 1]);
-        assert!(src.hold());
+        assert!(src.busy());
         // Core 0 takes one: its queued message moves in, but core 1 is still busy.
         rxs[0].try_recv().unwrap();
-        assert!(src.hold());
+        assert!(src.busy());
         assert_eq!(src.queue_report().messages, vec![0, 1]);
         // Core 1 takes one: nobody is busy any more.
         rxs[1].try_recv().unwrap();
-        assert!(!src.hold());
-        // Core 1 stalls for good: once two messages wait for it, it is lagging and no longer
-        // holds reads back for core 0.
-        send(&mut src);
-        rxs[0].try_recv().unwrap();
-        assert!(src.hold());
-        send(&mut src);
-        rxs[0].try_recv().unwrap();
-        assert!(!src.hold(), "a lagging core must not hold the others back");
-        assert_eq!(src.queue_report().messages, vec![0, 2]);
+        assert!(!src.busy());
+        assert_eq!(src.queue_report().messages, vec![0, 0]);
     }
 
     /// One core's loop never drains its mailbox. The other cores still get every batch, the
@@ -832,5 +840,69 @@ mod tests {
 
         handle.stop();
         source.join().unwrap().unwrap();
+    }
+
+    /// Upstream mode with one core stalled: every line the master writes reaches the other
+    /// cores by itself (one read, one batch), without waiting for the stalled core; the
+    /// stalled core's share waits in the source and arrives complete and in order later.
+    #[test]
+    fn a_stalled_core_does_not_hold_back_upstream_lines_for_the_others() {
+        use std::io::Write;
+
+        const LINES: usize = 50;
+        let master = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = master.local_addr().unwrap().to_string();
+        let upstream = SourceConfig::Upstream { addr, client_name: "test".to_owned() };
+        let (ctx, handle, mut rxs) = context(upstream, 3, 64 << 20);
+        let stalled = rxs.remove(1);
+        let fast: Vec<_> = rxs.into_iter().map(drain_core).collect();
+        let source = thread::spawn(move || run(ctx));
+
+        let (go, next) = mpsc::channel::<()>();
+        let writer = thread::spawn(move || {
+            let (mut sock, _) = master.accept().unwrap();
+            sock.write_all(b"SERVER test\nPING 1\nPOSITION events 0\n").unwrap();
+            for n in 1..=LINES {
+                sock.write_all(format!("RDATA events {n} [\"x\"]\n").as_bytes()).unwrap();
+                if next.recv().is_err() {
+                    return;
+                }
+            }
+            // Keep the connection open until the test is done.
+            let _ = next.recv();
+        });
+
+        // Each line is written only after the previous one reached both fast cores.
+        let mut seen: Vec<Vec<Arc<Batch>>> = vec![Vec::new(), Vec::new()];
+        for n in 1..=LINES {
+            let line = format!("RDATA events {n} [\"x\"]\n");
+            for (rx, seen) in fast.iter().zip(&mut seen) {
+                loop {
+                    let b = recv(rx);
+                    seen.push(Arc::clone(&b));
+                    if (0..b.lines().len()).any(|i| b.line(i) == line.as_bytes()) {
+                        break;
+                    }
+                }
+            }
+            go.send(()).unwrap();
+        }
+        assert_eq!(seen[0].len(), LINES, "one read per line, so one batch per line");
+        assert!(seen[0].iter().zip(&seen[1]).all(|(a, b)| Arc::ptr_eq(a, b)));
+
+        // The stalled core's mailbox holds `Up` and the first batches; the rest wait for it in
+        // the source, which never stopped reading.
+        let report = handle.queues(PATIENCE).unwrap();
+        assert!(!report.blocked);
+        assert_eq!(report.messages[1] + MAILBOX, LINES + 1);
+        let slow = drain_core(stalled);
+        for b in &seen[0] {
+            assert!(Arc::ptr_eq(&recv(&slow), b), "the stalled core lost or reordered a batch");
+        }
+
+        handle.stop();
+        source.join().unwrap().unwrap();
+        drop(go);
+        writer.join().unwrap();
     }
 }
