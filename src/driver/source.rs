@@ -68,7 +68,7 @@ pub const COALESCE_BYTES: usize = 64 << 10;
 /// every read retries too, so under load the retry is much sooner.
 pub const HOLD_RETRY: Duration = Duration::from_millis(1);
 /// Held read data is cut into a batch once the oldest of it is this old, busy core or not.
-pub const HOLD_MAX: Duration = Duration::from_millis(1);
+pub const HOLD_MAX: Duration = Duration::from_millis(5);
 /// Give up dialing after this long (then back off and retry).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default forward-queue bound while the upstream is down.
