@@ -1,5 +1,5 @@
-//! The source thread: the one place replication data enters the process (ARCHITECTURE.md §3
-//! steps 1–2).
+//! The source thread: the one place replication data enters the process (the first box of
+//! the diagram in ARCHITECTURE.md).
 //!
 //! It runs either the [`UpstreamLink`] to a master (dial with `TCP_NODELAY`, read straight into
 //! the link's buffer, write its lines, reconnect forever with [`Backoff`]) or the
