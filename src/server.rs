@@ -38,8 +38,9 @@ use crate::upstream::backoff::BackoffConfig;
 
 /// Set to `1` to make the io_uring probe fail (tests of the epoll fallback).
 pub const DISABLE_URING_ENV: &str = "REPLHUB_DISABLE_URING";
-/// Messages a core's mailbox holds before the source waits for it (back-pressure).
-pub const CORE_MAILBOX: usize = 256;
+/// Messages a core's mailbox holds; more wait in the source's queue for that core, and while
+/// one waits the source coalesces reads (see `driver::source`).
+pub const CORE_MAILBOX: usize = 1;
 /// Listen backlog of each core's listener.
 const BACKLOG: i32 = 1024;
 /// How long a scrape waits for the cores and the source.

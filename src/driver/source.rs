@@ -1,5 +1,5 @@
-//! The source thread: the one place replication data enters the process (ARCHITECTURE.md §3
-//! steps 1–2).
+//! The source thread: the one place replication data enters the process (the first box of
+//! the diagram in ARCHITECTURE.md).
 //!
 //! It runs either the [`UpstreamLink`] to a master (dial with `TCP_NODELAY`, read straight into
 //! the link's buffer, write its lines, reconnect forever with [`Backoff`]) or the
@@ -8,10 +8,34 @@
 //! `Up` / `Down` → [`CoreMsg::Upstream`]. Commands from the cores arrive on the source's own
 //! [`Inbox`] and go to the link (or the generator).
 //!
-//! Back-pressure: the cores' mailboxes are bounded. When one is full the source waits
-//! (without reading upstream or generating) until that core drained it, so a generator running
-//! at full speed can never grow the cores' queues without limit. A real master is read as fast
-//! as the cores append, which is much faster than any socket write.
+//! # Batching
+//!
+//! Batches are cut naturally: whatever one upstream read returns becomes one batch at once, so
+//! at light load a line reaches the cores one read after it left the master, with no timer in
+//! between. Lines coalesce only while a core is busy: while some core's mailbox is full (it has
+//! not taken the last [`CORE_MAILBOX`](crate::server::CORE_MAILBOX) message yet) and a message
+//! waits behind it in the source's queue for that core, further reads stay uncut in the link's
+//! buffer. They are cut into one batch as soon as every such core has taken its message (checked
+//! on every read, and every [`HOLD_RETRY`] otherwise), or once [`COALESCE_BYTES`] are held, or
+//! once the oldest held read is [`HOLD_MAX`] old, whichever comes first; so a core that stopped
+//! taking messages costs the other cores at most [`HOLD_MAX`] of latency, never a stall. A read
+//! buffer becomes a batch without a copy either way. The synthetic master cuts its own batches
+//! (one per tick, see [`SyntheticSource::tick`]) and then takes the same path.
+//!
+//! # Back-pressure
+//!
+//! A core that falls behind never stalls the other cores: a message that does not fit in a
+//! core's mailbox waits in a queue the source keeps for that core alone (an `Arc` clone of the
+//! batch, not a copy), and the source goes on reading and delivering to everyone else. The
+//! source is slowed by exactly one rule: **it stops reading upstream (or generating) while some
+//! core's queue in the source holds more than `max_pending_bytes` (the hub's eviction limit,
+//! default 64 MiB) of batch data behind a full mailbox**, and resumes as soon as that core has
+//! taken enough for the queue to be at or under the limit again. A core that far behind is not
+//! being served by its own event loop at all (a running core would have evicted every worker
+//! that far behind), so waiting for it bounds memory at cores × `max_pending_bytes` plus the
+//! mailboxes, the same bound as the hub's. While stopped the source reads nothing from the
+//! master (so the master's socket buffer fills and TCP slows the master) but still takes the
+//! cores' commands and answers control requests, a stop included.
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,14 +60,15 @@ use crate::upstream::SyntheticSource;
 
 /// How much spare room the upstream read buffer gets before each read.
 const READ_RESERVE: usize = 256 << 10;
-/// Reads that arrive less than this long after the last batch wait (at most this long) to be
-/// cut into one batch with what follows: at a few thousand lines per second every line would
-/// otherwise be its own batch, and so its own write to every worker. Idle links are not delayed.
-const COALESCE: Duration = Duration::from_millis(1);
-/// ... unless this much is already buffered.
-const COALESCE_BYTES: usize = 64 << 10;
-/// How long to wait before retrying a full core mailbox.
-const FULL_RETRY: Duration = Duration::from_millis(1);
+/// Read data held back for a busy core (see the module doc) is cut into a batch once this much
+/// is buffered, whether or not the core has caught up.
+pub const COALESCE_BYTES: usize = 64 << 10;
+/// How often the source retries a full mailbox while it holds read data or queued messages for
+/// a core (a mailbox has no "taken" signal). The timer wheel's 1 ms is the finest tokio offers;
+/// every read retries too, so under load the retry is much sooner.
+pub const HOLD_RETRY: Duration = Duration::from_millis(1);
+/// Held read data is cut into a batch once the oldest of it is this old, busy core or not.
+pub const HOLD_MAX: Duration = Duration::from_millis(5);
 /// Give up dialing after this long (then back off and retry).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default forward-queue bound while the upstream is down.
@@ -54,8 +79,23 @@ const MAX_FORWARD_QUEUE: usize = 10_000;
 pub enum SourceCtl {
     /// Reply with the upstream's metrics.
     Snapshot(mpsc::Sender<UpstreamSnapshot>),
+    /// Reply with what waits in the source for each core (tests and diagnostics).
+    Queues(mpsc::Sender<QueueReport>),
     /// Stop: close the upstream connection and return.
     Stop,
+}
+
+/// What waits in the source for the cores, from [`SourceHandle::queues`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueReport {
+    /// Per core: messages queued in the source behind a full mailbox.
+    pub messages: Vec<usize>,
+    /// Per core: batch bytes among those messages.
+    pub bytes: Vec<usize>,
+    /// Whether the source has stopped reading because one of those queues is over the limit.
+    pub blocked: bool,
+    /// Batches handed out so far (each to every core).
+    pub batches: u64,
 }
 
 /// Everything the source thread starts with.
@@ -119,6 +159,15 @@ impl SourceHandle {
         rx.recv_timeout(timeout).ok()
     }
 
+    /// What waits in the source for each core, or `None` if it does not answer within `timeout`.
+    pub fn queues(&self, timeout: Duration) -> Option<QueueReport> {
+        let (tx, rx) = mpsc::channel();
+        if !self.control.send(SourceCtl::Queues(tx)) {
+            return None;
+        }
+        rx.recv_timeout(timeout).ok()
+    }
+
     /// Asks the source to stop (it closes the upstream connection and returns).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -130,7 +179,9 @@ impl SourceHandle {
 pub fn run(ctx: SourceContext) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
-        let mut src = Source { ctx, stopped: false };
+        let queues = ctx.cores.iter().map(|_| CoreQueue::default()).collect();
+        let limit = usize::try_from(ctx.hub.max_pending_bytes).unwrap_or(usize::MAX);
+        let mut src = Source { ctx, stopped: false, queues, limit, blocked: false, batches: 0 };
         match src.ctx.source.clone() {
             SourceConfig::Upstream { addr, client_name } => src.run_upstream(&addr, client_name).await,
             SourceConfig::Synthetic { rate, line_size } => src.run_synthetic(rate, line_size).await,
@@ -154,6 +205,31 @@ enum ConnEnd {
 struct Source {
     ctx: SourceContext,
     stopped: bool,
+    /// Per core: messages that did not fit in its mailbox, oldest first.
+    queues: Vec<CoreQueue>,
+    /// The back-pressure limit in bytes per core queue (the hub's `max_pending_bytes`).
+    limit: usize,
+    /// Set while waiting for a core whose queue is over `limit` (reported by `Queues`).
+    blocked: bool,
+    /// Batches handed out so far.
+    batches: u64,
+}
+
+/// What waits in the source for one core.
+#[derive(Default)]
+struct CoreQueue {
+    msgs: VecDeque<CoreMsg>,
+    /// Batch bytes in `msgs`.
+    bytes: usize,
+    /// The core's mailbox is gone (the core stopped): nothing more is queued for it.
+    gone: bool,
+}
+
+fn msg_bytes(msg: &CoreMsg) -> usize {
+    match msg {
+        CoreMsg::Batch(b) => b.data().len(),
+        _ => 0,
+    }
 }
 
 /// Something that can take the cores' commands and report metrics.
@@ -177,6 +253,9 @@ impl Source {
                 Ok(SourceCtl::Snapshot(reply)) => {
                     let _ = reply.send(up.snapshot());
                 }
+                Ok(SourceCtl::Queues(reply)) => {
+                    let _ = reply.send(self.queue_report());
+                }
                 Ok(SourceCtl::Stop) | Err(TryRecvError::Disconnected) => {
                     self.stopped = true;
                     return;
@@ -186,37 +265,106 @@ impl Source {
         }
     }
 
-    /// Sends one message to every core, in core order, waiting while a mailbox is full.
-    /// Returns false if the source must stop.
-    async fn broadcast(&self, make: impl Fn() -> CoreMsg) -> bool {
-        for core in &self.ctx.cores {
-            let mut msg = make();
-            loop {
+    fn queue_report(&self) -> QueueReport {
+        QueueReport {
+            messages: self.queues.iter().map(|q| q.msgs.len()).collect(),
+            bytes: self.queues.iter().map(|q| q.bytes).collect(),
+            blocked: self.blocked,
+            batches: self.batches,
+        }
+    }
+
+    /// Moves queued messages into the cores' mailboxes while they have room.
+    fn flush(&mut self) {
+        for (core, q) in self.ctx.cores.iter().zip(&mut self.queues) {
+            while let Some(msg) = q.msgs.pop_front() {
+                let n = msg_bytes(&msg);
                 match core.try_send(msg) {
-                    Ok(()) => break,
-                    // That core is gone (it failed, or the server is stopping): skip it.
-                    Err(TrySendError::Disconnected(_)) => break,
+                    Ok(()) => q.bytes -= n,
                     Err(TrySendError::Full(m)) => {
-                        if self.stopping() {
-                            return false;
-                        }
-                        msg = m;
-                        tokio::time::sleep(FULL_RETRY).await;
+                        q.msgs.push_front(m);
+                        break;
+                    }
+                    // That core is gone (it failed, or the server is stopping): forget it.
+                    Err(TrySendError::Disconnected(_)) => {
+                        q.gone = true;
+                        q.msgs.clear();
+                        q.bytes = 0;
                     }
                 }
             }
         }
+    }
+
+    /// Whether a core is busy: after moving what fits into the mailboxes, some core still has a
+    /// message queued here (its mailbox is full). Read data is held meanwhile (module doc).
+    fn busy(&mut self) -> bool {
+        self.flush();
+        self.queued()
+    }
+
+    /// Whether anything waits here for a core (then the source retries on a timer).
+    fn queued(&self) -> bool {
+        self.queues.iter().any(|q| !q.msgs.is_empty())
+    }
+
+    /// Sends one message to every core, in core order. A core whose mailbox is full gets it
+    /// queued here; the others get it at once. Then, while some core's queue is over the limit,
+    /// waits for that core (the one rule that slows the source). False if the source must stop.
+    async fn broadcast(&mut self, up: &mut dyn Upstream, make: impl Fn() -> CoreMsg) -> bool {
+        self.flush();
+        for (core, q) in self.ctx.cores.iter().zip(&mut self.queues) {
+            if q.gone {
+                continue;
+            }
+            let msg = make();
+            if !q.msgs.is_empty() {
+                q.bytes += msg_bytes(&msg);
+                q.msgs.push_back(msg);
+                continue;
+            }
+            match core.try_send(msg) {
+                Ok(()) => {}
+                Err(TrySendError::Full(m)) => {
+                    q.bytes += msg_bytes(&m);
+                    q.msgs.push_back(m);
+                }
+                Err(TrySendError::Disconnected(_)) => q.gone = true,
+            }
+        }
+        while self.queues.iter().any(|q| q.bytes > self.limit) {
+            self.blocked = true;
+            // No signal says a core took from its mailbox: retry on a short timer, and keep
+            // taking commands and control requests (a stop, a scrape) meanwhile.
+            tokio::select! {
+                () = self.ctx.wakeup.notified() => {}
+                () = tokio::time::sleep(HOLD_RETRY) => {}
+            }
+            self.drain(up);
+            if self.stopping() {
+                return false;
+            }
+            self.flush();
+        }
+        self.blocked = false;
         true
     }
 
-    /// Waits until `deadline` (monotonic ms) or a message arrives; false if stopping.
+    /// Waits until `deadline` (monotonic ms) or a message arrives; false if stopping. While
+    /// messages wait here for a full mailbox, wakes every [`HOLD_RETRY`] to move them on.
     async fn idle_until(&mut self, up: &mut dyn Upstream, deadline: Option<u64>) -> bool {
+        let mut deadline = deadline;
+        if self.queued() {
+            let retry = self.ctx.clock.now().mono_ms + HOLD_RETRY.as_millis() as u64;
+            deadline = Some(deadline.map_or(retry, |d| d.min(retry)));
+        }
         let sleep = deadline.map(|ms| tokio::time::Instant::from_std(self.ctx.clock.instant_at(ms)));
         tokio::select! {
             () = self.ctx.wakeup.notified() => {}
             () = async { if let Some(t) = sleep { tokio::time::sleep_until(t).await } else { std::future::pending().await } } => {}
         }
         self.drain(up);
+        self.flush();
         !self.stopping()
     }
 
@@ -254,6 +402,8 @@ impl Source {
                             return;
                         }
                     }
+                    // Messages still waiting for a full mailbox move on while we dial.
+                    () = tokio::time::sleep(HOLD_RETRY), if self.queued() => self.flush(),
                 }
             };
             match connected {
@@ -272,7 +422,7 @@ impl Source {
                         ConnEnd::Stop => return,
                     };
                     link.0.on_disconnected(&reason, self.ctx.clock.now());
-                    if !self.dispatch(&mut link.0, &mut backoff).await || self.stopping() {
+                    if !self.dispatch(&mut link, &mut backoff).await || self.stopping() {
                         return;
                     }
                 }
@@ -301,20 +451,23 @@ impl Source {
     }
 
     /// Hands the link's events to the cores. False if the source must stop.
-    async fn dispatch(&self, link: &mut UpstreamLink, backoff: &mut Backoff) -> bool {
-        while let Some(event) = link.poll_event() {
+    async fn dispatch(&mut self, link: &mut LinkHolder, backoff: &mut Backoff) -> bool {
+        while let Some(event) = link.0.poll_event() {
             let ok = match event {
-                LinkEvent::Batch(batch) => self.broadcast(|| CoreMsg::Batch(Arc::clone(&batch))).await,
+                LinkEvent::Batch(batch) => {
+                    self.batches += 1;
+                    self.broadcast(link, || CoreMsg::Batch(Arc::clone(&batch))).await
+                }
                 LinkEvent::Up(ev) => {
                     backoff.reset();
                     if let UpstreamEvent::Connected { server_name, .. } = &ev {
                         tracing::info!(server_name = server_name.as_str(), "upstream handshake complete");
                     }
-                    self.broadcast(|| CoreMsg::Upstream(ev.clone())).await
+                    self.broadcast(link, || CoreMsg::Upstream(ev.clone())).await
                 }
                 LinkEvent::Down { reason } => {
                     tracing::debug!(reason, "telling the cores the upstream is down");
-                    self.broadcast(|| CoreMsg::Upstream(UpstreamEvent::Disconnected)).await
+                    self.broadcast(link, || CoreMsg::Upstream(UpstreamEvent::Disconnected)).await
                 }
             };
             if !ok {
@@ -333,11 +486,18 @@ impl Source {
     ) -> ConnEnd {
         let mut out: VecDeque<Bytes> = VecDeque::new();
         let mut out_off = 0usize;
-        // Bytes read but not yet cut into a batch (see COALESCE), and when the last batch was cut.
-        let mut held = false;
-        let mut last_cut = tokio::time::Instant::now();
+        // Whether read data waits uncut in the link's buffer for a busy core (module doc).
+        // When the oldest read still uncut arrived, if any.
+        let mut held: Option<tokio::time::Instant> = None;
         loop {
-            if !self.dispatch(&mut link.0, backoff).await {
+            if let Some(since) = held {
+                if link.0.read_buffer().len() >= COALESCE_BYTES || since.elapsed() >= HOLD_MAX || !self.busy()
+                {
+                    link.0.on_read(self.ctx.clock.now());
+                    held = None;
+                }
+            }
+            if !self.dispatch(link, backoff).await {
                 return ConnEnd::Stop;
             }
             while let Some(line) = link.0.poll_transmit() {
@@ -366,9 +526,13 @@ impl Source {
             }
             let mut deadline =
                 link.0.poll_timeout().map(|ms| tokio::time::Instant::from_std(self.ctx.clock.instant_at(ms)));
-            if held {
-                let cut_at = last_cut + COALESCE;
-                deadline = Some(deadline.map_or(cut_at, |d| d.min(cut_at)));
+            let retry = match held {
+                Some(since) => Some(since + HOLD_MAX),
+                None if self.queued() => Some(tokio::time::Instant::now() + HOLD_RETRY),
+                None => None,
+            };
+            if let Some(retry) = retry {
+                deadline = Some(deadline.map_or(retry, |d| d.min(retry)));
             }
             tokio::select! {
                 biased;
@@ -386,26 +550,18 @@ impl Source {
                     buf.reserve(READ_RESERVE);
                     match stream.try_read_buf(buf) {
                         Ok(0) => return ConnEnd::Lost("closed by the upstream".to_owned()),
+                        // Cut at once unless a busy core holds it back; the top of the loop
+                        // re-checks held data on every turn.
                         Ok(_) => {
-                            let t = tokio::time::Instant::now();
-                            if buf.len() >= COALESCE_BYTES || t >= last_cut + COALESCE {
-                                link.0.on_read(self.ctx.clock.now());
-                                held = false;
-                                last_cut = t;
-                            } else {
-                                held = true;
-                            }
+                            held.get_or_insert_with(tokio::time::Instant::now);
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => return ConnEnd::Lost(format!("read failed: {e}")),
                     }
                 }
                 () = sleep_opt(deadline) => {
-                    if held && tokio::time::Instant::now() >= last_cut + COALESCE {
-                        link.0.on_read(self.ctx.clock.now());
-                        held = false;
-                        last_cut = tokio::time::Instant::now();
-                    }
+                    // Held data and queued messages are retried at the top of the loop.
+                    self.flush();
                     link.0.handle_timeout(self.ctx.clock.now());
                 }
             }
@@ -428,10 +584,13 @@ impl Source {
         loop {
             while let Some(event) = gen.0.poll_event() {
                 let ok = match event {
-                    LinkEvent::Batch(batch) => self.broadcast(|| CoreMsg::Batch(Arc::clone(&batch))).await,
-                    LinkEvent::Up(ev) => self.broadcast(|| CoreMsg::Upstream(ev.clone())).await,
+                    LinkEvent::Batch(batch) => {
+                        self.batches += 1;
+                        self.broadcast(&mut gen, || CoreMsg::Batch(Arc::clone(&batch))).await
+                    }
+                    LinkEvent::Up(ev) => self.broadcast(&mut gen, || CoreMsg::Upstream(ev.clone())).await,
                     LinkEvent::Down { .. } => {
-                        self.broadcast(|| CoreMsg::Upstream(UpstreamEvent::Disconnected)).await
+                        self.broadcast(&mut gen, || CoreMsg::Upstream(UpstreamEvent::Disconnected)).await
                     }
                 };
                 if !ok {
@@ -521,4 +680,229 @@ fn write_some(stream: &TcpStream, out: &mut VecDeque<Bytes>, off: &mut usize) ->
         }
     }
     Ok(n > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::{Receiver, RecvTimeoutError};
+    use std::thread;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::hub::Batch;
+
+    /// Fails a test that would otherwise hang; never reached when the code is right.
+    const PATIENCE: Duration = Duration::from_secs(20);
+    const MAILBOX: usize = 4;
+
+    fn no_wake() -> Arc<dyn Fn() + Send + Sync> {
+        Arc::new(|| {})
+    }
+
+    /// A source context with `n` cores (mailboxes of [`MAILBOX`]) and the given queue limit.
+    fn context(
+        source: SourceConfig,
+        n: usize,
+        limit: u64,
+    ) -> (SourceContext, SourceHandle, Vec<Receiver<CoreMsg>>) {
+        let (handle, commands, control, wakeup, stop) = SourceHandle::new();
+        let (cores, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| Inbox::bounded(no_wake(), MAILBOX)).unzip();
+        let hub = HubConfig { max_pending_bytes: limit, ..HubConfig::default() };
+        let ctx = SourceContext {
+            source,
+            hub,
+            backoff: BackoffConfig::default(),
+            cores,
+            commands,
+            control,
+            wakeup,
+            stop,
+            clock: Clock::new(),
+        };
+        (ctx, handle, rxs)
+    }
+
+    fn batch(len: usize) -> Arc<Batch> {
+        Arc::new(Batch::new(Bytes::from(vec![b'x'; len]), Vec::new()))
+    }
+
+    /// Drains a core on a thread, forwarding each batch to the returned receiver.
+    fn drain_core(rx: Receiver<CoreMsg>) -> Receiver<Arc<Batch>> {
+        let (tx, out) = mpsc::channel();
+        thread::spawn(move || {
+            while let Ok(msg) = rx.recv() {
+                if let CoreMsg::Batch(b) = msg {
+                    if tx.send(b).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        out
+    }
+
+    fn recv(rx: &Receiver<Arc<Batch>>) -> Arc<Batch> {
+        match rx.recv_timeout(PATIENCE) {
+            Ok(b) => b,
+            Err(RecvTimeoutError::Timeout) => panic!("no batch within {PATIENCE:?}"),
+            Err(RecvTimeoutError::Disconnected) => panic!("the core's drain ended"),
+        }
+    }
+
+    /// The hold rule: read data waits only while a core has a message queued behind its full
+    /// mailbox, and stops waiting as soon as that core takes one.
+    #[test]
+    fn reads_are_held_only_while_a_core_has_a_message_behind_a_full_mailbox() {
+        let synthetic = SourceConfig::Synthetic { rate: 0, line_size: None };
+        let (ctx, _handle, rxs) = context(synthetic, 2, 1 << 20);
+        let queues = ctx.cores.iter().map(|_| CoreQueue::default()).collect();
+        let mut src = Source { ctx, stopped: false, queues, limit: 1 << 20, blocked: false, batches: 0 };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let mut up = SynthHolder(SyntheticSource::new(SyntheticConfig::default(), "s".to_owned()));
+        let mut send = |src: &mut Source| {
+            let b = batch(10);
+            assert!(rt.block_on(src.broadcast(&mut up, || CoreMsg::Batch(Arc::clone(&b)))));
+        };
+
+        // Idle cores: every read is cut at once.
+        assert!(!src.busy());
+        for _ in 0..MAILBOX {
+            send(&mut src);
+        }
+        assert!(!src.busy(), "full mailboxes with nothing queued behind them hold nothing");
+        // One message waits behind core 0's and core 1's full mailboxes: hold.
+        send(&mut src);
+        assert_eq!(src.queue_report().messages, vec![1, 1]);
+        assert!(src.busy());
+        // Core 0 takes one: its queued message moves in, but core 1 is still busy.
+        rxs[0].try_recv().unwrap();
+        assert!(src.busy());
+        assert_eq!(src.queue_report().messages, vec![0, 1]);
+        // Core 1 takes one: nobody is busy any more.
+        rxs[1].try_recv().unwrap();
+        assert!(!src.busy());
+        assert_eq!(src.queue_report().messages, vec![0, 0]);
+    }
+
+    /// One core's loop never drains its mailbox. The other cores still get every batch, the
+    /// source keeps generating at full speed until that core's queue in the source passes the
+    /// limit, and stops exactly there; when the core drains again, it gets every batch in order
+    /// and the source resumes.
+    #[test]
+    fn a_stalled_core_slows_the_source_only_past_the_limit() {
+        const LIMIT: u64 = 256 << 10;
+        let synthetic = SourceConfig::Synthetic { rate: 0, line_size: None };
+        let (ctx, handle, mut rxs) = context(synthetic, 3, LIMIT);
+        let stalled = rxs.remove(1);
+        let fast: Vec<_> = rxs.into_iter().map(drain_core).collect();
+        let source = thread::spawn(move || run(ctx));
+
+        // Wait (on the source's own reports, not a sleep) until it has stopped for core 1.
+        let start = Instant::now();
+        let report = loop {
+            let r = handle.queues(PATIENCE).expect("the source answers while it waits");
+            if r.blocked {
+                break r;
+            }
+            assert!(start.elapsed() < PATIENCE, "the source never stopped for the stalled core");
+            thread::yield_now();
+        };
+        // Nothing is generated while it waits, so this report stays true.
+        assert_eq!(handle.queues(PATIENCE).unwrap(), report);
+
+        // The fast cores got every batch handed out, in the same order.
+        let seen: Vec<Vec<Arc<Batch>>> =
+            fast.iter().map(|rx| (0..report.batches).map(|_| recv(rx)).collect()).collect();
+        assert!(seen[0].iter().zip(&seen[1]).all(|(a, b)| Arc::ptr_eq(a, b)));
+        assert_eq!(report.messages[0], 0);
+        assert_eq!(report.messages[2], 0);
+
+        // Core 1 holds the `Up` message and the first batches in its mailbox; every other
+        // batch waits in the source, and those bytes passed the limit with the last batch only.
+        let queued = report.messages[1];
+        let queued_batches = usize::try_from(report.batches).unwrap() + 1 - MAILBOX;
+        assert_eq!(queued, queued_batches);
+        let tail = &seen[0][seen[0].len() - queued..];
+        let bytes: usize = tail.iter().map(|b| b.data().len()).sum();
+        assert_eq!(report.bytes[1], bytes);
+        let last = tail.last().unwrap().data().len();
+        assert!(bytes as u64 > LIMIT, "stopped at {bytes} bytes, not over the limit {LIMIT}");
+        assert!(((bytes - last) as u64) <= LIMIT, "kept reading past the limit: {bytes} bytes queued");
+
+        // The stalled core comes back: it gets the same batches in the same order, and the
+        // source hands out new ones again.
+        let slow = drain_core(stalled);
+        for b in &seen[0] {
+            assert!(Arc::ptr_eq(&recv(&slow), b), "the stalled core lost or reordered a batch");
+        }
+        let next = recv(&fast[0]);
+        assert!(Arc::ptr_eq(&recv(&slow), &next));
+
+        handle.stop();
+        source.join().unwrap().unwrap();
+    }
+
+    /// Upstream mode with one core stalled: every line the master writes reaches the other
+    /// cores by itself (one read, one batch), without waiting for the stalled core; the
+    /// stalled core's share waits in the source and arrives complete and in order later.
+    #[test]
+    fn a_stalled_core_does_not_hold_back_upstream_lines_for_the_others() {
+        use std::io::Write;
+
+        const LINES: usize = 50;
+        let master = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = master.local_addr().unwrap().to_string();
+        let upstream = SourceConfig::Upstream { addr, client_name: "test".to_owned() };
+        let (ctx, handle, mut rxs) = context(upstream, 3, 64 << 20);
+        let stalled = rxs.remove(1);
+        let fast: Vec<_> = rxs.into_iter().map(drain_core).collect();
+        let source = thread::spawn(move || run(ctx));
+
+        let (go, next) = mpsc::channel::<()>();
+        let writer = thread::spawn(move || {
+            let (mut sock, _) = master.accept().unwrap();
+            sock.write_all(b"SERVER test\nPING 1\nPOSITION events 0\n").unwrap();
+            for n in 1..=LINES {
+                sock.write_all(format!("RDATA events {n} [\"x\"]\n").as_bytes()).unwrap();
+                if next.recv().is_err() {
+                    return;
+                }
+            }
+            // Keep the connection open until the test is done.
+            let _ = next.recv();
+        });
+
+        // Each line is written only after the previous one reached both fast cores.
+        let mut seen: Vec<Vec<Arc<Batch>>> = vec![Vec::new(), Vec::new()];
+        for n in 1..=LINES {
+            let line = format!("RDATA events {n} [\"x\"]\n");
+            for (rx, seen) in fast.iter().zip(&mut seen) {
+                loop {
+                    let b = recv(rx);
+                    seen.push(Arc::clone(&b));
+                    if (0..b.lines().len()).any(|i| b.line(i) == line.as_bytes()) {
+                        break;
+                    }
+                }
+            }
+            go.send(()).unwrap();
+        }
+        assert_eq!(seen[0].len(), LINES, "one read per line, so one batch per line");
+        assert!(seen[0].iter().zip(&seen[1]).all(|(a, b)| Arc::ptr_eq(a, b)));
+
+        // The stalled core's mailbox holds `Up` and the first batches; the rest wait for it in
+        // the source, which never stopped reading.
+        let report = handle.queues(PATIENCE).unwrap();
+        assert!(!report.blocked);
+        assert_eq!(report.messages[1] + MAILBOX, LINES + 1);
+        let slow = drain_core(stalled);
+        for b in &seen[0] {
+            assert!(Arc::ptr_eq(&recv(&slow), b), "the stalled core lost or reordered a batch");
+        }
+
+        handle.stop();
+        source.join().unwrap().unwrap();
+        drop(go);
+        writer.join().unwrap();
+    }
 }
