@@ -15,7 +15,9 @@ use std::collections::VecDeque;
 use bytes::{Bytes, BytesMut};
 
 use crate::proto::inbound::check_command;
-use crate::proto::{Command, CommandWord, Line, LineSplitter, PeerError, Role, MAX_LINE_LEN};
+use crate::proto::{
+    Command, CommandWord, Line, LineSplitter, PeerError, ReplicateTarget, Role, MAX_LINE_LEN,
+};
 use crate::time::Now;
 
 /// Protocol timing constants (PROTOCOL.md §3.2); tests shorten them.
@@ -141,7 +143,7 @@ impl Session {
         self.send_ping(now);
         if self.role == Role::Client {
             for s in replicate {
-                self.send(&Command::Replicate(s));
+                self.send(&Command::Replicate(ReplicateTarget::from_name(s)));
             }
         }
         self.next_tick_ms = now.mono_ms + self.config.ping_interval_ms;

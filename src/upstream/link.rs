@@ -34,7 +34,9 @@ use super::batch::{index_chunk, Indexed};
 use crate::hub::{Batch, CloseHow, Transition, UpstreamCmd, UpstreamEvent, UserSyncMerger};
 use crate::metrics::snapshot::UpstreamSnapshot;
 use crate::proto::inbound::{check_command, parse_args};
-use crate::proto::{Command, CommandWord, Line, LineSplitter, Parsed, PeerError, Role, StreamId, SyncState};
+use crate::proto::{
+    Command, CommandWord, Line, LineSplitter, PeerError, Role, StreamId, SyncState, UserSync,
+};
 use crate::session::{Session, SessionConfig, TimerAction};
 use crate::time::Now;
 
@@ -173,7 +175,8 @@ impl UpstreamLink {
         let mut session = Session::new(Role::Client, self.config.session.clone(), now);
         session.start(&self.config.client_name, &["ALL"], now);
         for user_id in self.user_sync.users() {
-            let cmd = Command::UserSync { user_id, state: SyncState::Start, last_sync_ms: now.wall_ms };
+            let cmd =
+                Command::UserSync(UserSync { user_id, state: SyncState::Start, last_sync_ms: now.wall_ms });
             if session.send(&cmd) {
                 self.stats.forwarded += 1;
             }
@@ -315,7 +318,7 @@ impl UpstreamLink {
                     return;
                 }
                 if let Some(session) = self.open_session() {
-                    if session.send(&Command::UserSync { user_id: &user_id, state, last_sync_ms }) {
+                    if session.send(&Command::UserSync(UserSync { user_id: &user_id, state, last_sync_ms })) {
                         self.stats.forwarded += 1;
                     }
                 }
@@ -455,7 +458,7 @@ impl Conn {
             }
         };
         match parsed {
-            Parsed::Server(name) => {
+            Command::Server(name) => {
                 if let Some(expected) = &config.expected_server_name {
                     if expected != name {
                         tracing::error!(expected = %expected, got = %name, "upstream has the wrong server name");
@@ -469,7 +472,7 @@ impl Conn {
                 }
                 self.server_name = Some(name.to_owned());
             }
-            Parsed::Position(p) => match StreamId::from_name(p.stream.as_bytes()) {
+            Command::Position(p) => match StreamId::from_name(p.stream.as_bytes()) {
                 Some(s) if !self.up => self.positions[s.index()] = Some(p.token),
                 Some(s) => {
                     tracing::info!(
@@ -480,11 +483,11 @@ impl Conn {
                 }
                 None => tracing::warn!(stream = p.stream, "POSITION for a stream replhub does not know"),
             },
-            Parsed::Error(text) => {
+            Command::Error(text) => {
                 tracing::warn!(error = text, "upstream sent ERROR");
                 self.peer_error = Some(text.to_owned());
             }
-            Parsed::Ping(_) | Parsed::Sync(_) => {}
+            Command::Ping(_) | Command::Sync(_) => {}
             other => {
                 tracing::debug!(word = %other.word(), "upstream line not relayed");
             }
