@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use replhub::proto::fields::parse_rdata;
-use replhub::proto::{Command, CommandWord, Line, LineSplitter, Token, MAX_LINE_LEN};
+use replhub::proto::{Command, CommandWord, Line, LineSplitter, Rdata, Token, MAX_LINE_LEN};
 
 const TARGET_BYTES: usize = 4 << 20;
 const READ_SIZE: usize = 64 << 10;
@@ -176,7 +176,7 @@ fn bench_encode(c: &mut Criterion) {
     assert!(!rows.is_empty(), "no RDATA lines in the sample");
     let mut out = BytesMut::new();
     for (stream, token, row) in &rows {
-        let cmd = Command::Rdata { stream, token: *token, row: row.as_bytes() };
+        let cmd = Command::Rdata(Rdata { stream, token: *token, row: row.as_bytes() });
         cmd.encode_into(&mut out).expect("sample rows are encodable");
     }
     let total = out.len();
@@ -186,7 +186,7 @@ fn bench_encode(c: &mut Criterion) {
         b.iter(|| {
             out.clear();
             for (stream, token, row) in &rows {
-                let cmd = Command::Rdata { stream, token: *token, row: row.as_bytes() };
+                let cmd = Command::Rdata(Rdata { stream, token: *token, row: row.as_bytes() });
                 let _ = black_box(cmd.encode_into(&mut out));
             }
             out.len()

@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 
 use replhub::hub::{Batch, ConnId, Hub, HubConfig, HubOutput, LineMeta, UpstreamEvent};
-use replhub::proto::{fields, json, Command, StreamId, Token};
+use replhub::proto::{fields, json, Command, Rdata, StreamId, Token};
 use replhub::time::Now;
 
 /// Counts live heap bytes, to state the per-connection memory constant.
@@ -138,7 +138,7 @@ fn per_connection_encode(
         for (stream, token, row) in rows {
             row_json.clear();
             json::encode(row, &mut row_json);
-            Command::Rdata { stream: stream.name(), token: *token, row: &row_json }
+            Command::Rdata(Rdata { stream: stream.name(), token: *token, row: &row_json })
                 .encode_into(out)
                 .expect("encodes");
         }

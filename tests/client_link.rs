@@ -4,7 +4,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use replhub::client::{Client, ClientError, ClientOptions, Event};
 use replhub::proto::fields::parse_rdata;
-use replhub::proto::{Command, CommandWord, PeerError, SyncState, Token};
+use replhub::proto::{Command, CommandWord, PeerError, SyncState, Token, UserSync};
 use replhub::session::SessionConfig;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -124,7 +124,7 @@ async fn handshake_events_and_byte_identical_rows() {
 
     // Commands from the caller reach the master verbatim.
     client
-        .send(Command::UserSync { user_id: "@a:hs", state: SyncState::Start, last_sync_ms: 17 })
+        .send(Command::UserSync(UserSync { user_id: "@a:hs", state: SyncState::Start, last_sync_ms: 17 }))
         .await
         .unwrap();
     assert_eq!(master.line().await.unwrap(), "USER_SYNC @a:hs start 17\n");

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use bytes::{Bytes, BytesMut};
 use replhub::proto::{
-    inbound, json, parse_args, parse_line, parse_line_strict, Command, Line, LineSplitter, LineTooLong,
-    Parsed, PeerError, ReplicateTarget, Role, SyncState, Token, MAX_LINE_LEN,
+    inbound, json, parse_args, parse_line, parse_line_strict, Command, InvalidateCache, Line, LineSplitter,
+    LineTooLong, PeerError, Rdata, ReplicateTarget, Role, SyncState, Token, UserIp, MAX_LINE_LEN,
 };
 use serde_json::{json as j, Value};
 
@@ -113,35 +113,35 @@ fn receiving_role(direction: &str) -> Role {
 // ---------------------------------------------------------------------------------------------
 // Parsed commands in the vectors' `fields` shape
 
-fn fields_of(p: &Parsed<'_>) -> Value {
+fn fields_of(p: &Command<'_>) -> Value {
     match p {
-        Parsed::Server(d)
-        | Parsed::Sync(d)
-        | Parsed::Name(d)
-        | Parsed::Ping(d)
-        | Parsed::Error(d)
-        | Parsed::RemoteServerUp(d)
-        | Parsed::ClearUserSync(d) => j!({ "data": d }),
-        Parsed::Rdata(r) => j!({
+        Command::Server(d)
+        | Command::Sync(d)
+        | Command::Name(d)
+        | Command::Ping(d)
+        | Command::Error(d)
+        | Command::RemoteServerUp(d)
+        | Command::ClearUserSync(d) => j!({ "data": d }),
+        Command::Rdata(r) => j!({
             "row": wire_json(r.row),
             "stream_name": r.stream,
             "token": r.token.value(),
         }),
-        Parsed::Position(pos) => j!({ "stream_name": pos.stream, "token": pos.token }),
-        Parsed::Replicate(t) => j!({ "stream_name": t.as_str() }),
-        Parsed::UserSync(u) => j!({
+        Command::Position(pos) => j!({ "stream_name": pos.stream, "token": pos.token }),
+        Command::Replicate(t) => j!({ "stream_name": t.as_str() }),
+        Command::UserSync(u) => j!({
             "is_syncing": u.state == SyncState::Start,
             "last_sync_ms": u.last_sync_ms,
             "user_id": u.user_id,
         }),
-        Parsed::FederationAck(a) => j!({ "token": a.token }),
-        Parsed::RemovePusher(r) => j!({
+        Command::FederationAck(a) => j!({ "token": a.token }),
+        Command::RemovePusher(r) => j!({
             "app_id": r.app_id, "push_key": r.push_key, "user_id": r.user_id,
         }),
-        Parsed::InvalidateCache(c) => j!({
+        Command::InvalidateCache(c) => j!({
             "cache_func": c.cache_func, "keys": wire_json(c.keys_json),
         }),
-        Parsed::UserIp(u) => {
+        Command::UserIp(u) => {
             let items = wire_json(u.json);
             let items = items.as_array().expect("USER_IP validated as an array");
             j!({
@@ -177,25 +177,24 @@ fn with_newline(line: &[u8]) -> Vec<u8> {
 /// Re-encodes a parsed command as Synapse would write it: JSON arguments are decoded and
 /// re-encoded with replhub's Synapse-compatible encoder (for non-canonical input such as
 /// compact separators); everything else as parsed.
-fn canonical_encoding(p: &Parsed<'_>) -> Bytes {
+fn canonical_encoding(p: &Command<'_>) -> Bytes {
     let reencode = |raw: &[u8]| -> Vec<u8> {
         let value = json::parse(raw).unwrap_or_else(|e| panic!("{}", e.python_repr()));
         json::to_vec(&value)
     };
-    let cmd = p.to_command();
     let fixed;
-    let cmd = match cmd {
-        Command::Rdata { stream, token, row } => {
-            fixed = reencode(row);
-            Command::Rdata { stream, token, row: &fixed }
+    let cmd = match *p {
+        Command::Rdata(r) => {
+            fixed = reencode(r.row);
+            Command::Rdata(Rdata { row: &fixed, ..r })
         }
-        Command::InvalidateCache { cache_func, keys_json } => {
-            fixed = reencode(keys_json);
-            Command::InvalidateCache { cache_func, keys_json: &fixed }
+        Command::InvalidateCache(c) => {
+            fixed = reencode(c.keys_json);
+            Command::InvalidateCache(InvalidateCache { keys_json: &fixed, ..c })
         }
-        Command::UserIp { user_id, json } => {
-            fixed = reencode(json);
-            Command::UserIp { user_id, json: &fixed }
+        Command::UserIp(u) => {
+            fixed = reencode(u.json);
+            Command::UserIp(UserIp { json: &fixed, ..u })
         }
         other => other,
     };
@@ -249,7 +248,7 @@ fn valid_vectors_parse_and_reencode_byte_for_byte() {
             assert_eq!(parse_line(role, &line).as_ref(), Ok(&parsed), "{id}: strict vs relay");
             assert_fields(id, &fields_of(&parsed), &vec["fields"]);
             // Synapse wrote this line: we must write exactly the same bytes.
-            let encoded = parsed.to_command().to_bytes().unwrap_or_else(|e| panic!("{id}: {e}"));
+            let encoded = parsed.to_bytes().unwrap_or_else(|e| panic!("{id}: {e}"));
             assert_eq!(encoded, with_newline(&raw), "{id}: re-encoding differs");
             assert_eq!(canonical_encoding(&parsed), encoded, "{id}: JSON re-encoding differs");
             // The other side must refuse it unless it is accepted both ways.
@@ -297,12 +296,12 @@ fn noncanonical_vectors_parse_and_encode_canonically() {
                 assert_eq!(canonical_encoding(&parsed), canonical, "{id}: canonical encoding");
                 // The relay path forwards a received command as it came; only JSON arguments
                 // (and integer spellings) can differ from the canonical form.
-                let as_parsed = parsed.to_command().to_bytes().unwrap_or_else(|e| panic!("{id}: {e}"));
+                let as_parsed = parsed.to_bytes().unwrap_or_else(|e| panic!("{id}: {e}"));
                 if as_parsed == canonical {
                     tally.add("canonical without JSON re-encoding");
                 } else {
                     assert!(
-                        matches!(parsed, Parsed::Rdata(_) | Parsed::UserIp(_)),
+                        matches!(parsed, Command::Rdata(_) | Command::UserIp(_)),
                         "{id}: only JSON rows should need re-encoding"
                     );
                     tally.add("canonical after JSON re-encoding");
@@ -361,13 +360,13 @@ fn invalid_vectors_get_the_reference_errors_or_a_documented_policy() {
             // accept written as `PING ` / `NAME ` (see the ping-empty and name-empty vectors).
             ("ping-no-space" | "name-no-space", "connection_dropped") => {
                 let parsed = parse_line(role, &line).unwrap_or_else(|e| panic!("{id}: {e}"));
-                assert!(matches!(parsed, Parsed::Ping("") | Parsed::Name("")), "{id}");
+                assert!(matches!(parsed, Command::Ping("") | Command::Name("")), "{id}");
                 tally.add("one-word line accepted (policy)");
             }
             // `REPLICATE` alone is REPLICATE of '': the hub answers the unknown-stream ERROR.
             ("replicate-bare", "connection_dropped") => {
                 let parsed = parse_line(role, &line).unwrap_or_else(|e| panic!("{id}: {e}"));
-                assert_eq!(parsed, Parsed::Replicate(ReplicateTarget::Unknown("")), "{id}");
+                assert_eq!(parsed, Command::Replicate(ReplicateTarget::Unknown("")), "{id}");
                 assert_eq!(
                     PeerError::UnknownStream(String::new()).to_string(),
                     "failed to handle replicate: Exception('unknown stream %s', '')"
@@ -377,19 +376,19 @@ fn invalid_vectors_get_the_reference_errors_or_a_documented_policy() {
             // `SERVER` alone is SERVER '': the client session compares it with the configured
             // server name and answers `ERROR Wrong remote`.
             ("server-bare", "connection_dropped") => {
-                assert_eq!(parse_line(role, &line), Ok(Parsed::Server("")), "{id}");
+                assert_eq!(parse_line(role, &line), Ok(Command::Server("")), "{id}");
                 tally.add("one-word line -> session error (policy)");
             }
             // ---- decided above the codec ----------------------------------------------------
             ("replicate-1.12-style" | "replicate-all-now", "error_and_close") => {
-                let Ok(Parsed::Replicate(ReplicateTarget::Unknown(name))) = parse_line(role, &line) else {
+                let Ok(Command::Replicate(ReplicateTarget::Unknown(name))) = parse_line(role, &line) else {
                     panic!("{id}: expected an unknown REPLICATE target");
                 };
                 assert_eq!(PeerError::UnknownStream(name.to_owned()).to_string(), error_text(sent));
                 tally.add("unknown stream (hub)");
             }
             ("wrong-server-name", "error_and_close") => {
-                assert!(matches!(parse_line(role, &line), Ok(Parsed::Server(_))), "{id}");
+                assert!(matches!(parse_line(role, &line), Ok(Command::Server(_))), "{id}");
                 assert_eq!(PeerError::WrongRemote.to_string(), error_text(sent), "{id}");
                 tally.add("wrong remote (session)");
             }
@@ -431,7 +430,7 @@ fn invalid_vectors_get_the_reference_errors_or_a_documented_policy() {
                     // RDATA rows are not parsed on the relay path (ARCHITECTURE.md §3): the
                     // master is trusted to send JSON. Strict mode (clients that decode rows)
                     // reports the error as Synapse does.
-                    Ok(Parsed::Rdata(_)) => {
+                    Ok(Command::Rdata(_)) => {
                         tally.add("bad RDATA JSON accepted on the relay path");
                         parse_line_strict(role, &line).expect_err(id)
                     }
@@ -451,7 +450,7 @@ fn invalid_vectors_get_the_reference_errors_or_a_documented_policy() {
             // ---- handler-level failures are not protocol errors -----------------------------
             (_, "handler_exception_logged") => {
                 let parsed = parse_line_strict(role, &line).unwrap_or_else(|e| panic!("{id}: {e}"));
-                assert!(matches!(parsed, Parsed::Rdata(_)), "{id}");
+                assert!(matches!(parsed, Command::Rdata(_)), "{id}");
                 tally.add("parses; handler-level failure");
             }
             (id, outcome) => panic!("vector {id:?} with outcome {outcome:?} is not handled here"),
@@ -493,5 +492,7 @@ fn error_lines_are_always_sendable() {
     let err = parse_line_strict(Role::Client, &line).expect_err("unterminated string");
     assert!(err.to_line().len() <= MAX_LINE_LEN + 1);
     let token = Token::Value(1);
-    assert!(Command::Rdata { stream: "caches", token, row: &[b'1'; MAX_LINE_LEN] }.to_bytes().is_err());
+    assert!(Command::Rdata(Rdata { stream: "caches", token, row: &[b'1'; MAX_LINE_LEN] })
+        .to_bytes()
+        .is_err());
 }

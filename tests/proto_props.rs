@@ -4,7 +4,8 @@
 use bytes::Bytes;
 use proptest::prelude::*;
 use replhub::proto::{
-    parse_args, Command, CommandWord, Line, LineSplitter, LineTooLong, Role, StreamId, SyncState, Token,
+    parse_args, Command, CommandWord, FederationAck, InvalidateCache, Line, LineSplitter, LineTooLong,
+    Position, Rdata, RemovePusher, ReplicateTarget, Role, StreamId, SyncState, Token, UserIp, UserSync,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -169,21 +170,25 @@ impl Owned {
                 CommandWord::Server => Command::Server(s),
                 CommandWord::Sync => Command::Sync(s),
                 CommandWord::Name => Command::Name(s),
-                CommandWord::Replicate => Command::Replicate(s),
+                CommandWord::Replicate => Command::Replicate(ReplicateTarget::from_name(s)),
                 CommandWord::Ping => Command::Ping(s),
                 CommandWord::Error => Command::Error(s),
                 CommandWord::RemoteServerUp => Command::RemoteServerUp(s),
                 _ => Command::ClearUserSync(s),
             },
-            Self::Rdata(stream, token, row) => Command::Rdata { stream, token: *token, row },
-            Self::Position(stream, token) => Command::Position { stream, token: *token },
+            Self::Rdata(stream, token, row) => Command::Rdata(Rdata { stream, token: *token, row }),
+            Self::Position(stream, token) => Command::Position(Position { stream, token: *token }),
             Self::UserSync(user_id, state, ms) => {
-                Command::UserSync { user_id, state: *state, last_sync_ms: *ms }
+                Command::UserSync(UserSync { user_id, state: *state, last_sync_ms: *ms })
             }
-            Self::FederationAck(t) => Command::FederationAck(*t),
-            Self::RemovePusher(a, k, u) => Command::RemovePusher { app_id: a, push_key: k, user_id: u },
-            Self::InvalidateCache(f, keys) => Command::InvalidateCache { cache_func: f, keys_json: keys },
-            Self::UserIp(u, json) => Command::UserIp { user_id: u, json },
+            Self::FederationAck(t) => Command::FederationAck(FederationAck { token: *t }),
+            Self::RemovePusher(a, k, u) => {
+                Command::RemovePusher(RemovePusher { app_id: a, push_key: k, user_id: u })
+            }
+            Self::InvalidateCache(f, keys) => {
+                Command::InvalidateCache(InvalidateCache { cache_func: f, keys_json: keys })
+            }
+            Self::UserIp(u, json) => Command::UserIp(UserIp { user_id: u, json }),
         }
     }
 }
@@ -278,8 +283,8 @@ proptest! {
             parse_args(word, &line)
         };
         let parsed = parsed.map_err(|e| TestCaseError::fail(format!("{e}")))?;
-        prop_assert_eq!(parsed.to_command(), cmd);
-        prop_assert_eq!(parsed.to_command().to_bytes().ok(), Some(wire));
+        prop_assert_eq!(parsed, cmd);
+        prop_assert_eq!(parsed.to_bytes().ok(), Some(wire));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tokio::net::{TcpStream, ToSocketAddrs};
 
 use crate::proto::inbound::parse_args;
 use crate::proto::Role;
-use crate::proto::{Command, CommandWord, EncodeError, Line, Parsed, PeerError, Token};
+use crate::proto::{Command, CommandWord, EncodeError, Line, PeerError, ReplicateTarget, Token};
 use crate::session::{Session, SessionConfig, TimerAction};
 use crate::time::Clock;
 use crate::time::Now;
@@ -163,7 +163,7 @@ impl Client {
     pub async fn connect(addr: impl ToSocketAddrs, options: ClientOptions) -> Result<Self, ClientError> {
         Command::Name(&options.name).to_bytes()?;
         for s in &options.streams {
-            Command::Replicate(s).to_bytes()?;
+            Command::Replicate(ReplicateTarget::from_name(s)).to_bytes()?;
         }
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
@@ -261,7 +261,7 @@ impl Client {
     /// Records the server name; a mismatch with the expected one is `ERROR Wrong remote`.
     fn check_server(&mut self, line: &Line) -> Result<(), ClientError> {
         let name = match parse_args(CommandWord::Server, line) {
-            Ok(Parsed::Server(name)) => name,
+            Ok(Command::Server(name)) => name,
             Ok(_) => return Ok(()),
             Err(err) => {
                 self.session.fail(&err, self.clock.now());
@@ -379,15 +379,15 @@ fn to_event(line: &Line) -> Result<Event, PeerError> {
         return Err(PeerError::InvalidCommand(String::from_utf8_lossy(line.word()).into_owned()));
     };
     Ok(match parse_args(word, line)? {
-        Parsed::Server(s) => Event::Server(s.to_owned()),
-        Parsed::Rdata(r) => {
+        Command::Server(s) => Event::Server(s.to_owned()),
+        Command::Rdata(r) => {
             Event::Rdata { stream: r.stream.to_owned(), token: r.token, row: line.bytes().slice_ref(r.row) }
         }
-        Parsed::Position(p) => Event::Position { stream: p.stream.to_owned(), token: p.token },
-        Parsed::RemoteServerUp(s) => Event::RemoteServerUp(s.to_owned()),
-        Parsed::Error(s) => Event::Error(s.to_owned()),
-        Parsed::Ping(s) => Event::Ping(s.to_owned()),
-        Parsed::Sync(s) => Event::Sync(s.to_owned()),
+        Command::Position(p) => Event::Position { stream: p.stream.to_owned(), token: p.token },
+        Command::RemoteServerUp(s) => Event::RemoteServerUp(s.to_owned()),
+        Command::Error(s) => Event::Error(s.to_owned()),
+        Command::Ping(s) => Event::Ping(s.to_owned()),
+        Command::Sync(s) => Event::Sync(s.to_owned()),
         other => return Err(PeerError::InvalidCommand(other.word().as_str().to_owned())),
     })
 }

@@ -11,9 +11,9 @@ use super::log::{Batch, Log, Seq, BROADCAST};
 use super::user_sync::{Transition, UserSyncMerger};
 use super::{CloseHow, ConnId, HubConfig, HubOutput, UpstreamCmd, UpstreamEvent};
 use crate::metrics::snapshot::{CloseReason, ConnPhase, ConnSample, CoreSnapshot, CoreStats, EvictReason};
-use crate::proto::inbound::{parse_args, Parsed};
+use crate::proto::inbound::parse_args;
 use crate::proto::{
-    Command, CommandWord, Line, PeerError, ReplicateTarget, Role, StreamId, StreamMask, SyncState,
+    Command, CommandWord, Line, PeerError, Position, ReplicateTarget, Role, StreamId, StreamMask, SyncState,
 };
 use crate::session::{Session, TimerAction};
 use crate::time::Now;
@@ -236,14 +236,14 @@ impl Hub {
             }
         };
         match parsed {
-            Parsed::Name(name) => {
+            Command::Name(name) => {
                 if let Some(c) = self.conn_mut(id) {
                     tracing::info!(conn = %id, name, "worker named itself");
                     c.name = Some(name.to_owned());
                 }
             }
-            Parsed::Replicate(target) => self.replicate(id, target, now),
-            Parsed::UserSync(us) => {
+            Command::Replicate(target) => self.replicate(id, target, now),
+            Command::UserSync(us) => {
                 self.stats.user_sync += 1;
                 let t = match us.state {
                     SyncState::Start => self.user_sync.start(id, us.user_id),
@@ -260,24 +260,24 @@ impl Hub {
                     last_sync_ms: us.last_sync_ms,
                 }));
             }
-            Parsed::FederationAck(_) => {
+            Command::FederationAck(_) => {
                 self.stats.federation_ack += 1;
                 self.forward(line);
             }
-            Parsed::RemovePusher(_) => {
+            Command::RemovePusher(_) => {
                 self.stats.remove_pusher += 1;
                 self.forward(line);
             }
-            Parsed::InvalidateCache(_) => {
+            Command::InvalidateCache(_) => {
                 self.stats.invalidate_cache += 1;
                 self.forward(line);
             }
-            Parsed::UserIp(_) => {
+            Command::UserIp(_) => {
                 self.stats.user_ip += 1;
                 self.forward(line);
             }
-            Parsed::RemoteServerUp(_) => self.forward(line),
-            Parsed::Error(text) => {
+            Command::RemoteServerUp(_) => self.forward(line),
+            Command::Error(text) => {
                 let name = self.conn(id).map(|c| c.display_name().to_owned()).unwrap_or_default();
                 tracing::warn!(conn = %id, name, text, "worker reported an error");
             }
@@ -370,20 +370,12 @@ impl Hub {
             c.refresh_full_from();
         }
         c.phase = ConnPhase::Subscribed;
-        let mut buf = itoa::Buffer::new();
-        let token_str = buf.format(token);
-        let mut line = BytesMut::with_capacity(16 + s.name().len() + token_str.len());
-        line.put_slice(b"POSITION ");
-        line.put_slice(s.name().as_bytes());
-        line.put_u8(b' ');
-        line.put_slice(token_str.as_bytes());
-        line.put_u8(b'\n');
-        c.private.push_back(Private {
-            at,
-            bytes: line.freeze(),
-            word: CommandWord::Position,
-            partial: false,
-        });
+        let position = Command::Position(Position { stream: s.name(), token });
+        // A stream name and a number: never a newline, never near the length limit.
+        let Ok(bytes) = position.to_bytes() else {
+            unreachable!("POSITION {} {token} does not encode", s.name())
+        };
+        c.private.push_back(Private { at, bytes, word: position.word(), partial: false });
         tracing::debug!(conn = %id, stream = s.name(), token, "subscribed");
         if newly {
             self.stream_subs[s.index()].push(id);

@@ -1,4 +1,8 @@
-//! Command words and which side may send them (PROTOCOL.md §2.1, §8).
+//! Command words, which side may send them (PROTOCOL.md §2.1, §8), and [`Command`]: one
+//! command with its arguments, the parser's result and the encoder's input alike.
+use super::fields::{
+    FederationAck, InvalidateCache, Position, Rdata, RemovePusher, ReplicateTarget, UserIp, UserSync,
+};
 
 /// Which end of a connection we are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,6 +149,67 @@ impl CommandWord {
         match role {
             Role::Server => self.accepted_by(Role::Client),
             Role::Client => self.accepted_by(Role::Server),
+        }
+    }
+}
+
+/// One command with its arguments, borrowed: what [`super::inbound::parse_args`] returns for a
+/// received line (borrowing from the [`super::Line`]) and what [`Command::encode_into`] writes.
+/// A variant with several arguments holds the same struct its `parse_*` function in
+/// [`super::fields`] returns, so a parsed command re-encodes as it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// `SERVER <server_name>`, S→C.
+    Server(&'a str),
+    /// `RDATA <stream> <token|batch> <row_json>`, S→C; the row is not parsed.
+    Rdata(Rdata<'a>),
+    /// `POSITION <stream> <token>`, S→C.
+    Position(Position<'a>),
+    /// `SYNC <data>`, S→C.
+    Sync(&'a str),
+    /// `NAME <client_name>`, C→S.
+    Name(&'a str),
+    /// `REPLICATE <stream|ALL>`, C→S.
+    Replicate(ReplicateTarget<'a>),
+    /// `USER_SYNC <user_id> <start|end> <last_sync_ms>`, C→S.
+    UserSync(UserSync<'a>),
+    /// `FEDERATION_ACK <token>`, C→S.
+    FederationAck(FederationAck),
+    /// `REMOVE_PUSHER <app_id> <push_key> <user_id>`, C→S.
+    RemovePusher(RemovePusher<'a>),
+    /// `INVALIDATE_CACHE <cache_func> <keys_json>`, C→S; when parsed, the JSON was validated.
+    InvalidateCache(InvalidateCache<'a>),
+    /// `USER_IP <user_id> <json_array_5>`, C→S; when parsed, the JSON was validated.
+    UserIp(UserIp<'a>),
+    /// `PING <data>`, both.
+    Ping(&'a str),
+    /// `ERROR <text>`, both.
+    Error(&'a str),
+    /// `REMOTE_SERVER_UP <server_name>`, both.
+    RemoteServerUp(&'a str),
+    /// `CLEAR_USER_SYNC <instance_id>` (1.13+; not accepted by a seed peer).
+    ClearUserSync(&'a str),
+}
+
+impl Command<'_> {
+    /// The command word.
+    pub const fn word(&self) -> CommandWord {
+        match self {
+            Self::Server(_) => CommandWord::Server,
+            Self::Rdata(_) => CommandWord::Rdata,
+            Self::Position(_) => CommandWord::Position,
+            Self::Sync(_) => CommandWord::Sync,
+            Self::Name(_) => CommandWord::Name,
+            Self::Replicate(_) => CommandWord::Replicate,
+            Self::UserSync(_) => CommandWord::UserSync,
+            Self::FederationAck(_) => CommandWord::FederationAck,
+            Self::RemovePusher(_) => CommandWord::RemovePusher,
+            Self::InvalidateCache(_) => CommandWord::InvalidateCache,
+            Self::UserIp(_) => CommandWord::UserIp,
+            Self::Ping(_) => CommandWord::Ping,
+            Self::Error(_) => CommandWord::Error,
+            Self::RemoteServerUp(_) => CommandWord::RemoteServerUp,
+            Self::ClearUserSync(_) => CommandWord::ClearUserSync,
         }
     }
 }

@@ -6,82 +6,11 @@
 //! token `batch` in lowercase, and empty arguments still get their space (`PING `).
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::command::CommandWord;
+use super::command::Command;
 use super::error::EncodeError;
-use super::fields::{SyncState, Token};
+use super::fields::{FederationAck, InvalidateCache, Position, Rdata, RemovePusher, Token, UserIp, UserSync};
 use super::number::format_i64;
 use super::splitter::MAX_LINE_LEN;
-
-/// A command to write.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Command<'a> {
-    /// `SERVER <name>`
-    Server(&'a str),
-    /// `RDATA <stream> <token|batch> <row>`
-    Rdata {
-        /// Stream name.
-        stream: &'a str,
-        /// Token.
-        token: Token,
-        /// Row JSON (already encoded).
-        row: &'a [u8],
-    },
-    /// `POSITION <stream> <token>`
-    Position {
-        /// Stream name.
-        stream: &'a str,
-        /// Token.
-        token: i64,
-    },
-    /// `SYNC <data>`
-    Sync(&'a str),
-    /// `NAME <name>`
-    Name(&'a str),
-    /// `REPLICATE <stream|ALL>`
-    Replicate(&'a str),
-    /// `USER_SYNC <user> <start|end> <ms>`
-    UserSync {
-        /// User id.
-        user_id: &'a str,
-        /// State.
-        state: SyncState,
-        /// Last sync ms.
-        last_sync_ms: i64,
-    },
-    /// `FEDERATION_ACK <token>`
-    FederationAck(i64),
-    /// `REMOVE_PUSHER <app_id> <push_key> <user_id>`
-    RemovePusher {
-        /// App id.
-        app_id: &'a str,
-        /// Push key.
-        push_key: &'a str,
-        /// User id.
-        user_id: &'a str,
-    },
-    /// `INVALIDATE_CACHE <func> <keys_json>`
-    InvalidateCache {
-        /// Cache function.
-        cache_func: &'a str,
-        /// Keys JSON.
-        keys_json: &'a [u8],
-    },
-    /// `USER_IP <user> <json>`
-    UserIp {
-        /// User id.
-        user_id: &'a str,
-        /// JSON array.
-        json: &'a [u8],
-    },
-    /// `PING <data>`
-    Ping(&'a str),
-    /// `ERROR <text>`
-    Error(&'a str),
-    /// `REMOTE_SERVER_UP <server>`
-    RemoteServerUp(&'a str),
-    /// `CLEAR_USER_SYNC <instance_id>`
-    ClearUserSync(&'a str),
-}
 
 impl Command<'_> {
     /// Appends the line and its `\n` to `out`; on error nothing is appended.
@@ -90,7 +19,7 @@ impl Command<'_> {
         let word = self.word().as_str();
         let mut num = [0u8; 20];
         match *self {
-            Self::Rdata { stream, token, row } => {
+            Self::Rdata(Rdata { stream, token, row }) => {
                 let token: &[u8] = match token {
                     Token::Batch => b"batch",
                     Token::Value(v) => format_i64(v, &mut num),
@@ -98,33 +27,38 @@ impl Command<'_> {
                 let stream = stream.as_bytes();
                 put(word, &[stream, row], &[stream, b" ", token, b" ", row], out)
             }
-            Self::Position { stream, token } => {
+            Self::Position(Position { stream, token }) => {
                 let stream = stream.as_bytes();
                 let token = format_i64(token, &mut num);
                 put(word, &[stream], &[stream, b" ", token], out)
             }
-            Self::UserSync { user_id, state, last_sync_ms } => {
+            Self::UserSync(UserSync { user_id, state, last_sync_ms }) => {
                 let (u, st) = (user_id.as_bytes(), state.as_str().as_bytes());
                 let ms = format_i64(last_sync_ms, &mut num);
                 put(word, &[u], &[u, b" ", st, b" ", ms], out)
             }
-            Self::FederationAck(token) => put(word, &[], &[format_i64(token, &mut num)], out),
-            Self::RemovePusher { app_id, push_key, user_id } => {
+            Self::FederationAck(FederationAck { token }) => {
+                put(word, &[], &[format_i64(token, &mut num)], out)
+            }
+            Self::RemovePusher(RemovePusher { app_id, push_key, user_id }) => {
                 let (a, k, u) = (app_id.as_bytes(), push_key.as_bytes(), user_id.as_bytes());
                 put(word, &[a, k, u], &[a, b" ", k, b" ", u], out)
             }
-            Self::InvalidateCache { cache_func, keys_json } => {
+            Self::InvalidateCache(InvalidateCache { cache_func, keys_json }) => {
                 let f = cache_func.as_bytes();
                 put(word, &[f, keys_json], &[f, b" ", keys_json], out)
             }
-            Self::UserIp { user_id, json } => {
+            Self::UserIp(UserIp { user_id, json }) => {
                 let u = user_id.as_bytes();
                 put(word, &[u, json], &[u, b" ", json], out)
+            }
+            Self::Replicate(target) => {
+                let t = target.as_str().as_bytes();
+                put(word, &[t], &[t], out)
             }
             Self::Server(s)
             | Self::Sync(s)
             | Self::Name(s)
-            | Self::Replicate(s)
             | Self::Ping(s)
             | Self::Error(s)
             | Self::RemoteServerUp(s)
@@ -137,27 +71,6 @@ impl Command<'_> {
         let mut out = BytesMut::new();
         self.encode_into(&mut out)?;
         Ok(out.freeze())
-    }
-
-    /// The command word.
-    pub const fn word(&self) -> CommandWord {
-        match self {
-            Self::Server(_) => CommandWord::Server,
-            Self::Rdata { .. } => CommandWord::Rdata,
-            Self::Position { .. } => CommandWord::Position,
-            Self::Sync(_) => CommandWord::Sync,
-            Self::Name(_) => CommandWord::Name,
-            Self::Replicate(_) => CommandWord::Replicate,
-            Self::UserSync { .. } => CommandWord::UserSync,
-            Self::FederationAck(_) => CommandWord::FederationAck,
-            Self::RemovePusher { .. } => CommandWord::RemovePusher,
-            Self::InvalidateCache { .. } => CommandWord::InvalidateCache,
-            Self::UserIp { .. } => CommandWord::UserIp,
-            Self::Ping(_) => CommandWord::Ping,
-            Self::Error(_) => CommandWord::Error,
-            Self::RemoteServerUp(_) => CommandWord::RemoteServerUp,
-            Self::ClearUserSync(_) => CommandWord::ClearUserSync,
-        }
     }
 }
 
@@ -195,6 +108,7 @@ fn put(word: &'static str, free: &[&[u8]], parts: &[&[u8]], out: &mut BytesMut) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::fields::{ReplicateTarget, SyncState};
 
     fn enc(c: Command<'_>) -> Result<Bytes, EncodeError> {
         c.to_bytes()
@@ -204,30 +118,41 @@ mod tests {
     fn encodes_like_synapse() {
         let row = b"[\"ev\", []]";
         assert_eq!(
-            enc(Command::Rdata { stream: "events", token: Token::Batch, row }).unwrap(),
+            enc(Command::Rdata(Rdata { stream: "events", token: Token::Batch, row })).unwrap(),
             "RDATA events batch [\"ev\", []]\n"
         );
         assert_eq!(
-            enc(Command::Rdata { stream: "events", token: Token::Value(-7), row }).unwrap(),
+            enc(Command::Rdata(Rdata { stream: "events", token: Token::Value(-7), row })).unwrap(),
             "RDATA events -7 [\"ev\", []]\n"
         );
-        assert_eq!(enc(Command::Position { stream: "caches", token: 250 }).unwrap(), "POSITION caches 250\n");
         assert_eq!(
-            enc(Command::UserSync { user_id: "@a:hs", state: SyncState::End, last_sync_ms: 1 }).unwrap(),
+            enc(Command::Position(Position { stream: "caches", token: 250 })).unwrap(),
+            "POSITION caches 250\n"
+        );
+        assert_eq!(
+            enc(Command::UserSync(UserSync { user_id: "@a:hs", state: SyncState::End, last_sync_ms: 1 }))
+                .unwrap(),
             "USER_SYNC @a:hs end 1\n"
         );
-        assert_eq!(enc(Command::FederationAck(i64::MIN)).unwrap(), "FEDERATION_ACK -9223372036854775808\n");
         assert_eq!(
-            enc(Command::RemovePusher { app_id: "m.http", push_key: "k", user_id: "@a:hs" }).unwrap(),
+            enc(Command::FederationAck(FederationAck { token: i64::MIN })).unwrap(),
+            "FEDERATION_ACK -9223372036854775808\n"
+        );
+        assert_eq!(
+            enc(Command::RemovePusher(RemovePusher { app_id: "m.http", push_key: "k", user_id: "@a:hs" }))
+                .unwrap(),
             "REMOVE_PUSHER m.http k @a:hs\n"
         );
         assert_eq!(
-            enc(Command::InvalidateCache { cache_func: "f", keys_json: b"[]" }).unwrap(),
+            enc(Command::InvalidateCache(InvalidateCache { cache_func: "f", keys_json: b"[]" })).unwrap(),
             "INVALIDATE_CACHE f []\n"
         );
-        assert_eq!(enc(Command::UserIp { user_id: "@a:hs", json: b"[1]" }).unwrap(), "USER_IP @a:hs [1]\n");
+        assert_eq!(
+            enc(Command::UserIp(UserIp { user_id: "@a:hs", json: b"[1]" })).unwrap(),
+            "USER_IP @a:hs [1]\n"
+        );
         assert_eq!(enc(Command::Ping("")).unwrap(), "PING \n");
-        assert_eq!(enc(Command::Replicate("")).unwrap(), "REPLICATE \n");
+        assert_eq!(enc(Command::Replicate(ReplicateTarget::from_name(""))).unwrap(), "REPLICATE \n");
         assert_eq!(enc(Command::Ping("123\r")).unwrap(), "PING 123\r\n");
         assert_eq!(enc(Command::ClearUserSync("abcde")).unwrap(), "CLEAR_USER_SYNC abcde\n");
         assert_eq!(enc(Command::Error("Wrong remote")).unwrap(), "ERROR Wrong remote\n");
@@ -247,7 +172,8 @@ mod tests {
         assert_eq!(e, EncodeError::TooLong { word: "PING", len: MAX_LINE_LEN + 1 });
         assert_eq!(e.to_string(), "Failed to send command PING as too long (16385 > 16384)");
         let row = vec![b'1'; MAX_LINE_LEN];
-        let e = Command::Rdata { stream: "caches", token: Token::Value(1), row: &row }.encode_into(&mut out);
+        let e = Command::Rdata(Rdata { stream: "caches", token: Token::Value(1), row: &row })
+            .encode_into(&mut out);
         assert!(matches!(e, Err(EncodeError::TooLong { word: "RDATA", .. })));
         assert_eq!(&out[..], b"keep");
     }
@@ -257,7 +183,7 @@ mod tests {
         let cmds = [
             Command::Server("s"),
             Command::Sync("s"),
-            Command::Position { stream: "s", token: 1 },
+            Command::Position(Position { stream: "s", token: 1 }),
             Command::RemoteServerUp("r"),
         ];
         for c in cmds {

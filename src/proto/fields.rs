@@ -83,7 +83,7 @@ pub struct InvalidateCache<'a> {
 }
 
 /// `USER_IP <user_id> <json_array_5>`
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UserIp<'a> {
     /// User id.
     pub user_id: &'a str,
@@ -122,9 +122,20 @@ impl SyncState {
     }
 }
 
-impl ReplicateTarget<'_> {
+impl<'a> ReplicateTarget<'a> {
+    /// The target `REPLICATE <name>` names: `ALL` exactly, a served stream, or anything else.
+    pub fn from_name(name: &'a str) -> Self {
+        if name == "ALL" {
+            Self::All
+        } else if let Some(s) = StreamId::from_name(name.as_bytes()) {
+            Self::Stream(s)
+        } else {
+            Self::Unknown(name)
+        }
+    }
+
     /// The argument as sent (`ALL`, the stream name, or the unknown text).
-    pub fn as_str(&self) -> &str {
+    pub fn as_str(&self) -> &'a str {
         match self {
             Self::All => "ALL",
             Self::Stream(s) => s.name(),
@@ -274,14 +285,7 @@ fn not_iterable(python_type: &str) -> FieldError {
 /// Parses REPLICATE's argument (the whole rest): `ALL` exactly, a served stream's name, or
 /// anything else (the hub answers that with the unknown-stream ERROR).
 pub fn parse_replicate(args: &[u8]) -> Result<ReplicateTarget<'_>, FieldError> {
-    let name = utf8_field(args)?;
-    Ok(if name == "ALL" {
-        ReplicateTarget::All
-    } else if let Some(s) = StreamId::from_name(args) {
-        ReplicateTarget::Stream(s)
-    } else {
-        ReplicateTarget::Unknown(name)
-    })
+    Ok(ReplicateTarget::from_name(utf8_field(args)?))
 }
 
 #[cfg(test)]

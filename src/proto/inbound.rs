@@ -9,101 +9,14 @@
 //!   (including the empty word of ` NAME x` or `   `) are [`PeerError::InvalidCommand`].
 //! * Step 8, arguments: [`parse_args`]. JSON in INVALIDATE_CACHE and USER_IP is validated so a
 //!   bad worker can never make the master drop replhub; an RDATA row is *not* parsed (relay
-//!   path) unless [`parse_line_strict`] is used.
+//!   path) unless [`parse_line_strict`] is used. The result is a [`Command`], the type the
+//!   encoder takes, so a received command re-encodes as it is.
 //!
 //! Blank lines (step 3) never get here: [`super::LineSplitter`] skips them.
-use super::command::{CommandWord, Role};
+use super::command::{Command, CommandWord, Role};
 use super::error::{FieldError, PeerError};
-use super::fields::{
-    self, FederationAck, InvalidateCache, Position, Rdata, RemovePusher, ReplicateTarget, UserIp, UserSync,
-};
+use super::fields;
 use super::line::Line;
-
-/// A parsed command, borrowing from its [`Line`].
-#[derive(Clone, Debug, PartialEq)]
-pub enum Parsed<'a> {
-    /// `SERVER <server_name>`
-    Server(&'a str),
-    /// `RDATA <stream> <token|batch> <row_json>` (row unparsed)
-    Rdata(Rdata<'a>),
-    /// `POSITION <stream> <token>`
-    Position(Position<'a>),
-    /// `SYNC <data>`
-    Sync(&'a str),
-    /// `NAME <client_name>`
-    Name(&'a str),
-    /// `REPLICATE <stream|ALL>`
-    Replicate(ReplicateTarget<'a>),
-    /// `USER_SYNC <user_id> <start|end> <last_sync_ms>`
-    UserSync(UserSync<'a>),
-    /// `FEDERATION_ACK <token>`
-    FederationAck(FederationAck),
-    /// `REMOVE_PUSHER <app_id> <push_key> <user_id>`
-    RemovePusher(RemovePusher<'a>),
-    /// `INVALIDATE_CACHE <cache_func> <keys_json>` (JSON validated)
-    InvalidateCache(InvalidateCache<'a>),
-    /// `USER_IP <user_id> <json_array_5>` (JSON validated)
-    UserIp(UserIp<'a>),
-    /// `PING <data>`
-    Ping(&'a str),
-    /// `ERROR <text>`
-    Error(&'a str),
-    /// `REMOTE_SERVER_UP <server_name>`
-    RemoteServerUp(&'a str),
-    /// `CLEAR_USER_SYNC <instance_id>` (1.13+; not accepted by a seed peer)
-    ClearUserSync(&'a str),
-}
-
-impl Parsed<'_> {
-    /// The command word.
-    pub const fn word(&self) -> CommandWord {
-        match self {
-            Self::Server(_) => CommandWord::Server,
-            Self::Rdata(_) => CommandWord::Rdata,
-            Self::Position(_) => CommandWord::Position,
-            Self::Sync(_) => CommandWord::Sync,
-            Self::Name(_) => CommandWord::Name,
-            Self::Replicate(_) => CommandWord::Replicate,
-            Self::UserSync(_) => CommandWord::UserSync,
-            Self::FederationAck(_) => CommandWord::FederationAck,
-            Self::RemovePusher(_) => CommandWord::RemovePusher,
-            Self::InvalidateCache(_) => CommandWord::InvalidateCache,
-            Self::UserIp(_) => CommandWord::UserIp,
-            Self::Ping(_) => CommandWord::Ping,
-            Self::Error(_) => CommandWord::Error,
-            Self::RemoteServerUp(_) => CommandWord::RemoteServerUp,
-            Self::ClearUserSync(_) => CommandWord::ClearUserSync,
-        }
-    }
-
-    /// The same command for sending, e.g. to re-encode what was received.
-    pub fn to_command(&self) -> super::Command<'_> {
-        use super::Command as C;
-        match self {
-            Self::Server(s) => C::Server(s),
-            Self::Rdata(r) => C::Rdata { stream: r.stream, token: r.token, row: r.row },
-            Self::Position(p) => C::Position { stream: p.stream, token: p.token },
-            Self::Sync(s) => C::Sync(s),
-            Self::Name(s) => C::Name(s),
-            Self::Replicate(t) => C::Replicate(t.as_str()),
-            Self::UserSync(u) => {
-                C::UserSync { user_id: u.user_id, state: u.state, last_sync_ms: u.last_sync_ms }
-            }
-            Self::FederationAck(a) => C::FederationAck(a.token),
-            Self::RemovePusher(p) => {
-                C::RemovePusher { app_id: p.app_id, push_key: p.push_key, user_id: p.user_id }
-            }
-            Self::InvalidateCache(c) => {
-                C::InvalidateCache { cache_func: c.cache_func, keys_json: c.keys_json }
-            }
-            Self::UserIp(u) => C::UserIp { user_id: u.user_id, json: u.json },
-            Self::Ping(s) => C::Ping(s),
-            Self::Error(s) => C::Error(s),
-            Self::RemoteServerUp(s) => C::RemoteServerUp(s),
-            Self::ClearUserSync(s) => C::ClearUserSync(s),
-        }
-    }
-}
 
 /// Steps 4–6: strict UTF-8 of the whole line, then the command word and the direction check
 /// for a peer in `role` (we are `role`; the line came from the other side).
@@ -121,13 +34,13 @@ pub fn check_command(role: Role, line: &Line) -> Result<CommandWord, PeerError> 
 /// Step 8: the arguments of `line` for `word` (which must be `line`'s command word, as
 /// returned by [`check_command`]). INVALIDATE_CACHE and USER_IP JSON is validated; the RDATA
 /// row is not.
-pub fn parse_args(word: CommandWord, line: &Line) -> Result<Parsed<'_>, PeerError> {
+pub fn parse_args(word: CommandWord, line: &Line) -> Result<Command<'_>, PeerError> {
     let args = line.args();
     parse_fields(word, args).map_err(|e| PeerError::parse(word.as_str().as_bytes(), args, e))
 }
 
 /// Steps 4–8 for one line: [`check_command`] then [`parse_args`].
-pub fn parse_line(role: Role, line: &Line) -> Result<Parsed<'_>, PeerError> {
+pub fn parse_line(role: Role, line: &Line) -> Result<Command<'_>, PeerError> {
     let word = check_command(role, line)?;
     parse_args(word, line)
 }
@@ -135,46 +48,47 @@ pub fn parse_line(role: Role, line: &Line) -> Result<Parsed<'_>, PeerError> {
 /// [`parse_line`], plus validation of an RDATA row as JSON (what a Synapse client does with
 /// `json.loads`). For a client that decodes rows (`tail --decode`, the client library); the
 /// hub's relay path uses [`parse_line`] and forwards rows untouched.
-pub fn parse_line_strict(role: Role, line: &Line) -> Result<Parsed<'_>, PeerError> {
+pub fn parse_line_strict(role: Role, line: &Line) -> Result<Command<'_>, PeerError> {
     let parsed = parse_line(role, line)?;
-    if let Parsed::Rdata(r) = &parsed {
+    if let Command::Rdata(r) = &parsed {
         fields::validate_rdata(r).map_err(|e| PeerError::parse(b"RDATA", line.args(), e))?;
     }
     Ok(parsed)
 }
 
-fn parse_fields(word: CommandWord, args: &[u8]) -> Result<Parsed<'_>, FieldError> {
+fn parse_fields(word: CommandWord, args: &[u8]) -> Result<Command<'_>, FieldError> {
     let text = fields::utf8_field;
     Ok(match word {
-        CommandWord::Rdata => Parsed::Rdata(fields::parse_rdata(args)?),
-        CommandWord::Position => Parsed::Position(fields::parse_position(args)?),
-        CommandWord::Replicate => Parsed::Replicate(fields::parse_replicate(args)?),
-        CommandWord::UserSync => Parsed::UserSync(fields::parse_user_sync(args)?),
-        CommandWord::FederationAck => Parsed::FederationAck(fields::parse_federation_ack(args)?),
-        CommandWord::RemovePusher => Parsed::RemovePusher(fields::parse_remove_pusher(args)?),
+        CommandWord::Rdata => Command::Rdata(fields::parse_rdata(args)?),
+        CommandWord::Position => Command::Position(fields::parse_position(args)?),
+        CommandWord::Replicate => Command::Replicate(fields::parse_replicate(args)?),
+        CommandWord::UserSync => Command::UserSync(fields::parse_user_sync(args)?),
+        CommandWord::FederationAck => Command::FederationAck(fields::parse_federation_ack(args)?),
+        CommandWord::RemovePusher => Command::RemovePusher(fields::parse_remove_pusher(args)?),
         CommandWord::InvalidateCache => {
             let cmd = fields::parse_invalidate_cache(args)?;
             fields::validate_invalidate_cache(&cmd)?;
-            Parsed::InvalidateCache(cmd)
+            Command::InvalidateCache(cmd)
         }
         CommandWord::UserIp => {
             let cmd = fields::parse_user_ip(args)?;
             fields::validate_user_ip(&cmd)?;
-            Parsed::UserIp(cmd)
+            Command::UserIp(cmd)
         }
-        CommandWord::Server => Parsed::Server(text(args)?),
-        CommandWord::Sync => Parsed::Sync(text(args)?),
-        CommandWord::Name => Parsed::Name(text(args)?),
-        CommandWord::Ping => Parsed::Ping(text(args)?),
-        CommandWord::Error => Parsed::Error(text(args)?),
-        CommandWord::RemoteServerUp => Parsed::RemoteServerUp(text(args)?),
-        CommandWord::ClearUserSync => Parsed::ClearUserSync(text(args)?),
+        CommandWord::Server => Command::Server(text(args)?),
+        CommandWord::Sync => Command::Sync(text(args)?),
+        CommandWord::Name => Command::Name(text(args)?),
+        CommandWord::Ping => Command::Ping(text(args)?),
+        CommandWord::Error => Command::Error(text(args)?),
+        CommandWord::RemoteServerUp => Command::RemoteServerUp(text(args)?),
+        CommandWord::ClearUserSync => Command::ClearUserSync(text(args)?),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::fields::{FederationAck, Position, Rdata, ReplicateTarget};
     use crate::proto::{StreamId, Token};
 
     fn line(s: &'static [u8]) -> Line {
@@ -200,10 +114,10 @@ mod tests {
 
     #[test]
     fn one_word_lines_have_empty_arguments() {
-        assert_eq!(parse_line(Role::Server, &line(b"PING")), Ok(Parsed::Ping("")));
+        assert_eq!(parse_line(Role::Server, &line(b"PING")), Ok(Command::Ping("")));
         assert_eq!(
             parse_line(Role::Server, &line(b"REPLICATE")),
-            Ok(Parsed::Replicate(ReplicateTarget::Unknown("")))
+            Ok(Command::Replicate(ReplicateTarget::Unknown("")))
         );
         assert_eq!(
             error_text(Role::Server, b"USER_SYNC"),
@@ -235,24 +149,24 @@ mod tests {
                 parse_line(Role::Client, &line($b)).unwrap_or_else(|e| panic!("{e}"))
             };
         }
-        assert_eq!(c!(b"SERVER example.com"), Parsed::Server("example.com"));
+        assert_eq!(c!(b"SERVER example.com"), Command::Server("example.com"));
         assert_eq!(
             c!(b"RDATA events batch [1]"),
-            Parsed::Rdata(Rdata { stream: "events", token: Token::Batch, row: b"[1]" })
+            Command::Rdata(Rdata { stream: "events", token: Token::Batch, row: b"[1]" })
         );
-        assert_eq!(c!(b"POSITION events 5\r"), Parsed::Position(Position { stream: "events", token: 5 }));
-        assert_eq!(c!(b"SYNC abc"), Parsed::Sync("abc"));
-        assert_eq!(c!(b"PING 123\r"), Parsed::Ping("123\r"));
-        assert_eq!(c!(b"ERROR x y"), Parsed::Error("x y"));
-        assert_eq!(c!(b"REMOTE_SERVER_UP r"), Parsed::RemoteServerUp("r"));
-        assert_eq!(s!(b"NAME "), Parsed::Name(""));
-        assert_eq!(s!(b"REPLICATE events"), Parsed::Replicate(ReplicateTarget::Stream(StreamId::Events)));
-        assert!(matches!(s!(b"USER_SYNC @a:hs start 1"), Parsed::UserSync(_)));
-        assert_eq!(s!(b"FEDERATION_ACK 12"), Parsed::FederationAck(FederationAck { token: 12 }));
-        assert!(matches!(s!(b"REMOVE_PUSHER a k @u:hs"), Parsed::RemovePusher(_)));
-        assert!(matches!(s!(b"INVALIDATE_CACHE f [\"k\"]"), Parsed::InvalidateCache(_)));
-        assert!(matches!(s!(b"USER_IP @a:hs [\"t\", \"ip\", null, null, 1]"), Parsed::UserIp(_)));
-        assert_eq!(s!(b"REMOTE_SERVER_UP r"), Parsed::RemoteServerUp("r"));
+        assert_eq!(c!(b"POSITION events 5\r"), Command::Position(Position { stream: "events", token: 5 }));
+        assert_eq!(c!(b"SYNC abc"), Command::Sync("abc"));
+        assert_eq!(c!(b"PING 123\r"), Command::Ping("123\r"));
+        assert_eq!(c!(b"ERROR x y"), Command::Error("x y"));
+        assert_eq!(c!(b"REMOTE_SERVER_UP r"), Command::RemoteServerUp("r"));
+        assert_eq!(s!(b"NAME "), Command::Name(""));
+        assert_eq!(s!(b"REPLICATE events"), Command::Replicate(ReplicateTarget::Stream(StreamId::Events)));
+        assert!(matches!(s!(b"USER_SYNC @a:hs start 1"), Command::UserSync(_)));
+        assert_eq!(s!(b"FEDERATION_ACK 12"), Command::FederationAck(FederationAck { token: 12 }));
+        assert!(matches!(s!(b"REMOVE_PUSHER a k @u:hs"), Command::RemovePusher(_)));
+        assert!(matches!(s!(b"INVALIDATE_CACHE f [\"k\"]"), Command::InvalidateCache(_)));
+        assert!(matches!(s!(b"USER_IP @a:hs [\"t\", \"ip\", null, null, 1]"), Command::UserIp(_)));
+        assert_eq!(s!(b"REMOTE_SERVER_UP r"), Command::RemoteServerUp("r"));
     }
 
     #[test]
@@ -286,8 +200,8 @@ mod tests {
             let parsed = parse_line(role, &l).unwrap();
             let mut want = l.as_bytes().to_vec();
             want.push(b'\n');
-            assert_eq!(parsed.to_command().to_bytes().unwrap(), want);
-            assert_eq!(parsed.word(), parsed.to_command().word());
+            assert_eq!(parsed.to_bytes().unwrap(), want);
+            assert_eq!(parsed.word(), l.command().unwrap());
         }
     }
 }

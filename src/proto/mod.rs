@@ -17,14 +17,13 @@ pub mod pyrepr;
 pub mod splitter;
 pub mod stream;
 
-pub use command::{CommandWord, Role};
-pub use encode::Command;
+pub use command::{Command, CommandWord, Role};
 pub use error::{EncodeError, FieldError, PeerError};
 pub use fields::{
     FederationAck, InvalidateCache, Position, Rdata, RemovePusher, ReplicateTarget, SyncState, Token, UserIp,
     UserSync,
 };
-pub use inbound::{check_command, parse_args, parse_line, parse_line_strict, Parsed};
+pub use inbound::{check_command, parse_args, parse_line, parse_line_strict};
 pub use line::Line;
 pub use splitter::{LineSplitter, LineTooLong, MAX_LINE_LEN};
 pub use stream::{StreamId, StreamMask};

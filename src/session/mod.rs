@@ -7,15 +7,27 @@
 //!
 //! ```text
 //!   on_bytes ─► poll_line ─► (word, Line) to the owner, who parses fields lazily
+//!   read_buffer ← recv ─► poll_chunk ─► complete lines as one Bytes (a relay's receive side);
+//!                         the owner runs check_line on each line it handles itself
 //!   handle_timeout ─► PING / ERROR ping timeout / abort
 //!   fail(err) ─► "ERROR <text>" queued, state Closing: nothing more is read
 //! ```
+//!
+//! There are two ways to receive. [`Session::poll_line`] hands out one checked line at a time
+//! (the hub's worker connections). [`Session::poll_chunk`] hands out every complete line
+//! buffered, as one zero-copy `Bytes`, for an owner that relays most lines untouched (the
+//! upstream link cuts them into batches without copying): the lines it relays are not decoded
+//! or checked (the relay policy), and the lines it handles itself go through
+//! [`Session::check_line`]. Either way a received line defers the ping timeout, and the PING
+//! schedule, the ping timeout and the close linger are the same.
 use std::collections::VecDeque;
 
 use bytes::{Bytes, BytesMut};
 
 use crate::proto::inbound::check_command;
-use crate::proto::{Command, CommandWord, Line, LineSplitter, PeerError, Role, MAX_LINE_LEN};
+use crate::proto::{
+    Command, CommandWord, Line, LineSplitter, PeerError, ReplicateTarget, Role, MAX_LINE_LEN,
+};
 use crate::time::Now;
 
 /// Protocol timing constants (PROTOCOL.md §3.2); tests shorten them.
@@ -141,7 +153,7 @@ impl Session {
         self.send_ping(now);
         if self.role == Role::Client {
             for s in replicate {
-                self.send(&Command::Replicate(s));
+                self.send(&Command::Replicate(ReplicateTarget::from_name(s)));
             }
         }
         self.next_tick_ms = now.mono_ms + self.config.ping_interval_ms;
@@ -229,17 +241,49 @@ impl Session {
             }
         };
         let line = Line::new(raw);
-        match check_command(self.role, &line) {
+        Some(self.check_line(&line, now).map(|word| (word, line)))
+    }
+
+    /// Every complete line received so far, as one chunk ending in `\n` that shares the read
+    /// buffer (no copy; see [`LineSplitter::next_chunk`]), for an owner that relays lines as
+    /// they are. The chunk counts as received for the ping timeout; its lines are *not*
+    /// checked: run [`Session::check_line`] on each line the owner does not simply relay.
+    /// An over-long line is handled as in [`Session::poll_line`]. Once closing, returns `None`
+    /// and drops whatever was read since (nothing more is read).
+    pub fn poll_chunk(&mut self, now: Now) -> Option<Result<Bytes, PeerError>> {
+        if self.is_closing() {
+            self.splitter.buffer_mut().clear();
+            return None;
+        }
+        match self.splitter.next_chunk() {
+            Ok(Some(chunk)) => {
+                self.last_recv_ms = now.mono_ms;
+                Some(Ok(chunk))
+            }
+            Ok(None) => None,
+            Err(_) => {
+                let err = PeerError::LineTooLong;
+                self.fail(&err, now);
+                Some(Err(err))
+            }
+        }
+    }
+
+    /// The receive checks for one line (PROTOCOL.md §1.1 steps 4–6): strict UTF-8, a known
+    /// word the peer may send. A received PING arms the ping timeout. On an error the session
+    /// has queued the `ERROR` and is closing.
+    pub fn check_line(&mut self, line: &Line, now: Now) -> Result<CommandWord, PeerError> {
+        match check_command(self.role, line) {
             Ok(word) => {
                 self.last_recv_ms = now.mono_ms;
                 if word == CommandWord::Ping {
                     self.peer_pinged = true;
                 }
-                Some(Ok((word, line)))
+                Ok(word)
             }
             Err(err) => {
                 self.fail(&err, now);
-                Some(Err(err))
+                Err(err)
             }
         }
     }

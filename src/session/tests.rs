@@ -137,3 +137,64 @@ fn nothing_is_sent_after_closing() {
     assert_eq!(drain(&mut s), vec!["ERROR Wrong remote"]);
     assert_eq!(s.error(), Some(&PeerError::WrongRemote));
 }
+
+#[test]
+fn chunks_share_the_read_buffer() {
+    let mut s = Session::new(Role::Client, cfg(), t(0));
+    let buf = s.read_buffer();
+    buf.reserve(64);
+    buf.extend_from_slice(b"\nSERVER hs\nRDATA caches 1 [1]\nPI");
+    let base = s.read_buffer().as_ptr();
+    let chunk = s.poll_chunk(t(1)).unwrap().unwrap();
+    assert_eq!(&chunk[..], b"SERVER hs\nRDATA caches 1 [1]\n");
+    assert_eq!(chunk.as_ptr(), base.wrapping_add(1), "a slice of the read buffer, not a copy");
+    assert!(s.poll_chunk(t(1)).is_none(), "the tail is not a line yet");
+    s.on_bytes(b"NG 5\n");
+    assert_eq!(&s.poll_chunk(t(2)).unwrap().unwrap()[..], b"PING 5\n");
+}
+
+#[test]
+fn chunks_defer_the_ping_timeout_and_check_line_arms_it() {
+    let mut s = Session::new(Role::Client, cfg(), t(0));
+    s.start("w", &[], t(0));
+    drain(&mut s);
+    s.on_bytes(b"PING 1\n");
+    let chunk = s.poll_chunk(t(0)).unwrap().unwrap();
+    for k in 1..=12 {
+        s.handle_timeout(t(k * 5_000));
+    }
+    assert!(!s.is_closing(), "an unchecked PING does not arm the timeout");
+    assert_eq!(s.check_line(&Line::new(chunk.slice(..6)), t(60_000)), Ok(CommandWord::Ping));
+    // Relayed lines are not checked, but still count as received.
+    s.on_bytes(b"RDATA caches 1 [1]\n");
+    s.poll_chunk(t(80_000)).unwrap().unwrap();
+    s.handle_timeout(t(105_000));
+    assert!(!s.is_closing(), "25 s after the last chunk is not more than 25 s");
+    s.handle_timeout(t(110_000));
+    assert!(s.is_closing());
+    assert_eq!(drain(&mut s).last().map(String::as_str), Some("ERROR ping timeout"));
+}
+
+#[test]
+fn check_line_failures_close_and_later_chunks_are_dropped() {
+    let mut s = Session::new(Role::Client, cfg(), t(0));
+    s.on_bytes(b"NAME x\n");
+    let chunk = s.poll_chunk(t(0)).unwrap().unwrap();
+    let err = s.check_line(&Line::new(chunk.slice(..6)), t(0)).unwrap_err();
+    assert_eq!(err.to_string(), "invalid command: NAME");
+    assert_eq!(drain(&mut s), vec!["ERROR invalid command: NAME"]);
+    s.read_buffer().extend_from_slice(b"SERVER hs\n");
+    assert!(s.poll_chunk(t(0)).is_none(), "nothing is read after an error");
+    assert!(s.read_buffer().is_empty(), "and what arrived is dropped");
+}
+
+#[test]
+fn over_long_line_in_a_chunk_is_an_error() {
+    let mut s = Session::new(Role::Client, cfg(), t(0));
+    s.on_bytes(b"PING 1\n");
+    s.on_bytes(&vec![b'a'; 16385]);
+    assert_eq!(&s.poll_chunk(t(0)).unwrap().unwrap()[..], b"PING 1\n");
+    assert_eq!(s.poll_chunk(t(0)).unwrap().unwrap_err(), PeerError::LineTooLong);
+    assert_eq!(drain(&mut s), vec!["ERROR Line length exceeded"]);
+    assert!(s.poll_chunk(t(0)).is_none());
+}

@@ -13,18 +13,23 @@
 //! ```
 //!
 //! and after every input drains `poll_event` (to the cores, in order), `poll_transmit` (to the
-//! socket), `wants_close` and `poll_timeout`. Reads go into one large buffer; each read's
-//! complete lines become one [`Batch`] sharing that buffer (no copy, no JSON parsing).
+//! socket), `wants_close` and `poll_timeout`.
+//!
+//! The protocol side is a client-role [`Session`]: it splits the received bytes, runs the
+//! direction check, the PING schedule, the ping timeout and the close linger. Reads go into the
+//! session's buffer; each read's complete lines come back as one chunk
+//! ([`Session::poll_chunk`]) and become one [`Batch`] sharing that buffer (no copy, no JSON
+//! parsing). What stays here is upstream-specific: the handshake, batches, the USER_SYNC merge
+//! across cores, and re-announcing it all after a reconnect.
 //!
 //! Handshake: the link reports [`LinkEvent::Up`] with the master's server name and the
 //! POSITION of every stream once the POSITION for `user_signature` (the last stream in map
 //! order) arrived, or at the first RDATA after SERVER (then streams without a POSITION are not
 //! served). RDATA received before that are held and delivered right after `Up`, in order.
 //!
-//! Keep-alive: the session sends PING every 5 s of write silence. The receive side (ping
-//! timeout) is tracked here, because reads are split into chunks rather than single lines: any
-//! received line counts, and once the master has PINGed, 25 s of silence end the link with
-//! `ERROR ping timeout`.
+//! Keep-alive: the session sends PING every 5 s of write silence; any received line, relayed
+//! or not, counts as received, and once the master has PINGed, 25 s of silence end the link
+//! with `ERROR ping timeout`.
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -33,8 +38,8 @@ use bytes::{Bytes, BytesMut};
 use super::batch::{index_chunk, Indexed};
 use crate::hub::{Batch, CloseHow, Transition, UpstreamCmd, UpstreamEvent, UserSyncMerger};
 use crate::metrics::snapshot::UpstreamSnapshot;
-use crate::proto::inbound::{check_command, parse_args};
-use crate::proto::{Command, CommandWord, Line, LineSplitter, Parsed, PeerError, Role, StreamId, SyncState};
+use crate::proto::inbound::parse_args;
+use crate::proto::{Command, Line, PeerError, Role, StreamId, SyncState, UserSync};
 use crate::session::{Session, SessionConfig, TimerAction};
 use crate::time::Now;
 
@@ -103,8 +108,6 @@ struct Conn {
     up: bool,
     /// Batches received before the handshake completed.
     pending: Vec<Arc<Batch>>,
-    last_recv_ms: u64,
-    peer_pinged: bool,
     abort: bool,
     /// The last `ERROR` the master sent.
     peer_error: Option<String>,
@@ -113,8 +116,9 @@ struct Conn {
 /// The client-role link to the master. See the module docs for how a driver runs it.
 pub struct UpstreamLink {
     config: LinkConfig,
-    splitter: LineSplitter,
     conn: Option<Conn>,
+    /// Where a driver's read goes while there is no connection; dropped by [`Self::on_read`].
+    unconnected_buf: BytesMut,
     events: VecDeque<LinkEvent>,
     user_sync: UserSyncMerger<usize>,
     forward_queue: VecDeque<Bytes>,
@@ -126,9 +130,9 @@ impl UpstreamLink {
     /// A disconnected link.
     pub fn new(config: LinkConfig) -> Self {
         Self {
-            splitter: LineSplitter::new(config.session.max_line_len),
             config,
             conn: None,
+            unconnected_buf: BytesMut::new(),
             events: VecDeque::new(),
             user_sync: UserSyncMerger::new(),
             forward_queue: VecDeque::new(),
@@ -169,11 +173,11 @@ impl UpstreamLink {
         if self.conn.is_some() {
             self.on_disconnected("replaced by a new connection", now);
         }
-        self.splitter = LineSplitter::new(self.config.session.max_line_len);
         let mut session = Session::new(Role::Client, self.config.session.clone(), now);
         session.start(&self.config.client_name, &["ALL"], now);
         for user_id in self.user_sync.users() {
-            let cmd = Command::UserSync { user_id, state: SyncState::Start, last_sync_ms: now.wall_ms };
+            let cmd =
+                Command::UserSync(UserSync { user_id, state: SyncState::Start, last_sync_ms: now.wall_ms });
             if session.send(&cmd) {
                 self.stats.forwarded += 1;
             }
@@ -190,8 +194,6 @@ impl UpstreamLink {
             positions: [None; StreamId::COUNT],
             up: false,
             pending: Vec::new(),
-            last_recv_ms: now.mono_ms,
-            peer_pinged: false,
             abort: false,
             peer_error: None,
         });
@@ -217,34 +219,31 @@ impl UpstreamLink {
             );
         }
         tracing::warn!(reason = %why, was_up = conn.up, "upstream disconnected");
-        self.splitter = LineSplitter::new(self.config.session.max_line_len);
         self.events.push_back(LinkEvent::Down { reason: why });
     }
 
-    /// The buffer to read into (reserve, then read into its spare capacity; only append).
+    /// The buffer to read into (reserve, then read into its spare capacity; only append): the
+    /// session's receive buffer while connected.
     pub fn read_buffer(&mut self) -> &mut BytesMut {
-        self.splitter.buffer_mut()
+        match self.conn.as_mut() {
+            Some(conn) => conn.session.read_buffer(),
+            None => &mut self.unconnected_buf,
+        }
     }
 
-    /// Bytes were appended to [`Self::read_buffer`] at `now`: split off the complete lines,
-    /// handle control lines, queue batches.
+    /// Bytes were appended to [`Self::read_buffer`] at `now`: take the complete lines from the
+    /// session, handle control lines, queue batches. Once closing after an ERROR, nothing more
+    /// is read.
     pub fn on_read(&mut self, now: Now) {
+        self.unconnected_buf.clear();
         loop {
-            let open = self.conn.as_ref().is_some_and(|c| !c.session.is_closing());
-            if !open {
-                // Disconnected, or closing after an ERROR: nothing more is read.
-                self.splitter.buffer_mut().clear();
+            let Some(conn) = self.conn.as_mut() else {
                 return;
-            }
-            match self.splitter.next_chunk() {
-                Ok(Some(chunk)) => self.on_chunk(&chunk, now),
-                Ok(None) => return,
-                Err(_) => {
-                    tracing::warn!("upstream sent a line over the length limit");
-                    if let Some(conn) = self.conn.as_mut() {
-                        conn.session.fail(&PeerError::LineTooLong, now);
-                    }
-                }
+            };
+            match conn.session.poll_chunk(now) {
+                Some(Ok(chunk)) => self.on_chunk(&chunk, now),
+                Some(Err(err)) => tracing::warn!(error = %err, "upstream sent a line over the length limit"),
+                None => return,
             }
         }
     }
@@ -254,9 +253,6 @@ impl UpstreamLink {
             return;
         };
         let mut idx: Indexed = index_chunk(chunk);
-        if idx.has_lines() {
-            conn.last_recv_ms = now.mono_ms;
-        }
         for (total, n) in self.stats.inbound_rdata.iter_mut().zip(idx.rdata) {
             *total += n;
         }
@@ -315,7 +311,7 @@ impl UpstreamLink {
                     return;
                 }
                 if let Some(session) = self.open_session() {
-                    if session.send(&Command::UserSync { user_id: &user_id, state, last_sync_ms }) {
+                    if session.send(&Command::UserSync(UserSync { user_id: &user_id, state, last_sync_ms })) {
                         self.stats.forwarded += 1;
                     }
                 }
@@ -374,15 +370,10 @@ impl UpstreamLink {
         let Some(conn) = self.conn.as_mut() else {
             return TimerAction::None;
         };
-        let due = now.mono_ms >= conn.session.poll_timeout();
+        let was_open = !conn.session.is_closing();
         let action = conn.session.handle_timeout(now);
-        if due
-            && !conn.session.is_closing()
-            && conn.peer_pinged
-            && now.mono_ms.saturating_sub(conn.last_recv_ms) > self.config.session.ping_timeout_ms
-        {
+        if was_open && conn.session.error() == Some(&PeerError::PingTimeout) {
             tracing::warn!("upstream ping timeout");
-            conn.session.fail(&PeerError::PingTimeout, now);
         }
         if action == TimerAction::Abort {
             conn.abort = true;
@@ -432,20 +423,16 @@ impl UpstreamLink {
 }
 
 impl Conn {
-    /// Handles one non-relayed line: direction check, then SERVER / POSITION / PING / ERROR /
-    /// SYNC. A violation queues `ERROR ...` and closes the session.
+    /// Handles one non-relayed line: the session's checks, then SERVER / POSITION / PING /
+    /// ERROR / SYNC. A violation queues `ERROR ...` and closes the session.
     fn on_control(&mut self, line: &Line, config: &LinkConfig, now: Now) {
-        let word = match check_command(Role::Client, line) {
+        let word = match self.session.check_line(line, now) {
             Ok(word) => word,
             Err(err) => {
                 tracing::warn!(error = %err, "upstream sent a line a server may not send");
-                self.session.fail(&err, now);
                 return;
             }
         };
-        if word == CommandWord::Ping {
-            self.peer_pinged = true;
-        }
         let parsed = match parse_args(word, line) {
             Ok(p) => p,
             Err(err) => {
@@ -455,7 +442,7 @@ impl Conn {
             }
         };
         match parsed {
-            Parsed::Server(name) => {
+            Command::Server(name) => {
                 if let Some(expected) = &config.expected_server_name {
                     if expected != name {
                         tracing::error!(expected = %expected, got = %name, "upstream has the wrong server name");
@@ -469,7 +456,7 @@ impl Conn {
                 }
                 self.server_name = Some(name.to_owned());
             }
-            Parsed::Position(p) => match StreamId::from_name(p.stream.as_bytes()) {
+            Command::Position(p) => match StreamId::from_name(p.stream.as_bytes()) {
                 Some(s) if !self.up => self.positions[s.index()] = Some(p.token),
                 Some(s) => {
                     tracing::info!(
@@ -480,11 +467,11 @@ impl Conn {
                 }
                 None => tracing::warn!(stream = p.stream, "POSITION for a stream replhub does not know"),
             },
-            Parsed::Error(text) => {
+            Command::Error(text) => {
                 tracing::warn!(error = text, "upstream sent ERROR");
                 self.peer_error = Some(text.to_owned());
             }
-            Parsed::Ping(_) | Parsed::Sync(_) => {}
+            Command::Ping(_) | Command::Sync(_) => {}
             other => {
                 tracing::debug!(word = %other.word(), "upstream line not relayed");
             }

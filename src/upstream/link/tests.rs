@@ -443,3 +443,18 @@ fn malformed_and_unknown_rdata_are_counted_not_relayed() {
         matches!(&events(&mut l)[..], [LinkEvent::Down { reason }] if reason.contains("server shutting down"))
     );
 }
+
+#[test]
+fn batches_share_the_read_buffer() {
+    let mut l = link();
+    l.on_connected(T0);
+    let rdata = b"RDATA caches 2 [1]\n";
+    let data = [&b"SERVER hs\nPOSITION user_signature 1\n"[..], rdata].concat();
+    l.read_buffer().extend_from_slice(&data);
+    let base = l.read_buffer().as_ptr();
+    l.on_read(T0);
+    let ev = events(&mut l);
+    let [LinkEvent::Up(_), LinkEvent::Batch(batch)] = &ev[..] else { panic!("{ev:?}") };
+    assert_eq!(batch.line(0), rdata);
+    assert_eq!(batch.line(0).as_ptr(), base.wrapping_add(data.len() - rdata.len()), "no copy of the line");
+}
