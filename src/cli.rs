@@ -122,7 +122,8 @@ fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
 
 /// Writes replhub(1) to stdout, or every page (the top one and one per subcommand) into `dir`.
 fn manpage(dir: Option<&Path>) -> anyhow::Result<()> {
-    let cmd = Cli::command();
+    // `replhub help` needs no page of its own (generate_to would list one it never writes).
+    let cmd = Cli::command().disable_help_subcommand(true);
     match dir {
         Some(dir) => {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
