@@ -178,6 +178,10 @@ fn init_logging(level: Option<&str>, default: &str) -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        // A failed log write must not take a thread down: by default tracing-subscriber reports
+        // it with `eprint!`, which panics when stderr itself is the problem (a closed pipe, a
+        // restarted journald), and that panic would kill a core mid-connection.
+        .log_internal_errors(false)
         .init();
     Ok(())
 }
