@@ -532,6 +532,16 @@ fn example_config_is_accepted_by_the_real_parser() {
     }
 }
 
+/// A child process that a failing test does not leave running.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Under systemd, stderr is a stream to journald, which can go away (a journald restart): log
 /// writes then fail with EPIPE, and serving must go on regardless.
 #[test]
@@ -545,6 +555,7 @@ fn serving_goes_on_when_stderr_is_closed() {
         .spawn()
         .expect("spawn replhub");
     let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut child = KillOnDrop(child);
     let mut serving = String::new();
     while !serving.contains("replhub serving") {
         serving.clear();
@@ -575,13 +586,13 @@ fn serving_goes_on_when_stderr_is_closed() {
     assert!(first.starts_with("POSITION events "), "{first}");
     assert_eq!(worker.rdata(20).len(), 20);
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    let status = Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().expect("kill");
     assert!(status.success());
     let rest = worker.read_to_eof();
     assert_eq!(rest.last().map(String::as_str), Some("ERROR server shutting down"), "{rest:?}");
     let deadline = Instant::now() + WAIT;
     let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
+        if let Some(status) = child.0.try_wait().expect("wait") {
             break status;
         }
         assert!(Instant::now() < deadline, "replhub did not exit after SIGTERM");
