@@ -1,10 +1,13 @@
 //! The command line: `replhub serve | tail | …` (clap derive). Each subcommand is one variant
-//! of [`Command`] plus one arm in [`run`].
-use std::io::IsTerminal;
-use std::path::PathBuf;
+//! of [`Command`] plus one arm in [`run`]. Shell completions and the man pages are generated
+//! from these same definitions (`replhub completions`, `replhub manpage`), so they cannot drift
+//! from the flags the binary accepts.
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use anyhow::Context;
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use replhub::config::ServeOptions;
@@ -26,6 +29,30 @@ enum Command {
     Tail(TailArgs),
     /// Load-test the hub (or Redis pub/sub) end to end over loopback.
     Loadtest(replhub::loadtest::LoadtestArgs),
+    /// Print a shell completion script to stdout.
+    ///
+    /// bash: `replhub completions bash > /etc/bash_completion.d/replhub`;
+    /// zsh: `replhub completions zsh > "${fpath[1]}/_replhub"`;
+    /// fish: `replhub completions fish > ~/.config/fish/completions/replhub.fish`.
+    Completions(CompletionsArgs),
+    /// Print the replhub(1) man page (roff) to stdout, or write every page to a directory.
+    #[command(visible_alias = "man")]
+    Manpage(ManpageArgs),
+}
+
+#[derive(Debug, Args)]
+struct CompletionsArgs {
+    /// The shell to generate the script for
+    #[arg(value_name = "SHELL")]
+    shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+struct ManpageArgs {
+    /// Write replhub.1 and one page per subcommand (replhub-serve.1, …) into DIR instead of
+    /// printing replhub.1
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +107,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(args),
         Command::Tail(args) => tail(args),
         Command::Loadtest(args) => replhub::loadtest::cli(args),
+        Command::Completions(args) => completions(args.shell),
+        Command::Manpage(args) => manpage(args.dir.as_deref()),
+    }
+}
+
+/// Writes the completion script for `shell` to stdout.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    let mut cmd = Cli::command();
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "replhub", &mut out);
+    write_stdout(&out)
+}
+
+/// Writes replhub(1) to stdout, or every page (the top one and one per subcommand) into `dir`.
+fn manpage(dir: Option<&Path>) -> anyhow::Result<()> {
+    // `replhub help` needs no page of its own (generate_to would list one it never writes).
+    let cmd = Cli::command().disable_help_subcommand(true);
+    match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(cmd, dir)
+                .with_context(|| format!("cannot write man pages into {}", dir.display()))?;
+            Ok(())
+        }
+        None => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut out)?;
+            write_stdout(&out)
+        }
+    }
+}
+
+/// Writes `bytes` to stdout in one go; a closed pipe (`| head`) is not an error worth a message.
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
 }
 
@@ -113,6 +178,10 @@ fn init_logging(level: Option<&str>, default: &str) -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        // A failed log write must not take a thread down: by default tracing-subscriber reports
+        // it with `eprint!`, which panics when stderr itself is the problem (a closed pipe, a
+        // restarted journald), and that panic would kill a core mid-connection.
+        .log_internal_errors(false)
         .init();
     Ok(())
 }
