@@ -242,7 +242,10 @@ class Dummy:
         return Dummy(self._name + "()")
 
     def __await__(self):
-        return iter(())
+        async def value():
+            return Dummy(self._name + " awaited")
+
+        return value().__await__()
 
     def __iter__(self):
         return iter(())
@@ -411,6 +414,36 @@ class Db:
         return out
 
 
+class _Event:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+        self.internal_metadata = Dummy("event.internal_metadata")
+
+    def is_state(self):
+        return self.state_key is not None
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return Dummy("event." + name)
+
+
+class WorkerPositions:
+    """A worker's positions, per stream; read per id generator (what the store's token
+    functions are keyed by) as the lowest position among the streams sharing it, so that a
+    worker behind on either of two streams sharing a generator catches both up."""
+
+    def __init__(self):
+        self.pos = {s: FIRST for s in GENERATOR_OF}
+
+    def __getitem__(self, gen):
+        return min(p for s, p in self.pos.items() if GENERATOR_OF[s] == gen)
+
+    def advance(self, stream, token):
+        if stream in self.pos and isinstance(token, int) and token > self.pos[stream]:
+            self.pos[stream] = token
+
+
 def _limited(rows, to_token, limit):
     """The (updates, upto_token, limited) triple of 1.13+ update functions."""
     if limit is not None and len(rows) >= limit:
@@ -473,7 +506,8 @@ class StubStore:
 
     # queries
     def _query(stream):
-        async def query(self, *args):
+        async def query(self, *args, **kwargs):
+            args = args + tuple(kwargs.values())  # 1.12 passes limit by keyword
             if args and isinstance(args[0], str):  # 1.22+: (instance, from, to, limit)
                 _, frm, to, limit = args
                 rows = [(t, tuple(f)) for t, f in self.db.rows(stream, frm, to, limit)]
@@ -495,7 +529,8 @@ class StubStore:
     get_all_updated_tags = _query("tag_account_data")
     get_all_groups_changes = _query("groups")
 
-    async def get_all_push_rule_updates(self, *args):
+    async def get_all_push_rule_updates(self, *args, **kwargs):
+        args = args + tuple(kwargs.values())
         if args and isinstance(args[0], str):
             _, frm, to, limit = args
             rows = [(t, tuple(f)) for t, f in self.db.rows("push_rules", frm, to, limit)]
@@ -518,7 +553,8 @@ class StubStore:
         rows = self.db.rows("account_data", frm, to)
         return [(t, f[0], f[1], f[2]) for t, f in rows if f[1] is not None][:limit]
 
-    async def get_all_new_forward_event_rows(self, *args):
+    async def get_all_new_forward_event_rows(self, *args, **kwargs):
+        args = args + tuple(kwargs.values())
         if args and isinstance(args[0], str):
             args = args[1:]
         frm, to, limit = args
@@ -529,7 +565,8 @@ class StubStore:
                 break
         return out[:limit]
 
-    async def get_all_updated_current_state_deltas(self, *args):
+    async def get_all_updated_current_state_deltas(self, *args, **kwargs):
+        args = args + tuple(kwargs.values())
         if args and isinstance(args[0], str):
             args = args[1:]
         frm, to, limit = args
@@ -545,12 +582,16 @@ class StubStore:
     async def get_ex_outlier_stream_rows(self, *args):
         return []
 
+    async def get_event(self, event_id, *args, **kwargs):
+        """A worker looks up each new event (1.22) to notify its listeners."""
+        t = int(event_id[3:].split(":")[0])
+        ev = dict(db_fields("events", t))["ev"]
+        return _Event(event_id=ev[0], room_id=ev[1], type=ev[2], state_key=ev[3],
+                      rejected_reason=None, sender="@u%d:%s" % (t, SERVER_NAME))
+
     # Worker side: a slaved store advances its positions from what replication delivers.
     def process_replication_rows(self, stream_name, *args):
-        token = args[-2]
-        gen = GENERATOR_OF.get(stream_name)
-        if gen is not None and isinstance(token, int) and token > self.tokens[gen]:
-            self.tokens[gen] = token
+        self.tokens.advance(stream_name, args[-2])
 
     def stream_positions(self):
         return {}
@@ -570,7 +611,8 @@ class StubTypingHandler:
     def get_current_token(self):
         return self.tokens["typing"]
 
-    async def get_all_typing_updates(self, *args):
+    async def get_all_typing_updates(self, *args, **kwargs):
+        args = args + tuple(kwargs.values())
         if args and isinstance(args[0], str):
             _, frm, to, limit = args
             rows = [(t, tuple(f)) for t, f in self.db.rows("typing", frm, to, limit)]
@@ -579,8 +621,7 @@ class StubTypingHandler:
         return [(t, *f) for t, f in self.db.rows("typing", frm, to)]
 
     def process_replication_rows(self, token, rows):
-        if token > self.tokens["typing"]:
-            self.tokens["typing"] = token
+        self.tokens.advance("typing", token)
 
     def __getattr__(self, name):
         if name.startswith("__"):
@@ -609,7 +650,8 @@ class StubPresenceHandler:
     async def process_replication_rows(self, *args):
         pass
 
-    async def get_all_presence_updates(self, *args):
+    async def get_all_presence_updates(self, *args, **kwargs):
+        args = args + tuple(kwargs.values())
         if args and isinstance(args[0], str):
             _, frm, to, limit = args
             rows = [(t, tuple(f)) for t, f in self.db.rows("presence", frm, to, limit)]
