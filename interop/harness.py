@@ -694,6 +694,24 @@ def make_presence_handler(db, tokens):
     return StubPresenceHandler(db, tokens)
 
 
+class StubFederationSender:
+    """A master that sends federation itself (send_federation: true) has a FederationSender,
+    whose replication surface is an always-empty stream at token 0."""
+
+    def get_current_token(self, *args):
+        return 0
+
+    async def get_replication_rows(self, *args):
+        if args and isinstance(args[0], str):
+            return [], args[2], False
+        return []
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return Dummy("federation_sender." + name)
+
+
 class StubNotifier:
     """Synapse's Notifier as far as replication uses it: replication callbacks (the streamer
     registers one; writing a row calls them) and remote-server-up callbacks (1.12)."""
@@ -781,6 +799,9 @@ class StubHomeServer:
 
     def get_replication_notifier(self):
         return self._notifier
+
+    def get_federation_sender(self):
+        return self._single("federation_sender", StubFederationSender)
 
     def should_send_federation(self):
         return False
