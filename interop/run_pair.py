@@ -15,14 +15,22 @@ Sequence (each step waits for a JSON line, never for a fixed time):
 Verdict (last stdout line, exit 0 if pass): both workers received every (stream, token, row)
 the master wrote, no duplicates, no ERROR sent or received, no exception logged anywhere,
 w2 received REMOTE_SERVER_UP; w1 received it back on 1.12 (echo to the originator) and not on
-1.13+. --connect-to lets a driver put a proxy (replhub) between the master and the workers:
-the workers then connect to that address instead of the master's.
+1.13+.
+
+--hub-cmd puts a hub (replhub) between the master and the workers: a command template with
+{upstream} (the master's host:port) and {listen} (a free loopback host:port the runner picked),
+e.g. --hub-cmd 'target/debug/replhub --upstream {upstream} --listen {listen}'. The runner starts
+it after the master listens, waits until {listen} accepts a TCP connection, points the workers
+there (their HTTP catch-up still goes to the master) and stops it at the end. Its output goes to
+hub.stdout/hub.stderr in --log-dir.
 """
 
 import argparse
 import json
 import os
 import queue
+import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -94,6 +102,7 @@ def main():
     ap.add_argument("--settle", type=float, default=1.0)
     ap.add_argument("--rsu-server", default="remote.example.org")
     ap.add_argument("--log-dir", help="keep each process's JSON lines and stderr here")
+    ap.add_argument("--hub-cmd", help="command template with {upstream} and {listen}")
     args = ap.parse_args()
 
     py = venv_python(args.release, args.venv_dir)
@@ -106,6 +115,7 @@ def main():
     deadline = time.monotonic() + args.timeout
     events = queue.Queue()
     procs = {}
+    hub = None
     lifetime = str(int(args.timeout + 30))  # every child also stops itself
     failures = []
 
@@ -125,7 +135,7 @@ def main():
 
     def start_worker(name, extra):
         procs[name] = Proc(name, [py, "worker.py", "--release", args.release, "--connect",
-                                  "127.0.0.1:%d" % port, "--http", "127.0.0.1:%d" % http_port,
+                                  connect_to, "--http", "127.0.0.1:%d" % http_port,
                                   "--name", name, "--seconds", lifetime] + extra, events, args.log_dir)
 
     try:
@@ -134,6 +144,26 @@ def main():
                                           str(args.prefill), "--seconds", lifetime], events, args.log_dir)
         listening = wait_for("master", "listening")
         port, http_port = listening["port"], listening["http_port"]
+        connect_to = "127.0.0.1:%d" % port
+        if args.hub_cmd:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                listen = "127.0.0.1:%d" % s.getsockname()[1]
+            argv = shlex.split(args.hub_cmd.format(upstream=connect_to, listen=listen))
+            out = open(os.path.join(args.log_dir, "hub.stdout"), "w") if args.log_dir else subprocess.DEVNULL
+            err = open(os.path.join(args.log_dir, "hub.stderr"), "w") if args.log_dir else subprocess.DEVNULL
+            hub = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+            while True:
+                if hub.poll() is not None:
+                    raise RuntimeError("hub exited with %s before listening" % hub.returncode)
+                if time.monotonic() > deadline:
+                    raise TimeoutError("hub: %s never accepted a connection" % listen)
+                try:
+                    socket.create_connection(("127.0.0.1", int(listen.rsplit(":", 1)[1])), 0.5).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            connect_to = listen
         start_worker("w2", [])
         wait_for("w2", "caught_up")
         start_worker("w1", ["--send-remote-server-up", args.rsu_server])
@@ -163,9 +193,18 @@ def main():
         failures.append(str(e))
     finally:
         # Workers first, so that the master's "ERROR server shutting down" reaches nobody.
-        for name in ("w1", "w2", "master"):
+        for name in ("w1", "w2"):
             if name in procs:
                 procs[name].stop()
+        if hub is not None and hub.poll() is None:
+            hub.terminate()
+            try:
+                hub.wait(5)
+            except subprocess.TimeoutExpired:
+                hub.kill()
+                hub.wait()
+        if "master" in procs:
+            procs["master"].stop()
         time.sleep(0.2)  # let the reader threads drain
 
     report = {"event": "verdict", "release": args.release, "workers": {}}

@@ -49,22 +49,24 @@ class SimpleHttpClient:
         self.agent = Agent(reactor)
 
     async def _request(self, method, uri, body=None, headers=None):
-        from synapse.api.errors import HttpResponseException
-        from twisted.internet.defer import Deferred
-        from twisted.web.client import FileBodyProducer, readBody
-        from twisted.web.http_headers import Headers
         import io
 
-        producer = FileBodyProducer(io.BytesIO(json.dumps(body).encode())) if body is not None else None
+        from synapse.api.errors import HttpResponseException
+        from synapse.logging.context import make_deferred_yieldable
+        from twisted.web.client import FileBodyProducer, readBody
+        from twisted.web.http_headers import Headers
+
+        producer = None
+        if body is not None:
+            producer = FileBodyProducer(io.BytesIO(json.dumps(body).encode()))
         h = Headers({b"Content-Type": [b"application/json"]})
-        resp = await Deferred.fromCoroutine(self._do(method, uri, h, producer)) if hasattr(Deferred, "fromCoroutine") else await self._do(method, uri, h, producer)
-        data = await readBody(resp)
+        # Synapse's logging-context rules: a Deferred that runs later is awaited through
+        # make_deferred_yieldable, as Synapse's own client does.
+        resp = await make_deferred_yieldable(self.agent.request(method, uri.encode(), h, producer))
+        data = await make_deferred_yieldable(readBody(resp))
         if not 200 <= resp.code < 300:
             raise HttpResponseException(resp.code, resp.phrase.decode(), data)
         return json.loads(data)
-
-    async def _do(self, method, uri, headers, producer):
-        return await self.agent.request(method, uri.encode(), headers, producer)
 
     async def get_json(self, uri, args=None, headers=None):
         if args:
