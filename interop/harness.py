@@ -34,7 +34,8 @@ from twisted.internet import reactor
 from twisted.protocols import policies
 
 VERSION = tuple(int(x) for x in synapse.__version__.split(".")[:3])
-# The release families whose replication code differs in the calls it makes on the homeserver.
+# The release families whose replication code differs in the calls it makes on the homeserver
+# (checked against 1.12.4, 1.13.0, 1.22.1 and 1.66.0; releases in between are untested).
 if VERSION < (1, 13, 0):
     FAMILY = 112
 elif VERSION < (1, 22, 0):
@@ -333,8 +334,11 @@ def db_fields(stream, token):
         ev = ["$ev%d:%s" % (t, SERVER_NAME), "!room%d:%s" % (t % 3, SERVER_NAME),
               "m.room.message" if t % 2 else "m.room.member", None if t % 2 else "@u%d:%s" % (t, SERVER_NAME),
               None, None]
-        if FAMILY >= 166:
-            ev += [None if t % 2 else "join", False, False]
+        # PROTOCOL 8.2: `membership` and `rejected` from 1.23, `outlier` from 1.64
+        if VERSION >= (1, 23, 0):
+            ev += [None if t % 2 else "join", False]
+        if VERSION >= (1, 64, 0):
+            ev += [False]
         out = [("ev", ev)]
         if t % 2 == 0:
             out.append(("state", ["!room%d:%s" % (t % 3, SERVER_NAME), "m.room.member",
@@ -391,9 +395,8 @@ class Db:
     """Current token per generator; rows are ``db_fields``. The master advances generators when
     it writes; a worker's copy only answers queries (its "shared database")."""
 
-    def __init__(self, published):
+    def __init__(self):
         self.current = {g: FIRST for g in GENERATORS}
-        self.published = published
 
     def write(self, stream):
         gen = GENERATOR_OF[stream]
@@ -592,9 +595,6 @@ class StubStore:
     # Worker side: a slaved store advances its positions from what replication delivers.
     def process_replication_rows(self, stream_name, *args):
         self.tokens.advance(stream_name, args[-2])
-
-    def stream_positions(self):
-        return {}
 
     def __getattr__(self, name):
         if name.startswith("__"):

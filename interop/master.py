@@ -126,7 +126,7 @@ def main():
     tap = MasterTap()
     tap.trace = args.trace
     config = harness.make_config(None, None)
-    db = harness.Db(None)
+    db = harness.Db()
     hs = harness.finish_hs(harness.StubHomeServer(config, tap, db, db.current, "master"))
 
     from synapse.replication.tcp.resource import ReplicationStreamProtocolFactory

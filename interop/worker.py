@@ -112,7 +112,7 @@ def main():
         config.worker_replication_host = args.connect[0]
         # The replication HTTP client uses worker_replication_host for both listeners; the
         # harness binds both on loopback, so only the ports differ.
-    db = harness.Db(None)
+    db = harness.Db()
     # The worker's own positions, starting where an empty database starts.
     tokens = harness.WorkerPositions()
     hs = harness.finish_hs(harness.StubHomeServer(config, tap, db, tokens, args.name))
