@@ -324,6 +324,14 @@ def owner(gen, token):
     return owners[(token - FIRST - 1) % len(owners)]
 
 
+def room(t):
+    """Room ids; every fifth one non-ASCII, so JSON escaping (Synapse writes ``\\u00fc``) is
+    exercised end to end."""
+    if t % 5 == 0:
+        return "!\u00fcn\u00efc\u00f8d\u00e9-%d:%s" % (t, SERVER_NAME)
+    return "!room%d:%s" % (t % 3, SERVER_NAME)
+
+
 def db_fields(stream, token):
     """The database row for `stream` at `token`, without the token (as the stream's query
     functions return it, before any per-release conversion). For `events` a list of (kind,
@@ -331,7 +339,7 @@ def db_fields(stream, token):
     batch on the wire)."""
     t = token
     if stream == "events":
-        ev = ["$ev%d:%s" % (t, SERVER_NAME), "!room%d:%s" % (t % 3, SERVER_NAME),
+        ev = ["$ev%d:%s" % (t, SERVER_NAME), room(t),
               "m.room.message" if t % 2 else "m.room.member", None if t % 2 else "@u%d:%s" % (t, SERVER_NAME),
               None, None]
         # PROTOCOL 8.2: `membership` and `rejected` from 1.23, `outlier` from 1.64
@@ -341,7 +349,7 @@ def db_fields(stream, token):
             ev += [False]
         out = [("ev", ev)]
         if t % 2 == 0:
-            out.append(("state", ["!room%d:%s" % (t % 3, SERVER_NAME), "m.room.member",
+            out.append(("state", [room(t), "m.room.member",
                                   "@u%d:%s" % (t, SERVER_NAME), "$ev%d:%s" % (t, SERVER_NAME)]))
         return out
     if stream == "backfill":
@@ -352,7 +360,7 @@ def db_fields(stream, token):
                "status %d" % t, True]
         return row
     if stream == "typing":
-        return ["!room%d:%s" % (t % 3, SERVER_NAME), ["@u%d:%s" % (t, SERVER_NAME)]]
+        return [room(t), ["@u%d:%s" % (t, SERVER_NAME)]]
     if stream == "receipts":
         return ["!room1:%s" % SERVER_NAME, "m.read", "@u%d:%s" % (t, SERVER_NAME),
                 "$ev%d:%s" % (t, SERVER_NAME), {"ts": 1000 * t}]
