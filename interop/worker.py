@@ -105,13 +105,13 @@ def main():
 
     tap = WorkerTap()
     tap.trace = args.trace
-    http_host, http_port = args.http or (None, None)
+    http_host, http_port = args.http or (args.connect[0], None)
+    if http_host != args.connect[0]:
+        # Synapse's replication HTTP client uses worker_replication_host for both listeners.
+        emit("error", message="--http must be on the same host as --connect")
+        sys.exit(2)
     config = harness.make_config("synapse.app.generic_worker", args.name, args.connect[0],
                                  args.connect[1], http_port)
-    if http_host:
-        config.worker_replication_host = args.connect[0]
-        # The replication HTTP client uses worker_replication_host for both listeners; the
-        # harness binds both on loopback, so only the ports differ.
     db = harness.Db()
     # The worker's own positions, starting where an empty database starts.
     tokens = harness.WorkerPositions()
