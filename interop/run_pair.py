@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""Runs a released Synapse master directly against two workers of the same release and checks
+that replication works end to end. Any python 3 runs this; the processes use the release venv.
+
+    interop/run_pair.py --release 1.22.1 [--upstream-hook CMD]
+
+Sequence (each step waits for a JSON line, never for a fixed time):
+  1. master.py listens (after writing --prefill rounds), prints its ports;
+  2. worker w2 connects and reports `caught_up` (POSITION handled for every stream);
+  3. worker w1 connects, catches up and sends REMOTE_SERVER_UP <--rsu-server>;
+  4. the master is told to write --rows more rounds (live RDATA);
+  5. once both workers hold every row written (or --timeout passes), a short settle
+     (--settle seconds) lets late errors surface, then everything is stopped.
+
+Verdict (last stdout line, exit 0 if pass): both workers received every (stream, token, row)
+the master wrote, no duplicates, no ERROR sent or received, no exception logged anywhere,
+w2 received REMOTE_SERVER_UP; w1 received it back on 1.12 (echo to the originator) and not on
+1.13+.
+
+--hub-cmd puts a hub (replhub) between the master and the workers: a command template with
+{upstream} (the master's host:port) and {listen} (a free loopback host:port the runner picked),
+e.g. --hub-cmd 'target/debug/replhub --upstream {upstream} --listen {listen}'. The runner starts
+it after the master listens, waits until {listen} accepts a TCP connection, points the workers
+there (their HTTP catch-up still goes to the master) and stops it at the end. Its output goes to
+hub.stdout/hub.stderr in --log-dir.
+"""
+
+import argparse
+import json
+import os
+import queue
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def venv_python(release, venv_dir):
+    return os.path.join(venv_dir, "venv-" + release, "bin", "python")
+
+
+class Proc:
+    """A child process whose stdout JSON lines go to a shared queue, tagged with its name."""
+
+    def __init__(self, name, argv, events, log_dir):
+        self.name = name
+        self.lines = []
+        # Once a process is told to stop, the ERRORs its shutdown sends are not findings.
+        self.stopping = False
+        err = open(os.path.join(log_dir, name + ".stderr"), "w") if log_dir else subprocess.DEVNULL
+        self.out = open(os.path.join(log_dir, name + ".jsonl"), "w") if log_dir else None
+        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                  cwd=HERE)
+        threading.Thread(target=self._read, args=(events,), daemon=True).start()
+
+    def _read(self, events):
+        for raw in self.p.stdout:
+            line = raw.decode("utf-8", "replace").strip()
+            if self.out:
+                self.out.write(line + "\n")
+                self.out.flush()
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                ev = {"event": "non_json", "line": line}
+            if ev.get("event") == "stopping":
+                self.stopping = True
+            if not self.stopping or ev.get("event") not in ("error_sent", "error_received"):
+                self.lines.append(ev)
+            events.put((self.name, ev))
+        events.put((self.name, {"event": "exited"}))
+
+    def send(self, text):
+        try:
+            self.p.stdin.write(text.encode() + b"\n")
+            self.p.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(5)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--release", required=True)
+    ap.add_argument("--venv-dir", default=os.path.join(
+        os.environ.get("REPLHUB_INTEROP_DIR", os.path.expanduser("~/.cache/replhub-interop"))))
+    ap.add_argument("--prefill", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=60)
+    ap.add_argument("--settle", type=float, default=1.0)
+    ap.add_argument("--rsu-server", default="remote.example.org")
+    ap.add_argument("--log-dir", help="keep each process's JSON lines and stderr here")
+    ap.add_argument("--hub-cmd", help="command template with {upstream} and {listen}")
+    args = ap.parse_args()
+
+    py = venv_python(args.release, args.venv_dir)
+    if not os.path.exists(py):
+        print(json.dumps({"event": "verdict", "release": args.release, "pass": False,
+                          "failures": ["no venv at %s: run scripts/interop-setup %s" % (py, args.release)]}))
+        return 1
+    if args.log_dir:
+        os.makedirs(args.log_dir, exist_ok=True)
+    deadline = time.monotonic() + args.timeout
+    events = queue.Queue()
+    procs = {}
+    hub = None
+    lifetime = str(int(args.timeout + 30))  # every child also stops itself
+    failures = []
+
+    def wait_for(name, kind):
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("%s: no %s" % (name, kind))
+            try:
+                who, ev = events.get(timeout=left)
+            except queue.Empty:
+                continue
+            if who == name and ev.get("event") == kind:
+                return ev
+            if who == name and ev.get("event") == "exited":
+                raise RuntimeError("%s exited before %s" % (name, kind))
+
+    def start_worker(name, extra):
+        procs[name] = Proc(name, [py, "worker.py", "--release", args.release, "--connect",
+                                  connect_to, "--http", "127.0.0.1:%d" % http_port,
+                                  "--name", name, "--seconds", lifetime] + extra, events, args.log_dir)
+
+    try:
+        procs["master"] = Proc("master", [py, "master.py", "--release", args.release, "--listen",
+                                          "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--prefill",
+                                          str(args.prefill), "--seconds", lifetime], events, args.log_dir)
+        listening = wait_for("master", "listening")
+        port, http_port = listening["port"], listening["http_port"]
+        connect_to = "127.0.0.1:%d" % port
+        if args.hub_cmd:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                listen = "127.0.0.1:%d" % s.getsockname()[1]
+            argv = shlex.split(args.hub_cmd.format(upstream=connect_to, listen=listen))
+            out = open(os.path.join(args.log_dir, "hub.stdout"), "w") if args.log_dir else subprocess.DEVNULL
+            err = open(os.path.join(args.log_dir, "hub.stderr"), "w") if args.log_dir else subprocess.DEVNULL
+            hub = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+            while True:
+                if hub.poll() is not None:
+                    raise RuntimeError("hub exited with %s before listening" % hub.returncode)
+                if time.monotonic() > deadline:
+                    raise TimeoutError("hub: %s never accepted a connection" % listen)
+                try:
+                    socket.create_connection(("127.0.0.1", int(listen.rsplit(":", 1)[1])), 0.5).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            connect_to = listen
+        start_worker("w2", [])
+        wait_for("w2", "caught_up")
+        start_worker("w1", ["--send-remote-server-up", args.rsu_server])
+        wait_for("w1", "caught_up")
+        procs["master"].send("write %d" % args.rows)
+        wait_for("master", "written")
+
+        def written():
+            return [(e["stream"], e["token"], json.dumps(e["row"], sort_keys=True))
+                    for e in procs["master"].lines if e.get("event") == "row_written"]
+
+        def received(name):
+            return [(e["stream"], e["token"], json.dumps(e["row"], sort_keys=True))
+                    for e in procs[name].lines if e.get("event") == "rdata"]
+
+        want = set(written())
+        while time.monotonic() < deadline:
+            if all(want <= set(received(w)) for w in ("w1", "w2")) and any(
+                    e.get("event") == "remote_server_up" for e in procs["w2"].lines):
+                break
+            try:
+                events.get(timeout=0.2)
+            except queue.Empty:
+                pass
+        time.sleep(args.settle)
+    except (TimeoutError, RuntimeError) as e:
+        failures.append(str(e))
+    finally:
+        # Workers first, so that the master's "ERROR server shutting down" reaches nobody.
+        for name in ("w1", "w2"):
+            if name in procs:
+                procs[name].stop()
+        if hub is not None and hub.poll() is None:
+            hub.terminate()
+            try:
+                hub.wait(5)
+            except subprocess.TimeoutExpired:
+                hub.kill()
+                hub.wait()
+        if "master" in procs:
+            procs["master"].stop()
+        time.sleep(0.2)  # let the reader threads drain
+
+    report = {"event": "verdict", "release": args.release, "workers": {}}
+    if "master" in procs:
+        master_lines = procs["master"].lines
+        want = [(e["stream"], e["token"], json.dumps(e["row"], sort_keys=True))
+                for e in master_lines if e.get("event") == "row_written"]
+        report["rows_written"] = len(want)
+        report["streams_written"] = sorted({s for s, _, _ in want})
+        bad = [e for e in master_lines if e.get("event") in ("exception", "error_sent", "error")]
+        for e in bad[:5]:
+            failures.append("master: %s" % json.dumps(e)[:500])
+        if len(bad) > 5:
+            failures.append("master: %d more errors/exceptions" % (len(bad) - 5))
+        if not any(e.get("event") == "command_received" and e.get("line", "").startswith("REMOTE_SERVER_UP")
+                   for e in master_lines):
+            failures.append("master: no REMOTE_SERVER_UP received from w1")
+        for w in ("w1", "w2"):
+            if w not in procs:
+                continue
+            lines = procs[w].lines
+            got = [(e["stream"], e["token"], json.dumps(e["row"], sort_keys=True))
+                   for e in lines if e.get("event") == "rdata"]
+            missing = sorted(set(want) - set(got))
+            extra = sorted(set(got) - set(want))
+            dups = len(got) - len(set(got))
+            rsu = [e["server"] for e in lines if e.get("event") == "remote_server_up"]
+            bad = [e for e in lines if e.get("event") in ("exception", "error_received", "error_sent", "error")]
+            report["workers"][w] = {
+                "rows": len(got), "missing": len(missing), "unexpected": len(extra),
+                "duplicates": dups, "positions": sum(1 for e in lines if e.get("event") == "position"),
+                "http_gets": sum(1 for e in lines if e.get("event") == "http_get"),
+                "remote_server_up": rsu, "problems": len(bad),
+            }
+            if missing:
+                failures.append("%s: %d rows missing, e.g. %s" % (w, len(missing), missing[:3]))
+            if extra:
+                failures.append("%s: %d rows never written, e.g. %s" % (w, len(extra), extra[:3]))
+            if dups:
+                failures.append("%s: %d duplicate rows" % (w, dups))
+            for e in bad[:5]:
+                failures.append("%s: %s" % (w, json.dumps(e)[:500]))
+        old = args.release.split(".")[:2] == ["1", "12"]
+        if "w2" in report["workers"] and args.rsu_server not in report["workers"]["w2"]["remote_server_up"]:
+            failures.append("w2: REMOTE_SERVER_UP %s not received" % args.rsu_server)
+        if "w1" in report["workers"]:
+            echoed = args.rsu_server in report["workers"]["w1"]["remote_server_up"]
+            if old and not echoed:
+                failures.append("w1: 1.12 master should echo REMOTE_SERVER_UP to its sender")
+            if not old and echoed:
+                failures.append("w1: 1.13+ master must not echo REMOTE_SERVER_UP to its sender")
+    report["pass"] = not failures
+    report["failures"] = failures[:20] + (["... %d more" % (len(failures) - 20)] if len(failures) > 20 else [])
+    print(json.dumps(report))
+    return 0 if report["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
