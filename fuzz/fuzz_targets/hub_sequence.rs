@@ -17,6 +17,7 @@
 #![no_main]
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::OnceLock;
 
 use arbitrary::Arbitrary;
 use bytes::Bytes;
@@ -40,20 +41,33 @@ enum Op {
     /// `REPLICATE ALL` on a line of its own.
     ReplicateAll(u8),
     /// Text built from real words, sent in two chunks split at `split`.
-    Input { who: u8, toks: Vec<Tok>, split: u16 },
+    Input {
+        who: u8,
+        toks: Vec<Tok>,
+        split: u16,
+    },
     /// Arbitrary bytes.
-    Raw { who: u8, data: Vec<u8> },
+    Raw {
+        who: u8,
+        data: Vec<u8>,
+    },
     /// One upstream batch: `(stream, is a batch-run line)` per row.
     Batch(Vec<(u8, bool)>),
     /// A REMOTE_SERVER_UP from the upstream (goes to every greeted worker).
     Broadcast,
     Disconnect(u8),
-    Capacity { who: u8, cap: Cap },
+    Capacity {
+        who: u8,
+        cap: Cap,
+    },
     Advance(u16),
     UpstreamDown,
     /// The upstream (re)connects; bit `i` of `unserved` leaves stream `i` unserved, `jump`
     /// moves the tokens forward (the master went on while we were away).
-    UpstreamUp { unserved: u16, jump: u8 },
+    UpstreamUp {
+        unserved: u16,
+        jump: u8,
+    },
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -210,6 +224,7 @@ struct Fuzz {
     upstream: Upstream,
     syncing: HashSet<String>,
     accepted: usize,
+    connects: usize,
 }
 
 impl Fuzz {
@@ -341,6 +356,7 @@ impl Fuzz {
                 positions[i] = Some(self.upstream.next[i]);
             }
         }
+        self.connects += 1;
         self.upstream.up = true;
         self.upstream.served = Some(served);
         self.upstream.tokens = positions;
@@ -485,6 +501,7 @@ impl Fuzz {
             self.sim.set_capacity(w, Capacity::Unlimited);
         }
         self.check_step();
+        let (mut checked, mut lines) = (0, 0);
         for (w, worker) in &self.workers {
             let Some(t) = &worker.tracked else { continue };
             if worker.errored || t.doomed || self.sim.closed(*w).is_some() {
@@ -493,7 +510,19 @@ impl Fuzz {
             for s in StreamId::ALL {
                 let i = s.index();
                 assert_eq!(t.got[i], t.expected[i], "{w}: stream {}: received vs expected", s.name());
+                lines += t.got[i].len();
             }
+            checked += 1;
+        }
+        // How deep an input got, for judging a corpus: run the target binary on its files.
+        static STATS: OnceLock<bool> = OnceLock::new();
+        if *STATS.get_or_init(|| std::env::var_os("HUB_SEQUENCE_STATS").is_some()) {
+            let errored = self.workers.values().filter(|w| w.errored).count();
+            eprintln!(
+                "workers checked against the model: {checked}, their POSITION/RDATA lines: {lines}, \
+                 workers that got an ERROR: {errored}, upstream connects: {}",
+                self.connects
+            );
         }
     }
 }
@@ -529,6 +558,7 @@ fuzz_target!(|input: (Setup, Vec<Op>)| {
         },
         syncing: HashSet::new(),
         accepted: 0,
+        connects: 0,
     };
     for op in ops.iter().take(256) {
         fuzz.step(op);
