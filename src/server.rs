@@ -31,7 +31,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::config::{IoBackend, ServeConfig};
 use crate::driver::source::{self, SourceContext, SourceHandle};
 use crate::driver::{epoll, uring, Clock, CoreContext, CoreMsg, Inbox};
-use crate::metrics::snapshot::{CoreSnapshot, UpstreamSnapshot};
+use crate::hub::stats::CoreSnapshot;
+use crate::metrics::snapshot::UpstreamSnapshot;
 use crate::metrics::{MetricsServer, RenderInfo};
 use crate::upstream::backoff::BackoffConfig;
 

@@ -17,8 +17,8 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use crate::hub::stats::CoreSnapshot;
 use crate::hub::{Batch, HubConfig, UpstreamCmd, UpstreamEvent};
-use crate::metrics::snapshot::CoreSnapshot;
 use crate::time::Now;
 
 /// A message for one core, in order with the batches.

@@ -1,4 +1,6 @@
-//! Prometheus metrics: per-core plain counters gathered at scrape time.
+//! Prometheus metrics: per-core plain counters gathered at scrape time. This layer only
+//! observes: the counters and samples are the hub's ([`crate::hub::stats`]); the hub never
+//! depends on it.
 //!
 //! ```text
 //!  core 0 ─ CoreStats + ConnSample (SIOCINQ/SIOCOUTQ read on the core) ─┐
@@ -6,7 +8,8 @@
 //!  upstream ─ UpstreamSnapshot ──────────────────────────────────────────┘
 //! ```
 //!
-//! - [`snapshot`]: the plain data each core hands over (no atomics, no locks).
+//! - [`snapshot`]: the plain data the upstream link hands over (no atomics, no locks); the
+//!   cores hand over [`CoreSnapshot`](crate::hub::stats::CoreSnapshot)s.
 //! - [`sockq`]: the `SIOCINQ`/`SIOCOUTQ` ioctls, called by a core on its own sockets.
 //! - [`render`](mod@render): folds the snapshots into Prometheus text, Synapse's names first.
 //! - [`http`]: the `/metrics` endpoint, one std thread, independent of the I/O driver.
