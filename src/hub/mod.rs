@@ -12,14 +12,14 @@
 //! unchanged until the next `on_written` or `on_peer_closed` for that connection.
 //!
 //! Layout: this file holds the public types and the [`Hub`] itself (its fields, lookups and
-//! read accessors); `impl Hub` continues along its seams in `inputs.rs` (accepting
-//! workers, their commands), `subscribe.rs` (REPLICATE, POSITION, upstream (re)connects),
-//! `fanout.rs` (batches and waking subscribers), `writes.rs` (the dirty list and the glue
-//! to each connection's `Outbox`), `close.rs` (fail, detach, peer gone, shutdown),
-//! `timers.rs` (ticks and the slow-consumer sweep) and `stats.rs` (counters and the scrape
-//! snapshot). Per connection: `conn.rs` (`Conn`, `CloseState`, `Subscriptions`) and
-//! `outbox.rs` (`Outbox`: cursor, private lines, the write in flight, `WriteState`). The
-//! slow-consumer rule is the pure function in `slow_consumer.rs`.
+//! read accessors); `impl Hub` continues along its seams in `inputs.rs` (accepting workers,
+//! their commands), `subscribe.rs` (REPLICATE, POSITION, upstream (re)connects), `fanout.rs`
+//! (batches and waking subscribers), `writes.rs` (the dirty list and the glue to each
+//! connection's `Outbox`), `close.rs` (fail, detach, peer gone, shutdown), `timers.rs` (ticks
+//! and the slow-consumer sweep) and `stats.rs` (counters and the scrape snapshot). Per
+//! connection: `conn.rs` (`Conn`, `CloseState`, `Subscriptions`), `outbox.rs` (`Outbox`:
+//! cursor, private lines, `WriteState`) and `flight.rs` (the write in flight and its
+//! accounting). The slow-consumer rule is the pure function in `slow_consumer.rs`.
 
 pub mod log;
 pub mod slots;
@@ -29,6 +29,7 @@ pub mod user_sync;
 mod close;
 mod conn;
 mod fanout;
+mod flight;
 mod inputs;
 mod outbox;
 mod slow_consumer;

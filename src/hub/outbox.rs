@@ -20,64 +20,11 @@ use bytes::Bytes;
 use smallvec::SmallVec;
 
 use super::conn::Subscriptions;
-use super::log::{Batch, Log, Seq};
+use super::flight::{Flight, Piece, Private};
+use super::log::{Log, Seq};
 use super::stats::WORDS;
 use super::HubConfig;
 use crate::proto::CommandWord;
-
-/// A private line (SERVER, PING, POSITION, ERROR, ...) for one connection, ordered with the log:
-/// it goes out before log line `at`.
-struct Private {
-    at: Seq,
-    bytes: Bytes,
-    word: CommandWord,
-    /// The rest of a line whose beginning was already written: it must go out whole.
-    partial: bool,
-}
-
-/// A piece of an in-flight write, remembered so that `on_written` can account for it even
-/// after the connection's plan changed (detach) and so that its bytes outlive the write.
-enum Piece {
-    /// Part of a private line.
-    Private { line: Private, skip: usize },
-    /// Lines `[first, end)` of a batch, the first one starting at byte `skip` within it.
-    Log { batch: Arc<Batch>, first: usize, end: usize, skip: usize, first_seq: u64 },
-}
-
-impl Piece {
-    fn len(&self) -> usize {
-        match self {
-            Self::Private { line, skip } => line.bytes.len() - skip,
-            Self::Log { batch, first, end, skip, .. } => {
-                let lines = batch.lines();
-                (lines[*end - 1].end - lines[*first].start) as usize - skip
-            }
-        }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Self::Private { line, skip } => &line.bytes[*skip..],
-            Self::Log { batch, first, end, skip, .. } => {
-                let lines = batch.lines();
-                &batch.data()[lines[*first].start as usize + skip..lines[*end - 1].end as usize]
-            }
-        }
-    }
-}
-
-/// The gathered write the driver is performing.
-struct Flight {
-    pieces: SmallVec<[Piece; 4]>,
-    /// Bytes gathered.
-    len: usize,
-    /// Where the cursor lands if the whole write completes: set when the gather reached the
-    /// head (it also skipped lines this connection does not want).
-    end: Option<u64>,
-    /// The connection detached while the write was in flight: account for the write, but do
-    /// not move the cursor by it.
-    replanned: bool,
-}
 
 /// Where a connection's output stands. Every state but `Idle` has output pending.
 // The flight stays inline: the outbox lives in a boxed `Conn`, and boxing the flight would cost
@@ -405,87 +352,18 @@ impl Outbox {
         let WriteState::InFlight(flight) = std::mem::replace(&mut self.state, WriteState::Pending) else {
             return None;
         };
-        let Flight { pieces, len: requested, end: flight_end, replanned } = flight;
+        let requested = flight.len;
         if n > 0 {
             self.progress_ms = now_ms;
         }
-        let mut left = n;
-        let mut lines_done = 0u64;
-        let mut requeue: SmallVec<[Private; 4]> = SmallVec::new();
-        let mut new_cursor: Option<(u64, usize)> = None;
-        let mut complete = true;
-        for piece in pieces {
-            let len = piece.len();
-            if left >= len && complete {
-                left -= len;
-                match piece {
-                    Piece::Private { line, .. } => {
-                        if !line.partial {
-                            self.outbound[line.word as usize] += 1;
-                        }
-                    }
-                    Piece::Log { first, end, first_seq, .. } => {
-                        lines_done += (end - first) as u64;
-                        new_cursor = Some((first_seq + (end - first) as u64, 0));
-                    }
-                }
-            } else if complete && left > 0 {
-                complete = false;
-                match piece {
-                    Piece::Private { line, skip } => {
-                        let rest = line.bytes.slice(skip + left..);
-                        requeue.push(Private { at: line.at, bytes: rest, word: line.word, partial: true });
-                    }
-                    Piece::Log { batch, first, end, skip, first_seq } => {
-                        let lines = batch.lines();
-                        let base = lines[first].start as usize;
-                        let pos = base + skip + left;
-                        // The line holding byte `pos`: the last one starting at or before it.
-                        let k = first + lines[first..end].partition_point(|m| (m.start as usize) <= pos) - 1;
-                        lines_done += (k - first) as u64;
-                        let within = pos - lines[k].start as usize;
-                        if replanned {
-                            let rest = batch.data().slice(pos..lines[k].end as usize);
-                            requeue.push(Private {
-                                at: self.cursor,
-                                bytes: rest,
-                                word: CommandWord::Rdata,
-                                partial: true,
-                            });
-                        } else {
-                            new_cursor = Some((first_seq + (k - first) as u64, within));
-                        }
-                    }
-                }
-                left = 0;
-            } else {
-                complete = false;
-                if let Piece::Private { line, skip } = piece {
-                    if replanned && skip == 0 && !line.partial {
-                        continue;
-                    }
-                    let bytes = if skip > 0 { line.bytes.slice(skip..) } else { line.bytes };
-                    requeue.push(Private {
-                        at: line.at,
-                        bytes,
-                        word: line.word,
-                        partial: line.partial || skip > 0,
-                    });
-                }
-            }
-        }
-        for p in requeue.into_iter().rev() {
+        let settled = flight.settle(n, self.cursor, &mut self.outbound);
+        for p in settled.requeue.into_iter().rev() {
             self.private.push_front(p);
         }
-        self.outbound[CommandWord::Rdata as usize] += lines_done;
+        self.outbound[CommandWord::Rdata as usize] += settled.lines;
         let old = self.cursor;
-        if !replanned && self.feed == Feed::Log {
-            if complete && n == requested {
-                if let Some(end) = flight_end {
-                    new_cursor = Some((end, 0));
-                }
-            }
-            if let Some((seq, off)) = new_cursor {
+        if self.feed == Feed::Log {
+            if let Some((seq, off)) = settled.cursor {
                 self.cursor = Seq(seq);
                 self.offset = off;
             }
@@ -503,7 +381,7 @@ impl Outbox {
             self.state = WriteState::Dirty;
             AfterWrite::Dirty
         };
-        Some(Written { lines: lines_done, next })
+        Some(Written { lines: settled.lines, next })
     }
 
     /// Closing: stop following the log. Keeps the rest of a half-written line (so the stream
