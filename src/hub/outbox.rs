@@ -2,12 +2,16 @@
 //! log lines, and the gathered write in flight.
 //!
 //! ```text
-//!            wake                take_dirty               gather
-//!   Idle ───────────► Dirty ──────────────► Pending ──────────────► InFlight
-//!    ▲                  ▲  ◄── on_writable ── Blocked ◄── short write ─┘ │
-//!    │                  └──────────────── more to write ─────────────────┤
-//!    └───────────────────────────── nothing left ────────────────────────┘
+//!   Idle ──wake──► Dirty ──take_dirty──► Pending ──gather──► InFlight
+//!    ▲              ▲ ▲                                         │
+//!    │              │ └───────────── more to write ─────────────┤ on_written
+//!    │              └── on_writable ── Blocked ◄── short write ─┤
+//!    └──────────────────────────── nothing left ────────────────┘
 //! ```
+//!
+//! A gather that finds only unwanted lines goes back to `Dirty` (more log to look at) or to
+//! `Idle` (it reached the head). Once the connection's `Close` is out, a wake or `on_writable`
+//! leaves the outbox `Pending` instead of `Dirty`, and a gather finds nothing.
 //!
 //! The outbox pins the log at its cursor while it has output and follows the log
 //! ([`Outbox::pins`]); the hub passes the log in and keeps the dirty list, the outputs and the
