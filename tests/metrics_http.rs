@@ -5,8 +5,9 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use replhub::hub::stats::{ConnPhase, ConnSample, CoreSnapshot, CoreStats};
 use replhub::metrics::http::Limits;
-use replhub::metrics::snapshot::{ConnPhase, ConnSample, CoreSnapshot, CoreStats, UpstreamSnapshot};
+use replhub::metrics::snapshot::UpstreamSnapshot;
 use replhub::metrics::{render, MetricsServer, RenderInfo};
 
 /// Guards every client read: a hung server fails the test instead of hanging it.

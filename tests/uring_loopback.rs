@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use replhub::driver::{uring, Clock, CoreContext, CoreMsg, Inbox};
+use replhub::hub::stats::CoreSnapshot;
 use replhub::hub::{HubConfig, UpstreamCmd, UpstreamEvent};
-use replhub::metrics::snapshot::CoreSnapshot;
 use replhub::proto::StreamId;
 use replhub::upstream::batch::index_chunk;
 use socket2::{Domain, Socket, Type};

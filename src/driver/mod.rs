@@ -20,8 +20,8 @@ pub mod uring;
 use std::sync::mpsc;
 use std::sync::Arc;
 
+use crate::hub::stats::CoreSnapshot;
 use crate::hub::{Batch, HubConfig, UpstreamCmd, UpstreamEvent};
-use crate::metrics::snapshot::CoreSnapshot;
 /// Re-exported for the source thread; the clock lives beside [`crate::time::Now`].
 pub use crate::time::Clock;
 

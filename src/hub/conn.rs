@@ -1,141 +1,120 @@
-//! One worker connection as the hub sees it.
-use std::collections::VecDeque;
-use std::sync::Arc;
-
-use bytes::Bytes;
-use smallvec::SmallVec;
-
-use super::log::{Batch, Seq};
-use super::ConnId;
-use crate::metrics::snapshot::{CloseReason, ConnPhase, WORDS};
-use crate::proto::{CommandWord, StreamId, StreamMask};
+//! One worker connection as the hub sees it: its session, what it subscribes to, how far its
+//! close has gone, and its [`Outbox`].
+use super::outbox::Outbox;
+use super::stats::{CloseReason, ConnPhase, WORDS};
+use crate::proto::{StreamId, StreamMask};
 use crate::session::Session;
 
-/// A private line (SERVER, PING, POSITION, ERROR, ...) for one connection, ordered with the log:
-/// it goes out before log line `at`.
-pub(super) struct Private {
-    pub at: Seq,
-    pub bytes: Bytes,
-    pub word: CommandWord,
-    /// The rest of a line whose beginning was already written: it must go out whole.
-    pub partial: bool,
+/// How far a connection's close has gone. The reason is decided once and never changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum CloseState {
+    /// Not closing.
+    Open,
+    /// We decided to close: what is queued (the ERROR, the rest of a half-written line) drains,
+    /// then `Close{Graceful}` goes out.
+    Closing(CloseReason),
+    /// `Close{Graceful}` was emitted: waiting for the driver's `on_peer_closed` (or the close
+    /// linger, which aborts).
+    CloseEmitted(CloseReason),
+    /// `Close{Abort}` was emitted (possibly after a graceful one): nothing more to do but
+    /// wait for `on_peer_closed`.
+    AbortEmitted(CloseReason),
 }
 
-/// A piece of an in-flight write, remembered so that `on_written` can account for it even
-/// after the connection's plan changed (eviction) and so that its bytes outlive the write.
-pub(super) enum Piece {
-    /// Part of a private line.
-    Private { line: Private, skip: usize },
-    /// Lines `[first, end)` of a batch, the first one starting at byte `skip` within it.
-    Log { batch: Arc<Batch>, first: usize, end: usize, skip: usize, first_seq: u64 },
-}
-
-impl Piece {
-    pub fn len(&self) -> usize {
+impl CloseState {
+    /// Why the connection closes, once decided.
+    pub fn reason(self) -> Option<CloseReason> {
         match self {
-            Self::Private { line, skip } => line.bytes.len() - skip,
-            Self::Log { batch, first, end, skip, .. } => {
-                let lines = batch.lines();
-                (lines[*end - 1].end - lines[*first].start) as usize - skip
-            }
+            Self::Open => None,
+            Self::Closing(r) | Self::CloseEmitted(r) | Self::AbortEmitted(r) => Some(r),
         }
+    }
+
+    /// Whether a close was decided (emitted or not).
+    pub fn is_closing(self) -> bool {
+        self != Self::Open
+    }
+
+    /// Whether a `Close` (of either kind) went to the driver: no more writes are started.
+    pub fn emitted(self) -> bool {
+        matches!(self, Self::CloseEmitted(_) | Self::AbortEmitted(_))
+    }
+
+    /// Decides to close for `reason`, unless a reason was already decided.
+    pub fn decide(&mut self, reason: CloseReason) {
+        if *self == Self::Open {
+            *self = Self::Closing(reason);
+        }
+    }
+}
+
+/// What a connection subscribes to: which log lines its outbox sends.
+pub(super) struct Subscriptions {
+    pub mask: StreamMask,
+    /// Stream `s` is delivered from log line `from[s]` on.
+    pub from: [u64; StreamId::COUNT],
+    /// Every line from this sequence number on is wanted (`u64::MAX` unless subscribed to all).
+    pub full_from: u64,
+    /// Streams whose REPLICATE waits for a batch boundary or for the upstream's tokens.
+    pub pending: StreamMask,
+}
+
+impl Subscriptions {
+    const fn new() -> Self {
+        Self {
+            mask: StreamMask::NONE,
+            from: [0; StreamId::COUNT],
+            full_from: u64::MAX,
+            pending: StreamMask::NONE,
+        }
+    }
+
+    /// Whether log line `seq` of `stream` (index, or BROADCAST) is wanted; `broadcast` says
+    /// whether BROADCAST lines are.
+    #[inline]
+    pub fn wants(&self, stream: u8, seq: u64, broadcast: bool) -> bool {
+        match StreamId::from_index(stream as usize) {
+            Some(s) => self.mask.contains(s) && seq >= self.from[s.index()],
+            None => broadcast,
+        }
+    }
+
+    /// Recomputes [`Subscriptions::full_from`] after a change.
+    pub fn refresh_full_from(&mut self) {
+        self.full_from =
+            if self.mask.is_all() { self.from.iter().copied().max().unwrap_or(0) } else { u64::MAX };
     }
 }
 
 /// Per-connection hub state.
 pub(super) struct Conn {
-    pub id: ConnId,
     pub session: Session,
     pub phase: ConnPhase,
-    /// Next log line to consider, and bytes of it already written.
-    pub cursor: Seq,
-    pub offset: usize,
-    /// Whether the connection has (or may have) pending output.
-    pub active: bool,
-    /// Closing: the connection wants no more log lines, so its cursor pins nothing; only its
-    /// private lines (the ERROR, the rest of a half-written line) remain.
-    pub detached: bool,
-    /// In the hub's dirty list.
-    pub dirty: bool,
-    /// The socket is full: wait for `on_writable`.
-    pub blocked: bool,
-    pub in_flight: Option<SmallVec<[Piece; 4]>>,
-    /// Bytes gathered for the write in flight.
-    pub flight_len: usize,
-    /// Where the cursor lands if the write in flight completes: set when the gather reached
-    /// the head (it also skipped lines this connection does not want).
-    pub flight_end: Option<u64>,
-    /// The plan changed while a write was in flight (eviction): account for the write, but
-    /// do not move the cursor by it.
-    pub replanned: bool,
-    /// Every line from this sequence number on is wanted (`u64::MAX` unless subscribed to all).
-    pub full_from: u64,
-    pub mask: StreamMask,
-    /// Stream `s` is delivered from log line `sub_from[s]` on.
-    pub sub_from: [u64; StreamId::COUNT],
-    /// Streams whose REPLICATE waits for a batch boundary or for the upstream's tokens.
-    pub pending: StreamMask,
-    pub private: VecDeque<Private>,
-    /// When the connection last made write progress, or started waiting with output pending.
-    pub progress_ms: u64,
+    pub subs: Subscriptions,
+    pub outbox: Outbox,
+    pub close: CloseState,
     pub name: Option<String>,
+    /// Inbound commands past the direction check, by command word.
     pub inbound: [u64; WORDS],
-    pub outbound: [u64; WORDS],
-    /// Set once we decided to close: the reason, and whether `Close` was emitted.
-    pub closing: Option<CloseReason>,
-    pub close_emitted: bool,
-    pub abort_emitted: bool,
 }
 
 impl Conn {
-    pub fn new(id: ConnId, session: Session, phase: ConnPhase, head: Seq, now_ms: u64) -> Self {
+    pub fn new(session: Session, outbox: Outbox) -> Self {
         Self {
-            id,
             session,
-            phase,
-            cursor: head,
-            offset: 0,
-            active: false,
-            detached: false,
-            dirty: false,
-            blocked: false,
-            in_flight: None,
-            flight_len: 0,
-            flight_end: None,
-            replanned: false,
-            full_from: u64::MAX,
-            mask: StreamMask::NONE,
-            sub_from: [0; StreamId::COUNT],
-            pending: StreamMask::NONE,
-            private: VecDeque::new(),
-            progress_ms: now_ms,
+            phase: ConnPhase::Waiting,
+            subs: Subscriptions::new(),
+            outbox,
+            close: CloseState::Open,
             name: None,
             inbound: [0; WORDS],
-            outbound: [0; WORDS],
-            closing: None,
-            close_emitted: false,
-            abort_emitted: false,
         }
     }
 
-    /// Whether the cursor holds a pin in the log.
-    pub fn pins(&self) -> bool {
-        self.active && !self.detached
-    }
-
-    /// Whether log line `seq` of `stream` (index, or BROADCAST) goes to this connection.
-    #[inline]
-    pub fn wants(&self, stream: u8, seq: u64) -> bool {
-        match StreamId::from_index(stream as usize) {
-            Some(s) => self.mask.contains(s) && seq >= self.sub_from[s.index()],
-            None => self.closing.is_none() && self.phase != ConnPhase::Waiting,
-        }
-    }
-
-    /// Recomputes [`Conn::full_from`] after a subscription change.
-    pub fn refresh_full_from(&mut self) {
-        self.full_from =
-            if self.mask.is_all() { self.sub_from.iter().copied().max().unwrap_or(0) } else { u64::MAX };
+    /// Whether BROADCAST log lines (relayed REMOTE_SERVER_UP) go to this connection: once
+    /// greeted, until it closes.
+    pub fn wants_broadcast(&self) -> bool {
+        !self.close.is_closing() && self.phase != ConnPhase::Waiting
     }
 
     pub fn display_name(&self) -> &str {

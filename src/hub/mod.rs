@@ -10,26 +10,49 @@
 //!
 //! Memory rule for drivers: the bytes behind the slices returned by `gather` stay valid and
 //! unchanged until the next `on_written` or `on_peer_closed` for that connection.
+//!
+//! Layout: this file holds the public types and the [`Hub`] itself (its fields, lookups and
+//! read accessors); `impl Hub` continues along its seams in `inputs.rs` (accepting workers,
+//! their commands), `subscribe.rs` (REPLICATE, POSITION, upstream (re)connects), `fanout.rs`
+//! (batches and waking subscribers), `writes.rs` (the dirty list and the glue to each
+//! connection's `Outbox`), `close.rs` (fail, detach, peer gone, shutdown), `timers.rs` (ticks
+//! and the slow-consumer sweep) and `stats.rs` (counters and the scrape snapshot). Per
+//! connection: `conn.rs` (`Conn`, `CloseState`, `Subscriptions`), `outbox.rs` (`Outbox`:
+//! cursor, private lines, `WriteState`) and `flight.rs` (the write in flight and its
+//! accounting). The slow-consumer rule is the pure function in `slow_consumer.rs`.
 
 pub mod log;
 pub mod slots;
+pub mod stats;
 pub mod user_sync;
 
+mod close;
 mod conn;
-mod core;
+mod fanout;
+mod flight;
+mod inputs;
+mod outbox;
+mod slow_consumer;
+mod subscribe;
+mod timers;
+mod writes;
+
 #[doc(hidden)]
 pub mod sim;
 #[cfg(test)]
 mod tests;
 
-pub use self::core::Hub;
 pub use self::log::{Batch, LineMeta, Log, Seq, BROADCAST};
 pub use self::slots::{SlotMap, Slots};
 pub use self::user_sync::{Transition, UserSyncMerger};
 
-use bytes::Bytes;
+use std::collections::VecDeque;
 
-use crate::proto::{StreamId, StreamMask, SyncState};
+use bytes::{Bytes, BytesMut};
+
+use self::conn::Conn;
+use self::stats::CoreStats;
+use crate::proto::{Command, StreamId, StreamMask, SyncState};
 use crate::session::SessionConfig;
 
 /// A connection handle: slot index plus a generation, so a stale id never hits a new connection.
@@ -149,3 +172,131 @@ pub enum HubOutput {
 
 /// Streams a hub serves by default: all 16.
 pub const SERVED_DEFAULT: StreamMask = StreamMask::ALL;
+
+/// The per-core hub. See the [module docs](self).
+pub struct Hub {
+    config: HubConfig,
+    log: Log,
+    /// Boxed so that the slot table stays small (its growth by doubling would otherwise cost
+    /// more than the connections themselves).
+    conns: Slots<Box<Conn>>,
+    /// Connections whose outbox is `Dirty`, in the order they became so.
+    dirty: Vec<ConnId>,
+    outputs: VecDeque<HubOutput>,
+    server_name: Option<String>,
+    /// Token of the last complete upstream batch per stream (what `POSITION` says).
+    tokens: [Option<i64>; StreamId::COUNT],
+    /// A `batch` run of the stream is open at the head of the log.
+    open_run: [bool; StreamId::COUNT],
+    /// Streams the upstream serves, once known.
+    served: Option<StreamMask>,
+    upstream_up: bool,
+    /// Connections subscribed to each stream (to wake them when its lines arrive).
+    stream_subs: [Vec<ConnId>; StreamId::COUNT],
+    /// Connections whose REPLICATE for the stream waits for a batch boundary or for tokens.
+    pending_subs: [Vec<ConnId>; StreamId::COUNT],
+    user_sync: UserSyncMerger<ConnId>,
+    stats: CoreStats,
+    next_tick_ms: u64,
+    shutting_down: bool,
+}
+
+impl Hub {
+    /// A hub with no connections and an empty log.
+    pub fn new(config: HubConfig) -> Self {
+        let server_name = config.server_name.clone();
+        Self {
+            config,
+            log: Log::new(),
+            conns: Slots::new(),
+            dirty: Vec::new(),
+            outputs: VecDeque::new(),
+            server_name,
+            tokens: [None; StreamId::COUNT],
+            open_run: [false; StreamId::COUNT],
+            served: None,
+            upstream_up: false,
+            stream_subs: Default::default(),
+            pending_subs: Default::default(),
+            user_sync: UserSyncMerger::new(),
+            stats: CoreStats::default(),
+            next_tick_ms: 0,
+            shutting_down: false,
+        }
+    }
+
+    fn conn(&self, id: ConnId) -> Option<&Conn> {
+        self.conns.get(id).map(|c| &**c)
+    }
+
+    fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
+        self.conns.get_mut(id).map(|c| &mut **c)
+    }
+
+    /// Number of live connections.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether there are no connections.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// Whether `conn` is live.
+    pub fn contains(&self, conn: ConnId) -> bool {
+        self.conn(conn).is_some()
+    }
+
+    /// The log (for tests and metrics).
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    /// This core's counters.
+    pub fn stats(&self) -> &CoreStats {
+        &self.stats
+    }
+
+    /// The server name workers are greeted with, once known.
+    pub fn server_name(&self) -> Option<&str> {
+        self.server_name.as_deref()
+    }
+
+    /// The token `POSITION` would report for a stream now.
+    pub fn token(&self, s: StreamId) -> Option<i64> {
+        self.tokens[s.index()]
+    }
+
+    /// Streams a connection receives, and whether it is closing (for tests and logs).
+    pub fn subscriptions(&self, conn: ConnId) -> Option<StreamMask> {
+        self.conn(conn).map(|c| c.subs.mask)
+    }
+
+    /// The worker's NAME.
+    pub fn conn_name(&self, conn: ConnId) -> Option<&str> {
+        self.conn(conn).and_then(|c| c.name.as_deref())
+    }
+
+    /// Bytes of log a connection holds back (its backlog).
+    pub fn backlog_bytes(&self, conn: ConnId) -> Option<u64> {
+        Some(self.conn(conn)?.outbox.backlog_bytes(&self.log))
+    }
+
+    /// Whether the upstream link is up, as far as this core knows.
+    pub fn upstream_up(&self) -> bool {
+        self.upstream_up
+    }
+
+    /// The next output for the driver.
+    pub fn poll_output(&mut self) -> Option<HubOutput> {
+        self.outputs.pop_front()
+    }
+
+    /// Encodes a private command for tests and tools.
+    pub fn encode(cmd: &Command<'_>) -> Option<Bytes> {
+        let mut b = BytesMut::new();
+        cmd.encode_into(&mut b).ok()?;
+        Some(b.freeze())
+    }
+}

@@ -1,4 +1,6 @@
-//! Prometheus metrics: per-core plain counters gathered at scrape time.
+//! Prometheus metrics: per-core plain counters gathered at scrape time. This layer only
+//! observes: the counters and samples are the hub's ([`crate::hub::stats`]); the hub never
+//! depends on it.
 //!
 //! ```text
 //!  core 0 ─ CoreStats + ConnSample (SIOCINQ/SIOCOUTQ from the driver) ───┐
@@ -6,7 +8,8 @@
 //!  upstream ─ UpstreamSnapshot ──────────────────────────────────────────┘
 //! ```
 //!
-//! - [`snapshot`]: the plain data each core hands over (no atomics, no locks).
+//! - [`snapshot`]: the plain data the upstream link hands over (no atomics, no locks); the
+//!   cores hand over [`CoreSnapshot`](crate::hub::stats::CoreSnapshot)s.
 //! - [`render`](mod@render): folds the snapshots into Prometheus text, Synapse's names first.
 //! - [`http`]: the `/metrics` endpoint: its own thread and current-thread runtime, one task per
 //!   connection (so no client waits for another), independent of the I/O driver.

@@ -1,7 +1,7 @@
 //! Scrape-time rendering of the per-core snapshots as Prometheus text exposition (0.0.4).
 //!
 //! The cores never touch a Prometheus type: they keep plain counters
-//! ([`CoreStats`](super::snapshot::CoreStats)) and, when a scrape asks, copy them into a
+//! ([`CoreStats`](crate::hub::stats::CoreStats)) and, when a scrape asks, copy them into a
 //! [`CoreSnapshot`] with one [`ConnSample`] per live connection. [`render`] folds those
 //! together here, on the scrape thread, into fresh metric objects in a throw-away [`Registry`],
 //! and encodes them with the crate's [`TextEncoder`]. At one scrape every 15 s, building the
@@ -21,9 +21,8 @@ use prometheus::core::{
 };
 use prometheus::{Opts, Registry, TextEncoder};
 
-use super::snapshot::{
-    CloseReason, ConnPhase, ConnSample, CoreSnapshot, EvictReason, UpstreamSnapshot, WORDS,
-};
+use super::snapshot::UpstreamSnapshot;
+use crate::hub::stats::{CloseReason, ConnPhase, ConnSample, CoreSnapshot, EvictReason, WORDS};
 use crate::proto::{CommandWord, StreamId};
 
 /// Process-wide facts that are not in any core's snapshot.
@@ -496,7 +495,7 @@ fn replhub_metrics(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::snapshot::CoreStats;
+    use crate::hub::stats::CoreStats;
 
     fn word(w: CommandWord) -> usize {
         w as usize

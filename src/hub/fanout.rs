@@ -1,0 +1,73 @@
+//! Fan-out: appending an upstream batch to the log and waking the connections that want its
+//! lines.
+use std::sync::Arc;
+
+use super::log::{Batch, Seq, BROADCAST};
+use super::slow_consumer::Rules;
+use super::stats::ConnPhase;
+use super::{ConnId, Hub};
+use crate::proto::StreamMask;
+use crate::time::Now;
+
+impl Hub {
+    /// Appends a batch shared by all cores to this core's log and wakes its subscribers.
+    pub fn on_batch(&mut self, batch: Arc<Batch>, now: Now) {
+        let first = self.log.append(Arc::clone(&batch));
+        self.stats.batches += 1;
+        let mut streams = 0u16;
+        let mut broadcast = false;
+        for (i, meta) in batch.lines().iter().enumerate() {
+            if meta.stream == BROADCAST {
+                broadcast = true;
+                continue;
+            }
+            let Some(s) = meta.stream_id() else { continue };
+            streams |= s.bit();
+            match meta.token {
+                None => self.open_run[s.index()] = true,
+                Some(token) => {
+                    self.open_run[s.index()] = false;
+                    self.tokens[s.index()] = Some(token);
+                    if !self.pending_subs[s.index()].is_empty() && self.served.is_some() {
+                        let at = Seq(first.0 + i as u64 + 1);
+                        for id in std::mem::take(&mut self.pending_subs[s.index()]) {
+                            if let Some(c) = self.conn_mut(id) {
+                                c.subs.pending.remove(s);
+                            }
+                            self.subscribe_from(id, s, at, first, token, now);
+                        }
+                    }
+                }
+            }
+        }
+        for s in StreamMask(streams).iter() {
+            for k in 0..self.stream_subs[s.index()].len() {
+                let id = self.stream_subs[s.index()][k];
+                self.wake(id, first, now);
+            }
+        }
+        if broadcast {
+            for (id, c) in self.conns.iter_mut() {
+                if c.phase != ConnPhase::Waiting
+                    && c.outbox.wake(&mut self.log, first, now.mono_ms, c.close.emitted())
+                {
+                    self.dirty.push(id);
+                }
+            }
+        }
+        // Nobody parked in (or before) this batch: drop it now.
+        self.log.trim();
+        self.stats.log_bytes = self.log.held_bytes();
+        if self.log.held_bytes() > self.config.max_pending_bytes {
+            self.sweep(now, Rules::BacklogOnly);
+        }
+    }
+
+    /// Marks a connection as having output from log line `from` on (or private lines).
+    pub(super) fn wake(&mut self, id: ConnId, from: Seq, now: Now) {
+        let Some(c) = self.conns.get_mut(id) else { return };
+        if c.outbox.wake(&mut self.log, from, now.mono_ms, c.close.emitted()) {
+            self.dirty.push(id);
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Inputs from workers: accepting a connection, greeting it, and the commands it sends.
+use bytes::{BufMut, BytesMut};
+
+use super::conn::Conn;
+use super::outbox::Outbox;
+use super::stats::{CloseReason, ConnPhase};
+use super::user_sync::Transition;
+use super::{ConnId, Hub, HubOutput, UpstreamCmd};
+use crate::proto::inbound::parse_args;
+use crate::proto::{Command, CommandWord, Line, PeerError, Role, SyncState};
+use crate::session::Session;
+use crate::time::Now;
+
+impl Hub {
+    /// A worker connected. Greets it at once if the server name is known, otherwise as soon as
+    /// the upstream tells it.
+    pub fn accept(&mut self, now: Now) -> ConnId {
+        let session = Session::new(Role::Server, self.config.session.clone(), now);
+        let outbox = Outbox::new(self.log.head(), now.mono_ms);
+        let id = self.conns.insert_with(|_| Box::new(Conn::new(session, outbox)));
+        self.stats.accepted += 1;
+        tracing::info!(conn = %id, name = "anon", "connection accepted");
+        if self.shutting_down {
+            self.fail(id, &PeerError::ShuttingDown, CloseReason::ConnectionAborted, now);
+        } else if let Some(name) = self.server_name.clone() {
+            self.greet(id, &name, now);
+        }
+        id
+    }
+
+    pub(super) fn greet(&mut self, id: ConnId, server_name: &str, now: Now) {
+        let Some(c) = self.conn_mut(id) else { return };
+        if c.session.is_started() || c.close.is_closing() {
+            return;
+        }
+        c.session.start(server_name, &[], now);
+        c.phase = ConnPhase::Connected;
+        self.drain_session(id, now);
+    }
+
+    /// Bytes received from a worker.
+    pub fn on_bytes(&mut self, id: ConnId, data: &[u8], now: Now) {
+        let Some(c) = self.conn_mut(id) else { return };
+        c.session.on_bytes(data);
+        self.process_input(id, now);
+    }
+
+    fn process_input(&mut self, id: ConnId, now: Now) {
+        loop {
+            let Some(c) = self.conn_mut(id) else { return };
+            let Some(next) = c.session.poll_line(now) else { break };
+            match next {
+                Ok((word, line)) => {
+                    c.inbound[word as usize] += 1;
+                    self.handle_command(id, word, &line, now);
+                }
+                Err(err) => {
+                    let name = c.display_name().to_owned();
+                    tracing::info!(conn = %id, name, error = %err, "protocol error, closing");
+                    c.close.decide(CloseReason::ProtocolError);
+                    break;
+                }
+            }
+        }
+        self.drain_session(id, now);
+    }
+
+    fn handle_command(&mut self, id: ConnId, word: CommandWord, line: &Line, now: Now) {
+        let parsed = match parse_args(word, line) {
+            Ok(p) => p,
+            Err(err) => {
+                let name = self.conn(id).map(|c| c.display_name().to_owned()).unwrap_or_default();
+                tracing::info!(conn = %id, name, error = %err, "bad command, closing");
+                self.fail(id, &err, CloseReason::ProtocolError, now);
+                return;
+            }
+        };
+        match parsed {
+            Command::Name(name) => {
+                if let Some(c) = self.conn_mut(id) {
+                    tracing::info!(conn = %id, name, "worker named itself");
+                    c.name = Some(name.to_owned());
+                }
+            }
+            Command::Replicate(target) => self.replicate(id, target, now),
+            Command::UserSync(us) => {
+                self.stats.user_sync += 1;
+                let t = match us.state {
+                    SyncState::Start => self.user_sync.start(id, us.user_id),
+                    SyncState::End => self.user_sync.end(id, us.user_id),
+                };
+                let state = match t {
+                    Transition::Started => SyncState::Start,
+                    Transition::Ended => SyncState::End,
+                    Transition::Unchanged => return,
+                };
+                self.outputs.push_back(HubOutput::Upstream(UpstreamCmd::UserSync {
+                    user_id: us.user_id.to_owned(),
+                    state,
+                    last_sync_ms: us.last_sync_ms,
+                }));
+            }
+            Command::FederationAck(_) => {
+                self.stats.federation_ack += 1;
+                self.forward(line);
+            }
+            Command::RemovePusher(_) => {
+                self.stats.remove_pusher += 1;
+                self.forward(line);
+            }
+            Command::InvalidateCache(_) => {
+                self.stats.invalidate_cache += 1;
+                self.forward(line);
+            }
+            Command::UserIp(_) => {
+                self.stats.user_ip += 1;
+                self.forward(line);
+            }
+            Command::RemoteServerUp(_) => self.forward(line),
+            Command::Error(text) => {
+                let name = self.conn(id).map(|c| c.display_name().to_owned()).unwrap_or_default();
+                tracing::warn!(conn = %id, name, text, "worker reported an error");
+            }
+            // PING is handled by the session; the rest never pass the server's direction check.
+            _ => {}
+        }
+    }
+
+    fn forward(&mut self, line: &Line) {
+        let mut buf = BytesMut::with_capacity(line.as_bytes().len() + 1);
+        buf.put_slice(line.as_bytes());
+        buf.put_u8(b'\n');
+        self.outputs.push_back(HubOutput::Upstream(UpstreamCmd::Forward(buf.freeze())));
+    }
+}

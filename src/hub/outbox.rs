@@ -1,0 +1,434 @@
+//! One connection's write plan: where it stands in the log, the private lines queued between
+//! log lines, and the gathered write in flight.
+//!
+//! ```text
+//!   Idle ──wake──► Dirty ──take_dirty──► Pending ──gather──► InFlight
+//!    ▲              ▲ ▲                                         │
+//!    │              │ └───────────── more to write ─────────────┤ on_written
+//!    │              └── on_writable ── Blocked ◄── short write ─┤
+//!    └──────────────────────────── nothing left ────────────────┘
+//! ```
+//!
+//! A gather that finds only unwanted lines goes back to `Dirty` (more log to look at) or to
+//! `Idle` (it reached the head). Once the connection's `Close` is out, a wake or `on_writable`
+//! leaves the outbox `Pending` instead of `Dirty`, and a gather finds nothing.
+//!
+//! The outbox pins the log at its cursor while it has output and follows the log
+//! ([`Outbox::pins`]); the hub passes the log in and keeps the dirty list, the outputs and the
+//! counters.
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use smallvec::SmallVec;
+
+use super::conn::Subscriptions;
+use super::flight::{Flight, Piece, Private};
+use super::log::{Log, Seq};
+use super::stats::WORDS;
+use super::HubConfig;
+use crate::proto::CommandWord;
+
+/// Where a connection's output stands. Every state but `Idle` has output pending.
+// The flight stays inline: the outbox lives in a boxed `Conn`, and boxing the flight would cost
+// an allocation per write.
+#[allow(clippy::large_enum_variant)]
+enum WriteState {
+    /// Nothing pending: the cursor is stale (moved up on the next wake) and pins nothing.
+    Idle,
+    /// In the hub's dirty list, waiting for `take_dirty`.
+    Dirty,
+    /// Out of the dirty list: taken by the driver for a gather this turn, or held back because
+    /// the connection's `Close` is out.
+    Pending,
+    /// A gathered write is with the driver.
+    InFlight(Flight),
+    /// The socket is full: waiting for `on_writable`.
+    Blocked,
+}
+
+/// What the outbox sends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Feed {
+    /// The log from the cursor on, interleaved with private lines.
+    Log,
+    /// Only private lines: the connection is closing and wants no more log lines, so its
+    /// cursor pins nothing.
+    Detached,
+}
+
+/// What [`Outbox::gather`] did.
+pub(super) enum Gathered {
+    /// Nothing to gather: idle, or a write is already in flight.
+    Nothing,
+    /// A write of this many bytes is in flight; [`Outbox::flight_slices`] lists it.
+    Write(usize),
+    /// Only lines it does not want were left up to the head: the cursor jumped there and the
+    /// outbox may go idle ([`Outbox::try_idle`]).
+    AtHead,
+    /// Only unwanted lines before a batch's end: the outbox is dirty again (the caller puts it
+    /// back in the dirty list).
+    Again,
+}
+
+/// What [`Outbox::on_written`] did.
+pub(super) struct Written {
+    /// Whole log lines completed by this write.
+    pub lines: u64,
+    /// What comes next.
+    pub next: AfterWrite,
+}
+
+/// Where the outbox stands after a write.
+#[derive(PartialEq, Eq)]
+pub(super) enum AfterWrite {
+    /// Everything was written: the outbox went idle.
+    Idle,
+    /// More to write: the outbox is dirty (the caller puts it in the dirty list).
+    Dirty,
+    /// A short write: the outbox waits for `on_writable`.
+    Blocked,
+}
+
+/// One connection's write plan. See the [module docs](self).
+pub(super) struct Outbox {
+    /// Next log line to consider, and bytes of it already written.
+    cursor: Seq,
+    offset: usize,
+    state: WriteState,
+    feed: Feed,
+    private: VecDeque<Private>,
+    /// When the connection last made write progress, or started waiting with output pending.
+    progress_ms: u64,
+    /// Outbound commands written, by command word (RDATA counted per line).
+    outbound: [u64; WORDS],
+}
+
+impl Outbox {
+    /// An idle outbox at log line `head`.
+    pub fn new(head: Seq, now_ms: u64) -> Self {
+        Self {
+            cursor: head,
+            offset: 0,
+            state: WriteState::Idle,
+            feed: Feed::Log,
+            private: VecDeque::new(),
+            progress_ms: now_ms,
+            outbound: [0; WORDS],
+        }
+    }
+
+    /// Whether the cursor holds a pin in the log.
+    pub fn pins(&self) -> bool {
+        !matches!(self.state, WriteState::Idle) && self.feed == Feed::Log
+    }
+
+    /// Bytes of log this outbox holds back.
+    pub fn backlog_bytes(&self, log: &Log) -> u64 {
+        if self.pins() {
+            log.head_byte() - log.byte_of(self.cursor)
+        } else {
+            0
+        }
+    }
+
+    /// Lines waiting: log lines behind the cursor plus private lines.
+    pub fn pending_lines(&self, log: &Log) -> u64 {
+        let behind = if self.pins() { log.head().0 - self.cursor.0 } else { 0 };
+        behind + self.private.len() as u64
+    }
+
+    /// Whether the outbox stopped following the log (see [`Outbox::detach`]).
+    pub fn is_detached(&self) -> bool {
+        self.feed == Feed::Detached
+    }
+
+    /// Whether a write waits on the socket (in flight, or blocked): what the write timeout
+    /// measures.
+    pub fn waits_on_socket(&self) -> bool {
+        matches!(self.state, WriteState::InFlight(_) | WriteState::Blocked)
+    }
+
+    /// When the connection last made write progress.
+    pub fn progress_ms(&self) -> u64 {
+        self.progress_ms
+    }
+
+    /// Outbound commands written, by command word.
+    pub fn outbound(&self) -> &[u64; WORDS] {
+        &self.outbound
+    }
+
+    /// Queues a private line to go out before log line `at`.
+    pub fn push_private(&mut self, at: Seq, bytes: Bytes, word: CommandWord) {
+        self.private.push_back(Private { at, bytes, word, partial: false });
+    }
+
+    /// Output is pending from log line `from` on (or private lines). Returns whether the
+    /// outbox became dirty (the caller puts it in the dirty list); `close_emitted` holds it
+    /// back.
+    pub fn wake(&mut self, log: &mut Log, from: Seq, now_ms: u64, close_emitted: bool) -> bool {
+        if let WriteState::Idle = self.state {
+            // Idle means nothing was pending: every line before `from` is one it does not want.
+            if self.cursor < from {
+                self.cursor = from;
+            }
+            self.offset = 0;
+            self.state = WriteState::Pending;
+            self.progress_ms = now_ms;
+            if self.feed == Feed::Log {
+                log.pin(self.cursor);
+            }
+        }
+        self.dirty_if_pending(close_emitted)
+    }
+
+    /// The socket can take bytes again. Returns whether the outbox became dirty.
+    pub fn on_writable(&mut self, close_emitted: bool) -> bool {
+        if let WriteState::Blocked = self.state {
+            self.state = WriteState::Pending;
+        }
+        self.dirty_if_pending(close_emitted)
+    }
+
+    fn dirty_if_pending(&mut self, close_emitted: bool) -> bool {
+        if !close_emitted && matches!(self.state, WriteState::Pending) {
+            self.state = WriteState::Dirty;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Leaves the dirty list; returns whether it was in it.
+    pub fn take_dirty(&mut self) -> bool {
+        if let WriteState::Dirty = self.state {
+            self.state = WriteState::Pending;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Plans the next write: at most `max_iov` pieces and about `max_write_bytes` bytes of
+    /// private lines and the log lines `subs` wants, in log order.
+    pub fn gather(
+        &mut self,
+        log: &mut Log,
+        subs: &Subscriptions,
+        broadcast: bool,
+        cfg: &HubConfig,
+    ) -> Gathered {
+        if matches!(self.state, WriteState::Idle | WriteState::InFlight(_)) {
+            return Gathered::Nothing;
+        }
+        let max_iov = cfg.max_iov.max(1);
+        let max_bytes = cfg.max_write_bytes.max(1);
+        let head = log.head().0;
+        let detached = self.feed == Feed::Detached;
+        let mut pieces: SmallVec<[Piece; 4]> = SmallVec::new();
+        let mut total = 0usize;
+        let mut seq = self.cursor.0;
+        let mut off = self.offset;
+        let mut reached_head = false;
+        while pieces.len() < max_iov && total < max_bytes {
+            if off == 0 {
+                if let Some(p) = self.private.front() {
+                    if p.at.0 <= seq {
+                        let line = self.private.pop_front().expect("front exists");
+                        total += line.bytes.len();
+                        pieces.push(Piece::Private { line, skip: 0 });
+                        continue;
+                    }
+                }
+            }
+            if seq >= head || detached {
+                seq = seq.max(head);
+                reached_head = true;
+                break;
+            }
+            let Some((batch, idx)) = log.locate(Seq(seq)) else {
+                debug_assert!(false, "an active cursor points outside the log");
+                reached_head = true;
+                seq = head;
+                break;
+            };
+            let lines = batch.lines();
+            let limit = self.private.front().map_or(u64::MAX, |p| p.at.0);
+            let mut i = idx;
+            let mut s = seq;
+            if off == 0 {
+                if s >= subs.full_from {
+                    // Subscribed to everything: nothing to skip.
+                } else {
+                    while i < lines.len() && s < limit && !subs.wants(lines[i].stream, s, broadcast) {
+                        i += 1;
+                        s += 1;
+                    }
+                }
+                if i == lines.len() || s >= limit {
+                    seq = s;
+                    continue;
+                }
+            }
+            let first = i;
+            let first_seq = s;
+            if s >= subs.full_from {
+                let room = usize::try_from(limit - s).unwrap_or(usize::MAX);
+                let end = batch.run_end(i).min(i.saturating_add(room));
+                s += (end - i) as u64;
+                i = end;
+            } else {
+                i += 1;
+                s += 1;
+                while i < lines.len()
+                    && s < limit
+                    && lines[i].start == lines[i - 1].end
+                    && subs.wants(lines[i].stream, s, broadcast)
+                {
+                    i += 1;
+                    s += 1;
+                }
+            }
+            let piece = Piece::Log { batch: Arc::clone(batch), first, end: i, skip: off, first_seq };
+            total += piece.len();
+            pieces.push(piece);
+            off = 0;
+            seq = s;
+        }
+        if pieces.is_empty() {
+            // Only skipped lines: the cursor jumps.
+            let old = self.cursor;
+            self.cursor = Seq(seq);
+            self.offset = 0;
+            if self.pins() {
+                log.repin(old, Seq(seq));
+            }
+            if reached_head {
+                return Gathered::AtHead;
+            }
+            self.state = WriteState::Dirty;
+            return Gathered::Again;
+        }
+        self.state = WriteState::InFlight(Flight {
+            pieces,
+            len: total,
+            end: reached_head.then_some(seq),
+            replanned: false,
+        });
+        Gathered::Write(total)
+    }
+
+    /// The slices of the write in flight, in order. They stay valid until
+    /// [`Outbox::on_written`] (the flight holds the batches and the private lines).
+    pub fn flight_slices<'a>(&'a self, iov: &mut Vec<IoSlice<'a>>) {
+        if let WriteState::InFlight(flight) = &self.state {
+            iov.extend(flight.pieces.iter().map(|p| IoSlice::new(p.bytes())));
+        }
+    }
+
+    /// Goes idle if nothing is left to write (no private line, no half-written line); returns
+    /// whether it did.
+    pub fn try_idle(&mut self, log: &mut Log) -> bool {
+        if matches!(self.state, WriteState::Idle) || !self.private.is_empty() || self.offset != 0 {
+            return false;
+        }
+        let pinned = self.pins();
+        self.state = WriteState::Idle;
+        if self.private.capacity() > 8 {
+            // A burst of private lines (REPLICATE ALL) is over: don't keep its queue.
+            self.private = VecDeque::new();
+        }
+        if pinned {
+            log.unpin(self.cursor);
+        }
+        true
+    }
+
+    /// `n` bytes of the write in flight were written (`n` may be short or zero): the cursor
+    /// moves over what was written, the rest of a half-written private line is requeued.
+    /// `None` if no write was in flight.
+    pub fn on_written(&mut self, log: &mut Log, n: usize, now_ms: u64) -> Option<Written> {
+        if !matches!(self.state, WriteState::InFlight(_)) {
+            return None;
+        }
+        let WriteState::InFlight(flight) = std::mem::replace(&mut self.state, WriteState::Pending) else {
+            return None;
+        };
+        let requested = flight.len;
+        if n > 0 {
+            self.progress_ms = now_ms;
+        }
+        let settled = flight.settle(n, self.cursor, &mut self.outbound);
+        for p in settled.requeue.into_iter().rev() {
+            self.private.push_front(p);
+        }
+        self.outbound[CommandWord::Rdata as usize] += settled.lines;
+        let old = self.cursor;
+        if self.feed == Feed::Log {
+            if let Some((seq, off)) = settled.cursor {
+                self.cursor = Seq(seq);
+                self.offset = off;
+            }
+        }
+        if old != self.cursor && self.pins() {
+            log.repin(old, self.cursor);
+        }
+        let nothing_left = self.private.is_empty() && self.offset == 0 && self.cursor.0 >= log.head().0;
+        let next = if nothing_left && self.try_idle(log) {
+            AfterWrite::Idle
+        } else if n < requested {
+            self.state = WriteState::Blocked;
+            AfterWrite::Blocked
+        } else {
+            self.state = WriteState::Dirty;
+            AfterWrite::Dirty
+        };
+        Some(Written { lines: settled.lines, next })
+    }
+
+    /// Closing: stop following the log. Keeps the rest of a half-written line (so the stream
+    /// stays well-formed), drops the rest of the backlog and releases the pin, so a peer that
+    /// stopped reading cannot hold the log.
+    pub fn detach(&mut self, log: &mut Log) {
+        if self.feed == Feed::Detached {
+            return;
+        }
+        let head = log.head();
+        let mut keep: Option<Private> = None;
+        if let WriteState::InFlight(flight) = &mut self.state {
+            // The write in flight accounts for itself and requeues any half-written line.
+            flight.replanned = true;
+        } else if self.offset > 0 {
+            if let Some((batch, i)) = log.locate(self.cursor) {
+                let meta = batch.lines()[i];
+                let rest = batch.data().slice(meta.start as usize + self.offset..meta.end as usize);
+                keep = Some(Private { at: head, bytes: rest, word: CommandWord::Rdata, partial: true });
+            }
+        }
+        if keep.is_none() && self.private.front().is_some_and(|p| p.partial) {
+            keep = self.private.pop_front();
+        }
+        self.private.clear();
+        if let Some(mut k) = keep {
+            k.at = head;
+            self.private.push_back(k);
+        }
+        let (old, pinned) = (self.cursor, self.pins());
+        self.cursor = head;
+        self.offset = 0;
+        self.feed = Feed::Detached;
+        if pinned {
+            log.unpin(old);
+        }
+    }
+
+    /// The connection is gone: releases its pin.
+    pub fn release(&mut self, log: &mut Log) {
+        if self.pins() {
+            log.unpin(self.cursor);
+        }
+        self.state = WriteState::Idle;
+    }
+}

@@ -1,0 +1,190 @@
+//! Subscriptions: REPLICATE, the POSITION that starts each subscription (invariant 2), and the
+//! fresh POSITIONs when the upstream (re)connects (invariant 3).
+use super::log::Seq;
+use super::stats::{CloseReason, ConnPhase};
+use super::{ConnId, Hub, UpstreamEvent};
+use crate::proto::{Command, PeerError, Position, ReplicateTarget, StreamId, StreamMask};
+use crate::time::Now;
+
+impl Hub {
+    pub(super) fn replicate(&mut self, id: ConnId, target: ReplicateTarget<'_>, now: Now) {
+        let stream = match target {
+            ReplicateTarget::All => "ALL",
+            ReplicateTarget::Stream(s) => s.name(),
+            ReplicateTarget::Unknown(name) => name,
+        };
+        let name = self.conn(id).map(|c| c.display_name().to_owned()).unwrap_or_default();
+        tracing::info!(conn = %id, name, stream, "subscribe (REPLICATE)");
+        match target {
+            ReplicateTarget::All => {
+                let streams: Vec<StreamId> = match self.served {
+                    Some(served) => served.iter().collect(),
+                    None => StreamId::ALL.to_vec(),
+                };
+                for s in streams {
+                    self.request_subscription(id, s, now);
+                }
+            }
+            ReplicateTarget::Stream(s) => {
+                if self.served.is_some_and(|m| !m.contains(s)) {
+                    tracing::info!(conn = %id, name, stream, "unknown stream, closing");
+                    self.fail(
+                        id,
+                        &PeerError::UnknownStream(s.name().to_owned()),
+                        CloseReason::ProtocolError,
+                        now,
+                    );
+                } else {
+                    self.request_subscription(id, s, now);
+                }
+            }
+            ReplicateTarget::Unknown(stream) => {
+                tracing::info!(conn = %id, name, stream, "unknown stream, closing");
+                self.fail(id, &PeerError::UnknownStream(stream.to_owned()), CloseReason::ProtocolError, now);
+            }
+        }
+    }
+
+    /// Subscribes now if the stream is at a batch boundary and its token is known; otherwise
+    /// the subscription waits (invariant 2).
+    fn request_subscription(&mut self, id: ConnId, s: StreamId, now: Now) {
+        let i = s.index();
+        let ready = self.served.is_some() && !self.open_run[i];
+        match (ready, self.tokens[i]) {
+            (true, Some(token)) => {
+                let head = self.log.head();
+                self.subscribe_at(id, s, head, token, now);
+            }
+            _ => {
+                let Some(c) = self.conn_mut(id) else { return };
+                if !c.subs.pending.contains(s) {
+                    c.subs.pending.insert(s);
+                    self.pending_subs[i].push(id);
+                }
+            }
+        }
+    }
+
+    /// Subscribes `id` to `s` from log line `at` on and queues `POSITION s token` before it.
+    fn subscribe_at(&mut self, id: ConnId, s: StreamId, at: Seq, token: i64, now: Now) {
+        self.subscribe_from(id, s, at, at, token, now);
+    }
+
+    /// [`Hub::subscribe_at`] for a position inside a batch being appended: the connection is
+    /// woken from `batch_first`, since it may want earlier lines of that batch too.
+    pub(super) fn subscribe_from(
+        &mut self,
+        id: ConnId,
+        s: StreamId,
+        at: Seq,
+        batch_first: Seq,
+        token: i64,
+        now: Now,
+    ) {
+        let Some(c) = self.conn_mut(id) else { return };
+        if c.close.is_closing() {
+            return;
+        }
+        let newly = !c.subs.mask.contains(s);
+        if newly {
+            c.subs.mask.insert(s);
+            c.subs.from[s.index()] = at.0;
+            c.subs.refresh_full_from();
+        }
+        c.phase = ConnPhase::Subscribed;
+        let position = Command::Position(Position { stream: s.name(), token });
+        // A stream name and a number: never a newline, never near the length limit.
+        let Ok(bytes) = position.to_bytes() else {
+            unreachable!("POSITION {} {token} does not encode", s.name())
+        };
+        c.outbox.push_private(at, bytes, position.word());
+        tracing::debug!(conn = %id, stream = s.name(), token, "subscribed");
+        if newly {
+            self.stream_subs[s.index()].push(id);
+        }
+        self.wake(id, batch_first, now);
+    }
+
+    /// Drops every subscription of a closing connection, granted or waiting.
+    pub(super) fn unsubscribe_all(&mut self, id: ConnId) {
+        let Some(c) = self.conn_mut(id) else { return };
+        let (mask, pending) = (c.subs.mask, c.subs.pending);
+        c.subs.mask = StreamMask::NONE;
+        c.subs.pending = StreamMask::NONE;
+        c.subs.full_from = u64::MAX;
+        self.forget_subscriptions(id, mask, pending);
+    }
+
+    /// Takes `id` off the per-stream lists for `mask` (granted) and `pending` (waiting).
+    pub(super) fn forget_subscriptions(&mut self, id: ConnId, mask: StreamMask, pending: StreamMask) {
+        for s in mask.iter() {
+            self.stream_subs[s.index()].retain(|x| *x != id);
+        }
+        for s in pending.iter() {
+            self.pending_subs[s.index()].retain(|x| *x != id);
+        }
+    }
+
+    /// The upstream connected (fresh POSITIONs for every subscription, greeting of waiting
+    /// workers) or dropped.
+    pub fn on_upstream(&mut self, event: &UpstreamEvent, now: Now) {
+        match event {
+            UpstreamEvent::Disconnected => {
+                self.upstream_up = false;
+                tracing::info!("upstream disconnected; workers stay connected");
+            }
+            UpstreamEvent::Connected { server_name, positions } => {
+                self.upstream_up = true;
+                match &self.server_name {
+                    Some(known) if known != server_name && self.config.server_name.is_none() => {
+                        tracing::warn!(
+                            old = known.as_str(),
+                            new = server_name.as_str(),
+                            "upstream server name changed"
+                        );
+                        self.server_name = Some(server_name.clone());
+                    }
+                    Some(_) => {}
+                    None => self.server_name = Some(server_name.clone()),
+                }
+                let mut served = StreamMask::NONE;
+                for s in StreamId::ALL {
+                    self.tokens[s.index()] = positions[s.index()];
+                    self.open_run[s.index()] = false;
+                    if positions[s.index()].is_some() {
+                        served.insert(s);
+                    }
+                }
+                self.served = Some(served);
+                let name = self.server_name.clone().unwrap_or_default();
+                let head = self.log.head();
+                let ids: Vec<ConnId> = self.conns.ids().collect();
+                for id in ids {
+                    self.greet(id, &name, now);
+                    let mask = self.conn(id).map_or(StreamMask::NONE, |c| c.subs.mask);
+                    for s in mask.iter() {
+                        if let Some(token) = positions[s.index()] {
+                            self.subscribe_at(id, s, head, token, now);
+                        }
+                    }
+                }
+                for s in StreamId::ALL {
+                    for id in std::mem::take(&mut self.pending_subs[s.index()]) {
+                        if let Some(c) = self.conn_mut(id) {
+                            c.subs.pending.remove(s);
+                        }
+                        match positions[s.index()] {
+                            Some(token) => self.subscribe_at(id, s, head, token, now),
+                            None => self.fail(
+                                id,
+                                &PeerError::UnknownStream(s.name().to_owned()),
+                                CloseReason::ProtocolError,
+                                now,
+                            ),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

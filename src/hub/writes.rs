@@ -1,0 +1,120 @@
+//! Writes: the dirty list, and the glue between the driver's write loop and each connection's
+//! [`Outbox`](super::outbox::Outbox) (which plans the writes and accounts for them).
+use std::io::IoSlice;
+
+use super::conn::CloseState;
+use super::outbox::{AfterWrite, Gathered};
+use super::stats::{CloseReason, ConnPhase};
+use super::{CloseHow, ConnId, Hub, HubOutput};
+use crate::proto::CommandWord;
+use crate::time::Now;
+
+impl Hub {
+    /// Moves the session's queued lines into the connection's outbox at the head. A session
+    /// that decided to close (an ERROR, a ping timeout) detaches the connection first.
+    pub(super) fn drain_session(&mut self, id: ConnId, now: Now) {
+        let Some(c) = self.conns.get_mut(id) else { return };
+        if c.session.is_closing() && !c.outbox.is_detached() {
+            c.close.decide(CloseReason::ProtocolError);
+            c.phase = ConnPhase::Closing;
+            self.unsubscribe_all(id);
+            self.detach(id);
+        }
+        let head = self.log.head();
+        let Some(c) = self.conns.get_mut(id) else { return };
+        let mut any = false;
+        while let Some(bytes) = c.session.poll_transmit() {
+            let word_end = memchr::memchr(b' ', &bytes).unwrap_or(bytes.len());
+            let word = CommandWord::parse(&bytes[..word_end]).unwrap_or(CommandWord::Error);
+            c.outbox.push_private(head, bytes, word);
+            any = true;
+        }
+        if any || c.close.is_closing() {
+            self.wake(id, head, now);
+        }
+    }
+
+    /// Connections that have output and no write in flight, to be written this loop turn.
+    pub fn take_dirty(&mut self, out: &mut Vec<ConnId>) {
+        for id in self.dirty.drain(..) {
+            let Some(c) = self.conns.get_mut(id) else { continue };
+            if c.outbox.take_dirty() {
+                out.push(id);
+            }
+        }
+    }
+
+    /// The socket of a blocked connection is writable again.
+    pub fn on_writable(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(id) else { return };
+        if c.outbox.on_writable(c.close.emitted()) {
+            self.dirty.push(id);
+        }
+    }
+
+    /// Fills `iov` with the next gathered write for `id` (at most `max_iov` slices) and marks
+    /// it in flight; returns its length. Zero means nothing to write (the connection went
+    /// idle, and may have asked to be closed through [`Hub::poll_output`]).
+    ///
+    /// The slices stay valid until [`Hub::on_written`] or [`Hub::on_peer_closed`] for `id`.
+    pub fn gather<'a>(&'a mut self, id: ConnId, iov: &mut Vec<IoSlice<'a>>) -> usize {
+        let Some(c) = self.conns.get_mut(id) else { return 0 };
+        if c.close.emitted() {
+            return 0;
+        }
+        let broadcast = c.wants_broadcast();
+        match c.outbox.gather(&mut self.log, &c.subs, broadcast, &self.config) {
+            Gathered::Nothing => 0,
+            Gathered::AtHead => {
+                self.go_idle(id);
+                0
+            }
+            Gathered::Again => {
+                self.dirty.push(id);
+                0
+            }
+            Gathered::Write(total) => {
+                // Borrow again, shared and for 'a, to hand out the slices.
+                if let Some(c) = self.conns.get(id) {
+                    c.outbox.flight_slices(iov);
+                }
+                total
+            }
+        }
+    }
+
+    /// The outbox goes idle if nothing is left; a closing connection is then closed.
+    fn go_idle(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(id) else { return };
+        if c.outbox.try_idle(&mut self.log) {
+            self.close_if_drained(id);
+        }
+    }
+
+    /// `n` bytes of the write in flight for `id` were written (`n` may be short or zero). A
+    /// short write means the socket is full: the connection waits for [`Hub::on_writable`].
+    pub fn on_written(&mut self, id: ConnId, n: usize, now: Now) {
+        let Some(c) = self.conns.get_mut(id) else { return };
+        let Some(written) = c.outbox.on_written(&mut self.log, n, now.mono_ms) else { return };
+        if n > 0 {
+            c.session.on_sent(now);
+        }
+        self.stats.lines_delivered += written.lines;
+        self.stats.bytes_delivered += n as u64;
+        self.stats.writes += 1;
+        match written.next {
+            AfterWrite::Idle => self.close_if_drained(id),
+            AfterWrite::Dirty => self.dirty.push(id),
+            AfterWrite::Blocked => {}
+        }
+    }
+
+    /// Everything queued for a closing connection was written: `Close{Graceful}`, once.
+    fn close_if_drained(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(id) else { return };
+        if let CloseState::Closing(reason) = c.close {
+            c.close = CloseState::CloseEmitted(reason);
+            self.outputs.push_back(HubOutput::Close { conn: id, how: CloseHow::Graceful });
+        }
+    }
+}
