@@ -93,15 +93,13 @@ pub(super) fn start(master: SocketAddr, threads: usize) -> anyhow::Result<IdealS
         let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
         cores.push(CoreTx { tx, wake: Arc::clone(&wake) });
         let stop = Arc::clone(&stop);
-        server.threads.push(
-            std::thread::Builder::new()
-                .name(format!("replhub-ideal-{i}"))
-                .spawn(move || {
-                    if let Err(e) = Core::new(listener, rx, wake).and_then(|mut c| c.run(&stop)) {
-                        tracing::warn!(core = i, error = %e, "ideal server core stopped");
-                    }
-                })?,
-        );
+        server.threads.push(std::thread::Builder::new().name(format!("replhub-ideal-{i}")).spawn(
+            move || {
+                if let Err(e) = Core::new(listener, rx, wake).and_then(|mut c| c.run(&stop)) {
+                    tracing::warn!(core = i, error = %e, "ideal server core stopped");
+                }
+            },
+        )?);
     }
     let stop_up = Arc::clone(&stop);
     server.threads.push(std::thread::Builder::new().name("replhub-ideal-up".to_owned()).spawn(
@@ -238,7 +236,12 @@ impl Core {
         while !stop.load(Ordering::Relaxed) {
             // SAFETY: `events` is a live, writable array of `events.len()` epoll_events.
             let n = unsafe {
-                libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, STOP_POLL_MS)
+                libc::epoll_wait(
+                    self.epoll.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as i32,
+                    STOP_POLL_MS,
+                )
             };
             if n < 0 {
                 let e = io::Error::last_os_error();

@@ -332,7 +332,8 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
             (running, Sink::Replhub(sink), SubTarget::Replhub(worker_addr), backend, Some(drain), None)
         }
         Target::Ideal { threads } => {
-            let master = Master::bind().context("cannot listen for the ideal server's upstream connection")?;
+            let master =
+                Master::bind().context("cannot listen for the ideal server's upstream connection")?;
             let server = ideal::start(master.addr()?, *threads).context("cannot start the ideal server")?;
             let addr = server.addr();
             let (sink, drain) = master.accept(Duration::from_secs(15), &|| None)?;
@@ -607,12 +608,14 @@ fn check(opts: &LoadtestOptions) -> anyhow::Result<()> {
     }
     // Each connection is one fd here, plus one in the hub when it runs in this process.
     let conns = (opts.subscribers + opts.idle) as u64;
-    let per =
-        if matches!(opts.target, Target::Replhub { server: ServerMode::InProcess, .. } | Target::Ideal { .. }) {
-            2
-        } else {
-            1
-        };
+    let per = if matches!(
+        opts.target,
+        Target::Replhub { server: ServerMode::InProcess, .. } | Target::Ideal { .. }
+    ) {
+        2
+    } else {
+        1
+    };
     if let Some(limit) = procstat::open_files_limit() {
         if conns * per + 64 > limit {
             anyhow::bail!(
