@@ -18,6 +18,7 @@ use socket2::SockRef;
 
 use super::bufring::BufRing;
 use super::probe::{build_ring, setup_error};
+use super::send::SendBuf;
 use super::token::{self, Op};
 use super::wakeup;
 use crate::driver::core_loop::{CoreLoop, Sockets, Write};
@@ -33,8 +34,8 @@ const BUF_SIZE: u32 = 4096;
 const BGID: u16 = 0;
 /// Submission and completion queue sizes. Submissions that do not fit wait in a backlog; the
 /// kernel keeps completions that overflow (IORING_FEAT_NODROP).
-const SQ_ENTRIES: u32 = 1024;
-const CQ_ENTRIES: u32 = 16384;
+pub(super) const SQ_ENTRIES: u32 = 1024;
+pub(super) const CQ_ENTRIES: u32 = 16384;
 /// How long, after the shutdown grace, the core waits for the kernel to finish its ops before
 /// it gives up.
 const EXIT_WAIT_MS: u64 = 1_000;
@@ -58,14 +59,6 @@ enum State {
     Closing { lost: bool },
 }
 
-/// The memory a connection's send points the kernel at: a `msghdr` and its iovec array.
-/// Boxed, so moving the connection (the slot table grows) never moves it, and only rewritten
-/// when no send is in flight.
-struct SendBuf {
-    msg: libc::msghdr,
-    iov: Vec<libc::iovec>,
-}
-
 /// One worker socket.
 struct Conn {
     fd: OwnedFd,
@@ -79,14 +72,12 @@ struct Conn {
 
 impl Conn {
     fn new(fd: OwnedFd) -> Self {
-        // SAFETY: all-zero bytes are a valid `msghdr` (null pointers, zero lengths).
-        let msg: libc::msghdr = unsafe { std::mem::zeroed() };
         Self {
             fd,
             state: State::Open,
             recv_armed: false,
             sending: None,
-            send: Box::new(SendBuf { msg, iov: Vec::new() }),
+            send: SendBuf::new(),
         }
     }
 }
@@ -643,18 +634,8 @@ impl Sockets for Io {
     /// One gathered `SENDMSG`: the slices' pointers go into the connection's own iovec array.
     fn write(&mut self, id: ConnId, iov: &[IoSlice<'_>], len: usize) -> Write {
         let Some(conn) = self.conns.get_mut(id) else { return Write::Done(Ok(0)) };
-        let buf = &mut *conn.send;
-        buf.iov.clear();
-        buf.iov.extend(
-            iov.iter().map(|s| libc::iovec { iov_base: s.as_ptr() as *mut libc::c_void, iov_len: s.len() }),
-        );
-        buf.msg.msg_iov = buf.iov.as_mut_ptr();
-        buf.msg.msg_iovlen = buf.iov.len() as _;
         conn.sending = Some(len);
-        let entry = opcode::SendMsg::new(types::Fd(conn.fd.as_raw_fd()), &buf.msg)
-            .flags(libc::MSG_NOSIGNAL as u32)
-            .build()
-            .user_data(token::encode(Op::Send, id));
+        let entry = conn.send.prepare(conn.fd.as_raw_fd(), iov, token::encode(Op::Send, id));
         // SAFETY: the iovecs point at bytes the hub keeps alive and unchanged until
         // `on_written`/`on_peer_closed` for `id` (its memory rule), which this driver calls
         // only after this send's completion. The iovec array and the msghdr live in the
