@@ -3,8 +3,9 @@
 //! like a core's, the core loop's `SENDMSG` preparation, submitted together and every
 //! completion reaped) next to a plain `writev` loop, in the same run.
 //!
-//! Each iteration writes one 16-line batch (300-byte lines, as two slices, like a gathered
-//! write spanning two batches) to every socket; only that is timed. Between iterations the
+//! Each iteration writes one 16-line batch of 300-byte lines to every socket, as one slice (the
+//! common case: the driver sends it with `SEND`) or as two (a gathered write spanning two
+//! batches: `SENDMSG`); only that is timed. Between iterations the
 //! receiving ends are emptied with `MSG_TRUNC` (no copy), so no send ever finds a full socket.
 //! `Throughput::Elements` counts lines delivered (lines × sockets), so the figures read as
 //! ns per delivery like the load test's.
@@ -55,7 +56,12 @@ impl Pairs {
                 // SAFETY: with MSG_TRUNC a TCP recv discards up to `len` bytes and writes
                 // nothing through the (null) buffer pointer.
                 let n = unsafe {
-                    libc::recv(s.as_raw_fd(), std::ptr::null_mut(), left, libc::MSG_TRUNC | libc::MSG_DONTWAIT)
+                    libc::recv(
+                        s.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        left,
+                        libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+                    )
                 };
                 if n > 0 {
                     left -= n as usize;
@@ -94,23 +100,29 @@ fn send_path(c: &mut Criterion) {
     raise_fd_limit();
     let batch: Vec<u8> = (0..LINE * LINES).map(|i| if i % LINE == LINE - 1 { b'\n' } else { b'x' }).collect();
     let (a, b) = batch.split_at(LINE * LINES / 2);
-    let iov = [IoSlice::new(a), IoSlice::new(b)];
+    let two = [IoSlice::new(a), IoSlice::new(b)];
+    let one = [IoSlice::new(&batch)];
     let uring_ok = uring::probe().is_ok();
     if !uring_ok {
         eprintln!("send_path: io_uring is not usable here; only the writev baseline runs");
     }
     let mut group = c.benchmark_group("send_path");
     group.measurement_time(Duration::from_secs(3));
-    for n in [1usize, 100, 1000] {
+    for (shape, iov, n) in [
+        ("1slice", &one[..], 1usize),
+        ("1slice", &one[..], 100),
+        ("2slices", &two[..], 100),
+        ("2slices", &two[..], 1000),
+    ] {
         let pairs = Pairs::new(n);
         let fds = pairs.fds();
         group.throughput(Throughput::Elements((n * LINES) as u64));
-        group.bench_with_input(BenchmarkId::new("writev", n), &n, |bch, _| {
+        group.bench_with_input(BenchmarkId::new(format!("writev/{shape}"), n), &n, |bch, _| {
             bch.iter_custom(|iters| {
                 let mut spent = Duration::ZERO;
                 for _ in 0..iters {
                     let t = Instant::now();
-                    let sent = writev_all(&fds, &iov);
+                    let sent = writev_all(&fds, iov);
                     spent += t.elapsed();
                     assert_eq!(sent, n * batch.len());
                     pairs.drain(batch.len());
@@ -120,12 +132,12 @@ fn send_path(c: &mut Criterion) {
         });
         if uring_ok {
             let mut ring = uring::bench::SendRing::new(n).expect("ring");
-            group.bench_with_input(BenchmarkId::new("uring", n), &n, |bch, _| {
+            group.bench_with_input(BenchmarkId::new(format!("uring/{shape}"), n), &n, |bch, _| {
                 bch.iter_custom(|iters| {
                     let mut spent = Duration::ZERO;
                     for _ in 0..iters {
                         let t = Instant::now();
-                        let sent = ring.send_all(&fds, &iov).expect("sends");
+                        let sent = ring.send_all(&fds, iov).expect("sends");
                         spent += t.elapsed();
                         assert_eq!(sent, n * batch.len());
                         pairs.drain(batch.len());

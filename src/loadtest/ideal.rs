@@ -310,7 +310,8 @@ impl Core {
         }
     }
 
-    /// One gathered write per subscriber that has batches it has not taken and room.
+    /// One gathered write per subscriber that has batches it has not taken and room (more
+    /// only when it is over [`MAX_IOV`] batches behind).
     fn flush_all(&mut self) {
         let end = self.base + self.log.len() as u64;
         let mut min = end;
@@ -319,7 +320,12 @@ impl Core {
             if !conn.subscribed {
                 continue;
             }
-            if !conn.blocked && conn.seq < end && !write_conn(conn, &self.log, self.base, &mut self.iov) {
+            // More than MAX_IOV batches behind takes more than one write.
+            let mut ok = true;
+            while ok && !conn.blocked && conn.seq < end {
+                ok = write_conn(conn, &self.log, self.base, &mut self.iov);
+            }
+            if !ok {
                 *slot = None;
                 continue;
             }

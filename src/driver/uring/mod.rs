@@ -8,9 +8,10 @@
 //!   POLL on the mailbox eventfd ─► CoreLoop::drain_inbox ─► re-arm
 //!   TIMEOUT at hub.poll_timeout (or the shutdown grace, an accept retry) ─► hub.handle_timeout
 //!   end of every turn: CoreLoop::turn: hub outputs (closes, upstream commands), then one
-//!       gathered SENDMSG per dirty connection (Sockets::write copies the slices into iovecs in
-//!       the connection's own storage), one in flight per socket; then one io_uring_enter
-//!       that submits and waits
+//!       gathered send per dirty connection (Sockets::write copies the slices into iovecs in
+//!       the connection's own storage, send.rs: SENDMSG, or a plain SEND for one slice, which
+//!       spares the kernel copying and checking a msghdr), one in flight per socket; then one
+//!       io_uring_enter that submits and waits
 //! ```
 //!
 //! Design notes:

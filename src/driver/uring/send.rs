@@ -21,15 +21,26 @@ impl SendBuf {
         Box::new(Self { msg, iov: Vec::new() })
     }
 
-    /// Copies the slices' pointers into this buffer and returns the `SENDMSG` of them to `fd`.
+    /// Copies the slices' pointers into this buffer and returns the `SENDMSG` of them to `fd`;
+    /// a single slice goes as a plain `SEND` (no `msghdr` for the kernel to copy and check).
     ///
     /// Building the entry is safe; pushing it is not: whoever queues it must keep this buffer
     /// unmoved and unchanged, the bytes behind `slices` alive and unchanged, and `fd` open,
     /// until the op's completion is reaped.
     pub(crate) fn prepare(&mut self, fd: RawFd, slices: &[IoSlice<'_>], user_data: u64) -> squeue::Entry {
+        if let [one] = slices {
+            if let Ok(len) = u32::try_from(one.len()) {
+                return opcode::Send::new(types::Fd(fd), one.as_ptr(), len)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(user_data);
+            }
+        }
         self.iov.clear();
         self.iov.extend(
-            slices.iter().map(|s| libc::iovec { iov_base: s.as_ptr() as *mut libc::c_void, iov_len: s.len() }),
+            slices
+                .iter()
+                .map(|s| libc::iovec { iov_base: s.as_ptr() as *mut libc::c_void, iov_len: s.len() }),
         );
         self.msg.msg_iov = self.iov.as_mut_ptr();
         self.msg.msg_iovlen = self.iov.len() as _;
