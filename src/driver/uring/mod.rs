@@ -95,14 +95,15 @@ pub mod bench {
     /// A core's ring and a send buffer per socket (the ring first: dropped before the buffers).
     pub struct SendRing {
         ring: IoUring,
-        bufs: Vec<Box<SendBuf>>,
+        /// Never grown after `new`, so a buffer never moves while a send points at it.
+        bufs: Vec<SendBuf>,
     }
 
     impl SendRing {
         /// A ring like a core's, with send buffers for `sockets` sockets.
         pub fn new(sockets: usize) -> io::Result<Self> {
             let (ring, _) = build_ring(SQ_ENTRIES, CQ_ENTRIES)?;
-            Ok(Self { ring, bufs: (0..sockets).map(|_| SendBuf::new()).collect() })
+            Ok(Self { ring, bufs: (0..sockets).map(|_| *SendBuf::new()).collect() })
         }
 
         /// One gathered send of `iov` to every socket of `fds` (at most the `sockets` given
