@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use replhub::config::IoBackend;
-use replhub::loadtest::{self, Limit, LoadtestOptions, Report, ServerMode, StreamSet, Target};
+use replhub::loadtest::{self, Check, Limit, LoadtestOptions, Report, ServerMode, StreamSet, Target};
 
 fn options(
     target: Target,
@@ -148,4 +148,21 @@ async fn the_same_load_against_redis() {
     // PUBLISH said how many subscribers got each message: all of them, every time.
     assert_eq!(r.publish_receivers, Some(r.expected), "{}", r.to_text());
     assert!(r.server_cpu_ns_per_delivery.is_some_and(|ns| ns > 0.0), "{}", r.to_text());
+}
+
+/// The counting subscribers ([`Check::Count`]) against the hub and the ideal server: every line
+/// arrives (the count and the sampled tokens say so), one latency sample per read at most.
+#[tokio::test(flavor = "current_thread")]
+async fn counting_subscribers_and_the_ideal_server() {
+    for target in [replhub(ServerMode::InProcess, IoBackend::Auto), Target::Ideal { threads: 2 }] {
+        let mut opts = options(target, 20, 20_000, 1.0, StreamSet::One);
+        opts.check = Check::Count;
+        let r = loadtest::run(opts).await.expect("load test runs");
+        let text = r.to_text();
+        assert!(r.is_clean(), "{text}");
+        assert_eq!(r.check, "count", "{text}");
+        assert!(r.published > 0 && r.delivered == r.published * 20, "{text}");
+        assert!(r.latency.samples > 0 && r.latency.samples <= r.delivered, "{text}");
+        assert!(r.server_cpu_ns_per_delivery.is_some_and(|ns| ns > 0.0), "{text}");
+    }
 }

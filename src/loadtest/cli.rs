@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Context as _;
 
-use super::{run_blocking, Limit, LoadtestOptions, ServerMode, StreamSet, Target};
+use super::{run_blocking, Check, Limit, LoadtestOptions, ServerMode, StreamSet, Target};
 use crate::config::IoBackend;
 
 /// `replhub loadtest` flags.
@@ -44,10 +44,17 @@ pub struct LoadtestArgs {
     /// [default: 2 MiB per subscriber, 64 MiB in all, at least 256 lines]
     #[arg(long, value_name = "LINES")]
     pub window: Option<u64>,
+    /// How subscribers check what they get: full (every line parsed, token and latency) or
+    /// count (lines counted with memchr, tokens checked once per read: for max-rate runs,
+    /// where the full check costs as much CPU as the server)
+    #[arg(long, value_name = "full|count", default_value = "full")]
+    pub check: Check,
     /// Run the hub as a child `replhub serve` process (its own CPU and RSS are measured)
     #[arg(long)]
     pub spawn_server: bool,
-    /// Load Redis pub/sub instead of replhub (a loopback address): redis://127.0.0.1:PORT
+    /// Load something other than replhub: Redis pub/sub on a loopback address
+    /// (redis://127.0.0.1:PORT), or `ideal`, the minimal fan-out server the load test runs
+    /// in-process as the baseline
     #[arg(long, value_name = "URL")]
     pub target: Option<String>,
     /// With --target: the server's process id, to measure its CPU and RSS
@@ -79,6 +86,12 @@ impl LoadtestArgs {
                 io: self.io,
                 threads: self.threads.unwrap_or_else(crate::config::default_threads),
             },
+            Some(ideal) if ideal == "ideal" => {
+                if self.spawn_server {
+                    anyhow::bail!("--spawn-server starts a hub; it does not apply with --target ideal");
+                }
+                Target::Ideal { threads: self.threads.unwrap_or_else(crate::config::default_threads) }
+            }
             Some(url) => {
                 let rest = url
                     .strip_prefix("redis://")
@@ -111,6 +124,7 @@ impl LoadtestArgs {
             streams: self.streams,
             client_threads: self.client_threads.unwrap_or_else(crate::config::default_threads).max(1),
             window: self.window,
+            check: self.check,
             progress: !self.quiet,
         })
     }

@@ -1,6 +1,7 @@
 //! `replhub loadtest`: the hub, a publisher and N subscribers on one machine, all over
 //! loopback, with no setup; or the same load generator against Redis pub/sub
-//! (`--target redis://127.0.0.1:PORT`), for `scripts/compare-redis`.
+//! (`--target redis://127.0.0.1:PORT`), or against the ideal fan-out server (`--target ideal`,
+//! `ideal.rs`: the limit every other figure is a fraction of), for `scripts/compare`.
 //!
 //! ```text
 //!   lt-publisher ──TCP: SERVER, POSITION×16, RDATA…──► replhub (--upstream) ──TCP──► N × Client
@@ -21,6 +22,7 @@
 //! process), divided by the lines delivered.
 mod cli;
 mod hist;
+mod ideal;
 mod payload;
 mod procstat;
 mod publisher;
@@ -50,6 +52,7 @@ use procstat::Pid;
 use publisher::{Master, PubPlan, RedisSink, Replies};
 use report::{build_report, Progress};
 use server_under_test::{spawn_server, wait_backend, wait_listening, Running};
+pub use subscriber::Check;
 use subscriber::{SubPlan, SubTarget, ThreadResult};
 
 /// How long subscribers may take to connect and subscribe (plus 5 ms per connection).
@@ -118,6 +121,12 @@ pub enum Target {
         /// Its core threads.
         threads: usize,
     },
+    /// The ideal fan-out server (`ideal.rs`), in this process: the baseline every other
+    /// target is a fraction of.
+    Ideal {
+        /// Its core threads.
+        threads: usize,
+    },
     /// A running Redis on a loopback address; `pid` (if given) is measured for CPU and RSS.
     Redis {
         /// Where it listens.
@@ -159,6 +168,9 @@ pub struct LoadtestOptions {
     /// Most lines in flight (published, not yet received by the slowest subscriber);
     /// `None` = 2 MiB worth of lines per subscriber, 64 MiB in all, at least 256 lines.
     pub window: Option<u64>,
+    /// How subscribers check what they receive (replhub and the ideal server; Redis
+    /// subscribers always check every line).
+    pub check: Check,
     /// A progress line on stderr once a second.
     pub progress: bool,
 }
@@ -179,6 +191,7 @@ impl Default for LoadtestOptions {
             streams: StreamSet::One,
             client_threads: crate::config::default_threads(),
             window: None,
+            check: Check::Full,
             progress: false,
         }
     }
@@ -314,9 +327,24 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
                     wait_listening(worker_addr)?;
                     wait_backend(c)
                 }
-                Running::External(_) => "external".to_owned(),
+                Running::External(_) | Running::Ideal(_) => "external".to_owned(),
             };
             (running, Sink::Replhub(sink), SubTarget::Replhub(worker_addr), backend, Some(drain), None)
+        }
+        Target::Ideal { threads } => {
+            let master =
+                Master::bind().context("cannot listen for the ideal server's upstream connection")?;
+            let server = ideal::start(master.addr()?, *threads).context("cannot start the ideal server")?;
+            let addr = server.addr();
+            let (sink, drain) = master.accept(Duration::from_secs(15), &|| None)?;
+            (
+                Running::Ideal(server),
+                Sink::Replhub(sink),
+                SubTarget::Replhub(addr),
+                "ideal".to_owned(),
+                Some(drain),
+                None,
+            )
         }
         Target::Redis { addr, pid } => {
             let (sink, replies) =
@@ -338,6 +366,7 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
         target: sub_target,
         streams: streams.clone(),
         replicate: opts.streams.replicate(),
+        check: opts.check,
     });
     let threads = opts.client_threads.max(1);
     let mut clients: Vec<JoinHandle<anyhow::Result<ThreadResult>>> = Vec::with_capacity(threads);
@@ -455,12 +484,12 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
         None => None,
     };
     let server_label = match &running {
-        Running::InProcess(_) => "in-process",
+        Running::InProcess(_) | Running::Ideal(_) => "in-process",
         Running::Child(_) => "process",
         Running::External(_) => "external",
     };
     let rss_scope = match &running {
-        Running::InProcess(_) => "whole process (hub + load generator)",
+        Running::InProcess(_) | Running::Ideal(_) => "whole process (server + load generator)",
         Running::Child(_) => "hub process",
         Running::External(Some(_)) => "server process",
         Running::External(None) => "not measured (no --server-pid)",
@@ -473,6 +502,7 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
             }
         }
         Running::Child(c) => drop(c),
+        Running::Ideal(s) => drop(s),
         Running::External(_) => {}
     }
     if let Some(s) = master_sink {
@@ -490,12 +520,13 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
     let mut report = build_report(opts, &results, &published, &streams, done_ns, window);
     report.target = match opts.target {
         Target::Replhub { .. } => "replhub".to_owned(),
+        Target::Ideal { .. } => "ideal".to_owned(),
         Target::Redis { .. } => "redis".to_owned(),
     };
     report.backend = backend;
     report.server = server_label.to_owned();
     report.server_threads = match opts.target {
-        Target::Replhub { threads, .. } => threads,
+        Target::Replhub { threads, .. } | Target::Ideal { threads } => threads,
         Target::Redis { .. } => 0,
     };
     let per = |ns: u64| if report.delivered > 0 { ns as f64 / report.delivered as f64 } else { 0.0 };
@@ -570,15 +601,21 @@ fn check(opts: &LoadtestOptions) -> anyhow::Result<()> {
             anyhow::bail!("the load test only talks to loopback addresses, not {addr}");
         }
     }
-    if let Target::Replhub { threads, .. } = &opts.target {
+    if let Target::Replhub { threads, .. } | Target::Ideal { threads } = &opts.target {
         if *threads == 0 || *threads > crate::config::MAX_THREADS {
             anyhow::bail!("--threads must be in 1..={}", crate::config::MAX_THREADS);
         }
     }
     // Each connection is one fd here, plus one in the hub when it runs in this process.
     let conns = (opts.subscribers + opts.idle) as u64;
-    let per =
-        if matches!(opts.target, Target::Replhub { server: ServerMode::InProcess, .. }) { 2 } else { 1 };
+    let per = if matches!(
+        opts.target,
+        Target::Replhub { server: ServerMode::InProcess, .. } | Target::Ideal { .. }
+    ) {
+        2
+    } else {
+        1
+    };
     if let Some(limit) = procstat::open_files_limit() {
         if conns * per + 64 > limit {
             anyhow::bail!(

@@ -51,6 +51,9 @@ pub struct Report {
     pub idle: usize,
     /// `one`, `several` or `ALL`.
     pub streams: String,
+    /// How subscribers checked what they got: `full` (every line) or `count` (see
+    /// `loadtest::Check`).
+    pub check: String,
     /// Bytes per line (with `\n`), as asked.
     pub message_size: usize,
     /// Lines per second asked (0 = max).
@@ -127,6 +130,7 @@ pub(super) fn build_report(
         subscribers: opts.subscribers,
         idle: opts.idle,
         streams: opts.streams.as_str().to_owned(),
+        check: opts.check.as_str().to_owned(),
         message_size: opts.message_size,
         rate: opts.rate,
         window,
@@ -142,14 +146,21 @@ pub(super) fn build_report(
             bytes += s.bytes;
             r.reordered += s.reordered;
             r.unexpected += s.unexpected;
-            let tail: u64 = streams
-                .iter()
-                .map(|st| {
-                    let last = s.last[st.index()].max(0) as u64;
-                    published.tokens[st.index()].saturating_sub(last)
-                })
-                .sum();
-            r.lost += s.gaps + tail;
+            if s.counted {
+                // Every RDATA line was counted, so the count says what is missing (gaps seen
+                // at read boundaries are part of it) or extra.
+                r.lost += published.lines.saturating_sub(s.received);
+                r.reordered += s.received.saturating_sub(published.lines);
+            } else {
+                let tail: u64 = streams
+                    .iter()
+                    .map(|st| {
+                        let last = s.last[st.index()].max(0) as u64;
+                        published.tokens[st.index()].saturating_sub(last)
+                    })
+                    .sum();
+                r.lost += s.gaps + tail;
+            }
             if let Some(why) = &s.ended {
                 r.disconnected += 1;
                 if r.errors.len() < MAX_ERRORS {
@@ -269,7 +280,7 @@ impl Report {
         let rate = if self.rate == 0 { "max".to_owned() } else { format!("{}/s", si(self.rate as f64)) };
         let _ = writeln!(
             s,
-            "{} ({}, {}{}): {} subscribers{}, streams {}, {}-byte lines, rate {}, window {} lines",
+            "{} ({}, {}{}): {} subscribers{}, streams {}, {}-byte lines, rate {}, window {} lines, check {}",
             self.target,
             self.backend,
             self.server,
@@ -284,6 +295,7 @@ impl Report {
             self.message_size,
             rate,
             self.window,
+            self.check,
         );
         let _ = writeln!(
             s,
@@ -431,6 +443,7 @@ mod tests {
                 "subscribers",
                 "idle",
                 "streams",
+                "check",
                 "message_size",
                 "rate",
                 "window",

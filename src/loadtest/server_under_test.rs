@@ -1,5 +1,5 @@
-//! The server under test: the hub in this process, the hub as a child `replhub serve`, or an
-//! external server (Redis) known by its pid; and how its CPU time and memory are read.
+//! The server under test: the hub in this process, the hub as a child `replhub serve`, the
+//! ideal fan-out server in this process, or an external server (Redis) known by its pid; and how its CPU time and memory are read.
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
@@ -16,6 +16,7 @@ use crate::server::Server;
 /// The server under test, and how to measure it.
 pub(super) enum Running {
     InProcess(Box<Server>),
+    Ideal(super::ideal::IdealServer),
     Child(ChildServer),
     External(Option<u32>),
 }
@@ -23,7 +24,7 @@ pub(super) enum Running {
 impl Running {
     pub(super) fn pid(&self) -> Option<Pid> {
         match self {
-            Self::InProcess(_) => Some(Pid::Own),
+            Self::InProcess(_) | Self::Ideal(_) => Some(Pid::Own),
             Self::Child(c) => Some(Pid::Other(c.pid)),
             Self::External(pid) => pid.map(Pid::Other),
         }
@@ -32,7 +33,9 @@ impl Running {
     /// Server CPU by thread.
     pub(super) fn cpu(&self) -> Option<HashMap<u64, u64>> {
         match self {
-            Self::InProcess(_) => procstat::thread_cpu(Pid::Own, &|n| n.starts_with("replhub-")).ok(),
+            Self::InProcess(_) | Self::Ideal(_) => {
+                procstat::thread_cpu(Pid::Own, &|n| n.starts_with("replhub-")).ok()
+            }
             other => procstat::thread_cpu(other.pid()?, &|_| true).ok(),
         }
     }

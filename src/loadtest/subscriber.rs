@@ -3,6 +3,15 @@
 //! the read is used up); a Redis subscriber speaks RESP over a `TcpStream` with the same read
 //! buffer size. Both hand each delivered line to the same accounting ([`SubState::on_rdata`]):
 //! the token only (`parse_rdata`), the publish time at its fixed offset, no JSON parsing.
+//!
+//! [`Check::Count`] is the cheap replhub subscriber for max-rate runs, where the full check costs
+//! the load generator as much CPU per line as the server spends: a raw socket, lines found with
+//! `memchr` and counted, and only the last RDATA line of each read parsed. With one stream the
+//! tokens go up by exactly one, so that line's token must be the previous read's last token
+//! plus the lines counted in between: loss, duplication and reordering are still caught at
+//! every read boundary (and the total at the end). With several streams the sampled tokens must
+//! only go up, and the total must match. Latency is one sample per read, its first line (the
+//! oldest one in the read).
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -11,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use memchr::memchr_iter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -39,6 +49,30 @@ pub(super) struct SubPlan {
     pub streams: Vec<StreamId>,
     /// What a replhub subscriber sends `REPLICATE` for (`["ALL"]` or the stream names).
     pub replicate: Vec<String>,
+    /// How a replhub subscriber checks what it receives.
+    pub check: Check,
+}
+
+/// How a replhub subscriber checks the lines it receives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Check {
+    /// Every line through the client library: split, direction-checked, its token compared
+    /// with the previous one and its latency recorded.
+    #[default]
+    Full,
+    /// Lines counted with `memchr`; the token of the last line of each read checked against the
+    /// count, one latency sample per read (see the module docs).
+    Count,
+}
+
+impl Check {
+    /// The name used on the command line.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Count => "count",
+        }
+    }
 }
 
 /// The server the subscribers talk to.
@@ -71,6 +105,9 @@ pub(super) struct SubState {
     pub unexpected: u64,
     /// Why the connection ended before the stop, if it did.
     pub ended: Option<String>,
+    /// Accounted by counting ([`Check::Count`]): `last` holds sampled tokens only, so what is
+    /// missing at the end is what was published minus what was counted.
+    pub counted: bool,
 }
 
 impl SubState {
@@ -85,6 +122,7 @@ impl SubState {
             reordered: 0,
             unexpected: 0,
             ended: None,
+            counted: false,
         }
     }
 
@@ -132,6 +170,55 @@ impl SubState {
     }
 }
 
+/// A run of RDATA lines in one read, as a counting subscriber sees it.
+#[derive(Default)]
+struct Run<'a> {
+    /// Lines.
+    n: u64,
+    /// Their bytes, `\n` included.
+    len: u64,
+    /// The first one's `<stream> <token> <row>` (for latency).
+    first: Option<&'a [u8]>,
+    /// The last one's `<stream> <token> <row>` (for the token check).
+    last: &'a [u8],
+}
+
+impl SubState {
+    /// A run of RDATA lines counted in one read. With `exact` (one stream), the last token
+    /// must be the previous one plus the lines counted.
+    fn on_counted(&mut self, hist: &mut Histogram, run: &Run<'_>, exact: bool, now_ns: u64) {
+        let n = run.n;
+        let Ok(r) = parse_rdata(run.last) else {
+            self.unexpected += n;
+            return;
+        };
+        let (Some(stream), Token::Value(token)) = (StreamId::from_name(r.stream.as_bytes()), r.token) else {
+            self.unexpected += n;
+            return;
+        };
+        let last = &mut self.last[stream.index()];
+        if *last == UNSET {
+            self.unexpected += n;
+            return;
+        }
+        let want = if exact { *last + n as i64 } else { *last + 1 };
+        if token < want {
+            // Lines counted twice, or an older line after a newer one.
+            self.reordered += (want - token) as u64;
+        } else if exact && token > want {
+            self.gaps += (token - want) as u64;
+        }
+        *last = token.max(*last);
+        self.received += n;
+        self.bytes += run.len;
+        let first = run.first.and_then(|a| parse_rdata(a).ok());
+        match first.and_then(|r| payload::publish_time(r.row)) {
+            Some(ts) => hist.record(now_ns.saturating_sub(ts)),
+            None => self.unexpected += 1,
+        }
+    }
+}
+
 /// What a client thread hands back.
 #[derive(Debug, Default)]
 pub(super) struct ThreadResult {
@@ -169,6 +256,9 @@ pub(super) fn client_thread(
             tasks.push(tokio::task::spawn_local(async move {
                 let id = state.borrow().subs[slot].id;
                 let res = match plan.target {
+                    SubTarget::Replhub(addr) if plan.check == Check::Count => {
+                        counting_subscriber(addr, slot, &plan, &state, &shared, &gate).await
+                    }
                     SubTarget::Replhub(addr) => {
                         replhub_subscriber(addr, slot, &plan, &state, &shared, &gate).await
                     }
@@ -262,6 +352,103 @@ async fn replhub_subscriber(
             shared.ready.fetch_add(1, Ordering::SeqCst);
         }
         drop(guard);
+    }
+}
+
+/// A replhub subscriber that counts ([`Check::Count`]): a raw socket sends `NAME` and the
+/// `REPLICATE`s (no `PING`, so the server never arms its ping timeout for it), then every read
+/// is scanned with `memchr`. A line that does not start with `RDATA ` (`SERVER`, `POSITION`,
+/// a keep-alive `PING`) goes through the full parse; RDATA lines are only counted.
+async fn counting_subscriber(
+    addr: SocketAddr,
+    slot: usize,
+    plan: &SubPlan,
+    state: &RefCell<Local>,
+    shared: &Shared,
+    gate: &Semaphore,
+) -> Result<(), String> {
+    let id = state.borrow().subs[slot].id;
+    let permit = gate.acquire().await.map_err(|e| e.to_string())?;
+    let mut hello = format!("NAME lt-sub-{id}\n");
+    for r in &plan.replicate {
+        hello.push_str(&format!("REPLICATE {r}\n"));
+    }
+    let connect = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        stream.write_all(hello.as_bytes()).await?;
+        Ok::<_, std::io::Error>(stream)
+    };
+    let mut stream = match connect.await {
+        Ok(s) => s,
+        Err(e) => {
+            shared.connect_failed(format!("subscriber {id}: connect: {e}"));
+            return Err(format!("connect: {e}"));
+        }
+    };
+    state.borrow_mut().subs[slot].counted = true;
+    let exact = plan.streams.len() == 1;
+    let want = plan.streams.len() as u32;
+    let mut ready = false;
+    let mut permit = Some(permit);
+    let mut buf = BytesMut::new();
+    loop {
+        if !fill(&mut stream, &mut buf).await? {
+            return Ok(());
+        }
+        let now = shared.clock.now_ns();
+        let mut guard = state.borrow_mut();
+        let Local { hist, subs } = &mut *guard;
+        let sub = &mut subs[slot];
+        let used = scan_counted(sub, hist, &buf, exact, now);
+        buf.advance(used);
+        shared.slots[id].received.store(sub.received, Ordering::Relaxed);
+        if !ready && sub.positioned >= want {
+            ready = true;
+            drop(permit.take());
+            shared.ready.fetch_add(1, Ordering::SeqCst);
+        }
+        drop(guard);
+    }
+}
+
+/// Accounts the complete lines at the start of `buf` (see [`counting_subscriber`]); returns
+/// how many bytes they take.
+fn scan_counted(sub: &mut SubState, hist: &mut Histogram, buf: &[u8], exact: bool, now: u64) -> usize {
+    const RDATA: &[u8] = b"RDATA ";
+    let mut start = 0usize;
+    let mut run = Run::default();
+    for nl in memchr_iter(b'\n', buf) {
+        let line = &buf[start..nl];
+        if let Some(args) = line.strip_prefix(RDATA) {
+            run.n += 1;
+            run.len += line.len() as u64 + 1;
+            run.last = args;
+            run.first.get_or_insert(args);
+        } else {
+            // Account the RDATA run before it first, so the accounting stays in line order.
+            if run.n > 0 {
+                sub.on_counted(hist, &run, exact, now);
+                run = Run::default();
+            }
+            other_line(sub, line);
+        }
+        start = nl + 1;
+    }
+    if run.n > 0 {
+        sub.on_counted(hist, &run, exact, now);
+    }
+    start
+}
+
+/// A line other than RDATA seen by a counting subscriber.
+fn other_line(sub: &mut SubState, line: &[u8]) {
+    if let Some(args) = line.strip_prefix(b"POSITION ") {
+        if let Ok(p) = parse_position(args) {
+            if let Some(s) = StreamId::from_name(p.stream.as_bytes()) {
+                sub.position(s, p.token);
+            }
+        }
     }
 }
 
@@ -457,5 +644,31 @@ mod tests {
         assert_eq!(s.last[StreamId::Events.index()], 6);
         assert_eq!(s.bytes, 4 * 120);
         assert_eq!((h.len(), h.quantile(0.5)), (4, 600));
+    }
+
+    #[test]
+    fn counting_checks_tokens_at_read_boundaries() {
+        let mut s = SubState::new(0);
+        let mut h = Histogram::new();
+        let mut buf = b"SERVER x\nPOSITION events 0\n".to_vec();
+        for t in 1..=3 {
+            buf.extend(line(StreamId::Events, t, 400));
+        }
+        buf.extend_from_slice(b"PING 5\nRDATA events 4 [\"lt\"");
+        let used = scan_counted(&mut s, &mut h, &buf, true, 1_000);
+        assert_eq!(&buf[used..], b"RDATA events 4 [\"lt\"", "the partial line is kept");
+        assert_eq!((s.received, s.gaps, s.reordered, s.unexpected), (3, 0, 0, 0));
+        assert_eq!((s.last[StreamId::Events.index()], h.len()), (3, 1));
+        // Four lines counted after token 3 end in token 6 where 7 was due: one came twice.
+        let mut buf = Vec::new();
+        for t in [4, 5, 5, 6] {
+            buf.extend(line(StreamId::Events, t, 400));
+        }
+        scan_counted(&mut s, &mut h, &buf, true, 1_000);
+        assert_eq!((s.received, s.reordered), (7, 1));
+        // Two lines that never came: 9 where 6 + 1 was due.
+        let buf = line(StreamId::Events, 9, 400);
+        scan_counted(&mut s, &mut h, &buf, true, 1_000);
+        assert_eq!((s.received, s.gaps), (8, 2));
     }
 }

@@ -18,6 +18,7 @@ use socket2::SockRef;
 
 use super::bufring::BufRing;
 use super::probe::{build_ring, setup_error};
+use super::send::SendBuf;
 use super::token::{self, Op};
 use super::wakeup;
 use crate::driver::core_loop::{CoreLoop, Sockets, Write};
@@ -33,8 +34,8 @@ const BUF_SIZE: u32 = 4096;
 const BGID: u16 = 0;
 /// Submission and completion queue sizes. Submissions that do not fit wait in a backlog; the
 /// kernel keeps completions that overflow (IORING_FEAT_NODROP).
-const SQ_ENTRIES: u32 = 1024;
-const CQ_ENTRIES: u32 = 16384;
+pub(super) const SQ_ENTRIES: u32 = 1024;
+pub(super) const CQ_ENTRIES: u32 = 16384;
 /// How long, after the shutdown grace, the core waits for the kernel to finish its ops before
 /// it gives up.
 const EXIT_WAIT_MS: u64 = 1_000;
@@ -58,14 +59,6 @@ enum State {
     Closing { lost: bool },
 }
 
-/// The memory a connection's send points the kernel at: a `msghdr` and its iovec array.
-/// Boxed, so moving the connection (the slot table grows) never moves it, and only rewritten
-/// when no send is in flight.
-struct SendBuf {
-    msg: libc::msghdr,
-    iov: Vec<libc::iovec>,
-}
-
 /// One worker socket.
 struct Conn {
     fd: OwnedFd,
@@ -79,15 +72,7 @@ struct Conn {
 
 impl Conn {
     fn new(fd: OwnedFd) -> Self {
-        // SAFETY: all-zero bytes are a valid `msghdr` (null pointers, zero lengths).
-        let msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        Self {
-            fd,
-            state: State::Open,
-            recv_armed: false,
-            sending: None,
-            send: Box::new(SendBuf { msg, iov: Vec::new() }),
-        }
+        Self { fd, state: State::Open, recv_armed: false, sending: None, send: SendBuf::new() }
     }
 }
 
@@ -96,17 +81,27 @@ pub(super) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
     run_core_with(ctx, BUF_COUNT).map(drop)
 }
 
-/// Counters of a core's recv path, for tests and the exit log.
+/// Counters of a core's loop, for tests and the exit log (`enters / turns` says
+/// how often a turn needed more than one `io_uring_enter`, `sends / turns` how many sockets a
+/// turn wrote to).
 #[derive(Clone, Copy, Debug, Default)]
-pub(super) struct RecvStats {
+pub(super) struct LoopStats {
     /// Recv completions that carried data.
     pub data: u64,
     /// Recv completions that found the buffer ring empty.
     pub enobufs: u64,
+    /// Loop turns.
+    pub turns: u64,
+    /// `io_uring_enter` calls.
+    pub enters: u64,
+    /// Sends submitted.
+    pub sends: u64,
+    /// Sends that wrote less than asked (the socket was full).
+    pub short_sends: u64,
 }
 
-/// [`run_core`] with `buf_count` recv buffers; returns the recv counters.
-pub(super) fn run_core_with(ctx: CoreContext, buf_count: u16) -> anyhow::Result<RecvStats> {
+/// [`run_core`] with `buf_count` recv buffers; returns the loop's counters.
+pub(super) fn run_core_with(ctx: CoreContext, buf_count: u16) -> anyhow::Result<LoopStats> {
     let mut driver = Driver::new(ctx, buf_count)?;
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| driver.run()));
     let stats = driver.io.stats;
@@ -164,7 +159,7 @@ struct Io {
     exiting: bool,
     /// Reused buffer.
     cqes: Vec<(u64, i32, u32)>,
-    stats: RecvStats,
+    stats: LoopStats,
 }
 
 impl Driver {
@@ -200,7 +195,7 @@ impl Driver {
             reset_all_done: false,
             exiting: false,
             cqes: Vec::new(),
-            stats: RecvStats::default(),
+            stats: LoopStats::default(),
         };
         Ok(Self { io, core: CoreLoop::new(index, hub, upstream, clock), inbox })
     }
@@ -216,6 +211,7 @@ impl Driver {
             self.core.hub.handle_timeout(now);
             self.housekeeping(now);
             self.core.turn(&mut self.io, now);
+            self.io.stats.turns += 1;
             if self.finished(now) {
                 break;
             }
@@ -358,6 +354,9 @@ impl Driver {
     fn on_send(&mut self, id: ConnId, res: i32, now: Now) {
         let Some(conn) = self.io.conns.get_mut(id) else { return };
         let requested = conn.sending.take().unwrap_or(0);
+        if usize::try_from(res).is_ok_and(|n| n < requested) {
+            self.io.stats.short_sends += 1;
+        }
         if matches!(conn.state, State::Closing { .. }) {
             // Cancelled, or done while the teardown was under way: only progress to report.
             self.core.hub.on_written(id, usize::try_from(res).unwrap_or(0), now);
@@ -466,6 +465,10 @@ impl Driver {
             core = self.io.index,
             recvs = self.io.stats.data,
             enobufs = self.io.stats.enobufs,
+            turns = self.io.stats.turns,
+            enters = self.io.stats.enters,
+            sends = self.io.stats.sends,
+            short_sends = self.io.stats.short_sends,
             "io_uring core stopped"
         );
         Ok(())
@@ -511,6 +514,7 @@ impl Io {
             }
             let more = !self.backlog.is_empty();
             let want = usize::from(wait && !more);
+            self.stats.enters += 1;
             match self.ring.submit_and_wait(want) {
                 Ok(0) if more => return Ok(()),
                 Ok(_) => {}
@@ -640,21 +644,13 @@ impl Sockets for Io {
         self.conns.get(id).is_some_and(|c| c.state == State::Open && c.sending.is_none())
     }
 
-    /// One gathered `SENDMSG`: the slices' pointers go into the connection's own iovec array.
+    /// One gathered send (`SendBuf::prepare`): the slices' pointers go into the connection's
+    /// own iovec array.
     fn write(&mut self, id: ConnId, iov: &[IoSlice<'_>], len: usize) -> Write {
         let Some(conn) = self.conns.get_mut(id) else { return Write::Done(Ok(0)) };
-        let buf = &mut *conn.send;
-        buf.iov.clear();
-        buf.iov.extend(
-            iov.iter().map(|s| libc::iovec { iov_base: s.as_ptr() as *mut libc::c_void, iov_len: s.len() }),
-        );
-        buf.msg.msg_iov = buf.iov.as_mut_ptr();
-        buf.msg.msg_iovlen = buf.iov.len() as _;
         conn.sending = Some(len);
-        let entry = opcode::SendMsg::new(types::Fd(conn.fd.as_raw_fd()), &buf.msg)
-            .flags(libc::MSG_NOSIGNAL as u32)
-            .build()
-            .user_data(token::encode(Op::Send, id));
+        self.stats.sends += 1;
+        let entry = conn.send.prepare(conn.fd.as_raw_fd(), iov, token::encode(Op::Send, id));
         // SAFETY: the iovecs point at bytes the hub keeps alive and unchanged until
         // `on_written`/`on_peer_closed` for `id` (its memory rule), which this driver calls
         // only after this send's completion. The iovec array and the msghdr live in the

@@ -8,9 +8,10 @@
 //!   POLL on the mailbox eventfd ─► CoreLoop::drain_inbox ─► re-arm
 //!   TIMEOUT at hub.poll_timeout (or the shutdown grace, an accept retry) ─► hub.handle_timeout
 //!   end of every turn: CoreLoop::turn: hub outputs (closes, upstream commands), then one
-//!       gathered SENDMSG per dirty connection (Sockets::write copies the slices into iovecs in
-//!       the connection's own storage), one in flight per socket; then one io_uring_enter
-//!       that submits and waits
+//!       gathered send per dirty connection (Sockets::write copies the slices into iovecs in
+//!       the connection's own storage, send.rs: SENDMSG, or a plain SEND for one slice, which
+//!       spares the kernel copying and checking a msghdr), one in flight per socket; then one
+//!       io_uring_enter that submits and waits
 //! ```
 //!
 //! Design notes:
@@ -46,6 +47,7 @@
 mod bufring;
 mod event_loop;
 mod probe;
+mod send;
 mod token;
 mod wakeup;
 
@@ -75,3 +77,76 @@ pub fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests;
+
+/// The driver's send path without the hub, for `benches/send_path.rs` only: a ring built like
+/// a core's ([`probe::build_ring`] with the core's queue sizes and flags) and one
+/// [`send::SendBuf`] per socket, preparing exactly the submissions the core loop does.
+#[doc(hidden)]
+pub mod bench {
+    use std::io::{self, IoSlice};
+    use std::os::fd::RawFd;
+
+    use io_uring::IoUring;
+
+    use super::event_loop::{CQ_ENTRIES, SQ_ENTRIES};
+    use super::probe::build_ring;
+    use super::send::SendBuf;
+
+    /// A core's ring and a send buffer per socket (the ring first: dropped before the buffers).
+    pub struct SendRing {
+        ring: IoUring,
+        /// Never grown after `new`, so a buffer never moves while a send points at it.
+        bufs: Vec<SendBuf>,
+    }
+
+    impl SendRing {
+        /// A ring like a core's, with send buffers for `sockets` sockets.
+        pub fn new(sockets: usize) -> io::Result<Self> {
+            let (ring, _) = build_ring(SQ_ENTRIES, CQ_ENTRIES)?;
+            Ok(Self { ring, bufs: (0..sockets).map(|_| *SendBuf::new()).collect() })
+        }
+
+        /// One gathered send of `iov` to every socket of `fds` (at most the `sockets` given
+        /// to [`SendRing::new`]), submitted together as a core's turn does, then every
+        /// completion reaped. Returns the bytes sent; the first error fails the call.
+        pub fn send_all(&mut self, fds: &[RawFd], iov: &[IoSlice<'_>]) -> io::Result<usize> {
+            assert!(fds.len() <= self.bufs.len(), "more sockets than send buffers");
+            let (mut queued, mut done, mut sent) = (0usize, 0usize, 0usize);
+            let mut first_err = None;
+            while done < fds.len() {
+                while queued < fds.len() {
+                    let entry = self.bufs[queued].prepare(fds[queued], iov, queued as u64);
+                    // SAFETY: the send buffer is not touched again before its completion is
+                    // reaped below (this call does not return before every completion is);
+                    // `iov` borrows bytes that outlive the call, and the caller's fds stay
+                    // open for it.
+                    if unsafe { self.ring.submission().push(&entry) }.is_err() {
+                        break;
+                    }
+                    queued += 1;
+                }
+                if let Err(e) = self.ring.submit_and_wait(1) {
+                    if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)) {
+                        continue;
+                    }
+                    // Sends may still be in flight: never free the buffers they point at.
+                    std::mem::forget(std::mem::take(&mut self.bufs));
+                    return Err(e);
+                }
+                for cqe in self.ring.completion() {
+                    done += 1;
+                    match usize::try_from(cqe.result()) {
+                        Ok(n) => sent += n,
+                        Err(_) => {
+                            first_err.get_or_insert(io::Error::from_raw_os_error(-cqe.result()));
+                        }
+                    }
+                }
+            }
+            match first_err {
+                Some(e) => Err(e),
+                None => Ok(sent),
+            }
+        }
+    }
+}

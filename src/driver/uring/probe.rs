@@ -43,10 +43,11 @@ pub(super) fn setup_error(e: &io::Error) -> String {
 }
 
 /// The opcodes the core loop submits, with the names the reason line uses.
-const OPCODES: [(u8, &str); 6] = [
+const OPCODES: [(u8, &str); 7] = [
     (opcode::AcceptMulti::CODE, "ACCEPT"),
     (opcode::RecvMulti::CODE, "RECV"),
     (opcode::SendMsg::CODE, "SENDMSG"),
+    (opcode::Send::CODE, "SEND"),
     (opcode::PollAdd::CODE, "POLL_ADD"),
     (opcode::Timeout::CODE, "TIMEOUT"),
     (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
