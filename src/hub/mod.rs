@@ -177,6 +177,13 @@ pub enum HubOutput {
 /// bytes by `max_pending_bytes` instead.
 pub const MAX_QUEUED_COMMANDS: usize = 10_000;
 
+/// At most this many bytes of private lines may wait unwritten for one connection: the
+/// [`MAX_QUEUED_COMMANDS`] rule in bytes (about 100 bytes a line; replhub's private lines are
+/// shorter but for a long server name). Private bytes also count against `max_pending_bytes`;
+/// this cap lets the batch-time sweep skip the connections while the log itself holds less
+/// than `max_pending_bytes - MAX_QUEUED_BYTES`.
+pub const MAX_QUEUED_BYTES: u64 = 1 << 20;
+
 /// Streams a hub serves by default: all 16.
 pub const SERVED_DEFAULT: StreamMask = StreamMask::ALL;
 

@@ -141,6 +141,24 @@ impl Outbox {
         self.private_bytes
     }
 
+    /// [`Outbox::private_bytes`] counted from scratch, to check the running count in tests.
+    #[cfg(test)]
+    pub fn private_bytes_recounted(&self) -> u64 {
+        let queued: u64 = self.private.iter().map(|p| p.bytes.len() as u64).sum();
+        let in_flight: u64 = match &self.state {
+            WriteState::InFlight(f) => f
+                .pieces
+                .iter()
+                .map(|p| match p {
+                    Piece::Private { line, .. } => line.bytes.len() as u64,
+                    Piece::Log { .. } => 0,
+                })
+                .sum(),
+            _ => 0,
+        };
+        queued + in_flight
+    }
+
     /// Private lines not yet completely written (queued or in flight): the "commands queued"
     /// of PROTOCOL.md §3.3 as replhub counts them.
     pub fn private_lines(&self) -> usize {

@@ -97,7 +97,12 @@ mod tests {
         use StreamId::{Caches, Events};
         let mut open = StreamMask::NONE;
         open.insert(Events);
-        let lines = [line(0, Events, None), line(1, Caches, None), line(2, Events, Some(5)), line(3, Caches, Some(9))];
+        let lines = [
+            line(0, Events, None),
+            line(1, Caches, None),
+            line(2, Events, Some(5)),
+            line(3, Caches, Some(9)),
+        ];
         assert_eq!(completion(&lines, open), Some(40));
         assert_eq!(completion(&lines[..3], open), None, "caches opened and is still open");
         assert_eq!(completion(&lines, StreamMask::NONE), Some(0));
