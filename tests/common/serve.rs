@@ -486,6 +486,32 @@ pub fn upstream_restart_gives_fresh_positions_before_newer_rdata(io: IoBackend) 
     stop(server, vec![w_all, w_caches]);
 }
 
+/// A master that drops in the middle of a `batch` run: the rows of the run it sent never reach a
+/// worker (a worker connected to the master would have dropped them with its connection, and
+/// kept pending they break its next POSITION).
+pub fn a_batch_run_cut_by_an_upstream_drop_never_reaches_workers(io: IoBackend) {
+    let master = TestMaster::start();
+    let server = start(upstream_config(io, master.addr()));
+    master.wait_handshakes(1);
+    let mut w = Worker::connect(server.local_addr());
+    w.subscribe("all", &["ALL"]);
+
+    let done = b"RDATA caches 2000 [\"done\"]\n";
+    master.push(&[&done[..], b"RDATA events batch [\"half 1\"]\nRDATA events batch [\"half 2\"]\n"].concat());
+    assert_eq!(w.rdata(1), vec![done.to_vec()], "the line before the run arrives");
+    master.set_positions(positions(5_000));
+    master.drop_connection();
+    master.wait_handshakes(2);
+    let after = b"RDATA events 5001 [\"after\"]\n";
+    master.push(after);
+    // Straight to the fresh POSITIONs: nothing of the half run in between.
+    for (i, s) in StreamId::ALL.iter().enumerate() {
+        assert_eq!(w.line_skip_ping(), format!("POSITION {} {}", s.name(), 5_000 + i));
+    }
+    assert_eq!(w.rdata(1), vec![after.to_vec()]);
+    stop(server, vec![w]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Commands for the upstream
 
