@@ -40,6 +40,7 @@ macro_rules! serve_tests {
             slow_worker_is_evicted_and_others_get_everything,
             upstream_restart_gives_fresh_positions_before_newer_rdata,
             a_batch_run_cut_by_an_upstream_drop_never_reaches_workers,
+            a_fin_after_an_unterminated_fragment_is_connection_done,
             user_sync_is_merged_across_workers,
             forwards_worker_commands_upstream,
             ping_timeout_closes_a_silent_worker,

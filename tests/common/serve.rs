@@ -512,6 +512,28 @@ pub fn a_batch_run_cut_by_an_upstream_drop_never_reaches_workers(io: IoBackend) 
     stop(server, vec![w]);
 }
 
+/// A worker that half-closes (FIN) after an unterminated fragment ended its connection cleanly:
+/// `ConnectionDone`, as the reference's stack reports it, not `ConnectionLost`.
+pub fn a_fin_after_an_unterminated_fragment_is_connection_done(io: IoBackend) {
+    use replhub::hub::stats::CloseReason;
+    let master = TestMaster::start();
+    let server = start(upstream_config(io, master.addr()));
+    master.wait_handshakes(1);
+    let mut w = Worker::connect(server.local_addr());
+    w.subscribe("w", &["events"]);
+    w.send_raw(b"REPLICATE cach");
+    w.stream().shutdown(std::net::Shutdown::Write).expect("half-close");
+    let rest = w.read_to_eof();
+    assert!(rest.iter().all(|l| l.starts_with("PING ")), "nothing but PINGs after the fragment: {rest:?}");
+    let reasons = |r: CloseReason| -> u64 {
+        server.core_snapshots(WAIT).iter().map(|s| s.stats.close_reasons[r as usize]).sum()
+    };
+    eventually("the close to be counted", || reasons(CloseReason::ConnectionDone) == 1);
+    assert_eq!(reasons(CloseReason::ConnectionLost), 0);
+    assert_eq!(reasons(CloseReason::ProtocolError), 0);
+    stop(server, vec![]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Commands for the upstream
 
