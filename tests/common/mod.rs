@@ -112,6 +112,26 @@ pub fn sample_rdata() -> Vec<Vec<u8>> {
     text.split_inclusive(|b| *b == b'\n').filter(|l| l.starts_with(b"RDATA ")).map(<[u8]>::to_vec).collect()
 }
 
+/// How many of `lines` (RDATA) reach workers while the rest is all the upstream sent: those up
+/// to the end of the last complete `batch` run (replhub holds an open run until its numbered
+/// line arrives).
+pub fn complete_runs(lines: &[Vec<u8>]) -> usize {
+    let mut open: std::collections::HashSet<&str> = Default::default();
+    let mut done = 0;
+    for (i, l) in lines.iter().enumerate() {
+        let token = std::str::from_utf8(l).ok().and_then(|t| t.split(' ').nth(2));
+        if token == Some("batch") {
+            open.insert(rdata_stream(l));
+        } else {
+            open.remove(rdata_stream(l));
+        }
+        if open.is_empty() {
+            done = i + 1;
+        }
+    }
+    done
+}
+
 /// The stream name of an RDATA line.
 pub fn rdata_stream(line: &[u8]) -> &str {
     let s = std::str::from_utf8(line).expect("utf-8");
