@@ -159,6 +159,17 @@ impl Outbox {
         queued + in_flight
     }
 
+    /// Bytes of log held back from the cursor on, whether or not the outbox pins it, for
+    /// tests that measure what a connection holds independently of [`Outbox::backlog_bytes`].
+    #[cfg(test)]
+    pub fn log_behind(&self, log: &Log) -> u64 {
+        if self.is_detached() || matches!(self.state, WriteState::Idle) {
+            0
+        } else {
+            log.head_byte() - log.byte_of(self.cursor)
+        }
+    }
+
     /// Private lines not yet completely written (queued or in flight): the "commands queued"
     /// of PROTOCOL.md §3.3 as replhub counts them.
     pub fn private_lines(&self) -> usize {

@@ -665,6 +665,9 @@ mod bounds {
         Send(Vec<u8>),
         /// `REPLICATE ALL` this many times in one read.
         ReplicateAll(u16),
+        /// This many times: a batch, then `REPLICATE ALL` (a new place in the log each time,
+        /// so its POSITIONs are not coalesced).
+        ReplicateBetweenBatches(u8),
         Batch(Vec<(u8, bool)>),
         Advance(u16),
         Reconnect,
@@ -688,6 +691,7 @@ mod bounds {
         prop_oneof![
             4 => prop::collection::vec(line(), 1..20).prop_map(|ls| Op::Send(ls.concat())),
             3 => (1..2_000u16).prop_map(Op::ReplicateAll),
+            3 => (1..40u8).prop_map(Op::ReplicateBetweenBatches),
             3 => prop::collection::vec((0..4u8, any::<bool>()), 1..40).prop_map(Op::Batch),
             1 => (0..6_000u16).prop_map(Op::Advance),
             1 => Just(Op::Reconnect),
@@ -695,11 +699,17 @@ mod bounds {
         ]
     }
 
+    /// What the hub holds for `w`, counted from scratch: the log behind its cursor and its
+    /// unwritten private lines.
+    fn held(sim: &Sim, w: ConnId) -> u64 {
+        sim.hub.conn(w).map_or(0, |c| c.outbox.log_behind(&sim.hub.log) + c.outbox.private_bytes_recounted())
+    }
+
     fn check(sim: &Sim, w: ConnId) -> Result<(), TestCaseError> {
         let Some(c) = sim.hub.conn(w) else { return Ok(()) };
         let private = c.outbox.private_bytes();
         prop_assert_eq!(private, c.outbox.private_bytes_recounted(), "private byte count drifted");
-        let held = sim.hub.backlog_bytes(w).unwrap_or(0);
+        let held = held(sim, w);
         prop_assert!(held <= small().max_pending_bytes + SLACK, "holds {} bytes", held);
         prop_assert!(
             c.outbox.private_lines() <= MAX_QUEUED_COMMANDS + 64,
@@ -727,6 +737,14 @@ mod bounds {
                         }
                     }
                     Op::ReplicateAll(n) => sim.send_raw(w, &b"REPLICATE ALL\n".repeat(usize::from(n))),
+                    Op::ReplicateBetweenBatches(n) => {
+                        for _ in 0..n {
+                            tokens[1] += 1;
+                            sim.batch(&[(StreamId::ALL[1], Token::Value(tokens[1]))]);
+                            sim.send(w, "REPLICATE ALL");
+                            check(&sim, w)?;
+                        }
+                    }
                     Op::Batch(rows) => {
                         let rows: Vec<(StreamId, Token)> = rows.iter().map(|&(s, batch)| {
                             let s = usize::from(s);
@@ -816,7 +834,7 @@ mod bounds {
             // behind the cursor, which also counts).
             sim.batch(&[(StreamId::Caches, Token::Value(token))]);
             sim.send(w, "REPLICATE typing");
-            let held = sim.hub.backlog_bytes(w).unwrap_or(0);
+            let held = held(&sim, w);
             assert!(held <= 2_000 + 64, "{held}");
         }
         sim.set_capacity(w, Capacity::Unlimited);
