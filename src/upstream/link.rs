@@ -52,6 +52,11 @@ use crate::proto::{Command, Line, PeerError, Role, StreamId, StreamMask, SyncSta
 use crate::session::{Session, SessionConfig, TimerAction};
 use crate::time::Now;
 
+/// At most this many bytes of an open `batch` run are held (the hub's default
+/// `max_pending_bytes`). A master that keeps a run open past it is dropped like a connection
+/// that failed: the run is discarded and the link reconnects, so the carry stays bounded.
+pub const MAX_HELD_RUN_BYTES: usize = 64 << 20;
+
 /// Settings of the upstream link.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinkConfig {
@@ -275,12 +280,16 @@ impl UpstreamLink {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
+        if conn.abort {
+            return;
+        }
         if !conn.carry.is_empty() {
             let lines = index_chunk(&chunk).lines;
             let Some(end) = runs::completion(&lines, conn.carry_open) else {
                 // Still open: hold this chunk too.
                 conn.carry_open = runs::open_after(&lines, conn.carry_open);
                 conn.carry.extend_from_slice(&chunk);
+                conn.check_carry();
                 return;
             };
             let end = end as usize;
@@ -307,6 +316,7 @@ impl UpstreamLink {
             let cut = cut as usize;
             conn.carry.extend_from_slice(&chunk[cut..]);
             conn.carry_open = open;
+            conn.check_carry();
             idx = index_chunk(&chunk.slice(..cut));
         }
         for (total, n) in self.stats.inbound_rdata.iter_mut().zip(idx.rdata) {
@@ -484,6 +494,21 @@ impl UpstreamLink {
 }
 
 impl Conn {
+    /// Drops the connection (abort, then reconnect) if the held run outgrew
+    /// [`MAX_HELD_RUN_BYTES`].
+    fn check_carry(&mut self) {
+        if self.carry.len() > MAX_HELD_RUN_BYTES {
+            tracing::error!(
+                bytes = self.carry.len(),
+                limit = MAX_HELD_RUN_BYTES,
+                "upstream batch run too long to hold; dropping the connection"
+            );
+            self.carry = BytesMut::new();
+            self.carry_open = StreamMask::NONE;
+            self.abort = true;
+        }
+    }
+
     /// Handles one non-relayed line: the session's checks, then SERVER / POSITION / PING /
     /// ERROR / SYNC. A violation queues `ERROR ...` and closes the session.
     fn on_control(&mut self, line: &Line, config: &LinkConfig, now: Now) {

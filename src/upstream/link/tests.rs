@@ -555,3 +555,25 @@ fn a_line_that_closes_the_link_inside_a_run_drops_the_run() {
     assert_no_open_run(&ev);
     assert_eq!(relayed(&ev), vec![b"RDATA caches 2 [1]\n".to_vec()]);
 }
+
+#[test]
+fn a_run_longer_than_the_limit_drops_the_connection() {
+    let mut l = link();
+    l.on_connected(T0);
+    feed(&mut l, b"SERVER hs\nPOSITION user_signature 1\nRDATA caches 2 [1]\n", T0);
+    assert_eq!(relayed(&events(&mut l)).len(), 1);
+    let row = format!("RDATA events batch [\"{}\"]\n", "x".repeat(16_000));
+    let chunk = row.repeat(64);
+    let mut fed = 0;
+    while fed <= MAX_HELD_RUN_BYTES {
+        assert!(l.wants_close().is_none(), "held {fed} bytes");
+        feed(&mut l, chunk.as_bytes(), T0);
+        fed += chunk.len();
+    }
+    assert_eq!(l.wants_close(), Some(CloseHow::Abort));
+    feed(&mut l, b"RDATA events 3 [2]\n", T0);
+    l.on_disconnected("aborted", T0);
+    let ev = events(&mut l);
+    assert!(relayed(&ev).is_empty(), "none of the run");
+    assert!(matches!(&ev[..], [LinkEvent::Down { .. }]));
+}
