@@ -5,7 +5,7 @@ use std::sync::Arc;
 use super::log::{Batch, Seq, BROADCAST};
 use super::slow_consumer::Rules;
 use super::stats::ConnPhase;
-use super::{ConnId, Hub};
+use super::{ConnId, Hub, MAX_QUEUED_BYTES};
 use crate::proto::StreamMask;
 use crate::time::Now;
 
@@ -58,7 +58,8 @@ impl Hub {
         // Nobody parked in (or before) this batch: drop it now.
         self.log.trim();
         self.stats.log_bytes = self.log.held_bytes();
-        if self.log.held_bytes() > self.config.max_pending_bytes {
+        // A backlog is the log behind a cursor plus at most `MAX_QUEUED_BYTES` of private lines.
+        if self.log.held_bytes() > self.config.max_pending_bytes.saturating_sub(MAX_QUEUED_BYTES) {
             self.sweep(now, Rules::BacklogOnly);
         }
     }

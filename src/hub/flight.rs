@@ -63,6 +63,11 @@ pub(super) struct Flight {
     /// The connection detached while the write was in flight: account for the write, but do
     /// not move the cursor by it.
     pub replanned: bool,
+    /// Bytes of private lines among the pieces: the outbox counts them as its own until the
+    /// write is settled (they are unwritten and held until then).
+    pub private_bytes: u64,
+    /// Private lines among the pieces.
+    pub private_lines: usize,
 }
 
 /// What a write of part of a flight amounts to.
@@ -82,7 +87,7 @@ impl Flight {
     /// a replanned flight's half-written log line is requeued; whole private lines written
     /// are counted in `outbound`.
     pub fn settle(self, n: usize, cursor: Seq, outbound: &mut [u64; WORDS]) -> Settled {
-        let Self { pieces, len: requested, end: flight_end, replanned } = self;
+        let Self { pieces, len: requested, end: flight_end, replanned, .. } = self;
         let mut left = n;
         let mut lines = 0u64;
         let mut requeue: SmallVec<[Private; 4]> = SmallVec::new();

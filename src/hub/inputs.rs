@@ -3,9 +3,9 @@ use bytes::{BufMut, BytesMut};
 
 use super::conn::Conn;
 use super::outbox::Outbox;
-use super::stats::{CloseReason, ConnPhase};
+use super::stats::{CloseReason, ConnPhase, EvictReason};
 use super::user_sync::Transition;
-use super::{ConnId, Hub, HubOutput, UpstreamCmd};
+use super::{ConnId, Hub, HubOutput, UpstreamCmd, MAX_QUEUED_BYTES, MAX_QUEUED_COMMANDS};
 use crate::proto::inbound::parse_args;
 use crate::proto::{Command, CommandWord, Line, PeerError, Role, SyncState};
 use crate::session::Session;
@@ -53,6 +53,7 @@ impl Hub {
                 Ok((word, line)) => {
                     c.inbound[word as usize] += 1;
                     self.handle_command(id, word, &line, now);
+                    self.enforce_bounds(id, now);
                 }
                 Err(err) => {
                     let name = c.display_name().to_owned();
@@ -63,6 +64,27 @@ impl Hub {
             }
         }
         self.drain_session(id, now);
+    }
+
+    /// The limits on what one connection may make the hub hold, checked after every command
+    /// it sends (a worker that writes without reading must not get further than one command
+    /// past them; the periodic sweep covers lines the hub queues on its own, like PING):
+    /// more than [`MAX_QUEUED_COMMANDS`] private lines (or [`MAX_QUEUED_BYTES`]) unwritten, or a backlog (log held back
+    /// plus private lines) over `max_pending_bytes`, evicts it with `ERROR Failed to keep up`.
+    /// The eviction drops the queue, so the ERROR is the only line left to write.
+    fn enforce_bounds(&mut self, id: ConnId, now: Now) {
+        let Some(c) = self.conn(id) else { return };
+        if c.close.is_closing() {
+            return;
+        }
+        let over_count =
+            c.outbox.private_lines() > MAX_QUEUED_COMMANDS || c.outbox.private_bytes() > MAX_QUEUED_BYTES;
+        if over_count || c.outbox.backlog_bytes(&self.log) > self.config.max_pending_bytes {
+            if over_count {
+                tracing::info!(conn = %id, name = c.display_name(), "too many commands queued");
+            }
+            self.evict(id, EvictReason::Backlog, now);
+        }
     }
 
     fn handle_command(&mut self, id: ConnId, word: CommandWord, line: &Line, now: Now) {

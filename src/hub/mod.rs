@@ -170,6 +170,20 @@ pub enum HubOutput {
     Upstream(UpstreamCmd),
 }
 
+/// At most this many commands may wait unwritten for one connection (PROTOCOL.md §3.3: the
+/// reference closes a connection whose paused transport has 10000 commands pending, on the
+/// 10001st). replhub counts the connection's own private lines (POSITION, PING, SERVER, ERROR):
+/// the log lines it has yet to receive are shared with every other connection and bounded in
+/// bytes by `max_pending_bytes` instead.
+pub const MAX_QUEUED_COMMANDS: usize = 10_000;
+
+/// At most this many bytes of private lines may wait unwritten for one connection: the
+/// [`MAX_QUEUED_COMMANDS`] rule in bytes (about 100 bytes a line; replhub's private lines are
+/// shorter but for a long server name). Private bytes also count against `max_pending_bytes`;
+/// this cap lets the batch-time sweep skip the connections while the log itself holds less
+/// than `max_pending_bytes - MAX_QUEUED_BYTES`.
+pub const MAX_QUEUED_BYTES: u64 = 1 << 20;
+
 /// Streams a hub serves by default: all 16.
 pub const SERVED_DEFAULT: StreamMask = StreamMask::ALL;
 
@@ -278,9 +292,16 @@ impl Hub {
         self.conn(conn).and_then(|c| c.name.as_deref())
     }
 
-    /// Bytes of log a connection holds back (its backlog).
+    /// Bytes a connection holds back (its backlog): the log from its cursor on, while it
+    /// follows the log, plus its unwritten private lines. What `max_pending_bytes` bounds.
     pub fn backlog_bytes(&self, conn: ConnId) -> Option<u64> {
         Some(self.conn(conn)?.outbox.backlog_bytes(&self.log))
+    }
+
+    /// Unwritten bytes and count of a connection's private lines (POSITION, PING, ERROR...).
+    pub fn private_queue(&self, conn: ConnId) -> Option<(u64, usize)> {
+        let c = self.conn(conn)?;
+        Some((c.outbox.private_bytes(), c.outbox.private_lines()))
     }
 
     /// Whether the upstream link is up, as far as this core knows.

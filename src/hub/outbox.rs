@@ -99,6 +99,9 @@ pub(super) struct Outbox {
     state: WriteState,
     feed: Feed,
     private: VecDeque<Private>,
+    /// Unwritten bytes of private lines: those queued plus those in the write in flight. They
+    /// count against `max_pending_bytes` like the log the cursor holds back (invariant 4).
+    private_bytes: u64,
     /// When the connection last made write progress, or started waiting with output pending.
     progress_ms: u64,
     /// Outbound commands written, by command word (RDATA counted per line).
@@ -114,6 +117,7 @@ impl Outbox {
             state: WriteState::Idle,
             feed: Feed::Log,
             private: VecDeque::new(),
+            private_bytes: 0,
             progress_ms: now_ms,
             outbound: [0; WORDS],
         }
@@ -124,13 +128,56 @@ impl Outbox {
         !matches!(self.state, WriteState::Idle) && self.feed == Feed::Log
     }
 
-    /// Bytes of log this outbox holds back.
+    /// Bytes this outbox holds for its connection: the log it holds back from its cursor on
+    /// (while it pins it) plus its unwritten private lines. This is the backlog the
+    /// `max_pending_bytes` rule measures.
     pub fn backlog_bytes(&self, log: &Log) -> u64 {
-        if self.pins() {
-            log.head_byte() - log.byte_of(self.cursor)
-        } else {
+        let behind = if self.pins() { log.head_byte() - log.byte_of(self.cursor) } else { 0 };
+        behind + self.private_bytes
+    }
+
+    /// Unwritten bytes of private lines (queued or in flight).
+    pub fn private_bytes(&self) -> u64 {
+        self.private_bytes
+    }
+
+    /// [`Outbox::private_bytes`] counted from scratch, to check the running count in tests.
+    #[cfg(test)]
+    pub fn private_bytes_recounted(&self) -> u64 {
+        let queued: u64 = self.private.iter().map(|p| p.bytes.len() as u64).sum();
+        let in_flight: u64 = match &self.state {
+            WriteState::InFlight(f) => f
+                .pieces
+                .iter()
+                .map(|p| match p {
+                    Piece::Private { line, .. } => line.bytes.len() as u64,
+                    Piece::Log { .. } => 0,
+                })
+                .sum(),
+            _ => 0,
+        };
+        queued + in_flight
+    }
+
+    /// Bytes of log held back from the cursor on, whether or not the outbox pins it, for
+    /// tests that measure what a connection holds independently of [`Outbox::backlog_bytes`].
+    #[cfg(test)]
+    pub fn log_behind(&self, log: &Log) -> u64 {
+        if self.is_detached() || matches!(self.state, WriteState::Idle) {
             0
+        } else {
+            log.head_byte() - log.byte_of(self.cursor)
         }
+    }
+
+    /// Private lines not yet completely written (queued or in flight): the "commands queued"
+    /// of PROTOCOL.md §3.3 as replhub counts them.
+    pub fn private_lines(&self) -> usize {
+        let in_flight = match &self.state {
+            WriteState::InFlight(f) => f.private_lines,
+            _ => 0,
+        };
+        self.private.len() + in_flight
     }
 
     /// Lines waiting: log lines behind the cursor plus private lines.
@@ -162,7 +209,36 @@ impl Outbox {
 
     /// Queues a private line to go out before log line `at`.
     pub fn push_private(&mut self, at: Seq, bytes: Bytes, word: CommandWord) {
+        self.private_bytes += bytes.len() as u64;
         self.private.push_back(Private { at, bytes, word, partial: false });
+    }
+
+    /// Queues a private line unless an identical one is already queued, unsent, at the same
+    /// place (`at`, with only private lines after it). Returns whether it was queued.
+    ///
+    /// Used for `POSITION`: the reference answers every `REPLICATE` with one, so a worker that
+    /// repeats `REPLICATE` faster than it reads would otherwise grow the queue without limit.
+    /// Dropping the repeat is invisible on the wire only under these conditions: nothing of
+    /// the earlier line was written (it is still in the queue, not in flight), no log line
+    /// goes out between the two (same `at`), and the bytes are identical (same stream, same
+    /// token). The worker then receives one `POSITION s t` where the reference would send two
+    /// identical ones back to back with nothing in between; the second would be a no-op for
+    /// it (its token equals the one it just got, so no rows are fetched).
+    pub fn push_private_coalesced(&mut self, at: Seq, bytes: Bytes, word: CommandWord) -> bool {
+        // Looking further back than the lines of one REPLICATE ALL (16 POSITION, plus a PING
+        // or two) finds nothing more: identical lines beyond that were coalesced already.
+        const LOOK_BACK: usize = 64;
+        let same = self
+            .private
+            .iter()
+            .rev()
+            .take(LOOK_BACK)
+            .take_while(|p| p.at == at && !p.partial)
+            .any(|p| p.word == word && p.bytes == bytes);
+        if !same {
+            self.push_private(at, bytes, word);
+        }
+        !same
     }
 
     /// Output is pending from log line `from` on (or private lines). Returns whether the
@@ -232,12 +308,15 @@ impl Outbox {
         let mut seq = self.cursor.0;
         let mut off = self.offset;
         let mut reached_head = false;
+        let (mut private_bytes, mut private_lines) = (0u64, 0usize);
         while pieces.len() < max_iov && total < max_bytes {
             if off == 0 {
                 if let Some(p) = self.private.front() {
                     if p.at.0 <= seq {
                         let line = self.private.pop_front().expect("front exists");
                         total += line.bytes.len();
+                        private_bytes += line.bytes.len() as u64;
+                        private_lines += 1;
                         pieces.push(Piece::Private { line, skip: 0 });
                         continue;
                     }
@@ -316,6 +395,8 @@ impl Outbox {
             len: total,
             end: reached_head.then_some(seq),
             replanned: false,
+            private_bytes,
+            private_lines,
         });
         Gathered::Write(total)
     }
@@ -336,6 +417,7 @@ impl Outbox {
         }
         let pinned = self.pins();
         self.state = WriteState::Idle;
+        debug_assert_eq!(self.private_bytes, 0, "idle with private bytes counted");
         if self.private.capacity() > 8 {
             // A burst of private lines (REPLICATE ALL) is over: don't keep its queue.
             self.private = VecDeque::new();
@@ -360,8 +442,11 @@ impl Outbox {
         if n > 0 {
             self.progress_ms = now_ms;
         }
+        // The flight's private lines leave the count; what is requeued comes back.
+        self.private_bytes -= flight.private_bytes;
         let settled = flight.settle(n, self.cursor, &mut self.outbound);
         for p in settled.requeue.into_iter().rev() {
+            self.private_bytes += p.bytes.len() as u64;
             self.private.push_front(p);
         }
         self.outbound[CommandWord::Rdata as usize] += settled.lines;
@@ -410,9 +495,16 @@ impl Outbox {
         if keep.is_none() && self.private.front().is_some_and(|p| p.partial) {
             keep = self.private.pop_front();
         }
-        self.private.clear();
+        // A new queue, not `clear`: the old one may have grown large (a burst of lines to a
+        // peer that does not read), and its capacity would otherwise stay with the connection.
+        self.private = VecDeque::new();
+        self.private_bytes = match &self.state {
+            WriteState::InFlight(flight) => flight.private_bytes,
+            _ => 0,
+        };
         if let Some(mut k) = keep {
             k.at = head;
+            self.private_bytes += k.bytes.len() as u64;
             self.private.push_back(k);
         }
         let (old, pinned) = (self.cursor, self.pins());

@@ -97,7 +97,9 @@ impl Hub {
         let Ok(bytes) = position.to_bytes() else {
             unreachable!("POSITION {} {token} does not encode", s.name())
         };
-        c.outbox.push_private(at, bytes, position.word());
+        // A repeated REPLICATE whose POSITION would be identical to one still queued at the
+        // same place adds nothing (see `Outbox::push_private_coalesced`).
+        c.outbox.push_private_coalesced(at, bytes, position.word());
         tracing::debug!(conn = %id, stream = s.name(), token, "subscribed");
         if newly {
             self.stream_subs[s.index()].push(id);

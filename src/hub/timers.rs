@@ -81,7 +81,7 @@ impl Hub {
     }
 
     /// Drops a slow consumer's backlog, tells it `ERROR Failed to keep up` and closes it.
-    fn evict(&mut self, id: ConnId, reason: EvictReason, now: Now) {
+    pub(super) fn evict(&mut self, id: ConnId, reason: EvictReason, now: Now) {
         let backlog = self.backlog_bytes(id).unwrap_or(0);
         let Some(c) = self.conn(id) else { return };
         tracing::warn!(

@@ -27,6 +27,14 @@
 //! order) arrived, or at the first RDATA after SERVER (then streams without a POSITION are not
 //! served). RDATA received before that are held and delivered right after `Up`, in order.
 //!
+//! `batch` runs: only complete runs are relayed (ARCHITECTURE.md §3 item 4). A read that ends
+//! inside a run becomes a batch that ends before the run; the run's lines (and any line after
+//! them) are held in the connection's carry, and relayed with the read that completes the run,
+//! joined to the lines up to its numbered RDATA in one batch (the one copy: only runs that span
+//! reads are copied). If the upstream goes first, the carry goes with the connection, so no
+//! worker ever sees a run that a worker connected to the master would have dropped with its
+//! connection.
+//!
 //! Keep-alive: the session sends PING every 5 s of write silence; any received line, relayed
 //! or not, counts as received, and once the master has PINGed, 25 s of silence end the link
 //! with `ERROR ping timeout`.
@@ -36,12 +44,18 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use super::batch::{index_chunk, Indexed};
+use super::runs;
 use crate::hub::{Batch, CloseHow, Transition, UpstreamCmd, UpstreamEvent, UserSyncMerger};
 use crate::metrics::snapshot::UpstreamSnapshot;
 use crate::proto::inbound::parse_args;
-use crate::proto::{Command, Line, PeerError, Role, StreamId, SyncState, UserSync};
+use crate::proto::{Command, Line, PeerError, Role, StreamId, StreamMask, SyncState, UserSync};
 use crate::session::{Session, SessionConfig, TimerAction};
 use crate::time::Now;
+
+/// At most this many bytes of an open `batch` run are held (the hub's default
+/// `max_pending_bytes`). A master that keeps a run open past it is dropped like a connection
+/// that failed: the run is discarded and the link reconnects, so the carry stays bounded.
+pub const MAX_HELD_RUN_BYTES: usize = 64 << 20;
 
 /// Settings of the upstream link.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,6 +125,10 @@ struct Conn {
     abort: bool,
     /// The last `ERROR` the master sent.
     peer_error: Option<String>,
+    /// Received lines held back from the first line of a `batch` run still open (see the
+    /// module docs), and the streams whose run is open at their end.
+    carry: BytesMut,
+    carry_open: StreamMask,
 }
 
 /// The client-role link to the master. See the module docs for how a driver runs it.
@@ -196,6 +214,8 @@ impl UpstreamLink {
             pending: Vec::new(),
             abort: false,
             peer_error: None,
+            carry: BytesMut::new(),
+            carry_open: StreamMask::NONE,
         });
     }
 
@@ -211,6 +231,12 @@ impl UpstreamLink {
             why = format!("we sent ERROR {err}; {why}");
         } else if let Some(text) = &conn.peer_error {
             why = format!("upstream sent ERROR {text}; {why}");
+        }
+        if !conn.carry.is_empty() {
+            tracing::warn!(
+                bytes = conn.carry.len(),
+                "upstream closed in the middle of a batch run; the run is not relayed"
+            );
         }
         if !conn.pending.is_empty() {
             tracing::warn!(
@@ -241,11 +267,43 @@ impl UpstreamLink {
                 return;
             };
             match conn.session.poll_chunk(now) {
-                Some(Ok(chunk)) => self.on_chunk(&chunk, now),
+                Some(Ok(chunk)) => self.on_received(chunk, now),
                 Some(Err(err)) => tracing::warn!(error = %err, "upstream sent a line over the length limit"),
                 None => return,
             }
         }
+    }
+
+    /// A chunk of complete lines from the session: completes the run held in the carry, if
+    /// any, then handles the rest.
+    fn on_received(&mut self, mut chunk: Bytes, now: Now) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        if conn.abort {
+            return;
+        }
+        if !conn.carry.is_empty() {
+            let lines = index_chunk(&chunk).lines;
+            let Some(end) = runs::completion(&lines, conn.carry_open) else {
+                // Still open: hold this chunk too.
+                conn.carry_open = runs::open_after(&lines, conn.carry_open);
+                conn.carry.extend_from_slice(&chunk);
+                conn.check_carry();
+                return;
+            };
+            let end = end as usize;
+            let mut joined = std::mem::take(&mut conn.carry);
+            conn.carry_open = StreamMask::NONE;
+            joined.extend_from_slice(&chunk[..end]);
+            self.on_chunk(&joined.freeze(), now);
+            chunk = chunk.slice(end..);
+            let closing = self.conn.as_ref().is_none_or(|c| c.session.is_closing());
+            if chunk.is_empty() || closing {
+                return;
+            }
+        }
+        self.on_chunk(&chunk, now);
     }
 
     fn on_chunk(&mut self, chunk: &Bytes, now: Now) {
@@ -253,6 +311,14 @@ impl UpstreamLink {
             return;
         };
         let mut idx: Indexed = index_chunk(chunk);
+        if let Some((cut, open)) = runs::open_tail(&idx.lines) {
+            // Hold the open run (and whatever follows it) until a later read completes it.
+            let cut = cut as usize;
+            conn.carry.extend_from_slice(&chunk[cut..]);
+            conn.carry_open = open;
+            conn.check_carry();
+            idx = index_chunk(&chunk.slice(..cut));
+        }
         for (total, n) in self.stats.inbound_rdata.iter_mut().zip(idx.rdata) {
             *total += n;
         }
@@ -280,6 +346,11 @@ impl UpstreamLink {
         }
         if let Some(n) = cut {
             idx.truncate(n);
+            // Closing: nothing more is read, so a run open before the cut never completes.
+            if let Some((start, _)) = runs::open_tail(&idx.lines) {
+                let keep = idx.lines.partition_point(|m| m.start < start);
+                idx.truncate(keep);
+            }
         } else if !conn.up && conn.server_name.is_some() && idx.has_rdata_in(prev..idx.lines.len()) {
             conn.complete_handshake(&mut self.events, &mut self.tokens, &mut self.stats);
         }
@@ -423,6 +494,21 @@ impl UpstreamLink {
 }
 
 impl Conn {
+    /// Drops the connection (abort, then reconnect) if the held run outgrew
+    /// [`MAX_HELD_RUN_BYTES`].
+    fn check_carry(&mut self) {
+        if self.carry.len() > MAX_HELD_RUN_BYTES {
+            tracing::error!(
+                bytes = self.carry.len(),
+                limit = MAX_HELD_RUN_BYTES,
+                "upstream batch run too long to hold; dropping the connection"
+            );
+            self.carry = BytesMut::new();
+            self.carry_open = StreamMask::NONE;
+            self.abort = true;
+        }
+    }
+
     /// Handles one non-relayed line: the session's checks, then SERVER / POSITION / PING /
     /// ERROR / SYNC. A violation queues `ERROR ...` and closes the session.
     fn on_control(&mut self, line: &Line, config: &LinkConfig, now: Now) {

@@ -34,6 +34,7 @@
 pub mod backoff;
 pub mod batch;
 pub mod link;
+mod runs;
 
 pub use crate::synthetic::SyntheticSource;
 pub use backoff::{Backoff, BackoffConfig};

@@ -39,6 +39,8 @@ macro_rules! serve_tests {
             invalid_commands_get_their_policy_outcome,
             slow_worker_is_evicted_and_others_get_everything,
             upstream_restart_gives_fresh_positions_before_newer_rdata,
+            a_batch_run_cut_by_an_upstream_drop_never_reaches_workers,
+            a_fin_after_an_unterminated_fragment_is_connection_done,
             user_sync_is_merged_across_workers,
             forwards_worker_commands_upstream,
             ping_timeout_closes_a_silent_worker,
@@ -108,6 +110,26 @@ pub fn vector_path(name: &str) -> PathBuf {
 pub fn sample_rdata() -> Vec<Vec<u8>> {
     let text = std::fs::read(vector_path("stream-sample.txt")).expect("stream-sample.txt");
     text.split_inclusive(|b| *b == b'\n').filter(|l| l.starts_with(b"RDATA ")).map(<[u8]>::to_vec).collect()
+}
+
+/// How many of `lines` (RDATA) reach workers while the rest is all the upstream sent: those up
+/// to the end of the last complete `batch` run (replhub holds an open run until its numbered
+/// line arrives).
+pub fn complete_runs(lines: &[Vec<u8>]) -> usize {
+    let mut open: std::collections::HashSet<&str> = Default::default();
+    let mut done = 0;
+    for (i, l) in lines.iter().enumerate() {
+        let token = std::str::from_utf8(l).ok().and_then(|t| t.split(' ').nth(2));
+        if token == Some("batch") {
+            open.insert(rdata_stream(l));
+        } else {
+            open.remove(rdata_stream(l));
+        }
+        if open.is_empty() {
+            done = i + 1;
+        }
+    }
+    done
 }
 
 /// The stream name of an RDATA line.

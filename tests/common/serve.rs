@@ -14,8 +14,8 @@ use replhub::session::SessionConfig;
 use serde_json::Value;
 
 use super::{
-    eventually, positions, rdata_stream, sample_rdata, start, stop, upstream_config, vector_path,
-    MasterOptions, TestMaster, Worker, WAIT,
+    complete_runs, eventually, positions, rdata_stream, sample_rdata, start, stop, upstream_config,
+    vector_path, MasterOptions, TestMaster, Worker, WAIT,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -102,17 +102,18 @@ pub fn replicate_answers_positions_in_map_order(io: IoBackend) {
     late.send("REPLICATE events");
     assert_eq!(late.line_skip_ping(), "POSITION events 150");
 
-    // Inside a `batch` run, a subscription waits for the run's end: POSITION carries the run's
-    // token and none of its lines are delivered (invariant 2).
+    // A `batch` run reaches workers only once complete (its numbered line arrived): until then
+    // no worker sees it, and a subscription in the meantime is at the boundary before it, so
+    // POSITION carries the token before the run and the whole run follows (invariant 2).
     let run1 = b"RDATA caches batch [\"f\", [\"a\"], 1]\n";
     let run2 = b"RDATA caches 160 [\"f\", [\"b\"], 2]\n";
     master.push(run1);
-    assert_eq!(w.rdata(1), vec![run1.to_vec()], "the subscriber to ALL sees the open run");
+    assert_eq!(w.line_within(Duration::from_millis(200)), None, "an open run is held");
     late.send("REPLICATE caches");
-    assert_eq!(late.line_within(Duration::from_millis(200)), None, "no POSITION inside a run");
+    assert_eq!(late.line_skip_ping(), "POSITION caches 107");
     master.push(run2);
-    assert_eq!(w.rdata(1), vec![run2.to_vec()]);
-    assert_eq!(late.line_skip_ping(), "POSITION caches 160");
+    assert_eq!(w.rdata(2), vec![run1.to_vec(), run2.to_vec()]);
+    assert_eq!(late.rdata(2), vec![run1.to_vec(), run2.to_vec()]);
     let next = b"RDATA caches 161 [\"f\", [\"c\"], 3]\n";
     master.push(next);
     assert_eq!(late.rdata(1), vec![next.to_vec()], "later RDATA follow the POSITION");
@@ -400,7 +401,8 @@ pub fn slow_worker_is_evicted_and_others_get_everything(io: IoBackend) {
     let mut evicted = false;
     for (k, chunk) in all.chunks(1_000).enumerate() {
         master.push(&chunk.concat());
-        progress.wait_all(k * 1_000 + chunk.len());
+        // A run left open at the end of the push is held until the next one completes it.
+        progress.wait_all(complete_runs(&all[..k * 1_000 + chunk.len()]));
         if !evicted {
             let snaps = server.core_snapshots(WAIT);
             evicted = snaps.iter().any(|s| s.stats.evictions.iter().sum::<u64>() > 0);
@@ -484,6 +486,54 @@ pub fn upstream_restart_gives_fresh_positions_before_newer_rdata(io: IoBackend) 
     let want = caches(second);
     assert!(w_caches.rdata(want.len()) == want);
     stop(server, vec![w_all, w_caches]);
+}
+
+/// A master that drops in the middle of a `batch` run: the rows of the run it sent never reach a
+/// worker (a worker connected to the master would have dropped them with its connection, and
+/// kept pending they break its next POSITION).
+pub fn a_batch_run_cut_by_an_upstream_drop_never_reaches_workers(io: IoBackend) {
+    let master = TestMaster::start();
+    let server = start(upstream_config(io, master.addr()));
+    master.wait_handshakes(1);
+    let mut w = Worker::connect(server.local_addr());
+    w.subscribe("all", &["ALL"]);
+
+    let done = b"RDATA caches 2000 [\"done\"]\n";
+    master.push(&[&done[..], b"RDATA events batch [\"half 1\"]\nRDATA events batch [\"half 2\"]\n"].concat());
+    assert_eq!(w.rdata(1), vec![done.to_vec()], "the line before the run arrives");
+    master.set_positions(positions(5_000));
+    master.drop_connection();
+    master.wait_handshakes(2);
+    let after = b"RDATA events 5001 [\"after\"]\n";
+    master.push(after);
+    // Straight to the fresh POSITIONs: nothing of the half run in between.
+    for (i, s) in StreamId::ALL.iter().enumerate() {
+        assert_eq!(w.line_skip_ping(), format!("POSITION {} {}", s.name(), 5_000 + i));
+    }
+    assert_eq!(w.rdata(1), vec![after.to_vec()]);
+    stop(server, vec![w]);
+}
+
+/// A worker that half-closes (FIN) after an unterminated fragment ended its connection cleanly:
+/// `ConnectionDone`, as the reference's stack reports it, not `ConnectionLost`.
+pub fn a_fin_after_an_unterminated_fragment_is_connection_done(io: IoBackend) {
+    use replhub::hub::stats::CloseReason;
+    let master = TestMaster::start();
+    let server = start(upstream_config(io, master.addr()));
+    master.wait_handshakes(1);
+    let mut w = Worker::connect(server.local_addr());
+    w.subscribe("w", &["events"]);
+    w.send_raw(b"REPLICATE cach");
+    w.stream().shutdown(std::net::Shutdown::Write).expect("half-close");
+    let rest = w.read_to_eof();
+    assert!(rest.iter().all(|l| l.starts_with("PING ")), "nothing but PINGs after the fragment: {rest:?}");
+    let reasons = |r: CloseReason| -> u64 {
+        server.core_snapshots(WAIT).iter().map(|s| s.stats.close_reasons[r as usize]).sum()
+    };
+    eventually("the close to be counted", || reasons(CloseReason::ConnectionDone) == 1);
+    assert_eq!(reasons(CloseReason::ConnectionLost), 0);
+    assert_eq!(reasons(CloseReason::ProtocolError), 0);
+    stop(server, vec![]);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -458,3 +458,122 @@ fn batches_share_the_read_buffer() {
     assert_eq!(batch.line(0), rdata);
     assert_eq!(batch.line(0).as_ptr(), base.wrapping_add(data.len() - rdata.len()), "no copy of the line");
 }
+
+/// A handshake, a numbered line, a `batch` run of events (with a line of another stream
+/// inside it) and a numbered line after it; and the RDATA lines in order.
+fn run_script() -> (Vec<u8>, Vec<&'static [u8]>) {
+    let rdata: Vec<&'static [u8]> = vec![
+        b"RDATA caches 2 [\"a\"]\n",
+        b"RDATA events batch [\"e1\"]\n",
+        b"RDATA events batch [\"e2\"]\n",
+        b"RDATA events 5 [\"e3\"]\n",
+        b"RDATA caches 3 [\"b\"]\n",
+    ];
+    let mut data = b"SERVER hs\nPOSITION events 4\nPOSITION caches 1\nPOSITION user_signature 1\n".to_vec();
+    for l in &rdata {
+        data.extend_from_slice(l);
+    }
+    (data, rdata)
+}
+
+/// No relayed batch ends inside a run.
+fn assert_no_open_run(events: &[LinkEvent]) {
+    for e in events {
+        if let LinkEvent::Batch(b) = e {
+            assert_eq!(super::runs::open_tail(b.lines()), None, "a batch ends inside a run");
+        }
+    }
+}
+
+#[test]
+fn a_run_cut_by_the_upstream_dropping_is_never_relayed() {
+    let (data, rdata) = run_script();
+    let run_end = data.len() - rdata[4].len();
+    for cut in 0..=data.len() {
+        for split in [cut / 2, cut] {
+            let mut l = link();
+            l.on_connected(T0);
+            feed(&mut l, &data[..split], T0);
+            feed(&mut l, &data[split..cut], T0);
+            l.on_disconnected("eof", T0);
+            let ev = events(&mut l);
+            assert!(matches!(ev.last(), Some(LinkEvent::Down { .. })));
+            assert_no_open_run(&ev);
+            let got = relayed(&ev);
+            // What a worker connected to the master would keep: every line of a complete run.
+            let head = data.len() - rdata.iter().map(|l| l.len()).sum::<usize>();
+            let first_done = cut >= head + rdata[0].len();
+            let run_done = cut >= run_end;
+            let last_done = cut == data.len();
+            let mut want: Vec<Vec<u8>> = Vec::new();
+            if first_done {
+                want.push(rdata[0].to_vec());
+            }
+            if run_done {
+                want.extend(rdata[1..4].iter().map(|l| l.to_vec()));
+            }
+            if last_done {
+                want.push(rdata[4].to_vec());
+            }
+            assert_eq!(got, want, "cut at byte {cut}, first read {split} bytes");
+        }
+    }
+}
+
+#[test]
+fn a_run_split_across_reads_is_relayed_whole_once_complete() {
+    let (data, rdata) = run_script();
+    let want: Vec<Vec<u8>> = rdata.iter().map(|l| l.to_vec()).collect();
+    for split in 0..=data.len() {
+        for second in [split, (split + data.len()) / 2] {
+            let mut l = link();
+            l.on_connected(T0);
+            let mut ev = Vec::new();
+            for (a, b) in [(0, split), (split, second), (second, data.len())] {
+                feed(&mut l, &data[a..b], T0);
+                ev.extend(events(&mut l));
+            }
+            assert_no_open_run(&ev);
+            assert_eq!(relayed(&ev), want, "reads split at {split} and {second}");
+            assert_eq!(l.tokens()[StreamId::Events.index()], Some(5));
+            let up = ev.iter().position(|e| matches!(e, LinkEvent::Up(_)));
+            assert_eq!(up, Some(0), "Up before the first batch");
+        }
+    }
+}
+
+#[test]
+fn a_line_that_closes_the_link_inside_a_run_drops_the_run() {
+    let mut l = link();
+    l.on_connected(T0);
+    feed(
+        &mut l,
+        b"SERVER hs\nPOSITION user_signature 1\nRDATA caches 2 [1]\nRDATA events batch [2]\nNAME bad\nRDATA events 3 [3]\n",
+        T0,
+    );
+    let ev = events(&mut l);
+    assert_no_open_run(&ev);
+    assert_eq!(relayed(&ev), vec![b"RDATA caches 2 [1]\n".to_vec()]);
+}
+
+#[test]
+fn a_run_longer_than_the_limit_drops_the_connection() {
+    let mut l = link();
+    l.on_connected(T0);
+    feed(&mut l, b"SERVER hs\nPOSITION user_signature 1\nRDATA caches 2 [1]\n", T0);
+    assert_eq!(relayed(&events(&mut l)).len(), 1);
+    let row = format!("RDATA events batch [\"{}\"]\n", "x".repeat(16_000));
+    let chunk = row.repeat(64);
+    let mut fed = 0;
+    while fed <= MAX_HELD_RUN_BYTES {
+        assert!(l.wants_close().is_none(), "held {fed} bytes");
+        feed(&mut l, chunk.as_bytes(), T0);
+        fed += chunk.len();
+    }
+    assert_eq!(l.wants_close(), Some(CloseHow::Abort));
+    feed(&mut l, b"RDATA events 3 [2]\n", T0);
+    l.on_disconnected("aborted", T0);
+    let ev = events(&mut l);
+    assert!(relayed(&ev).is_empty(), "none of the run");
+    assert!(matches!(&ev[..], [LinkEvent::Down { .. }]));
+}
