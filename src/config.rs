@@ -9,7 +9,10 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
-use crate::hub::HubConfig;
+/// The hub's tunables, a field of [`ServeConfig`].
+pub use crate::hub::HubConfig;
+/// How the upstream link backs off between dials ([`crate::server::Server::start_with`]).
+pub use crate::upstream::BackoffConfig;
 
 /// Which I/O backend to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]

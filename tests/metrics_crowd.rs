@@ -12,8 +12,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use replhub::config::{IoBackend, ServeConfig, SourceConfig};
-use replhub::metrics::http::Limits;
-use replhub::metrics::MetricsServer;
+use replhub::testing::metrics::Limits;
+use replhub::testing::metrics::MetricsServer;
 use replhub::server::Server;
 
 /// Guards every client read: a hung server fails the test instead of hanging it.

@@ -5,10 +5,10 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use replhub::hub::stats::{ConnPhase, ConnSample, CoreSnapshot, CoreStats};
-use replhub::metrics::http::Limits;
-use replhub::metrics::snapshot::UpstreamSnapshot;
-use replhub::metrics::{render, MetricsServer, RenderInfo};
+use replhub::testing::hub::stats::{ConnPhase, ConnSample, CoreSnapshot, CoreStats};
+use replhub::testing::metrics::Limits;
+use replhub::testing::metrics::UpstreamSnapshot;
+use replhub::testing::metrics::{render, MetricsServer, RenderInfo};
 
 /// Guards every client read: a hung server fails the test instead of hanging it.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);

@@ -9,11 +9,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use replhub::driver::{uring, Clock, CoreContext, CoreMsg, Inbox};
-use replhub::hub::stats::CoreSnapshot;
-use replhub::hub::{HubConfig, UpstreamCmd, UpstreamEvent};
+use replhub::testing::driver::{new_wakeup, run_core, CoreContext, CoreMsg, Inbox};
+use replhub::time::Clock;
+use replhub::testing::hub::stats::CoreSnapshot;
+use replhub::config::HubConfig;
+use replhub::testing::hub::{UpstreamCmd, UpstreamEvent};
 use replhub::proto::StreamId;
-use replhub::upstream::batch::index_chunk;
+use replhub::testing::upstream::index_chunk;
 use socket2::{Domain, Socket, Type};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,7 +36,7 @@ impl Core {
         socket.set_nonblocking(true).unwrap();
         let listener: std::net::TcpListener = socket.into();
         let addr = listener.local_addr().unwrap();
-        let (wakeup, wake) = uring::new_wakeup().unwrap();
+        let (wakeup, wake) = new_wakeup().unwrap();
         let (inbox, rx) = Inbox::new(wake);
         let (upstream_tx, upstream) = Inbox::new(Arc::new(|| {}));
         let ctx = CoreContext {
@@ -46,7 +48,7 @@ impl Core {
             upstream: upstream_tx,
             clock: Clock::new(),
         };
-        let thread = std::thread::spawn(move || uring::run_core(ctx));
+        let thread = std::thread::spawn(move || run_core(ctx));
         let core = Self { addr, inbox, upstream, thread: Some(thread) };
         core.inbox.send(CoreMsg::Upstream(UpstreamEvent::Connected {
             server_name: "master.example".to_owned(),

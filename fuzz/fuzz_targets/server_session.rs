@@ -5,8 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use replhub::hub::sim::{Capacity, Sim};
-use replhub::hub::HubConfig;
+use replhub::testing::hub::sim::{Capacity, Sim};
+use replhub::config::HubConfig;
 use replhub::proto::{CommandWord, StreamId, Token, MAX_LINE_LEN};
 
 fuzz_target!(|data: &[u8]| {

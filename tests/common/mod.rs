@@ -17,10 +17,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use replhub::config::{IoBackend, ServeConfig, SourceConfig};
-use replhub::hub::HubConfig;
+use replhub::config::HubConfig;
 use replhub::proto::StreamId;
 use replhub::server::Server;
-use replhub::upstream::BackoffConfig;
+use replhub::config::BackoffConfig;
 
 /// Failure guard for every wait in these tests (never a synchronisation mechanism).
 pub const WAIT: Duration = Duration::from_secs(10);
