@@ -14,7 +14,7 @@ use bytes::Bytes;
 use crate::proto::StreamId;
 
 /// `LineMeta::stream` value for lines delivered to every connection (`REMOTE_SERVER_UP`).
-pub const BROADCAST: u8 = u8::MAX;
+pub(crate) const BROADCAST: u8 = u8::MAX;
 
 /// Where one relayed line sits in its batch and what it carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -21,10 +21,10 @@
 //! cursor, private lines, `WriteState`) and `flight.rs` (the write in flight and its
 //! accounting). The slow-consumer rule is the pure function in `slow_consumer.rs`.
 
-pub mod log;
-pub mod slots;
+pub(crate) mod log;
+pub(crate) mod slots;
 pub mod stats;
-pub mod user_sync;
+pub(crate) mod user_sync;
 
 mod close;
 mod conn;
@@ -42,9 +42,10 @@ pub mod sim;
 #[cfg(test)]
 mod tests;
 
-pub use self::log::{Batch, LineMeta, Log, Seq, BROADCAST};
-pub use self::slots::{SlotMap, Slots};
-pub use self::user_sync::{Transition, UserSyncMerger};
+pub use self::log::{Batch, LineMeta};
+pub(crate) use self::log::{Log, BROADCAST};
+pub(crate) use self::slots::{SlotMap, Slots};
+pub(crate) use self::user_sync::{Transition, UserSyncMerger};
 
 use std::collections::VecDeque;
 
@@ -171,7 +172,7 @@ pub enum HubOutput {
 }
 
 /// Streams a hub serves by default: all 16.
-pub const SERVED_DEFAULT: StreamMask = StreamMask::ALL;
+pub(crate) const SERVED_DEFAULT: StreamMask = StreamMask::ALL;
 
 /// The per-core hub. See the [module docs](self).
 pub struct Hub {

@@ -107,7 +107,7 @@ pub(super) struct Outbox {
 
 impl Outbox {
     /// An idle outbox at log line `head`.
-    pub fn new(head: Seq, now_ms: u64) -> Self {
+    pub(super) fn new(head: Seq, now_ms: u64) -> Self {
         Self {
             cursor: head,
             offset: 0,
@@ -120,12 +120,12 @@ impl Outbox {
     }
 
     /// Whether the cursor holds a pin in the log.
-    pub fn pins(&self) -> bool {
+    pub(super) fn pins(&self) -> bool {
         !matches!(self.state, WriteState::Idle) && self.feed == Feed::Log
     }
 
     /// Bytes of log this outbox holds back.
-    pub fn backlog_bytes(&self, log: &Log) -> u64 {
+    pub(super) fn backlog_bytes(&self, log: &Log) -> u64 {
         if self.pins() {
             log.head_byte() - log.byte_of(self.cursor)
         } else {
@@ -134,41 +134,41 @@ impl Outbox {
     }
 
     /// Lines waiting: log lines behind the cursor plus private lines.
-    pub fn pending_lines(&self, log: &Log) -> u64 {
+    pub(super) fn pending_lines(&self, log: &Log) -> u64 {
         let behind = if self.pins() { log.head().0 - self.cursor.0 } else { 0 };
         behind + self.private.len() as u64
     }
 
     /// Whether the outbox stopped following the log (see [`Outbox::detach`]).
-    pub fn is_detached(&self) -> bool {
+    pub(super) fn is_detached(&self) -> bool {
         self.feed == Feed::Detached
     }
 
     /// Whether a write waits on the socket (in flight, or blocked): what the write timeout
     /// measures.
-    pub fn waits_on_socket(&self) -> bool {
+    pub(super) fn waits_on_socket(&self) -> bool {
         matches!(self.state, WriteState::InFlight(_) | WriteState::Blocked)
     }
 
     /// When the connection last made write progress.
-    pub fn progress_ms(&self) -> u64 {
+    pub(super) fn progress_ms(&self) -> u64 {
         self.progress_ms
     }
 
     /// Outbound commands written, by command word.
-    pub fn outbound(&self) -> &[u64; WORDS] {
+    pub(super) fn outbound(&self) -> &[u64; WORDS] {
         &self.outbound
     }
 
     /// Queues a private line to go out before log line `at`.
-    pub fn push_private(&mut self, at: Seq, bytes: Bytes, word: CommandWord) {
+    pub(super) fn push_private(&mut self, at: Seq, bytes: Bytes, word: CommandWord) {
         self.private.push_back(Private { at, bytes, word, partial: false });
     }
 
     /// Output is pending from log line `from` on (or private lines). Returns whether the
     /// outbox became dirty (the caller puts it in the dirty list); `close_emitted` holds it
     /// back.
-    pub fn wake(&mut self, log: &mut Log, from: Seq, now_ms: u64, close_emitted: bool) -> bool {
+    pub(super) fn wake(&mut self, log: &mut Log, from: Seq, now_ms: u64, close_emitted: bool) -> bool {
         if let WriteState::Idle = self.state {
             // Idle means nothing was pending: every line before `from` is one it does not want.
             if self.cursor < from {
@@ -185,7 +185,7 @@ impl Outbox {
     }
 
     /// The socket can take bytes again. Returns whether the outbox became dirty.
-    pub fn on_writable(&mut self, close_emitted: bool) -> bool {
+    pub(super) fn on_writable(&mut self, close_emitted: bool) -> bool {
         if let WriteState::Blocked = self.state {
             self.state = WriteState::Pending;
         }
@@ -202,7 +202,7 @@ impl Outbox {
     }
 
     /// Leaves the dirty list; returns whether it was in it.
-    pub fn take_dirty(&mut self) -> bool {
+    pub(super) fn take_dirty(&mut self) -> bool {
         if let WriteState::Dirty = self.state {
             self.state = WriteState::Pending;
             true
@@ -213,7 +213,7 @@ impl Outbox {
 
     /// Plans the next write: at most `max_iov` pieces and about `max_write_bytes` bytes of
     /// private lines and the log lines `subs` wants, in log order.
-    pub fn gather(
+    pub(super) fn gather(
         &mut self,
         log: &mut Log,
         subs: &Subscriptions,
@@ -322,7 +322,7 @@ impl Outbox {
 
     /// The slices of the write in flight, in order. They stay valid until
     /// [`Outbox::on_written`] (the flight holds the batches and the private lines).
-    pub fn flight_slices<'a>(&'a self, iov: &mut Vec<IoSlice<'a>>) {
+    pub(super) fn flight_slices<'a>(&'a self, iov: &mut Vec<IoSlice<'a>>) {
         if let WriteState::InFlight(flight) = &self.state {
             iov.extend(flight.pieces.iter().map(|p| IoSlice::new(p.bytes())));
         }
@@ -330,7 +330,7 @@ impl Outbox {
 
     /// Goes idle if nothing is left to write (no private line, no half-written line); returns
     /// whether it did.
-    pub fn try_idle(&mut self, log: &mut Log) -> bool {
+    pub(super) fn try_idle(&mut self, log: &mut Log) -> bool {
         if matches!(self.state, WriteState::Idle) || !self.private.is_empty() || self.offset != 0 {
             return false;
         }
@@ -349,7 +349,7 @@ impl Outbox {
     /// `n` bytes of the write in flight were written (`n` may be short or zero): the cursor
     /// moves over what was written, the rest of a half-written private line is requeued.
     /// `None` if no write was in flight.
-    pub fn on_written(&mut self, log: &mut Log, n: usize, now_ms: u64) -> Option<Written> {
+    pub(super) fn on_written(&mut self, log: &mut Log, n: usize, now_ms: u64) -> Option<Written> {
         if !matches!(self.state, WriteState::InFlight(_)) {
             return None;
         }
@@ -391,7 +391,7 @@ impl Outbox {
     /// Closing: stop following the log. Keeps the rest of a half-written line (so the stream
     /// stays well-formed), drops the rest of the backlog and releases the pin, so a peer that
     /// stopped reading cannot hold the log.
-    pub fn detach(&mut self, log: &mut Log) {
+    pub(super) fn detach(&mut self, log: &mut Log) {
         if self.feed == Feed::Detached {
             return;
         }
@@ -425,7 +425,7 @@ impl Outbox {
     }
 
     /// The connection is gone: releases its pin.
-    pub fn release(&mut self, log: &mut Log) {
+    pub(super) fn release(&mut self, log: &mut Log) {
         if self.pins() {
             log.unpin(self.cursor);
         }

@@ -40,16 +40,16 @@ mod line;
 mod pacing;
 mod presence;
 mod rows;
-pub mod shape;
-pub mod source;
+pub(crate) mod shape;
+pub(crate) mod source;
 #[cfg(test)]
 mod tests;
 mod world;
 
 use line::{pad_line, LineCtx, PadSlot};
 use pacing::Pacer;
-pub use pacing::UNPACED_BATCH;
-pub use source::SyntheticSource;
+pub(crate) use pacing::UNPACED_BATCH;
+pub(crate) use source::SyntheticSource;
 use world::{Rng, World};
 
 /// Configuration of the synthetic master.

@@ -58,7 +58,7 @@ use super::{CoreContext, CoreWakeup};
 /// provided-buffer ring, and a functional self-test (one multishot recv from the buffer ring
 /// and one `SENDMSG` over a socket pair, bounded by 1 s). `Err` carries a one-line reason for
 /// the log (seccomp, sysctl, old kernel, ...).
-pub fn probe() -> Result<(), String> {
+pub(crate) fn probe() -> Result<(), String> {
     probe::probe()
 }
 
