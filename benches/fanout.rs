@@ -18,8 +18,8 @@ use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 
 use replhub::config::HubConfig;
-use replhub::testing::hub::{Batch, ConnId, Hub, HubOutput, LineMeta, UpstreamEvent};
 use replhub::proto::{fields, json, Command, Rdata, StreamId, Token};
+use replhub::testing::hub::{Batch, ConnId, Hub, HubOutput, LineMeta, UpstreamEvent};
 use replhub::time::Now;
 
 /// Counts live heap bytes, to state the per-connection memory constant.

@@ -12,9 +12,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use replhub::config::{IoBackend, ServeConfig, SourceConfig};
+use replhub::server::Server;
 use replhub::testing::metrics::Limits;
 use replhub::testing::metrics::MetricsServer;
-use replhub::server::Server;
 
 /// Guards every client read: a hung server fails the test instead of hanging it.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);

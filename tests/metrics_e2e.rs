@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use replhub::config::HubConfig;
-use replhub::testing::hub::{Batch, Hub, HubOutput, LineMeta, UpstreamEvent};
 use replhub::proto::StreamId;
+use replhub::testing::hub::{Batch, Hub, HubOutput, LineMeta, UpstreamEvent};
 use replhub::time::Now;
 
 /// Everything the subscriber writes.

@@ -9,13 +9,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use replhub::testing::driver::{new_wakeup, run_core, CoreContext, CoreMsg, Inbox};
-use replhub::time::Clock;
-use replhub::testing::hub::stats::CoreSnapshot;
 use replhub::config::HubConfig;
-use replhub::testing::hub::{UpstreamCmd, UpstreamEvent};
 use replhub::proto::StreamId;
+use replhub::testing::driver::{new_wakeup, run_core, CoreContext, CoreMsg, Inbox};
+use replhub::testing::hub::stats::CoreSnapshot;
+use replhub::testing::hub::{UpstreamCmd, UpstreamEvent};
 use replhub::testing::upstream::index_chunk;
+use replhub::time::Clock;
 use socket2::{Domain, Socket, Type};
 
 const TIMEOUT: Duration = Duration::from_secs(10);

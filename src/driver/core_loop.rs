@@ -83,7 +83,12 @@ fn recycle<'b>(mut v: Vec<IoSlice<'_>>) -> Vec<IoSlice<'b>> {
 
 impl CoreLoop {
     /// A core's loop state around a new hub.
-    pub(super) fn new(index: usize, hub: HubConfig, upstream: Inbox<(usize, UpstreamCmd)>, clock: Clock) -> Self {
+    pub(super) fn new(
+        index: usize,
+        hub: HubConfig,
+        upstream: Inbox<(usize, UpstreamCmd)>,
+        clock: Clock,
+    ) -> Self {
         Self {
             hub: Hub::new(hub),
             index,

@@ -79,13 +79,15 @@ const MAX_FORWARD_QUEUE: usize = 10_000;
 pub(crate) enum SourceCtl {
     /// Reply with the upstream's metrics.
     Snapshot(mpsc::Sender<UpstreamSnapshot>),
-    /// Reply with what waits in the source for each core (tests and diagnostics).
+    /// Reply with what waits in the source for each core (tests).
+    #[cfg(test)]
     Queues(mpsc::Sender<QueueReport>),
     /// Stop: close the upstream connection and return.
     Stop,
 }
 
-/// What waits in the source for the cores, from [`SourceHandle::queues`].
+/// What waits in the source for the cores, from `SourceHandle::queues`.
+#[cfg(test)]
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct QueueReport {
     /// Per core: messages queued in the source behind a full mailbox.
@@ -132,8 +134,8 @@ impl SourceHandle {
     /// Mailboxes for a source thread: the handle, and the receiving halves for the context
     /// (`commands`, `control`, `wakeup`, `stop`).
     #[allow(clippy::type_complexity)]
-    pub(crate) fn new() -> (Self, Receiver<(usize, UpstreamCmd)>, Receiver<SourceCtl>, Arc<Notify>, Arc<AtomicBool>)
-    {
+    pub(crate) fn new(
+    ) -> (Self, Receiver<(usize, UpstreamCmd)>, Receiver<SourceCtl>, Arc<Notify>, Arc<AtomicBool>) {
         let notify = Arc::new(Notify::new());
         let wake: Arc<dyn Fn() + Send + Sync> = {
             let n = Arc::clone(&notify);
@@ -160,6 +162,7 @@ impl SourceHandle {
     }
 
     /// What waits in the source for each core, or `None` if it does not answer within `timeout`.
+    #[cfg(test)]
     pub(crate) fn queues(&self, timeout: Duration) -> Option<QueueReport> {
         let (tx, rx) = mpsc::channel();
         if !self.control.send(SourceCtl::Queues(tx)) {
@@ -253,6 +256,7 @@ impl Source {
                 Ok(SourceCtl::Snapshot(reply)) => {
                     let _ = reply.send(up.snapshot());
                 }
+                #[cfg(test)]
                 Ok(SourceCtl::Queues(reply)) => {
                     let _ = reply.send(self.queue_report());
                 }
@@ -265,6 +269,7 @@ impl Source {
         }
     }
 
+    #[cfg(test)]
     fn queue_report(&self) -> QueueReport {
         QueueReport {
             messages: self.queues.iter().map(|q| q.msgs.len()).collect(),

@@ -49,11 +49,11 @@ pub(crate) use self::user_sync::{Transition, UserSyncMerger};
 
 use std::collections::VecDeque;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use self::conn::Conn;
 use self::stats::CoreStats;
-use crate::proto::{Command, StreamId, StreamMask, SyncState};
+use crate::proto::{StreamId, StreamMask, SyncState};
 use crate::session::SessionConfig;
 
 /// A connection handle: slot index plus a generation, so a stale id never hits a new connection.
@@ -69,18 +69,6 @@ impl std::fmt::Display for ConnId {
     /// `index.generation`, as in the logs.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}", self.index, self.gen)
-    }
-}
-
-impl ConnId {
-    /// Packs into a u64 (e.g. as completion user data).
-    pub const fn to_u64(self) -> u64 {
-        ((self.gen as u64) << 32) | self.index as u64
-    }
-
-    /// Unpacks [`ConnId::to_u64`].
-    pub const fn from_u64(v: u64) -> Self {
-        Self { index: v as u32, gen: (v >> 32) as u32 }
     }
 }
 
@@ -171,9 +159,6 @@ pub enum HubOutput {
     Upstream(UpstreamCmd),
 }
 
-/// Streams a hub serves by default: all 16.
-pub(crate) const SERVED_DEFAULT: StreamMask = StreamMask::ALL;
-
 /// The per-core hub. See the [module docs](self).
 pub struct Hub {
     config: HubConfig,
@@ -235,7 +220,7 @@ impl Hub {
     }
 
     /// Number of live connections.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.conns.len()
     }
 
@@ -245,7 +230,8 @@ impl Hub {
     }
 
     /// Whether `conn` is live.
-    pub fn contains(&self, conn: ConnId) -> bool {
+    #[cfg(test)]
+    pub(crate) fn contains(&self, conn: ConnId) -> bool {
         self.conn(conn).is_some()
     }
 
@@ -259,45 +245,13 @@ impl Hub {
         &self.stats
     }
 
-    /// The server name workers are greeted with, once known.
-    pub fn server_name(&self) -> Option<&str> {
-        self.server_name.as_deref()
-    }
-
-    /// The token `POSITION` would report for a stream now.
-    pub fn token(&self, s: StreamId) -> Option<i64> {
-        self.tokens[s.index()]
-    }
-
-    /// Streams a connection receives, and whether it is closing (for tests and logs).
-    pub fn subscriptions(&self, conn: ConnId) -> Option<StreamMask> {
-        self.conn(conn).map(|c| c.subs.mask)
-    }
-
-    /// The worker's NAME.
-    pub fn conn_name(&self, conn: ConnId) -> Option<&str> {
-        self.conn(conn).and_then(|c| c.name.as_deref())
-    }
-
     /// Bytes of log a connection holds back (its backlog).
-    pub fn backlog_bytes(&self, conn: ConnId) -> Option<u64> {
+    pub(crate) fn backlog_bytes(&self, conn: ConnId) -> Option<u64> {
         Some(self.conn(conn)?.outbox.backlog_bytes(&self.log))
-    }
-
-    /// Whether the upstream link is up, as far as this core knows.
-    pub fn upstream_up(&self) -> bool {
-        self.upstream_up
     }
 
     /// The next output for the driver.
     pub fn poll_output(&mut self) -> Option<HubOutput> {
         self.outputs.pop_front()
-    }
-
-    /// Encodes a private command for tests and tools.
-    pub fn encode(cmd: &Command<'_>) -> Option<Bytes> {
-        let mut b = BytesMut::new();
-        cmd.encode_into(&mut b).ok()?;
-        Some(b.freeze())
     }
 }

@@ -165,6 +165,7 @@ impl<T> SlotMap<T> {
     }
 
     /// Whether `id` is stored.
+    #[cfg(test)]
     pub(crate) fn contains(&self, id: ConnId) -> bool {
         self.get(id).is_some()
     }

@@ -95,17 +95,13 @@ impl<K: Copy + Eq + Hash> UserSyncMerger<K> {
         v
     }
 
-    /// Whether `user` is syncing.
-    pub(crate) fn is_syncing(&self, user: &str) -> bool {
-        self.by_user.contains_key(user)
-    }
-
     /// Number of users syncing.
     pub(crate) fn len(&self) -> usize {
         self.by_user.len()
     }
 
     /// Whether nobody is syncing.
+    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.by_user.is_empty()
     }

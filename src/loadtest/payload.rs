@@ -49,7 +49,7 @@ pub(super) fn min_line_len(stream: StreamId, token: u64) -> usize {
 
 /// The length of the line (with its `\n`) [`write_line`] writes.
 #[cfg(test)]
-pub fn line_len(stream: StreamId, token: u64, size: usize) -> usize {
+pub(super) fn line_len(stream: StreamId, token: u64, size: usize) -> usize {
     size.max(min_line_len(stream, token))
 }
 

@@ -11,6 +11,7 @@
 //! the seed's.
 use std::fmt;
 
+#[cfg(test)]
 use crate::proto::json::{self, Value};
 use crate::proto::StreamId;
 
@@ -174,6 +175,7 @@ pub(crate) fn layout_of_len(layouts: &'static [Layout], len: usize) -> Option<La
 }
 
 /// Why a row does not fit its stream's shape: where (a path of field names), and what.
+#[cfg(test)]
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{path}: {what}")]
 pub(crate) struct ShapeError {
@@ -185,6 +187,7 @@ pub(crate) struct ShapeError {
 
 /// Checks `row` against `stream`'s shape: the layout (by length), every field's type, and for
 /// `[kind, data]` rows a known kind.
+#[cfg(test)]
 pub(crate) fn check(stream: StreamId, row: &Value) -> Result<(), ShapeError> {
     let path = stream.name().to_owned();
     let fail = |path: &str, what: &str| Err(ShapeError { path: path.to_owned(), what: what.to_owned() });
@@ -222,6 +225,7 @@ pub(crate) fn check(stream: StreamId, row: &Value) -> Result<(), ShapeError> {
     }
 }
 
+#[cfg(test)]
 fn check_fields(path: &str, layouts: &'static [Layout], items: &[Value]) -> Result<(), ShapeError> {
     let Some(layout) = layout_of_len(layouts, items.len()) else {
         let lens: Vec<String> = layouts.iter().map(|l| l.len().to_string()).collect();
@@ -236,6 +240,7 @@ fn check_fields(path: &str, layouts: &'static [Layout], items: &[Value]) -> Resu
     Ok(())
 }
 
+#[cfg(test)]
 fn check_value(path: &str, ty: JsonType, v: &Value) -> Result<(), ShapeError> {
     let ok = match ty {
         JsonType::Any => true,

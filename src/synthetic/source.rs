@@ -54,11 +54,6 @@ impl SyntheticSource {
         }
     }
 
-    /// The generator's settings.
-    pub(crate) fn config(&self) -> &SyntheticConfig {
-        self.gen.config()
-    }
-
     /// The current token of every generated stream (`None` for streams not generated).
     pub(crate) fn positions(&self) -> [Option<i64>; StreamId::COUNT] {
         let mask = self.gen.config().streams;
@@ -158,6 +153,7 @@ impl SyntheticSource {
     }
 
     /// Forwarded commands the synthetic master dropped (everything but `REMOTE_SERVER_UP`).
+    #[cfg(test)]
     pub(crate) fn dropped_commands(&self) -> u64 {
         self.dropped_commands
     }

@@ -141,12 +141,8 @@ impl UpstreamLink {
         }
     }
 
-    /// The configuration.
-    pub(crate) fn config(&self) -> &LinkConfig {
-        &self.config
-    }
-
     /// Whether a TCP connection is in use (handshake done or not).
+    #[cfg(test)]
     pub(crate) fn is_connected(&self) -> bool {
         self.conn.is_some()
     }
@@ -157,11 +153,13 @@ impl UpstreamLink {
     }
 
     /// The master's server name on the current connection, once it sent `SERVER`.
+    #[cfg(test)]
     pub(crate) fn server_name(&self) -> Option<&str> {
         self.conn.as_ref().and_then(|c| c.server_name.as_deref())
     }
 
     /// The latest token seen per stream (POSITION at the handshake, then each RDATA).
+    #[cfg(test)]
     pub(crate) fn tokens(&self) -> [Option<i64>; StreamId::COUNT] {
         self.tokens
     }
@@ -412,11 +410,13 @@ impl UpstreamLink {
     }
 
     /// Forwarded commands dropped because the queue was full while disconnected.
+    #[cfg(test)]
     pub(crate) fn forward_dropped(&self) -> u64 {
         self.stats.forward_dropped
     }
 
     /// RDATA lines from the master that were not relayed: (unknown stream, malformed).
+    #[cfg(test)]
     pub(crate) fn dropped_rdata(&self) -> (u64, u64) {
         (self.stats.unknown_stream_rdata, self.stats.malformed_rdata)
     }
