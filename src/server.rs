@@ -382,6 +382,8 @@ fn stop_cores(cores: &[Inbox<CoreMsg>], threads: Vec<JoinHandle<anyhow::Result<(
     }
 }
 
+// A real deadline on a channel of real threads: this waits in the I/O layer, not in sans-IO code.
+#[allow(clippy::disallowed_methods)]
 fn collect_snapshots(cores: &[Inbox<CoreMsg>], timeout: Duration) -> Vec<CoreSnapshot> {
     let (tx, rx) = mpsc::channel();
     let mut asked = 0;

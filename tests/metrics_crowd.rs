@@ -2,6 +2,8 @@
 //! at once however many connections are silent, trickle their request a byte at a time, or
 //! read their response and keep the socket open; the connection cap closes the oldest idle
 //! connection to make room, and refuses (`503`) only when every slot is waiting for a render.
+// Integration tests wait for real processes and sockets with real deadlines.
+#![allow(clippy::disallowed_methods)]
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};

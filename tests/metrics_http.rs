@@ -1,5 +1,7 @@
 //! The `/metrics` endpoint over real loopback TCP: routing, status codes, and that a silent
 //! client cannot block later scrapes (`metrics_crowd.rs` does the same with hundreds).
+// Integration tests wait for real processes and sockets with real deadlines.
+#![allow(clippy::disallowed_methods)]
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};

@@ -1,6 +1,8 @@
 //! The io_uring driver on real loopback sockets, driven directly through `run_core` (no server
 //! glue): handshake, POSITION, byte-identical relay, slow-consumer eviction, forwarding,
 //! closes, shutdown, and many connections at once.
+// Integration tests wait for real processes and sockets with real deadlines.
+#![allow(clippy::disallowed_methods)]
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc::{self, Receiver};

@@ -794,6 +794,8 @@ mod tests {
     /// limit, and stops exactly there; when the core drains again, it gets every batch in order
     /// and the source resumes.
     #[test]
+    // Measures how long the stalled source waits on real threads.
+    #[allow(clippy::disallowed_methods)]
     fn a_stalled_core_slows_the_source_only_past_the_limit() {
         const LIMIT: u64 = 256 << 10;
         let synthetic = SourceConfig::Synthetic { rate: 0, line_size: None };
