@@ -280,11 +280,15 @@ impl Server {
     }
 
     /// Every core's metrics snapshot (cores that do not answer within `timeout` are left out).
+    // Hidden: the snapshot types are internals (reachable through `testing`); the integration
+    // tests read them, embedders scrape `/metrics`.
+    #[doc(hidden)]
     pub fn core_snapshots(&self, timeout: Duration) -> Vec<CoreSnapshot> {
         collect_snapshots(&self.cores, timeout)
     }
 
     /// The source's metrics snapshot.
+    #[doc(hidden)]
     pub fn upstream_snapshot(&self, timeout: Duration) -> Option<UpstreamSnapshot> {
         self.source.snapshot(timeout)
     }

@@ -2,7 +2,7 @@
 //!
 //! Each received line is printed as it came (stdout is buffered and flushed once per read).
 //! With `--decode`, RDATA rows are printed as JSON objects named after PROTOCOL.md §6 (the
-//! names come from the row-shape table in [`crate::synthetic::shape`]), e.g.
+//! names come from the row-shape table in `synthetic::shape`), e.g.
 //! `{"stream":"events","token":5322,"row":{"kind":"ev","event_id":"$e1:example.com",...}}`
 //! (`"token":"batch"` for a row whose group continues). A row whose shape does not match its
 //! stream's is printed as the raw array (`"row":[...]`).

@@ -23,7 +23,7 @@ pub struct LineMeta {
     pub start: u32,
     /// Byte offset one past the line's `\n`.
     pub end: u32,
-    /// Stream index (`StreamId as u8`) or [`BROADCAST`].
+    /// Stream index (`StreamId as u8`) or `BROADCAST`.
     pub stream: u8,
     /// The RDATA token; `None` for `batch` (the run continues) and for broadcast lines.
     pub token: Option<i64>,

@@ -159,7 +159,7 @@ pub enum HubOutput {
     Upstream(UpstreamCmd),
 }
 
-/// The per-core hub. See the [module docs](self).
+/// The per-core hub. See the `hub` module docs.
 pub struct Hub {
     config: HubConfig,
     log: Log,

@@ -56,7 +56,7 @@ use world::{Rng, World};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SyntheticConfig {
     /// Lines per second; 0 = unpaced ("as fast as asked": [`Synthetic::due`] always offers
-    /// [`UNPACED_BATCH`]).
+    /// `UNPACED_BATCH`).
     pub rate: u64,
     /// Seed of the row generator: the same seed gives the same rows and tokens.
     pub seed: u64,
