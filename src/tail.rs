@@ -181,7 +181,7 @@ impl JsonView for json::Value {
 
 /// Decodes RDATA rows into named JSON objects, reusing its buffers.
 #[derive(Default)]
-pub struct RowDecoder {
+pub(crate) struct RowDecoder {
     scratch: Vec<u8>,
     out: Vec<u8>,
 }
@@ -189,7 +189,7 @@ pub struct RowDecoder {
 impl RowDecoder {
     /// `{"stream":..,"token":..,"row":..}` for one RDATA row (see the module docs). A row
     /// that is not JSON at all is given as a string under `"invalid_row"`.
-    pub fn decode(&mut self, stream: &str, token: Token, row: &[u8]) -> &[u8] {
+    pub(crate) fn decode(&mut self, stream: &str, token: Token, row: &[u8]) -> &[u8] {
         self.out.clear();
         self.out.extend_from_slice(b"{\"stream\":");
         json::write_str(&mut self.out, stream);
