@@ -6,7 +6,8 @@
 //!        └──── merged USER_SYNC, FEDERATION_ACK, USER_IP, ... ◄─────────────────────────────┘
 //! ```
 //!
-//! Layers (see `ARCHITECTURE.md` at the repository root for the code map):
+//! Layers (see `ARCHITECTURE.md` at the repository root for the code map; the modules without
+//! a link are crate-private):
 //! - [`proto`]: sans-IO line splitting, command words, lazy field parsing, encoding, JSON.
 //! - [`session`]: one connection's protocol state machine (both roles), time passed in.
 //! - `hub`: per-core fan-out: the shared log, cursors, subscriptions, slow-consumer policy.
@@ -14,6 +15,7 @@
 //! - `driver`: the I/O: `epoll` (tokio) and `uring` (io_uring), thread per core.
 //! - [`client`]: the public client library (used by `tail`, `loadtest` and tests).
 //! - `metrics`, [`config`]: Prometheus exposition and typed configuration.
+//! - [`server`]: a running hub (threads, listeners, metrics endpoint); [`time`]: the clock.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 // The public API: the codec, the session state machine, the client library, configuration,
@@ -33,9 +35,9 @@ mod synthetic;
 mod upstream;
 
 // The `loadtest` and `tail` subcommands of the binary (src/cli.rs) live in the library so that
-// tests can run them in-process; they are tools, not API.
-// The load generator measures wall-clock latency and throughput of real sockets: it reads the
-// time directly (clippy.toml disallows that elsewhere).
+// tests can run them in-process; they are tools, not API. The load generator measures the
+// wall-clock latency and throughput of real sockets, so it reads the time directly
+// (clippy.toml disallows that elsewhere).
 #[allow(clippy::disallowed_methods)]
 #[doc(hidden)]
 pub mod loadtest;
