@@ -5,6 +5,10 @@
 //! Both sides stop at the bytes handed to the kernel (the hub: the gathered iovecs; the
 //! baseline: a per-connection buffer), so the kernel's copy, equal for both, is left out.
 //! `Throughput::Elements` counts delivered lines (lines × subscribers).
+
+// The bench measures memory with a counting global allocator and CPU time with
+// `clock_gettime(CLOCK_THREAD_CPUTIME_ID)`; both need `unsafe`, which the crate otherwise denies.
+#![allow(unsafe_code)]
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,8 +17,9 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 
-use replhub::hub::{Batch, ConnId, Hub, HubConfig, HubOutput, LineMeta, UpstreamEvent};
+use replhub::config::HubConfig;
 use replhub::proto::{fields, json, Command, Rdata, StreamId, Token};
+use replhub::testing::hub::{Batch, ConnId, Hub, HubOutput, LineMeta, UpstreamEvent};
 use replhub::time::Now;
 
 /// Counts live heap bytes, to state the per-connection memory constant.
@@ -81,7 +86,7 @@ fn make_batch(lines: &[Bytes]) -> Arc<Batch> {
 struct Setup {
     hub: Hub,
     now: Now,
-    dirty: Vec<replhub::hub::ConnId>,
+    dirty: Vec<replhub::testing::hub::ConnId>,
 }
 
 fn hub_with(subscribers: usize) -> Setup {
@@ -264,8 +269,8 @@ fn loopback_pair() -> (std::net::TcpStream, std::net::TcpStream) {
 /// socket. Here every connection reads the same live socket: the cost is the two syscalls.
 fn kernel_queues_of(fd: std::os::fd::RawFd) -> impl Fn(ConnId) -> (u64, u64) + Copy {
     move |_| {
-        let outq = replhub::driver::sockq::send_queue(fd).map_or(0, u64::from);
-        let inq = replhub::driver::sockq::recv_queue(fd).map_or(0, u64::from);
+        let outq = replhub::testing::driver::sockq::send_queue(fd).map_or(0, u64::from);
+        let inq = replhub::testing::driver::sockq::recv_queue(fd).map_or(0, u64::from);
         (outq, inq)
     }
 }

@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use replhub::proto::json::{self, Value};
 use replhub::proto::StreamMask;
-use replhub::synthetic::{Synthetic, SyntheticConfig};
+use replhub::testing::synthetic::{Synthetic, SyntheticConfig};
 use replhub::time::Now;
 
 fn sample_rows() -> Vec<String> {

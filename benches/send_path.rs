@@ -1,5 +1,5 @@
 //! The driver's send path over real loopback TCP: one gathered write to each of N sockets,
-//! through the io_uring driver's submissions (`driver::uring::bench::SendRing`: a ring built
+//! through the io_uring driver's submissions (`testing::driver::SendRing`: a ring built
 //! like a core's, the core loop's `SENDMSG` preparation, submitted together and every
 //! completion reaped) next to a plain `writev` loop, in the same run.
 //!
@@ -9,13 +9,20 @@
 //! receiving ends are emptied with `MSG_TRUNC` (no copy), so no send ever finds a full socket.
 //! `Throughput::Elements` counts lines delivered (lines × sockets), so the figures read as
 //! ns per delivery like the load test's.
+
+// The baseline is a raw `writev` loop and the drain a raw `recv(MSG_TRUNC)`: libc calls, each
+// with its SAFETY comment, in a bench that is not part of the crate.
+#![allow(unsafe_code)]
+// A bench times with the wall clock; only the product code must read it through `time::Clock`.
+#![allow(clippy::disallowed_methods)]
+
 use std::io::IoSlice;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use replhub::driver::uring;
+use replhub::testing::driver as uring;
 
 const LINE: usize = 300;
 const LINES: usize = 16;
@@ -131,7 +138,7 @@ fn send_path(c: &mut Criterion) {
             });
         });
         if uring_ok {
-            let mut ring = uring::bench::SendRing::new(n).expect("ring");
+            let mut ring = uring::SendRing::new(n).expect("ring");
             group.bench_with_input(BenchmarkId::new(format!("uring/{shape}"), n), &n, |bch, _| {
                 bch.iter_custom(|iters| {
                     let mut spent = Duration::ZERO;

@@ -16,7 +16,7 @@ use replhub::server::Server;
 /// A fan-out hub for Synapse's TCP replication protocol: one upstream, thousands of workers.
 #[derive(Debug, Parser)]
 #[command(name = "replhub", version, about, long_about = None, propagate_version = true)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }
@@ -87,7 +87,7 @@ struct TailArgs {
 }
 
 /// Parses the command line and runs; the process exit code.
-pub fn main() -> ExitCode {
+pub(crate) fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // Prints help/version to stdout (exit 0) or the error with usage to stderr (exit 2).

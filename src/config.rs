@@ -9,7 +9,10 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
-use crate::hub::HubConfig;
+/// The hub's tunables, a field of [`ServeConfig`].
+pub use crate::hub::HubConfig;
+/// How the upstream link backs off between dials ([`crate::server::Server::start_with`]).
+pub use crate::upstream::BackoffConfig;
 
 /// Which I/O backend to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
@@ -73,16 +76,12 @@ pub struct ServeConfig {
     pub hub: HubConfig,
 }
 
-/// Default worker-facing listen address.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:9092";
-/// Default `/metrics` address.
-pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9093";
 /// Default `NAME` replhub announces to its upstream.
-pub const DEFAULT_CLIENT_NAME: &str = "replhub";
+pub(crate) const DEFAULT_CLIENT_NAME: &str = "replhub";
 /// Server name of the synthetic master unless `--server-name` says otherwise.
-pub const DEFAULT_SYNTHETIC_SERVER_NAME: &str = "localhost";
+pub(crate) const DEFAULT_SYNTHETIC_SERVER_NAME: &str = "localhost";
 /// Most core threads accepted (a typo guard, not a design limit).
-pub const MAX_THREADS: usize = 1024;
+pub(crate) const MAX_THREADS: usize = 1024;
 
 impl ServeConfig {
     /// A configuration with every default, serving `source` (tests and embedders start here).

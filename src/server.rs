@@ -280,11 +280,15 @@ impl Server {
     }
 
     /// Every core's metrics snapshot (cores that do not answer within `timeout` are left out).
+    // Hidden: the snapshot types are internals (reachable through `testing`); the integration
+    // tests read them, embedders scrape `/metrics`.
+    #[doc(hidden)]
     pub fn core_snapshots(&self, timeout: Duration) -> Vec<CoreSnapshot> {
         collect_snapshots(&self.cores, timeout)
     }
 
     /// The source's metrics snapshot.
+    #[doc(hidden)]
     pub fn upstream_snapshot(&self, timeout: Duration) -> Option<UpstreamSnapshot> {
         self.source.snapshot(timeout)
     }
@@ -382,6 +386,8 @@ fn stop_cores(cores: &[Inbox<CoreMsg>], threads: Vec<JoinHandle<anyhow::Result<(
     }
 }
 
+// A real deadline on a channel of real threads: this waits in the I/O layer, not in sans-IO code.
+#[allow(clippy::disallowed_methods)]
 fn collect_snapshots(cores: &[Inbox<CoreMsg>], timeout: Duration) -> Vec<CoreSnapshot> {
     let (tx, rx) = mpsc::channel();
     let mut asked = 0;

@@ -2,7 +2,7 @@
 //!
 //! Each received line is printed as it came (stdout is buffered and flushed once per read).
 //! With `--decode`, RDATA rows are printed as JSON objects named after PROTOCOL.md §6 (the
-//! names come from the row-shape table in [`crate::synthetic::shape`]), e.g.
+//! names come from the row-shape table in `synthetic::shape`), e.g.
 //! `{"stream":"events","token":5322,"row":{"kind":"ev","event_id":"$e1:example.com",...}}`
 //! (`"token":"batch"` for a row whose group continues). A row whose shape does not match its
 //! stream's is printed as the raw array (`"row":[...]`).
@@ -181,7 +181,7 @@ impl JsonView for json::Value {
 
 /// Decodes RDATA rows into named JSON objects, reusing its buffers.
 #[derive(Default)]
-pub struct RowDecoder {
+pub(crate) struct RowDecoder {
     scratch: Vec<u8>,
     out: Vec<u8>,
 }
@@ -189,7 +189,7 @@ pub struct RowDecoder {
 impl RowDecoder {
     /// `{"stream":..,"token":..,"row":..}` for one RDATA row (see the module docs). A row
     /// that is not JSON at all is given as a string under `"invalid_row"`.
-    pub fn decode(&mut self, stream: &str, token: Token, row: &[u8]) -> &[u8] {
+    pub(crate) fn decode(&mut self, stream: &str, token: Token, row: &[u8]) -> &[u8] {
         self.out.clear();
         self.out.extend_from_slice(b"{\"stream\":");
         json::write_str(&mut self.out, stream);

@@ -1,5 +1,7 @@
 //! The operator's kit in `contrib/`: the Grafana dashboard queries only metrics that a real
 //! replhub exports, and the example config of the service unit is one the real parser accepts.
+// Integration tests wait for real processes and sockets with real deadlines.
+#![allow(clippy::disallowed_methods)]
 mod common;
 
 use std::collections::BTreeSet;

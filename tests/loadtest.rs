@@ -1,6 +1,8 @@
 //! `replhub loadtest` end to end, kept small (a few seconds): every line reaches every
 //! subscriber, in order, and the report adds up. The Redis mode runs against a real
 //! `redis-server` when one is installed (the test says so and passes when it is not).
+// Integration tests wait for real processes and sockets with real deadlines.
+#![allow(clippy::disallowed_methods)]
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -2,6 +2,8 @@
 //! at once however many connections are silent, trickle their request a byte at a time, or
 //! read their response and keep the socket open; the connection cap closes the oldest idle
 //! connection to make room, and refuses (`503`) only when every slot is waiting for a render.
+// Integration tests wait for real processes and sockets with real deadlines.
+#![allow(clippy::disallowed_methods)]
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -12,9 +14,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use replhub::config::{IoBackend, ServeConfig, SourceConfig};
-use replhub::metrics::http::Limits;
-use replhub::metrics::MetricsServer;
 use replhub::server::Server;
+use replhub::testing::metrics::Limits;
+use replhub::testing::metrics::MetricsServer;
 
 /// Guards every client read: a hung server fails the test instead of hanging it.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);

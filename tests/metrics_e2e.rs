@@ -9,8 +9,9 @@ use std::io::{self, IoSlice, Write};
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use replhub::hub::{Batch, Hub, HubConfig, HubOutput, LineMeta, UpstreamEvent};
+use replhub::config::HubConfig;
 use replhub::proto::StreamId;
+use replhub::testing::hub::{Batch, Hub, HubOutput, LineMeta, UpstreamEvent};
 use replhub::time::Now;
 
 /// Everything the subscriber writes.

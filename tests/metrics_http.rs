@@ -1,14 +1,16 @@
 //! The `/metrics` endpoint over real loopback TCP: routing, status codes, and that a silent
 //! client cannot block later scrapes (`metrics_crowd.rs` does the same with hundreds).
+// Integration tests wait for real processes and sockets with real deadlines.
+#![allow(clippy::disallowed_methods)]
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use replhub::hub::stats::{ConnPhase, ConnSample, CoreSnapshot, CoreStats};
-use replhub::metrics::http::Limits;
-use replhub::metrics::snapshot::UpstreamSnapshot;
-use replhub::metrics::{render, MetricsServer, RenderInfo};
+use replhub::testing::hub::stats::{ConnPhase, ConnSample, CoreSnapshot, CoreStats};
+use replhub::testing::metrics::Limits;
+use replhub::testing::metrics::UpstreamSnapshot;
+use replhub::testing::metrics::{render, MetricsServer, RenderInfo};
 
 /// Guards every client read: a hung server fails the test instead of hanging it.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);

@@ -1,5 +1,7 @@
 //! The `replhub` binary: help, clear errors for bad flags and config files (never a panic),
 //! the one backend log line, and a graceful stop on SIGTERM.
+// Integration tests wait for real processes and sockets with real deadlines.
+#![allow(clippy::disallowed_methods)]
 mod common;
 
 use std::io::{BufRead, BufReader};

@@ -1,4 +1,6 @@
 //! The server integration tests (tests/common/serve.rs) on the epoll (tokio) driver.
+// Integration tests wait for real processes and sockets with real deadlines.
+#![allow(clippy::disallowed_methods)]
 #[macro_use]
 mod common;
 

@@ -1,6 +1,8 @@
 //! The io_uring driver on real loopback sockets, driven directly through `run_core` (no server
 //! glue): handshake, POSITION, byte-identical relay, slow-consumer eviction, forwarding,
 //! closes, shutdown, and many connections at once.
+// Integration tests wait for real processes and sockets with real deadlines.
+#![allow(clippy::disallowed_methods)]
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc::{self, Receiver};
@@ -9,11 +11,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use replhub::driver::{uring, Clock, CoreContext, CoreMsg, Inbox};
-use replhub::hub::stats::CoreSnapshot;
-use replhub::hub::{HubConfig, UpstreamCmd, UpstreamEvent};
+use replhub::config::HubConfig;
 use replhub::proto::StreamId;
-use replhub::upstream::batch::index_chunk;
+use replhub::testing::driver::{new_wakeup, run_core, CoreContext, CoreMsg, Inbox};
+use replhub::testing::hub::stats::CoreSnapshot;
+use replhub::testing::hub::{UpstreamCmd, UpstreamEvent};
+use replhub::testing::upstream::index_chunk;
+use replhub::time::Clock;
 use socket2::{Domain, Socket, Type};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,7 +38,7 @@ impl Core {
         socket.set_nonblocking(true).unwrap();
         let listener: std::net::TcpListener = socket.into();
         let addr = listener.local_addr().unwrap();
-        let (wakeup, wake) = uring::new_wakeup().unwrap();
+        let (wakeup, wake) = new_wakeup().unwrap();
         let (inbox, rx) = Inbox::new(wake);
         let (upstream_tx, upstream) = Inbox::new(Arc::new(|| {}));
         let ctx = CoreContext {
@@ -46,7 +50,7 @@ impl Core {
             upstream: upstream_tx,
             clock: Clock::new(),
         };
-        let thread = std::thread::spawn(move || uring::run_core(ctx));
+        let thread = std::thread::spawn(move || run_core(ctx));
         let core = Self { addr, inbox, upstream, thread: Some(thread) };
         core.inbox.send(CoreMsg::Upstream(UpstreamEvent::Connected {
             server_name: "master.example".to_owned(),

@@ -22,10 +22,11 @@ use std::sync::OnceLock;
 use arbitrary::Arbitrary;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use replhub::hub::sim::{Capacity, Sim};
-use replhub::hub::{ConnId, HubConfig, UpstreamCmd, UpstreamEvent};
+use replhub::config::HubConfig;
 use replhub::proto::{parse_line, Line, Role, StreamId, SyncState, Token, MAX_LINE_LEN};
 use replhub::session::SessionConfig;
+use replhub::testing::hub::sim::{Capacity, Sim};
+use replhub::testing::hub::{ConnId, UpstreamCmd, UpstreamEvent};
 
 /// Hub settings the input picks: small bounds so that evictions and partial gathers happen.
 #[derive(Arbitrary, Debug)]

@@ -5,9 +5,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use replhub::hub::sim::{Capacity, Sim};
-use replhub::hub::HubConfig;
+use replhub::config::HubConfig;
 use replhub::proto::{CommandWord, StreamId, Token, MAX_LINE_LEN};
+use replhub::testing::hub::sim::{Capacity, Sim};
 
 fuzz_target!(|data: &[u8]| {
     let config = HubConfig { max_pending_bytes: 16 * 1024, ..HubConfig::default() };

@@ -83,7 +83,12 @@ fn recycle<'b>(mut v: Vec<IoSlice<'_>>) -> Vec<IoSlice<'b>> {
 
 impl CoreLoop {
     /// A core's loop state around a new hub.
-    pub fn new(index: usize, hub: HubConfig, upstream: Inbox<(usize, UpstreamCmd)>, clock: Clock) -> Self {
+    pub(super) fn new(
+        index: usize,
+        hub: HubConfig,
+        upstream: Inbox<(usize, UpstreamCmd)>,
+        clock: Clock,
+    ) -> Self {
         Self {
             hub: Hub::new(hub),
             index,
@@ -96,23 +101,23 @@ impl CoreLoop {
     }
 
     /// The current time.
-    pub fn now(&self) -> Now {
+    pub(super) fn now(&self) -> Now {
         self.clock.now()
     }
 
     /// The process clock.
-    pub fn clock(&self) -> Clock {
+    pub(super) fn clock(&self) -> Clock {
         self.clock
     }
 
     /// When the shutdown grace ends, once shutting down.
-    pub fn stop_at_ms(&self) -> Option<u64> {
+    pub(super) fn stop_at_ms(&self) -> Option<u64> {
         self.stop_at_ms
     }
 
     /// Handles every queued message (batches coalesce into one flush). `Shutdown`, or the
     /// mailbox gone, starts the shutdown grace ([`CoreLoop::stop_at_ms`]).
-    pub fn drain_inbox(&mut self, inbox: &Receiver<CoreMsg>, sockets: &impl Sockets, now: Now) {
+    pub(super) fn drain_inbox(&mut self, inbox: &Receiver<CoreMsg>, sockets: &impl Sockets, now: Now) {
         loop {
             match inbox.try_recv() {
                 Ok(CoreMsg::Batch(batch)) => self.hub.on_batch(batch, now),
@@ -137,7 +142,7 @@ impl CoreLoop {
     }
 
     /// `ERROR server shutting down` to everyone; the grace starts.
-    pub fn begin_shutdown(&mut self, now: Now) {
+    pub(super) fn begin_shutdown(&mut self, now: Now) {
         if self.stop_at_ms.is_none() {
             tracing::debug!(core = self.index, "shutting down");
             self.stop_at_ms = Some(now.mono_ms + SHUTDOWN_GRACE_MS);
@@ -147,7 +152,7 @@ impl CoreLoop {
 
     /// One loop turn's work: hub outputs, then one gathered write for every dirty connection,
     /// until neither is left.
-    pub fn turn(&mut self, sockets: &mut impl Sockets, now: Now) {
+    pub(super) fn turn(&mut self, sockets: &mut impl Sockets, now: Now) {
         let mut dirty = std::mem::take(&mut self.dirty);
         loop {
             let mut any = false;
@@ -186,7 +191,7 @@ impl CoreLoop {
 
     /// The outcome of a write of `len` bytes to `id`: progress for the hub, then a wait for
     /// room after a short write, or the end of the connection after an error.
-    pub fn written(
+    pub(super) fn written(
         &mut self,
         sockets: &mut impl Sockets,
         id: ConnId,
@@ -215,7 +220,7 @@ impl CoreLoop {
 
     /// After the last socket is gone: forwards what the hub still owes the upstream (the
     /// USER_SYNC ends of the connections just closed); closes are moot by now.
-    pub fn flush_upstream(&mut self) {
+    pub(super) fn flush_upstream(&mut self) {
         while let Some(out) = self.hub.poll_output() {
             if let HubOutput::Upstream(cmd) = out {
                 self.forward(cmd);

@@ -38,7 +38,7 @@ const READ_BUF: usize = 64 << 10;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// A wake-up for a core running this driver (a tokio `Notify`), and the function that fires it.
-pub fn new_wakeup() -> (CoreWakeup, Arc<dyn Fn() + Send + Sync>) {
+pub(crate) fn new_wakeup() -> (CoreWakeup, Arc<dyn Fn() + Send + Sync>) {
     let notify = Arc::new(Notify::new());
     let fire = Arc::clone(&notify);
     (CoreWakeup::Notify(notify), Arc::new(move || fire.notify_one()))
@@ -46,7 +46,7 @@ pub fn new_wakeup() -> (CoreWakeup, Arc<dyn Fn() + Send + Sync>) {
 
 /// Runs one core on the calling thread until it is told to shut down (or its mailbox is
 /// dropped): a current-thread runtime and a `LocalSet` around this core's [`Hub`].
-pub fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
+pub(crate) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
     let CoreContext { index, listener, hub, inbox, wakeup, upstream, clock } = ctx;
     let CoreWakeup::Notify(notify) = wakeup else {
         anyhow::bail!("core {index}: the epoll driver needs a Notify wake-up, not an eventfd");

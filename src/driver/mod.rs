@@ -12,10 +12,14 @@
 //! that runs the upstream link or the synthetic master and hands every batch to every core
 //! (one message per core per batch). The drivers hold the sockets and nothing else.
 mod core_loop;
-pub mod epoll;
+pub(crate) mod epoll;
+// The two places `unsafe` is allowed (the crate denies it elsewhere): the ioctl wrapper and
+// the io_uring driver, which hands the kernel buffers and reads its completions.
+#[allow(unsafe_code)]
 pub mod sockq;
-pub mod source;
-pub mod uring;
+pub(crate) mod source;
+#[allow(unsafe_code)]
+pub(crate) mod uring;
 
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -23,7 +27,7 @@ use std::sync::Arc;
 use crate::hub::stats::CoreSnapshot;
 use crate::hub::{Batch, HubConfig, UpstreamCmd, UpstreamEvent};
 /// Re-exported for the source thread; the clock lives beside [`crate::time::Now`].
-pub use crate::time::Clock;
+pub(crate) use crate::time::Clock;
 
 /// A message for one core, in order with the batches.
 // `Upstream` is large (a token per stream) but rare (one per upstream connect); boxing it would

@@ -62,13 +62,13 @@ use crate::upstream::SyntheticSource;
 const READ_RESERVE: usize = 256 << 10;
 /// Read data held back for a busy core (see the module doc) is cut into a batch once this much
 /// is buffered, whether or not the core has caught up.
-pub const COALESCE_BYTES: usize = 64 << 10;
+pub(crate) const COALESCE_BYTES: usize = 64 << 10;
 /// How often the source retries a full mailbox while it holds read data or queued messages for
 /// a core (a mailbox has no "taken" signal). The timer wheel's 1 ms is the finest tokio offers;
 /// every read retries too, so under load the retry is much sooner.
-pub const HOLD_RETRY: Duration = Duration::from_millis(1);
+pub(crate) const HOLD_RETRY: Duration = Duration::from_millis(1);
 /// Held read data is cut into a batch once the oldest of it is this old, busy core or not.
-pub const HOLD_MAX: Duration = Duration::from_millis(5);
+pub(crate) const HOLD_MAX: Duration = Duration::from_millis(5);
 /// Give up dialing after this long (then back off and retry).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default forward-queue bound while the upstream is down.
@@ -76,18 +76,20 @@ const MAX_FORWARD_QUEUE: usize = 10_000;
 
 /// Control requests for the source thread.
 #[derive(Debug)]
-pub enum SourceCtl {
+pub(crate) enum SourceCtl {
     /// Reply with the upstream's metrics.
     Snapshot(mpsc::Sender<UpstreamSnapshot>),
-    /// Reply with what waits in the source for each core (tests and diagnostics).
+    /// Reply with what waits in the source for each core (tests).
+    #[cfg(test)]
     Queues(mpsc::Sender<QueueReport>),
     /// Stop: close the upstream connection and return.
     Stop,
 }
 
-/// What waits in the source for the cores, from [`SourceHandle::queues`].
+/// What waits in the source for the cores, from `SourceHandle::queues`.
+#[cfg(test)]
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct QueueReport {
+pub(crate) struct QueueReport {
     /// Per core: messages queued in the source behind a full mailbox.
     pub messages: Vec<usize>,
     /// Per core: batch bytes among those messages.
@@ -99,7 +101,7 @@ pub struct QueueReport {
 }
 
 /// Everything the source thread starts with.
-pub struct SourceContext {
+pub(crate) struct SourceContext {
     /// Where the data comes from.
     pub source: SourceConfig,
     /// The hub settings (timing constants, the configured server name).
@@ -122,7 +124,7 @@ pub struct SourceContext {
 
 /// The sending side of the source thread's mailboxes. Cloneable and shareable.
 #[derive(Clone)]
-pub struct SourceHandle {
+pub(crate) struct SourceHandle {
     commands: Inbox<(usize, UpstreamCmd)>,
     control: Inbox<SourceCtl>,
     stop: Arc<AtomicBool>,
@@ -132,8 +134,8 @@ impl SourceHandle {
     /// Mailboxes for a source thread: the handle, and the receiving halves for the context
     /// (`commands`, `control`, `wakeup`, `stop`).
     #[allow(clippy::type_complexity)]
-    pub fn new() -> (Self, Receiver<(usize, UpstreamCmd)>, Receiver<SourceCtl>, Arc<Notify>, Arc<AtomicBool>)
-    {
+    pub(crate) fn new(
+    ) -> (Self, Receiver<(usize, UpstreamCmd)>, Receiver<SourceCtl>, Arc<Notify>, Arc<AtomicBool>) {
         let notify = Arc::new(Notify::new());
         let wake: Arc<dyn Fn() + Send + Sync> = {
             let n = Arc::clone(&notify);
@@ -146,12 +148,12 @@ impl SourceHandle {
     }
 
     /// The mailbox the cores send their upstream commands to.
-    pub fn commands(&self) -> Inbox<(usize, UpstreamCmd)> {
+    pub(crate) fn commands(&self) -> Inbox<(usize, UpstreamCmd)> {
         self.commands.clone()
     }
 
     /// The upstream's metrics, or `None` if the source does not answer within `timeout`.
-    pub fn snapshot(&self, timeout: Duration) -> Option<UpstreamSnapshot> {
+    pub(crate) fn snapshot(&self, timeout: Duration) -> Option<UpstreamSnapshot> {
         let (tx, rx) = mpsc::channel();
         if !self.control.send(SourceCtl::Snapshot(tx)) {
             return None;
@@ -160,7 +162,8 @@ impl SourceHandle {
     }
 
     /// What waits in the source for each core, or `None` if it does not answer within `timeout`.
-    pub fn queues(&self, timeout: Duration) -> Option<QueueReport> {
+    #[cfg(test)]
+    pub(crate) fn queues(&self, timeout: Duration) -> Option<QueueReport> {
         let (tx, rx) = mpsc::channel();
         if !self.control.send(SourceCtl::Queues(tx)) {
             return None;
@@ -169,14 +172,14 @@ impl SourceHandle {
     }
 
     /// Asks the source to stop (it closes the upstream connection and returns).
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.control.send(SourceCtl::Stop);
     }
 }
 
 /// Runs the source on the calling thread until [`SourceHandle::stop`].
-pub fn run(ctx: SourceContext) -> anyhow::Result<()> {
+pub(crate) fn run(ctx: SourceContext) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         let queues = ctx.cores.iter().map(|_| CoreQueue::default()).collect();
@@ -253,6 +256,7 @@ impl Source {
                 Ok(SourceCtl::Snapshot(reply)) => {
                     let _ = reply.send(up.snapshot());
                 }
+                #[cfg(test)]
                 Ok(SourceCtl::Queues(reply)) => {
                     let _ = reply.send(self.queue_report());
                 }
@@ -265,6 +269,7 @@ impl Source {
         }
     }
 
+    #[cfg(test)]
     fn queue_report(&self) -> QueueReport {
         QueueReport {
             messages: self.queues.iter().map(|q| q.msgs.len()).collect(),
@@ -789,6 +794,8 @@ mod tests {
     /// limit, and stops exactly there; when the core drains again, it gets every batch in order
     /// and the source resumes.
     #[test]
+    // Measures how long the stalled source waits on real threads.
+    #[allow(clippy::disallowed_methods)]
     fn a_stalled_core_slows_the_source_only_past_the_limit() {
         const LIMIT: u64 = 256 << 10;
         let synthetic = SourceConfig::Synthetic { rate: 0, line_size: None };

@@ -23,7 +23,7 @@ pub(super) enum CloseState {
 
 impl CloseState {
     /// Why the connection closes, once decided.
-    pub fn reason(self) -> Option<CloseReason> {
+    pub(super) fn reason(self) -> Option<CloseReason> {
         match self {
             Self::Open => None,
             Self::Closing(r) | Self::CloseEmitted(r) | Self::AbortEmitted(r) => Some(r),
@@ -31,17 +31,17 @@ impl CloseState {
     }
 
     /// Whether a close was decided (emitted or not).
-    pub fn is_closing(self) -> bool {
+    pub(super) fn is_closing(self) -> bool {
         self != Self::Open
     }
 
     /// Whether a `Close` (of either kind) went to the driver: no more writes are started.
-    pub fn emitted(self) -> bool {
+    pub(super) fn emitted(self) -> bool {
         matches!(self, Self::CloseEmitted(_) | Self::AbortEmitted(_))
     }
 
     /// Decides to close for `reason`, unless a reason was already decided.
-    pub fn decide(&mut self, reason: CloseReason) {
+    pub(super) fn decide(&mut self, reason: CloseReason) {
         if *self == Self::Open {
             *self = Self::Closing(reason);
         }
@@ -72,7 +72,7 @@ impl Subscriptions {
     /// Whether log line `seq` of `stream` (index, or BROADCAST) is wanted; `broadcast` says
     /// whether BROADCAST lines are.
     #[inline]
-    pub fn wants(&self, stream: u8, seq: u64, broadcast: bool) -> bool {
+    pub(super) fn wants(&self, stream: u8, seq: u64, broadcast: bool) -> bool {
         match StreamId::from_index(stream as usize) {
             Some(s) => self.mask.contains(s) && seq >= self.from[s.index()],
             None => broadcast,
@@ -80,7 +80,7 @@ impl Subscriptions {
     }
 
     /// Recomputes [`Subscriptions::full_from`] after a change.
-    pub fn refresh_full_from(&mut self) {
+    pub(super) fn refresh_full_from(&mut self) {
         self.full_from =
             if self.mask.is_all() { self.from.iter().copied().max().unwrap_or(0) } else { u64::MAX };
     }
@@ -99,7 +99,7 @@ pub(super) struct Conn {
 }
 
 impl Conn {
-    pub fn new(session: Session, outbox: Outbox) -> Self {
+    pub(super) fn new(session: Session, outbox: Outbox) -> Self {
         Self {
             session,
             phase: ConnPhase::Waiting,
@@ -113,11 +113,11 @@ impl Conn {
 
     /// Whether BROADCAST log lines (relayed REMOTE_SERVER_UP) go to this connection: once
     /// greeted, until it closes.
-    pub fn wants_broadcast(&self) -> bool {
+    pub(super) fn wants_broadcast(&self) -> bool {
         !self.close.is_closing() && self.phase != ConnPhase::Waiting
     }
 
-    pub fn display_name(&self) -> &str {
+    pub(super) fn display_name(&self) -> &str {
         self.name.as_deref().unwrap_or("anon")
     }
 }

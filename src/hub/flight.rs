@@ -30,7 +30,7 @@ pub(super) enum Piece {
 
 impl Piece {
     /// Bytes in the piece.
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         match self {
             Self::Private { line, skip } => line.bytes.len() - skip,
             Self::Log { batch, first, end, skip, .. } => {
@@ -41,7 +41,7 @@ impl Piece {
     }
 
     /// The bytes to write.
-    pub fn bytes(&self) -> &[u8] {
+    pub(super) fn bytes(&self) -> &[u8] {
         match self {
             Self::Private { line, skip } => &line.bytes[*skip..],
             Self::Log { batch, first, end, skip, .. } => {
@@ -86,7 +86,7 @@ impl Flight {
     /// Accounts for the first `n` bytes of the flight having been written. `cursor` is where
     /// a replanned flight's half-written log line is requeued; whole private lines written
     /// are counted in `outbound`.
-    pub fn settle(self, n: usize, cursor: Seq, outbound: &mut [u64; WORDS]) -> Settled {
+    pub(super) fn settle(self, n: usize, cursor: Seq, outbound: &mut [u64; WORDS]) -> Settled {
         let Self { pieces, len: requested, end: flight_end, replanned, .. } = self;
         let mut left = n;
         let mut lines = 0u64;

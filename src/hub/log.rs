@@ -14,7 +14,7 @@ use bytes::Bytes;
 use crate::proto::StreamId;
 
 /// `LineMeta::stream` value for lines delivered to every connection (`REMOTE_SERVER_UP`).
-pub const BROADCAST: u8 = u8::MAX;
+pub(crate) const BROADCAST: u8 = u8::MAX;
 
 /// Where one relayed line sits in its batch and what it carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,7 +23,7 @@ pub struct LineMeta {
     pub start: u32,
     /// Byte offset one past the line's `\n`.
     pub end: u32,
-    /// Stream index (`StreamId as u8`) or [`BROADCAST`].
+    /// Stream index (`StreamId as u8`) or `BROADCAST`.
     pub stream: u8,
     /// The RDATA token; `None` for `batch` (the run continues) and for broadcast lines.
     pub token: Option<i64>,

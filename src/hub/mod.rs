@@ -21,10 +21,10 @@
 //! cursor, private lines, `WriteState`) and `flight.rs` (the write in flight and its
 //! accounting). The slow-consumer rule is the pure function in `slow_consumer.rs`.
 
-pub mod log;
-pub mod slots;
+pub(crate) mod log;
+pub(crate) mod slots;
 pub mod stats;
-pub mod user_sync;
+pub(crate) mod user_sync;
 
 mod close;
 mod conn;
@@ -42,17 +42,18 @@ pub mod sim;
 #[cfg(test)]
 mod tests;
 
-pub use self::log::{Batch, LineMeta, Log, Seq, BROADCAST};
-pub use self::slots::{SlotMap, Slots};
-pub use self::user_sync::{Transition, UserSyncMerger};
+pub use self::log::{Batch, LineMeta};
+pub(crate) use self::log::{Log, BROADCAST};
+pub(crate) use self::slots::{SlotMap, Slots};
+pub(crate) use self::user_sync::{Transition, UserSyncMerger};
 
 use std::collections::VecDeque;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use self::conn::Conn;
 use self::stats::CoreStats;
-use crate::proto::{Command, StreamId, StreamMask, SyncState};
+use crate::proto::{StreamId, StreamMask, SyncState};
 use crate::session::SessionConfig;
 
 /// A connection handle: slot index plus a generation, so a stale id never hits a new connection.
@@ -68,18 +69,6 @@ impl std::fmt::Display for ConnId {
     /// `index.generation`, as in the logs.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}", self.index, self.gen)
-    }
-}
-
-impl ConnId {
-    /// Packs into a u64 (e.g. as completion user data).
-    pub const fn to_u64(self) -> u64 {
-        ((self.gen as u64) << 32) | self.index as u64
-    }
-
-    /// Unpacks [`ConnId::to_u64`].
-    pub const fn from_u64(v: u64) -> Self {
-        Self { index: v as u32, gen: (v >> 32) as u32 }
     }
 }
 
@@ -175,19 +164,16 @@ pub enum HubOutput {
 /// 10001st). replhub counts the connection's own private lines (POSITION, PING, SERVER, ERROR):
 /// the log lines it has yet to receive are shared with every other connection and bounded in
 /// bytes by `max_pending_bytes` instead.
-pub const MAX_QUEUED_COMMANDS: usize = 10_000;
+pub(crate) const MAX_QUEUED_COMMANDS: usize = 10_000;
 
 /// At most this many bytes of private lines may wait unwritten for one connection: the
 /// [`MAX_QUEUED_COMMANDS`] rule in bytes (about 100 bytes a line; replhub's private lines are
 /// shorter but for a long server name). Private bytes also count against `max_pending_bytes`;
 /// this cap lets the batch-time sweep skip the connections while the log itself holds less
 /// than `max_pending_bytes - MAX_QUEUED_BYTES`.
-pub const MAX_QUEUED_BYTES: u64 = 1 << 20;
+pub(crate) const MAX_QUEUED_BYTES: u64 = 1 << 20;
 
-/// Streams a hub serves by default: all 16.
-pub const SERVED_DEFAULT: StreamMask = StreamMask::ALL;
-
-/// The per-core hub. See the [module docs](self).
+/// The per-core hub. See the `hub` module docs.
 pub struct Hub {
     config: HubConfig,
     log: Log,
@@ -248,7 +234,7 @@ impl Hub {
     }
 
     /// Number of live connections.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.conns.len()
     }
 
@@ -258,7 +244,8 @@ impl Hub {
     }
 
     /// Whether `conn` is live.
-    pub fn contains(&self, conn: ConnId) -> bool {
+    #[cfg(test)]
+    pub(crate) fn contains(&self, conn: ConnId) -> bool {
         self.conn(conn).is_some()
     }
 
@@ -272,52 +259,21 @@ impl Hub {
         &self.stats
     }
 
-    /// The server name workers are greeted with, once known.
-    pub fn server_name(&self) -> Option<&str> {
-        self.server_name.as_deref()
-    }
-
-    /// The token `POSITION` would report for a stream now.
-    pub fn token(&self, s: StreamId) -> Option<i64> {
-        self.tokens[s.index()]
-    }
-
-    /// Streams a connection receives, and whether it is closing (for tests and logs).
-    pub fn subscriptions(&self, conn: ConnId) -> Option<StreamMask> {
-        self.conn(conn).map(|c| c.subs.mask)
-    }
-
-    /// The worker's NAME.
-    pub fn conn_name(&self, conn: ConnId) -> Option<&str> {
-        self.conn(conn).and_then(|c| c.name.as_deref())
-    }
-
     /// Bytes a connection holds back (its backlog): the log from its cursor on, while it
     /// follows the log, plus its unwritten private lines. What `max_pending_bytes` bounds.
-    pub fn backlog_bytes(&self, conn: ConnId) -> Option<u64> {
+    pub(crate) fn backlog_bytes(&self, conn: ConnId) -> Option<u64> {
         Some(self.conn(conn)?.outbox.backlog_bytes(&self.log))
     }
 
     /// Unwritten bytes and count of a connection's private lines (POSITION, PING, ERROR...).
-    pub fn private_queue(&self, conn: ConnId) -> Option<(u64, usize)> {
+    #[cfg(test)]
+    pub(crate) fn private_queue(&self, conn: ConnId) -> Option<(u64, usize)> {
         let c = self.conn(conn)?;
         Some((c.outbox.private_bytes(), c.outbox.private_lines()))
-    }
-
-    /// Whether the upstream link is up, as far as this core knows.
-    pub fn upstream_up(&self) -> bool {
-        self.upstream_up
     }
 
     /// The next output for the driver.
     pub fn poll_output(&mut self) -> Option<HubOutput> {
         self.outputs.pop_front()
-    }
-
-    /// Encodes a private command for tests and tools.
-    pub fn encode(cmd: &Command<'_>) -> Option<Bytes> {
-        let mut b = BytesMut::new();
-        cmd.encode_into(&mut b).ok()?;
-        Some(b.freeze())
     }
 }

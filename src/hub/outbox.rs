@@ -110,7 +110,7 @@ pub(super) struct Outbox {
 
 impl Outbox {
     /// An idle outbox at log line `head`.
-    pub fn new(head: Seq, now_ms: u64) -> Self {
+    pub(super) fn new(head: Seq, now_ms: u64) -> Self {
         Self {
             cursor: head,
             offset: 0,
@@ -124,26 +124,26 @@ impl Outbox {
     }
 
     /// Whether the cursor holds a pin in the log.
-    pub fn pins(&self) -> bool {
+    pub(super) fn pins(&self) -> bool {
         !matches!(self.state, WriteState::Idle) && self.feed == Feed::Log
     }
 
     /// Bytes this outbox holds for its connection: the log it holds back from its cursor on
     /// (while it pins it) plus its unwritten private lines. This is the backlog the
     /// `max_pending_bytes` rule measures.
-    pub fn backlog_bytes(&self, log: &Log) -> u64 {
+    pub(super) fn backlog_bytes(&self, log: &Log) -> u64 {
         let behind = if self.pins() { log.head_byte() - log.byte_of(self.cursor) } else { 0 };
         behind + self.private_bytes
     }
 
     /// Unwritten bytes of private lines (queued or in flight).
-    pub fn private_bytes(&self) -> u64 {
+    pub(super) fn private_bytes(&self) -> u64 {
         self.private_bytes
     }
 
     /// [`Outbox::private_bytes`] counted from scratch, to check the running count in tests.
     #[cfg(test)]
-    pub fn private_bytes_recounted(&self) -> u64 {
+    pub(super) fn private_bytes_recounted(&self) -> u64 {
         let queued: u64 = self.private.iter().map(|p| p.bytes.len() as u64).sum();
         let in_flight: u64 = match &self.state {
             WriteState::InFlight(f) => f
@@ -162,7 +162,7 @@ impl Outbox {
     /// Bytes of log held back from the cursor on, whether or not the outbox pins it, for
     /// tests that measure what a connection holds independently of [`Outbox::backlog_bytes`].
     #[cfg(test)]
-    pub fn log_behind(&self, log: &Log) -> u64 {
+    pub(super) fn log_behind(&self, log: &Log) -> u64 {
         if self.is_detached() || matches!(self.state, WriteState::Idle) {
             0
         } else {
@@ -172,7 +172,7 @@ impl Outbox {
 
     /// Private lines not yet completely written (queued or in flight): the "commands queued"
     /// of PROTOCOL.md §3.3 as replhub counts them.
-    pub fn private_lines(&self) -> usize {
+    pub(super) fn private_lines(&self) -> usize {
         let in_flight = match &self.state {
             WriteState::InFlight(f) => f.private_lines,
             _ => 0,
@@ -181,34 +181,34 @@ impl Outbox {
     }
 
     /// Lines waiting: log lines behind the cursor plus private lines.
-    pub fn pending_lines(&self, log: &Log) -> u64 {
+    pub(super) fn pending_lines(&self, log: &Log) -> u64 {
         let behind = if self.pins() { log.head().0 - self.cursor.0 } else { 0 };
         behind + self.private.len() as u64
     }
 
     /// Whether the outbox stopped following the log (see [`Outbox::detach`]).
-    pub fn is_detached(&self) -> bool {
+    pub(super) fn is_detached(&self) -> bool {
         self.feed == Feed::Detached
     }
 
     /// Whether a write waits on the socket (in flight, or blocked): what the write timeout
     /// measures.
-    pub fn waits_on_socket(&self) -> bool {
+    pub(super) fn waits_on_socket(&self) -> bool {
         matches!(self.state, WriteState::InFlight(_) | WriteState::Blocked)
     }
 
     /// When the connection last made write progress.
-    pub fn progress_ms(&self) -> u64 {
+    pub(super) fn progress_ms(&self) -> u64 {
         self.progress_ms
     }
 
     /// Outbound commands written, by command word.
-    pub fn outbound(&self) -> &[u64; WORDS] {
+    pub(super) fn outbound(&self) -> &[u64; WORDS] {
         &self.outbound
     }
 
     /// Queues a private line to go out before log line `at`.
-    pub fn push_private(&mut self, at: Seq, bytes: Bytes, word: CommandWord) {
+    pub(super) fn push_private(&mut self, at: Seq, bytes: Bytes, word: CommandWord) {
         self.private_bytes += bytes.len() as u64;
         self.private.push_back(Private { at, bytes, word, partial: false });
     }
@@ -224,7 +224,7 @@ impl Outbox {
     /// token). The worker then receives one `POSITION s t` where the reference would send two
     /// identical ones back to back with nothing in between; the second would be a no-op for
     /// it (its token equals the one it just got, so no rows are fetched).
-    pub fn push_private_coalesced(&mut self, at: Seq, bytes: Bytes, word: CommandWord) -> bool {
+    pub(super) fn push_private_coalesced(&mut self, at: Seq, bytes: Bytes, word: CommandWord) -> bool {
         // Looking further back than the lines of one REPLICATE ALL (16 POSITION, plus a PING
         // or two) finds nothing more: identical lines beyond that were coalesced already.
         const LOOK_BACK: usize = 64;
@@ -244,7 +244,7 @@ impl Outbox {
     /// Output is pending from log line `from` on (or private lines). Returns whether the
     /// outbox became dirty (the caller puts it in the dirty list); `close_emitted` holds it
     /// back.
-    pub fn wake(&mut self, log: &mut Log, from: Seq, now_ms: u64, close_emitted: bool) -> bool {
+    pub(super) fn wake(&mut self, log: &mut Log, from: Seq, now_ms: u64, close_emitted: bool) -> bool {
         if let WriteState::Idle = self.state {
             // Idle means nothing was pending: every line before `from` is one it does not want.
             if self.cursor < from {
@@ -261,7 +261,7 @@ impl Outbox {
     }
 
     /// The socket can take bytes again. Returns whether the outbox became dirty.
-    pub fn on_writable(&mut self, close_emitted: bool) -> bool {
+    pub(super) fn on_writable(&mut self, close_emitted: bool) -> bool {
         if let WriteState::Blocked = self.state {
             self.state = WriteState::Pending;
         }
@@ -278,7 +278,7 @@ impl Outbox {
     }
 
     /// Leaves the dirty list; returns whether it was in it.
-    pub fn take_dirty(&mut self) -> bool {
+    pub(super) fn take_dirty(&mut self) -> bool {
         if let WriteState::Dirty = self.state {
             self.state = WriteState::Pending;
             true
@@ -289,7 +289,7 @@ impl Outbox {
 
     /// Plans the next write: at most `max_iov` pieces and about `max_write_bytes` bytes of
     /// private lines and the log lines `subs` wants, in log order.
-    pub fn gather(
+    pub(super) fn gather(
         &mut self,
         log: &mut Log,
         subs: &Subscriptions,
@@ -403,7 +403,7 @@ impl Outbox {
 
     /// The slices of the write in flight, in order. They stay valid until
     /// [`Outbox::on_written`] (the flight holds the batches and the private lines).
-    pub fn flight_slices<'a>(&'a self, iov: &mut Vec<IoSlice<'a>>) {
+    pub(super) fn flight_slices<'a>(&'a self, iov: &mut Vec<IoSlice<'a>>) {
         if let WriteState::InFlight(flight) = &self.state {
             iov.extend(flight.pieces.iter().map(|p| IoSlice::new(p.bytes())));
         }
@@ -411,7 +411,7 @@ impl Outbox {
 
     /// Goes idle if nothing is left to write (no private line, no half-written line); returns
     /// whether it did.
-    pub fn try_idle(&mut self, log: &mut Log) -> bool {
+    pub(super) fn try_idle(&mut self, log: &mut Log) -> bool {
         if matches!(self.state, WriteState::Idle) || !self.private.is_empty() || self.offset != 0 {
             return false;
         }
@@ -431,7 +431,7 @@ impl Outbox {
     /// `n` bytes of the write in flight were written (`n` may be short or zero): the cursor
     /// moves over what was written, the rest of a half-written private line is requeued.
     /// `None` if no write was in flight.
-    pub fn on_written(&mut self, log: &mut Log, n: usize, now_ms: u64) -> Option<Written> {
+    pub(super) fn on_written(&mut self, log: &mut Log, n: usize, now_ms: u64) -> Option<Written> {
         if !matches!(self.state, WriteState::InFlight(_)) {
             return None;
         }
@@ -476,7 +476,7 @@ impl Outbox {
     /// Closing: stop following the log. Keeps the rest of a half-written line (so the stream
     /// stays well-formed), drops the rest of the backlog and releases the pin, so a peer that
     /// stopped reading cannot hold the log.
-    pub fn detach(&mut self, log: &mut Log) {
+    pub(super) fn detach(&mut self, log: &mut Log) {
         if self.feed == Feed::Detached {
             return;
         }
@@ -517,7 +517,7 @@ impl Outbox {
     }
 
     /// The connection is gone: releases its pin.
-    pub fn release(&mut self, log: &mut Log) {
+    pub(super) fn release(&mut self, log: &mut Log) {
         if self.pins() {
             log.unpin(self.cursor);
         }

@@ -12,7 +12,7 @@ struct Entry<T> {
 }
 
 /// A table that allocates [`ConnId`]s: freed slots are reused with the next generation.
-pub struct Slots<T> {
+pub(crate) struct Slots<T> {
     entries: Vec<Entry<T>>,
     free: Vec<u32>,
     live: usize,
@@ -26,12 +26,12 @@ impl<T> Default for Slots<T> {
 
 impl<T> Slots<T> {
     /// An empty table.
-    pub const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         Self { entries: Vec::new(), free: Vec::new(), live: 0 }
     }
 
     /// Stores the value `make` builds from its new id, and returns that id.
-    pub fn insert_with(&mut self, make: impl FnOnce(ConnId) -> T) -> ConnId {
+    pub(crate) fn insert_with(&mut self, make: impl FnOnce(ConnId) -> T) -> ConnId {
         let index = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -48,7 +48,7 @@ impl<T> Slots<T> {
     }
 
     /// The value under `id`, if that id is still live.
-    pub fn get(&self, id: ConnId) -> Option<&T> {
+    pub(crate) fn get(&self, id: ConnId) -> Option<&T> {
         let entry = self.entries.get(id.index as usize)?;
         if entry.gen == id.gen {
             entry.value.as_ref()
@@ -58,7 +58,7 @@ impl<T> Slots<T> {
     }
 
     /// The value under `id`, mutably, if that id is still live.
-    pub fn get_mut(&mut self, id: ConnId) -> Option<&mut T> {
+    pub(crate) fn get_mut(&mut self, id: ConnId) -> Option<&mut T> {
         let entry = self.entries.get_mut(id.index as usize)?;
         if entry.gen == id.gen {
             entry.value.as_mut()
@@ -68,7 +68,7 @@ impl<T> Slots<T> {
     }
 
     /// Takes the value out and frees the slot; the next id in it has a new generation.
-    pub fn remove(&mut self, id: ConnId) -> Option<T> {
+    pub(crate) fn remove(&mut self, id: ConnId) -> Option<T> {
         let entry = self.entries.get_mut(id.index as usize)?;
         if entry.gen != id.gen {
             return None;
@@ -81,17 +81,17 @@ impl<T> Slots<T> {
     }
 
     /// Number of live values.
-    pub const fn len(&self) -> usize {
+    pub(crate) const fn len(&self) -> usize {
         self.live
     }
 
     /// Whether no value is live.
-    pub const fn is_empty(&self) -> bool {
+    pub(crate) const fn is_empty(&self) -> bool {
         self.live == 0
     }
 
     /// The live ids and values, by slot index.
-    pub fn iter(&self) -> impl Iterator<Item = (ConnId, &T)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (ConnId, &T)> {
         self.entries
             .iter()
             .enumerate()
@@ -99,7 +99,7 @@ impl<T> Slots<T> {
     }
 
     /// The live ids and values, mutably, by slot index.
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = (ConnId, &mut T)> {
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (ConnId, &mut T)> {
         self.entries.iter_mut().enumerate().filter_map(|(i, e)| {
             let gen = e.gen;
             e.value.as_mut().map(|v| (ConnId { index: i as u32, gen }, v))
@@ -107,14 +107,14 @@ impl<T> Slots<T> {
     }
 
     /// The live ids, by slot index.
-    pub fn ids(&self) -> impl Iterator<Item = ConnId> + '_ {
+    pub(crate) fn ids(&self) -> impl Iterator<Item = ConnId> + '_ {
         self.iter().map(|(id, _)| id)
     }
 }
 
 /// Values stored under ids another table allocated (a driver's sockets under the hub's ids).
 /// Inserting under an id replaces whatever an older generation left in that slot.
-pub struct SlotMap<T> {
+pub(crate) struct SlotMap<T> {
     entries: Vec<Option<(u32, T)>>,
     live: usize,
 }
@@ -127,13 +127,13 @@ impl<T> Default for SlotMap<T> {
 
 impl<T> SlotMap<T> {
     /// An empty map.
-    pub const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         Self { entries: Vec::new(), live: 0 }
     }
 
     /// Stores `value` under `id`; returns the value of an older generation still in that slot
     /// (which a caller keeping the tables in step treats as a bug of its own).
-    pub fn insert(&mut self, id: ConnId, value: T) -> Option<(ConnId, T)> {
+    pub(crate) fn insert(&mut self, id: ConnId, value: T) -> Option<(ConnId, T)> {
         let i = id.index as usize;
         if self.entries.len() <= i {
             self.entries.resize_with(i + 1, || None);
@@ -149,7 +149,7 @@ impl<T> SlotMap<T> {
     }
 
     /// The value under `id`, if that id (with its generation) is stored.
-    pub fn get(&self, id: ConnId) -> Option<&T> {
+    pub(crate) fn get(&self, id: ConnId) -> Option<&T> {
         match self.entries.get(id.index as usize)? {
             Some((gen, v)) if *gen == id.gen => Some(v),
             _ => None,
@@ -157,7 +157,7 @@ impl<T> SlotMap<T> {
     }
 
     /// The value under `id`, mutably.
-    pub fn get_mut(&mut self, id: ConnId) -> Option<&mut T> {
+    pub(crate) fn get_mut(&mut self, id: ConnId) -> Option<&mut T> {
         match self.entries.get_mut(id.index as usize)? {
             Some((gen, v)) if *gen == id.gen => Some(v),
             _ => None,
@@ -165,12 +165,13 @@ impl<T> SlotMap<T> {
     }
 
     /// Whether `id` is stored.
-    pub fn contains(&self, id: ConnId) -> bool {
+    #[cfg(test)]
+    pub(crate) fn contains(&self, id: ConnId) -> bool {
         self.get(id).is_some()
     }
 
     /// Takes the value under `id` out.
-    pub fn remove(&mut self, id: ConnId) -> Option<T> {
+    pub(crate) fn remove(&mut self, id: ConnId) -> Option<T> {
         let slot = self.entries.get_mut(id.index as usize)?;
         if !matches!(slot, Some((gen, _)) if *gen == id.gen) {
             return None;
@@ -180,17 +181,17 @@ impl<T> SlotMap<T> {
     }
 
     /// Number of stored values.
-    pub const fn len(&self) -> usize {
+    pub(crate) const fn len(&self) -> usize {
         self.live
     }
 
     /// Whether nothing is stored.
-    pub const fn is_empty(&self) -> bool {
+    pub(crate) const fn is_empty(&self) -> bool {
         self.live == 0
     }
 
     /// The stored ids and values, by slot index.
-    pub fn iter(&self) -> impl Iterator<Item = (ConnId, &T)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (ConnId, &T)> {
         self.entries
             .iter()
             .enumerate()
@@ -198,7 +199,7 @@ impl<T> SlotMap<T> {
     }
 
     /// The stored ids, by slot index.
-    pub fn ids(&self) -> impl Iterator<Item = ConnId> + '_ {
+    pub(crate) fn ids(&self) -> impl Iterator<Item = ConnId> + '_ {
         self.iter().map(|(id, _)| id)
     }
 }

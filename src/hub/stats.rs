@@ -135,8 +135,6 @@ pub struct CoreStats {
     pub user_ip: u64,
     /// Upstream batches appended to this core's log.
     pub batches: u64,
-    /// Outbound lines refused because they were over 16384 bytes (logged loudly).
-    pub oversized_dropped: u64,
     /// Bytes currently held by this core's log (gauge).
     pub log_bytes: u64,
 }

@@ -8,7 +8,7 @@ use crate::session::TimerAction;
 use crate::time::Now;
 
 /// How often [`Hub::handle_timeout`] wants to run: session ticks and the slow-consumer sweep.
-pub const TICK_MS: u64 = 100;
+pub(super) const TICK_MS: u64 = 100;
 
 impl Hub {
     /// Timers: session ticks (PING, ping timeout, close linger) and the slow-consumer sweep.

@@ -5,7 +5,7 @@ use std::hash::Hash;
 
 /// What changed for a user after an update.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transition {
+pub(crate) enum Transition {
     /// The first reporter started syncing the user: forward `start`.
     Started,
     /// The last reporter stopped: forward `end`.
@@ -16,7 +16,7 @@ pub enum Transition {
 
 /// Tracks which reporters (connections, or cores) hold each user syncing.
 #[derive(Debug)]
-pub struct UserSyncMerger<K> {
+pub(crate) struct UserSyncMerger<K> {
     by_user: HashMap<String, HashSet<K>>,
     by_reporter: HashMap<K, HashSet<String>>,
 }
@@ -29,12 +29,12 @@ impl<K> Default for UserSyncMerger<K> {
 
 impl<K: Copy + Eq + Hash> UserSyncMerger<K> {
     /// An empty merger.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// `reporter` says `user` is syncing.
-    pub fn start(&mut self, reporter: K, user: &str) -> Transition {
+    pub(crate) fn start(&mut self, reporter: K, user: &str) -> Transition {
         let set = self.by_user.entry(user.to_owned()).or_default();
         let was_empty = set.is_empty();
         if set.insert(reporter) {
@@ -48,7 +48,7 @@ impl<K: Copy + Eq + Hash> UserSyncMerger<K> {
     }
 
     /// `reporter` says `user` stopped syncing.
-    pub fn end(&mut self, reporter: K, user: &str) -> Transition {
+    pub(crate) fn end(&mut self, reporter: K, user: &str) -> Transition {
         let Some(set) = self.by_user.get_mut(user) else {
             return Transition::Unchanged;
         };
@@ -70,7 +70,7 @@ impl<K: Copy + Eq + Hash> UserSyncMerger<K> {
     }
 
     /// `reporter` went away: returns the users for which it was the last reporter.
-    pub fn remove_reporter(&mut self, reporter: K) -> Vec<String> {
+    pub(crate) fn remove_reporter(&mut self, reporter: K) -> Vec<String> {
         let Some(users) = self.by_reporter.remove(&reporter) else {
             return Vec::new();
         };
@@ -89,24 +89,20 @@ impl<K: Copy + Eq + Hash> UserSyncMerger<K> {
     }
 
     /// Every user currently syncing (sorted, for deterministic re-announcement).
-    pub fn users(&self) -> Vec<&str> {
+    pub(crate) fn users(&self) -> Vec<&str> {
         let mut v: Vec<&str> = self.by_user.keys().map(String::as_str).collect();
         v.sort_unstable();
         v
     }
 
-    /// Whether `user` is syncing.
-    pub fn is_syncing(&self, user: &str) -> bool {
-        self.by_user.contains_key(user)
-    }
-
     /// Number of users syncing.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.by_user.len()
     }
 
     /// Whether nobody is syncing.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.by_user.is_empty()
     }
 }

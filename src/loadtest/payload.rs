@@ -34,7 +34,7 @@ fn digits(mut n: u64) -> usize {
 }
 
 /// The length of the line (with its `\n`) for this stream and token when no padding is added.
-pub fn min_line_len(stream: StreamId, token: u64) -> usize {
+pub(super) fn min_line_len(stream: StreamId, token: u64) -> usize {
     "RDATA ".len()
         + stream.name().len()
         + 1
@@ -49,13 +49,13 @@ pub fn min_line_len(stream: StreamId, token: u64) -> usize {
 
 /// The length of the line (with its `\n`) [`write_line`] writes.
 #[cfg(test)]
-pub fn line_len(stream: StreamId, token: u64, size: usize) -> usize {
+pub(super) fn line_len(stream: StreamId, token: u64, size: usize) -> usize {
     size.max(min_line_len(stream, token))
 }
 
 /// Appends one line of about `size` bytes (exactly `size` if it is at least the minimum),
 /// `\n` included, published at `ts_ns`.
-pub fn write_line(out: &mut Vec<u8>, stream: StreamId, token: u64, ts_ns: u64, size: usize) {
+pub(super) fn write_line(out: &mut Vec<u8>, stream: StreamId, token: u64, ts_ns: u64, size: usize) {
     let min = min_line_len(stream, token);
     let pad = size.saturating_sub(min);
     out.reserve(min + pad);
@@ -86,7 +86,7 @@ pub fn write_line(out: &mut Vec<u8>, stream: StreamId, token: u64, ts_ns: u64, s
 
 /// The publish time carried by a row written by [`write_line`]; `None` for any other row.
 #[inline]
-pub fn publish_time(row: &[u8]) -> Option<u64> {
+pub(super) fn publish_time(row: &[u8]) -> Option<u64> {
     let digits = row.get(ROW_PREFIX.len()..ROW_PREFIX.len() + TS_DIGITS)?;
     if !row.starts_with(ROW_PREFIX) {
         return None;

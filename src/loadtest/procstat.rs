@@ -13,7 +13,7 @@ const NS_PER_TICK: u64 = 10_000_000;
 
 /// Which process to look at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pid {
+pub(super) enum Pid {
     /// This process.
     Own,
     /// Another process.
@@ -30,7 +30,7 @@ impl Pid {
 }
 
 /// CPU nanoseconds of each thread (by tid) whose name passes `keep`.
-pub fn thread_cpu(pid: Pid, keep: &dyn Fn(&str) -> bool) -> io::Result<HashMap<u64, u64>> {
+pub(super) fn thread_cpu(pid: Pid, keep: &dyn Fn(&str) -> bool) -> io::Result<HashMap<u64, u64>> {
     let mut out = HashMap::new();
     for entry in fs::read_dir(format!("{}/task", pid.dir()))? {
         let entry = entry?;
@@ -72,12 +72,12 @@ fn stat_cpu_ticks(stat: &str) -> Option<u64> {
 
 /// CPU nanoseconds spent between two [`thread_cpu`] samples (threads born in between count
 /// from zero; threads gone by `after` are not counted).
-pub fn cpu_delta(before: &HashMap<u64, u64>, after: &HashMap<u64, u64>) -> u64 {
+pub(super) fn cpu_delta(before: &HashMap<u64, u64>, after: &HashMap<u64, u64>) -> u64 {
     after.iter().map(|(tid, ns)| ns.saturating_sub(before.get(tid).copied().unwrap_or(0))).sum()
 }
 
 /// Resident and peak resident memory (`VmRSS`, `VmHWM`) in bytes.
-pub fn rss(pid: Pid) -> io::Result<(u64, u64)> {
+pub(super) fn rss(pid: Pid) -> io::Result<(u64, u64)> {
     let status = fs::read_to_string(format!("{}/status", pid.dir()))?;
     let field = |name: &str| {
         status
@@ -90,7 +90,7 @@ pub fn rss(pid: Pid) -> io::Result<(u64, u64)> {
 }
 
 /// The soft limit on open files of this process (`None` if unlimited or unreadable).
-pub fn open_files_limit() -> Option<u64> {
+pub(super) fn open_files_limit() -> Option<u64> {
     let limits = fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     line["Max open files".len()..].split_whitespace().next()?.parse().ok()

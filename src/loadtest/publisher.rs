@@ -163,21 +163,21 @@ pub(super) struct Master {
 
 impl Master {
     /// Listens on a free loopback port.
-    pub fn bind() -> io::Result<Self> {
+    pub(super) fn bind() -> io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         Ok(Self { listener })
     }
 
     /// Where replhub should connect.
-    pub fn addr(&self) -> io::Result<SocketAddr> {
+    pub(super) fn addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 
     /// Waits (up to `timeout`, or until `give_up` says so) for replhub to connect, sends the
     /// handshake (`SERVER`, then `POSITION <stream> 0` for all 16 streams in map order) and
     /// starts a thread that reads and discards what replhub sends (PINGs, forwarded commands).
-    pub fn accept(
+    pub(super) fn accept(
         &self,
         timeout: Duration,
         give_up: &dyn Fn() -> Option<String>,
@@ -221,7 +221,7 @@ pub(super) struct ReplhubSink {
 
 impl ReplhubSink {
     /// Closes the connection (replhub sees its upstream go away).
-    pub fn close(self) {
+    pub(super) fn close(self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 }
@@ -259,7 +259,7 @@ pub(super) struct Replies {
 impl RedisSink {
     /// Connects, and starts the reply reader; it stops after `expect()` replies (once that is
     /// known), at EOF, or at `stop`.
-    pub fn connect(
+    pub(super) fn connect(
         addr: SocketAddr,
         expect: Arc<std::sync::atomic::AtomicU64>,
         stop: Arc<std::sync::atomic::AtomicBool>,

@@ -4,7 +4,7 @@
 
 /// A parsed reply (borrowing the read buffer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Frame<'a> {
+pub(super) enum Frame<'a> {
     /// `message <channel> <payload>` (pub/sub delivery).
     Message {
         /// The channel.
@@ -25,7 +25,7 @@ pub enum Frame<'a> {
 
 /// The server said something we cannot parse, or sent an error reply.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum RespError {
+pub(super) enum RespError {
     /// An `-ERR ...` reply.
     #[error("redis error: {0}")]
     Server(String),
@@ -35,7 +35,7 @@ pub enum RespError {
 }
 
 /// Appends a command (an array of bulk strings).
-pub fn write_command(out: &mut Vec<u8>, args: &[&[u8]]) {
+pub(super) fn write_command(out: &mut Vec<u8>, args: &[&[u8]]) {
     let mut itoa = itoa::Buffer::new();
     out.push(b'*');
     out.extend_from_slice(itoa.format(args.len()).as_bytes());
@@ -49,7 +49,7 @@ pub fn write_command(out: &mut Vec<u8>, args: &[&[u8]]) {
 
 /// Appends `*3 $7 PUBLISH $n <channel>` and the header of a bulk string of `payload_len`
 /// bytes: the caller appends the payload, then `\r\n`.
-pub fn write_publish_head(out: &mut Vec<u8>, channel: &[u8], payload_len: usize) {
+pub(super) fn write_publish_head(out: &mut Vec<u8>, channel: &[u8], payload_len: usize) {
     out.extend_from_slice(b"*3\r\n$7\r\nPUBLISH\r\n");
     write_bulk_header(out, channel.len());
     out.extend_from_slice(channel);
@@ -118,7 +118,7 @@ fn elem(buf: &[u8], at: usize) -> Result<Option<(Elem<'_>, usize)>, RespError> {
 }
 
 /// The first complete reply in `buf` and its length; `Ok(None)` if more bytes are needed.
-pub fn parse(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, RespError> {
+pub(super) fn parse(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, RespError> {
     let Some(&kind) = buf.first() else { return Ok(None) };
     if kind != b'*' {
         return Ok(elem(buf, 0)?.map(|(e, n)| {

@@ -33,10 +33,10 @@ use tokio::task::AbortHandle;
 use tokio::time::{timeout_at, Instant};
 
 /// Longest request head accepted (request line and headers).
-pub const MAX_HEAD: usize = 8 * 1024;
+pub(crate) const MAX_HEAD: usize = 8 * 1024;
 
 /// The content type of Prometheus text exposition 0.0.4.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Listen backlog. Accepting never waits on a client, so the queue only has to absorb a burst of
 /// connects between two turns of the accept loop.

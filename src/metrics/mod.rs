@@ -13,9 +13,9 @@
 //! - [`render`](mod@render): folds the snapshots into Prometheus text, Synapse's names first.
 //! - [`http`]: the `/metrics` endpoint: its own thread and current-thread runtime, one task per
 //!   connection (so no client waits for another), independent of the I/O driver.
-pub mod http;
+pub(crate) mod http;
 pub mod render;
-pub mod snapshot;
+pub(crate) mod snapshot;
 
 pub use http::MetricsServer;
 pub use render::{render, RenderInfo};

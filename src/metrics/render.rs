@@ -109,7 +109,6 @@ struct Totals<'a> {
     invalidate_cache: u64,
     user_ip: u64,
     batches: u64,
-    oversized_dropped: u64,
     log_bytes: u64,
 }
 
@@ -136,7 +135,6 @@ impl<'a> Totals<'a> {
             t.invalidate_cache = t.invalidate_cache.saturating_add(s.invalidate_cache);
             t.user_ip = t.user_ip.saturating_add(s.user_ip);
             t.batches = t.batches.saturating_add(s.batches);
-            t.oversized_dropped = t.oversized_dropped.saturating_add(s.oversized_dropped);
             t.log_bytes = t.log_bytes.saturating_add(s.log_bytes);
 
             for c in &core.conns {
@@ -414,11 +412,6 @@ fn replhub_metrics(
     )?;
     let phases: Vec<_> = ConnPhase::ALL.iter().map(|p| ([p.label()], t.per_phase[*p as usize])).collect();
     x.gauge_vec("replhub_connections", "Live worker connections by life stage.", ["state"], &phases)?;
-    x.counter(
-        "replhub_oversized_lines_dropped_total",
-        "Outbound lines refused because they were longer than 16384 bytes.",
-        t.oversized_dropped,
-    )?;
 
     x.gauge(
         "replhub_upstream_connected",
@@ -549,7 +542,6 @@ mod tests {
                 invalidate_cache: 2,
                 user_ip: 6,
                 batches: 10,
-                oversized_dropped: 0,
                 log_bytes: 4096,
             },
             conns: vec![a, c],
@@ -569,7 +561,6 @@ mod tests {
                 invalidate_cache: 0,
                 user_ip: 1,
                 batches: 10,
-                oversized_dropped: 1,
                 log_bytes: 1024,
             },
             conns: vec![b],
@@ -714,7 +705,6 @@ mod tests {
             r#"replhub_connections{state="connected"} 0"#,
             r#"replhub_connections{state="subscribed"} 2"#,
             r#"replhub_connections{state="closing"} 0"#,
-            "replhub_oversized_lines_dropped_total 1",
             "replhub_upstream_connected 1",
             r#"replhub_upstream_mode{mode="upstream"} 1"#,
             "replhub_upstream_reconnects_total 2",

@@ -40,23 +40,23 @@ mod line;
 mod pacing;
 mod presence;
 mod rows;
-pub mod shape;
-pub mod source;
+pub(crate) mod shape;
+pub(crate) mod source;
 #[cfg(test)]
 mod tests;
 mod world;
 
 use line::{pad_line, LineCtx, PadSlot};
 use pacing::Pacer;
-pub use pacing::UNPACED_BATCH;
-pub use source::SyntheticSource;
+pub(crate) use pacing::UNPACED_BATCH;
+pub(crate) use source::SyntheticSource;
 use world::{Rng, World};
 
 /// Configuration of the synthetic master.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SyntheticConfig {
     /// Lines per second; 0 = unpaced ("as fast as asked": [`Synthetic::due`] always offers
-    /// [`UNPACED_BATCH`]).
+    /// `UNPACED_BATCH`).
     pub rate: u64,
     /// Seed of the row generator: the same seed gives the same rows and tokens.
     pub seed: u64,

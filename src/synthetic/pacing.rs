@@ -3,7 +3,7 @@ use crate::time::Now;
 
 /// How many lines [`Synthetic::due`](super::Synthetic::due) offers per call when the rate is 0
 /// (unpaced).
-pub const UNPACED_BATCH: usize = 4096;
+pub(crate) const UNPACED_BATCH: usize = 4096;
 
 /// A token bucket that holds at most one second's worth of lines, counted in thousandths of a
 /// line so that rates below 1000/s accumulate exactly.

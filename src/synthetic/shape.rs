@@ -11,12 +11,13 @@
 //! the seed's.
 use std::fmt;
 
+#[cfg(test)]
 use crate::proto::json::{self, Value};
 use crate::proto::StreamId;
 
 /// The JSON type of one field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum JsonType {
+pub(crate) enum JsonType {
     /// Any value.
     Any,
     /// A string.
@@ -41,7 +42,7 @@ pub enum JsonType {
 
 /// One named field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Field {
+pub(crate) struct Field {
     /// The field's name in PROTOCOL.md §6 (and in `tail --decode` output).
     pub name: &'static str,
     /// Its JSON type.
@@ -49,11 +50,11 @@ pub struct Field {
 }
 
 /// The fields of a flat row (or of a `[kind, [fields…]]` row's data), in order.
-pub type Layout = &'static [Field];
+pub(crate) type Layout = &'static [Field];
 
 /// One kind of a `[kind, data]` row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Kind<D: 'static> {
+pub(crate) struct Kind<D: 'static> {
     /// The first element of the row.
     pub kind: &'static str,
     /// What the second element holds.
@@ -62,7 +63,7 @@ pub struct Kind<D: 'static> {
 
 /// How a stream's rows are laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RowShape {
+pub(crate) enum RowShape {
     /// `[field, …]`: one of these layouts (by length; the first is the seed's).
     Flat(&'static [Layout]),
     /// `[kind, [field, …]]` (`events`): per kind, the data's layouts (by length). Rows of
@@ -148,7 +149,7 @@ const FEDERATION: &[Kind<JsonType>] = &[
 ];
 
 /// The shape of `stream`'s rows.
-pub fn row_shape(stream: StreamId) -> RowShape {
+pub(crate) fn row_shape(stream: StreamId) -> RowShape {
     match stream {
         StreamId::Events => RowShape::KindFields(EVENTS),
         StreamId::Backfill => RowShape::Flat(&[BACKFILL]),
@@ -169,14 +170,15 @@ pub fn row_shape(stream: StreamId) -> RowShape {
 }
 
 /// The layout among `layouts` with `len` fields.
-pub fn layout_of_len(layouts: &'static [Layout], len: usize) -> Option<Layout> {
+pub(crate) fn layout_of_len(layouts: &'static [Layout], len: usize) -> Option<Layout> {
     layouts.iter().copied().find(|l| l.len() == len)
 }
 
 /// Why a row does not fit its stream's shape: where (a path of field names), and what.
+#[cfg(test)]
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{path}: {what}")]
-pub struct ShapeError {
+pub(crate) struct ShapeError {
     /// The stream and the field names down to the misfit, e.g. `federation.pd.state.user_id`.
     pub path: String,
     /// What was expected.
@@ -185,7 +187,8 @@ pub struct ShapeError {
 
 /// Checks `row` against `stream`'s shape: the layout (by length), every field's type, and for
 /// `[kind, data]` rows a known kind.
-pub fn check(stream: StreamId, row: &Value) -> Result<(), ShapeError> {
+#[cfg(test)]
+pub(crate) fn check(stream: StreamId, row: &Value) -> Result<(), ShapeError> {
     let path = stream.name().to_owned();
     let fail = |path: &str, what: &str| Err(ShapeError { path: path.to_owned(), what: what.to_owned() });
     let Some(items) = row.as_array() else {
@@ -222,6 +225,7 @@ pub fn check(stream: StreamId, row: &Value) -> Result<(), ShapeError> {
     }
 }
 
+#[cfg(test)]
 fn check_fields(path: &str, layouts: &'static [Layout], items: &[Value]) -> Result<(), ShapeError> {
     let Some(layout) = layout_of_len(layouts, items.len()) else {
         let lens: Vec<String> = layouts.iter().map(|l| l.len().to_string()).collect();
@@ -236,6 +240,7 @@ fn check_fields(path: &str, layouts: &'static [Layout], items: &[Value]) -> Resu
     Ok(())
 }
 
+#[cfg(test)]
 fn check_value(path: &str, ty: JsonType, v: &Value) -> Result<(), ShapeError> {
     let ok = match ty {
         JsonType::Any => true,

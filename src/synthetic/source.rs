@@ -21,10 +21,10 @@ use crate::upstream::LinkEvent;
 
 /// At most this many generated lines per tick (and per batch); a backlog of due lines is
 /// taken over the following ticks.
-pub const MAX_LINES_PER_TICK: usize = UNPACED_BATCH;
+pub(crate) const MAX_LINES_PER_TICK: usize = UNPACED_BATCH;
 
 /// The synthetic master as an upstream. See the module docs.
-pub struct SyntheticSource {
+pub(crate) struct SyntheticSource {
     gen: Synthetic,
     server_name: String,
     events: VecDeque<LinkEvent>,
@@ -40,7 +40,7 @@ pub struct SyntheticSource {
 
 impl SyntheticSource {
     /// A source generating per `config`, announcing `server_name` in `SERVER`.
-    pub fn new(config: SyntheticConfig, server_name: String) -> Self {
+    pub(crate) fn new(config: SyntheticConfig, server_name: String) -> Self {
         Self {
             gen: Synthetic::new(config),
             server_name,
@@ -54,20 +54,15 @@ impl SyntheticSource {
         }
     }
 
-    /// The generator's settings.
-    pub fn config(&self) -> &SyntheticConfig {
-        self.gen.config()
-    }
-
     /// The current token of every generated stream (`None` for streams not generated).
-    pub fn positions(&self) -> [Option<i64>; StreamId::COUNT] {
+    pub(crate) fn positions(&self) -> [Option<i64>; StreamId::COUNT] {
         let mask = self.gen.config().streams;
         let tokens = self.gen.positions();
         std::array::from_fn(|i| StreamId::from_index(i).filter(|s| mask.contains(*s)).map(|_| tokens[i]))
     }
 
     /// Starts the clock and reports `Up` with the position of every generated stream.
-    pub fn start(&mut self, now: Now) {
+    pub(crate) fn start(&mut self, now: Now) {
         if self.last_tick_ms.is_some() {
             return;
         }
@@ -82,7 +77,7 @@ impl SyntheticSource {
 
     /// Generates the lines due at `now` (at most [`MAX_LINES_PER_TICK`]), plus any echoed
     /// `REMOTE_SERVER_UP` first, as one batch. Does nothing before [`Self::start`].
-    pub fn tick(&mut self, now: Now) {
+    pub(crate) fn tick(&mut self, now: Now) {
         if self.last_tick_ms.is_none() {
             return;
         }
@@ -117,7 +112,7 @@ impl SyntheticSource {
     }
 
     /// A command from core `core`.
-    pub fn on_command(&mut self, core: usize, cmd: UpstreamCmd, _now: Now) {
+    pub(crate) fn on_command(&mut self, core: usize, cmd: UpstreamCmd, _now: Now) {
         self.commands += 1;
         match cmd {
             UpstreamCmd::UserSync { user_id, state, .. } => {
@@ -141,13 +136,13 @@ impl SyntheticSource {
     }
 
     /// The next event.
-    pub fn poll_event(&mut self) -> Option<LinkEvent> {
+    pub(crate) fn poll_event(&mut self) -> Option<LinkEvent> {
         self.events.pop_front()
     }
 
     /// When lines are next due (monotonic ms): at least 1 ms after the last tick, about one
     /// line's worth of time at low rates; at once if an echo waits. `None` before `start`.
-    pub fn poll_timeout(&self) -> Option<u64> {
+    pub(crate) fn poll_timeout(&self) -> Option<u64> {
         let last = self.last_tick_ms?;
         if !self.echo.is_empty() {
             return Some(last);
@@ -158,12 +153,13 @@ impl SyntheticSource {
     }
 
     /// Forwarded commands the synthetic master dropped (everything but `REMOTE_SERVER_UP`).
-    pub fn dropped_commands(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn dropped_commands(&self) -> u64 {
         self.dropped_commands
     }
 
     /// Metrics.
-    pub fn snapshot(&self) -> UpstreamSnapshot {
+    pub(crate) fn snapshot(&self) -> UpstreamSnapshot {
         UpstreamSnapshot {
             mode: "synthetic",
             connected: self.last_tick_ms.is_some(),

@@ -27,7 +27,7 @@ impl Default for BackoffConfig {
 
 /// Reconnect delay state for one link.
 #[derive(Clone, Debug)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     config: BackoffConfig,
     failures: u32,
     rng: u64,
@@ -36,17 +36,17 @@ pub struct Backoff {
 impl Backoff {
     /// A backoff with the given settings; `seed` feeds the jitter (any value; e.g. the pid or
     /// the clock, so that hubs differ).
-    pub fn new(config: BackoffConfig, seed: u64) -> Self {
+    pub(crate) fn new(config: BackoffConfig, seed: u64) -> Self {
         Self { config, failures: 0, rng: seed }
     }
 
     /// Failures since the last reset.
-    pub fn failures(&self) -> u32 {
+    pub(crate) fn failures(&self) -> u32 {
         self.failures
     }
 
     /// The delay before the next attempt, in ms; counts one more failure.
-    pub fn next_delay_ms(&mut self) -> u64 {
+    pub(crate) fn next_delay_ms(&mut self) -> u64 {
         let shift = self.failures.min(40);
         self.failures = self.failures.saturating_add(1);
         let base = self.config.initial_ms.saturating_mul(1u64 << shift).min(self.config.max_ms);
@@ -61,7 +61,7 @@ impl Backoff {
     }
 
     /// A connection reached `Up`: the next failure starts from `initial_ms` again.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.failures = 0;
     }
 

@@ -55,11 +55,11 @@ use crate::time::Now;
 /// At most this many bytes of an open `batch` run are held (the hub's default
 /// `max_pending_bytes`). A master that keeps a run open past it is dropped like a connection
 /// that failed: the run is discarded and the link reconnects, so the carry stays bounded.
-pub const MAX_HELD_RUN_BYTES: usize = 64 << 20;
+pub(crate) const MAX_HELD_RUN_BYTES: usize = 64 << 20;
 
 /// Settings of the upstream link.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LinkConfig {
+pub(crate) struct LinkConfig {
     /// The `NAME` replhub announces.
     pub client_name: String,
     /// If set, a master announcing another `SERVER` name gets `ERROR Wrong remote` and the
@@ -88,7 +88,7 @@ impl Default for LinkConfig {
 // allocation and an API wrinkle.
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
-pub enum LinkEvent {
+pub(crate) enum LinkEvent {
     /// Handshake complete ([`UpstreamEvent::Connected`]); always before the connection's first
     /// batch. The driver resets its reconnect backoff and tells every core.
     Up(UpstreamEvent),
@@ -132,7 +132,7 @@ struct Conn {
 }
 
 /// The client-role link to the master. See the module docs for how a driver runs it.
-pub struct UpstreamLink {
+pub(crate) struct UpstreamLink {
     config: LinkConfig,
     conn: Option<Conn>,
     /// Where a driver's read goes while there is no connection; dropped by [`Self::on_read`].
@@ -146,7 +146,7 @@ pub struct UpstreamLink {
 
 impl UpstreamLink {
     /// A disconnected link.
-    pub fn new(config: LinkConfig) -> Self {
+    pub(crate) fn new(config: LinkConfig) -> Self {
         Self {
             config,
             conn: None,
@@ -159,35 +159,33 @@ impl UpstreamLink {
         }
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &LinkConfig {
-        &self.config
-    }
-
     /// Whether a TCP connection is in use (handshake done or not).
-    pub fn is_connected(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_connected(&self) -> bool {
         self.conn.is_some()
     }
 
     /// Whether the handshake of the current connection completed.
-    pub fn is_up(&self) -> bool {
+    pub(crate) fn is_up(&self) -> bool {
         self.conn.as_ref().is_some_and(|c| c.up)
     }
 
     /// The master's server name on the current connection, once it sent `SERVER`.
-    pub fn server_name(&self) -> Option<&str> {
+    #[cfg(test)]
+    pub(crate) fn server_name(&self) -> Option<&str> {
         self.conn.as_ref().and_then(|c| c.server_name.as_deref())
     }
 
     /// The latest token seen per stream (POSITION at the handshake, then each RDATA).
-    pub fn tokens(&self) -> [Option<i64>; StreamId::COUNT] {
+    #[cfg(test)]
+    pub(crate) fn tokens(&self) -> [Option<i64>; StreamId::COUNT] {
         self.tokens
     }
 
     /// A fresh TCP connection to the master at `now`: queues `NAME`, `PING`, `REPLICATE ALL`,
     /// then `USER_SYNC <user> start <now>` for every user a core reports syncing, then the
     /// commands forwarded while disconnected (PROTOCOL.md §3.1).
-    pub fn on_connected(&mut self, now: Now) {
+    pub(crate) fn on_connected(&mut self, now: Now) {
         if self.conn.is_some() {
             self.on_disconnected("replaced by a new connection", now);
         }
@@ -222,7 +220,7 @@ impl UpstreamLink {
     /// The connection is gone (EOF, socket error, or closed after [`Self::wants_close`]).
     /// Reports [`LinkEvent::Down`] once per connection and resets the per-connection state;
     /// the users syncing and the forward queue are kept for the next connection.
-    pub fn on_disconnected(&mut self, reason: &str, _now: Now) {
+    pub(crate) fn on_disconnected(&mut self, reason: &str, _now: Now) {
         let Some(conn) = self.conn.take() else {
             return;
         };
@@ -250,7 +248,7 @@ impl UpstreamLink {
 
     /// The buffer to read into (reserve, then read into its spare capacity; only append): the
     /// session's receive buffer while connected.
-    pub fn read_buffer(&mut self) -> &mut BytesMut {
+    pub(crate) fn read_buffer(&mut self) -> &mut BytesMut {
         match self.conn.as_mut() {
             Some(conn) => conn.session.read_buffer(),
             None => &mut self.unconnected_buf,
@@ -260,7 +258,7 @@ impl UpstreamLink {
     /// Bytes were appended to [`Self::read_buffer`] at `now`: take the complete lines from the
     /// session, handle control lines, queue batches. Once closing after an ERROR, nothing more
     /// is read.
-    pub fn on_read(&mut self, now: Now) {
+    pub(crate) fn on_read(&mut self, now: Now) {
         self.unconnected_buf.clear();
         loop {
             let Some(conn) = self.conn.as_mut() else {
@@ -371,7 +369,7 @@ impl UpstreamLink {
     /// user, `end` when the last one ends it. While disconnected only the state changes (it is
     /// re-announced on connect). Forwarded lines go upstream verbatim; while disconnected they
     /// are queued (bounded by `max_forward_queue`, oldest dropped).
-    pub fn on_command(&mut self, core: usize, cmd: UpstreamCmd, _now: Now) {
+    pub(crate) fn on_command(&mut self, core: usize, cmd: UpstreamCmd, _now: Now) {
         match cmd {
             UpstreamCmd::UserSync { user_id, state, last_sync_ms } => {
                 let transition = match state {
@@ -414,30 +412,30 @@ impl UpstreamLink {
     }
 
     /// The next event for the driver.
-    pub fn poll_event(&mut self) -> Option<LinkEvent> {
+    pub(crate) fn poll_event(&mut self) -> Option<LinkEvent> {
         self.events.pop_front()
     }
 
     /// The next line to write to the master.
-    pub fn poll_transmit(&mut self) -> Option<Bytes> {
+    pub(crate) fn poll_transmit(&mut self) -> Option<Bytes> {
         self.conn.as_mut().and_then(|c| c.session.poll_transmit())
     }
 
     /// The driver wrote to the socket at `now`.
-    pub fn on_sent(&mut self, now: Now) {
+    pub(crate) fn on_sent(&mut self, now: Now) {
         if let Some(c) = self.conn.as_mut() {
             c.session.on_sent(now);
         }
     }
 
     /// When [`Self::handle_timeout`] next wants to run (monotonic ms), while connected.
-    pub fn poll_timeout(&self) -> Option<u64> {
+    pub(crate) fn poll_timeout(&self) -> Option<u64> {
         self.conn.as_ref().map(|c| c.session.poll_timeout())
     }
 
     /// Runs the session tick: keep-alive PING, ping timeout, close linger. `Abort` means drop
     /// the socket now ([`Self::wants_close`] says so too).
-    pub fn handle_timeout(&mut self, now: Now) -> TimerAction {
+    pub(crate) fn handle_timeout(&mut self, now: Now) -> TimerAction {
         let Some(conn) = self.conn.as_mut() else {
             return TimerAction::None;
         };
@@ -455,7 +453,7 @@ impl UpstreamLink {
     /// Whether the driver should close the socket: `Abort` at once, `Graceful` once every line
     /// from [`Self::poll_transmit`] was written (after our ERROR, e.g. `Wrong remote`, `ping
     /// timeout`, `Line length exceeded`). Then call [`Self::on_disconnected`].
-    pub fn wants_close(&self) -> Option<CloseHow> {
+    pub(crate) fn wants_close(&self) -> Option<CloseHow> {
         let conn = self.conn.as_ref()?;
         if conn.abort {
             Some(CloseHow::Abort)
@@ -467,7 +465,7 @@ impl UpstreamLink {
     }
 
     /// Metrics.
-    pub fn snapshot(&self) -> UpstreamSnapshot {
+    pub(crate) fn snapshot(&self) -> UpstreamSnapshot {
         UpstreamSnapshot {
             mode: "upstream",
             connected: self.is_up(),
@@ -483,12 +481,14 @@ impl UpstreamLink {
     }
 
     /// Forwarded commands dropped because the queue was full while disconnected.
-    pub fn forward_dropped(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn forward_dropped(&self) -> u64 {
         self.stats.forward_dropped
     }
 
     /// RDATA lines from the master that were not relayed: (unknown stream, malformed).
-    pub fn dropped_rdata(&self) -> (u64, u64) {
+    #[cfg(test)]
+    pub(crate) fn dropped_rdata(&self) -> (u64, u64) {
         (self.stats.unknown_stream_rdata, self.stats.malformed_rdata)
     }
 }

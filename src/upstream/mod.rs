@@ -31,12 +31,12 @@
 //!   }
 //! ```
 
-pub mod backoff;
-pub mod batch;
-pub mod link;
+pub(crate) mod backoff;
+pub(crate) mod batch;
+pub(crate) mod link;
 mod runs;
 
-pub use crate::synthetic::SyntheticSource;
-pub use backoff::{Backoff, BackoffConfig};
-pub use batch::{index_chunk, ControlLine, Indexed};
-pub use link::{LinkConfig, LinkEvent, UpstreamLink};
+pub(crate) use crate::synthetic::SyntheticSource;
+pub use backoff::BackoffConfig;
+pub use batch::index_chunk;
+pub(crate) use link::LinkEvent;

@@ -6,7 +6,7 @@
 //! `tests/serve_uring.rs`).
 #![allow(dead_code)]
 
-pub mod serve;
+pub(crate) mod serve;
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -16,14 +16,14 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use replhub::config::BackoffConfig;
+use replhub::config::HubConfig;
 use replhub::config::{IoBackend, ServeConfig, SourceConfig};
-use replhub::hub::HubConfig;
 use replhub::proto::StreamId;
 use replhub::server::Server;
-use replhub::upstream::BackoffConfig;
 
 /// Failure guard for every wait in these tests (never a synchronisation mechanism).
-pub const WAIT: Duration = Duration::from_secs(10);
+pub(crate) const WAIT: Duration = Duration::from_secs(10);
 
 /// Instantiates every server test of [`serve`] for one backend.
 #[macro_export]
@@ -67,14 +67,14 @@ macro_rules! serve_tests {
 // Logs and the in-process server
 
 /// Logs to the test output (`RUST_LOG=debug cargo test … -- --nocapture` to see them).
-pub fn init_logs() {
+pub(crate) fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
 }
 
 /// A test configuration: port 0, metrics off, two cores, the given backend, upstream mode.
-pub fn upstream_config(io: IoBackend, upstream: SocketAddr) -> ServeConfig {
+pub(crate) fn upstream_config(io: IoBackend, upstream: SocketAddr) -> ServeConfig {
     let mut config = ServeConfig::new(SourceConfig::Upstream {
         addr: upstream.to_string(),
         client_name: "replhub-test".to_owned(),
@@ -88,12 +88,12 @@ pub fn upstream_config(io: IoBackend, upstream: SocketAddr) -> ServeConfig {
 }
 
 /// Reconnect quickly in tests.
-pub fn fast_backoff() -> BackoffConfig {
+pub(crate) fn fast_backoff() -> BackoffConfig {
     BackoffConfig { initial_ms: 20, max_ms: 200, jitter_percent: 0 }
 }
 
 /// Starts a server in-process.
-pub fn start(config: ServeConfig) -> Server {
+pub(crate) fn start(config: ServeConfig) -> Server {
     init_logs();
     Server::start_with(config, fast_backoff()).expect("server starts")
 }
@@ -102,12 +102,12 @@ pub fn start(config: ServeConfig) -> Server {
 // Shared vectors
 
 /// `../shared/vectors/<name>`.
-pub fn vector_path(name: &str) -> PathBuf {
+pub(crate) fn vector_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors").join(name)
 }
 
 /// The RDATA lines of `stream-sample.txt`, each with its `\n`.
-pub fn sample_rdata() -> Vec<Vec<u8>> {
+pub(crate) fn sample_rdata() -> Vec<Vec<u8>> {
     let text = std::fs::read(vector_path("stream-sample.txt")).expect("stream-sample.txt");
     text.split_inclusive(|b| *b == b'\n').filter(|l| l.starts_with(b"RDATA ")).map(<[u8]>::to_vec).collect()
 }
@@ -115,7 +115,7 @@ pub fn sample_rdata() -> Vec<Vec<u8>> {
 /// How many of `lines` (RDATA) reach workers while the rest is all the upstream sent: those up
 /// to the end of the last complete `batch` run (replhub holds an open run until its numbered
 /// line arrives).
-pub fn complete_runs(lines: &[Vec<u8>]) -> usize {
+pub(crate) fn complete_runs(lines: &[Vec<u8>]) -> usize {
     let mut open: std::collections::HashSet<&str> = Default::default();
     let mut done = 0;
     for (i, l) in lines.iter().enumerate() {
@@ -133,13 +133,13 @@ pub fn complete_runs(lines: &[Vec<u8>]) -> usize {
 }
 
 /// The stream name of an RDATA line.
-pub fn rdata_stream(line: &[u8]) -> &str {
+pub(crate) fn rdata_stream(line: &[u8]) -> &str {
     let s = std::str::from_utf8(line).expect("utf-8");
     s.split(' ').nth(1).expect("stream")
 }
 
 /// Positions in map order, all different: `base + i`.
-pub fn positions(base: i64) -> [i64; StreamId::COUNT] {
+pub(crate) fn positions(base: i64) -> [i64; StreamId::COUNT] {
     std::array::from_fn(|i| base + i as i64)
 }
 
@@ -148,7 +148,7 @@ pub fn positions(base: i64) -> [i64; StreamId::COUNT] {
 
 /// Options of a [`TestMaster`].
 #[derive(Clone, Debug)]
-pub struct MasterOptions {
+pub(crate) struct MasterOptions {
     /// The `SERVER` name it announces.
     pub server_name: String,
     /// Send `PING` every this often (a real master sends one every 5 s of silence).
@@ -180,7 +180,7 @@ struct MasterState {
 /// A Synapse master stand-in: accepts replhub, greets it (`SERVER`, `PING`), answers
 /// `REPLICATE ALL` with 16 `POSITION`s in map order, records every line it receives, and lets
 /// the test push raw bytes (RDATA) to the current connection.
-pub struct TestMaster {
+pub(crate) struct TestMaster {
     addr: SocketAddr,
     state: Arc<(Mutex<MasterState>, Condvar)>,
     options: MasterOptions,
@@ -188,17 +188,21 @@ pub struct TestMaster {
 
 impl TestMaster {
     /// Listens on 127.0.0.1:0 with default options and `positions(100)`.
-    pub fn start() -> Self {
+    pub(crate) fn start() -> Self {
         Self::start_with(MasterOptions::default(), positions(100))
     }
 
     /// Listens on 127.0.0.1:0.
-    pub fn start_with(options: MasterOptions, pos: [i64; StreamId::COUNT]) -> Self {
+    pub(crate) fn start_with(options: MasterOptions, pos: [i64; StreamId::COUNT]) -> Self {
         Self::start_on(TcpListener::bind("127.0.0.1:0").expect("bind master"), options, pos)
     }
 
     /// Serves on an already bound listener (replhub may have dialed it already).
-    pub fn start_on(listener: TcpListener, options: MasterOptions, pos: [i64; StreamId::COUNT]) -> Self {
+    pub(crate) fn start_on(
+        listener: TcpListener,
+        options: MasterOptions,
+        pos: [i64; StreamId::COUNT],
+    ) -> Self {
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new((
             Mutex::new(MasterState { positions: Some(pos), ..MasterState::default() }),
@@ -251,12 +255,12 @@ impl TestMaster {
     }
 
     /// Where replhub should dial.
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
     }
 
     /// The server name it announces.
-    pub fn server_name(&self) -> &str {
+    pub(crate) fn server_name(&self) -> &str {
         &self.options.server_name
     }
 
@@ -277,40 +281,40 @@ impl TestMaster {
     }
 
     /// Waits for the `n`th connection's `REPLICATE ALL` to be answered.
-    pub fn wait_handshakes(&self, n: usize) {
+    pub(crate) fn wait_handshakes(&self, n: usize) {
         self.wait(&format!("handshake {n}"), |s| s.handshakes >= n);
     }
 
     /// Waits until `n` connections have ended.
-    pub fn wait_closed(&self, n: usize) {
+    pub(crate) fn wait_closed(&self, n: usize) {
         self.wait(&format!("{n} closed connections"), |s| s.closed >= n);
     }
 
     /// Waits until a received line satisfies `pred`, returning it.
-    pub fn wait_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    pub(crate) fn wait_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
         self.wait(what, |s| s.lines.iter().any(|(_, l)| pred(l)));
         self.lines().into_iter().find(|l| pred(l)).expect("found")
     }
 
     /// Every line received so far (all connections).
-    pub fn lines(&self) -> Vec<String> {
+    pub(crate) fn lines(&self) -> Vec<String> {
         self.lock().lines.iter().map(|(_, l)| l.clone()).collect()
     }
 
     /// Writes raw bytes to the current connection.
-    pub fn push(&self, bytes: &[u8]) {
+    pub(crate) fn push(&self, bytes: &[u8]) {
         let mut s = self.lock();
         let w = s.current.as_mut().expect("replhub is connected");
         w.write_all(bytes).expect("push to replhub");
     }
 
     /// Positions for the next connection's `REPLICATE ALL`.
-    pub fn set_positions(&self, pos: [i64; StreamId::COUNT]) {
+    pub(crate) fn set_positions(&self, pos: [i64; StreamId::COUNT]) {
         self.lock().positions = Some(pos);
     }
 
     /// Closes the current connection (both directions).
-    pub fn drop_connection(&self) {
+    pub(crate) fn drop_connection(&self) {
         let mut s = self.lock();
         if let Some(w) = s.current.take() {
             let _ = w.shutdown(Shutdown::Both);
@@ -347,7 +351,7 @@ fn master_reader(n: usize, stream: TcpStream, st: &Arc<(Mutex<MasterState>, Cond
 // Line reading with deadlines
 
 /// Reads `\n`-terminated lines from a blocking socket with a deadline per call.
-pub struct LineReader {
+pub(crate) struct LineReader {
     stream: TcpStream,
     buf: VecDeque<u8>,
     eof: bool,
@@ -355,13 +359,13 @@ pub struct LineReader {
 
 impl LineReader {
     /// Wraps a connected socket.
-    pub fn new(stream: TcpStream) -> Self {
+    pub(crate) fn new(stream: TcpStream) -> Self {
         Self { stream, buf: VecDeque::new(), eof: false }
     }
 
     /// The next line with its `\n`; `Ok(None)` at EOF (a partial last line is returned as is);
     /// `TimedOut` after `timeout`.
-    pub fn line_within(&mut self, timeout: Duration) -> io::Result<Option<Vec<u8>>> {
+    pub(crate) fn line_within(&mut self, timeout: Duration) -> io::Result<Option<Vec<u8>>> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
@@ -392,7 +396,7 @@ impl LineReader {
     }
 
     /// The underlying socket.
-    pub fn stream(&self) -> &TcpStream {
+    pub(crate) fn stream(&self) -> &TcpStream {
         &self.stream
     }
 }
@@ -401,20 +405,20 @@ impl LineReader {
 // Raw-socket workers
 
 /// A worker speaking the protocol by hand over a real socket.
-pub struct Worker {
+pub(crate) struct Worker {
     reader: LineReader,
     writer: TcpStream,
 }
 
 impl Worker {
     /// Connects.
-    pub fn connect(addr: SocketAddr) -> Self {
+    pub(crate) fn connect(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect(addr).expect("connect to replhub");
         Self::from_stream(stream)
     }
 
     /// Connects with a tiny receive buffer (a worker that will stall).
-    pub fn connect_small_rcvbuf(addr: SocketAddr) -> Self {
+    pub(crate) fn connect_small_rcvbuf(addr: SocketAddr) -> Self {
         let socket =
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
         socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
@@ -429,17 +433,17 @@ impl Worker {
     }
 
     /// Sends raw bytes.
-    pub fn send_raw(&mut self, bytes: &[u8]) {
+    pub(crate) fn send_raw(&mut self, bytes: &[u8]) {
         self.writer.write_all(bytes).expect("send");
     }
 
     /// Sends one line (`\n` appended).
-    pub fn send(&mut self, line: &str) {
+    pub(crate) fn send(&mut self, line: &str) {
         self.send_raw(format!("{line}\n").as_bytes());
     }
 
     /// The next line with its `\n`, `None` at EOF; panics after [`WAIT`].
-    pub fn next_raw(&mut self) -> Option<Vec<u8>> {
+    pub(crate) fn next_raw(&mut self) -> Option<Vec<u8>> {
         match self.reader.line_within(WAIT) {
             Ok(l) => l,
             Err(e) => panic!("worker: no line within {WAIT:?}: {e}"),
@@ -447,13 +451,13 @@ impl Worker {
     }
 
     /// The next line without `\n`; panics at EOF or after [`WAIT`].
-    pub fn line(&mut self) -> String {
+    pub(crate) fn line(&mut self) -> String {
         let raw = self.next_raw().expect("worker: unexpected EOF");
         String::from_utf8(raw).expect("utf-8").trim_end_matches('\n').to_owned()
     }
 
     /// The next line that is not a `PING`.
-    pub fn line_skip_ping(&mut self) -> String {
+    pub(crate) fn line_skip_ping(&mut self) -> String {
         loop {
             let l = self.line();
             if !l.starts_with("PING ") {
@@ -463,7 +467,7 @@ impl Worker {
     }
 
     /// The next line, or `None` if nothing arrives within `timeout` (or at EOF).
-    pub fn line_within(&mut self, timeout: Duration) -> Option<String> {
+    pub(crate) fn line_within(&mut self, timeout: Duration) -> Option<String> {
         match self.reader.line_within(timeout) {
             Ok(Some(raw)) => Some(String::from_utf8_lossy(&raw).trim_end_matches('\n').to_owned()),
             Ok(None) => None,
@@ -473,7 +477,7 @@ impl Worker {
     }
 
     /// Reads `SERVER <name>` and `PING <ms>`, returning the name.
-    pub fn greeting(&mut self) -> String {
+    pub(crate) fn greeting(&mut self) -> String {
         let server = self.line();
         let name =
             server.strip_prefix("SERVER ").unwrap_or_else(|| panic!("expected SERVER, got {server:?}"));
@@ -485,7 +489,7 @@ impl Worker {
 
     /// Greeting, `NAME`, `REPLICATE <stream>` for each, and the POSITION answers (checked in
     /// order against the streams, skipping PINGs); returns the POSITION lines.
-    pub fn subscribe(&mut self, name: &str, streams: &[&str]) -> Vec<String> {
+    pub(crate) fn subscribe(&mut self, name: &str, streams: &[&str]) -> Vec<String> {
         self.greeting();
         self.send(&format!("NAME {name}"));
         for s in streams {
@@ -512,7 +516,7 @@ impl Worker {
     }
 
     /// Reads until EOF; returns every line (with `\n` stripped, lossy UTF-8).
-    pub fn read_to_eof(&mut self) -> Vec<String> {
+    pub(crate) fn read_to_eof(&mut self) -> Vec<String> {
         let mut out = Vec::new();
         while let Some(raw) = self.next_raw() {
             out.push(String::from_utf8_lossy(&raw).trim_end_matches('\n').to_owned());
@@ -521,7 +525,7 @@ impl Worker {
     }
 
     /// Collects `n` RDATA lines (raw, with `\n`), skipping PINGs; panics on anything else.
-    pub fn rdata(&mut self, n: usize) -> Vec<Vec<u8>> {
+    pub(crate) fn rdata(&mut self, n: usize) -> Vec<Vec<u8>> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
             let raw = self.next_raw().unwrap_or_else(|| panic!("EOF after {} of {n} RDATA", out.len()));
@@ -535,18 +539,18 @@ impl Worker {
     }
 
     /// Closes the socket.
-    pub fn close(self) {
+    pub(crate) fn close(self) {
         let _ = self.writer.shutdown(Shutdown::Both);
     }
 
     /// The socket (e.g. to set options).
-    pub fn stream(&self) -> &TcpStream {
+    pub(crate) fn stream(&self) -> &TcpStream {
         &self.writer
     }
 }
 
 /// Waits until `cond()` holds, polling every few ms (failure guard: [`WAIT`]).
-pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+pub(crate) fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -556,7 +560,7 @@ pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 
 /// Shuts the server down while `workers` read to EOF: each must end with
 /// `ERROR server shutting down` (they also close at once, so the shutdown does not wait).
-pub fn stop(server: Server, workers: Vec<Worker>) {
+pub(crate) fn stop(server: Server, workers: Vec<Worker>) {
     let stopping = thread::spawn(move || server.shutdown());
     for (i, mut w) in workers.into_iter().enumerate() {
         let lines = w.read_to_eof();

@@ -21,7 +21,7 @@ use super::{
 // ---------------------------------------------------------------------------------------------
 // Handshake and server name
 
-pub fn handshake_uses_the_upstream_server_name(io: IoBackend) {
+pub(crate) fn handshake_uses_the_upstream_server_name(io: IoBackend) {
     let master = TestMaster::start();
     let server = start(upstream_config(io, master.addr()));
     master.wait_handshakes(1);
@@ -35,7 +35,7 @@ pub fn handshake_uses_the_upstream_server_name(io: IoBackend) {
     stop(server, vec![w]);
 }
 
-pub fn configured_server_name_is_checked_against_the_upstream(io: IoBackend) {
+pub(crate) fn configured_server_name_is_checked_against_the_upstream(io: IoBackend) {
     let master = TestMaster::start_with(
         MasterOptions { server_name: "impostor.example".to_owned(), ..MasterOptions::default() },
         positions(1),
@@ -51,7 +51,7 @@ pub fn configured_server_name_is_checked_against_the_upstream(io: IoBackend) {
     stop(server, vec![w]);
 }
 
-pub fn workers_wait_for_the_upstream_before_their_greeting(io: IoBackend) {
+pub(crate) fn workers_wait_for_the_upstream_before_their_greeting(io: IoBackend) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let server = start(upstream_config(io, addr));
@@ -70,7 +70,7 @@ pub fn workers_wait_for_the_upstream_before_their_greeting(io: IoBackend) {
 // ---------------------------------------------------------------------------------------------
 // REPLICATE and POSITION
 
-pub fn replicate_answers_positions_in_map_order(io: IoBackend) {
+pub(crate) fn replicate_answers_positions_in_map_order(io: IoBackend) {
     let master = TestMaster::start();
     let mut config = upstream_config(io, master.addr());
     // One core, so that "the core has seen this batch" is observable through any worker.
@@ -146,7 +146,7 @@ fn push_chunked(master: &TestMaster, lines: &[Vec<u8>]) {
     }
 }
 
-pub fn relays_the_sample_to_many_workers_byte_identical(io: IoBackend) {
+pub(crate) fn relays_the_sample_to_many_workers_byte_identical(io: IoBackend) {
     let master = TestMaster::start();
     let server = start(upstream_config(io, master.addr()));
     master.wait_handshakes(1);
@@ -172,7 +172,7 @@ pub fn relays_the_sample_to_many_workers_byte_identical(io: IoBackend) {
     stop(server, vec![]);
 }
 
-pub fn filters_by_stream(io: IoBackend) {
+pub(crate) fn filters_by_stream(io: IoBackend) {
     let master = TestMaster::start();
     let server = start(upstream_config(io, master.addr()));
     master.wait_handshakes(1);
@@ -267,7 +267,7 @@ fn parse_error_prefix(text: &str) -> &str {
     &text[..end]
 }
 
-pub fn invalid_commands_get_their_policy_outcome(io: IoBackend) {
+pub(crate) fn invalid_commands_get_their_policy_outcome(io: IoBackend) {
     let master = TestMaster::start();
     let server = start(upstream_config(io, master.addr()));
     master.wait_handshakes(1);
@@ -359,7 +359,7 @@ impl Progress {
     }
 }
 
-pub fn slow_worker_is_evicted_and_others_get_everything(io: IoBackend) {
+pub(crate) fn slow_worker_is_evicted_and_others_get_everything(io: IoBackend) {
     const MAX_PENDING: u64 = 256 << 10;
     let master = TestMaster::start();
     let mut config = upstream_config(io, master.addr());
@@ -448,7 +448,7 @@ pub fn slow_worker_is_evicted_and_others_get_everything(io: IoBackend) {
 // ---------------------------------------------------------------------------------------------
 // Upstream restarts
 
-pub fn upstream_restart_gives_fresh_positions_before_newer_rdata(io: IoBackend) {
+pub(crate) fn upstream_restart_gives_fresh_positions_before_newer_rdata(io: IoBackend) {
     let master = TestMaster::start();
     let server = start(upstream_config(io, master.addr()));
     master.wait_handshakes(1);
@@ -491,7 +491,7 @@ pub fn upstream_restart_gives_fresh_positions_before_newer_rdata(io: IoBackend) 
 /// A master that drops in the middle of a `batch` run: the rows of the run it sent never reach a
 /// worker (a worker connected to the master would have dropped them with its connection, and
 /// kept pending they break its next POSITION).
-pub fn a_batch_run_cut_by_an_upstream_drop_never_reaches_workers(io: IoBackend) {
+pub(crate) fn a_batch_run_cut_by_an_upstream_drop_never_reaches_workers(io: IoBackend) {
     let master = TestMaster::start();
     let server = start(upstream_config(io, master.addr()));
     master.wait_handshakes(1);
@@ -516,8 +516,8 @@ pub fn a_batch_run_cut_by_an_upstream_drop_never_reaches_workers(io: IoBackend) 
 
 /// A worker that half-closes (FIN) after an unterminated fragment ended its connection cleanly:
 /// `ConnectionDone`, as the reference's stack reports it, not `ConnectionLost`.
-pub fn a_fin_after_an_unterminated_fragment_is_connection_done(io: IoBackend) {
-    use replhub::hub::stats::CloseReason;
+pub(crate) fn a_fin_after_an_unterminated_fragment_is_connection_done(io: IoBackend) {
+    use replhub::testing::hub::stats::CloseReason;
     let master = TestMaster::start();
     let server = start(upstream_config(io, master.addr()));
     master.wait_handshakes(1);
@@ -543,7 +543,7 @@ fn count(master: &TestMaster, prefix: &str) -> usize {
     master.lines().iter().filter(|l| l.starts_with(prefix)).count()
 }
 
-pub fn user_sync_is_merged_across_workers(io: IoBackend) {
+pub(crate) fn user_sync_is_merged_across_workers(io: IoBackend) {
     let master = TestMaster::start();
     let server = start(upstream_config(io, master.addr()));
     master.wait_handshakes(1);
@@ -580,7 +580,7 @@ pub fn user_sync_is_merged_across_workers(io: IoBackend) {
     stop(server, vec![w1]);
 }
 
-pub fn forwards_worker_commands_upstream(io: IoBackend) {
+pub(crate) fn forwards_worker_commands_upstream(io: IoBackend) {
     let master = TestMaster::start();
     let server = start(upstream_config(io, master.addr()));
     master.wait_handshakes(1);
@@ -614,7 +614,7 @@ pub fn forwards_worker_commands_upstream(io: IoBackend) {
 // ---------------------------------------------------------------------------------------------
 // Timers and shutdown
 
-pub fn ping_timeout_closes_a_silent_worker(io: IoBackend) {
+pub(crate) fn ping_timeout_closes_a_silent_worker(io: IoBackend) {
     // The master pings often, so the upstream link (same timing constants) stays up.
     let master = TestMaster::start_with(
         MasterOptions { keepalive: Some(Duration::from_millis(50)), ..MasterOptions::default() },
@@ -656,7 +656,7 @@ pub fn ping_timeout_closes_a_silent_worker(io: IoBackend) {
     stop(server, vec![quiet]);
 }
 
-pub fn shutdown_says_so_to_every_worker(io: IoBackend) {
+pub(crate) fn shutdown_says_so_to_every_worker(io: IoBackend) {
     let master = TestMaster::start();
     let server = start(upstream_config(io, master.addr()));
     master.wait_handshakes(1);
@@ -674,7 +674,7 @@ pub fn shutdown_says_so_to_every_worker(io: IoBackend) {
     master.wait_closed(1);
 }
 
-pub fn metrics_endpoint_renders_a_scrape(io: IoBackend) {
+pub(crate) fn metrics_endpoint_renders_a_scrape(io: IoBackend) {
     let master = TestMaster::start();
     let mut config = upstream_config(io, master.addr());
     config.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));
@@ -713,7 +713,7 @@ fn synthetic_config(io: IoBackend, rate: u64) -> replhub::config::ServeConfig {
     config
 }
 
-pub fn synthetic_mode_serves_rows_as_localhost(io: IoBackend) {
+pub(crate) fn synthetic_mode_serves_rows_as_localhost(io: IoBackend) {
     let server = start(synthetic_config(io, 5_000));
     let mut w = Worker::connect(server.local_addr());
     assert_eq!(w.greeting(), "localhost", "synthetic mode defaults to localhost");
@@ -748,7 +748,7 @@ pub fn synthetic_mode_serves_rows_as_localhost(io: IoBackend) {
     stop(server, vec![w]);
 }
 
-pub fn synthetic_unpaced_stays_responsive_and_bounded(io: IoBackend) {
+pub(crate) fn synthetic_unpaced_stays_responsive_and_bounded(io: IoBackend) {
     let server = start(synthetic_config(io, 0));
     let mut w = Worker::connect(server.local_addr());
     w.subscribe("fast", &["ALL"]);
@@ -769,7 +769,7 @@ pub fn synthetic_unpaced_stays_responsive_and_bounded(io: IoBackend) {
     server.shutdown().expect("clean shutdown");
 }
 
-pub fn a_closed_worker_that_never_closes_is_dropped_after_the_linger(io: IoBackend) {
+pub(crate) fn a_closed_worker_that_never_closes_is_dropped_after_the_linger(io: IoBackend) {
     let master = TestMaster::start();
     let mut config = upstream_config(io, master.addr());
     config.hub.session = SessionConfig { close_timeout_ms: 300, ..SessionConfig::default() };
@@ -882,7 +882,7 @@ fn rdata_lines(stream: &str, first: i64, n: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-pub fn metrics_scrape_has_synapse_names_and_follows_traffic(io: IoBackend) {
+pub(crate) fn metrics_scrape_has_synapse_names_and_follows_traffic(io: IoBackend) {
     let master = TestMaster::start();
     let mut config = upstream_config(io, master.addr());
     config.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));
@@ -1013,7 +1013,7 @@ pub fn metrics_scrape_has_synapse_names_and_follows_traffic(io: IoBackend) {
     stop(server, vec![w1, w2]);
 }
 
-pub fn metrics_kernel_send_queue_rises_for_a_stalled_worker(io: IoBackend) {
+pub(crate) fn metrics_kernel_send_queue_rises_for_a_stalled_worker(io: IoBackend) {
     let master = TestMaster::start();
     let mut config = upstream_config(io, master.addr());
     config.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));

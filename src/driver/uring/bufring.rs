@@ -40,7 +40,7 @@ pub(super) struct BufRing {
 impl BufRing {
     /// Allocates the ring (page aligned, as the kernel requires) and the buffers, and fills the
     /// ring with every buffer. `count` must be a power of two of at most 32768.
-    pub fn new(count: u16, buf_size: u32, bgid: u16) -> io::Result<Self> {
+    pub(super) fn new(count: u16, buf_size: u32, bgid: u16) -> io::Result<Self> {
         if !count.is_power_of_two() || count > 32768 || buf_size == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad buffer ring geometry"));
         }
@@ -75,7 +75,7 @@ impl BufRing {
     /// `self` must not be dropped while that io_uring can still use it: until the group is
     /// unregistered, or the io_uring is dropped with no op that selects buffers still in
     /// flight.
-    pub unsafe fn register(&self, submitter: &Submitter<'_>) -> io::Result<()> {
+    pub(super) unsafe fn register(&self, submitter: &Submitter<'_>) -> io::Result<()> {
         // SAFETY: the entry array is `count` page-aligned, initialised entries that live as
         // long as `self`; the caller keeps `self` alive as long as the kernel may use it.
         unsafe {
@@ -84,18 +84,18 @@ impl BufRing {
     }
 
     /// Number of buffers.
-    pub fn count(&self) -> u16 {
+    pub(super) fn count(&self) -> u16 {
         self.count
     }
 
     /// The buffer group id recvs name to select from this ring.
-    pub fn bgid(&self) -> u16 {
+    pub(super) fn bgid(&self) -> u16 {
         self.bgid
     }
 
     /// The bytes a completion reported for buffer `bid`, or `None` if the CQE names a buffer
     /// or a length this ring does not have (never expected from the kernel).
-    pub fn data(&self, bid: u16, len: usize) -> Option<&[u8]> {
+    pub(super) fn data(&self, bid: u16, len: usize) -> Option<&[u8]> {
         if bid >= self.count || len > self.buf_size as usize {
             return None;
         }
@@ -109,7 +109,7 @@ impl BufRing {
     }
 
     /// Puts buffer `bid` back into the ring and makes it visible to the kernel.
-    pub fn recycle(&mut self, bid: u16) {
+    pub(super) fn recycle(&mut self, bid: u16) {
         if bid < self.count {
             self.push(bid);
             self.publish();

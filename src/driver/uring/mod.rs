@@ -82,7 +82,7 @@ mod tests;
 /// a core's ([`probe::build_ring`] with the core's queue sizes and flags) and one
 /// [`send::SendBuf`] per socket, preparing exactly the submissions the core loop does.
 #[doc(hidden)]
-pub mod bench {
+pub(crate) mod bench {
     use std::io::{self, IoSlice};
     use std::os::fd::RawFd;
 

@@ -1,4 +1,6 @@
 //! Driver-level tests: the probe, and a core started and stopped without the server glue.
+// These tests wait on a real ring and real sockets, with real deadlines.
+#![allow(clippy::disallowed_methods)]
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -13,7 +13,7 @@ pub enum Value {
     String(String),
     /// An array (or a Python tuple).
     Array(Vec<Self>),
-    /// An object, in insertion order. [`parse`] never yields duplicate keys; a hand-built
+    /// An object, in insertion order. [`parse`](super::parse) never yields duplicate keys; a hand-built
     /// object with duplicates is encoded as it stands.
     Object(Vec<(String, Self)>),
 }
