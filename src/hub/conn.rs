@@ -31,11 +31,13 @@ impl CloseState {
     }
 
     /// Whether a close was decided (emitted or not).
+    #[inline]
     pub(super) fn is_closing(self) -> bool {
         self != Self::Open
     }
 
     /// Whether a `Close` (of either kind) went to the driver: no more writes are started.
+    #[inline]
     pub(super) fn emitted(self) -> bool {
         matches!(self, Self::CloseEmitted(_) | Self::AbortEmitted(_))
     }
@@ -113,6 +115,7 @@ impl Conn {
 
     /// Whether BROADCAST log lines (relayed REMOTE_SERVER_UP) go to this connection: once
     /// greeted, until it closes.
+    #[inline]
     pub(super) fn wants_broadcast(&self) -> bool {
         !self.close.is_closing() && self.phase != ConnPhase::Waiting
     }

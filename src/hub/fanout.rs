@@ -40,10 +40,15 @@ impl Hub {
                 }
             }
         }
+        // The hot loop of a batch: borrow the fields apart so that each wake is one slot
+        // lookup and an inlined state check.
+        let Self { stream_subs, conns, log, dirty, .. } = self;
         for s in StreamMask(streams).iter() {
-            for k in 0..self.stream_subs[s.index()].len() {
-                let id = self.stream_subs[s.index()][k];
-                self.wake(id, first, now);
+            for &id in &stream_subs[s.index()] {
+                let Some(c) = conns.get_mut(id) else { continue };
+                if c.outbox.wake(log, first, now.mono_ms, c.close.emitted()) {
+                    dirty.push(id);
+                }
             }
         }
         if broadcast {
