@@ -57,6 +57,9 @@ pub(super) struct Subscriptions {
     pub full_from: u64,
     /// Streams whose REPLICATE waits for a batch boundary or for the upstream's tokens.
     pub pending: StreamMask,
+    /// Subscribed by a bare `REPLICATE` (Synapse 1.13+): every stream the upstream serves, so
+    /// a waiting stream the upstream turns out not to serve is skipped, not an error.
+    pub bare: bool,
 }
 
 impl Subscriptions {
@@ -66,6 +69,7 @@ impl Subscriptions {
             from: [0; StreamId::COUNT],
             full_from: u64::MAX,
             pending: StreamMask::NONE,
+            bare: false,
         }
     }
 

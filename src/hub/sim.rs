@@ -78,7 +78,15 @@ impl Sim {
 
     /// The upstream connects with `positions`.
     pub fn connect_upstream(&mut self, name: &str, positions: [Option<i64>; StreamId::COUNT]) {
-        self.hub.on_upstream(&UpstreamEvent::Connected { server_name: name.to_owned(), positions }, self.now);
+        self.hub.on_upstream(
+            &UpstreamEvent::Connected {
+                server_name: name.to_owned(),
+                positions,
+                generation: crate::proto::Generation::Seed,
+                instance: "master".to_owned(),
+            },
+            self.now,
+        );
         self.flush();
     }
 

@@ -27,6 +27,14 @@
 //! order) arrived, or at the first RDATA after SERVER (then streams without a POSITION are not
 //! served). RDATA received before that are held and delivered right after `Up`, in order.
 //!
+//! Generation (PROTOCOL.md §8): the greeting `REPLICATE ALL` is accepted by the seed and by
+//! every master from Synapse 1.13 on, which ignore its argument. What the master sends back
+//! tells its generation ([`LinkConfig::protocol`] `Auto`, re-learnt on every connection): the
+//! field count of its POSITIONs (seed 2, 1.13 3, 1.22 4), or, before any POSITION, whether its
+//! RDATA carry an instance name. RDATA are then indexed in that layout. A master of 1.13 or
+//! later sends RDATA to a connection before it answers REPLICATE, so with instance-named RDATA
+//! the handshake waits for the POSITION of `user_signature` instead of the first RDATA.
+//!
 //! Keep-alive: the session sends PING every 5 s of write silence; any received line, relayed
 //! or not, counts as received, and once the master has PINGed, 25 s of silence end the link
 //! with `ERROR ping timeout`.
@@ -35,11 +43,14 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::batch::{index_chunk, Indexed};
+use super::batch::{index_chunk_as, Indexed};
 use crate::hub::{Batch, CloseHow, Transition, UpstreamCmd, UpstreamEvent, UserSyncMerger};
 use crate::metrics::snapshot::UpstreamSnapshot;
+use crate::proto::generation::{parse_any_position, RdataForm};
 use crate::proto::inbound::parse_args;
-use crate::proto::{Command, Line, PeerError, Role, StreamId, SyncState, UserSync};
+use crate::proto::{
+    Command, CommandWord, Generation, Line, PeerError, ProtocolChoice, Role, StreamId, SyncState, UserSync,
+};
 use crate::session::{Session, SessionConfig, TimerAction};
 use crate::time::Now;
 
@@ -56,6 +67,8 @@ pub struct LinkConfig {
     /// Commands forwarded while disconnected are queued up to this many; beyond it the oldest
     /// is dropped (logged and counted).
     pub max_forward_queue: usize,
+    /// The master's protocol generation: learnt per connection, or pinned.
+    pub protocol: ProtocolChoice,
 }
 
 impl Default for LinkConfig {
@@ -65,6 +78,7 @@ impl Default for LinkConfig {
             expected_server_name: None,
             session: SessionConfig::default(),
             max_forward_queue: 10_000,
+            protocol: ProtocolChoice::Auto,
         }
     }
 }
@@ -111,6 +125,12 @@ struct Conn {
     abort: bool,
     /// The last `ERROR` the master sent.
     peer_error: Option<String>,
+    /// The master's generation, once known (or pinned).
+    generation: Option<Generation>,
+    /// Whether RDATA carried an instance name before any POSITION told the generation.
+    instance_rdata: bool,
+    /// The master's instance name, from its first instance-named POSITION.
+    instance: Option<String>,
 }
 
 /// The client-role link to the master. See the module docs for how a driver runs it.
@@ -161,6 +181,11 @@ impl UpstreamLink {
         self.conn.as_ref().and_then(|c| c.server_name.as_deref())
     }
 
+    /// The current connection's generation, once known (pinned or learnt).
+    pub fn generation(&self) -> Option<Generation> {
+        self.conn.as_ref().and_then(|c| c.generation)
+    }
+
     /// The latest token seen per stream (POSITION at the handshake, then each RDATA).
     pub fn tokens(&self) -> [Option<i64>; StreamId::COUNT] {
         self.tokens
@@ -196,6 +221,9 @@ impl UpstreamLink {
             pending: Vec::new(),
             abort: false,
             peer_error: None,
+            generation: self.config.protocol.pinned(),
+            instance_rdata: false,
+            instance: None,
         });
     }
 
@@ -252,7 +280,10 @@ impl UpstreamLink {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
-        let mut idx: Indexed = index_chunk(chunk);
+        let mut idx: Indexed = index_chunk_as(chunk, RdataForm::of(conn.generation));
+        if conn.generation.is_none() && idx.instance_rdata == Some(true) {
+            conn.instance_rdata = true;
+        }
         for (total, n) in self.stats.inbound_rdata.iter_mut().zip(idx.rdata) {
             *total += n;
         }
@@ -262,7 +293,7 @@ impl UpstreamLink {
         let mut cut = None;
         let mut prev = 0;
         for c in &idx.control {
-            if !conn.up && conn.server_name.is_some() && idx.has_rdata_in(prev..c.after) {
+            if conn.completes_on_rdata() && idx.has_rdata_in(prev..c.after) {
                 conn.complete_handshake(&mut self.events, &mut self.tokens, &mut self.stats);
             }
             prev = c.after;
@@ -280,7 +311,7 @@ impl UpstreamLink {
         }
         if let Some(n) = cut {
             idx.truncate(n);
-        } else if !conn.up && conn.server_name.is_some() && idx.has_rdata_in(prev..idx.lines.len()) {
+        } else if conn.completes_on_rdata() && idx.has_rdata_in(prev..idx.lines.len()) {
             conn.complete_handshake(&mut self.events, &mut self.tokens, &mut self.stats);
         }
         if idx.lines.is_empty() {
@@ -401,6 +432,7 @@ impl UpstreamLink {
             mode: "upstream",
             connected: self.is_up(),
             reconnects: self.stats.connects.saturating_sub(1),
+            generation: self.generation().map(Generation::label),
             tokens: self.tokens,
             stream_updates: self.stats.stream_updates,
             inbound_rdata: self.stats.inbound_rdata,
@@ -423,6 +455,45 @@ impl UpstreamLink {
 }
 
 impl Conn {
+    /// Whether RDATA now completes the handshake: seed masters send RDATA only after their
+    /// POSITIONs; 1.13+ masters send them from connect, so there only POSITION does.
+    fn completes_on_rdata(&self) -> bool {
+        let seed = match self.generation {
+            Some(g) => g == Generation::Seed,
+            None => !self.instance_rdata,
+        };
+        !self.up && self.server_name.is_some() && seed
+    }
+
+    /// A POSITION of any generation: learns the generation (unless pinned, where another shape
+    /// is a parse error) and, before the handshake completes, the stream's token.
+    fn on_position(&mut self, line: &Line, now: Now) {
+        let p = match parse_any_position(line.args(), self.generation) {
+            Ok(p) => p,
+            Err(e) => {
+                let err = PeerError::parse(b"POSITION", line.args(), e);
+                tracing::warn!(error = %err, "upstream sent a malformed POSITION");
+                self.session.fail(&err, now);
+                return;
+            }
+        };
+        if self.generation.is_none() {
+            tracing::info!(generation = %p.generation, "upstream protocol generation learnt from its POSITION");
+            self.generation = Some(p.generation);
+        }
+        if let (None, Some(instance)) = (&self.instance, p.instance) {
+            self.instance = Some(instance.to_owned());
+        }
+        match StreamId::from_name(p.stream.as_bytes()) {
+            Some(s) if !self.up => self.positions[s.index()] = Some(p.token),
+            // From 1.13 the master answers every connection's REPLICATE with POSITIONs to all.
+            Some(s) => {
+                tracing::debug!(stream = s.name(), token = p.token, "POSITION after the handshake; ignored")
+            }
+            None => tracing::warn!(stream = p.stream, "POSITION for a stream replhub does not know"),
+        }
+    }
+
     /// Handles one non-relayed line: the session's checks, then SERVER / POSITION / PING /
     /// ERROR / SYNC. A violation queues `ERROR ...` and closes the session.
     fn on_control(&mut self, line: &Line, config: &LinkConfig, now: Now) {
@@ -433,6 +504,10 @@ impl Conn {
                 return;
             }
         };
+        if word == CommandWord::Position {
+            self.on_position(line, now);
+            return;
+        }
         let parsed = match parse_args(word, line) {
             Ok(p) => p,
             Err(err) => {
@@ -456,17 +531,6 @@ impl Conn {
                 }
                 self.server_name = Some(name.to_owned());
             }
-            Command::Position(p) => match StreamId::from_name(p.stream.as_bytes()) {
-                Some(s) if !self.up => self.positions[s.index()] = Some(p.token),
-                Some(s) => {
-                    tracing::info!(
-                        stream = s.name(),
-                        token = p.token,
-                        "POSITION after the handshake; ignored"
-                    );
-                }
-                None => tracing::warn!(stream = p.stream, "POSITION for a stream replhub does not know"),
-            },
             Command::Error(text) => {
                 tracing::warn!(error = text, "upstream sent ERROR");
                 self.peer_error = Some(text.to_owned());
@@ -490,8 +554,20 @@ impl Conn {
         self.up = true;
         *tokens = self.positions;
         let served = self.positions.iter().filter(|p| p.is_some()).count();
-        tracing::info!(server = %server_name, streams = served, "upstream handshake complete");
-        events.push_back(LinkEvent::Up(UpstreamEvent::Connected { server_name, positions: self.positions }));
+        // RDATA before any POSITION and without instance names: a seed master.
+        let generation = *self.generation.get_or_insert(if self.instance_rdata {
+            Generation::V1_13
+        } else {
+            Generation::Seed
+        });
+        let instance = self.instance.clone().unwrap_or_else(|| "master".to_owned());
+        tracing::info!(server = %server_name, streams = served, generation = %generation, instance, "upstream handshake complete; protocol generation {generation}");
+        events.push_back(LinkEvent::Up(UpstreamEvent::Connected {
+            server_name,
+            positions: self.positions,
+            generation,
+            instance,
+        }));
         for batch in self.pending.drain(..) {
             emit_batch(batch, events, tokens, stats);
         }
