@@ -32,6 +32,7 @@ mod fanout;
 mod flight;
 mod inputs;
 mod outbox;
+mod released;
 mod slow_consumer;
 mod subscribe;
 mod timers;

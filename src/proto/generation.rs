@@ -13,8 +13,9 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::error::FieldError;
-use super::fields::{not_enough_values, utf8_field};
+use super::fields::{not_enough_values, split_fields, utf8_field, SyncState};
 use super::number::{format_i64, parse_i64};
+use super::pyrepr::{py_exc, py_repr};
 
 /// A protocol generation replhub can relay and serve.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -245,6 +246,50 @@ pub fn rdata_head(args: &[u8], form: RdataForm) -> Option<(&[u8], &[u8], bool)> 
     Some((stream, &rest[..sp3], true))
 }
 
+/// `USER_SYNC <instance_id> <user_id> <start|end> <last_sync_ms>` (Synapse 1.13+).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InstanceUserSync<'a> {
+    /// The worker process's random instance id (not its NAME).
+    pub instance_id: &'a str,
+    /// User id.
+    pub user_id: &'a str,
+    /// Start or end.
+    pub state: SyncState,
+    /// Last sync time, ms.
+    pub last_sync_ms: i64,
+}
+
+/// Parses 1.13+ USER_SYNC arguments (four fields), with the errors a 1.13+ master reports.
+pub fn parse_instance_user_sync(args: &[u8]) -> Result<InstanceUserSync<'_>, FieldError> {
+    let [instance_id, user_id, state, ms] = split_fields::<4>(args)?;
+    let state = match state {
+        b"start" => SyncState::Start,
+        b"end" => SyncState::End,
+        other => {
+            let shown = py_repr(&String::from_utf8_lossy(other));
+            return Err(FieldError(py_exc("Exception", &format!("Invalid USER_SYNC state {shown}"))));
+        }
+    };
+    Ok(InstanceUserSync {
+        instance_id: utf8_field(instance_id)?,
+        user_id: utf8_field(user_id)?,
+        state,
+        last_sync_ms: parse_i64(ms)?,
+    })
+}
+
+/// Checks FEDERATION_ACK arguments of any release: `<token>` (up to 1.17) or
+/// `<instance> <token>` (1.18+, exactly two fields). Returns the token.
+pub fn parse_any_federation_ack(args: &[u8]) -> Result<i64, FieldError> {
+    match memchr::memchr(b' ', args) {
+        None => parse_i64(args),
+        Some(sp) => {
+            utf8_field(&args[..sp])?;
+            parse_i64(&args[sp + 1..])
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,6 +342,23 @@ mod tests {
         assert_eq!(rdata_head(inst, RdataForm::Sniff), Some((&b"events"[..], &b"batch"[..], true)));
         assert_eq!(rdata_head(b"events master 5", RdataForm::Instance), None);
         assert_eq!(rdata_head(b"events 5", RdataForm::Seed), None);
+    }
+
+    #[test]
+    fn worker_commands_of_released_synapse() {
+        let u = parse_instance_user_sync(b"AbCdE @a:hs start 15").unwrap();
+        assert_eq!(
+            (u.instance_id, u.user_id, u.state, u.last_sync_ms),
+            ("AbCdE", "@a:hs", SyncState::Start, 15)
+        );
+        assert_eq!(
+            parse_instance_user_sync(b"AbCdE @a:hs stop 15").unwrap_err().0,
+            "Exception(\"Invalid USER_SYNC state 'stop'\")"
+        );
+        assert!(parse_instance_user_sync(b"@a:hs start 15").is_err());
+        assert_eq!(parse_any_federation_ack(b"12"), Ok(12));
+        assert_eq!(parse_any_federation_ack(b"federation_sender1 12"), Ok(12));
+        assert!(parse_any_federation_ack(b"a b 12").is_err());
     }
 
     #[test]
