@@ -90,7 +90,7 @@ fn hub_with(subscribers: usize) -> Setup {
     hub.on_upstream(
         &UpstreamEvent::Connected {
             server_name: "hs".into(),
-            positions: [Some(0); 16],
+            positions: [Some(0); replhub::proto::StreamId::COUNT],
             generation: replhub::proto::Generation::Seed,
             instance: "master".into(),
         },
@@ -224,7 +224,7 @@ fn memory(_c: &mut Criterion) {
     hub.on_upstream(
         &UpstreamEvent::Connected {
             server_name: "hs".into(),
-            positions: [Some(0); 16],
+            positions: [Some(0); replhub::proto::StreamId::COUNT],
             generation: replhub::proto::Generation::Seed,
             instance: "master".into(),
         },

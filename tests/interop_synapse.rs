@@ -121,3 +121,13 @@ fn synapse_1_22_1_epoll() {
 fn synapse_1_22_1_uring() {
     run_pair("1.22.1", "uring", "1.22");
 }
+
+#[test]
+fn synapse_1_66_0_epoll() {
+    run_pair("1.66.0", "epoll", "1.22");
+}
+
+#[test]
+fn synapse_1_66_0_uring() {
+    run_pair("1.66.0", "uring", "1.22");
+}

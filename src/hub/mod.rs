@@ -179,7 +179,7 @@ pub enum HubOutput {
     Upstream(UpstreamCmd),
 }
 
-/// Streams a hub serves by default: all 16.
+/// Streams a hub serves by default: every stream replhub knows.
 pub const SERVED_DEFAULT: StreamMask = StreamMask::ALL;
 
 /// The per-core hub. See the [module docs](self).

@@ -44,6 +44,9 @@ impl Hub {
 
     /// Every stream the upstream serves (all of them while that is not known yet).
     fn subscribe_all(&mut self, id: ConnId, now: Now) {
+        if let Some(c) = self.conn_mut(id) {
+            c.subs.all = true;
+        }
         let streams: Vec<StreamId> = match self.served {
             Some(served) => served.iter().collect(),
             None => StreamId::ALL.to_vec(),
@@ -163,7 +166,7 @@ impl Hub {
             UpstreamEvent::Connected { server_name, positions, generation, instance } => {
                 self.upstream_up = true;
                 if self.generation != Some(*generation) {
-                    tracing::info!(generation = %generation, instance = instance.as_str(), "workers are served protocol generation {generation}");
+                    tracing::info!(generation = %generation, instance = instance.as_str(), "upstream protocol generation {generation}: POSITIONs to workers in its form");
                 }
                 self.generation = Some(*generation);
                 self.instance.clone_from(instance);
@@ -202,14 +205,14 @@ impl Hub {
                 }
                 for s in StreamId::ALL {
                     for id in std::mem::take(&mut self.pending_subs[s.index()]) {
-                        let bare = self.conn_mut(id).is_some_and(|c| {
+                        let all = self.conn_mut(id).is_some_and(|c| {
                             c.subs.pending.remove(s);
-                            c.subs.bare
+                            c.subs.all
                         });
                         match positions[s.index()] {
                             Some(token) => self.subscribe_at(id, s, head, token, now),
-                            // A bare REPLICATE asked for what is served, whatever that is.
-                            None if bare => {}
+                            // ALL (or a bare REPLICATE) asked for what is served, whatever that is.
+                            None if all => {}
                             None => self.fail(
                                 id,
                                 &PeerError::UnknownStream(s.name().to_owned()),

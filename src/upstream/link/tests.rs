@@ -41,7 +41,7 @@ fn relayed(events: &[LinkEvent]) -> Vec<Vec<u8>> {
     out
 }
 
-const SAMPLE_POSITIONS: [Option<i64>; 16] = [
+const SAMPLE_POSITIONS: [Option<i64>; StreamId::COUNT] = [
     Some(100),
     Some(7),
     Some(33),
@@ -58,6 +58,7 @@ const SAMPLE_POSITIONS: [Option<i64>; 16] = [
     Some(19),
     Some(1),
     Some(88),
+    None,
 ];
 
 fn connected_event() -> UpstreamEvent {
@@ -165,7 +166,7 @@ fn first_rdata_after_server_completes_the_handshake() {
     assert!(events(&mut l).is_empty());
     feed(&mut l, b"RDATA events 11 [\"ev\", []]\nPOSITION typing 4\nRDATA typing 5 [\"!r\", []]\n", T0);
     let ev = events(&mut l);
-    let mut positions = [None; 16];
+    let mut positions = [None; StreamId::COUNT];
     positions[StreamId::Events.index()] = Some(10);
     positions[StreamId::Caches.index()] = Some(3);
     assert!(
@@ -292,7 +293,7 @@ fn reconnect_resets_the_handshake_and_reannounces_user_syncs() {
     feed(&mut l, b"SERVER example.com\nPOSITION events 500\n", t2);
     assert!(events(&mut l).is_empty());
     feed(&mut l, b"POSITION user_signature 600\n", t2);
-    let mut positions = [None; 16];
+    let mut positions = [None; StreamId::COUNT];
     positions[StreamId::Events.index()] = Some(500);
     positions[StreamId::UserSignature.index()] = Some(600);
     let ev = events(&mut l);
