@@ -98,10 +98,137 @@ impl Hub {
     }
 }
 
-/// `<a> <b> <start|end> <c>`: four fields, the third a state (user ids hold no spaces, so
-/// this tells the 1.13 form from the seed's `<user> <state> <ms>`, PROTOCOL.md §8.3).
+/// Four fields whose second is not a state: the 1.13 form `<instance_id> <user> <state> <ms>`
+/// rather than the seed's `<user> <state> <ms>` (user ids hold no spaces, PROTOCOL.md §8.3).
 fn is_four_field_user_sync(args: &[u8]) -> bool {
     let mut fields = args.split(|&b| b == b' ');
-    let third = fields.nth(2);
-    matches!(third, Some(b"start" | b"end")) && fields.count() == 1
+    let second = fields.nth(1);
+    !matches!(second, Some(b"start" | b"end")) && fields.count() == 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::sim::Sim;
+    use super::super::{HubConfig, UpstreamCmd};
+    use crate::proto::{Generation, StreamId, Token};
+
+    fn positions() -> [Option<i64>; StreamId::COUNT] {
+        let mut p = Sim::positions();
+        p[StreamId::Groups.index()] = None;
+        p
+    }
+
+    fn sim(generation: Generation) -> Sim {
+        let mut sim = Sim::new(HubConfig::default());
+        sim.connect_upstream_as("example.com", positions(), generation);
+        sim
+    }
+
+    fn forwarded(sim: &mut Sim) -> Vec<String> {
+        sim.take_upstream()
+            .into_iter()
+            .map(|c| match c {
+                UpstreamCmd::Forward(b) => String::from_utf8_lossy(&b).into_owned(),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    fn positions_of(lines: &[String]) -> Vec<&str> {
+        lines.iter().filter(|l| l.starts_with("POSITION")).map(String::as_str).collect()
+    }
+
+    #[test]
+    fn a_bare_replicate_gets_every_served_stream_in_the_masters_form() {
+        for (generation, events) in [
+            (Generation::V1_13, "POSITION events master 100"),
+            (Generation::V1_22, "POSITION events master 100 100"),
+        ] {
+            let mut sim = sim(generation);
+            let w = sim.accept();
+            sim.send(w, "NAME w\nREPLICATE ");
+            let lines = sim.take_lines(w);
+            let p = positions_of(&lines);
+            assert_eq!(p.len(), StreamId::COUNT - 1, "{generation}: every served stream, not groups: {p:?}");
+            assert_eq!(p[0], events);
+            assert!(sim.closed(w).is_none());
+            // Rows follow, as relayed.
+            sim.batch(&[(StreamId::Typing, Token::Value(200))]);
+            assert!(sim.take_lines(w).iter().any(|l| l.starts_with("RDATA typing")), "{generation}");
+        }
+    }
+
+    #[test]
+    fn the_positions_answering_a_replicate_go_to_every_worker_that_replicated() {
+        let mut sim = sim(Generation::V1_22);
+        let (a, b, idle) = (sim.accept(), sim.accept(), sim.accept());
+        sim.send(a, "REPLICATE");
+        sim.batch(&[(StreamId::Typing, Token::Value(150))]);
+        sim.take_lines(a);
+        sim.send(b, "REPLICATE ");
+        // `a` holds typing 150 already, so its fresh POSITION says 150 (prev = new).
+        let again = sim.take_lines(a);
+        assert_eq!(positions_of(&again).len(), StreamId::COUNT - 1, "{again:?}");
+        assert!(again.contains(&"POSITION typing master 150 150".to_owned()), "{again:?}");
+        assert_eq!(positions_of(&sim.take_lines(b)).len(), StreamId::COUNT - 1);
+        assert!(positions_of(&sim.take_lines(idle)).is_empty(), "not to a worker that never replicated");
+    }
+
+    #[test]
+    fn a_seed_upstream_keeps_the_seed_answer_to_a_bare_replicate() {
+        let mut sim = sim(Generation::Seed);
+        let w = sim.accept();
+        sim.send(w, "REPLICATE");
+        let lines = sim.take_lines(w);
+        assert!(lines.iter().any(|l| l.starts_with("ERROR failed to handle replicate")), "{lines:?}");
+        let w = sim.accept();
+        sim.send(w, "CLEAR_USER_SYNC abcde");
+        assert!(sim.take_lines(w).contains(&"ERROR invalid command: CLEAR_USER_SYNC".to_owned()));
+    }
+
+    #[test]
+    fn released_worker_commands_go_upstream_as_received() {
+        let mut sim = sim(Generation::V1_22);
+        let w = sim.accept();
+        sim.send(
+            w,
+            "REPLICATE \nUSER_SYNC AbCdE @a:hs start 15\nUSER_SYNC AbCdE @a:hs end 16\n\
+             FEDERATION_ACK federation_sender 7\nFEDERATION_ACK 8\nCLEAR_USER_SYNC AbCdE",
+        );
+        assert_eq!(
+            forwarded(&mut sim),
+            vec![
+                "USER_SYNC AbCdE @a:hs start 15\n",
+                "USER_SYNC AbCdE @a:hs end 16\n",
+                "FEDERATION_ACK federation_sender 7\n",
+                "FEDERATION_ACK 8\n",
+                "CLEAR_USER_SYNC AbCdE\n",
+            ]
+        );
+        assert!(sim.closed(w).is_none());
+        sim.send(w, "USER_SYNC AbCdE @a:hs stop 16");
+        assert!(sim
+            .take_lines(w)
+            .contains(&"ERROR failed to parse line for  'USER_SYNC': Exception(\"Invalid USER_SYNC state 'stop'\") ('AbCdE @a:hs stop 16'):".to_owned()));
+    }
+
+    #[test]
+    fn remote_server_up_reaches_the_other_workers_never_its_sender() {
+        let mut sim = sim(Generation::V1_13);
+        let (a, b, c) = (sim.accept(), sim.accept(), sim.accept());
+        sim.send(a, "REPLICATE");
+        sim.send(b, "REPLICATE");
+        for w in [a, b, c] {
+            sim.take_lines(w);
+        }
+        sim.send(a, "REMOTE_SERVER_UP other.example");
+        assert_eq!(forwarded(&mut sim), vec!["REMOTE_SERVER_UP other.example\n"]);
+        assert!(
+            !sim.take_lines(a).iter().any(|l| l.starts_with("REMOTE_SERVER_UP")),
+            "never back to its sender"
+        );
+        for w in [b, c] {
+            assert_eq!(sim.take_lines(w), vec!["REMOTE_SERVER_UP other.example"]);
+        }
+    }
 }
