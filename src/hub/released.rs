@@ -40,8 +40,9 @@ impl Hub {
     ) -> bool {
         let args = line.args();
         let result = match word {
-            // Four fields with `start|end` third; three fields are the seed form.
-            CommandWord::UserSync if self.is_released(id) && is_four_field_user_sync(args) => {
+            // Only the four-field form: a seed-form line forwarded to a 1.13+ master would make
+            // it close replhub's connection, so it gets that master's parse error instead.
+            CommandWord::UserSync if self.is_released(id) => {
                 parse_instance_user_sync(args).map(|_| self.stats.user_sync += 1)
             }
             CommandWord::FederationAck if self.is_released(id) => {
@@ -96,14 +97,6 @@ impl Hub {
             self.wake(o, head, now);
         }
     }
-}
-
-/// Four fields whose second is not a state: the 1.13 form `<instance_id> <user> <state> <ms>`
-/// rather than the seed's `<user> <state> <ms>` (user ids hold no spaces, PROTOCOL.md §8.3).
-fn is_four_field_user_sync(args: &[u8]) -> bool {
-    let mut fields = args.split(|&b| b == b' ');
-    let second = fields.nth(1);
-    !matches!(second, Some(b"start" | b"end")) && fields.count() == 2
 }
 
 #[cfg(test)]
@@ -206,6 +199,13 @@ mod tests {
             ]
         );
         assert!(sim.closed(w).is_none());
+        sim.send(w, "USER_SYNC @a:hs start 16");
+        assert!(sim.take_lines(w).contains(
+            &"ERROR failed to parse line for  'USER_SYNC': ValueError('not enough values to unpack (expected 4, got 3)') ('@a:hs start 16'):".to_owned()
+        ));
+        assert!(forwarded(&mut sim).is_empty(), "the seed form never reaches a 1.13+ master");
+        let w = sim.accept();
+        sim.send(w, "REPLICATE");
         sim.send(w, "USER_SYNC AbCdE @a:hs stop 16");
         assert!(sim
             .take_lines(w)
