@@ -33,7 +33,8 @@
 //! field count of its POSITIONs (seed 2, 1.13 3, 1.22 4), or, before any POSITION, whether its
 //! RDATA carry an instance name. RDATA are then indexed in that layout. A master of 1.13 or
 //! later sends RDATA to a connection before it answers REPLICATE, so with instance-named RDATA
-//! the handshake waits for the POSITION of `user_signature` instead of the first RDATA.
+//! the handshake waits for the POSITION of `user_signature` instead of the first RDATA, and
+//! the RDATA before it are not relayed: the POSITIONs cover them.
 //!
 //! Keep-alive: the session sends PING every 5 s of write silence; any received line, relayed
 //! or not, counts as received, and once the master has PINGed, 25 s of silence end the link
@@ -292,6 +293,9 @@ impl UpstreamLink {
 
         let mut cut = None;
         let mut prev = 0;
+        // Relayable lines before the POSITIONs of a 1.13+ master, which cover them (see
+        // `complete_handshake`).
+        let mut covered = 0;
         for c in &idx.control {
             if conn.completes_on_rdata() && idx.has_rdata_in(prev..c.after) {
                 conn.complete_handshake(&mut self.events, &mut self.tokens, &mut self.stats);
@@ -307,10 +311,17 @@ impl UpstreamLink {
                 && conn.positions[StreamId::UserSignature.index()].is_some()
             {
                 conn.complete_handshake(&mut self.events, &mut self.tokens, &mut self.stats);
+                if conn.generation.is_some_and(Generation::has_instance) {
+                    covered = c.after;
+                }
             }
         }
+        if covered > 0 {
+            idx.lines.drain(..covered);
+            tracing::debug!(lines = covered, "RDATA before the POSITIONs: covered by them, not relayed");
+        }
         if let Some(n) = cut {
-            idx.truncate(n);
+            idx.truncate(n.saturating_sub(covered));
         } else if conn.completes_on_rdata() && idx.has_rdata_in(prev..idx.lines.len()) {
             conn.complete_handshake(&mut self.events, &mut self.tokens, &mut self.stats);
         }
@@ -568,6 +579,17 @@ impl Conn {
             generation,
             instance,
         }));
+        if generation.has_instance() && !self.pending.is_empty() {
+            // A 1.13+ master sends RDATA from connect and answers REPLICATE with its current
+            // tokens, so every row it sent before those POSITIONs is at or below them: workers
+            // get it by their own catch-up from the POSITION. Relayed, it would be a duplicate
+            // and pull the hub's tokens back.
+            tracing::debug!(
+                batches = self.pending.len(),
+                "RDATA before the POSITIONs: covered by them, not relayed"
+            );
+            self.pending.clear();
+        }
         for batch in self.pending.drain(..) {
             emit_batch(batch, events, tokens, stats);
         }
