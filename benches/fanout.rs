@@ -92,7 +92,15 @@ struct Setup {
 fn hub_with(subscribers: usize) -> Setup {
     let mut hub = Hub::new(HubConfig { max_pending_bytes: u64::MAX, ..HubConfig::default() });
     let now = Now::new(1, 1);
-    hub.on_upstream(&UpstreamEvent::Connected { server_name: "hs".into(), positions: [Some(0); 16] }, now);
+    hub.on_upstream(
+        &UpstreamEvent::Connected {
+            server_name: "hs".into(),
+            positions: [Some(0); replhub::proto::StreamId::COUNT],
+            generation: replhub::proto::Generation::Seed,
+            instance: "master".into(),
+        },
+        now,
+    );
     for _ in 0..subscribers {
         let id = hub.accept(now);
         hub.on_bytes(id, b"NAME bench\nREPLICATE ALL\n", now);
@@ -218,7 +226,15 @@ fn memory(_c: &mut Criterion) {
     let before = LIVE.load(Ordering::Relaxed);
     let mut hub = Hub::new(HubConfig { max_pending_bytes: max_pending, ..HubConfig::default() });
     let now = Now::new(1, 1);
-    hub.on_upstream(&UpstreamEvent::Connected { server_name: "hs".into(), positions: [Some(0); 16] }, now);
+    hub.on_upstream(
+        &UpstreamEvent::Connected {
+            server_name: "hs".into(),
+            positions: [Some(0); replhub::proto::StreamId::COUNT],
+            generation: replhub::proto::Generation::Seed,
+            instance: "master".into(),
+        },
+        now,
+    );
     let ids: Vec<_> = (0..N).map(|_| hub.accept(now)).collect();
     for &id in &ids {
         hub.on_bytes(id, b"NAME bench\nREPLICATE ALL\n", now);

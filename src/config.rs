@@ -159,6 +159,12 @@ impl ServeConfig {
             check_name(name, "--server-name")?;
             config.hub.server_name = Some(name.clone());
         }
+        if let Some(protocol) = opts.protocol {
+            if matches!(config.source, SourceConfig::Synthetic { .. }) {
+                return Err(ConfigError::new("--protocol only applies with --upstream"));
+            }
+            config.hub.protocol = protocol;
+        }
         if let Some(bytes) = &opts.max_pending_bytes {
             let bytes = bytes.to_string();
             let n = parse_bytes(&bytes)
@@ -274,6 +280,10 @@ pub struct ServeOptions {
     #[arg(long, value_name = "SECS")]
     #[serde(alias = "write_timeout")]
     pub write_timeout: Option<Quantity>,
+    /// The master's replication protocol generation: auto (learnt from what it sends on each
+    /// connection), seed, 1.13 (Synapse 1.13–1.21) or 1.22 (Synapse 1.22–1.66) [default: auto]
+    #[arg(long, value_name = "GENERATION")]
+    pub protocol: Option<crate::proto::ProtocolChoice>,
     /// Log level or filter (trace, debug, info, warn, error, or a RUST_LOG-style filter)
     /// [default: $RUST_LOG, else info]
     #[arg(long, value_name = "LEVEL")]
@@ -306,6 +316,7 @@ impl ServeOptions {
             io: self.io.or(file.io),
             max_pending_bytes: self.max_pending_bytes.or(file.max_pending_bytes),
             write_timeout: self.write_timeout.or(file.write_timeout),
+            protocol: self.protocol.or(file.protocol),
             log_level: self.log_level.or(file.log_level),
         }
     }
@@ -469,6 +480,25 @@ mod tests {
             toml::from_str::<ServeOptions>("io = \"io_uring\"").map(|o| o.io),
             Ok(Some(IoBackend::Uring))
         );
+    }
+
+    #[test]
+    fn protocol_generation_flag_and_key() {
+        use crate::proto::{Generation, ProtocolChoice};
+        let up = ServeOptions { upstream: Some("127.0.0.1:9092".into()), ..ServeOptions::default() };
+        assert_eq!(ServeConfig::from_options(&up).unwrap().hub.protocol, ProtocolChoice::Auto);
+        let pinned = ServeOptions { protocol: Some(ProtocolChoice::Pinned(Generation::V1_13)), ..up };
+        assert_eq!(
+            ServeConfig::from_options(&pinned).unwrap().hub.protocol.pinned(),
+            Some(Generation::V1_13)
+        );
+        let synthetic = ServeOptions { protocol: Some(ProtocolChoice::Auto), ..opts() };
+        assert!(ServeConfig::from_options(&synthetic).is_err());
+        assert_eq!(
+            toml::from_str::<ServeOptions>("protocol = \"1.22\"").map(|o| o.protocol),
+            Ok(Some(ProtocolChoice::Pinned(Generation::V1_22)))
+        );
+        assert!(toml::from_str::<ServeOptions>("protocol = \"1.66\"").is_err());
     }
 
     #[test]

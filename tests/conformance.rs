@@ -363,7 +363,8 @@ fn invalid_vectors_get_the_reference_errors_or_a_documented_policy() {
                 assert!(matches!(parsed, Command::Ping("") | Command::Name("")), "{id}");
                 tally.add("one-word line accepted (policy)");
             }
-            // `REPLICATE` alone is REPLICATE of '': the hub answers the unknown-stream ERROR.
+            // `REPLICATE` alone is REPLICATE of '': behind a seed upstream the hub answers the
+            // unknown-stream ERROR; otherwise it is Synapse 1.13+'s handshake (hub/subscribe.rs).
             ("replicate-bare", "connection_dropped") => {
                 let parsed = parse_line(role, &line).unwrap_or_else(|e| panic!("{id}: {e}"));
                 assert_eq!(parsed, Command::Replicate(ReplicateTarget::Unknown("")), "{id}");

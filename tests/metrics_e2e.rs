@@ -138,7 +138,12 @@ fn one_log_line_per_connection_event_with_name_and_conn_id() {
     tracing::subscriber::with_default(subscriber, || {
         let mut hub = Hub::new(config);
         hub.on_upstream(
-            &UpstreamEvent::Connected { server_name: "hs".to_owned(), positions: [Some(1); StreamId::COUNT] },
+            &UpstreamEvent::Connected {
+                server_name: "hs".to_owned(),
+                positions: [Some(1); StreamId::COUNT],
+                generation: replhub::proto::Generation::Seed,
+                instance: "master".to_owned(),
+            },
             now,
         );
 

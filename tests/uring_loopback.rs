@@ -55,6 +55,8 @@ impl Core {
         core.inbox.send(CoreMsg::Upstream(UpstreamEvent::Connected {
             server_name: "master.example".to_owned(),
             positions: [Some(1); StreamId::COUNT],
+            generation: replhub::proto::Generation::Seed,
+            instance: "master".to_owned(),
         }));
         core
     }

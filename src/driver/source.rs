@@ -382,6 +382,7 @@ impl Source {
             expected_server_name: self.ctx.hub.server_name.clone(),
             session: self.ctx.hub.session.clone(),
             max_forward_queue: MAX_FORWARD_QUEUE,
+            protocol: self.ctx.hub.protocol,
         };
         let mut link = LinkHolder(UpstreamLink::new(config));
         let seed = u64::from(std::process::id()) ^ self.ctx.clock.now().wall_ms.unsigned_abs();

@@ -59,6 +59,11 @@ pub(super) struct Subscriptions {
     pub full_from: u64,
     /// Streams whose REPLICATE waits for a batch boundary or for the upstream's tokens.
     pub pending: StreamMask,
+    /// Greeted with a bare `REPLICATE` (Synapse 1.13+).
+    pub bare: bool,
+    /// Asked for every stream the upstream serves (`ALL` or a bare `REPLICATE`), so a waiting
+    /// stream the upstream turns out not to serve is skipped, not an error.
+    pub all: bool,
 }
 
 impl Subscriptions {
@@ -68,6 +73,8 @@ impl Subscriptions {
             from: [0; StreamId::COUNT],
             full_from: u64::MAX,
             pending: StreamMask::NONE,
+            bare: false,
+            all: false,
         }
     }
 

@@ -14,7 +14,7 @@ impl Hub {
     pub fn on_batch(&mut self, batch: Arc<Batch>, now: Now) {
         let first = self.log.append(Arc::clone(&batch));
         self.stats.batches += 1;
-        let mut streams = 0u16;
+        let mut streams = 0u32;
         let mut broadcast = false;
         for (i, meta) in batch.lines().iter().enumerate() {
             if meta.stream == BROADCAST {

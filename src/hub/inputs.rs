@@ -88,6 +88,9 @@ impl Hub {
     }
 
     fn handle_command(&mut self, id: ConnId, word: CommandWord, line: &Line, now: Now) {
+        if self.handle_released_command(id, word, line, now) {
+            return;
+        }
         let parsed = match parse_args(word, line) {
             Ok(p) => p,
             Err(err) => {
@@ -148,7 +151,7 @@ impl Hub {
         }
     }
 
-    fn forward(&mut self, line: &Line) {
+    pub(super) fn forward(&mut self, line: &Line) {
         let mut buf = BytesMut::with_capacity(line.as_bytes().len() + 1);
         buf.put_slice(line.as_bytes());
         buf.put_u8(b'\n');

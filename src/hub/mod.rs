@@ -32,6 +32,7 @@ mod fanout;
 mod flight;
 mod inputs;
 mod outbox;
+mod released;
 mod slow_consumer;
 mod subscribe;
 mod timers;
@@ -87,6 +88,8 @@ pub struct HubConfig {
     pub max_write_bytes: usize,
     /// A fixed server name (`--server-name`); otherwise learned from the upstream.
     pub server_name: Option<String>,
+    /// The upstream's protocol generation (`--protocol`): learnt, or pinned.
+    pub protocol: crate::proto::ProtocolChoice,
 }
 
 impl Default for HubConfig {
@@ -98,6 +101,7 @@ impl Default for HubConfig {
             max_iov: 256,
             max_write_bytes: 1 << 20,
             server_name: None,
+            protocol: crate::proto::ProtocolChoice::Auto,
         }
     }
 }
@@ -114,6 +118,11 @@ pub enum UpstreamEvent {
         server_name: String,
         /// Current token per stream, map order.
         positions: [Option<i64>; StreamId::COUNT],
+        /// The master's protocol generation (PROTOCOL.md §8): the form of the POSITIONs the
+        /// hub writes to workers.
+        generation: crate::proto::Generation,
+        /// The master's instance name (`master`), for instance-named POSITIONs (1.13+).
+        instance: String,
     },
     /// The upstream link dropped; workers stay connected and wait.
     Disconnected,
@@ -191,6 +200,11 @@ pub struct Hub {
     /// Streams the upstream serves, once known.
     served: Option<StreamMask>,
     upstream_up: bool,
+    /// The upstream's protocol generation (pinned, or from its handshake): the form of the
+    /// POSITIONs written to workers (PROTOCOL.md §8).
+    generation: Option<crate::proto::Generation>,
+    /// The upstream's instance name, for instance-named POSITIONs.
+    instance: String,
     /// Connections subscribed to each stream (to wake them when its lines arrive).
     stream_subs: [Vec<ConnId>; StreamId::COUNT],
     /// Connections whose REPLICATE for the stream waits for a batch boundary or for tokens.
@@ -205,6 +219,7 @@ impl Hub {
     /// A hub with no connections and an empty log.
     pub fn new(config: HubConfig) -> Self {
         let server_name = config.server_name.clone();
+        let generation = config.protocol.pinned();
         Self {
             config,
             log: Log::new(),
@@ -216,6 +231,8 @@ impl Hub {
             open_run: [false; StreamId::COUNT],
             served: None,
             upstream_up: false,
+            generation,
+            instance: "master".to_owned(),
             stream_subs: Default::default(),
             pending_subs: Default::default(),
             user_sync: UserSyncMerger::new(),

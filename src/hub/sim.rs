@@ -76,9 +76,27 @@ impl Sim {
         std::array::from_fn(|i| Some(100 + i as i64))
     }
 
-    /// The upstream connects with `positions`.
+    /// The upstream (a seed master) connects with `positions`.
     pub fn connect_upstream(&mut self, name: &str, positions: [Option<i64>; StreamId::COUNT]) {
-        self.hub.on_upstream(&UpstreamEvent::Connected { server_name: name.to_owned(), positions }, self.now);
+        self.connect_upstream_as(name, positions, crate::proto::Generation::Seed);
+    }
+
+    /// An upstream of `generation`, instance `master`, connects with `positions`.
+    pub fn connect_upstream_as(
+        &mut self,
+        name: &str,
+        positions: [Option<i64>; StreamId::COUNT],
+        generation: crate::proto::Generation,
+    ) {
+        self.hub.on_upstream(
+            &UpstreamEvent::Connected {
+                server_name: name.to_owned(),
+                positions,
+                generation,
+                instance: "master".to_owned(),
+            },
+            self.now,
+        );
         self.flush();
     }
 

@@ -147,7 +147,7 @@ pub struct ConnSample {
     /// Life stage.
     pub phase: ConnPhase,
     /// Subscribed streams (bit i = `StreamId::ALL[i]`).
-    pub subscribed: u16,
+    pub subscribed: u32,
     /// Lines waiting for this connection (log lines behind its cursor plus private lines).
     pub pending_commands: u64,
     /// Bytes of log the connection holds back (its backlog).

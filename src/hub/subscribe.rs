@@ -3,7 +3,7 @@
 use super::log::Seq;
 use super::stats::{CloseReason, ConnPhase};
 use super::{ConnId, Hub, UpstreamEvent};
-use crate::proto::{Command, PeerError, Position, ReplicateTarget, StreamId, StreamMask};
+use crate::proto::{CommandWord, Generation, PeerError, ReplicateTarget, StreamId, StreamMask};
 use crate::time::Now;
 
 impl Hub {
@@ -16,15 +16,12 @@ impl Hub {
         let name = self.conn(id).map(|c| c.display_name().to_owned()).unwrap_or_default();
         tracing::info!(conn = %id, name, stream, "subscribe (REPLICATE)");
         match target {
-            ReplicateTarget::All => {
-                let streams: Vec<StreamId> = match self.served {
-                    Some(served) => served.iter().collect(),
-                    None => StreamId::ALL.to_vec(),
-                };
-                for s in streams {
-                    self.request_subscription(id, s, now);
-                }
+            // A bare `REPLICATE` (or `REPLICATE `) is Synapse 1.13+'s handshake, unless the
+            // upstream is known to be the seed, whose server calls it an unknown stream.
+            ReplicateTarget::Unknown("") if self.generation != Some(Generation::Seed) => {
+                self.replicate_bare(id, now);
             }
+            ReplicateTarget::All => self.subscribe_all(id, now),
             ReplicateTarget::Stream(s) => {
                 if self.served.is_some_and(|m| !m.contains(s)) {
                     tracing::info!(conn = %id, name, stream, "unknown stream, closing");
@@ -42,6 +39,41 @@ impl Hub {
                 tracing::info!(conn = %id, name, stream, "unknown stream, closing");
                 self.fail(id, &PeerError::UnknownStream(stream.to_owned()), CloseReason::ProtocolError, now);
             }
+        }
+    }
+
+    /// Every stream the upstream serves (all of them while that is not known yet).
+    fn subscribe_all(&mut self, id: ConnId, now: Now) {
+        if let Some(c) = self.conn_mut(id) {
+            c.subs.all = true;
+        }
+        let streams: Vec<StreamId> = match self.served {
+            Some(served) => served.iter().collect(),
+            None => StreamId::ALL.to_vec(),
+        };
+        for s in streams {
+            self.request_subscription(id, s, now);
+        }
+    }
+
+    /// Synapse 1.13+'s REPLICATE (PROTOCOL.md §8.2): subscriptions are gone, every connection
+    /// gets every stream, and the master answers with the POSITION of each stream it writes
+    /// sent to *all* its connections (still so in 1.66). So the sender subscribes to all
+    /// served streams, and every other connection that replicated gets the POSITIONs again,
+    /// each after the lines already queued for it, so their tokens match what it holds.
+    fn replicate_bare(&mut self, id: ConnId, now: Now) {
+        if let Some(c) = self.conn_mut(id) {
+            c.subs.bare = true;
+        }
+        self.subscribe_all(id, now);
+        let others: Vec<ConnId> = self
+            .conns
+            .ids()
+            .filter(|&o| o != id)
+            .filter(|&o| self.conn(o).is_some_and(|c| c.subs.bare && !c.close.is_closing()))
+            .collect();
+        for o in others {
+            self.subscribe_all(o, now);
         }
     }
 
@@ -81,6 +113,9 @@ impl Hub {
         token: i64,
         now: Now,
     ) {
+        // A stream name, an instance name and numbers: never a newline, never near the limit.
+        let position =
+            self.generation.unwrap_or(Generation::Seed).position_line(s.name(), &self.instance, token);
         let Some(c) = self.conn_mut(id) else { return };
         if c.close.is_closing() {
             return;
@@ -92,14 +127,9 @@ impl Hub {
             c.subs.refresh_full_from();
         }
         c.phase = ConnPhase::Subscribed;
-        let position = Command::Position(Position { stream: s.name(), token });
-        // A stream name and a number: never a newline, never near the length limit.
-        let Ok(bytes) = position.to_bytes() else {
-            unreachable!("POSITION {} {token} does not encode", s.name())
-        };
         // A repeated REPLICATE whose POSITION would be identical to one still queued at the
         // same place adds nothing (see `Outbox::push_private_coalesced`).
-        c.outbox.push_private_coalesced(at, bytes, position.word());
+        c.outbox.push_private_coalesced(at, position, CommandWord::Position);
         tracing::debug!(conn = %id, stream = s.name(), token, "subscribed");
         if newly {
             self.stream_subs[s.index()].push(id);
@@ -135,8 +165,13 @@ impl Hub {
                 self.upstream_up = false;
                 tracing::info!("upstream disconnected; workers stay connected");
             }
-            UpstreamEvent::Connected { server_name, positions } => {
+            UpstreamEvent::Connected { server_name, positions, generation, instance } => {
                 self.upstream_up = true;
+                if self.generation != Some(*generation) {
+                    tracing::info!(generation = %generation, instance = instance.as_str(), "upstream protocol generation {generation}: POSITIONs to workers in its form");
+                }
+                self.generation = Some(*generation);
+                self.instance.clone_from(instance);
                 match &self.server_name {
                     Some(known) if known != server_name && self.config.server_name.is_none() => {
                         tracing::warn!(
@@ -172,11 +207,14 @@ impl Hub {
                 }
                 for s in StreamId::ALL {
                     for id in std::mem::take(&mut self.pending_subs[s.index()]) {
-                        if let Some(c) = self.conn_mut(id) {
+                        let all = self.conn_mut(id).is_some_and(|c| {
                             c.subs.pending.remove(s);
-                        }
+                            c.subs.all
+                        });
                         match positions[s.index()] {
                             Some(token) => self.subscribe_at(id, s, head, token, now),
+                            // ALL (or a bare REPLICATE) asked for what is served, whatever that is.
+                            None if all => {}
                             None => self.fail(
                                 id,
                                 &PeerError::UnknownStream(s.name().to_owned()),

@@ -91,7 +91,7 @@ impl StreamSet {
         match self {
             Self::One => vec![StreamId::Events],
             Self::Several => vec![StreamId::Events, StreamId::Presence, StreamId::Receipts, StreamId::Caches],
-            Self::All => StreamId::ALL.to_vec(),
+            Self::All => StreamId::SEED.to_vec(),
         }
     }
 

@@ -426,6 +426,14 @@ fn replhub_metrics(
             &[([up.mode], 1)],
         )?;
     }
+    if let Some(generation) = up.generation {
+        x.gauge_vec(
+            "replhub_upstream_generation",
+            "Always 1; the label names the upstream's protocol generation in use (seed, 1.13, 1.22).",
+            ["generation"],
+            &[([generation], 1)],
+        )?;
+    }
     x.counter("replhub_upstream_reconnects_total", "Reconnects to the upstream master.", up.reconnects)?;
     let tokens: Vec<_> =
         StreamId::ALL.iter().filter_map(|s| up.tokens[s.index()].map(|tok| ([s.name()], tok))).collect();
@@ -569,6 +577,7 @@ mod tests {
             mode: "upstream",
             connected: true,
             reconnects: 2,
+            generation: Some("1.22"),
             syncing_users: 5,
             forwarded: 17,
             rdata_dropped: 3,
@@ -707,6 +716,7 @@ mod tests {
             r#"replhub_connections{state="closing"} 0"#,
             "replhub_upstream_connected 1",
             r#"replhub_upstream_mode{mode="upstream"} 1"#,
+            r#"replhub_upstream_generation{generation="1.22"} 1"#,
             "replhub_upstream_reconnects_total 2",
             r#"replhub_upstream_token{stream_name="events"} 5321"#,
             r#"replhub_upstream_token{stream_name="typing"} 42"#,

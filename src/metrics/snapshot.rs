@@ -14,6 +14,8 @@ pub struct UpstreamSnapshot {
     pub connected: bool,
     /// Reconnects so far.
     pub reconnects: u64,
+    /// The upstream's protocol generation label (`seed`, `1.13`, `1.22`), once known.
+    pub generation: Option<&'static str>,
     /// Current token per stream (None until known).
     pub tokens: [Option<i64>; StreamId::COUNT],
     /// Rows received (or generated) per stream: `..._resource_stream_updates`.

@@ -115,7 +115,9 @@ impl CommandWord {
         }
     }
 
-    /// Whether a seed peer in `role` accepts this word (its inbound set, PROTOCOL.md §2.1).
+    /// Whether a peer in `role` accepts this word: the seed's inbound set (PROTOCOL.md §2.1)
+    /// plus `CLEAR_USER_SYNC`, which replhub's hub accepts from Synapse 1.13+ workers and
+    /// refuses from seed ones with the same `ERROR invalid command` a seed server sends.
     pub const fn accepted_by(self, role: Role) -> bool {
         match role {
             Role::Server => matches!(
@@ -130,6 +132,7 @@ impl CommandWord {
                     | Self::UserIp
                     | Self::Error
                     | Self::RemoteServerUp
+                    | Self::ClearUserSync
             ),
             Role::Client => matches!(
                 self,
@@ -237,10 +240,11 @@ mod tests {
     #[test]
     fn inbound_tables_match_the_seed() {
         let server: Vec<_> = CommandWord::ALL.into_iter().filter(|w| w.accepted_by(Role::Server)).collect();
-        assert_eq!(server.len(), 10);
+        assert_eq!(server.len(), 11, "the seed's 10 and CLEAR_USER_SYNC (1.13+)");
         let client: Vec<_> = CommandWord::ALL.into_iter().filter(|w| w.accepted_by(Role::Client)).collect();
         assert_eq!(client.len(), 7);
-        assert!(!CommandWord::ClearUserSync.accepted_by(Role::Server));
+        assert!(CommandWord::ClearUserSync.accepted_by(Role::Server));
+        assert!(!CommandWord::ClearUserSync.accepted_by(Role::Client));
         assert!(CommandWord::Rdata.sent_by(Role::Server));
         assert!(CommandWord::Ping.sent_by(Role::Client) && CommandWord::Ping.sent_by(Role::Server));
     }

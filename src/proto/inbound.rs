@@ -109,7 +109,7 @@ mod tests {
         assert_eq!(error_text(Role::Server, b"FOO"), "invalid command: FOO");
         assert_eq!(error_text(Role::Server, b" NAME x"), "invalid command: ");
         assert_eq!(error_text(Role::Server, b"   "), "invalid command: ");
-        assert_eq!(error_text(Role::Server, b"CLEAR_USER_SYNC abc"), "invalid command: CLEAR_USER_SYNC");
+        assert_eq!(error_text(Role::Client, b"CLEAR_USER_SYNC abc"), "invalid command: CLEAR_USER_SYNC");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod command;
 pub mod encode;
 pub mod error;
 pub mod fields;
+pub mod generation;
 pub mod inbound;
 pub mod json;
 pub mod line;
@@ -23,6 +24,7 @@ pub use fields::{
     FederationAck, InvalidateCache, Position, Rdata, RemovePusher, ReplicateTarget, SyncState, Token, UserIp,
     UserSync,
 };
+pub use generation::{Generation, ProtocolChoice};
 pub use inbound::{check_command, parse_args, parse_line, parse_line_strict};
 pub use line::Line;
 pub use splitter::{LineSplitter, LineTooLong, MAX_LINE_LEN};

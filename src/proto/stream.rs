@@ -1,6 +1,7 @@
-//! The 16 replication streams of the seed (PROTOCOL.md §6), in map order.
+//! The replication streams: the seed's 16 (PROTOCOL.md §6), in map order, then the streams
+//! later releases added (PROTOCOL.md §8.2: `presence_federation`, Synapse 1.33+).
 
-/// One of the seed's 16 streams. The discriminant is the stream's index in map order and its
+/// One of the streams replhub relays. The discriminant is the stream's index in map order and its
 /// bit in a [`StreamMask`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
@@ -37,11 +38,34 @@ pub enum StreamId {
     Groups,
     /// `user_signature`
     UserSignature,
+    /// `presence_federation` (Synapse 1.33+, not in the seed; a 1.33+ master lists it after
+    /// `presence`, but it takes the next free index here so the seed's indexes stay put).
+    PresenceFederation,
 }
 
 impl StreamId {
     /// Number of streams.
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 17;
+
+    /// The seed's 16 streams, in map order (what the synthetic master and the load test serve).
+    pub const SEED: [Self; 16] = [
+        Self::Events,
+        Self::Backfill,
+        Self::Presence,
+        Self::Typing,
+        Self::Receipts,
+        Self::PushRules,
+        Self::Pushers,
+        Self::Caches,
+        Self::PublicRooms,
+        Self::DeviceLists,
+        Self::ToDevice,
+        Self::Federation,
+        Self::TagAccountData,
+        Self::AccountData,
+        Self::Groups,
+        Self::UserSignature,
+    ];
 
     /// Every stream in map order (the order of `REPLICATE ALL` replies).
     pub const ALL: [Self; Self::COUNT] = [
@@ -61,6 +85,7 @@ impl StreamId {
         Self::AccountData,
         Self::Groups,
         Self::UserSignature,
+        Self::PresenceFederation,
     ];
 
     /// The wire name.
@@ -82,6 +107,7 @@ impl StreamId {
             Self::AccountData => "account_data",
             Self::Groups => "groups",
             Self::UserSignature => "user_signature",
+            Self::PresenceFederation => "presence_federation",
         }
     }
 
@@ -104,11 +130,12 @@ impl StreamId {
             b"account_data" => Self::AccountData,
             b"groups" => Self::Groups,
             b"user_signature" => Self::UserSignature,
+            b"presence_federation" => Self::PresenceFederation,
             _ => return None,
         })
     }
 
-    /// The stream with map index `i`, if `i < 16`.
+    /// The stream with index `i`, if `i < COUNT`.
     pub fn from_index(i: usize) -> Option<Self> {
         Self::ALL.get(i).copied()
     }
@@ -119,8 +146,8 @@ impl StreamId {
     }
 
     /// This stream's bit in a [`StreamMask`].
-    pub const fn bit(self) -> u16 {
-        1 << (self as u16)
+    pub const fn bit(self) -> u32 {
+        1 << (self as u32)
     }
 }
 
@@ -130,15 +157,17 @@ impl std::fmt::Display for StreamId {
     }
 }
 
-/// A set of streams as a 16-bit mask (bit i = [`StreamId::ALL`]`[i]`).
+/// A set of streams as a bit mask (bit i = [`StreamId::ALL`]`[i]`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct StreamMask(pub u16);
+pub struct StreamMask(pub u32);
 
 impl StreamMask {
     /// No stream.
     pub const NONE: Self = Self(0);
     /// Every stream.
-    pub const ALL: Self = Self(u16::MAX);
+    pub const ALL: Self = Self((1 << StreamId::COUNT) - 1);
+    /// The seed's 16 streams.
+    pub const SEED: Self = Self(0xffff);
 
     /// Whether `s` is in the set.
     pub const fn contains(self, s: StreamId) -> bool {
@@ -162,7 +191,7 @@ impl StreamMask {
 
     /// Whether every stream is in the set.
     pub const fn is_all(self) -> bool {
-        self.0 == u16::MAX
+        self.0 == Self::ALL.0
     }
 
     /// The streams in the set, in map order.
@@ -184,7 +213,10 @@ mod tests {
         }
         assert_eq!(StreamId::from_name(b"Events"), None);
         assert_eq!(StreamId::from_name(b"ALL"), None);
-        assert_eq!(StreamId::from_index(16), None);
+        assert_eq!(StreamId::from_index(16), Some(StreamId::PresenceFederation));
+        assert_eq!(StreamId::from_index(17), None);
+        assert!(StreamId::SEED.iter().all(|s| StreamMask::SEED.contains(*s)));
+        assert!(!StreamMask::SEED.contains(StreamId::PresenceFederation));
     }
 
     #[test]

@@ -69,7 +69,7 @@ pub struct SyntheticConfig {
 
 impl Default for SyntheticConfig {
     fn default() -> Self {
-        Self { rate: 1000, seed: 1, streams: StreamMask::ALL, pad_to: None }
+        Self { rate: 1000, seed: 1, streams: StreamMask::SEED, pad_to: None }
     }
 }
 
@@ -92,6 +92,7 @@ const GROUP_WEIGHTS: [u32; StreamId::COUNT] = [
     12,  // account_data
     1,   // groups
     5,   // user_signature
+    0,   // presence_federation: not a seed stream, never generated
 ];
 
 /// The built-in synthetic master (sans-IO). See the module docs.
@@ -145,7 +146,7 @@ impl Synthetic {
                 StreamId::Federation => (0, 1),
                 StreamId::AccountData => (5_000, 5_000),
                 StreamId::Groups => (10, 100),
-                StreamId::UserSignature | StreamId::TagAccountData => (0, 1),
+                StreamId::UserSignature | StreamId::TagAccountData | StreamId::PresenceFederation => (0, 1),
             };
             counters[s.index()] = base + rng.below(spread) as i64;
         }

@@ -126,6 +126,8 @@ const PUBLIC_ROOMS: Layout =
     &[f("room_id", Str), f("visibility", Bool), f("appservice_id", OPT_STR), f("network_id", OPT_STR)];
 /// A user id or a remote server name.
 const ENTITY: Layout = &[f("entity", Str)];
+/// `presence_federation` rows (Synapse 1.33+).
+const PRESENCE_FEDERATION: Layout = &[f("destination", Str), f("user_id", Str)];
 /// `device_lists` rows before Synapse 1.13.
 const DEVICE_LISTS_OLD: Layout = &[f("user_id", Str), f("destination", Str)];
 /// The tags' `data` is a string holding the tags object in PROTOCOL.md §6 (what the generator
@@ -166,6 +168,7 @@ pub(crate) fn row_shape(stream: StreamId) -> RowShape {
         StreamId::TagAccountData => RowShape::Flat(&[TAG_ACCOUNT_DATA]),
         StreamId::AccountData => RowShape::Flat(&[ACCOUNT_DATA]),
         StreamId::Groups => RowShape::Flat(&[GROUPS]),
+        StreamId::PresenceFederation => RowShape::Flat(&[PRESENCE_FEDERATION]),
     }
 }
 

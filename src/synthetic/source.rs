@@ -72,6 +72,8 @@ impl SyntheticSource {
         self.events.push_back(LinkEvent::Up(UpstreamEvent::Connected {
             server_name: self.server_name.clone(),
             positions: self.positions(),
+            generation: crate::proto::Generation::Seed,
+            instance: "master".to_owned(),
         }));
     }
 
@@ -164,6 +166,7 @@ impl SyntheticSource {
             mode: "synthetic",
             connected: self.last_tick_ms.is_some(),
             reconnects: 0,
+            generation: Some(crate::proto::Generation::Seed.label()),
             tokens: self.positions(),
             stream_updates: self.stream_updates,
             inbound_rdata: self.stream_updates,
@@ -206,11 +209,12 @@ mod tests {
         s.tick(T0);
         assert!(s.poll_event().is_none(), "nothing before start");
         s.start(T0);
-        let Some(LinkEvent::Up(UpstreamEvent::Connected { server_name, positions })) = s.poll_event() else {
+        let Some(LinkEvent::Up(UpstreamEvent::Connected { server_name, positions, .. })) = s.poll_event()
+        else {
             panic!("Up first");
         };
         assert_eq!(server_name, "synthetic.example");
-        assert!(positions.iter().all(Option::is_some));
+        assert!(StreamId::SEED.iter().all(|s| positions[s.index()].is_some()), "every seed stream");
         assert_eq!(positions, s.positions());
         s.start(T0);
         assert!(s.poll_event().is_none(), "start is idempotent");

@@ -5,7 +5,8 @@
 //! copied: the batch shares the chunk's bytes and indexes the lines to relay. Per line only the
 //! command word, and for RDATA the stream name and the token, are looked at (memchr, no JSON).
 //!
-//! * `RDATA <known stream> <token|batch> <row>` → relayed, [`LineMeta`] with the stream index
+//! * `RDATA <known stream> [<instance>] <token|batch> <row>` (the instance field from Synapse
+//!   1.13 on, PROTOCOL.md §8.1; see [`RdataForm`]) → relayed, [`LineMeta`] with the stream index
 //!   and the token (`None` for `batch`).
 //! * `REMOTE_SERVER_UP <server>` → relayed to every worker ([`BROADCAST`]).
 //! * RDATA of a stream replhub does not know, or with a bad token or too few fields → neither
@@ -16,6 +17,7 @@
 use bytes::Bytes;
 
 use crate::hub::{Batch, LineMeta, BROADCAST};
+use crate::proto::generation::{rdata_head, RdataForm};
 use crate::proto::number::parse_i64;
 use crate::proto::{Line, StreamId};
 
@@ -44,6 +46,9 @@ pub struct Indexed {
     pub unknown_stream: u64,
     /// RDATA lines with a bad token or missing fields (dropped).
     pub malformed: u64,
+    /// Whether the first RDATA of a known stream had an instance field (Synapse 1.13+);
+    /// `None` without such a line.
+    pub instance_rdata: Option<bool>,
 }
 
 impl Indexed {
@@ -69,9 +74,16 @@ impl Indexed {
     }
 }
 
-/// Indexes a chunk of complete lines (see the module docs). A trailing unterminated fragment,
-/// which `next_chunk` never returns, is ignored.
+/// Indexes a chunk of complete seed-form lines (see the module docs). A trailing unterminated
+/// fragment, which `next_chunk` never returns, is ignored.
 pub fn index_chunk(chunk: &Bytes) -> Indexed {
+    index_chunk_as(chunk, RdataForm::Seed)
+}
+
+/// [`index_chunk`] with RDATA read in `form` (the upstream's generation, once known). The
+/// result also says whether an RDATA line carried an instance field ([`Indexed::instance_rdata`]),
+/// so that the link can learn the generation from RDATA too.
+pub(crate) fn index_chunk_as(chunk: &Bytes, form: RdataForm) -> Indexed {
     debug_assert!(u32::try_from(chunk.len()).is_ok(), "chunk over 4 GiB");
     let data: &[u8] = chunk;
     let mut out = Indexed { data: chunk.clone(), ..Indexed::default() };
@@ -87,7 +99,7 @@ pub fn index_chunk(chunk: &Bytes) -> Indexed {
         let word = &line[..word_end.unwrap_or(line.len())];
         match (word, word_end) {
             (b"RDATA", Some(sp)) => {
-                let Some((stream, token)) = rdata_head(&line[sp + 1..]) else {
+                let Some((stream, token, instance)) = rdata_head(&line[sp + 1..], form) else {
                     out.malformed += 1;
                     log_dropped("malformed RDATA (too few fields)", line);
                     continue;
@@ -98,6 +110,7 @@ pub fn index_chunk(chunk: &Bytes) -> Indexed {
                     continue;
                 };
                 out.rdata[id.index()] += 1;
+                out.instance_rdata.get_or_insert(instance);
                 let token = if token == b"batch" {
                     None
                 } else if let Ok(t) = parse_i64(token) {
@@ -128,15 +141,6 @@ pub fn index_chunk(chunk: &Bytes) -> Indexed {
         }
     }
     out
-}
-
-/// `<stream> <token> <row>` → (stream, token); `None` if fewer than three fields.
-#[inline]
-fn rdata_head(args: &[u8]) -> Option<(&[u8], &[u8])> {
-    let sp1 = memchr::memchr(b' ', args)?;
-    let rest = &args[sp1 + 1..];
-    let sp2 = memchr::memchr(b' ', rest)?;
-    Some((&args[..sp1], &rest[..sp2]))
 }
 
 #[cold]
@@ -210,6 +214,38 @@ mod tests {
         let batch = idx.into_batch();
         assert_eq!(batch.line(1), b"REMOTE_SERVER_UP other.org\n");
         assert_eq!(batch.line(2), b"RDATA typing batch [1]\r\n", "the CR stays part of the row");
+    }
+
+    #[test]
+    fn indexes_every_released_generation_in_place() {
+        for release in ["1.13.0", "1.22.1", "1.66.0"] {
+            let path = format!(
+                "{}/../shared/vectors/generations/stream-sample-{release}.txt",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let chunk = Bytes::from(std::fs::read(&path).expect("generation samples beside the repo"));
+            let want: Vec<&[u8]> =
+                chunk.split_inclusive(|&b| b == b'\n').filter(|l| l.starts_with(b"RDATA ")).collect();
+            for form in [RdataForm::Sniff, RdataForm::Instance] {
+                let idx = index_chunk_as(&chunk, form);
+                let known = want.len() - usize::try_from(idx.unknown_stream).unwrap();
+                assert_eq!((idx.lines.len(), idx.malformed), (known, 0), "{release} {form:?}");
+                assert_eq!(idx.instance_rdata, Some(true), "{release}");
+                assert_eq!(idx.lines[0].token, None, "{release}: the first ev row is a batch");
+                assert_eq!(idx.lines[1].token, Some(101), "{release}");
+                let batch = idx.into_batch();
+                // Zero copy, bytes untouched: every relayed line is the master's line.
+                let mut wanted = want
+                    .iter()
+                    .filter(|l| StreamId::from_name(l.split(|&b| b == b' ').nth(1).unwrap()).is_some());
+                for i in 0..batch.lines().len() {
+                    assert_eq!(batch.line(i), *wanted.next().unwrap(), "{release} line {i}");
+                }
+            }
+            // Read as seed lines, the instance name is a bad token: dropped, never misrelayed.
+            let idx = index_chunk_as(&chunk, RdataForm::Seed);
+            assert!(idx.lines.is_empty() && idx.malformed > 0, "{release}");
+        }
     }
 
     #[test]

@@ -27,6 +27,15 @@
 //! order) arrived, or at the first RDATA after SERVER (then streams without a POSITION are not
 //! served). RDATA received before that are held and delivered right after `Up`, in order.
 //!
+//! Generation (PROTOCOL.md §8): the greeting `REPLICATE ALL` is accepted by the seed and by
+//! every master from Synapse 1.13 on, which ignore its argument. What the master sends back
+//! tells its generation ([`LinkConfig::protocol`] `Auto`, re-learnt on every connection): the
+//! field count of its POSITIONs (seed 2, 1.13 3, 1.22 4), or, before any POSITION, whether its
+//! RDATA carry an instance name. RDATA are then indexed in that layout. A master of 1.13 or
+//! later sends RDATA to a connection before it answers REPLICATE, so with instance-named RDATA
+//! the handshake waits for the POSITION of `user_signature` instead of the first RDATA, and
+//! the RDATA before it are not relayed: the POSITIONs cover them.
+//!
 //! `batch` runs: only complete runs are relayed (ARCHITECTURE.md §3 item 4). A read that ends
 //! inside a run becomes a batch that ends before the run; the run's lines (and any line after
 //! them) are held in the connection's carry, and relayed with the read that completes the run,
@@ -43,12 +52,16 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::batch::{index_chunk, Indexed};
+use super::batch::{index_chunk_as, Indexed};
 use super::runs;
 use crate::hub::{Batch, CloseHow, Transition, UpstreamCmd, UpstreamEvent, UserSyncMerger};
 use crate::metrics::snapshot::UpstreamSnapshot;
+use crate::proto::generation::{parse_any_position, RdataForm};
 use crate::proto::inbound::parse_args;
-use crate::proto::{Command, Line, PeerError, Role, StreamId, StreamMask, SyncState, UserSync};
+use crate::proto::{
+    Command, CommandWord, Generation, Line, PeerError, ProtocolChoice, Role, StreamId, StreamMask, SyncState,
+    UserSync,
+};
 use crate::session::{Session, SessionConfig, TimerAction};
 use crate::time::Now;
 
@@ -70,6 +83,8 @@ pub(crate) struct LinkConfig {
     /// Commands forwarded while disconnected are queued up to this many; beyond it the oldest
     /// is dropped (logged and counted).
     pub max_forward_queue: usize,
+    /// The master's protocol generation: learnt per connection, or pinned.
+    pub protocol: ProtocolChoice,
 }
 
 impl Default for LinkConfig {
@@ -79,6 +94,7 @@ impl Default for LinkConfig {
             expected_server_name: None,
             session: SessionConfig::default(),
             max_forward_queue: 10_000,
+            protocol: ProtocolChoice::Auto,
         }
     }
 }
@@ -125,6 +141,12 @@ struct Conn {
     abort: bool,
     /// The last `ERROR` the master sent.
     peer_error: Option<String>,
+    /// The master's generation, once known (or pinned).
+    generation: Option<Generation>,
+    /// Whether RDATA carried an instance name before any POSITION told the generation.
+    instance_rdata: bool,
+    /// The master's instance name, from its first instance-named POSITION.
+    instance: Option<String>,
     /// Received lines held back from the first line of a `batch` run still open (see the
     /// module docs), and the streams whose run is open at their end.
     carry: BytesMut,
@@ -176,6 +198,11 @@ impl UpstreamLink {
         self.conn.as_ref().and_then(|c| c.server_name.as_deref())
     }
 
+    /// The current connection's generation, once known (pinned or learnt).
+    pub(crate) fn generation(&self) -> Option<Generation> {
+        self.conn.as_ref().and_then(|c| c.generation)
+    }
+
     /// The latest token seen per stream (POSITION at the handshake, then each RDATA).
     #[cfg(test)]
     pub(crate) fn tokens(&self) -> [Option<i64>; StreamId::COUNT] {
@@ -212,6 +239,9 @@ impl UpstreamLink {
             pending: Vec::new(),
             abort: false,
             peer_error: None,
+            generation: self.config.protocol.pinned(),
+            instance_rdata: false,
+            instance: None,
             carry: BytesMut::new(),
             carry_open: StreamMask::NONE,
         });
@@ -282,7 +312,7 @@ impl UpstreamLink {
             return;
         }
         if !conn.carry.is_empty() {
-            let lines = index_chunk(&chunk).lines;
+            let lines = index_chunk_as(&chunk, RdataForm::of(conn.generation)).lines;
             let Some(end) = runs::completion(&lines, conn.carry_open) else {
                 // Still open: hold this chunk too.
                 conn.carry_open = runs::open_after(&lines, conn.carry_open);
@@ -308,14 +338,18 @@ impl UpstreamLink {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
-        let mut idx: Indexed = index_chunk(chunk);
+        let form = RdataForm::of(conn.generation);
+        let mut idx: Indexed = index_chunk_as(chunk, form);
+        if conn.generation.is_none() && idx.instance_rdata == Some(true) {
+            conn.instance_rdata = true;
+        }
         if let Some((cut, open)) = runs::open_tail(&idx.lines) {
             // Hold the open run (and whatever follows it) until a later read completes it.
             let cut = cut as usize;
             conn.carry.extend_from_slice(&chunk[cut..]);
             conn.carry_open = open;
             conn.check_carry();
-            idx = index_chunk(&chunk.slice(..cut));
+            idx = index_chunk_as(&chunk.slice(..cut), form);
         }
         for (total, n) in self.stats.inbound_rdata.iter_mut().zip(idx.rdata) {
             *total += n;
@@ -325,8 +359,11 @@ impl UpstreamLink {
 
         let mut cut = None;
         let mut prev = 0;
+        // Relayable lines before the POSITIONs of a 1.13+ master, which cover them (see
+        // `complete_handshake`).
+        let mut covered = 0;
         for c in &idx.control {
-            if !conn.up && conn.server_name.is_some() && idx.has_rdata_in(prev..c.after) {
+            if conn.completes_on_rdata() && idx.has_rdata_in(prev..c.after) {
                 conn.complete_handshake(&mut self.events, &mut self.tokens, &mut self.stats);
             }
             prev = c.after;
@@ -340,16 +377,23 @@ impl UpstreamLink {
                 && conn.positions[StreamId::UserSignature.index()].is_some()
             {
                 conn.complete_handshake(&mut self.events, &mut self.tokens, &mut self.stats);
+                if conn.generation.is_some_and(Generation::has_instance) {
+                    covered = c.after;
+                }
             }
         }
+        if covered > 0 {
+            idx.lines.drain(..covered);
+            tracing::debug!(lines = covered, "RDATA before the POSITIONs: covered by them, not relayed");
+        }
         if let Some(n) = cut {
-            idx.truncate(n);
+            idx.truncate(n.saturating_sub(covered));
             // Closing: nothing more is read, so a run open before the cut never completes.
             if let Some((start, _)) = runs::open_tail(&idx.lines) {
                 let keep = idx.lines.partition_point(|m| m.start < start);
                 idx.truncate(keep);
             }
-        } else if !conn.up && conn.server_name.is_some() && idx.has_rdata_in(prev..idx.lines.len()) {
+        } else if conn.completes_on_rdata() && idx.has_rdata_in(prev..idx.lines.len()) {
             conn.complete_handshake(&mut self.events, &mut self.tokens, &mut self.stats);
         }
         if idx.lines.is_empty() {
@@ -470,6 +514,7 @@ impl UpstreamLink {
             mode: "upstream",
             connected: self.is_up(),
             reconnects: self.stats.connects.saturating_sub(1),
+            generation: self.generation().map(Generation::label),
             tokens: self.tokens,
             stream_updates: self.stats.stream_updates,
             inbound_rdata: self.stats.inbound_rdata,
@@ -509,6 +554,45 @@ impl Conn {
         }
     }
 
+    /// Whether RDATA now completes the handshake: seed masters send RDATA only after their
+    /// POSITIONs; 1.13+ masters send them from connect, so there only POSITION does.
+    fn completes_on_rdata(&self) -> bool {
+        let seed = match self.generation {
+            Some(g) => g == Generation::Seed,
+            None => !self.instance_rdata,
+        };
+        !self.up && self.server_name.is_some() && seed
+    }
+
+    /// A POSITION of any generation: learns the generation (unless pinned, where another shape
+    /// is a parse error) and, before the handshake completes, the stream's token.
+    fn on_position(&mut self, line: &Line, now: Now) {
+        let p = match parse_any_position(line.args(), self.generation) {
+            Ok(p) => p,
+            Err(e) => {
+                let err = PeerError::parse(b"POSITION", line.args(), e);
+                tracing::warn!(error = %err, "upstream sent a malformed POSITION");
+                self.session.fail(&err, now);
+                return;
+            }
+        };
+        if self.generation.is_none() {
+            tracing::info!(generation = %p.generation, "upstream protocol generation learnt from its POSITION");
+            self.generation = Some(p.generation);
+        }
+        if let (None, Some(instance)) = (&self.instance, p.instance) {
+            self.instance = Some(instance.to_owned());
+        }
+        match StreamId::from_name(p.stream.as_bytes()) {
+            Some(s) if !self.up => self.positions[s.index()] = Some(p.token),
+            // From 1.13 the master answers every connection's REPLICATE with POSITIONs to all.
+            Some(s) => {
+                tracing::debug!(stream = s.name(), token = p.token, "POSITION after the handshake; ignored")
+            }
+            None => tracing::warn!(stream = p.stream, "POSITION for a stream replhub does not know"),
+        }
+    }
+
     /// Handles one non-relayed line: the session's checks, then SERVER / POSITION / PING /
     /// ERROR / SYNC. A violation queues `ERROR ...` and closes the session.
     fn on_control(&mut self, line: &Line, config: &LinkConfig, now: Now) {
@@ -519,6 +603,10 @@ impl Conn {
                 return;
             }
         };
+        if word == CommandWord::Position {
+            self.on_position(line, now);
+            return;
+        }
         let parsed = match parse_args(word, line) {
             Ok(p) => p,
             Err(err) => {
@@ -542,17 +630,6 @@ impl Conn {
                 }
                 self.server_name = Some(name.to_owned());
             }
-            Command::Position(p) => match StreamId::from_name(p.stream.as_bytes()) {
-                Some(s) if !self.up => self.positions[s.index()] = Some(p.token),
-                Some(s) => {
-                    tracing::info!(
-                        stream = s.name(),
-                        token = p.token,
-                        "POSITION after the handshake; ignored"
-                    );
-                }
-                None => tracing::warn!(stream = p.stream, "POSITION for a stream replhub does not know"),
-            },
             Command::Error(text) => {
                 tracing::warn!(error = text, "upstream sent ERROR");
                 self.peer_error = Some(text.to_owned());
@@ -576,8 +653,31 @@ impl Conn {
         self.up = true;
         *tokens = self.positions;
         let served = self.positions.iter().filter(|p| p.is_some()).count();
-        tracing::info!(server = %server_name, streams = served, "upstream handshake complete");
-        events.push_back(LinkEvent::Up(UpstreamEvent::Connected { server_name, positions: self.positions }));
+        // RDATA before any POSITION and without instance names: a seed master.
+        let generation = *self.generation.get_or_insert(if self.instance_rdata {
+            Generation::V1_13
+        } else {
+            Generation::Seed
+        });
+        let instance = self.instance.clone().unwrap_or_else(|| "master".to_owned());
+        tracing::info!(server = %server_name, streams = served, generation = %generation, instance, "upstream handshake complete; protocol generation {generation}");
+        events.push_back(LinkEvent::Up(UpstreamEvent::Connected {
+            server_name,
+            positions: self.positions,
+            generation,
+            instance,
+        }));
+        if generation.has_instance() && !self.pending.is_empty() {
+            // A 1.13+ master sends RDATA from connect and answers REPLICATE with its current
+            // tokens, so every row it sent before those POSITIONs is at or below them: workers
+            // get it by their own catch-up from the POSITION. Relayed, it would be a duplicate
+            // and pull the hub's tokens back.
+            tracing::debug!(
+                batches = self.pending.len(),
+                "RDATA before the POSITIONs: covered by them, not relayed"
+            );
+            self.pending.clear();
+        }
         for batch in self.pending.drain(..) {
             emit_batch(batch, events, tokens, stats);
         }

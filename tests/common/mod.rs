@@ -331,7 +331,7 @@ fn master_reader(n: usize, stream: TcpStream, st: &Arc<(Mutex<MasterState>, Cond
         if text == "REPLICATE ALL" && s.connections == n {
             let pos = s.positions.unwrap_or_else(|| positions(0));
             let mut out = String::new();
-            for (i, stream) in StreamId::ALL.iter().enumerate() {
+            for (i, stream) in StreamId::SEED.iter().enumerate() {
                 out.push_str(&format!("POSITION {} {}\n", stream.name(), pos[i]));
             }
             if let Some(w) = s.current.as_mut() {
@@ -500,7 +500,7 @@ impl Worker {
                 .iter()
                 .flat_map(|s| {
                     if *s == "ALL" {
-                        StreamId::ALL.iter().map(|x| x.name()).collect()
+                        StreamId::SEED.iter().map(|x| x.name()).collect()
                     } else {
                         vec![*s]
                     }

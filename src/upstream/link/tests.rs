@@ -41,7 +41,7 @@ fn relayed(events: &[LinkEvent]) -> Vec<Vec<u8>> {
     out
 }
 
-const SAMPLE_POSITIONS: [Option<i64>; 16] = [
+const SAMPLE_POSITIONS: [Option<i64>; StreamId::COUNT] = [
     Some(100),
     Some(7),
     Some(33),
@@ -58,10 +58,16 @@ const SAMPLE_POSITIONS: [Option<i64>; 16] = [
     Some(19),
     Some(1),
     Some(88),
+    None,
 ];
 
 fn connected_event() -> UpstreamEvent {
-    UpstreamEvent::Connected { server_name: "example.com".into(), positions: SAMPLE_POSITIONS }
+    UpstreamEvent::Connected {
+        server_name: "example.com".into(),
+        positions: SAMPLE_POSITIONS,
+        generation: crate::proto::Generation::Seed,
+        instance: "master".to_owned(),
+    }
 }
 
 #[test]
@@ -160,11 +166,11 @@ fn first_rdata_after_server_completes_the_handshake() {
     assert!(events(&mut l).is_empty());
     feed(&mut l, b"RDATA events 11 [\"ev\", []]\nPOSITION typing 4\nRDATA typing 5 [\"!r\", []]\n", T0);
     let ev = events(&mut l);
-    let mut positions = [None; 16];
+    let mut positions = [None; StreamId::COUNT];
     positions[StreamId::Events.index()] = Some(10);
     positions[StreamId::Caches.index()] = Some(3);
     assert!(
-        matches!(&ev[0], LinkEvent::Up(UpstreamEvent::Connected { server_name, positions: p })
+        matches!(&ev[0], LinkEvent::Up(UpstreamEvent::Connected { server_name, positions: p, .. })
         if server_name == "hs" && *p == positions),
         "{ev:?}"
     );
@@ -287,7 +293,7 @@ fn reconnect_resets_the_handshake_and_reannounces_user_syncs() {
     feed(&mut l, b"SERVER example.com\nPOSITION events 500\n", t2);
     assert!(events(&mut l).is_empty());
     feed(&mut l, b"POSITION user_signature 600\n", t2);
-    let mut positions = [None; 16];
+    let mut positions = [None; StreamId::COUNT];
     positions[StreamId::Events.index()] = Some(500);
     positions[StreamId::UserSignature.index()] = Some(600);
     let ev = events(&mut l);
@@ -457,6 +463,112 @@ fn batches_share_the_read_buffer() {
     let [LinkEvent::Up(_), LinkEvent::Batch(batch)] = &ev[..] else { panic!("{ev:?}") };
     assert_eq!(batch.line(0), rdata);
     assert_eq!(batch.line(0).as_ptr(), base.wrapping_add(data.len() - rdata.len()), "no copy of the line");
+}
+
+fn generation_sample(release: &str) -> Vec<u8> {
+    let path =
+        format!("{}/../shared/vectors/generations/stream-sample-{release}.txt", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(path).expect("shared/vectors/generations beside the repo")
+}
+
+#[test]
+fn released_masters_are_recognised_and_relayed_as_sent() {
+    for (release, generation) in
+        [("1.13.0", Generation::V1_13), ("1.22.1", Generation::V1_22), ("1.66.0", Generation::V1_22)]
+    {
+        let data = generation_sample(release);
+        let want: Vec<Vec<u8>> = sample_lines(&data)
+            .into_iter()
+            .filter(|l| {
+                l.starts_with(b"RDATA")
+                    && StreamId::from_name(l.split(|&b| b == b' ').nth(1).unwrap()).is_some()
+            })
+            .map(<[u8]>::to_vec)
+            .collect();
+        let mut l = link();
+        l.on_connected(T0);
+        assert_eq!(transmits(&mut l)[2], "REPLICATE ALL\n", "accepted by every master from 1.13 on");
+        // Line by line, so the generation is learnt at the first POSITION.
+        for line in sample_lines(&data) {
+            feed(&mut l, line, T0);
+        }
+        assert!(l.wants_close().is_none(), "{release}: {:?}", transmits(&mut l));
+        assert_eq!(l.generation(), Some(generation), "{release}");
+        let ev = events(&mut l);
+        let Some(LinkEvent::Up(UpstreamEvent::Connected { positions, generation: g, instance, .. })) =
+            ev.first()
+        else {
+            panic!("{release}: Up first, got {ev:?}");
+        };
+        assert_eq!((*g, instance.as_str()), (generation, "master"));
+        assert_eq!(positions[StreamId::Events.index()], Some(100));
+        assert_eq!(positions[StreamId::UserSignature.index()], Some(88));
+        assert_eq!(relayed(&ev), want, "{release}: every known stream's RDATA, byte for byte");
+        assert_eq!(l.snapshot().generation, Some(generation.label()));
+        // Tokens follow the last numbered RDATA, read past the instance name.
+        let last_typing = want
+            .iter()
+            .rev()
+            .find_map(|l| {
+                let mut f = std::str::from_utf8(l).ok()?.split(' ');
+                (f.nth(1)? == "typing").then(|| f.nth(1)?.parse::<i64>().ok()).flatten()
+            })
+            .unwrap();
+        assert_eq!(l.tokens()[StreamId::Typing.index()], Some(last_typing), "{release}");
+    }
+}
+
+#[test]
+fn rdata_before_positions_wait_for_the_handshake_of_a_released_master() {
+    // A 1.13+ master sends RDATA from connect, possibly before it answers REPLICATE: the
+    // handshake must not complete without the POSITIONs (every stream would look unserved).
+    let mut l = link();
+    l.on_connected(T0);
+    feed(&mut l, b"SERVER hs\nPING 1\nRDATA typing master 3 [\"!r:hs\", []]\n", T0);
+    assert!(events(&mut l).is_empty() && !l.is_up());
+    feed(&mut l, b"POSITION events master 9 10\nPOSITION user_signature master 5 5\n", T0);
+    let ev = events(&mut l);
+    assert!(matches!(&ev[0], LinkEvent::Up(UpstreamEvent::Connected { generation: Generation::V1_22, .. })));
+    assert!(relayed(&ev).is_empty(), "the POSITIONs cover the rows sent before them");
+    assert_eq!(l.tokens()[StreamId::Events.index()], Some(10), "the new token");
+    // Broadcast POSITIONs (another connection's REPLICATE) after the handshake are harmless.
+    feed(&mut l, b"POSITION events master 10 10\nRDATA events master 11 [1]\n", T0);
+    assert_eq!(relayed(&events(&mut l)), vec![b"RDATA events master 11 [1]\n".to_vec()]);
+    // A reconnect re-learns the generation: a seed master this time.
+    l.on_disconnected("test", T0);
+    l.on_connected(T0);
+    assert_eq!(l.generation(), None);
+    feed(&mut l, b"SERVER hs\nPOSITION user_signature 4\n", T0);
+    assert_eq!(l.generation(), Some(Generation::Seed));
+    assert!(l.is_up());
+    // The same within one read.
+    let mut l = link();
+    l.on_connected(T0);
+    feed(
+        &mut l,
+        b"SERVER hs\nRDATA typing master 3 [1]\nPOSITION typing master 3 3\nPOSITION user_signature master 5 5\n\
+          RDATA typing master 4 [2]\n",
+        T0,
+    );
+    let ev = events(&mut l);
+    assert!(matches!(&ev[0], LinkEvent::Up(_)), "{ev:?}");
+    assert_eq!(relayed(&ev), vec![b"RDATA typing master 4 [2]\n".to_vec()]);
+    assert_eq!(l.tokens()[StreamId::Typing.index()], Some(4));
+}
+
+#[test]
+fn a_pinned_generation_refuses_another_shape() {
+    let config = LinkConfig { protocol: ProtocolChoice::Pinned(Generation::V1_13), ..LinkConfig::default() };
+    let mut l = UpstreamLink::new(config);
+    l.on_connected(T0);
+    transmits(&mut l);
+    assert_eq!(l.generation(), Some(Generation::V1_13));
+    feed(&mut l, b"SERVER hs\nPOSITION events master 100 100\n", T0);
+    assert_eq!(
+        transmits(&mut l),
+        vec!["ERROR failed to parse line for  'POSITION': ValueError(\"invalid literal for int() with base 10: '100 100'\") ('events master 100 100'):\n"]
+    );
+    assert!(l.wants_close().is_some());
 }
 
 /// A handshake, a numbered line, a `batch` run of events (with a line of another stream

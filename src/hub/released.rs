@@ -1,0 +1,234 @@
+//! What a released Synapse master (1.13–1.66) does for its workers that the seed did not
+//! (PROTOCOL.md §8.2, §8.3.1), for workers of that generation:
+//!
+//! * `USER_SYNC <instance_id> <user> start|end <ms>` and `CLEAR_USER_SYNC <instance_id>`: the
+//!   master keys presence syncs by the worker's instance id (not by connection), so they go
+//!   upstream as received; a lost worker connection clears nothing there, as with Synapse.
+//! * `FEDERATION_ACK <instance> <token>` (1.18+) besides `FEDERATION_ACK <token>`, forwarded
+//!   as received.
+//! * `REMOTE_SERVER_UP` from a worker: the master relays it to every other connection but
+//!   never back to its sender, and replhub is one connection: so besides going upstream it is
+//!   delivered here to every other greeted worker, never to its sender.
+//!
+//! A worker is of a released generation when the upstream is (learnt or pinned), or, while
+//! that is not known, when it greeted with a bare `REPLICATE`.
+use bytes::{BufMut, BytesMut};
+
+use super::stats::CloseReason;
+use super::{ConnId, Hub};
+use crate::proto::generation::{parse_any_federation_ack, parse_instance_user_sync};
+use crate::proto::{CommandWord, Line, PeerError};
+use crate::time::Now;
+
+impl Hub {
+    /// Whether `id` speaks a released generation (1.13+) rather than the seed.
+    pub(super) fn is_released(&self, id: ConnId) -> bool {
+        match self.generation {
+            Some(g) => g.has_instance(),
+            None => self.conn(id).is_some_and(|c| c.subs.bare),
+        }
+    }
+
+    /// Handles the worker commands whose released form the seed parser refuses. Returns
+    /// whether the line was handled here; otherwise the seed's handling applies.
+    pub(super) fn handle_released_command(
+        &mut self,
+        id: ConnId,
+        word: CommandWord,
+        line: &Line,
+        now: Now,
+    ) -> bool {
+        let args = line.args();
+        let result = match word {
+            // Only the four-field form: a seed-form line forwarded to a 1.13+ master would make
+            // it close replhub's connection, so it gets that master's parse error instead.
+            CommandWord::UserSync if self.is_released(id) => {
+                parse_instance_user_sync(args).map(|_| self.stats.user_sync += 1)
+            }
+            CommandWord::FederationAck if self.is_released(id) => {
+                parse_any_federation_ack(args).map(|_| self.stats.federation_ack += 1)
+            }
+            CommandWord::ClearUserSync if self.is_released(id) => {
+                crate::proto::fields::utf8_field(args).map(|_| ())
+            }
+            // A seed server does not know it (PROTOCOL.md §2.1).
+            CommandWord::ClearUserSync => {
+                let err = PeerError::InvalidCommand(word.as_str().to_owned());
+                self.fail(id, &err, CloseReason::ProtocolError, now);
+                return true;
+            }
+            CommandWord::RemoteServerUp if self.is_released(id) => {
+                if std::str::from_utf8(args).is_ok() {
+                    self.deliver_to_others(id, line, now);
+                }
+                return false;
+            }
+            _ => return false,
+        };
+        match result {
+            Ok(()) => self.forward(line),
+            Err(e) => {
+                let err = PeerError::parse(word.as_str().as_bytes(), args, e);
+                let name = self.conn(id).map(|c| c.display_name().to_owned()).unwrap_or_default();
+                tracing::info!(conn = %id, name, error = %err, "bad command, closing");
+                self.fail(id, &err, CloseReason::ProtocolError, now);
+            }
+        }
+        true
+    }
+
+    /// Queues `line` to every greeted, open connection but `from`, after what each has queued.
+    fn deliver_to_others(&mut self, from: ConnId, line: &Line, now: Now) {
+        let mut buf = BytesMut::with_capacity(line.as_bytes().len() + 1);
+        buf.put_slice(line.as_bytes());
+        buf.put_u8(b'\n');
+        let bytes = buf.freeze();
+        let head = self.log.head();
+        let others: Vec<ConnId> = self
+            .conns
+            .ids()
+            .filter(|&o| o != from)
+            .filter(|&o| self.conn(o).is_some_and(|c| c.session.is_started() && !c.close.is_closing()))
+            .collect();
+        for o in others {
+            if let Some(c) = self.conn_mut(o) {
+                c.outbox.push_private(head, bytes.clone(), CommandWord::RemoteServerUp);
+            }
+            self.wake(o, head, now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::sim::Sim;
+    use super::super::{HubConfig, UpstreamCmd};
+    use crate::proto::{Generation, StreamId, Token};
+
+    fn positions() -> [Option<i64>; StreamId::COUNT] {
+        let mut p = Sim::positions();
+        p[StreamId::Groups.index()] = None;
+        p
+    }
+
+    fn sim(generation: Generation) -> Sim {
+        let mut sim = Sim::new(HubConfig::default());
+        sim.connect_upstream_as("example.com", positions(), generation);
+        sim
+    }
+
+    fn forwarded(sim: &mut Sim) -> Vec<String> {
+        sim.take_upstream()
+            .into_iter()
+            .map(|c| match c {
+                UpstreamCmd::Forward(b) => String::from_utf8_lossy(&b).into_owned(),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    fn positions_of(lines: &[String]) -> Vec<&str> {
+        lines.iter().filter(|l| l.starts_with("POSITION")).map(String::as_str).collect()
+    }
+
+    #[test]
+    fn a_bare_replicate_gets_every_served_stream_in_the_masters_form() {
+        for (generation, events) in [
+            (Generation::V1_13, "POSITION events master 100"),
+            (Generation::V1_22, "POSITION events master 100 100"),
+        ] {
+            let mut sim = sim(generation);
+            let w = sim.accept();
+            sim.send(w, "NAME w\nREPLICATE ");
+            let lines = sim.take_lines(w);
+            let p = positions_of(&lines);
+            assert_eq!(p.len(), StreamId::COUNT - 1, "{generation}: every served stream, not groups: {p:?}");
+            assert_eq!(p[0], events);
+            assert!(sim.closed(w).is_none());
+            // Rows follow, as relayed.
+            sim.batch(&[(StreamId::Typing, Token::Value(200))]);
+            assert!(sim.take_lines(w).iter().any(|l| l.starts_with("RDATA typing")), "{generation}");
+        }
+    }
+
+    #[test]
+    fn the_positions_answering_a_replicate_go_to_every_worker_that_replicated() {
+        let mut sim = sim(Generation::V1_22);
+        let (a, b, idle) = (sim.accept(), sim.accept(), sim.accept());
+        sim.send(a, "REPLICATE");
+        sim.batch(&[(StreamId::Typing, Token::Value(150))]);
+        sim.take_lines(a);
+        sim.send(b, "REPLICATE ");
+        // `a` holds typing 150 already, so its fresh POSITION says 150 (prev = new).
+        let again = sim.take_lines(a);
+        assert_eq!(positions_of(&again).len(), StreamId::COUNT - 1, "{again:?}");
+        assert!(again.contains(&"POSITION typing master 150 150".to_owned()), "{again:?}");
+        assert_eq!(positions_of(&sim.take_lines(b)).len(), StreamId::COUNT - 1);
+        assert!(positions_of(&sim.take_lines(idle)).is_empty(), "not to a worker that never replicated");
+    }
+
+    #[test]
+    fn a_seed_upstream_keeps_the_seed_answer_to_a_bare_replicate() {
+        let mut sim = sim(Generation::Seed);
+        let w = sim.accept();
+        sim.send(w, "REPLICATE");
+        let lines = sim.take_lines(w);
+        assert!(lines.iter().any(|l| l.starts_with("ERROR failed to handle replicate")), "{lines:?}");
+        let w = sim.accept();
+        sim.send(w, "CLEAR_USER_SYNC abcde");
+        assert!(sim.take_lines(w).contains(&"ERROR invalid command: CLEAR_USER_SYNC".to_owned()));
+    }
+
+    #[test]
+    fn released_worker_commands_go_upstream_as_received() {
+        let mut sim = sim(Generation::V1_22);
+        let w = sim.accept();
+        sim.send(
+            w,
+            "REPLICATE \nUSER_SYNC AbCdE @a:hs start 15\nUSER_SYNC AbCdE @a:hs end 16\n\
+             FEDERATION_ACK federation_sender 7\nFEDERATION_ACK 8\nCLEAR_USER_SYNC AbCdE",
+        );
+        assert_eq!(
+            forwarded(&mut sim),
+            vec![
+                "USER_SYNC AbCdE @a:hs start 15\n",
+                "USER_SYNC AbCdE @a:hs end 16\n",
+                "FEDERATION_ACK federation_sender 7\n",
+                "FEDERATION_ACK 8\n",
+                "CLEAR_USER_SYNC AbCdE\n",
+            ]
+        );
+        assert!(sim.closed(w).is_none());
+        sim.send(w, "USER_SYNC @a:hs start 16");
+        assert!(sim.take_lines(w).contains(
+            &"ERROR failed to parse line for  'USER_SYNC': ValueError('not enough values to unpack (expected 4, got 3)') ('@a:hs start 16'):".to_owned()
+        ));
+        assert!(forwarded(&mut sim).is_empty(), "the seed form never reaches a 1.13+ master");
+        let w = sim.accept();
+        sim.send(w, "REPLICATE");
+        sim.send(w, "USER_SYNC AbCdE @a:hs stop 16");
+        assert!(sim
+            .take_lines(w)
+            .contains(&"ERROR failed to parse line for  'USER_SYNC': Exception(\"Invalid USER_SYNC state 'stop'\") ('AbCdE @a:hs stop 16'):".to_owned()));
+    }
+
+    #[test]
+    fn remote_server_up_reaches_the_other_workers_never_its_sender() {
+        let mut sim = sim(Generation::V1_13);
+        let (a, b, c) = (sim.accept(), sim.accept(), sim.accept());
+        sim.send(a, "REPLICATE");
+        sim.send(b, "REPLICATE");
+        for w in [a, b, c] {
+            sim.take_lines(w);
+        }
+        sim.send(a, "REMOTE_SERVER_UP other.example");
+        assert_eq!(forwarded(&mut sim), vec!["REMOTE_SERVER_UP other.example\n"]);
+        assert!(
+            !sim.take_lines(a).iter().any(|l| l.starts_with("REMOTE_SERVER_UP")),
+            "never back to its sender"
+        );
+        for w in [b, c] {
+            assert_eq!(sim.take_lines(w), vec!["REMOTE_SERVER_UP other.example"]);
+        }
+    }
+}

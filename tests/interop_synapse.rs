@@ -1,0 +1,135 @@
+//! replhub between released Synapse's own replication code: for each release, a real master
+//! and two real workers (`interop/run_pair.py`, see interop/README.md) with replhub in the
+//! middle, on each I/O backend. The verdict must be a pass: every row the master wrote reached
+//! both workers' handlers exactly once, no ERROR or exception anywhere, and one worker's
+//! REMOTE_SERVER_UP reached the other (and not its sender).
+//!
+//! The releases' virtualenvs come from `scripts/interop-setup` (CI runs it before `cargo
+//! test`). Without them these tests fail, saying how to create them: they never pass silently.
+// Integration tests wait for real processes with real deadlines.
+#![allow(clippy::disallowed_methods)]
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// One pair at a time: each runs four processes, and the machine may have two cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// run_pair's own deadline for the rows, and ours for the whole run.
+const PAIR_TIMEOUT_S: u64 = 60;
+const RUN_LIMIT: Duration = Duration::from_secs(150);
+
+fn venv_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("REPLHUB_INTEROP_DIR") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").expect("HOME is set");
+    Path::new(&home).join(".cache/replhub-interop")
+}
+
+fn run_pair(release: &str, io: &str, generation: &str) {
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let python = venv_dir().join(format!("venv-{release}/bin/python"));
+    assert!(
+        python.exists(),
+        "no virtualenv for Synapse {release} at {}: run `scripts/interop-setup 1.13.0 1.22.1 1.66.0` \
+         first (needs PyPI once; .ci/run does it)",
+        python.display()
+    );
+    let root = env!("CARGO_MANIFEST_DIR");
+    let log_dir = std::env::temp_dir().join(format!("replhub-interop-{release}-{io}-{}", std::process::id()));
+    std::fs::create_dir_all(&log_dir).expect("log dir");
+    let hub = format!(
+        "{} serve --upstream {{upstream}} --listen {{listen}} --metrics-listen off --threads 1 --io {io}",
+        env!("CARGO_BIN_EXE_replhub")
+    );
+    let mut child = Command::new("python3")
+        .arg(Path::new(root).join("interop/run_pair.py"))
+        .args(["--release", release, "--timeout", &PAIR_TIMEOUT_S.to_string(), "--hub-cmd", &hub])
+        .arg("--venv-dir")
+        .arg(venv_dir())
+        .arg("--log-dir")
+        .arg(&log_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 runs interop/run_pair.py");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for run_pair") {
+            break status;
+        }
+        if started.elapsed() > RUN_LIMIT {
+            // run_pair stops its children within a second of its own exit.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{release}/{io}: run_pair still running after {RUN_LIMIT:?}; logs in {}",
+                log_dir.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stdout = String::new();
+    child.stdout.take().expect("piped").read_to_string(&mut stdout).expect("run_pair output");
+    let last = stdout.lines().last().unwrap_or_default();
+    let verdict: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|e| {
+        panic!("{release}/{io}: no verdict ({e}) in {stdout:?}; logs in {}", log_dir.display())
+    });
+    assert_eq!(verdict["event"], "verdict", "{release}/{io}: {last}");
+    let failures = &verdict["failures"];
+    assert_eq!(verdict["pass"], true, "{release}/{io}: {failures}; logs in {}", log_dir.display());
+    assert!(status.success(), "{release}/{io}: run_pair exited with {status}");
+    for w in ["w1", "w2"] {
+        let worker = &verdict["workers"][w];
+        assert!(worker["rows"].as_u64().is_some_and(|n| n > 0), "{release}/{io}: {w} got no rows: {worker}");
+        for field in ["missing", "unexpected", "duplicates", "problems"] {
+            assert_eq!(worker[field], 0, "{release}/{io}: {w} {field}: {worker}");
+        }
+    }
+    // Only w1 sent REMOTE_SERVER_UP; from 1.13 the master (so replhub) never echoes it back.
+    assert_eq!(verdict["workers"]["w1"]["remote_server_up"], serde_json::json!([]), "{release}/{io}");
+    // The hub says which generation it learnt.
+    let hub_log = ["hub.stdout", "hub.stderr"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(log_dir.join(f)).ok())
+        .collect::<String>();
+    assert!(
+        hub_log.contains(&format!("protocol generation {generation}")),
+        "{release}/{io}: the hub did not log generation {generation}; logs in {}",
+        log_dir.display()
+    );
+    let _ = std::fs::remove_dir_all(&log_dir);
+}
+
+#[test]
+fn synapse_1_13_0_epoll() {
+    run_pair("1.13.0", "epoll", "1.13");
+}
+
+#[test]
+fn synapse_1_13_0_uring() {
+    run_pair("1.13.0", "uring", "1.13");
+}
+
+#[test]
+fn synapse_1_22_1_epoll() {
+    run_pair("1.22.1", "epoll", "1.22");
+}
+
+#[test]
+fn synapse_1_22_1_uring() {
+    run_pair("1.22.1", "uring", "1.22");
+}
+
+#[test]
+fn synapse_1_66_0_epoll() {
+    run_pair("1.66.0", "epoll", "1.22");
+}
+
+#[test]
+fn synapse_1_66_0_uring() {
+    run_pair("1.66.0", "uring", "1.22");
+}
