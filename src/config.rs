@@ -71,7 +71,13 @@ pub struct ServeConfig {
     pub io: IoBackend,
     /// Hub settings (server name, slow-consumer policy, timing).
     pub hub: HubConfig,
+    /// SO_SNDBUF for accepted worker sockets (0: the kernel's default and auto-tuning).
+    pub worker_sndbuf: usize,
 }
+
+/// Default `--worker-sndbuf`: a worker that stops reading holds at most this much kernel
+/// memory (twice this, as Linux counts it), and costs the core at most this much copying.
+pub const DEFAULT_WORKER_SNDBUF: usize = 256 << 10;
 
 /// Default worker-facing listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9092";
@@ -99,6 +105,7 @@ impl ServeConfig {
             threads: default_threads(),
             io: IoBackend::Auto,
             hub,
+            worker_sndbuf: DEFAULT_WORKER_SNDBUF,
         }
     }
 
@@ -179,6 +186,17 @@ impl ServeConfig {
                 return Err(ConfigError::new("--write-timeout must be more than 0"));
             }
             config.hub.write_timeout_ms = ms;
+        }
+        if let Some(bytes) = &opts.worker_sndbuf {
+            let bytes = bytes.to_string();
+            let n = parse_bytes(&bytes)
+                .map_err(|e| ConfigError::new(format!("--worker-sndbuf {bytes:?}: {e}")))?;
+            if n != 0 && !(4 << 10..=1 << 30).contains(&n) {
+                return Err(ConfigError::new(format!(
+                    "--worker-sndbuf {bytes:?} is out of range (0 for the kernel's, or 4KiB..=1GiB)"
+                )));
+            }
+            config.worker_sndbuf = usize::try_from(n).unwrap_or(usize::MAX);
         }
         Ok(config)
     }
@@ -275,6 +293,11 @@ pub struct ServeOptions {
     #[arg(long, value_name = "SECS")]
     #[serde(alias = "write_timeout")]
     pub write_timeout: Option<Quantity>,
+    /// Kernel send buffer (SO_SNDBUF) of each worker socket; bounds what a worker that stops
+    /// reading holds in the kernel. 0 leaves the kernel's auto-tuning [default: 256KiB]
+    #[arg(long, value_name = "BYTES")]
+    #[serde(alias = "worker_sndbuf")]
+    pub worker_sndbuf: Option<Quantity>,
     /// Log level or filter (trace, debug, info, warn, error, or a RUST_LOG-style filter)
     /// [default: $RUST_LOG, else info]
     #[arg(long, value_name = "LEVEL")]
@@ -307,6 +330,7 @@ impl ServeOptions {
             io: self.io.or(file.io),
             max_pending_bytes: self.max_pending_bytes.or(file.max_pending_bytes),
             write_timeout: self.write_timeout.or(file.write_timeout),
+            worker_sndbuf: self.worker_sndbuf.or(file.worker_sndbuf),
             log_level: self.log_level.or(file.log_level),
         }
     }

@@ -44,6 +44,29 @@ impl Hub {
         }
     }
 
+    /// Whether some connection waits in the dirty list (a driver that ended its turn early, see
+    /// [`Hub::requeue_dirty`], must not sleep while this holds).
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Puts back connections taken with [`Hub::take_dirty`] that the driver did not get to
+    /// write this turn, ahead of the ones that became dirty since, so that the next turn
+    /// serves them first and nobody waits more than a turn behind the others.
+    pub fn requeue_dirty(&mut self, ids: &[ConnId]) {
+        let mut queue = Vec::with_capacity(ids.len() + self.dirty.len());
+        for &id in ids {
+            let Some(c) = self.conns.get_mut(id) else { continue };
+            // A taken outbox is pending; this makes it dirty again (or leaves it held back
+            // once its `Close` is out), exactly as a socket that became writable would.
+            if c.outbox.on_writable(c.close.emitted()) {
+                queue.push(id);
+            }
+        }
+        queue.append(&mut self.dirty);
+        self.dirty = queue;
+    }
+
     /// The socket of a blocked connection is writable again.
     pub fn on_writable(&mut self, id: ConnId) {
         let Some(c) = self.conns.get_mut(id) else { return };
