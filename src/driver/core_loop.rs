@@ -360,11 +360,7 @@ impl FailureLog {
 
 fn log_repeated(core: usize, report: Report) {
     if let Report::Repeated { count, over_ms, last } = report {
-        tracing::warn!(
-            core,
-            "accept failed {count} times in the last {} s: {last}",
-            over_ms.div_ceil(1000)
-        );
+        tracing::warn!(core, "accept failed {count} times in the last {} s: {last}", over_ms.div_ceil(1000));
     }
 }
 

@@ -20,7 +20,9 @@ use super::bufring::BufRing;
 use super::probe::{build_ring, setup_error};
 use super::token::{self, Op};
 use super::wakeup;
-use crate::driver::core_loop::{set_worker_sndbuf, CoreLoop, FailureLog, Sockets, Write, ACCEPT_LOG_INTERVAL_MS};
+use crate::driver::core_loop::{
+    set_worker_sndbuf, CoreLoop, FailureLog, Sockets, Write, ACCEPT_LOG_INTERVAL_MS,
+};
 use crate::driver::{CoreContext, CoreMsg, CoreWakeup};
 use crate::hub::{CloseHow, ConnId, Hub, SlotMap};
 use crate::time::Now;
