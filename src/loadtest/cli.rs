@@ -40,6 +40,13 @@ pub struct LoadtestArgs {
     /// Extra worker connections that subscribe to nothing (idle memory)
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub idle: usize,
+    /// Extra worker connections that subscribe like the subscribers and never read (what a
+    /// crowd of stalled workers costs the others)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub stalled: usize,
+    /// The hub's --max-pending-bytes (replhub only) [default: the hub's]
+    #[arg(long, value_name = "BYTES")]
+    pub max_pending_bytes: Option<String>,
     /// Most lines in flight (published, not yet received by the slowest subscriber)
     /// [default: 2 MiB per subscriber, 64 MiB in all, at least 256 lines]
     #[arg(long, value_name = "LINES")]
@@ -105,6 +112,13 @@ impl LoadtestArgs {
             target,
             subscribers: self.subscribers,
             idle: self.idle,
+            stalled: self.stalled,
+            max_pending_bytes: self
+                .max_pending_bytes
+                .as_deref()
+                .map(crate::config::parse_bytes)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--max-pending-bytes: {e}"))?,
             rate: self.rate,
             limit,
             message_size: self.message_size,

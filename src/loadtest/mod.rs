@@ -146,6 +146,11 @@ pub struct LoadtestOptions {
     pub subscribers: usize,
     /// Extra connections that subscribe to nothing (memory per idle worker).
     pub idle: usize,
+    /// Extra connections that subscribe like the subscribers and never read (replhub only):
+    /// what a crowd of stalled workers costs the others.
+    pub stalled: usize,
+    /// The hub's `--max-pending-bytes` (replhub only); `None` for its default.
+    pub max_pending_bytes: Option<u64>,
     /// Lines per second; 0 = as fast as the server delivers (bounded by `window`).
     pub rate: u64,
     /// How long to publish.
@@ -173,6 +178,8 @@ impl Default for LoadtestOptions {
             },
             subscribers: 100,
             idle: 0,
+            stalled: 0,
+            max_pending_bytes: None,
             rate: 0,
             limit: Limit::Seconds(10.0),
             message_size: 300,
@@ -294,12 +301,16 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
                     config.metrics_listen = None;
                     config.threads = *threads;
                     config.io = *io;
+                    if let Some(bytes) = opts.max_pending_bytes {
+                        config.hub.max_pending_bytes = bytes;
+                    }
                     let server = Server::start(config).context("cannot start the hub")?;
                     let addr = server.local_addr();
                     (Running::InProcess(Box::new(server)), addr)
                 }
                 ServerMode::Process(exe) => {
-                    let (child, addr) = spawn_server(exe, master_addr, *io, *threads)?;
+                    let (child, addr) =
+                        spawn_server(exe, master_addr, *io, *threads, opts.max_pending_bytes)?;
                     (Running::Child(child), addr)
                 }
             };
@@ -331,6 +342,13 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
                 Some(replies),
             )
         }
+    };
+
+    // Stalled workers: subscribed like the others, never read (held until the end).
+    let _stalled = match &sub_target {
+        SubTarget::Replhub(addr) => open_stalled(*addr, opts.stalled, &opts.streams.replicate())?,
+        SubTarget::Redis(_) if opts.stalled > 0 => anyhow::bail!("--stalled applies to replhub only"),
+        SubTarget::Redis(_) => Vec::new(),
     };
 
     // Subscribers (and idle connections), spread over the client threads.
@@ -609,4 +627,28 @@ mod tests {
         assert_eq!(StreamSet::All.replicate(), vec!["ALL"]);
         assert_eq!(StreamSet::All.streams().len(), 16);
     }
+}
+
+/// Opens `n` workers that send `NAME` and their `REPLICATE`s and then never read: their
+/// sockets fill up and stay full.
+fn open_stalled(
+    addr: SocketAddr,
+    n: usize,
+    replicate: &[String],
+) -> anyhow::Result<Vec<std::net::TcpStream>> {
+    use std::io::Write as _;
+
+    use crate::proto::{Command, ReplicateTarget};
+    (0..n)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect(addr).context("connecting a stalled worker")?;
+            let name = format!("lt-stalled-{i}");
+            let mut hello = Command::Name(&name).to_bytes()?.to_vec();
+            for r in replicate {
+                hello.extend_from_slice(&Command::Replicate(ReplicateTarget::from_name(r)).to_bytes()?);
+            }
+            s.write_all(&hello).context("subscribing a stalled worker")?;
+            Ok(s)
+        })
+        .collect()
 }

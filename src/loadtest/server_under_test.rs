@@ -76,6 +76,7 @@ pub(super) fn spawn_server(
     master: SocketAddr,
     io: IoBackend,
     threads: usize,
+    max_pending_bytes: Option<u64>,
 ) -> anyhow::Result<(ChildServer, SocketAddr)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -83,6 +84,7 @@ pub(super) fn spawn_server(
         .args(["serve", "--listen", &addr.to_string(), "--upstream", &master.to_string()])
         .args(["--metrics-listen", "off", "--threads", &threads.to_string(), "--io", io.as_str()])
         .args(["--log-level", "info"])
+        .args(max_pending_bytes.map(|b| format!("--max-pending-bytes={b}")))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
