@@ -505,4 +505,19 @@ mod tests {
         let zero = ServeOptions { write_timeout: Some(Quantity::Text("0".into())), ..opts() };
         assert!(ServeConfig::from_options(&zero).is_err());
     }
+
+    #[test]
+    fn worker_sndbuf_defaults_to_256kib_and_0_means_the_kernels() {
+        assert_eq!(ServeConfig::from_options(&opts()).expect("valid").worker_sndbuf, 256 << 10);
+        let sndbuf = |q: &str| {
+            let o = ServeOptions { worker_sndbuf: Some(Quantity::Text(q.into())), ..opts() };
+            ServeConfig::from_options(&o).map(|c| c.worker_sndbuf)
+        };
+        assert_eq!(sndbuf("64KiB").ok(), Some(64 << 10));
+        assert_eq!(sndbuf("0").ok(), Some(0));
+        assert!(sndbuf("100").is_err(), "below 4KiB");
+        assert!(sndbuf("2GiB").is_err(), "above 1GiB");
+        let file: ServeOptions = toml::from_str("synthetic = 5\nworker-sndbuf = \"128KiB\"\n").expect("toml");
+        assert_eq!(ServeConfig::from_options(&file).expect("valid").worker_sndbuf, 128 << 10);
+    }
 }
