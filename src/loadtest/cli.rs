@@ -47,6 +47,9 @@ pub struct LoadtestArgs {
     /// The hub's --max-pending-bytes (replhub only) [default: the hub's]
     #[arg(long, value_name = "BYTES")]
     pub max_pending_bytes: Option<String>,
+    /// The hub's --worker-sndbuf (replhub only) [default: the hub's]
+    #[arg(long, value_name = "BYTES")]
+    pub worker_sndbuf: Option<String>,
     /// Most lines in flight (published, not yet received by the slowest subscriber)
     /// [default: 2 MiB per subscriber, 64 MiB in all, at least 256 lines]
     #[arg(long, value_name = "LINES")]
@@ -119,6 +122,12 @@ impl LoadtestArgs {
                 .map(crate::config::parse_bytes)
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("--max-pending-bytes: {e}"))?,
+            worker_sndbuf: self
+                .worker_sndbuf
+                .as_deref()
+                .map(crate::config::parse_bytes)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--worker-sndbuf: {e}"))?,
             rate: self.rate,
             limit,
             message_size: self.message_size,

@@ -151,6 +151,8 @@ pub struct LoadtestOptions {
     pub stalled: usize,
     /// The hub's `--max-pending-bytes` (replhub only); `None` for its default.
     pub max_pending_bytes: Option<u64>,
+    /// The hub's `--worker-sndbuf` (replhub only); `None` for its default.
+    pub worker_sndbuf: Option<u64>,
     /// Lines per second; 0 = as fast as the server delivers (bounded by `window`).
     pub rate: u64,
     /// How long to publish.
@@ -180,6 +182,7 @@ impl Default for LoadtestOptions {
             idle: 0,
             stalled: 0,
             max_pending_bytes: None,
+            worker_sndbuf: None,
             rate: 0,
             limit: Limit::Seconds(10.0),
             message_size: 300,
@@ -304,13 +307,15 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
                     if let Some(bytes) = opts.max_pending_bytes {
                         config.hub.max_pending_bytes = bytes;
                     }
+                    if let Some(bytes) = opts.worker_sndbuf {
+                        config.worker_sndbuf = usize::try_from(bytes).unwrap_or(usize::MAX);
+                    }
                     let server = Server::start(config).context("cannot start the hub")?;
                     let addr = server.local_addr();
                     (Running::InProcess(Box::new(server)), addr)
                 }
                 ServerMode::Process(exe) => {
-                    let (child, addr) =
-                        spawn_server(exe, master_addr, *io, *threads, opts.max_pending_bytes)?;
+                    let (child, addr) = spawn_server(exe, master_addr, *io, *threads, opts)?;
                     (Running::Child(child), addr)
                 }
             };

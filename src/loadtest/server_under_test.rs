@@ -76,7 +76,7 @@ pub(super) fn spawn_server(
     master: SocketAddr,
     io: IoBackend,
     threads: usize,
-    max_pending_bytes: Option<u64>,
+    opts: &super::LoadtestOptions,
 ) -> anyhow::Result<(ChildServer, SocketAddr)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -84,7 +84,8 @@ pub(super) fn spawn_server(
         .args(["serve", "--listen", &addr.to_string(), "--upstream", &master.to_string()])
         .args(["--metrics-listen", "off", "--threads", &threads.to_string(), "--io", io.as_str()])
         .args(["--log-level", "info"])
-        .args(max_pending_bytes.map(|b| format!("--max-pending-bytes={b}")))
+        .args(opts.max_pending_bytes.map(|b| format!("--max-pending-bytes={b}")))
+        .args(opts.worker_sndbuf.map(|b| format!("--worker-sndbuf={b}")))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
