@@ -195,29 +195,7 @@ impl Core {
                 () = self.kick.notified() => {}
                 () = tokio::time::sleep_until(deadline) => {}
             }
-            let mut core = self.core.borrow_mut();
-            let mut conns = self.conns.borrow_mut();
-            let mut io = Io { core: self, conns: &mut conns };
-            let now = core.now();
-            core.drain_inbox(inbox, &io, now);
-            core.hub.handle_timeout(now);
-            core.turn(&mut io, now);
-            let more = core.has_writes();
-            if let Some(stop_at) = core.stop_at_ms() {
-                if core.hub.is_empty() {
-                    break;
-                }
-                if core.now().mono_ms >= stop_at {
-                    tracing::warn!(
-                        core = self.index,
-                        left = core.hub.len(),
-                        "shutdown grace expired; dropping the remaining connections"
-                    );
-                    break;
-                }
-            }
-            drop(conns);
-            drop(core);
+            let Some(more) = self.turn(inbox) else { break };
             if more {
                 // Writes wait for the next turn: let the reader and writer tasks and the
                 // reactor run first (the turn was cut short for them), then come straight back.
@@ -225,6 +203,32 @@ impl Core {
                 tokio::task::yield_now().await;
             }
         }
+    }
+
+    /// One loop turn: the mailbox, the timers, the writes. Returns whether writes wait for the
+    /// next turn, or `None` once the core is done (shut down, and empty or out of grace).
+    fn turn(self: &Rc<Self>, inbox: &Receiver<CoreMsg>) -> Option<bool> {
+        let mut core = self.core.borrow_mut();
+        let mut conns = self.conns.borrow_mut();
+        let mut io = Io { core: self, conns: &mut conns };
+        let now = core.now();
+        core.drain_inbox(inbox, &io, now);
+        core.hub.handle_timeout(now);
+        core.turn(&mut io, now);
+        if let Some(stop_at) = core.stop_at_ms() {
+            if core.hub.is_empty() {
+                return None;
+            }
+            if core.now().mono_ms >= stop_at {
+                tracing::warn!(
+                    core = self.index,
+                    left = core.hub.len(),
+                    "shutdown grace expired; dropping the remaining connections"
+                );
+                return None;
+            }
+        }
+        Some(core.has_writes())
     }
 
     /// When the loop must wake up at the latest: the hub's tick, the end of the shutdown grace.

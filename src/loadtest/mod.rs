@@ -614,26 +614,6 @@ fn check(opts: &LoadtestOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn windows() {
-        assert_eq!(default_window(1, 300), (2 << 20) / 300);
-        assert_eq!(default_window(100, 300), (64 << 20) / 300 / 100);
-        assert_eq!(default_window(1000, 300), 256);
-    }
-
-    #[test]
-    fn stream_sets() {
-        assert_eq!(StreamSet::One.replicate(), vec!["events"]);
-        assert_eq!(StreamSet::Several.streams().len(), 4);
-        assert_eq!(StreamSet::All.replicate(), vec!["ALL"]);
-        assert_eq!(StreamSet::All.streams().len(), 16);
-    }
-}
-
 /// Opens `n` workers that send `NAME` and their `REPLICATE`s and then never read: their
 /// sockets fill up and stay full.
 fn open_stalled(
@@ -656,4 +636,24 @@ fn open_stalled(
             Ok(s)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows() {
+        assert_eq!(default_window(1, 300), (2 << 20) / 300);
+        assert_eq!(default_window(100, 300), (64 << 20) / 300 / 100);
+        assert_eq!(default_window(1000, 300), 256);
+    }
+
+    #[test]
+    fn stream_sets() {
+        assert_eq!(StreamSet::One.replicate(), vec!["events"]);
+        assert_eq!(StreamSet::Several.streams().len(), 4);
+        assert_eq!(StreamSet::All.replicate(), vec!["ALL"]);
+        assert_eq!(StreamSet::All.streams().len(), 16);
+    }
 }
