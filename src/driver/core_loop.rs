@@ -5,9 +5,9 @@
 //!   drain_inbox: Batch → on_batch, Upstream → on_upstream, Snapshot → snapshot (+ queues),
 //!                Shutdown (or the mailbox gone) → shutdown, and the grace starts
 //!   turn:        poll_output (Upstream → the source's inbox, Close → Sockets::close),
-//!                then take_dirty → gather → Sockets::write, one write per connection and
-//!                TURN_WRITE_BUDGET bytes at most (the rest waits for the next turn:
-//!                has_writes), then poll_output again
+//!                then take_dirty → gather → Sockets::write, one write per connection,
+//!                proven readers first, then TURN_WRITE_BUDGET bytes at most for the others
+//!                (the rest waits for the next turn: has_writes), then poll_output again
 //!   written:     on_written, then Sockets::wait_writable after a short write,
 //!                or Sockets::lost after an error
 //! ```
@@ -28,8 +28,8 @@ use crate::time::{Clock, Now};
 /// How long a core keeps flushing after `Shutdown` before it resets what is left.
 pub(crate) const SHUTDOWN_GRACE_MS: u64 = 2_000;
 
-/// Bytes a core gathers for writing in one loop turn, over all its connections (the write
-/// that crosses it still goes out whole). At memory speed a few milliseconds of copying, so
+/// Bytes a core gathers for writing in one loop turn for the connections that are not proven
+/// readers (the write that crosses it still goes out whole; proven readers are not counted). At memory speed a few milliseconds of copying, so
 /// a turn stays short whatever the number of connections with room in their socket.
 pub(crate) const TURN_WRITE_BUDGET: usize = 4 << 20;
 
@@ -153,7 +153,9 @@ impl CoreLoop {
     }
 
     /// One loop turn's work: hub outputs, then at most one gathered write for every dirty
-    /// connection, within [`TURN_WRITE_BUDGET`] bytes, then the outputs that caused.
+    /// connection, then the outputs that caused. Proven readers (workers whose sockets took
+    /// more than a worker that never reads could absorb) are written first, all of them; the
+    /// others get [`TURN_WRITE_BUDGET`] bytes (at least one write).
     ///
     /// A connection with more to write after its write, and the connections the budget left
     /// out (first in line next turn), wait for the next turn: the driver polls its sockets,
@@ -164,15 +166,18 @@ impl CoreLoop {
         self.outputs(sockets, now);
         let mut dirty = std::mem::take(&mut self.dirty);
         dirty.clear();
-        self.hub.take_dirty(&mut dirty);
+        let proven = self.hub.take_dirty(&mut dirty);
         let mut spent = 0usize;
         let mut served = dirty.len();
         for (k, &id) in dirty.iter().enumerate() {
-            if spent >= TURN_WRITE_BUDGET {
+            if k > proven && spent >= TURN_WRITE_BUDGET {
                 served = k;
                 break;
             }
-            spent += self.write(sockets, id, now);
+            let len = self.write(sockets, id, now);
+            if k >= proven {
+                spent += len;
+            }
         }
         if served < dirty.len() {
             self.hub.requeue_dirty(&dirty[served..]);
