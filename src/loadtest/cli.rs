@@ -44,6 +44,10 @@ pub struct LoadtestArgs {
     /// crowd of stalled workers costs the others)
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub stalled: usize,
+    /// Open the --stalled connections this many seconds into the run (among readers that are
+    /// already established) instead of before it
+    #[arg(long, value_name = "S")]
+    pub stalled_after: Option<f64>,
     /// The hub's --max-pending-bytes (replhub only) [default: the hub's]
     #[arg(long, value_name = "BYTES")]
     pub max_pending_bytes: Option<String>,
@@ -116,6 +120,11 @@ impl LoadtestArgs {
             subscribers: self.subscribers,
             idle: self.idle,
             stalled: self.stalled,
+            stalled_after: self
+                .stalled_after
+                .map(std::time::Duration::try_from_secs_f64)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--stalled-after: {e}"))?,
             max_pending_bytes: self
                 .max_pending_bytes
                 .as_deref()

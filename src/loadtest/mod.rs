@@ -149,6 +149,8 @@ pub struct LoadtestOptions {
     /// Extra connections that subscribe like the subscribers and never read (replhub only):
     /// what a crowd of stalled workers costs the others.
     pub stalled: usize,
+    /// Open the stalled connections this long after the start instead of before it.
+    pub stalled_after: Option<Duration>,
     /// The hub's `--max-pending-bytes` (replhub only); `None` for its default.
     pub max_pending_bytes: Option<u64>,
     /// The hub's `--worker-sndbuf` (replhub only); `None` for its default.
@@ -181,6 +183,7 @@ impl Default for LoadtestOptions {
             subscribers: 100,
             idle: 0,
             stalled: 0,
+            stalled_after: None,
             max_pending_bytes: None,
             worker_sndbuf: None,
             rate: 0,
@@ -349,9 +352,30 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
         }
     };
 
-    // Stalled workers: subscribed like the others, never read (held until the end).
+    // Stalled workers: subscribed like the others, never read (held until the end). With
+    // `stalled_after`, a thread opens them that far into the run, among established readers.
     let _stalled = match &sub_target {
-        SubTarget::Replhub(addr) => open_stalled(*addr, opts.stalled, &opts.streams.replicate())?,
+        SubTarget::Replhub(_) if opts.stalled == 0 => Vec::new(),
+        SubTarget::Replhub(addr) => match opts.stalled_after {
+            None => open_stalled(*addr, opts.stalled, &opts.streams.replicate())?,
+            Some(after) => {
+                let (addr, n, replicate, shared) =
+                    (*addr, opts.stalled, opts.streams.replicate(), Arc::clone(&shared));
+                std::thread::Builder::new().name("lt-stalled".to_owned()).spawn(move || {
+                    std::thread::sleep(after);
+                    match open_stalled(addr, n, &replicate) {
+                        Ok(held) => {
+                            while !shared.stop_clients.load(Ordering::Relaxed) {
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                            drop(held);
+                        }
+                        Err(e) => shared.note_error(format!("stalled workers: {e:#}")),
+                    }
+                })?;
+                Vec::new()
+            }
+        },
         SubTarget::Redis(_) if opts.stalled > 0 => anyhow::bail!("--stalled applies to replhub only"),
         SubTarget::Redis(_) => Vec::new(),
     };
