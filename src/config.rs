@@ -74,7 +74,13 @@ pub struct ServeConfig {
     pub io: IoBackend,
     /// Hub settings (server name, slow-consumer policy, timing).
     pub hub: HubConfig,
+    /// SO_SNDBUF for accepted worker sockets (0: the kernel's default and auto-tuning).
+    pub worker_sndbuf: usize,
 }
+
+/// Default `--worker-sndbuf`: a worker that stops reading holds at most this much kernel
+/// memory (twice this, as Linux counts it), and costs the core at most this much copying.
+pub const DEFAULT_WORKER_SNDBUF: usize = 256 << 10;
 
 /// Default `NAME` replhub announces to its upstream.
 pub(crate) const DEFAULT_CLIENT_NAME: &str = "replhub";
@@ -98,6 +104,7 @@ impl ServeConfig {
             threads: default_threads(),
             io: IoBackend::Auto,
             hub,
+            worker_sndbuf: DEFAULT_WORKER_SNDBUF,
         }
     }
 
@@ -184,6 +191,17 @@ impl ServeConfig {
                 return Err(ConfigError::new("--write-timeout must be more than 0"));
             }
             config.hub.write_timeout_ms = ms;
+        }
+        if let Some(bytes) = &opts.worker_sndbuf {
+            let bytes = bytes.to_string();
+            let n = parse_bytes(&bytes)
+                .map_err(|e| ConfigError::new(format!("--worker-sndbuf {bytes:?}: {e}")))?;
+            if n != 0 && !(4 << 10..=1 << 30).contains(&n) {
+                return Err(ConfigError::new(format!(
+                    "--worker-sndbuf {bytes:?} is out of range (0 for the kernel's, or 4KiB..=1GiB)"
+                )));
+            }
+            config.worker_sndbuf = usize::try_from(n).unwrap_or(usize::MAX);
         }
         Ok(config)
     }
@@ -284,6 +302,11 @@ pub struct ServeOptions {
     /// connection), seed, 1.13 (Synapse 1.13–1.21) or 1.22 (Synapse 1.22–1.66) [default: auto]
     #[arg(long, value_name = "GENERATION")]
     pub protocol: Option<crate::proto::ProtocolChoice>,
+    /// Kernel send buffer (SO_SNDBUF) of each worker socket; bounds what a worker that stops
+    /// reading holds in the kernel. 0 leaves the kernel's auto-tuning [default: 256KiB]
+    #[arg(long, value_name = "BYTES")]
+    #[serde(alias = "worker_sndbuf")]
+    pub worker_sndbuf: Option<Quantity>,
     /// Log level or filter (trace, debug, info, warn, error, or a RUST_LOG-style filter)
     /// [default: $RUST_LOG, else info]
     #[arg(long, value_name = "LEVEL")]
@@ -317,6 +340,7 @@ impl ServeOptions {
             max_pending_bytes: self.max_pending_bytes.or(file.max_pending_bytes),
             write_timeout: self.write_timeout.or(file.write_timeout),
             protocol: self.protocol.or(file.protocol),
+            worker_sndbuf: self.worker_sndbuf.or(file.worker_sndbuf),
             log_level: self.log_level.or(file.log_level),
         }
     }
@@ -509,5 +533,20 @@ mod tests {
         assert!(ServeConfig::from_options(&small).is_err());
         let zero = ServeOptions { write_timeout: Some(Quantity::Text("0".into())), ..opts() };
         assert!(ServeConfig::from_options(&zero).is_err());
+    }
+
+    #[test]
+    fn worker_sndbuf_defaults_to_256kib_and_0_means_the_kernels() {
+        assert_eq!(ServeConfig::from_options(&opts()).expect("valid").worker_sndbuf, 256 << 10);
+        let sndbuf = |q: &str| {
+            let o = ServeOptions { worker_sndbuf: Some(Quantity::Text(q.into())), ..opts() };
+            ServeConfig::from_options(&o).map(|c| c.worker_sndbuf)
+        };
+        assert_eq!(sndbuf("64KiB").ok(), Some(64 << 10));
+        assert_eq!(sndbuf("0").ok(), Some(0));
+        assert!(sndbuf("100").is_err(), "below 4KiB");
+        assert!(sndbuf("2GiB").is_err(), "above 1GiB");
+        let file: ServeOptions = toml::from_str("synthetic = 5\nworker-sndbuf = \"128KiB\"\n").expect("toml");
+        assert_eq!(ServeConfig::from_options(&file).expect("valid").worker_sndbuf, 128 << 10);
     }
 }

@@ -167,6 +167,7 @@ impl Server {
                 wakeup,
                 upstream: source.commands(),
                 clock,
+                worker_sndbuf: config.worker_sndbuf,
             });
         }
 

@@ -49,6 +49,7 @@ impl Core {
             wakeup,
             upstream: upstream_tx,
             clock: Clock::new(),
+            worker_sndbuf: 0,
         };
         let thread = std::thread::spawn(move || run_core(ctx));
         let core = Self { addr, inbox, upstream, thread: Some(thread) };

@@ -5,7 +5,9 @@
 //!   drain_inbox: Batch → on_batch, Upstream → on_upstream, Snapshot → snapshot (+ queues),
 //!                Shutdown (or the mailbox gone) → shutdown, and the grace starts
 //!   turn:        poll_output (Upstream → the source's inbox, Close → Sockets::close),
-//!                then take_dirty → gather → Sockets::write, until neither is left
+//!                then take_dirty → gather → Sockets::write, one write per connection,
+//!                proven readers first, then TURN_WRITE_BUDGET bytes at most for the others
+//!                (the rest waits for the next turn: has_writes), then poll_output again
 //!   written:     on_written, then Sockets::wait_writable after a short write,
 //!                or Sockets::lost after an error
 //! ```
@@ -25,6 +27,11 @@ use crate::time::{Clock, Now};
 
 /// How long a core keeps flushing after `Shutdown` before it resets what is left.
 pub(crate) const SHUTDOWN_GRACE_MS: u64 = 2_000;
+
+/// Bytes a core gathers for writing in one loop turn for the connections that are not proven
+/// readers (the write that crosses it still goes out whole; proven readers are not counted). At memory speed a few milliseconds of copying, so
+/// a turn stays short whatever the number of connections with room in their socket.
+pub(crate) const TURN_WRITE_BUDGET: usize = 4 << 20;
 
 /// The I/O a driver does for the shared loop.
 pub(crate) trait Sockets {
@@ -150,35 +157,59 @@ impl CoreLoop {
         }
     }
 
-    /// One loop turn's work: hub outputs, then one gathered write for every dirty connection,
-    /// until neither is left.
+    /// One loop turn's work: hub outputs, then at most one gathered write for every dirty
+    /// connection, then the outputs that caused. Proven readers (workers whose sockets took
+    /// more than a worker that never reads could absorb) are written first, all of them; the
+    /// others get [`TURN_WRITE_BUDGET`] bytes (at least one write).
+    ///
+    /// A connection with more to write after its write, and the connections the budget left
+    /// out (first in line next turn), wait for the next turn: the driver polls its sockets,
+    /// timers and mailbox in between, and must not sleep while [`CoreLoop::has_writes`]
+    /// holds. So one turn cannot spend seconds filling the send buffers of many workers
+    /// (stalled ones take up to their whole buffer) before the others get their share.
     pub(super) fn turn(&mut self, sockets: &mut impl Sockets, now: Now) {
+        self.outputs(sockets, now);
         let mut dirty = std::mem::take(&mut self.dirty);
-        loop {
-            let mut any = false;
-            while let Some(out) = self.hub.poll_output() {
-                any = true;
-                match out {
-                    HubOutput::Upstream(cmd) => self.forward(cmd),
-                    HubOutput::Close { conn, how } => sockets.close(&mut self.hub, conn, how, now),
-                }
-            }
-            dirty.clear();
-            self.hub.take_dirty(&mut dirty);
-            if dirty.is_empty() && !any {
+        dirty.clear();
+        let proven = self.hub.take_dirty(&mut dirty);
+        let mut spent = 0usize;
+        let mut served = dirty.len();
+        for (k, &id) in dirty.iter().enumerate() {
+            if k > proven && spent >= TURN_WRITE_BUDGET {
+                served = k;
                 break;
             }
-            for &id in &dirty {
-                self.write(sockets, id, now);
+            let len = self.write(sockets, id, now);
+            if k >= proven {
+                spent += len;
             }
         }
+        if served < dirty.len() {
+            self.hub.requeue_dirty(&dirty[served..]);
+        }
+        self.outputs(sockets, now);
         self.dirty = dirty;
     }
 
-    /// One gathered write for `id`.
-    fn write(&mut self, sockets: &mut impl Sockets, id: ConnId, now: Now) {
+    /// Whether writes wait for the next turn: the driver must run it without sleeping.
+    pub(super) fn has_writes(&self) -> bool {
+        self.hub.has_dirty()
+    }
+
+    /// The hub's outputs, until none is left: commands for the upstream, closes.
+    fn outputs(&mut self, sockets: &mut impl Sockets, now: Now) {
+        while let Some(out) = self.hub.poll_output() {
+            match out {
+                HubOutput::Upstream(cmd) => self.forward(cmd),
+                HubOutput::Close { conn, how } => sockets.close(&mut self.hub, conn, how, now),
+            }
+        }
+    }
+
+    /// One gathered write for `id`; returns its length (0 if there was none).
+    fn write(&mut self, sockets: &mut impl Sockets, id: ConnId, now: Now) -> usize {
         if !sockets.can_write(id) {
-            return;
+            return 0;
         }
         let mut iov = recycle(std::mem::take(&mut self.iov));
         let len = self.hub.gather(id, &mut iov);
@@ -187,6 +218,7 @@ impl CoreLoop {
         if let Some(Write::Done(result)) = res {
             self.written(sockets, id, result, len, now);
         }
+        len
     }
 
     /// The outcome of a write of `len` bytes to `id`: progress for the hub, then a wait for
@@ -235,7 +267,155 @@ impl CoreLoop {
     }
 }
 
+/// Caps an accepted worker socket's kernel send buffer at `bytes` (0 leaves the kernel's
+/// default and auto-tuning), so a worker that stops reading holds at most that much kernel
+/// memory (Linux reserves twice the value for bookkeeping) and costs the core at most that
+/// much copying before its socket is full.
+pub(crate) fn set_worker_sndbuf(core: usize, socket: socket2::SockRef<'_>, bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
+    if let Err(e) = socket.set_send_buffer_size(bytes) {
+        tracing::debug!(core, error = %e, "SO_SNDBUF failed");
+    }
+}
+
 /// SIOCOUTQ and SIOCINQ of a socket, read on the core that owns it (0 where unavailable).
 fn kernel_queues(fd: RawFd) -> (u64, u64) {
     (sockq::send_queue(fd).map_or(0, u64::from), sockq::recv_queue(fd).map_or(0, u64::from))
+}
+
+/// How often a failing `accept` is reported after its first failure.
+pub(crate) const ACCEPT_LOG_INTERVAL_MS: u64 = 10_000;
+
+/// What [`FailureLog`] says to log.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Report {
+    /// The first failure (after a quiet interval): log it as it is.
+    First,
+    /// `count` more failures since the last report, `over_ms` ago, the latest being `last`.
+    Repeated { count: u64, over_ms: u64, last: String },
+}
+
+/// Rate limit for a failure that repeats as long as its cause lasts (`accept` out of file
+/// descriptors, retried every few tens of milliseconds): the first failure is logged, then at
+/// most one count per interval. Time is passed in, so it is tested without a clock.
+#[derive(Debug)]
+pub(crate) struct FailureLog {
+    interval_ms: u64,
+    /// Start of the current interval: the last report.
+    since_ms: Option<u64>,
+    /// Failures since then, not yet reported, and the latest one.
+    count: u64,
+    last: String,
+}
+
+impl FailureLog {
+    /// A limiter reporting at most once per `interval_ms` after the first failure.
+    pub(super) fn new(interval_ms: u64) -> Self {
+        Self { interval_ms, since_ms: None, count: 0, last: String::new() }
+    }
+
+    /// A failure `error` at `now_ms`: what to log, if anything.
+    pub(super) fn failed(&mut self, now_ms: u64, error: &dyn std::fmt::Display) -> Option<Report> {
+        let Some(since) = self.since_ms else {
+            self.since_ms = Some(now_ms);
+            return Some(Report::First);
+        };
+        let over_ms = now_ms.saturating_sub(since);
+        if over_ms >= self.interval_ms && self.count == 0 {
+            // Quiet for a whole interval: this is a new episode.
+            self.since_ms = Some(now_ms);
+            return Some(Report::First);
+        }
+        self.count += 1;
+        self.last = error.to_string();
+        self.due(now_ms)
+    }
+
+    /// A success at `now_ms`: reports the failures not yet reported once their interval is
+    /// over (so a cause that went away is still accounted for).
+    pub(super) fn succeeded(&mut self, now_ms: u64) -> Option<Report> {
+        self.due(now_ms)
+    }
+
+    fn due(&mut self, now_ms: u64) -> Option<Report> {
+        let since = self.since_ms?;
+        let over_ms = now_ms.saturating_sub(since);
+        if self.count == 0 || over_ms < self.interval_ms {
+            return None;
+        }
+        let report = Report::Repeated { count: self.count, over_ms, last: std::mem::take(&mut self.last) };
+        self.since_ms = Some(now_ms);
+        self.count = 0;
+        Some(report)
+    }
+
+    /// Logs what [`FailureLog::failed`] said for core `core`.
+    pub(super) fn log_accept_failure(&mut self, core: usize, now_ms: u64, error: &std::io::Error) {
+        match self.failed(now_ms, error) {
+            Some(Report::First) => tracing::warn!(core, %error, "accept failed"),
+            Some(report) => log_repeated(core, report),
+            None => {}
+        }
+    }
+
+    /// Logs what [`FailureLog::succeeded`] said for core `core`.
+    pub(super) fn log_accept_success(&mut self, core: usize, now_ms: u64) {
+        if let Some(report) = self.succeeded(now_ms) {
+            log_repeated(core, report);
+        }
+    }
+}
+
+fn log_repeated(core: usize, report: Report) {
+    if let Report::Repeated { count, over_ms, last } = report {
+        tracing::warn!(core, "accept failed {count} times in the last {} s: {last}", over_ms.div_ceil(1000));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const E: &str = "Too many open files (os error 24)";
+
+    #[test]
+    fn a_lasting_failure_is_logged_once_then_counted_per_interval() {
+        let mut log = FailureLog::new(10_000);
+        assert_eq!(log.failed(1_000, &E), Some(Report::First));
+        // Retried every 50 ms: silent for the rest of the interval.
+        for k in 1..200 {
+            assert_eq!(log.failed(1_000 + 50 * k, &E), None, "retry {k}");
+        }
+        assert_eq!(
+            log.failed(11_000, &E),
+            Some(Report::Repeated { count: 200, over_ms: 10_000, last: E.to_owned() })
+        );
+        assert_eq!(log.failed(11_050, &E), None, "a new interval started");
+    }
+
+    #[test]
+    fn failures_left_over_are_reported_by_a_later_success() {
+        let mut log = FailureLog::new(10_000);
+        assert_eq!(log.failed(0, &E), Some(Report::First));
+        assert_eq!(log.failed(100, &"EMFILE"), None);
+        assert_eq!(log.succeeded(200), None, "the interval is not over");
+        assert_eq!(
+            log.succeeded(10_000),
+            Some(Report::Repeated { count: 1, over_ms: 10_000, last: "EMFILE".to_owned() })
+        );
+        assert_eq!(log.succeeded(30_000), None, "nothing left to report");
+    }
+
+    #[test]
+    fn a_failure_after_a_quiet_interval_is_logged_as_new() {
+        let mut log = FailureLog::new(10_000);
+        assert_eq!(log.failed(0, &E), Some(Report::First));
+        assert_eq!(log.failed(5_000, &E), None, "within the interval, after a failure");
+        assert_eq!(log.succeeded(6_000), None);
+        // Counted failure pending: reported (as a count) once the interval is over.
+        assert!(matches!(log.failed(10_000, &E), Some(Report::Repeated { count: 2, .. })));
+        assert_eq!(log.failed(25_000, &E), Some(Report::First), "quiet for an interval");
+    }
 }

@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::core_loop::{CoreLoop, Sockets, Write};
+use super::core_loop::{set_worker_sndbuf, CoreLoop, FailureLog, Sockets, Write, ACCEPT_LOG_INTERVAL_MS};
 use super::{CoreContext, CoreMsg, CoreWakeup};
 use crate::hub::{CloseHow, ConnId, Hub, SlotMap};
 use crate::time::Now;
@@ -47,7 +47,7 @@ pub(crate) fn new_wakeup() -> (CoreWakeup, Arc<dyn Fn() + Send + Sync>) {
 /// Runs one core on the calling thread until it is told to shut down (or its mailbox is
 /// dropped): a current-thread runtime and a `LocalSet` around this core's [`Hub`].
 pub(crate) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
-    let CoreContext { index, listener, hub, inbox, wakeup, upstream, clock } = ctx;
+    let CoreContext { index, listener, hub, inbox, wakeup, upstream, clock, worker_sndbuf } = ctx;
     let CoreWakeup::Notify(notify) = wakeup else {
         anyhow::bail!("core {index}: the epoll driver needs a Notify wake-up, not an eventfd");
     };
@@ -61,6 +61,7 @@ pub(crate) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
             conns: RefCell::new(SlotMap::new()),
             kick: Notify::new(),
             read_buf: RefCell::new(vec![0u8; READ_BUF].into_boxed_slice()),
+            worker_sndbuf,
         });
         core.run(&listener, &inbox, &notify).await;
         core.abort_all();
@@ -96,6 +97,8 @@ struct Core {
     /// Something changed (bytes read, a socket writable, a connection gone): run a turn.
     kick: Notify,
     read_buf: RefCell<Box<[u8]>>,
+    /// SO_SNDBUF for accepted sockets (0: the kernel's).
+    worker_sndbuf: usize,
 }
 
 /// The sockets as the shared loop sees them during one turn.
@@ -171,6 +174,7 @@ fn abort(conns: &mut SlotMap<ConnIo>, hub: &mut Hub, id: ConnId, now: Now) {
 impl Core {
     async fn run(self: &Rc<Self>, listener: &TcpListener, inbox: &Receiver<CoreMsg>, notify: &Notify) {
         let mut accept_pause: Option<tokio::time::Instant> = None;
+        let mut accept_errors = FailureLog::new(ACCEPT_LOG_INTERVAL_MS);
         loop {
             let deadline = self.next_deadline();
             let accepting = accept_pause.is_none_or(|t| tokio::time::Instant::now() >= t);
@@ -179,10 +183,11 @@ impl Core {
                 res = listener.accept(), if accepting => match res {
                     Ok((stream, _peer)) => {
                         accept_pause = None;
+                        accept_errors.log_accept_success(self.index, self.core.borrow().now().mono_ms);
                         self.register(stream);
                     }
                     Err(e) => {
-                        tracing::warn!(core = self.index, error = %e, "accept failed");
+                        accept_errors.log_accept_failure(self.index, self.core.borrow().now().mono_ms, &e);
                         accept_pause = Some(tokio::time::Instant::now() + ACCEPT_BACKOFF);
                     }
                 },
@@ -190,27 +195,40 @@ impl Core {
                 () = self.kick.notified() => {}
                 () = tokio::time::sleep_until(deadline) => {}
             }
-            let mut core = self.core.borrow_mut();
-            let mut conns = self.conns.borrow_mut();
-            let mut io = Io { core: self, conns: &mut conns };
-            let now = core.now();
-            core.drain_inbox(inbox, &io, now);
-            core.hub.handle_timeout(now);
-            core.turn(&mut io, now);
-            if let Some(stop_at) = core.stop_at_ms() {
-                if core.hub.is_empty() {
-                    break;
-                }
-                if core.now().mono_ms >= stop_at {
-                    tracing::warn!(
-                        core = self.index,
-                        left = core.hub.len(),
-                        "shutdown grace expired; dropping the remaining connections"
-                    );
-                    break;
-                }
+            let Some(more) = self.turn(inbox) else { break };
+            if more {
+                // Writes wait for the next turn: let the reader and writer tasks and the
+                // reactor run first (the turn was cut short for them), then come straight back.
+                self.kick.notify_one();
+                tokio::task::yield_now().await;
             }
         }
+    }
+
+    /// One loop turn: the mailbox, the timers, the writes. Returns whether writes wait for the
+    /// next turn, or `None` once the core is done (shut down, and empty or out of grace).
+    fn turn(self: &Rc<Self>, inbox: &Receiver<CoreMsg>) -> Option<bool> {
+        let mut core = self.core.borrow_mut();
+        let mut conns = self.conns.borrow_mut();
+        let mut io = Io { core: self, conns: &mut conns };
+        let now = core.now();
+        core.drain_inbox(inbox, &io, now);
+        core.hub.handle_timeout(now);
+        core.turn(&mut io, now);
+        if let Some(stop_at) = core.stop_at_ms() {
+            if core.hub.is_empty() {
+                return None;
+            }
+            if core.now().mono_ms >= stop_at {
+                tracing::warn!(
+                    core = self.index,
+                    left = core.hub.len(),
+                    "shutdown grace expired; dropping the remaining connections"
+                );
+                return None;
+            }
+        }
+        Some(core.has_writes())
     }
 
     /// When the loop must wake up at the latest: the hub's tick, the end of the shutdown grace.
@@ -226,6 +244,7 @@ impl Core {
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(core = self.index, error = %e, "TCP_NODELAY failed");
         }
+        set_worker_sndbuf(self.index, socket2::SockRef::from(&stream), self.worker_sndbuf);
         let now = core.now();
         let id = core.hub.accept(now);
         let stream = Rc::new(stream);

@@ -133,4 +133,6 @@ pub struct CoreContext {
     pub upstream: Inbox<(usize, UpstreamCmd)>,
     /// The process clock.
     pub clock: Clock,
+    /// SO_SNDBUF for accepted worker sockets (0: the kernel's default and auto-tuning).
+    pub worker_sndbuf: usize,
 }

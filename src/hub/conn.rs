@@ -105,6 +105,8 @@ pub(super) struct Conn {
     pub name: Option<String>,
     /// Inbound commands past the direction check, by command word.
     pub inbound: [u64; WORDS],
+    /// Bytes its socket took in all (see `writes::PROVEN_READER_BYTES`).
+    pub written: u64,
 }
 
 impl Conn {
@@ -117,6 +119,7 @@ impl Conn {
             close: CloseState::Open,
             name: None,
             inbound: [0; WORDS],
+            written: 0,
         }
     }
 

@@ -3,6 +3,7 @@ use bytes::{BufMut, BytesMut};
 
 use super::conn::Conn;
 use super::outbox::Outbox;
+use super::slow_consumer::{slow_consumer_verdict, Progress, Rules, Verdict};
 use super::stats::{CloseReason, ConnPhase, EvictReason};
 use super::user_sync::Transition;
 use super::{ConnId, Hub, HubOutput, UpstreamCmd, MAX_QUEUED_BYTES, MAX_QUEUED_COMMANDS};
@@ -79,7 +80,15 @@ impl Hub {
         }
         let over_count =
             c.outbox.private_lines() > MAX_QUEUED_COMMANDS || c.outbox.private_bytes() > MAX_QUEUED_BYTES;
-        if over_count || c.outbox.backlog_bytes(&self.log) > self.config.max_pending_bytes {
+        // The backlog part is the sweep's rule: a worker whose socket is draining is not evicted
+        // for the hub's own lag, up to the hard limit.
+        let progress = Progress {
+            backlog_bytes: c.outbox.backlog_bytes(&self.log),
+            progress_ms: c.outbox.progress_ms(),
+            waits_on_socket: c.outbox.waits_on_socket(),
+        };
+        let verdict = slow_consumer_verdict(progress, now.mono_ms, Rules::BacklogOnly, &self.config);
+        if over_count || matches!(verdict, Verdict::Evict(_)) {
             if over_count {
                 tracing::info!(conn = %id, name = c.display_name(), "too many commands queued");
             }

@@ -1,6 +1,6 @@
 //! Timers: session ticks (PING, ping timeout, close linger) and the slow-consumer sweep.
 use super::conn::CloseState;
-use super::slow_consumer::{slow_consumer_verdict, Rules, Verdict};
+use super::slow_consumer::{slow_consumer_verdict, Progress, Rules, Verdict};
 use super::stats::{CloseReason, EvictReason};
 use super::{CloseHow, ConnId, Hub, HubOutput};
 use crate::proto::PeerError;
@@ -63,14 +63,12 @@ impl Hub {
             if !c.outbox.pins() || c.close.is_closing() {
                 continue;
             }
-            let verdict = slow_consumer_verdict(
-                c.outbox.backlog_bytes(&self.log),
-                c.outbox.progress_ms(),
-                now.mono_ms,
-                c.outbox.waits_on_socket(),
-                rules,
-                &self.config,
-            );
+            let progress = Progress {
+                backlog_bytes: c.outbox.backlog_bytes(&self.log),
+                progress_ms: c.outbox.progress_ms(),
+                waits_on_socket: c.outbox.waits_on_socket(),
+            };
+            let verdict = slow_consumer_verdict(progress, now.mono_ms, rules, &self.config);
             if let Verdict::Evict(reason) = verdict {
                 evict.push((id, reason));
             }

@@ -9,6 +9,12 @@ use super::{CloseHow, ConnId, Hub, HubOutput};
 use crate::proto::CommandWord;
 use crate::time::Now;
 
+/// Bytes a worker's socket must have taken before its writes go first in a turn: more than a
+/// worker that never reads can absorb (the send buffer, 2 × 256 KiB by default, and the peer's
+/// initial receive window), so only a worker that reads gets there. When a crowd of stalled
+/// workers fills its send buffers, the readers are served before them each turn.
+pub(super) const PROVEN_READER_BYTES: u64 = 1 << 20;
+
 impl Hub {
     /// Moves the session's queued lines into the connection's outbox at the head. A session
     /// that decided to close (an ERROR, a ping timeout) detaches the connection first.
@@ -34,14 +40,46 @@ impl Hub {
         }
     }
 
-    /// Connections that have output and no write in flight, to be written this loop turn.
-    pub fn take_dirty(&mut self, out: &mut Vec<ConnId>) {
-        for id in self.dirty.drain(..) {
-            let Some(c) = self.conns.get_mut(id) else { continue };
-            if c.outbox.take_dirty() {
-                out.push(id);
+    /// Appends the connections that have output and no write in flight, to be written this
+    /// loop turn: first the proven readers (whose sockets took more than
+    /// `PROVEN_READER_BYTES`), then the others, each group in the order it became dirty.
+    /// Returns how many proven readers lead the list.
+    pub fn take_dirty(&mut self, out: &mut Vec<ConnId>) -> usize {
+        let mut proven_count = 0;
+        for proven in [true, false] {
+            for &id in &self.dirty {
+                let Some(c) = self.conns.get_mut(id) else { continue };
+                if (c.written > PROVEN_READER_BYTES) == proven && c.outbox.take_dirty() {
+                    out.push(id);
+                    proven_count += usize::from(proven);
+                }
             }
         }
+        self.dirty.clear();
+        proven_count
+    }
+
+    /// Whether some connection waits in the dirty list (a driver that ended its turn early, see
+    /// [`Hub::requeue_dirty`], must not sleep while this holds).
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Puts back connections taken with [`Hub::take_dirty`] that the driver did not get to
+    /// write this turn, ahead of the ones that became dirty since, so that the next turn
+    /// serves them first and nobody waits more than a turn behind the others.
+    pub fn requeue_dirty(&mut self, ids: &[ConnId]) {
+        let mut queue = Vec::with_capacity(ids.len() + self.dirty.len());
+        for &id in ids {
+            let Some(c) = self.conns.get_mut(id) else { continue };
+            // A taken outbox is pending; this makes it dirty again (or leaves it held back
+            // once its `Close` is out), exactly as a socket that became writable would.
+            if c.outbox.on_writable(c.close.emitted()) {
+                queue.push(id);
+            }
+        }
+        queue.append(&mut self.dirty);
+        self.dirty = queue;
     }
 
     /// The socket of a blocked connection is writable again.
@@ -99,6 +137,7 @@ impl Hub {
         if n > 0 {
             c.session.on_sent(now);
         }
+        c.written += n as u64;
         self.stats.lines_delivered += written.lines;
         self.stats.bytes_delivered += n as u64;
         self.stats.writes += 1;

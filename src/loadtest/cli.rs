@@ -40,6 +40,20 @@ pub struct LoadtestArgs {
     /// Extra worker connections that subscribe to nothing (idle memory)
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub idle: usize,
+    /// Extra worker connections that subscribe like the subscribers and never read (what a
+    /// crowd of stalled workers costs the others)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub stalled: usize,
+    /// Open the --stalled connections this many seconds into the run (among readers that are
+    /// already established) instead of before it
+    #[arg(long, value_name = "S")]
+    pub stalled_after: Option<f64>,
+    /// The hub's --max-pending-bytes (replhub only) [default: the hub's]
+    #[arg(long, value_name = "BYTES")]
+    pub max_pending_bytes: Option<String>,
+    /// The hub's --worker-sndbuf (replhub only) [default: the hub's]
+    #[arg(long, value_name = "BYTES")]
+    pub worker_sndbuf: Option<String>,
     /// Most lines in flight (published, not yet received by the slowest subscriber)
     /// [default: 2 MiB per subscriber, 64 MiB in all, at least 256 lines]
     #[arg(long, value_name = "LINES")]
@@ -118,6 +132,24 @@ impl LoadtestArgs {
             target,
             subscribers: self.subscribers,
             idle: self.idle,
+            stalled: self.stalled,
+            stalled_after: self
+                .stalled_after
+                .map(std::time::Duration::try_from_secs_f64)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--stalled-after: {e}"))?,
+            max_pending_bytes: self
+                .max_pending_bytes
+                .as_deref()
+                .map(crate::config::parse_bytes)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--max-pending-bytes: {e}"))?,
+            worker_sndbuf: self
+                .worker_sndbuf
+                .as_deref()
+                .map(crate::config::parse_bytes)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--worker-sndbuf: {e}"))?,
             rate: self.rate,
             limit,
             message_size: self.message_size,

@@ -159,6 +159,15 @@ pub struct LoadtestOptions {
     pub subscribers: usize,
     /// Extra connections that subscribe to nothing (memory per idle worker).
     pub idle: usize,
+    /// Extra connections that subscribe like the subscribers and never read (replhub only):
+    /// what a crowd of stalled workers costs the others.
+    pub stalled: usize,
+    /// Open the stalled connections this long after the start instead of before it.
+    pub stalled_after: Option<Duration>,
+    /// The hub's `--max-pending-bytes` (replhub only); `None` for its default.
+    pub max_pending_bytes: Option<u64>,
+    /// The hub's `--worker-sndbuf` (replhub only); `None` for its default.
+    pub worker_sndbuf: Option<u64>,
     /// Lines per second; 0 = as fast as the server delivers (bounded by `window`).
     pub rate: u64,
     /// How long to publish.
@@ -189,6 +198,10 @@ impl Default for LoadtestOptions {
             },
             subscribers: 100,
             idle: 0,
+            stalled: 0,
+            stalled_after: None,
+            max_pending_bytes: None,
+            worker_sndbuf: None,
             rate: 0,
             limit: Limit::Seconds(10.0),
             message_size: 300,
@@ -311,12 +324,18 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
                     config.metrics_listen = None;
                     config.threads = *threads;
                     config.io = *io;
+                    if let Some(bytes) = opts.max_pending_bytes {
+                        config.hub.max_pending_bytes = bytes;
+                    }
+                    if let Some(bytes) = opts.worker_sndbuf {
+                        config.worker_sndbuf = usize::try_from(bytes).unwrap_or(usize::MAX);
+                    }
                     let server = Server::start(config).context("cannot start the hub")?;
                     let addr = server.local_addr();
                     (Running::InProcess(Box::new(server)), addr)
                 }
                 ServerMode::Process(exe) => {
-                    let (child, addr) = spawn_server(exe, master_addr, *io, *threads)?;
+                    let (child, addr) = spawn_server(exe, master_addr, *io, *threads, opts)?;
                     (Running::Child(child), addr)
                 }
             };
@@ -363,6 +382,34 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
                 Some(replies),
             )
         }
+    };
+
+    // Stalled workers: subscribed like the others, never read (held until the end). With
+    // `stalled_after`, a thread opens them that far into the run, among established readers.
+    let _stalled = match &sub_target {
+        SubTarget::Replhub(_) if opts.stalled == 0 => Vec::new(),
+        SubTarget::Replhub(addr) => match opts.stalled_after {
+            None => open_stalled(*addr, opts.stalled, &opts.streams.replicate())?,
+            Some(after) => {
+                let (addr, n, replicate, shared) =
+                    (*addr, opts.stalled, opts.streams.replicate(), Arc::clone(&shared));
+                std::thread::Builder::new().name("lt-stalled".to_owned()).spawn(move || {
+                    std::thread::sleep(after);
+                    match open_stalled(addr, n, &replicate) {
+                        Ok(held) => {
+                            while !shared.stop_clients.load(Ordering::Relaxed) {
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                            drop(held);
+                        }
+                        Err(e) => shared.note_error(format!("stalled workers: {e:#}")),
+                    }
+                })?;
+                Vec::new()
+            }
+        },
+        SubTarget::Redis(_) if opts.stalled > 0 => anyhow::bail!("--stalled applies to replhub only"),
+        SubTarget::Redis(_) => Vec::new(),
     };
 
     // Subscribers (and idle connections), spread over the client threads.
@@ -630,6 +677,30 @@ fn check(opts: &LoadtestOptions) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Opens `n` workers that send `NAME` and their `REPLICATE`s and then never read: their
+/// sockets fill up and stay full.
+fn open_stalled(
+    addr: SocketAddr,
+    n: usize,
+    replicate: &[String],
+) -> anyhow::Result<Vec<std::net::TcpStream>> {
+    use std::io::Write as _;
+
+    use crate::proto::{Command, ReplicateTarget};
+    (0..n)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect(addr).context("connecting a stalled worker")?;
+            let name = format!("lt-stalled-{i}");
+            let mut hello = Command::Name(&name).to_bytes()?.to_vec();
+            for r in replicate {
+                hello.extend_from_slice(&Command::Replicate(ReplicateTarget::from_name(r)).to_bytes()?);
+            }
+            s.write_all(&hello).context("subscribing a stalled worker")?;
+            Ok(s)
+        })
+        .collect()
 }
 
 #[cfg(test)]

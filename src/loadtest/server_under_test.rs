@@ -79,6 +79,7 @@ pub(super) fn spawn_server(
     master: SocketAddr,
     io: IoBackend,
     threads: usize,
+    opts: &super::LoadtestOptions,
 ) -> anyhow::Result<(ChildServer, SocketAddr)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -86,6 +87,8 @@ pub(super) fn spawn_server(
         .args(["serve", "--listen", &addr.to_string(), "--upstream", &master.to_string()])
         .args(["--metrics-listen", "off", "--threads", &threads.to_string(), "--io", io.as_str()])
         .args(["--log-level", "info"])
+        .args(opts.max_pending_bytes.map(|b| format!("--max-pending-bytes={b}")))
+        .args(opts.worker_sndbuf.map(|b| format!("--worker-sndbuf={b}")))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -21,7 +21,9 @@ use super::probe::{build_ring, setup_error};
 use super::send::SendBuf;
 use super::token::{self, Op};
 use super::wakeup;
-use crate::driver::core_loop::{CoreLoop, Sockets, Write};
+use crate::driver::core_loop::{
+    set_worker_sndbuf, CoreLoop, FailureLog, Sockets, Write, ACCEPT_LOG_INTERVAL_MS,
+};
 use crate::driver::{CoreContext, CoreMsg, CoreWakeup};
 use crate::hub::{CloseHow, ConnId, Hub, SlotMap};
 use crate::time::Now;
@@ -149,6 +151,10 @@ struct Io {
     accept_armed: bool,
     accepting: bool,
     accept_retry_ms: u64,
+    /// Accept failures, logged at a bounded rate.
+    accept_errors: FailureLog,
+    /// SO_SNDBUF for accepted sockets (0: the kernel's).
+    worker_sndbuf: usize,
     wake_armed: bool,
     timer_armed: bool,
     /// Recvs that ended (out of buffers, or the kernel stopped the multishot), re-armed in
@@ -164,7 +170,7 @@ struct Io {
 
 impl Driver {
     fn new(ctx: CoreContext, buf_count: u16) -> anyhow::Result<Self> {
-        let CoreContext { index, listener, hub, inbox, wakeup, upstream, clock } = ctx;
+        let CoreContext { index, listener, hub, inbox, wakeup, upstream, clock, worker_sndbuf } = ctx;
         let CoreWakeup::EventFd(eventfd) = wakeup else {
             anyhow::bail!("core {index}: the io_uring driver needs an eventfd wake-up (uring::new_wakeup)");
         };
@@ -189,6 +195,8 @@ impl Driver {
             accept_armed: false,
             accepting: true,
             accept_retry_ms: 0,
+            accept_errors: FailureLog::new(ACCEPT_LOG_INTERVAL_MS),
+            worker_sndbuf,
             wake_armed: false,
             timer_armed: false,
             rearm: VecDeque::new(),
@@ -217,8 +225,9 @@ impl Driver {
             }
             let due = self.core.hub.poll_timeout().min(self.driver_deadline());
             self.io.arm_timer(now, due);
-            // Recvs still waiting to be re-armed: do not sleep, reap and re-arm the next ones.
-            self.io.submit(self.io.rearm.is_empty())?;
+            // Recvs still waiting to be re-armed, or writes left for the next turn: do not
+            // sleep, reap and go on.
+            self.io.submit(self.io.rearm.is_empty() && !self.core.has_writes())?;
             let now = self.core.now();
             self.reap(now);
         }
@@ -275,10 +284,11 @@ impl Driver {
         if res < 0 {
             if res != -libc::ECANCELED {
                 let error = std::io::Error::from_raw_os_error(-res);
-                tracing::warn!(core = io.index, %error, "accept failed");
+                io.accept_errors.log_accept_failure(io.index, now.mono_ms, &error);
             }
             return;
         }
+        io.accept_errors.log_accept_success(io.index, now.mono_ms);
         // SAFETY: the kernel just installed this descriptor for the accepted connection;
         // nothing else owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(res) };
@@ -288,6 +298,7 @@ impl Driver {
         if let Err(e) = SockRef::from(&fd).set_tcp_nodelay(true) {
             tracing::debug!(core = io.index, error = %e, "TCP_NODELAY failed");
         }
+        set_worker_sndbuf(io.index, SockRef::from(&fd), io.worker_sndbuf);
         let id = self.core.hub.accept(now);
         if !token::fits(id) {
             // Its ops could not be told apart from another slot's: refuse it (the fd closes).

@@ -30,6 +30,7 @@ fn context(wakeup: CoreWakeup, inbox: std::sync::mpsc::Receiver<CoreMsg>) -> Cor
         wakeup,
         upstream,
         clock: Clock::new(),
+        worker_sndbuf: 0,
     }
 }
 
