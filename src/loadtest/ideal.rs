@@ -222,7 +222,8 @@ impl Core {
                     Token(t) => {
                         // Hang-up is both directions closed (EPOLLHUP); a peer that only shut
                         // its side reads 0 in the handshake read.
-                        let open = !ev.is_error() && !(ev.is_read_closed() && ev.is_write_closed());
+                        let hung_up = ev.is_read_closed() && ev.is_write_closed();
+                        let open = !(ev.is_error() || hung_up);
                         self.on_conn(t - FIRST_CONN, open, ev.is_readable(), ev.is_writable());
                     }
                 }
