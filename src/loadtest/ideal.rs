@@ -3,30 +3,30 @@
 //!
 //! ```text
 //!   lt-publisher ──TCP──► replhub-ideal-up: read, cut at the last '\n', one Arc'd buffer per
-//!                         read (the batch) ──► every core's channel + eventfd
-//!   replhub-ideal-N: epoll; per batch round one writev per subscriber over every batch it has
-//!                    not yet taken (the same gathered write the hub does), nothing else
+//!                         read (the batch) ──► every core's channel + waker
+//!   replhub-ideal-N: mio poll; per batch round one gathered write (writev) per subscriber over
+//!                    every batch it has not yet taken (the same write the hub does), nothing else
 //! ```
 //!
 //! It keeps what a correct hub must do to put bytes on sockets (a shared log of batches per
-//! core, a cursor per subscriber, a gathered write per subscriber, partial writes resumed on
-//! EPOLLOUT) and drops everything else: no protocol parsing beyond `REPLICATE`, no
+//! core, a cursor per subscriber, a gathered write per subscriber, partial writes resumed when
+//! the socket turns writable) and drops everything else: no protocol parsing beyond `REPLICATE`, no
 //! per-stream filtering (every subscriber of the load test wants every line), no keep-alive, no
 //! eviction (the load test's window bounds the backlog), no metrics. Its `POSITION` is always 0,
 //! which is exact only because the load test publishes after every subscriber is ready.
 //! Its threads are named `replhub-ideal-*`, so the load test measures their CPU like the
-//! in-process hub's.
+//! in-process hub's. It is safe Rust on `mio` (epoll and an eventfd waker underneath), none of
+//! replhub's drivers, so that it stays the floor they are compared with.
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use mio::{Events, Interest, Poll, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::proto::StreamId;
@@ -35,11 +35,12 @@ use crate::proto::StreamId;
 const SERVER_NAME: &str = "loadtest.ideal";
 /// Most iovecs per writev (Linux's IOV_MAX).
 const MAX_IOV: usize = 1024;
-/// epoll tokens of a core's own fds (connections use their slot index).
-const LISTENER: u64 = u64::MAX;
-const WAKE: u64 = u64::MAX - 1;
+/// Poll tokens of a core's own sources; connection slot `i` is `Token(FIRST_CONN + i)`.
+const LISTENER: Token = Token(0);
+const WAKE: Token = Token(1);
+const FIRST_CONN: usize = 2;
 /// How often a core and the upstream reader look at the stop flag.
-const STOP_POLL_MS: i32 = 50;
+const STOP_POLL: Duration = Duration::from_millis(50);
 
 /// A running ideal server; stopped (threads joined) when dropped.
 pub(super) struct IdealServer {
@@ -64,10 +65,10 @@ impl Drop for IdealServer {
     }
 }
 
-/// One core's mailbox: batches, and the eventfd that wakes its epoll.
+/// One core's mailbox: batches, and the waker of its poll.
 struct CoreTx {
     tx: Sender<Arc<Vec<u8>>>,
-    wake: Arc<OwnedFd>,
+    waker: Waker,
 }
 
 /// Starts `threads` core threads on SO_REUSEPORT listeners of one loopback port, and the
@@ -84,18 +85,13 @@ pub(super) fn start(master: SocketAddr, threads: usize) -> anyhow::Result<IdealS
     let mut cores = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {
         let (tx, rx) = mpsc::channel();
-        // SAFETY: eventfd takes no pointers; a negative result is checked below.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(io::Error::last_os_error()).context("eventfd");
-        }
-        // SAFETY: `efd` is a fresh fd owned by nobody else.
-        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
-        cores.push(CoreTx { tx, wake: Arc::clone(&wake) });
+        let core = Core::new(listener, rx)?;
+        cores.push(CoreTx { tx, waker: Waker::new(core.poll.registry(), WAKE)? });
         let stop = Arc::clone(&stop);
         server.threads.push(std::thread::Builder::new().name(format!("replhub-ideal-{i}")).spawn(
             move || {
-                if let Err(e) = Core::new(listener, rx, wake).and_then(|mut c| c.run(&stop)) {
+                let mut core = core;
+                if let Err(e) = core.run(&stop) {
                     tracing::warn!(core = i, error = %e, "ideal server core stopped");
                 }
             },
@@ -126,7 +122,7 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
 fn upstream(master: SocketAddr, cores: &[CoreTx], stop: &AtomicBool) -> io::Result<()> {
     let mut stream = TcpStream::connect(master)?;
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_millis(STOP_POLL_MS as u64)))?;
+    stream.set_read_timeout(Some(STOP_POLL))?;
     stream.write_all(b"NAME ideal\n")?;
     let mut buf = vec![0u8; 256 << 10];
     let (mut filled, mut started) = (0usize, false);
@@ -154,7 +150,9 @@ fn upstream(master: SocketAddr, cores: &[CoreTx], stop: &AtomicBool) -> io::Resu
             let batch = Arc::new(buf[from..end].to_vec());
             for core in cores {
                 if core.tx.send(Arc::clone(&batch)).is_ok() {
-                    wake(&core.wake);
+                    // A failure (the eventfd counter saturated) only means the core is already
+                    // due to wake.
+                    let _ = core.waker.wake();
                 }
             }
         }
@@ -164,16 +162,9 @@ fn upstream(master: SocketAddr, cores: &[CoreTx], stop: &AtomicBool) -> io::Resu
     Ok(())
 }
 
-fn wake(fd: &OwnedFd) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writes 8 bytes from a live local buffer to an eventfd we own; a failure (the
-    // counter saturated) only means the core is already due to wake.
-    let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-}
-
 /// A subscriber socket.
 struct Conn {
-    stream: TcpStream,
+    stream: mio::net::TcpStream,
     /// Received bytes not yet a whole line (the handshake).
     inbuf: Vec<u8>,
     /// Sent `REPLICATE`: gets every batch.
@@ -181,81 +172,60 @@ struct Conn {
     /// The next batch to send (log sequence number) and how much of it went out already.
     seq: u64,
     off: usize,
-    /// The last write was short: wait for EPOLLOUT.
+    /// The last write was short: wait for the socket to turn writable.
     blocked: bool,
 }
 
 /// One core: its listener, its subscribers and its log of batches.
 struct Core {
-    epoll: OwnedFd,
-    listener: TcpListener,
+    poll: Poll,
+    listener: mio::net::TcpListener,
     rx: Receiver<Arc<Vec<u8>>>,
-    wake: Arc<OwnedFd>,
     conns: Vec<Option<Conn>>,
     /// Batches not yet written to every subscriber; `log[0]` has sequence number `base`.
     log: VecDeque<Arc<Vec<u8>>>,
     base: u64,
-    iov: Vec<libc::iovec>,
+    /// The gathered write's slices, empty between rounds: kept only for its allocation (see
+    /// [`recycle`]).
+    iov: Vec<IoSlice<'static>>,
 }
 
 impl Core {
-    fn new(listener: TcpListener, rx: Receiver<Arc<Vec<u8>>>, wake: Arc<OwnedFd>) -> io::Result<Self> {
-        // SAFETY: epoll_create1 takes no pointers; a negative result is checked below.
-        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if ep < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `ep` is a fresh fd owned by nobody else.
-        let epoll = unsafe { OwnedFd::from_raw_fd(ep) };
-        let core = Self {
-            epoll,
+    fn new(listener: TcpListener, rx: Receiver<Arc<Vec<u8>>>) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let mut listener = mio::net::TcpListener::from_std(listener);
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        Ok(Self {
+            poll,
             listener,
             rx,
-            wake,
             conns: Vec::new(),
             log: VecDeque::new(),
             base: 0,
             iov: Vec::with_capacity(MAX_IOV),
-        };
-        core.add(core.listener.as_raw_fd(), LISTENER, libc::EPOLLIN as u32)?;
-        core.add(core.wake.as_raw_fd(), WAKE, libc::EPOLLIN as u32)?;
-        Ok(core)
-    }
-
-    fn add(&self, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events, u64: token };
-        // SAFETY: `ev` is a live epoll_event for the duration of the call; the kernel copies it.
-        if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        })
     }
 
     fn run(&mut self, stop: &AtomicBool) -> io::Result<()> {
-        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 512];
+        let mut events = Events::with_capacity(512);
         while !stop.load(Ordering::Relaxed) {
-            // SAFETY: `events` is a live, writable array of `events.len()` epoll_events.
-            let n = unsafe {
-                libc::epoll_wait(
-                    self.epoll.as_raw_fd(),
-                    events.as_mut_ptr(),
-                    events.len() as i32,
-                    STOP_POLL_MS,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
+            if let Err(e) = self.poll.poll(&mut events, Some(STOP_POLL)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 return Err(e);
             }
-            for ev in &events[..n as usize] {
-                let (token, flags) = (ev.u64, ev.events);
-                match token {
+            for ev in &events {
+                match ev.token() {
                     LISTENER => self.accept(),
                     WAKE => self.take_batches(),
-                    i => self.on_conn(i as usize, flags),
+                    Token(t) => {
+                        // Hang-up is both directions closed (EPOLLHUP); a peer that only shut
+                        // its side reads 0 in the handshake read.
+                        let hung_up = ev.is_read_closed() && ev.is_write_closed();
+                        let open = !(ev.is_error() || hung_up);
+                        self.on_conn(t - FIRST_CONN, open, ev.is_readable(), ev.is_writable());
+                    }
                 }
             }
             self.flush_all();
@@ -264,13 +234,14 @@ impl Core {
     }
 
     fn accept(&mut self) {
-        while let Ok((stream, _)) = self.listener.accept() {
-            if stream.set_nonblocking(true).is_err() || stream.set_nodelay(true).is_err() {
+        // mio's accepted sockets are non-blocking, and registered edge-triggered.
+        while let Ok((mut stream, _)) = self.listener.accept() {
+            if stream.set_nodelay(true).is_err() {
                 continue;
             }
             let i = self.conns.iter().position(Option::is_none).unwrap_or(self.conns.len());
-            let events = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLET) as u32;
-            if self.add(stream.as_raw_fd(), i as u64, events).is_err() {
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            if self.poll.registry().register(&mut stream, Token(FIRST_CONN + i), interest).is_err() {
                 continue;
             }
             let mut conn =
@@ -285,27 +256,25 @@ impl Core {
         }
     }
 
+    /// The waker fired: take every batch sent since. (mio's waker is edge-triggered and
+    /// resets itself, so there is no counter to drain.)
     fn take_batches(&mut self) {
-        let mut counter = [0u8; 8];
-        // SAFETY: reads 8 bytes into a live local buffer from an eventfd we own.
-        let _ = unsafe { libc::read(self.wake.as_raw_fd(), counter.as_mut_ptr().cast(), counter.len()) };
         while let Ok(batch) = self.rx.try_recv() {
             self.log.push_back(batch);
         }
     }
 
-    fn on_conn(&mut self, i: usize, flags: u32) {
+    fn on_conn(&mut self, i: usize, mut open: bool, readable: bool, writable: bool) {
         let end = self.base + self.log.len() as u64;
         let Some(Some(conn)) = self.conns.get_mut(i) else { return };
-        if flags & libc::EPOLLOUT as u32 != 0 {
+        if writable {
             conn.blocked = false;
         }
-        let mut open = flags & (libc::EPOLLERR | libc::EPOLLHUP) as u32 == 0;
-        if open && flags & libc::EPOLLIN as u32 != 0 {
+        if open && readable {
             open = conn.read_handshake(end);
         }
         if !open {
-            // Dropping the stream closes it (and removes it from the epoll set).
+            // Dropping the stream closes it (and so removes it from the poll's epoll set).
             self.conns[i] = None;
         }
     }
@@ -315,6 +284,7 @@ impl Core {
     fn flush_all(&mut self) {
         let end = self.base + self.log.len() as u64;
         let mut min = end;
+        let mut iov = recycle(std::mem::take(&mut self.iov));
         for slot in &mut self.conns {
             let Some(conn) = slot else { continue };
             if !conn.subscribed {
@@ -323,7 +293,7 @@ impl Core {
             // More than MAX_IOV batches behind takes more than one write.
             let mut ok = true;
             while ok && !conn.blocked && conn.seq < end {
-                ok = write_conn(conn, &self.log, self.base, &mut self.iov);
+                ok = write_conn(conn, &self.log, self.base, &mut iov);
             }
             if !ok {
                 *slot = None;
@@ -331,6 +301,7 @@ impl Core {
             }
             min = min.min(conn.seq);
         }
+        self.iov = recycle(iov);
         while self.base < min {
             self.log.pop_front();
             self.base += 1;
@@ -381,29 +352,39 @@ impl Conn {
     }
 }
 
-/// One writev of everything `conn` has not taken yet (up to [`MAX_IOV`] batches). Returns
+/// An empty vector of slices of another lifetime on the same allocation: the gathered write
+/// borrows the log for one round, and the buffer outlives the round. Collecting a consumed
+/// `Vec` into one of the same layout reuses its allocation, so a round allocates nothing.
+fn recycle<'a>(mut iov: Vec<IoSlice<'_>>) -> Vec<IoSlice<'a>> {
+    iov.clear();
+    iov.into_iter().map(|_| IoSlice::new(&[])).collect()
+}
+
+/// One gathered write of everything `conn` has not taken yet (up to [`MAX_IOV`] batches). Returns
 /// false if the socket failed.
-fn write_conn(conn: &mut Conn, log: &VecDeque<Arc<Vec<u8>>>, base: u64, iov: &mut Vec<libc::iovec>) -> bool {
+fn write_conn<'a>(
+    conn: &mut Conn,
+    log: &'a VecDeque<Arc<Vec<u8>>>,
+    base: u64,
+    iov: &mut Vec<IoSlice<'a>>,
+) -> bool {
     iov.clear();
     let mut total = 0usize;
     for (k, batch) in log.iter().skip((conn.seq - base) as usize).take(MAX_IOV).enumerate() {
         let skip = if k == 0 { conn.off } else { 0 };
         let bytes = &batch[skip..];
         total += bytes.len();
-        iov.push(libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() });
+        iov.push(IoSlice::new(bytes));
     }
-    // SAFETY: every iovec points into a batch the log holds (alive and unchanged during the
-    // call); `iov` is a live array of `iov.len()` (≤ IOV_MAX) entries.
-    let n = unsafe { libc::writev(conn.stream.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::WouldBlock {
+    // One writev(2) (std caps the count at IOV_MAX, which MAX_IOV does not exceed).
+    let mut n = match conn.stream.write_vectored(iov) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             conn.blocked = true;
             return true;
         }
-        return e.kind() == io::ErrorKind::Interrupted;
-    }
-    let mut n = n as usize;
+        Err(e) => return e.kind() == io::ErrorKind::Interrupted,
+    };
     if n < total {
         conn.blocked = true;
     }

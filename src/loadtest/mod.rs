@@ -22,10 +22,6 @@
 //! process), divided by the lines delivered.
 mod cli;
 mod hist;
-// The ideal server is a measuring baseline on raw epoll/eventfd/writev (nothing of replhub's
-// drivers, so that it is the floor they are compared with); its unsafe libc calls each carry
-// a SAFETY comment. To be ported to a safe poll crate.
-#[allow(unsafe_code)]
 mod ideal;
 mod payload;
 mod procstat;
