@@ -177,7 +177,9 @@ impl Owned {
                 _ => Command::ClearUserSync(s),
             },
             Self::Rdata(stream, token, row) => Command::Rdata(Rdata { stream, token: *token, row }),
-            Self::Position(stream, token) => Command::Position(Position { stream, token: *token }),
+            Self::Position(stream, token) => {
+                Command::Position(Position { stream, instance: None, prev: None, token: *token })
+            }
             Self::UserSync(user_id, state, ms) => {
                 Command::UserSync(UserSync { user_id, state: *state, last_sync_ms: *ms })
             }

@@ -27,10 +27,23 @@ impl Command<'_> {
                 let stream = stream.as_bytes();
                 put(word, &[stream, row], &[stream, b" ", token, b" ", row], out)
             }
-            Self::Position(Position { stream, token }) => {
+            Self::Position(Position { stream, instance, prev, token }) => {
                 let stream = stream.as_bytes();
+                let mut prev_num = [0u8; 20];
                 let token = format_i64(token, &mut num);
-                put(word, &[stream], &[stream, b" ", token], out)
+                // The seed's `<s> <tok>`, 1.13's `<s> <instance> <tok>`, 1.22's `<s> <instance> <prev> <new>`.
+                let instance = instance.map(str::as_bytes);
+                let prev = prev.map(|p| format_i64(p, &mut prev_num));
+                let mut parts: [&[u8]; 7] = [stream, b"", b"", b"", b"", b" ", token];
+                if let Some(i) = instance {
+                    parts[1] = b" ";
+                    parts[2] = i;
+                }
+                if let Some(p) = prev {
+                    parts[3] = b" ";
+                    parts[4] = p;
+                }
+                put(word, &[stream, instance.unwrap_or_default()], &parts, out)
             }
             Self::UserSync(UserSync { user_id, state, last_sync_ms }) => {
                 let (u, st) = (user_id.as_bytes(), state.as_str().as_bytes());
@@ -115,6 +128,17 @@ mod tests {
     }
 
     #[test]
+    fn position_in_every_generation_form() {
+        let p = |instance, prev| Command::Position(Position { stream: "events", instance, prev, token: 7 });
+        assert_eq!(&enc(p(None, None)).unwrap()[..], b"POSITION events 7\n");
+        assert_eq!(&enc(p(Some("master"), None)).unwrap()[..], b"POSITION events master 7\n");
+        assert_eq!(&enc(p(Some("master"), Some(-1))).unwrap()[..], b"POSITION events master -1 7\n");
+        let bad =
+            Command::Position(Position { stream: "events", instance: Some("a\nb"), prev: None, token: 1 });
+        assert!(enc(bad).is_err(), "an instance name with a newline is never written");
+    }
+
+    #[test]
     fn encodes_like_synapse() {
         let row = b"[\"ev\", []]";
         assert_eq!(
@@ -126,7 +150,8 @@ mod tests {
             "RDATA events -7 [\"ev\", []]\n"
         );
         assert_eq!(
-            enc(Command::Position(Position { stream: "caches", token: 250 })).unwrap(),
+            enc(Command::Position(Position { stream: "caches", instance: None, prev: None, token: 250 }))
+                .unwrap(),
             "POSITION caches 250\n"
         );
         assert_eq!(
@@ -183,7 +208,7 @@ mod tests {
         let cmds = [
             Command::Server("s"),
             Command::Sync("s"),
-            Command::Position(Position { stream: "s", token: 1 }),
+            Command::Position(Position { stream: "s", instance: None, prev: None, token: 1 }),
             Command::RemoteServerUp("r"),
         ];
         for c in cmds {

@@ -31,7 +31,11 @@ pub struct Rdata<'a> {
 pub struct Position<'a> {
     /// Stream name.
     pub stream: &'a str,
-    /// Token.
+    /// The writer's instance name (Synapse 1.13 on; `None` in the seed's form).
+    pub instance: Option<&'a str>,
+    /// The token before this one (Synapse 1.22 on: `POSITION <s> <instance> <prev> <new>`).
+    pub prev: Option<i64>,
+    /// Token (the new one, from 1.22).
     pub token: i64,
 }
 
@@ -198,7 +202,7 @@ pub fn validate_rdata(rdata: &Rdata<'_>) -> Result<(), FieldError> {
 /// Parses POSITION arguments: `<stream> <token>` (the token is the whole rest).
 pub fn parse_position(args: &[u8]) -> Result<Position<'_>, FieldError> {
     let [stream, token] = split_fields::<2>(args)?;
-    Ok(Position { stream: utf8_field(stream)?, token: parse_i64(token)? })
+    Ok(Position { stream: utf8_field(stream)?, instance: None, prev: None, token: parse_i64(token)? })
 }
 
 /// Parses USER_SYNC arguments: `<user_id> <start|end> <last_sync_ms>`.
@@ -337,7 +341,10 @@ mod tests {
 
     #[test]
     fn position() {
-        assert_eq!(parse_position(b"events 5\r").unwrap(), Position { stream: "events", token: 5 });
+        assert_eq!(
+            parse_position(b"events 5\r").unwrap(),
+            Position { stream: "events", instance: None, prev: None, token: 5 }
+        );
         assert_eq!(
             err(parse_position(b"events master 5")),
             "ValueError(\"invalid literal for int() with base 10: 'master 5'\")"

@@ -10,11 +10,12 @@
 //! | seed       | `POSITION <s> <tok>`                  | `RDATA <s> <tok\|batch> <json>`          |
 //! | 1.13–1.21  | `POSITION <s> <instance> <tok>`       | `RDATA <s> <instance> <tok\|batch> <json>` |
 //! | 1.22–1.66  | `POSITION <s> <instance> <prev> <new>`| as 1.13                                  |
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 
+use super::command::Command;
 use super::error::FieldError;
-use super::fields::{not_enough_values, split_fields, utf8_field, SyncState};
-use super::number::{format_i64, parse_i64};
+use super::fields::{not_enough_values, split_fields, utf8_field, Position, SyncState};
+use super::number::parse_i64;
 use super::pyrepr::{py_exc, py_repr};
 
 /// A protocol generation replhub can relay and serve.
@@ -61,23 +62,14 @@ impl Generation {
     /// the master's instance name (ignored by the seed); replies to REPLICATE carry
     /// `prev = new = token` from 1.22 on (PROTOCOL.md §8.2).
     pub fn position_line(self, stream: &str, instance: &str, token: i64) -> Bytes {
-        let mut num = [0u8; 20];
-        let tok = format_i64(token, &mut num);
-        let mut out = BytesMut::with_capacity(24 + stream.len() + instance.len() + 2 * tok.len());
-        out.put_slice(b"POSITION ");
-        out.put_slice(stream.as_bytes());
-        if self.has_instance() {
-            out.put_u8(b' ');
-            out.put_slice(instance.as_bytes());
-        }
-        if self == Self::V1_22 {
-            out.put_u8(b' ');
-            out.put_slice(tok);
-        }
-        out.put_u8(b' ');
-        out.put_slice(tok);
-        out.put_u8(b'\n');
-        out.freeze()
+        let position = Command::Position(Position {
+            stream,
+            instance: self.has_instance().then_some(instance),
+            prev: (self == Self::V1_22).then_some(token),
+            token,
+        });
+        // A stream name, an instance name and numbers: never a newline, never near the limit.
+        position.to_bytes().unwrap_or_else(|e| unreachable!("{e}: POSITION {stream} {instance} {token}"))
     }
 }
 

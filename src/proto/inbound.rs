@@ -154,7 +154,10 @@ mod tests {
             c!(b"RDATA events batch [1]"),
             Command::Rdata(Rdata { stream: "events", token: Token::Batch, row: b"[1]" })
         );
-        assert_eq!(c!(b"POSITION events 5\r"), Command::Position(Position { stream: "events", token: 5 }));
+        assert_eq!(
+            c!(b"POSITION events 5\r"),
+            Command::Position(Position { stream: "events", instance: None, prev: None, token: 5 })
+        );
         assert_eq!(c!(b"SYNC abc"), Command::Sync("abc"));
         assert_eq!(c!(b"PING 123\r"), Command::Ping("123\r"));
         assert_eq!(c!(b"ERROR x y"), Command::Error("x y"));
