@@ -118,6 +118,20 @@ def stop_after(seconds, code_fn=lambda: 0):
     signal.signal(signal.SIGINT, lambda *_: reactor.callFromThread(stop, "SIGINT"))
 
 
+def start_process(args):
+    """The common start of a master or worker process: the server name, a check that this
+    Python has the release asked for (exit 2 if not), logging, the time limit, and dying with
+    the parent."""
+    global SERVER_NAME
+    SERVER_NAME = args.server_name
+    if synapse.__version__ != args.release:
+        emit("error", message="this python has synapse %s, not %s" % (synapse.__version__, args.release))
+        sys.exit(2)
+    setup_logging(args.log_file)
+    stop_after(args.seconds)
+    die_with_parent()
+
+
 def die_with_parent():
     """Exits when the parent goes away (stdin closed is not used: stdin may carry commands)."""
     parent = os.getppid()

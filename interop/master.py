@@ -20,7 +20,6 @@ Stdout: JSON lines (see README.md). Stdin: optional commands, one per line:
 import argparse
 import json
 import re
-import sys
 import urllib.parse
 
 import harness
@@ -115,13 +114,7 @@ def main():
     ap.add_argument("--log-file")
     args = ap.parse_args()
 
-    harness.SERVER_NAME = args.server_name
-    if harness.synapse.__version__ != args.release:
-        emit("error", message="this python has synapse %s, not %s" % (harness.synapse.__version__, args.release))
-        sys.exit(2)
-    harness.setup_logging(args.log_file)
-    harness.stop_after(args.seconds)
-    harness.die_with_parent()
+    harness.start_process(args)
 
     tap = MasterTap()
     tap.trace = args.trace
