@@ -67,26 +67,17 @@ impl StreamId {
         Self::UserSignature,
     ];
 
-    /// Every stream in map order (the order of `REPLICATE ALL` replies).
-    pub const ALL: [Self; Self::COUNT] = [
-        Self::Events,
-        Self::Backfill,
-        Self::Presence,
-        Self::Typing,
-        Self::Receipts,
-        Self::PushRules,
-        Self::Pushers,
-        Self::Caches,
-        Self::PublicRooms,
-        Self::DeviceLists,
-        Self::ToDevice,
-        Self::Federation,
-        Self::TagAccountData,
-        Self::AccountData,
-        Self::Groups,
-        Self::UserSignature,
-        Self::PresenceFederation,
-    ];
+    /// Every stream in map order (the order of `REPLICATE ALL` replies): the seed's, then
+    /// `presence_federation` (Synapse 1.33 on).
+    pub const ALL: [Self; Self::COUNT] = {
+        let mut all = [Self::PresenceFederation; Self::COUNT];
+        let mut i = 0;
+        while i < Self::SEED.len() {
+            all[i] = Self::SEED[i];
+            i += 1;
+        }
+        all
+    };
 
     /// The wire name.
     pub const fn name(self) -> &'static str {
