@@ -57,15 +57,15 @@ impl TopSort {
 
 /// The table's columns: heading and width (the last one takes what is left).
 pub const COLUMNS: [(&str, u16); 9] = [
-    ("WORKER", 17),
+    ("WORKER", 19),
     ("CORE", 4),
-    ("LINES/S", 8),
-    ("BYTES/S", 8),
-    ("BACKLOG", 8),
+    ("LINES/S", 7),
+    ("BYTES/S", 7),
+    ("BACKLOG", 7),
     ("BEHIND", 6),
-    ("SENDQ", 7),
-    ("UP", 7),
-    ("STREAMS", 6),
+    ("SENDQ", 6),
+    ("UP", 8),
+    ("STREAMS", 7),
 ];
 
 /// One table row.
@@ -204,11 +204,7 @@ pub fn view(
                     c.backlogged_ms.map_or_else(|| "-".to_owned(), human_duration),
                     bytes(c.send_queue as f64),
                     human_duration(c.uptime_ms),
-                    if c.streams.len() >= crate::proto::StreamId::COUNT {
-                        "all".to_owned()
-                    } else {
-                        c.streams.len().to_string()
-                    },
+                    c.streams.len().to_string(),
                 ],
                 slowest: is_slowest,
             }
