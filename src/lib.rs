@@ -43,8 +43,8 @@ mod upstream;
 pub mod loadtest;
 #[doc(hidden)]
 pub mod tail;
+#[doc(hidden)]
+pub mod testing;
 /// `replhub top`, the operator's live view (a subcommand of the binary, like `tail`).
 #[doc(hidden)]
 pub mod top;
-#[doc(hidden)]
-pub mod testing;

@@ -33,9 +33,9 @@ use crate::config::{IoBackend, ServeConfig};
 use crate::driver::source::{self, SourceContext, SourceHandle};
 use crate::driver::{epoll, uring, CoreContext, CoreMsg, Inbox};
 use crate::hub::stats::CoreSnapshot;
-use crate::metrics::snapshot::UpstreamSnapshot;
 use crate::metrics::connections::{ConnQuery, ConnectionsPage, PageContext};
 use crate::metrics::http::Limits;
+use crate::metrics::snapshot::UpstreamSnapshot;
 use crate::metrics::{MetricsServer, Pages, RenderInfo};
 use crate::time::Clock;
 use crate::upstream::backoff::BackoffConfig;
@@ -467,6 +467,10 @@ impl Scraper {
     /// serving).
     fn health(&self) -> Result<(), String> {
         let upstream = self.source.snapshot(SCRAPE_TIMEOUT);
-        crate::metrics::health::check(upstream.as_ref(), self.clock.now().mono_ms, self.health_upstream_grace_ms)
+        crate::metrics::health::check(
+            upstream.as_ref(),
+            self.clock.now().mono_ms,
+            self.health_upstream_grace_ms,
+        )
     }
 }

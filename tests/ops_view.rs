@@ -34,7 +34,8 @@ fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
 
 /// `/connections` with `query`, parsed (a 200 is required).
 fn connections(server: &Server, query: &str) -> Value {
-    let (status, body) = http_get(server.metrics_addr().expect("metrics on"), &format!("/connections{query}"));
+    let (status, body) =
+        http_get(server.metrics_addr().expect("metrics on"), &format!("/connections{query}"));
     assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
@@ -113,7 +114,9 @@ fn events(first: i64, n: usize, size: usize) -> Vec<u8> {
     let mut out = Vec::new();
     for i in 0..n {
         let token = first + i as i64;
-        out.extend_from_slice(format!("RDATA events {token} [\"$e{token}\", \"{:>size$}\"]\n", "x").as_bytes());
+        out.extend_from_slice(
+            format!("RDATA events {token} [\"$e{token}\", \"{:>size$}\"]\n", "x").as_bytes(),
+        );
     }
     out
 }
@@ -271,6 +274,7 @@ fn synthetic_server(rate: u64) -> Server {
     config.threads = 1;
     config.io = IoBackend::Epoll;
     config.health_upstream_grace_ms = 0;
+    config.worker_sndbuf = 4096;
     Server::start(config).expect("server starts")
 }
 
@@ -353,32 +357,39 @@ fn top_in_a_terminal_shows_workers_and_rates_and_quits_on_q() {
         &[("synchrotron1", &["ALL"]), ("federation_sender1", &["events", "federation"])],
     );
     eventually("both workers receive", || readers.count(0) > 0 && readers.count(1) > 0);
+    // A worker that stops reading after its greeting falls behind.
+    let mut stalled = Worker::connect_small_rcvbuf(server.local_addr());
+    stalled.subscribe("stuck_pusher", &["ALL"]);
 
     let mut top = TopInPty::spawn(metrics);
-    // Rates appear from the second poll on; the table lists both workers.
-    let screen = top.wait_for("both workers and a delivery rate", |s| {
+    // Rates appear from the second poll on; the table lists every worker, the stalled one
+    // first (by backlog) and marked as the slowest.
+    let screen = top.wait_for("the workers, a delivery rate and the slowest marked", |s| {
         s.contains("synchrotron1")
             && s.contains("federation_sender1")
+            && s.lines().nth(4).is_some_and(|l| l.starts_with(">stuck_pusher"))
             && s.lines().nth(2).is_some_and(|l| l.contains(" lines/s") && !l.starts_with('-'))
     });
     let lines: Vec<&str> = screen.lines().collect();
     assert!(lines[0].starts_with(&format!("replhub top {metrics}  sort: backlog")), "{screen}");
     assert!(lines[1].contains("upstream: synthetic master"), "{screen}");
-    assert!(lines[2].contains("workers 2"), "{screen}");
+    assert!(lines[2].contains("workers 3"), "{screen}");
     assert!(lines[3].starts_with("WORKER"), "{screen}");
-    // Switching the sort by key: by name, federation_sender1 comes first.
-    top.writer.write_all(b"n").expect("key");
-    let screen = top.wait_for("sort by name", |s| s.lines().next().is_some_and(|l| l.contains("sort: name")));
-    let rows: Vec<&str> = screen.lines().skip(4).take(2).collect();
-    assert!(rows[0].trim_start_matches([' ', '>']).starts_with("federation_sender1"), "{screen}");
-    assert!(rows[1].trim_start_matches([' ', '>']).starts_with("synchrotron1"), "{screen}");
     if let Ok(path) = std::env::var("REPLHUB_TOP_SCREEN") {
         std::fs::write(path, &screen).expect("write the screen");
     }
+    // Switching the sort by key: by name, federation_sender1 comes first.
+    top.writer.write_all(b"n").expect("key");
+    let screen = top.wait_for("sort by name", |s| s.lines().next().is_some_and(|l| l.contains("sort: name")));
+    let rows: Vec<&str> = screen.lines().skip(4).take(3).map(|r| r.trim_start_matches([' ', '>'])).collect();
+    assert!(rows[0].starts_with("federation_sender1"), "{screen}");
+    assert!(rows[1].starts_with("stuck_pusher"), "{screen}");
+    assert!(rows[2].starts_with("synchrotron1"), "{screen}");
 
     top.writer.write_all(b"q").expect("key");
     let status = top.wait_exit();
     assert!(status.success(), "exit status {status:?}");
     drop(readers);
+    stalled.close();
     server.shutdown().expect("clean shutdown");
 }

@@ -131,8 +131,9 @@ impl CoreLoop {
                 Ok(CoreMsg::Batch(batch)) => self.hub.on_batch(batch, now),
                 Ok(CoreMsg::Upstream(event)) => self.hub.on_upstream(&event, now),
                 Ok(CoreMsg::Snapshot(reply)) => {
-                    let snap =
-                        self.hub.snapshot(self.index, now, |id| sockets.fd(id).map_or_else(SocketSample::default, socket_sample));
+                    let snap = self.hub.snapshot(self.index, now, |id| {
+                        sockets.fd(id).map_or_else(SocketSample::default, socket_sample)
+                    });
                     // The scraper may have given up waiting; that is fine.
                     let _ = reply.send(snap);
                 }

@@ -219,7 +219,12 @@ pub struct CoreSnapshot {
 impl Hub {
     /// A metrics snapshot at `now`. `socket` reads a connection's socket (kernel queues, peer
     /// address); the driver calls it on this core.
-    pub fn snapshot(&self, core: usize, now: Now, mut socket: impl FnMut(ConnId) -> SocketSample) -> CoreSnapshot {
+    pub fn snapshot(
+        &self,
+        core: usize,
+        now: Now,
+        mut socket: impl FnMut(ConnId) -> SocketSample,
+    ) -> CoreSnapshot {
         let mut stats = self.stats.clone();
         stats.log_bytes = self.log.held_bytes();
         let generation = self.generation.map(Generation::label);

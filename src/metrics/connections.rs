@@ -161,9 +161,8 @@ impl ConnQuery {
             if std::mem::replace(&mut seen[slot], true) {
                 return Err(QueryError::Repeated(name));
             }
-            let number = || {
-                value.parse::<usize>().map_err(|_| QueryError::Number { name, value: value.to_owned() })
-            };
+            let number =
+                || value.parse::<usize>().map_err(|_| QueryError::Number { name, value: value.to_owned() });
             match slot {
                 0 => q.sort = SortKey::from_label(value).ok_or_else(|| QueryError::Sort(value.to_owned()))?,
                 1 => q.limit = number()?.min(MAX_LIMIT),
@@ -269,7 +268,11 @@ impl ConnEntry {
             uptime: human_duration(c.uptime_ms),
             state: c.phase.label().to_owned(),
             close_reason: c.closing.map(|r: CloseReason| r.label().to_owned()),
-            streams: StreamId::ALL.iter().filter(|s| c.subscribes(**s)).map(|s| s.name().to_owned()).collect(),
+            streams: StreamId::ALL
+                .iter()
+                .filter(|s| c.subscribes(**s))
+                .map(|s| s.name().to_owned())
+                .collect(),
             lines_delivered: c.lines_delivered,
             bytes_delivered: c.bytes_delivered,
             pending_lines: c.pending_commands,
@@ -384,8 +387,11 @@ pub(crate) fn sort_entries(entries: &mut [ConnEntry], key: SortKey) {
     entries.sort_by(|a, b| key.cmp(a, b).then_with(|| (a.core, &a.cid).cmp(&(b.core, &b.cid))));
 }
 
-/// `ms` for people: `45s`, `3m5s`, `2h0m7s`, `3d4h5m`.
+/// `ms` for people: `0.4s`, `45s`, `3m5s`, `2h0m7s`, `3d4h5m`.
 pub(crate) fn human_duration(ms: u64) -> String {
+    if ms < 10_000 {
+        return format!("{:.1}s", ms as f64 / 1000.0);
+    }
     let s = ms / 1000;
     let (d, h, m, s) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
     let mut out = String::new();
@@ -492,9 +498,8 @@ mod tests {
 
     #[test]
     fn sorts_numbers_descending_names_ascending_ties_by_core_and_id() {
-        let page = |sort| {
-            ConnectionsPage::build(&snaps(), None, ctx(), &ConnQuery { sort, ..ConnQuery::default() })
-        };
+        let page =
+            |sort| ConnectionsPage::build(&snaps(), None, ctx(), &ConnQuery { sort, ..ConnQuery::default() });
         // zeta and mid tie on backlog: core 0 first.
         assert_eq!(names(&page(SortKey::Backlog)), ["zeta", "mid", "alpha"]);
         assert_eq!(names(&page(SortKey::Bytes)), ["alpha", "mid", "zeta"]);
@@ -554,7 +559,9 @@ mod tests {
         assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
         assert_eq!(rfc3339(1_796_526_245_678), "2026-12-06T03:04:05.678Z");
         assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999Z");
-        assert_eq!(human_duration(999), "0s");
+        assert_eq!(human_duration(420), "0.4s");
+        assert_eq!(human_duration(9_900), "9.9s");
+        assert_eq!(human_duration(45_000), "45s");
         assert_eq!(human_duration(185_000), "3m5s");
         assert_eq!(human_duration(7_207_000), "2h0m7s");
         assert_eq!(human_duration(273_900_000), "3d4h5m");

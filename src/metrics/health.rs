@@ -7,7 +7,11 @@ use super::snapshot::UpstreamSnapshot;
 
 /// `Ok` if healthy, else why not (the `503`'s body). `upstream` is `None` when the source
 /// thread did not answer in time; `now_mono_ms` is on the same clock as its `down_since_ms`.
-pub(crate) fn check(upstream: Option<&UpstreamSnapshot>, now_mono_ms: u64, grace_ms: u64) -> Result<(), String> {
+pub(crate) fn check(
+    upstream: Option<&UpstreamSnapshot>,
+    now_mono_ms: u64,
+    grace_ms: u64,
+) -> Result<(), String> {
     let Some(up) = upstream else {
         return Err("the source thread did not answer".to_owned());
     };

@@ -175,11 +175,8 @@ impl MetricsServer {
         };
         // With no slot at all every connection would be refused.
         let limits = Limits { max_conns: limits.max_conns.max(1), ..limits };
-        let shared = Arc::new(Shared {
-            limits,
-            routes: Routes { pages },
-            conns: Mutex::new(Conns::default()),
-        });
+        let shared =
+            Arc::new(Shared { limits, routes: Routes { pages }, conns: Mutex::new(Conns::default()) });
         let (stop, stopped) = oneshot::channel();
         let thread =
             std::thread::Builder::new().name("replhub-metrics-http".to_owned()).spawn(move || {
@@ -755,7 +752,10 @@ mod tests {
         assert_eq!((up.status, body(&up)), ("200 OK", "ok\n"));
         healthy.store(false, std::sync::atomic::Ordering::SeqCst);
         let down = answer(&r, b"GET /healthz HTTP/1.1\r\n\r\n");
-        assert_eq!((down.status, body(&down)), ("503 Service Unavailable", "upstream disconnected for 31s\n"));
+        assert_eq!(
+            (down.status, body(&down)),
+            ("503 Service Unavailable", "upstream disconnected for 31s\n")
+        );
         // An endpoint serving only /metrics knows nothing else.
         let only = routes(String::new);
         assert_eq!(answer(&only, b"GET /connections HTTP/1.1\r\n\r\n").status, "404 Not Found");

@@ -48,11 +48,10 @@ pub enum FetchError {
 /// `GET path` from `addr`: the body of a `200`.
 pub fn get(addr: &str, path: &str, timeout: Duration) -> Result<Vec<u8>, FetchError> {
     let io_err = |source| FetchError::Io { addr: addr.to_owned(), source };
-    let target = addr
-        .to_socket_addrs()
-        .map_err(io_err)?
-        .next()
-        .ok_or_else(|| io_err(io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address")))?;
+    let target =
+        addr.to_socket_addrs().map_err(io_err)?.next().ok_or_else(|| {
+            io_err(io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address"))
+        })?;
     let mut stream = TcpStream::connect_timeout(&target, timeout).map_err(io_err)?;
     stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
     stream.set_write_timeout(Some(timeout)).map_err(io_err)?;

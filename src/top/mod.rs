@@ -38,7 +38,11 @@ pub struct TopOptions {
 
 impl Default for TopOptions {
     fn default() -> Self {
-        Self { metrics: "127.0.0.1:9093".to_owned(), sort: TopSort::Backlog, interval: Duration::from_secs(1) }
+        Self {
+            metrics: "127.0.0.1:9093".to_owned(),
+            sort: TopSort::Backlog,
+            interval: Duration::from_secs(1),
+        }
     }
 }
 
@@ -107,7 +111,10 @@ pub fn draw(frame: &mut Frame<'_>, v: &View) {
     let [top, table, bottom] =
         Layout::vertical([Constraint::Length(header_lines), Constraint::Min(1), Constraint::Length(1)])
             .areas(frame.area());
-    frame.render_widget(Paragraph::new(v.header.iter().map(|l| Line::raw(l.as_str())).collect::<Vec<_>>()), top);
+    frame.render_widget(
+        Paragraph::new(v.header.iter().map(|l| Line::raw(l.as_str())).collect::<Vec<_>>()),
+        top,
+    );
     let widths = COLUMNS.iter().enumerate().map(|(i, (_, w))| {
         if i + 1 == COLUMNS.len() {
             Constraint::Min(*w)
@@ -142,7 +149,9 @@ mod tests {
         t.draw(|f| draw(f, v)).unwrap();
         let buf = t.backend().buffer().clone();
         (0..height)
-            .map(|y| (0..width).map(|x| buf[(x, y)].symbol().to_owned()).collect::<String>().trim_end().to_owned())
+            .map(|y| {
+                (0..width).map(|x| buf[(x, y)].symbol().to_owned()).collect::<String>().trim_end().to_owned()
+            })
             .collect()
     }
 

@@ -163,7 +163,9 @@ pub fn view(
         .connections
         .iter()
         .map(|c| match before.get(&(c.core, c.cid.as_str())) {
-            Some(b) => (c, rate(c.lines_delivered, b.lines_delivered), rate(c.bytes_delivered, b.bytes_delivered)),
+            Some(b) => {
+                (c, rate(c.lines_delivered, b.lines_delivered), rate(c.bytes_delivered, b.bytes_delivered))
+            }
             None => (c, None, None),
         })
         .collect();
@@ -318,7 +320,8 @@ mod tests {
 
     #[test]
     fn sorts_by_backlog_or_name_and_keys_switch() {
-        let p = poll(1000, 0, vec![entry("1.1", "b", 0, 10), entry("2.1", "a", 0, 0), entry("3.1", "c", 0, 99)]);
+        let p =
+            poll(1000, 0, vec![entry("1.1", "b", 0, 10), entry("2.1", "a", 0, 0), entry("3.1", "c", 0, 99)]);
         assert_eq!(names(&view("h", None, Some(&p), None, TopSort::Backlog, (80, 24))), ["c", "b", "a"]);
         assert_eq!(names(&view("h", None, Some(&p), None, TopSort::Name, (80, 24))), ["a", "b", "c"]);
         assert_eq!(TopSort::Backlog.for_key('r'), Some(TopSort::Rate));
