@@ -122,9 +122,19 @@ fn events(first: i64, n: usize, size: usize) -> Vec<u8> {
 }
 
 #[test]
-fn connections_lists_every_worker_with_what_it_was_sent() {
+fn connections_lists_every_worker_with_what_it_was_sent_epoll() {
+    connections_lists_every_worker_with_what_it_was_sent(IoBackend::Epoll);
+}
+
+/// The io_uring driver reads the peer address and kernel queues through its own sockets.
+#[test]
+fn connections_lists_every_worker_with_what_it_was_sent_uring() {
+    connections_lists_every_worker_with_what_it_was_sent(IoBackend::Uring);
+}
+
+fn connections_lists_every_worker_with_what_it_was_sent(io: IoBackend) {
     let master = TestMaster::start();
-    let mut config = upstream_config(IoBackend::Epoll, master.addr());
+    let mut config = upstream_config(io, master.addr());
     config.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));
     config.worker_sndbuf = 4096;
     let server = start(config);
