@@ -515,6 +515,19 @@ mod tests {
     }
 
     #[test]
+    fn health_upstream_grace_flag_and_key() {
+        assert_eq!(ServeConfig::from_options(&opts()).expect("valid").health_upstream_grace_ms, 30_000);
+        let file: ServeOptions =
+            toml::from_str("synthetic = 5\nhealth-upstream-grace = \"1m\"\n").expect("toml");
+        assert_eq!(ServeConfig::from_options(&file).expect("valid").health_upstream_grace_ms, 60_000);
+        let flag = ServeOptions { health_upstream_grace: Some(Quantity::Int(5)), ..opts() };
+        assert_eq!(ServeConfig::from_options(&flag).expect("valid").health_upstream_grace_ms, 5_000);
+        let bad = ServeOptions { health_upstream_grace: Some(Quantity::Text("soon".into())), ..opts() };
+        let err = ServeConfig::from_options(&bad).unwrap_err().to_string();
+        assert!(err.starts_with("--health-upstream-grace \"soon\""), "{err}");
+    }
+
+    #[test]
     fn unknown_file_keys_are_errors() {
         assert!(toml::from_str::<ServeOptions>("listn = \"x\"").is_err());
         assert!(toml::from_str::<ServeOptions>("io = \"kqueue\"").is_err());

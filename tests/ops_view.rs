@@ -385,8 +385,10 @@ fn top_in_a_terminal_shows_workers_and_rates_and_quits_on_q() {
     assert!(lines[1].contains("upstream: synthetic master"), "{screen}");
     assert!(lines[2].contains("workers 3"), "{screen}");
     assert!(lines[3].starts_with("WORKER"), "{screen}");
+    // REPLHUB_TOP_SCREEN=FILE keeps the screen of a few seconds later for the docs.
     if let Ok(path) = std::env::var("REPLHUB_TOP_SCREEN") {
-        std::fs::write(path, &screen).expect("write the screen");
+        thread::sleep(Duration::from_secs(4));
+        std::fs::write(path, top.contents()).expect("write the screen");
     }
     // Switching the sort by key: by name, federation_sender1 comes first.
     top.writer.write_all(b"n").expect("key");
