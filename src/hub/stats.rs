@@ -262,3 +262,56 @@ impl Hub {
         CoreSnapshot { core, stats, conns }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::sim::{Capacity, Sim};
+    use crate::hub::HubConfig;
+    use crate::proto::Token;
+
+    fn sample(sim: &Sim, id: ConnId) -> ConnSample {
+        let snap = sim.hub.snapshot(0, sim.now, |_| SocketSample {
+            send_queue: 7,
+            read_queue: 3,
+            peer: "127.0.0.1:5000".to_owned(),
+        });
+        snap.conns.into_iter().find(|c| c.id == id.to_string()).expect("the connection is live")
+    }
+
+    /// What `/connections` shows per connection comes from the hub's own state at `now`.
+    #[test]
+    fn a_sample_says_since_when_and_how_far_behind() {
+        let mut sim = Sim::new(HubConfig::default());
+        sim.connect_upstream("example.com", Sim::positions());
+        let accepted = sim.now;
+        let reader = sim.accept();
+        let stalled = sim.accept();
+        sim.send(reader, "NAME reader\nREPLICATE events");
+        sim.send(stalled, "NAME stalled\nREPLICATE events");
+        sim.set_capacity(stalled, Capacity::Stalled);
+        sim.advance(2_000);
+        sim.send(reader, "PING 1");
+        sim.batch(&[(StreamId::Events, Token::Value(200)), (StreamId::Events, Token::Value(201))]);
+        sim.advance(1_500);
+
+        let r = sample(&sim, reader);
+        assert_eq!((r.name.as_str(), r.peer.as_str(), r.transport), ("reader", "127.0.0.1:5000", "tcp"));
+        assert_eq!((r.kernel_send_queue, r.kernel_read_queue), (7, 3));
+        assert_eq!(r.generation, Some("seed"));
+        assert_eq!(r.connected_wall_ms, accepted.wall_ms);
+        assert_eq!(r.uptime_ms, 3_500);
+        assert_eq!(r.lines_delivered, 2);
+        assert!(r.bytes_delivered > 0);
+        assert_eq!((r.backlog_bytes, r.backlogged_ms), (0, None));
+        assert_eq!(r.last_ping_ago_ms, Some(1_500));
+        assert_eq!(r.closing, None);
+
+        let s = sample(&sim, stalled);
+        assert_eq!(s.lines_delivered, 0);
+        assert!(s.backlog_bytes > 0);
+        // Behind since the batch arrived (its outbox left idle then), not since it connected.
+        assert_eq!(s.backlogged_ms, Some(1_500));
+        assert_eq!(s.last_ping_ago_ms, None);
+    }
+}
