@@ -281,13 +281,17 @@ fn loopback_pair() -> (std::net::TcpStream, std::net::TcpStream) {
     (client, server_side)
 }
 
-/// What the drivers pass to [`Hub::snapshot`]: SIOCOUTQ and SIOCINQ of the connection's
-/// socket. Here every connection reads the same live socket: the cost is the two syscalls.
-fn kernel_queues_of(fd: std::os::fd::RawFd) -> impl Fn(ConnId) -> (u64, u64) + Copy {
-    move |_| {
-        let outq = replhub::testing::driver::sockq::send_queue(fd).map_or(0, u64::from);
-        let inq = replhub::testing::driver::sockq::recv_queue(fd).map_or(0, u64::from);
-        (outq, inq)
+/// What the drivers pass to [`Hub::snapshot`]: SIOCOUTQ, SIOCINQ and the peer address of the
+/// connection's socket. Here every connection reads the same live socket: the cost is the three
+/// syscalls.
+fn kernel_queues_of(
+    fd: std::os::fd::RawFd,
+) -> impl Fn(ConnId) -> replhub::testing::hub::stats::SocketSample + Copy {
+    use replhub::testing::driver::sockq;
+    move |_| replhub::testing::hub::stats::SocketSample {
+        send_queue: sockq::send_queue(fd).map_or(0, u64::from),
+        read_queue: sockq::recv_queue(fd).map_or(0, u64::from),
+        peer: sockq::peer_addr(fd).map_or_else(|_| String::new(), |a| a.to_string()),
     }
 }
 
@@ -320,7 +324,7 @@ fn metrics_overhead(c: &mut Criterion) {
                     let n = deliver(&mut setup);
                     batches += 1;
                     if every.is_some_and(|e| batches % e == 0) {
-                        std::hint::black_box(setup.hub.snapshot(0, kernel_queues));
+                        std::hint::black_box(setup.hub.snapshot(0, Now::default(), kernel_queues));
                     }
                     n
                 },
@@ -336,7 +340,7 @@ fn metrics_overhead(c: &mut Criterion) {
         let setup = hub_with(n);
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::new("core_snapshot_with_ioctls", n), &n, |b, _| {
-            b.iter(|| setup.hub.snapshot(0, kernel_queues));
+            b.iter(|| setup.hub.snapshot(0, Now::default(), kernel_queues));
         });
     }
     group.finish();
@@ -369,7 +373,7 @@ fn metrics_overhead_paired(_c: &mut Criterion) {
             s.hub.on_batch(Arc::clone(&batch), s.now);
             std::hint::black_box(deliver(s));
             if scrape_every.is_some_and(|e| k % e == 0) {
-                std::hint::black_box(s.hub.snapshot(0, kernel_queues));
+                std::hint::black_box(s.hub.snapshot(0, Now::default(), kernel_queues));
             }
         }
         thread_cpu_time() - t0
@@ -387,7 +391,7 @@ fn metrics_overhead_paired(_c: &mut Criterion) {
             .map(|_| {
                 let t0 = thread_cpu_time();
                 for _ in 0..100 {
-                    std::hint::black_box(s.hub.snapshot(0, kernel_queues));
+                    std::hint::black_box(s.hub.snapshot(0, Now::default(), kernel_queues));
                 }
                 (thread_cpu_time() - t0).as_secs_f64() / 100.0
             })

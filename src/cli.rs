@@ -29,6 +29,8 @@ enum Command {
     Tail(TailArgs),
     /// Load-test the hub (or Redis pub/sub) end to end over loopback.
     Loadtest(replhub::loadtest::LoadtestArgs),
+    /// A live terminal view of a running hub's workers (polls its /connections).
+    Top(TopArgs),
     /// Print a shell completion script to stdout.
     ///
     /// bash: `replhub completions bash > /etc/bash_completion.d/replhub`;
@@ -86,6 +88,19 @@ struct TailArgs {
     log_level: Option<String>,
 }
 
+#[derive(Debug, Args)]
+struct TopArgs {
+    /// The hub's metrics endpoint (its --metrics-listen)
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9093")]
+    metrics: String,
+    /// The first sort of the worker table (keys b, r, n switch it)
+    #[arg(long, value_name = "KEY", default_value = "backlog")]
+    sort: replhub::top::model::TopSort,
+    /// Time between polls (seconds, or with a unit: 500ms, 2s)
+    #[arg(long, value_name = "SECS", default_value = "1s")]
+    interval: String,
+}
+
 /// Parses the command line and runs; the process exit code.
 pub(crate) fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -107,6 +122,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(args),
         Command::Tail(args) => tail(args),
         Command::Loadtest(args) => replhub::loadtest::cli(args),
+        Command::Top(args) => top(&args),
         Command::Completions(args) => completions(args.shell),
         Command::Manpage(args) => manpage(args.dir.as_deref()),
     }
@@ -153,6 +169,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(log_level.as_deref(), "info")?;
     let server = Server::start(config)?;
     server.wait_for_signal()
+}
+
+fn top(args: &TopArgs) -> anyhow::Result<()> {
+    let interval_ms = replhub::config::parse_duration_ms(&args.interval)
+        .map_err(|e| anyhow::anyhow!("--interval {:?}: {e}", args.interval))?;
+    if interval_ms == 0 {
+        anyhow::bail!("--interval must be more than 0");
+    }
+    let opts = replhub::top::TopOptions {
+        metrics: args.metrics.clone(),
+        sort: args.sort,
+        interval: std::time::Duration::from_millis(interval_ms),
+    };
+    replhub::top::run(&opts)
 }
 
 fn tail(args: TailArgs) -> anyhow::Result<()> {

@@ -76,7 +76,13 @@ pub struct ServeConfig {
     pub hub: HubConfig,
     /// SO_SNDBUF for accepted worker sockets (0: the kernel's default and auto-tuning).
     pub worker_sndbuf: usize,
+    /// `/healthz` turns 503 once the upstream has been disconnected for longer than this (ms).
+    pub health_upstream_grace_ms: u64,
 }
+
+/// Default `--health-upstream-grace`: long enough for a reconnect with backoff, short enough
+/// for a load balancer to notice a master that is gone.
+pub const DEFAULT_HEALTH_UPSTREAM_GRACE_MS: u64 = 30_000;
 
 /// Default `--worker-sndbuf`: a worker that stops reading holds at most this much kernel
 /// memory (twice this, as Linux counts it), and costs the core at most this much copying.
@@ -105,6 +111,7 @@ impl ServeConfig {
             io: IoBackend::Auto,
             hub,
             worker_sndbuf: DEFAULT_WORKER_SNDBUF,
+            health_upstream_grace_ms: DEFAULT_HEALTH_UPSTREAM_GRACE_MS,
         }
     }
 
@@ -202,6 +209,11 @@ impl ServeConfig {
                 )));
             }
             config.worker_sndbuf = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        if let Some(t) = &opts.health_upstream_grace {
+            let t = t.to_string();
+            config.health_upstream_grace_ms = parse_duration_ms(&t)
+                .map_err(|e| ConfigError::new(format!("--health-upstream-grace {t:?}: {e}")))?;
         }
         Ok(config)
     }
@@ -307,6 +319,11 @@ pub struct ServeOptions {
     #[arg(long, value_name = "BYTES")]
     #[serde(alias = "worker_sndbuf")]
     pub worker_sndbuf: Option<Quantity>,
+    /// /healthz answers 503 once the upstream has been disconnected for longer than this
+    /// (seconds, or with a unit: 500ms, 1m) [default: 30]
+    #[arg(long, value_name = "SECS")]
+    #[serde(alias = "health_upstream_grace")]
+    pub health_upstream_grace: Option<Quantity>,
     /// Log level or filter (trace, debug, info, warn, error, or a RUST_LOG-style filter)
     /// [default: $RUST_LOG, else info]
     #[arg(long, value_name = "LEVEL")]
@@ -341,6 +358,7 @@ impl ServeOptions {
             write_timeout: self.write_timeout.or(file.write_timeout),
             protocol: self.protocol.or(file.protocol),
             worker_sndbuf: self.worker_sndbuf.or(file.worker_sndbuf),
+            health_upstream_grace: self.health_upstream_grace.or(file.health_upstream_grace),
             log_level: self.log_level.or(file.log_level),
         }
     }
@@ -494,6 +512,19 @@ mod tests {
         assert_eq!(c.hub.write_timeout_ms, 2_500);
         assert_eq!(c.metrics_listen, None);
         assert!(matches!(c.source, SourceConfig::Synthetic { rate: 5, .. }));
+    }
+
+    #[test]
+    fn health_upstream_grace_flag_and_key() {
+        assert_eq!(ServeConfig::from_options(&opts()).expect("valid").health_upstream_grace_ms, 30_000);
+        let file: ServeOptions =
+            toml::from_str("synthetic = 5\nhealth-upstream-grace = \"1m\"\n").expect("toml");
+        assert_eq!(ServeConfig::from_options(&file).expect("valid").health_upstream_grace_ms, 60_000);
+        let flag = ServeOptions { health_upstream_grace: Some(Quantity::Int(5)), ..opts() };
+        assert_eq!(ServeConfig::from_options(&flag).expect("valid").health_upstream_grace_ms, 5_000);
+        let bad = ServeOptions { health_upstream_grace: Some(Quantity::Text("soon".into())), ..opts() };
+        let err = ServeConfig::from_options(&bad).unwrap_err().to_string();
+        assert!(err.starts_with("--health-upstream-grace \"soon\""), "{err}");
     }
 
     #[test]

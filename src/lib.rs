@@ -45,3 +45,6 @@ pub mod loadtest;
 pub mod tail;
 #[doc(hidden)]
 pub mod testing;
+/// `replhub top`, the operator's live view (a subcommand of the binary, like `tail`).
+#[doc(hidden)]
+pub mod top;

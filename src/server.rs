@@ -6,6 +6,7 @@
 //!        ▲                                                   │  (each: own SO_REUSEPORT listener,
 //!        └────────── (core, UpstreamCmd) ◄───────────────────┘   own Hub, epoll or io_uring)
 //!   metrics thread: Snapshot to every core + the source at scrape time ─► render
+//!     (/metrics, /connections), or the source alone (/healthz)
 //! ```
 //!
 //! ```no_run
@@ -32,8 +33,10 @@ use crate::config::{IoBackend, ServeConfig};
 use crate::driver::source::{self, SourceContext, SourceHandle};
 use crate::driver::{epoll, uring, CoreContext, CoreMsg, Inbox};
 use crate::hub::stats::CoreSnapshot;
+use crate::metrics::connections::{ConnQuery, ConnectionsPage, PageContext};
+use crate::metrics::http::Limits;
 use crate::metrics::snapshot::UpstreamSnapshot;
-use crate::metrics::{MetricsServer, RenderInfo};
+use crate::metrics::{MetricsServer, Pages, RenderInfo};
 use crate::time::Clock;
 use crate::upstream::backoff::BackoffConfig;
 
@@ -245,8 +248,18 @@ impl Server {
                 threads,
                 max_pending_bytes: config.hub.max_pending_bytes,
             };
-            let scraper = Scraper { cores: server.cores.clone(), source: server.source.clone(), info };
-            match MetricsServer::start(addr, move || scraper.render()) {
+            let scraper = Arc::new(Scraper {
+                cores: server.cores.clone(),
+                source: server.source.clone(),
+                info,
+                clock,
+                health_upstream_grace_ms: config.health_upstream_grace_ms,
+            });
+            let (for_connections, for_health) = (Arc::clone(&scraper), Arc::clone(&scraper));
+            let pages = Pages::metrics(move || scraper.render())
+                .with_connections(move |query| for_connections.connections(query))
+                .with_health(move || for_health.health());
+            match MetricsServer::start_pages(addr, Limits::default(), pages) {
                 Ok(m) => server.metrics = Some(m),
                 Err(e) => {
                     drop(server);
@@ -418,17 +431,46 @@ fn collect_snapshots(cores: &[Inbox<CoreMsg>], timeout: Duration) -> Vec<CoreSna
     snaps
 }
 
-/// What the metrics thread calls at each scrape.
+/// What the metrics thread calls for each request (on its one render thread).
 struct Scraper {
     cores: Vec<Inbox<CoreMsg>>,
     source: SourceHandle,
     info: RenderInfo,
+    /// The clock the cores and the source read, so their monotonic times compare with ours.
+    clock: Clock,
+    health_upstream_grace_ms: u64,
 }
 
 impl Scraper {
+    /// `/metrics`.
     fn render(&self) -> String {
         let snaps = collect_snapshots(&self.cores, SCRAPE_TIMEOUT);
         let upstream = self.source.snapshot(SCRAPE_TIMEOUT).unwrap_or_default();
         crate::metrics::render(&snaps, &upstream, &self.info)
+    }
+
+    /// `/connections`.
+    fn connections(&self, query: &ConnQuery) -> String {
+        let snaps = collect_snapshots(&self.cores, SCRAPE_TIMEOUT);
+        let upstream = self.source.snapshot(SCRAPE_TIMEOUT);
+        let now = self.clock.now();
+        let ctx = PageContext {
+            version: self.info.version,
+            cores: self.info.threads,
+            now_mono_ms: now.mono_ms,
+            now_wall_ms: now.wall_ms,
+        };
+        ConnectionsPage::build(&snaps, upstream.as_ref(), ctx, query).to_json()
+    }
+
+    /// `/healthz`: only the source is asked (a core too busy to answer a scrape is still
+    /// serving).
+    fn health(&self) -> Result<(), String> {
+        let upstream = self.source.snapshot(SCRAPE_TIMEOUT);
+        crate::metrics::health::check(
+            upstream.as_ref(),
+            self.clock.now().mono_ms,
+            self.health_upstream_grace_ms,
+        )
     }
 }

@@ -22,7 +22,10 @@ pub mod driver {
 
 /// The exposition and its HTTP endpoint, tested without a hub behind them.
 pub mod metrics {
-    pub use crate::metrics::http::Limits;
+    pub use crate::metrics::connections::{
+        ConnEntry, ConnQuery, ConnectionsPage, QueryError, SortKey, Totals, UpstreamView,
+    };
+    pub use crate::metrics::http::{Limits, Pages};
     pub use crate::metrics::snapshot::UpstreamSnapshot;
     pub use crate::metrics::{render, MetricsServer, RenderInfo};
 }

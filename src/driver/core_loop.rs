@@ -22,6 +22,7 @@ use std::os::fd::RawFd;
 use std::sync::mpsc::{Receiver, TryRecvError};
 
 use super::{sockq, CoreMsg, Inbox};
+use crate::hub::stats::SocketSample;
 use crate::hub::{CloseHow, ConnId, Hub, HubConfig, HubOutput, UpstreamCmd};
 use crate::time::{Clock, Now};
 
@@ -130,8 +131,9 @@ impl CoreLoop {
                 Ok(CoreMsg::Batch(batch)) => self.hub.on_batch(batch, now),
                 Ok(CoreMsg::Upstream(event)) => self.hub.on_upstream(&event, now),
                 Ok(CoreMsg::Snapshot(reply)) => {
-                    let snap =
-                        self.hub.snapshot(self.index, |id| sockets.fd(id).map_or((0, 0), kernel_queues));
+                    let snap = self.hub.snapshot(self.index, now, |id| {
+                        sockets.fd(id).map_or_else(SocketSample::default, socket_sample)
+                    });
                     // The scraper may have given up waiting; that is fine.
                     let _ = reply.send(snap);
                 }
@@ -281,8 +283,12 @@ pub(crate) fn set_worker_sndbuf(core: usize, socket: socket2::SockRef<'_>, bytes
 }
 
 /// SIOCOUTQ and SIOCINQ of a socket, read on the core that owns it (0 where unavailable).
-fn kernel_queues(fd: RawFd) -> (u64, u64) {
-    (sockq::send_queue(fd).map_or(0, u64::from), sockq::recv_queue(fd).map_or(0, u64::from))
+fn socket_sample(fd: RawFd) -> SocketSample {
+    SocketSample {
+        send_queue: sockq::send_queue(fd).map_or(0, u64::from),
+        read_queue: sockq::recv_queue(fd).map_or(0, u64::from),
+        peer: sockq::peer_addr(fd).map_or_else(|_| String::new(), |a| a.to_string()),
+    }
 }
 
 /// How often a failing `accept` is reported after its first failure.

@@ -40,6 +40,21 @@ pub fn recv_queue(fd: RawFd) -> io::Result<u32> {
     }
 }
 
+/// The peer address of a connected socket (`getpeername`).
+pub fn peer_addr(fd: RawFd) -> io::Result<std::net::SocketAddr> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: the caller's socket is open for the duration of this call (it is read on the core
+    // that owns it, which closes it only between turns), and the borrow does not outlive the call:
+    // `SockRef` only issues `getpeername` on it.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    socket2::SockRef::from(&fd)
+        .peer_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "not an IP socket"))
+}
+
 /// Issues an ioctl whose argument is a pointer to one `int` the kernel fills in.
 #[cfg(target_os = "linux")]
 fn ioctl_u32(fd: RawFd, request: libc::Ioctl) -> io::Result<u32> {
@@ -68,6 +83,13 @@ mod tests {
         let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (b, _) = listener.accept().unwrap();
         (a, b)
+    }
+
+    #[test]
+    fn peer_addr_is_the_other_end() {
+        let (a, b) = pair();
+        assert_eq!(peer_addr(b.as_raw_fd()).unwrap(), a.local_addr().unwrap());
+        assert!(peer_addr(-1).is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@ use super::outbox::Outbox;
 use super::stats::{CloseReason, ConnPhase, WORDS};
 use crate::proto::{StreamId, StreamMask};
 use crate::session::Session;
+use crate::time::Now;
 
 /// How far a connection's close has gone. The reason is decided once and never changes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,10 +108,14 @@ pub(super) struct Conn {
     pub inbound: [u64; WORDS],
     /// Bytes its socket took in all (see `writes::PROVEN_READER_BYTES`).
     pub written: u64,
+    /// When it was accepted (both clocks: uptime from the monotonic one, the wall one to show).
+    pub connected_at: Now,
+    /// When it last sent `PING` (monotonic ms), if ever.
+    pub last_ping_ms: Option<u64>,
 }
 
 impl Conn {
-    pub(super) fn new(session: Session, outbox: Outbox) -> Self {
+    pub(super) fn new(session: Session, outbox: Outbox, now: Now) -> Self {
         Self {
             session,
             phase: ConnPhase::Waiting,
@@ -120,6 +125,8 @@ impl Conn {
             name: None,
             inbound: [0; WORDS],
             written: 0,
+            connected_at: now,
+            last_ping_ms: None,
         }
     }
 

@@ -18,7 +18,7 @@ impl Hub {
     pub fn accept(&mut self, now: Now) -> ConnId {
         let session = Session::new(Role::Server, self.config.session.clone(), now);
         let outbox = Outbox::new(self.log.head(), now.mono_ms);
-        let id = self.conns.insert_with(|_| Box::new(Conn::new(session, outbox)));
+        let id = self.conns.insert_with(|_| Box::new(Conn::new(session, outbox, now)));
         self.stats.accepted += 1;
         tracing::info!(conn = %id, name = "anon", "connection accepted");
         if self.shutting_down {
@@ -53,6 +53,9 @@ impl Hub {
             match next {
                 Ok((word, line)) => {
                     c.inbound[word as usize] += 1;
+                    if word == CommandWord::Ping {
+                        c.last_ping_ms = Some(now.mono_ms);
+                    }
                     self.handle_command(id, word, &line, now);
                     self.enforce_bounds(id, now);
                 }

@@ -106,6 +106,9 @@ pub(super) struct Outbox {
     progress_ms: u64,
     /// Outbound commands written, by command word (RDATA counted per line).
     outbound: [u64; WORDS],
+    /// When the outbox last left `Idle` (monotonic ms): while it has output pending, how long
+    /// the connection has been behind. Set once per wake from idle, never per line.
+    busy_since_ms: u64,
 }
 
 impl Outbox {
@@ -120,6 +123,7 @@ impl Outbox {
             private_bytes: 0,
             progress_ms: now_ms,
             outbound: [0; WORDS],
+            busy_since_ms: now_ms,
         }
     }
 
@@ -208,6 +212,11 @@ impl Outbox {
         &self.outbound
     }
 
+    /// Since when (monotonic ms) output has been pending, or `None` while idle.
+    pub(super) fn busy_since_ms(&self) -> Option<u64> {
+        (!matches!(self.state, WriteState::Idle)).then_some(self.busy_since_ms)
+    }
+
     /// Queues a private line to go out before log line `at`.
     pub(super) fn push_private(&mut self, at: Seq, bytes: Bytes, word: CommandWord) {
         self.private_bytes += bytes.len() as u64;
@@ -266,6 +275,7 @@ impl Outbox {
         self.offset = 0;
         self.state = WriteState::Pending;
         self.progress_ms = now_ms;
+        self.busy_since_ms = now_ms;
         if self.feed == Feed::Log {
             log.pin(self.cursor);
         }

@@ -8,7 +8,8 @@
 //! metrics layer only reads these.
 
 use super::{ConnId, Hub};
-use crate::proto::{CommandWord, StreamId};
+use crate::proto::{CommandWord, Generation, StreamId};
+use crate::time::Now;
 
 /// Number of command words tracked per connection.
 pub const WORDS: usize = CommandWord::ALL.len();
@@ -139,11 +140,46 @@ pub struct CoreStats {
     pub log_bytes: u64,
 }
 
+/// What the driver reads from a connection's socket at scrape time, on the core that owns it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SocketSample {
+    /// `SIOCOUTQ`: bytes in the kernel send queue not yet acknowledged.
+    pub send_queue: u64,
+    /// `SIOCINQ`: bytes received by the kernel not yet read.
+    pub read_queue: u64,
+    /// The peer's address as text (`getpeername`), empty if unknown. Text, so the sans-IO hub
+    /// holds no socket types.
+    pub peer: String,
+}
+
 /// One live connection at scrape time.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConnSample {
+    /// The connection's id on its core (`index.generation`, as in the logs).
+    pub id: String,
     /// The worker's NAME, or `anon` before NAME.
     pub name: String,
+    /// The peer's address, as the driver reported it (empty if unknown).
+    pub peer: String,
+    /// How the worker is connected: `tcp` for the replication protocol.
+    pub transport: &'static str,
+    /// The protocol generation the connection is served in (the upstream's, once known).
+    pub generation: Option<&'static str>,
+    /// Wall-clock Unix milliseconds when it was accepted.
+    pub connected_wall_ms: i64,
+    /// Milliseconds since it was accepted.
+    pub uptime_ms: u64,
+    /// Log lines (RDATA, relayed REMOTE_SERVER_UP) written to it.
+    pub lines_delivered: u64,
+    /// Bytes its socket took (log lines and private lines).
+    pub bytes_delivered: u64,
+    /// Milliseconds it has had a backlog without catching up to the head; `None` when it has
+    /// no backlog.
+    pub backlogged_ms: Option<u64>,
+    /// Milliseconds since it last sent `PING`; `None` if it never did.
+    pub last_ping_ago_ms: Option<u64>,
+    /// Why it is closing, once decided.
+    pub closing: Option<CloseReason>,
     /// Life stage.
     pub phase: ConnPhase,
     /// Subscribed streams (bit i = `StreamId::ALL[i]`).
@@ -181,22 +217,41 @@ pub struct CoreSnapshot {
 }
 
 impl Hub {
-    /// A metrics snapshot. `kernel_queues` maps a connection to its (SIOCOUTQ, SIOCINQ) values,
-    /// read by the driver on this core.
-    pub fn snapshot(&self, core: usize, mut kernel_queues: impl FnMut(ConnId) -> (u64, u64)) -> CoreSnapshot {
+    /// A metrics snapshot at `now`. `socket` reads a connection's socket (kernel queues, peer
+    /// address); the driver calls it on this core.
+    pub fn snapshot(
+        &self,
+        core: usize,
+        now: Now,
+        mut socket: impl FnMut(ConnId) -> SocketSample,
+    ) -> CoreSnapshot {
         let mut stats = self.stats.clone();
         stats.log_bytes = self.log.held_bytes();
+        let generation = self.generation.map(Generation::label);
         let conns = self
             .conns
             .iter()
             .map(|(id, c)| {
-                let (outq, inq) = kernel_queues(id);
+                let SocketSample { send_queue: outq, read_queue: inq, peer } = socket(id);
+                let backlog_bytes = c.outbox.backlog_bytes(&self.log);
+                let since = |ms: u64| now.mono_ms.saturating_sub(ms);
                 ConnSample {
+                    id: id.to_string(),
                     name: c.display_name().to_owned(),
+                    peer,
+                    transport: "tcp",
+                    generation,
+                    connected_wall_ms: c.connected_at.wall_ms,
+                    uptime_ms: since(c.connected_at.mono_ms),
+                    lines_delivered: c.outbox.outbound()[CommandWord::Rdata as usize],
+                    bytes_delivered: c.written,
+                    backlogged_ms: c.outbox.busy_since_ms().filter(|_| backlog_bytes > 0).map(since),
+                    last_ping_ago_ms: c.last_ping_ms.map(since),
+                    closing: c.close.reason(),
                     phase: c.phase,
                     subscribed: c.subs.mask.0,
                     pending_commands: c.outbox.pending_lines(&self.log),
-                    backlog_bytes: c.outbox.backlog_bytes(&self.log),
+                    backlog_bytes,
                     kernel_send_queue: outq,
                     kernel_read_queue: inq,
                     inbound: c.inbound,
@@ -205,5 +260,58 @@ impl Hub {
             })
             .collect();
         CoreSnapshot { core, stats, conns }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::sim::{Capacity, Sim};
+    use crate::hub::HubConfig;
+    use crate::proto::Token;
+
+    fn sample(sim: &Sim, id: ConnId) -> ConnSample {
+        let snap = sim.hub.snapshot(0, sim.now, |_| SocketSample {
+            send_queue: 7,
+            read_queue: 3,
+            peer: "127.0.0.1:5000".to_owned(),
+        });
+        snap.conns.into_iter().find(|c| c.id == id.to_string()).expect("the connection is live")
+    }
+
+    /// What `/connections` shows per connection comes from the hub's own state at `now`.
+    #[test]
+    fn a_sample_says_since_when_and_how_far_behind() {
+        let mut sim = Sim::new(HubConfig::default());
+        sim.connect_upstream("example.com", Sim::positions());
+        let accepted = sim.now;
+        let reader = sim.accept();
+        let stalled = sim.accept();
+        sim.send(reader, "NAME reader\nREPLICATE events");
+        sim.send(stalled, "NAME stalled\nREPLICATE events");
+        sim.set_capacity(stalled, Capacity::Stalled);
+        sim.advance(2_000);
+        sim.send(reader, "PING 1");
+        sim.batch(&[(StreamId::Events, Token::Value(200)), (StreamId::Events, Token::Value(201))]);
+        sim.advance(1_500);
+
+        let r = sample(&sim, reader);
+        assert_eq!((r.name.as_str(), r.peer.as_str(), r.transport), ("reader", "127.0.0.1:5000", "tcp"));
+        assert_eq!((r.kernel_send_queue, r.kernel_read_queue), (7, 3));
+        assert_eq!(r.generation, Some("seed"));
+        assert_eq!(r.connected_wall_ms, accepted.wall_ms);
+        assert_eq!(r.uptime_ms, 3_500);
+        assert_eq!(r.lines_delivered, 2);
+        assert!(r.bytes_delivered > 0);
+        assert_eq!((r.backlog_bytes, r.backlogged_ms), (0, None));
+        assert_eq!(r.last_ping_ago_ms, Some(1_500));
+        assert_eq!(r.closing, None);
+
+        let s = sample(&sim, stalled);
+        assert_eq!(s.lines_delivered, 0);
+        assert!(s.backlog_bytes > 0);
+        // Behind since the batch arrived (its outbox left idle then), not since it connected.
+        assert_eq!(s.backlogged_ms, Some(1_500));
+        assert_eq!(s.last_ping_ago_ms, None);
     }
 }

@@ -1,5 +1,5 @@
-//! The `/metrics` endpoint: a small HTTP/1.1 server on a thread of its own, independent of the
-//! I/O driver.
+//! The operator's HTTP endpoint (`/metrics`, `/connections`, `/healthz`): a small HTTP/1.1
+//! server on a thread of its own, independent of the I/O driver.
 //!
 //! ```text
 //!  listener ─accept─► Conns: at most max_conns; when full, the oldest connection not being
@@ -32,11 +32,16 @@ use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 use tokio::time::{timeout_at, Instant};
 
+use super::connections::ConnQuery;
+
 /// Longest request head accepted (request line and headers).
 pub(crate) const MAX_HEAD: usize = 8 * 1024;
 
 /// The content type of Prometheus text exposition 0.0.4.
 pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The content type of `/connections`.
+pub(crate) const JSON_CONTENT_TYPE: &str = "application/json";
 
 /// Listen backlog. Accepting never waits on a client, so the queue only has to absorb a burst of
 /// connects between two turns of the accept loop.
@@ -79,8 +84,50 @@ impl Default for Limits {
     }
 }
 
-/// Produces a page's body; called on the render thread, once per complete request for it.
+/// Produces `/metrics`'s body; called on the render thread, once per complete request for it.
 type Render = Arc<dyn Fn() -> String + Send + Sync>;
+/// Produces `/connections`'s JSON for a parsed query; called on the render thread.
+type RenderConnections = Arc<dyn Fn(&ConnQuery) -> String + Send + Sync>;
+/// Says whether the server is healthy (`Err` says why not); called on the render thread.
+type CheckHealth = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// The pages an endpoint serves: `/metrics` always, `/connections` and `/healthz` when given.
+#[derive(Clone)]
+pub struct Pages {
+    metrics: Render,
+    connections: Option<RenderConnections>,
+    health: Option<CheckHealth>,
+}
+
+impl Pages {
+    /// Serves `/metrics` with what `render` returns, and nothing else.
+    pub fn metrics(render: impl Fn() -> String + Send + Sync + 'static) -> Self {
+        Self { metrics: Arc::new(render), connections: None, health: None }
+    }
+
+    /// Also serves `/connections` with the JSON `render` returns for the request's query.
+    #[must_use]
+    pub fn with_connections(mut self, render: impl Fn(&ConnQuery) -> String + Send + Sync + 'static) -> Self {
+        self.connections = Some(Arc::new(render));
+        self
+    }
+
+    /// Also serves `/healthz`: `200 ok` while `check` says `Ok`, else `503` with its reason.
+    #[must_use]
+    pub fn with_health(mut self, check: impl Fn() -> Result<(), String> + Send + Sync + 'static) -> Self {
+        self.health = Some(Arc::new(check));
+        self
+    }
+}
+
+impl std::fmt::Debug for Pages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pages")
+            .field("connections", &self.connections.is_some())
+            .field("health", &self.health.is_some())
+            .finish_non_exhaustive()
+    }
+}
 
 /// A running `/metrics` endpoint. Stops (and joins its thread) on [`shutdown`](Self::shutdown)
 /// or drop.
@@ -107,6 +154,11 @@ impl MetricsServer {
         limits: Limits,
         render: impl Fn() -> String + Send + Sync + 'static,
     ) -> io::Result<Self> {
+        Self::start_pages(addr, limits, Pages::metrics(render))
+    }
+
+    /// Binds `addr` and serves `pages` on a new thread.
+    pub fn start_pages(addr: SocketAddr, limits: Limits, pages: Pages) -> io::Result<Self> {
         let listener = bind(addr)?;
         let local_addr = listener.local_addr()?;
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -123,11 +175,8 @@ impl MetricsServer {
         };
         // With no slot at all every connection would be refused.
         let limits = Limits { max_conns: limits.max_conns.max(1), ..limits };
-        let shared = Arc::new(Shared {
-            limits,
-            routes: Routes { metrics: Page { content_type: CONTENT_TYPE, render: Arc::new(render) } },
-            conns: Mutex::new(Conns::default()),
-        });
+        let shared =
+            Arc::new(Shared { limits, routes: Routes { pages }, conns: Mutex::new(Conns::default()) });
         let (stop, stopped) = oneshot::channel();
         let thread =
             std::thread::Builder::new().name("replhub-metrics-http".to_owned()).spawn(move || {
@@ -334,11 +383,11 @@ async fn exchange(stream: &mut TcpStream, id: u64, accepted: Instant, shared: &S
     let reply = match read_head(stream, &mut buf, accepted + shared.limits.head_timeout).await? {
         Head::Complete(len) => match shared.routes.route(&buf[..len]) {
             Route::Reply(reply) => reply,
-            Route::Page(page) => {
+            Route::Render(job) => {
                 if !shared.conns().set_rendering(id, true) {
                     return Ok(());
                 }
-                let reply = page.render().await;
+                let reply = render(job).await;
                 shared.conns().set_rendering(id, false);
                 reply
             }
@@ -446,6 +495,10 @@ impl Reply {
         }
     }
 
+    fn ok(content_type: &'static str, body: String) -> Self {
+        Self { status: "200 OK", content_type, extra_header: None, body: body.into_bytes() }
+    }
+
     fn into_bytes(self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.body.len() + 160);
         out.extend_from_slice(b"HTTP/1.1 ");
@@ -470,6 +523,8 @@ impl Reply {
 struct Request<'a> {
     method: &'a [u8],
     path: &'a [u8],
+    /// What follows `?` in the target (empty if nothing), without a `#fragment`.
+    query: &'a [u8],
 }
 
 /// Parses the head: a request line `METHOD SP target SP HTTP/1.x`, then `name: value` lines.
@@ -492,11 +547,12 @@ fn parse(head: &[u8]) -> Option<Request<'_>> {
             return None;
         }
     }
-    Some(Request { method, path: path_of(target)? })
+    let (path, query) = path_of(target)?;
+    Some(Request { method, path, query })
 }
 
-/// The path of an origin-form (`/p?q`) or absolute-form (`http://host/p?q`) target.
-fn path_of(target: &[u8]) -> Option<&[u8]> {
+/// The path and query of an origin-form (`/p?q`) or absolute-form (`http://host/p?q`) target.
+fn path_of(target: &[u8]) -> Option<(&[u8], &[u8])> {
     let target = if target.starts_with(b"/") {
         target
     } else {
@@ -507,7 +563,14 @@ fn path_of(target: &[u8]) -> Option<&[u8]> {
     if target[..end].iter().any(|b| b.is_ascii_control() || *b == b' ') {
         return None;
     }
-    Some(&target[..end])
+    let query = match target.get(end) {
+        Some(b'?') => {
+            let rest = &target[end + 1..];
+            &rest[..memchr::memchr(b'#', rest).unwrap_or(rest.len())]
+        }
+        _ => &[],
+    };
+    Some((&target[..end], query))
 }
 
 /// An RFC 9110 token character.
@@ -532,55 +595,44 @@ const fn is_tchar(b: u8) -> bool {
         )
 }
 
-/// A page the endpoint serves: its content type and what renders its body.
-struct Page {
-    content_type: &'static str,
-    render: Render,
-}
+/// The work of answering one request for a page: runs on the render thread.
+type Job = Box<dyn FnOnce() -> Reply + Send>;
 
-impl Page {
-    /// Renders on the render thread. A bug in rendering must not take the endpoint down for
-    /// every later scrape, so a panic is a `500`.
-    async fn render(&self) -> Reply {
-        let (tx, rx) = oneshot::channel();
-        let render = Arc::clone(&self.render);
-        // Detached: if the connection goes away first, the job sees it and skips the render.
-        drop(tokio::task::spawn_blocking(move || {
-            if !tx.is_closed() {
-                let _ = tx.send(catch_unwind(AssertUnwindSafe(|| render())));
-            }
-        }));
-        match rx.await {
-            Ok(Ok(body)) => Reply {
-                status: "200 OK",
-                content_type: self.content_type,
-                extra_header: None,
-                body: body.into_bytes(),
-            },
-            Ok(Err(_)) => {
-                tracing::error!("metrics rendering panicked");
-                Reply::text("500 Internal Server Error", "rendering failed\n")
-            }
-            Err(_) => Reply::text("500 Internal Server Error", "server stopping\n"),
+/// Runs `job` on the render thread. A bug in rendering must not take the endpoint down for
+/// every later request, so a panic is a `500`.
+async fn render(job: Job) -> Reply {
+    let (tx, rx) = oneshot::channel();
+    // Detached: if the connection goes away first, the job sees it and skips the render.
+    drop(tokio::task::spawn_blocking(move || {
+        if !tx.is_closed() {
+            let _ = tx.send(catch_unwind(AssertUnwindSafe(job)));
         }
+    }));
+    match rx.await {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(_)) => {
+            tracing::error!("metrics rendering panicked");
+            Reply::text("500 Internal Server Error", "rendering failed\n")
+        }
+        Err(_) => Reply::text("500 Internal Server Error", "server stopping\n"),
     }
 }
 
-/// The pages served. A new endpoint is a field here and one arm in [`Routes::route`].
+/// The pages served. A new endpoint is a field of [`Pages`] and one arm in [`Routes::route`].
 struct Routes {
-    metrics: Page,
+    pages: Pages,
 }
 
 /// What a request resolves to.
-enum Route<'a> {
+enum Route {
     /// A fixed reply (an error), sent without asking anyone.
     Reply(Reply),
-    /// A page to render.
-    Page(&'a Page),
+    /// A page to render on the render thread.
+    Render(Job),
 }
 
 impl Routes {
-    fn route(&self, head: &[u8]) -> Route<'_> {
+    fn route(&self, head: &[u8]) -> Route {
         let Some(req) = parse(head) else {
             return Route::Reply(Reply::text("400 Bad Request", "malformed request\n"));
         };
@@ -590,8 +642,25 @@ impl Routes {
                 ..Reply::text("405 Method Not Allowed", "only GET is supported\n")
             });
         }
-        match req.path {
-            b"/metrics" => Route::Page(&self.metrics),
+        match (req.path, &self.pages.connections, &self.pages.health) {
+            (b"/metrics", _, _) => {
+                let render = Arc::clone(&self.pages.metrics);
+                Route::Render(Box::new(move || Reply::ok(CONTENT_TYPE, render())))
+            }
+            (b"/connections", Some(render), _) => match ConnQuery::parse(req.query) {
+                Ok(query) => {
+                    let render = Arc::clone(render);
+                    Route::Render(Box::new(move || Reply::ok(JSON_CONTENT_TYPE, render(&query))))
+                }
+                Err(e) => Route::Reply(Reply::text("400 Bad Request", &format!("{e}\n"))),
+            },
+            (b"/healthz", _, Some(check)) => {
+                let check = Arc::clone(check);
+                Route::Render(Box::new(move || match check() {
+                    Ok(()) => Reply::text("200 OK", "ok\n"),
+                    Err(why) => Reply::text("503 Service Unavailable", &format!("{why}\n")),
+                }))
+            }
             _ => Route::Reply(Reply::text("404 Not Found", "not found; try /metrics\n")),
         }
     }
@@ -614,11 +683,15 @@ mod tests {
     #[test]
     fn parses_request_lines() {
         let r = parse(b"GET /metrics?name[]=x HTTP/1.1\r\nHost: h:9\r\nAccept: */*\r\n\r\n");
-        assert_eq!(r, Some(Request { method: b"GET", path: b"/metrics" }));
+        assert_eq!(r, Some(Request { method: b"GET", path: b"/metrics", query: b"name[]=x" }));
         let r = parse(b"GET http://h:9/metrics HTTP/1.0\r\n\r\n");
-        assert_eq!(r, Some(Request { method: b"GET", path: b"/metrics" }));
+        assert_eq!(r, Some(Request { method: b"GET", path: b"/metrics", query: b"" }));
         let r = parse(b"POST /x HTTP/1.1\r\n\r\n");
-        assert_eq!(r, Some(Request { method: b"POST", path: b"/x" }));
+        assert_eq!(r, Some(Request { method: b"POST", path: b"/x", query: b"" }));
+        let r = parse(b"GET /connections?sort=name&limit=2#top HTTP/1.1\r\n\r\n");
+        assert_eq!(r, Some(Request { method: b"GET", path: b"/connections", query: b"sort=name&limit=2" }));
+        let r = parse(b"GET /c#x?y HTTP/1.1\r\n\r\n");
+        assert_eq!(r, Some(Request { method: b"GET", path: b"/c", query: b"" }));
         for bad in [
             &b"GET /metrics\r\n\r\n"[..],
             b"GET /metrics HTTP/2\r\n\r\n",
@@ -636,19 +709,57 @@ mod tests {
     }
 
     fn routes(render: impl Fn() -> String + Send + Sync + 'static) -> Routes {
-        Routes { metrics: Page { content_type: CONTENT_TYPE, render: Arc::new(render) } }
+        Routes { pages: Pages::metrics(render) }
     }
 
     /// Routes `head` and, for a page, renders it on a runtime like the server's.
     fn answer(routes: &Routes, head: &[u8]) -> Reply {
         match routes.route(head) {
             Route::Reply(reply) => reply,
-            Route::Page(page) => tokio::runtime::Builder::new_current_thread()
+            Route::Render(job) => tokio::runtime::Builder::new_current_thread()
                 .max_blocking_threads(1)
                 .build()
                 .unwrap()
-                .block_on(page.render()),
+                .block_on(render(job)),
         }
+    }
+
+    fn body(reply: &Reply) -> &str {
+        std::str::from_utf8(&reply.body).unwrap()
+    }
+
+    #[test]
+    fn routes_connections_and_health_when_served() {
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let flag = Arc::clone(&healthy);
+        let r = Routes {
+            pages: Pages::metrics(String::new)
+                .with_connections(|q| format!("{{\"limit\":{}}}", q.limit))
+                .with_health(move || {
+                    if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                        Ok(())
+                    } else {
+                        Err("upstream disconnected for 31s".to_owned())
+                    }
+                }),
+        };
+        let ok = answer(&r, b"GET /connections?limit=7 HTTP/1.1\r\n\r\n");
+        assert_eq!((ok.status, ok.content_type, body(&ok)), ("200 OK", JSON_CONTENT_TYPE, "{\"limit\":7}"));
+        let bad = answer(&r, b"GET /connections?sort=colour HTTP/1.1\r\n\r\n");
+        assert_eq!(bad.status, "400 Bad Request");
+        assert!(body(&bad).contains("colour"), "{}", body(&bad));
+        let up = answer(&r, b"GET /healthz HTTP/1.1\r\n\r\n");
+        assert_eq!((up.status, body(&up)), ("200 OK", "ok\n"));
+        healthy.store(false, std::sync::atomic::Ordering::SeqCst);
+        let down = answer(&r, b"GET /healthz HTTP/1.1\r\n\r\n");
+        assert_eq!(
+            (down.status, body(&down)),
+            ("503 Service Unavailable", "upstream disconnected for 31s\n")
+        );
+        // An endpoint serving only /metrics knows nothing else.
+        let only = routes(String::new);
+        assert_eq!(answer(&only, b"GET /connections HTTP/1.1\r\n\r\n").status, "404 Not Found");
+        assert_eq!(answer(&only, b"GET /healthz HTTP/1.1\r\n\r\n").status, "404 Not Found");
     }
 
     #[test]

@@ -11,11 +11,17 @@
 //! - [`snapshot`]: the plain data the upstream link hands over (no atomics, no locks); the
 //!   cores hand over [`CoreSnapshot`](crate::hub::stats::CoreSnapshot)s.
 //! - [`render`](mod@render): folds the snapshots into Prometheus text, Synapse's names first.
-//! - [`http`]: the `/metrics` endpoint: its own thread and current-thread runtime, one task per
-//!   connection (so no client waits for another), independent of the I/O driver.
+//! - [`connections`]: `/connections`, every live connection as JSON (what `replhub top` reads).
+//! - [`health`]: `/healthz`, whether the upstream has been gone for too long.
+//! - [`http`]: the endpoint (`/metrics`, `/connections`, `/healthz`): its own thread and
+//!   current-thread runtime, one task per connection (so no client waits for another),
+//!   independent of the I/O driver.
+pub(crate) mod connections;
+pub(crate) mod health;
 pub(crate) mod http;
 pub mod render;
 pub(crate) mod snapshot;
 
 pub use http::MetricsServer;
+pub(crate) use http::Pages;
 pub use render::{render, RenderInfo};

@@ -12,6 +12,10 @@ pub struct UpstreamSnapshot {
     pub mode: &'static str,
     /// Whether the upstream link is up (always true for synthetic).
     pub connected: bool,
+    /// While the upstream link is down, since when (monotonic ms of the server's clock: when
+    /// the last connection that completed its handshake went away, or the start); `None` while
+    /// up, and always in synthetic mode.
+    pub down_since_ms: Option<u64>,
     /// Reconnects so far.
     pub reconnects: u64,
     /// The upstream's protocol generation label (`seed`, `1.13`, `1.22`), once known.

@@ -165,6 +165,7 @@ impl SyntheticSource {
         UpstreamSnapshot {
             mode: "synthetic",
             connected: self.last_tick_ms.is_some(),
+            down_since_ms: None,
             reconnects: 0,
             generation: Some(crate::proto::Generation::Seed.label()),
             tokens: self.positions(),

@@ -128,6 +128,9 @@ struct Stats {
     forward_dropped: u64,
     malformed_rdata: u64,
     unknown_stream_rdata: u64,
+    /// When the last connection whose handshake completed went away (monotonic ms; 0, the
+    /// start, until one did): how long the link has been down, for `/healthz`.
+    down_since_ms: u64,
 }
 
 /// Per-connection state, dropped on disconnect.
@@ -250,10 +253,13 @@ impl UpstreamLink {
     /// The connection is gone (EOF, socket error, or closed after [`Self::wants_close`]).
     /// Reports [`LinkEvent::Down`] once per connection and resets the per-connection state;
     /// the users syncing and the forward queue are kept for the next connection.
-    pub(crate) fn on_disconnected(&mut self, reason: &str, _now: Now) {
+    pub(crate) fn on_disconnected(&mut self, reason: &str, now: Now) {
         let Some(conn) = self.conn.take() else {
             return;
         };
+        if conn.up {
+            self.stats.down_since_ms = now.mono_ms;
+        }
         let mut why = reason.to_owned();
         if let Some(err) = conn.session.error() {
             why = format!("we sent ERROR {err}; {why}");
@@ -513,6 +519,7 @@ impl UpstreamLink {
         UpstreamSnapshot {
             mode: "upstream",
             connected: self.is_up(),
+            down_since_ms: (!self.is_up()).then_some(self.stats.down_since_ms),
             reconnects: self.stats.connects.saturating_sub(1),
             generation: self.generation().map(Generation::label),
             tokens: self.tokens,
