@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import queue
+import subprocess
 import sys
 import time
 
@@ -198,7 +199,11 @@ def main():
             if p.p.poll() is None:
                 p.p.terminate()
         for p in procs.values():
-            p.stop()
+            try:
+                p.p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.p.kill()
+                p.p.wait()
         time.sleep(0.2)  # the reader threads drain the last lines of exited processes
 
     report = verdict(args, names, procs, live_from, failures)
