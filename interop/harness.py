@@ -107,14 +107,7 @@ def setup_logging(debug_file=None):
 def stop_after(seconds, code_fn=lambda: 0):
     """Stops the reactor after `seconds` (the hard bound of every run) and on SIGTERM/SIGINT."""
 
-    stopped = []
-
-    # Idempotent: a second SIGTERM, or the time limit, arriving while the reactor is already
-    # shutting down (reactor.running is still true then) must not raise ReactorNotRunning.
     def stop(reason):
-        if stopped:
-            return
-        stopped.append(reason)
         emit("stopping", reason=reason)
         if reactor.running:
             reactor.stop()

@@ -193,7 +193,8 @@ def main():
     except Abort:
         pass
     finally:
-        # SIGTERM is each node's one way to stop; all at once, then wait for each.
+        # One SIGTERM each (Twisted's handler stops the reactor; a second one while it is
+        # stopping would log ReactorNotRunning), all at once, then wait for each.
         for p in procs.values():
             p.stopping = True
             if p.p.poll() is None:
