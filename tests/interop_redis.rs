@@ -140,13 +140,7 @@ fn run(port: u16, label: &str) -> Value {
     let verdict: Value = serde_json::from_str(last)
         .unwrap_or_else(|e| panic!("{label}: no verdict ({e}) in {stdout:?}; logs in {}", log_dir.display()));
     assert_eq!(verdict["event"], "verdict", "{label}: {last}");
-    assert_eq!(
-        verdict["pass"],
-        true,
-        "{label}: {}; logs in {}",
-        verdict["failures"],
-        log_dir.display()
-    );
+    assert_eq!(verdict["pass"], true, "{label}: {}; logs in {}", verdict["failures"], log_dir.display());
     assert!(status.success(), "{label}: run_redis exited with {status}");
     check_delivery(&verdict, label);
     eprintln!("{label}: pass in {:?}", started.elapsed());
@@ -178,7 +172,8 @@ fn check_delivery(verdict: &Value, label: &str) {
         for receiver in &names {
             let mut sent = Vec::new();
             for m in msgs {
-                let (channel, line) = (m["channel"].as_str().expect("channel"), m["line"].as_str().expect("line"));
+                let (channel, line) =
+                    (m["channel"].as_str().expect("channel"), m["line"].as_str().expect("line"));
                 kinds.insert(line.split(' ').next().unwrap_or_default().to_owned());
                 // <server_name>/USER_IP is subscribed by the main process only.
                 let subscribed = !channel.ends_with("/USER_IP") || *receiver == "master";
@@ -199,8 +194,12 @@ fn check_delivery(verdict: &Value, label: &str) {
         assert!(kinds.contains(kind), "{label}: no live {kind} was published: {kinds:?}");
     }
     // The batch: two caches rows share a token, the first sent as `batch`.
-    let master: Vec<&str> = live["master"].as_array().expect("master").iter().filter_map(|m| m["line"].as_str()).collect();
-    assert!(master.iter().any(|l| l.starts_with("RDATA caches master batch ")), "{label}: no batch from master");
+    let master: Vec<&str> =
+        live["master"].as_array().expect("master").iter().filter_map(|m| m["line"].as_str()).collect();
+    assert!(
+        master.iter().any(|l| l.starts_with("RDATA caches master batch ")),
+        "{label}: no batch from master"
+    );
 }
 
 #[test]
