@@ -3,6 +3,7 @@
 use super::log::Seq;
 use super::stats::{CloseReason, ConnPhase};
 use super::{ConnId, Hub, UpstreamEvent};
+use crate::proto::release::map_order;
 use crate::proto::{CommandWord, Generation, PeerError, ReplicateTarget, StreamId, StreamMask};
 use crate::time::Now;
 
@@ -42,15 +43,14 @@ impl Hub {
         }
     }
 
-    /// Every stream the upstream serves (all of them while that is not known yet).
+    /// Every stream the upstream serves (all of them while that is not known yet), in the
+    /// order a master lists them (`presence_federation` after `presence`, as from 1.33).
     fn subscribe_all(&mut self, id: ConnId, now: Now) {
         if let Some(c) = self.conn_mut(id) {
             c.subs.all = true;
         }
-        let streams: Vec<StreamId> = match self.served {
-            Some(served) => served.iter().collect(),
-            None => StreamId::ALL.to_vec(),
-        };
+        let served = self.served.unwrap_or(StreamMask::ALL);
+        let streams: Vec<StreamId> = map_order().filter(|s| served.contains(*s)).collect();
         for s in streams {
             self.request_subscription(id, s, now);
         }
