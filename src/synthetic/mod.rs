@@ -40,7 +40,7 @@ use crate::time::Now;
 mod caches;
 mod events;
 #[cfg(test)]
-mod generations;
+pub(crate) mod generations;
 mod line;
 mod pacing;
 mod presence;
