@@ -140,11 +140,11 @@ impl Hub {
             }
             Command::RemovePusher(_) => {
                 self.stats.remove_pusher += 1;
-                self.forward(line);
+                self.forward_if_known_upstream(id, word, line, now);
             }
             Command::InvalidateCache(_) => {
                 self.stats.invalidate_cache += 1;
-                self.forward(line);
+                self.forward_if_known_upstream(id, word, line, now);
             }
             Command::UserIp(_) => {
                 self.stats.user_ip += 1;

@@ -218,6 +218,9 @@ pub struct Hub {
     stats: CoreStats,
     next_tick_ms: u64,
     shutting_down: bool,
+    /// When the last WARN about a worker command withheld from the upstream was logged
+    /// (monotonic ms): at most one a minute.
+    withheld_warned_ms: Option<u64>,
 }
 
 impl Hub {
@@ -244,6 +247,7 @@ impl Hub {
             stats: CoreStats::default(),
             next_tick_ms: 0,
             shutting_down: false,
+            withheld_warned_ms: None,
         }
     }
 

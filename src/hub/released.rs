@@ -10,6 +10,14 @@
 //!   never back to its sender, and replhub is one connection: so besides going upstream it is
 //!   delivered here to every other greeted worker, never to its sender.
 //!
+//! * `INVALIDATE_CACHE` (gone in 1.14) and `REMOVE_PUSHER` (gone in 1.29): a master that does
+//!   not know a command answers `ERROR failed to parse line: KeyError(...)` and closes the
+//!   connection, and replhub's one connection is every worker's feed. So they go upstream
+//!   only when the upstream's release knows them: with the release pinned
+//!   (`--synapse-version`) a worker gets that release's answer instead, as if connected to it;
+//!   with only the generation learnt, a command that some release of it lacks is dropped
+//!   (WARN once a minute, `replhub_withheld_commands_total`). See [`upstream_verdict`].
+//!
 //! A worker is of a released generation when the upstream is (learnt or pinned), or, while
 //! that is not known, when it greeted with a bare `REPLICATE`.
 use bytes::{BufMut, BytesMut};
@@ -17,8 +25,44 @@ use bytes::{BufMut, BytesMut};
 use super::stats::CloseReason;
 use super::{ConnId, Hub};
 use crate::proto::generation::{parse_any_federation_ack, parse_instance_user_sync};
-use crate::proto::{CommandWord, Line, PeerError};
+use crate::proto::{CommandWord, Generation, Line, PeerError, SynapseRelease};
 use crate::time::Now;
+
+/// At most one WARN per this many ms about commands withheld from the upstream.
+const WITHHELD_WARN_INTERVAL_MS: u64 = 60_000;
+
+/// What to do with a worker command that only some releases' masters know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum UpstreamVerdict {
+    /// The upstream knows it (or is the seed, or not known yet): forward it.
+    Forward,
+    /// The upstream's pinned release does not know it: answer the worker as it would.
+    Answer,
+    /// The upstream's generation includes releases that do not know it: drop it.
+    Withhold,
+}
+
+/// Whether `word` may go to an upstream of `release` (pinned) or `generation` (learnt).
+pub(super) fn upstream_verdict(
+    word: CommandWord,
+    release: Option<SynapseRelease>,
+    generation: Option<Generation>,
+) -> UpstreamVerdict {
+    match (release, generation) {
+        (Some(r), _) if r.knows_command(word) => UpstreamVerdict::Forward,
+        (Some(_), _) => UpstreamVerdict::Answer,
+        (None, Some(g)) if g.has_instance() => {
+            if SynapseRelease::of_generation(g).all(|r| r.knows_command(word)) {
+                UpstreamVerdict::Forward
+            } else {
+                UpstreamVerdict::Withhold
+            }
+        }
+        // The seed knows every command; before the first handshake nothing is known, and
+        // the worker's own command is the best hint of what its master speaks.
+        (None, _) => UpstreamVerdict::Forward,
+    }
+}
 
 impl Hub {
     /// Whether `id` speaks a released generation (1.13+) rather than the seed.
@@ -77,6 +121,38 @@ impl Hub {
         true
     }
 
+    /// Forwards `line` (`INVALIDATE_CACHE`, `REMOVE_PUSHER`) unless the upstream's release
+    /// does not know `word` (see [`upstream_verdict`]).
+    pub(super) fn forward_if_known_upstream(&mut self, id: ConnId, word: CommandWord, line: &Line, now: Now) {
+        match upstream_verdict(word, self.config.release, self.generation) {
+            UpstreamVerdict::Forward => self.forward(line),
+            UpstreamVerdict::Answer => {
+                let err = PeerError::unknown_command(line.as_bytes());
+                let name = self.conn(id).map(|c| c.display_name().to_owned()).unwrap_or_default();
+                let release = self.config.release.map(|r| r.to_string()).unwrap_or_default();
+                tracing::info!(conn = %id, name, word = word.as_str(), release, "command unknown to the master's release, closing");
+                self.fail(id, &err, CloseReason::ProtocolError, now);
+            }
+            UpstreamVerdict::Withhold => {
+                self.stats.withheld_commands += 1;
+                let due = self.withheld_warned_ms.is_none_or(|t| now.mono_ms >= t + WITHHELD_WARN_INTERVAL_MS);
+                if due {
+                    self.withheld_warned_ms = Some(now.mono_ms);
+                    let name = self.conn(id).map(|c| c.display_name().to_owned()).unwrap_or_default();
+                    tracing::warn!(
+                        conn = %id,
+                        name,
+                        word = word.as_str(),
+                        generation = %self.generation.map_or("?", Generation::label),
+                        withheld = self.stats.withheld_commands,
+                        "not forwarding a command some releases of the upstream's protocol do not know \
+                         (they would drop replhub's connection); give --synapse-version to decide exactly"
+                    );
+                }
+            }
+        }
+    }
+
     /// Queues `line` to every greeted, open connection but `from`, after what each has queued.
     fn deliver_to_others(&mut self, from: ConnId, line: &Line, now: Now) {
         let mut buf = BytesMut::with_capacity(line.as_bytes().len() + 1);
@@ -103,7 +179,7 @@ impl Hub {
 mod tests {
     use super::super::sim::Sim;
     use super::super::{HubConfig, UpstreamCmd};
-    use crate::proto::{Generation, StreamId, Token};
+    use crate::proto::{Generation, StreamId, SynapseRelease, Token};
 
     fn positions() -> [Option<i64>; StreamId::COUNT] {
         let mut p = Sim::positions();
@@ -112,7 +188,11 @@ mod tests {
     }
 
     fn sim(generation: Generation) -> Sim {
-        let mut sim = Sim::new(HubConfig::default());
+        sim_with(generation, None)
+    }
+
+    fn sim_with(generation: Generation, release: Option<SynapseRelease>) -> Sim {
+        let mut sim = Sim::new(HubConfig { release, ..HubConfig::default() });
         sim.connect_upstream_as("example.com", positions(), generation);
         sim
     }
@@ -230,5 +310,70 @@ mod tests {
         for w in [b, c] {
             assert_eq!(sim.take_lines(w), vec!["REMOTE_SERVER_UP other.example"]);
         }
+    }
+
+    #[test]
+    fn which_commands_may_reach_which_upstream() {
+        use super::{upstream_verdict, UpstreamVerdict::*};
+        use crate::proto::{CommandWord::*, SynapseRelease};
+        let r = |m| SynapseRelease::new(m);
+        let cases = [
+            // (word, pinned release, learnt generation, verdict)
+            (InvalidateCache, None, None, Forward),
+            (InvalidateCache, None, Some(Generation::Seed), Forward),
+            (InvalidateCache, None, Some(Generation::V1_13), Withhold),
+            (InvalidateCache, None, Some(Generation::V1_22), Withhold),
+            (InvalidateCache, r(13), Some(Generation::V1_13), Forward),
+            (InvalidateCache, r(14), Some(Generation::V1_13), Answer),
+            (RemovePusher, None, Some(Generation::V1_13), Forward),
+            (RemovePusher, None, Some(Generation::V1_22), Withhold),
+            (RemovePusher, r(28), Some(Generation::V1_22), Forward),
+            (RemovePusher, r(29), Some(Generation::V1_22), Answer),
+            (RemovePusher, r(66), None, Answer),
+        ];
+        for (word, release, generation, want) in cases {
+            assert_eq!(upstream_verdict(word, release, generation), want, "{word:?} {release:?} {generation:?}");
+        }
+    }
+
+    #[test]
+    fn commands_a_learnt_upstream_may_not_know_are_withheld_not_forwarded() {
+        let mut sim = sim(Generation::V1_22);
+        let w = sim.accept();
+        sim.send(w, "REPLICATE\nINVALIDATE_CACHE f [\"a\"]\nREMOVE_PUSHER m.http k @a:hs\nFEDERATION_ACK 3");
+        assert_eq!(forwarded(&mut sim), vec!["FEDERATION_ACK 3\n"], "only what every 1.22+ master knows");
+        assert!(sim.closed(w).is_none(), "the worker is not punished for it");
+        assert_eq!(sim.hub.stats().withheld_commands, 2);
+        // A 1.13-1.21 master: every one has REMOVE_PUSHER, only 1.13 has INVALIDATE_CACHE.
+        let mut sim = sim_with(Generation::V1_13, None);
+        let w = sim.accept();
+        sim.send(w, "REPLICATE\nINVALIDATE_CACHE f [\"a\"]\nREMOVE_PUSHER m.http k @a:hs");
+        assert_eq!(forwarded(&mut sim), vec!["REMOVE_PUSHER m.http k @a:hs\n"]);
+        assert_eq!(sim.hub.stats().withheld_commands, 1);
+    }
+
+    #[test]
+    fn a_pinned_release_answers_what_it_does_not_know_as_its_master_would() {
+        let mut sim = sim_with(Generation::V1_22, SynapseRelease::new(22));
+        let w = sim.accept();
+        sim.send(w, "REPLICATE\nREMOVE_PUSHER m.http k @a:hs");
+        assert_eq!(forwarded(&mut sim), vec!["REMOVE_PUSHER m.http k @a:hs\n"], "1.22 still knows it");
+        sim.take_lines(w);
+        sim.send(w, "INVALIDATE_CACHE get_user_by_id [\"@a:hs\"]");
+        assert_eq!(
+            sim.take_lines(w).last().map(String::as_str),
+            Some("ERROR failed to parse line: KeyError('INVALIDATE_CACHE') ('INVALIDATE_CACHE get_user_by_id [\"@a:hs\"]'):")
+        );
+        assert!(sim.closed(w).is_some());
+        assert!(forwarded(&mut sim).is_empty(), "never upstream");
+        assert_eq!(sim.hub.stats().withheld_commands, 0);
+
+        let mut sim = sim_with(Generation::V1_22, SynapseRelease::new(66));
+        let w = sim.accept();
+        sim.send(w, "REPLICATE\nREMOVE_PUSHER m.http k @a:hs");
+        assert!(sim
+            .take_lines(w)
+            .contains(&"ERROR failed to parse line: KeyError('REMOVE_PUSHER') ('REMOVE_PUSHER m.http k @a:hs'):".to_owned()));
+        assert!(forwarded(&mut sim).is_empty());
     }
 }
