@@ -135,7 +135,8 @@ impl Hub {
             }
             UpstreamVerdict::Withhold => {
                 self.stats.withheld_commands += 1;
-                let due = self.withheld_warned_ms.is_none_or(|t| now.mono_ms >= t + WITHHELD_WARN_INTERVAL_MS);
+                let due =
+                    self.withheld_warned_ms.is_none_or(|t| now.mono_ms >= t + WITHHELD_WARN_INTERVAL_MS);
                 if due {
                     self.withheld_warned_ms = Some(now.mono_ms);
                     let name = self.conn(id).map(|c| c.display_name().to_owned()).unwrap_or_default();
@@ -332,7 +333,11 @@ mod tests {
             (RemovePusher, r(66), None, Answer),
         ];
         for (word, release, generation, want) in cases {
-            assert_eq!(upstream_verdict(word, release, generation), want, "{word:?} {release:?} {generation:?}");
+            assert_eq!(
+                upstream_verdict(word, release, generation),
+                want,
+                "{word:?} {release:?} {generation:?}"
+            );
         }
     }
 
@@ -371,9 +376,10 @@ mod tests {
         let mut sim = sim_with(Generation::V1_22, SynapseRelease::new(66));
         let w = sim.accept();
         sim.send(w, "REPLICATE\nREMOVE_PUSHER m.http k @a:hs");
-        assert!(sim
-            .take_lines(w)
-            .contains(&"ERROR failed to parse line: KeyError('REMOVE_PUSHER') ('REMOVE_PUSHER m.http k @a:hs'):".to_owned()));
+        assert!(sim.take_lines(w).contains(
+            &"ERROR failed to parse line: KeyError('REMOVE_PUSHER') ('REMOVE_PUSHER m.http k @a:hs'):"
+                .to_owned()
+        ));
         assert!(forwarded(&mut sim).is_empty());
     }
 }

@@ -104,7 +104,9 @@ impl Synthetic {
             // `membership` (of a member event), `rejected` (Synapse 1.23+).
             write_sep(out);
             match kind {
-                EventKind::Member => write_str(out, self.world.rng.pick(&["join", "join", "leave", "invite"])),
+                EventKind::Member => {
+                    write_str(out, self.world.rng.pick(&["join", "join", "leave", "invite"]))
+                }
                 _ => write_null(out),
             }
             write_sep(out);

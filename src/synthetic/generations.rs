@@ -19,10 +19,8 @@ use crate::upstream::LinkEvent;
 
 /// The vector file of a release.
 pub(crate) fn vector(release: &str) -> String {
-    let path = format!(
-        "{}/../shared/vectors/generations/stream-sample-{release}.txt",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let path =
+        format!("{}/../shared/vectors/generations/stream-sample-{release}.txt", env!("CARGO_MANIFEST_DIR"));
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
@@ -51,16 +49,17 @@ fn shapes(lines: &[&str]) -> Shapes {
         match word {
             "POSITION" => {
                 let fields: Vec<&str> = line.split(' ').collect();
-                let masked: Vec<&str> = fields
-                    .iter()
-                    .enumerate()
-                    .map(|(i, f)| if i >= 3 { "N" } else { f })
-                    .collect();
+                let masked: Vec<&str> =
+                    fields.iter().enumerate().map(|(i, f)| if i >= 3 { "N" } else { f }).collect();
                 s.positions.push(masked.join(" "));
             }
             "RDATA" => {
-                let (stream, instance, _token, row) =
-                    (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+                let (stream, instance, _token, row) = (
+                    parts.next().unwrap(),
+                    parts.next().unwrap(),
+                    parts.next().unwrap(),
+                    parts.next().unwrap(),
+                );
                 s.heads.insert(format!("RDATA {stream} {instance} T"));
                 let value = json::parse(row.as_bytes()).unwrap_or_else(|e| panic!("{e}: {line}"));
                 let spaced = json::to_vec(&value);
@@ -77,10 +76,9 @@ fn shapes(lines: &[&str]) -> Shapes {
                 }
                 let items = value.as_array().unwrap();
                 let (kind, n) = match (stream, items) {
-                    ("events" | "federation", [kind, data]) => (
-                        kind.as_str().unwrap().to_owned(),
-                        data.as_array().map_or(0, <[Value]>::len),
-                    ),
+                    ("events" | "federation", [kind, data]) => {
+                        (kind.as_str().unwrap().to_owned(), data.as_array().map_or(0, <[Value]>::len))
+                    }
                     _ => (String::new(), items.len()),
                 };
                 s.rows.entry(stream.to_owned()).or_default().insert((kind, n));

@@ -249,7 +249,8 @@ impl Synthetic {
         let token = self.next_token(stream);
         let ts = now.wall_ms;
         let instance = self.cfg.release.is_some_and(SynapseRelease::has_instance_names);
-        let mut line = LineCtx { stream, token, rows: self.group_size(stream), written: 0, instance, json_at: 0 };
+        let mut line =
+            LineCtx { stream, token, rows: self.group_size(stream), written: 0, instance, json_at: 0 };
         match stream {
             StreamId::Events => return self.events_group(out, &mut line, on_line),
             StreamId::Caches if line.rows > 1 => {

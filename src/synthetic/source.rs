@@ -17,7 +17,7 @@ use bytes::{Bytes, BytesMut};
 use super::{Synthetic, SyntheticConfig, UNPACED_BATCH};
 use crate::hub::{Batch, LineMeta, UpstreamCmd, UpstreamEvent, UserSyncMerger, BROADCAST};
 use crate::metrics::snapshot::UpstreamSnapshot;
-use crate::proto::{Generation, StreamId, SyncState, SynapseRelease};
+use crate::proto::{Generation, StreamId, SynapseRelease, SyncState};
 use crate::time::Now;
 use crate::upstream::LinkEvent;
 
