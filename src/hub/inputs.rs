@@ -116,7 +116,10 @@ impl Hub {
                     c.name = Some(name.to_owned());
                 }
             }
-            Command::Replicate(target) => self.replicate(id, target, now),
+            Command::Replicate(target) => {
+                self.replicate(id, target, now);
+                self.adopt_released_parse(id);
+            }
             Command::UserSync(us) => {
                 self.stats.user_sync += 1;
                 let t = match us.state {

@@ -18,6 +18,9 @@
 //!   with only the generation learnt, a command that some release of it lacks is dropped
 //!   (WARN once a minute, `replhub_withheld_commands_total`). See [`upstream_verdict`].
 //!
+//! * Once a worker sent a bare `REPLICATE`, its lines are checked in a 1.13+ master's order
+//!   and with its error texts ([`crate::proto::release::check_released_line`]).
+//!
 //! A worker is of a released generation when the upstream is (learnt or pinned), or, while
 //! that is not known, when it greeted with a bare `REPLICATE`.
 use bytes::{BufMut, BytesMut};
@@ -25,6 +28,7 @@ use bytes::{BufMut, BytesMut};
 use super::stats::CloseReason;
 use super::{ConnId, Hub};
 use crate::proto::generation::{parse_any_federation_ack, parse_instance_user_sync};
+use crate::proto::release::ReleasedParse;
 use crate::proto::{CommandWord, Generation, Line, PeerError, SynapseRelease};
 use crate::time::Now;
 
@@ -119,6 +123,22 @@ impl Hub {
             }
         }
         true
+    }
+
+    /// Once `id` is known to be a 1.13+ worker (it sent a bare `REPLICATE`), its later lines
+    /// are checked as a 1.13+ master checks them: looked up, parsed, then the direction, with
+    /// that master's error texts (PROTOCOL.md §8.2).
+    pub(super) fn adopt_released_parse(&mut self, id: ConnId) {
+        let release = self.config.release;
+        let generation = self
+            .generation
+            .filter(|g| g.has_instance())
+            .or(release.map(SynapseRelease::generation))
+            .unwrap_or(Generation::V1_22);
+        let Some(c) = self.conn_mut(id) else { return };
+        if c.subs.bare {
+            c.session.set_released_parse(ReleasedParse { generation, release });
+        }
     }
 
     /// Forwards `line` (`INVALIDATE_CACHE`, `REMOVE_PUSHER`) unless the upstream's release
@@ -282,7 +302,7 @@ mod tests {
         assert!(sim.closed(w).is_none());
         sim.send(w, "USER_SYNC @a:hs start 16");
         assert!(sim.take_lines(w).contains(
-            &"ERROR failed to parse line for  'USER_SYNC': ValueError('not enough values to unpack (expected 4, got 3)') ('@a:hs start 16'):".to_owned()
+            &"ERROR failed to parse line: ValueError('not enough values to unpack (expected 4, got 3)') ('USER_SYNC @a:hs start 16'):".to_owned()
         ));
         assert!(forwarded(&mut sim).is_empty(), "the seed form never reaches a 1.13+ master");
         let w = sim.accept();
@@ -290,7 +310,7 @@ mod tests {
         sim.send(w, "USER_SYNC AbCdE @a:hs stop 16");
         assert!(sim
             .take_lines(w)
-            .contains(&"ERROR failed to parse line for  'USER_SYNC': Exception(\"Invalid USER_SYNC state 'stop'\") ('AbCdE @a:hs stop 16'):".to_owned()));
+            .contains(&"ERROR failed to parse line: Exception(\"Invalid USER_SYNC state 'stop'\") ('USER_SYNC AbCdE @a:hs stop 16'):".to_owned()));
     }
 
     #[test]
@@ -381,5 +401,44 @@ mod tests {
                 .to_owned()
         ));
         assert!(forwarded(&mut sim).is_empty());
+    }
+
+    #[test]
+    fn a_worker_that_sent_a_bare_replicate_is_parsed_as_a_released_master_would() {
+        let mut sim = sim(Generation::V1_22);
+        // Before its bare REPLICATE, the seed's checks and texts.
+        let w = sim.accept();
+        sim.send(w, "FOO bar");
+        assert_eq!(sim.take_lines(w).last().map(String::as_str), Some("ERROR invalid command: FOO"));
+        let lines = |sim: &mut Sim, text: &str| {
+            let w = sim.accept();
+            sim.send(w, "REPLICATE");
+            sim.take_lines(w);
+            sim.send(w, text);
+            let last = sim.take_lines(w).last().cloned();
+            (last, sim.closed(w).is_some())
+        };
+        assert_eq!(
+            lines(&mut sim, "FOO bar"),
+            (Some("ERROR failed to parse line: KeyError('FOO') ('FOO bar'):".to_owned()), true)
+        );
+        assert_eq!(
+            lines(&mut sim, "POSITION events master 1"),
+            (
+                Some(
+                    "ERROR failed to parse line: ValueError('not enough values to unpack (expected 4, got 3)') \
+                     ('POSITION events master 1'):"
+                        .to_owned()
+                ),
+                true
+            ),
+            "parsed before the direction check"
+        );
+        assert_eq!(
+            lines(&mut sim, "POSITION events master 1 1"),
+            (Some("ERROR invalid command: POSITION".to_owned()), true)
+        );
+        let (_, closed) = lines(&mut sim, "USER_SYNC AbCdE @a:hs start 1");
+        assert!(!closed, "its own commands still pass");
     }
 }

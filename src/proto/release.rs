@@ -18,8 +18,15 @@
 //!
 //! Only the 1.13–1.66 releases are known here (TCP replication ended with 1.66); the 1.10–1.12
 //! generation is another wire format altogether.
-use super::command::CommandWord;
-use super::generation::Generation;
+use super::command::{CommandWord, Role};
+use super::error::{FieldError, PeerError};
+use super::fields::Rdata;
+use super::generation::{
+    parse_any_federation_ack, parse_any_position, parse_any_rdata, parse_instance_user_sync, Generation,
+    RdataForm,
+};
+use super::inbound::{check_command, parse_args};
+use super::line::Line;
 use super::stream::{StreamId, StreamMask};
 
 /// A Synapse release `1.<minor>` whose master speaks TCP replication (1.13–1.66).
@@ -178,6 +185,70 @@ pub fn map_order() -> impl Iterator<Item = StreamId> {
     MAP_ORDER.into_iter()
 }
 
+/// How a master of Synapse 1.13+ checks a received line (PROTOCOL.md §8.2), for a connection
+/// replhub knows to be of that generation: the master's protocol generation (for the shape of
+/// POSITION) and, if pinned, its release (for the commands it knows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReleasedParse {
+    /// The protocol generation of the master replhub plays (1.13 or 1.22).
+    pub generation: Generation,
+    /// The master's release, when pinned.
+    pub release: Option<SynapseRelease>,
+}
+
+impl ReleasedParse {
+    /// Whether the master knows `word` at all: the pinned release's commands, else 1.13's.
+    fn knows(self, word: CommandWord) -> bool {
+        self.release.unwrap_or(SynapseRelease::OLDEST).knows_command(word)
+    }
+}
+
+/// The receive checks of a Synapse 1.13+ master for one line from a peer in `role`'s other
+/// side, in its order: the command word is looked up (`failed to parse line:
+/// KeyError('<word>') ('<line>'):` if unknown), then its arguments parsed in that release's
+/// forms (`failed to parse line: <exception> ('<line>'):`), and only then the direction
+/// checked (`invalid command: <word>`). Invalid UTF-8 fails as in the seed's check.
+pub fn check_released_line(role: Role, line: &Line, rules: ReleasedParse) -> Result<CommandWord, PeerError> {
+    if std::str::from_utf8(line.as_bytes()).is_err() {
+        return check_command(role, line);
+    }
+    let word = match line.command() {
+        Some(word) if rules.knows(word) => word,
+        _ => return Err(PeerError::unknown_command(line.as_bytes())),
+    };
+    let args = line.args();
+    let parsed: Result<(), FieldError> = match word {
+        // `_SimpleCommand`s and 1.13's REPLICATE, whose arguments are ignored: never fail.
+        CommandWord::Server
+        | CommandWord::Name
+        | CommandWord::Error
+        | CommandWord::Ping
+        | CommandWord::RemoteServerUp
+        | CommandWord::ClearUserSync
+        | CommandWord::Replicate => Ok(()),
+        CommandWord::UserSync => parse_instance_user_sync(args).map(drop),
+        CommandWord::FederationAck => parse_any_federation_ack(args).map(drop),
+        CommandWord::Position => parse_any_position(args, Some(rules.generation)).map(drop),
+        CommandWord::Rdata => parse_any_rdata(args, RdataForm::Instance).and_then(|r| {
+            super::fields::validate_rdata(&Rdata { stream: r.stream, token: r.token, row: r.row })
+        }),
+        // Unchanged since the seed: its parsers say what Synapse says.
+        _ => match parse_args(word, line) {
+            Ok(_) => Ok(()),
+            Err(PeerError::Parse { detail, .. }) => Err(FieldError(detail)),
+            Err(other) => return Err(other),
+        },
+    };
+    if let Err(e) = parsed {
+        let line = String::from_utf8_lossy(line.as_bytes()).into_owned();
+        return Err(PeerError::LineParse { detail: e.0, line });
+    }
+    if !word.accepted_by(role) {
+        return Err(PeerError::InvalidCommand(word.as_str().to_owned()));
+    }
+    Ok(word)
+}
+
 impl std::fmt::Display for SynapseRelease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "1.{}", self.minor)
@@ -273,5 +344,65 @@ mod tests {
         assert!(names(60).contains(&"groups") && !names(61).contains(&"groups"));
         assert_eq!(names(66).len(), 15);
         assert_eq!(r(66).stream_mask().iter().count(), 15);
+    }
+
+    fn released_check(role: Role, text: &str, rules: ReleasedParse) -> Result<CommandWord, String> {
+        let line = Line::new(bytes::Bytes::copy_from_slice(text.as_bytes()));
+        check_released_line(role, &line, rules)
+            .map_err(|e| String::from_utf8_lossy(&e.to_line()).into_owned())
+    }
+
+    #[test]
+    fn the_parse_order_and_errors_of_a_released_master() {
+        let v22 = ReleasedParse { generation: Generation::V1_22, release: None };
+        let check = |text| released_check(Role::Server, text, v22);
+        assert_eq!(check("USER_SYNC AbCdE @a:hs start 16"), Ok(CommandWord::UserSync));
+        assert_eq!(check("REPLICATE"), Ok(CommandWord::Replicate));
+        assert_eq!(check("REPLICATE events 5"), Ok(CommandWord::Replicate), "arguments ignored");
+        // Unknown words, the empty one included: a KeyError with the whole line.
+        assert_eq!(check("SYNC 5"), Err("ERROR failed to parse line: KeyError('SYNC') ('SYNC 5'):\n".into()));
+        assert_eq!(check(" NAME x"), Err("ERROR failed to parse line: KeyError('') (' NAME x'):\n".into()));
+        // Arguments before direction: a bad one is a parse error even from the wrong side.
+        assert_eq!(
+            check("USER_SYNC @a:hs start 16"),
+            Err("ERROR failed to parse line: ValueError('not enough values to unpack (expected 4, got 3)') \
+                 ('USER_SYNC @a:hs start 16'):\n"
+                .into())
+        );
+        assert_eq!(
+            check("POSITION events master x 5"),
+            Err("ERROR failed to parse line: ValueError(\"invalid literal for int() with base 10: 'x'\") \
+                 ('POSITION events master x 5'):\n"
+                .into())
+        );
+        assert_eq!(check("POSITION events master 4 5"), Err("ERROR invalid command: POSITION\n".into()));
+        assert_eq!(check("RDATA events master 5 [\"ev\", []]"), Err("ERROR invalid command: RDATA\n".into()));
+        // A pinned release knows fewer words.
+        let r66 = ReleasedParse { generation: Generation::V1_22, release: SynapseRelease::new(66) };
+        assert_eq!(
+            released_check(Role::Server, "REMOVE_PUSHER m.http k @a:hs", r66),
+            Err("ERROR failed to parse line: KeyError('REMOVE_PUSHER') ('REMOVE_PUSHER m.http k @a:hs'):\n"
+                .into())
+        );
+        assert_eq!(
+            released_check(Role::Server, "REMOVE_PUSHER m.http k @a:hs", v22),
+            Ok(CommandWord::RemovePusher)
+        );
+    }
+
+    #[test]
+    fn a_1_13_worker_refuses_a_1_22_position_as_recorded() {
+        // PROTOCOL.md §8.3.1: what a 1.13 worker answered to a 1.22 master's POSITION.
+        let v13 = ReleasedParse { generation: Generation::V1_13, release: None };
+        assert_eq!(
+            released_check(Role::Client, "POSITION events master 100 100", v13),
+            Err("ERROR failed to parse line: ValueError(\"invalid literal for int() with base 10: '100 100'\") \
+                 ('POSITION events master 100 100'):\n"
+                .into())
+        );
+        assert_eq!(
+            released_check(Role::Client, "POSITION events master 100", v13),
+            Ok(CommandWord::Position)
+        );
     }
 }
