@@ -560,7 +560,7 @@ mod tests {
         };
         let c = ServeConfig::from_options(&up).unwrap();
         assert_eq!((c.hub.protocol.pinned(), c.hub.release), (Some(Generation::V1_22), Some(r66)));
-        let clash = ServeOptions { protocol: Some(ProtocolChoice::Pinned(Generation::V1_13)), ..up.clone() };
+        let clash = ServeOptions { protocol: Some(ProtocolChoice::Pinned(Generation::V1_13)), ..up };
         assert!(ServeConfig::from_options(&clash).is_err());
         let synthetic = ServeOptions { synapse_version: Some(r66), ..opts() };
         let c = ServeConfig::from_options(&synthetic).unwrap();

@@ -326,7 +326,7 @@ mod tests {
         assert!(r(28).knows_command(CommandWord::RemovePusher));
         assert!(!r(29).knows_command(CommandWord::RemovePusher));
         assert!(!r(13).knows_command(CommandWord::Sync));
-        assert!(r(17).federation_ack_has_instance() == false && r(18).federation_ack_has_instance());
+        assert!(!r(17).federation_ack_has_instance() && r(18).federation_ack_has_instance());
         assert!(r(32).federation_presence_rows() && !r(33).federation_presence_rows());
         assert_eq!(
             SynapseRelease::of_generation(Generation::V1_22).map(|r| r.minor()).collect::<Vec<_>>(),
