@@ -27,7 +27,9 @@ use bytes::{BufMut, BytesMut};
 
 use super::stats::CloseReason;
 use super::{ConnId, Hub};
+use crate::proto::fields::not_enough_values;
 use crate::proto::generation::{parse_any_federation_ack, parse_instance_user_sync};
+use crate::proto::number::parse_i64;
 use crate::proto::release::ReleasedParse;
 use crate::proto::{CommandWord, Generation, Line, PeerError, SynapseRelease};
 use crate::time::Now;
@@ -68,6 +70,30 @@ pub(super) fn upstream_verdict(
     }
 }
 
+/// Whether a `FEDERATION_ACK` with (`has_instance`) or without an instance name may go to an
+/// upstream of `release` (pinned) or `generation` (learnt): 1.18+ masters parse only
+/// `<instance> <token>`, older ones only `<token>`, and either closes the connection on the
+/// other. Learnt 1.13 covers both, and a worker of its master's release sends the right one,
+/// so only a form no release of the generation takes is withheld (a token alone to 1.22+).
+pub(super) fn federation_ack_verdict(
+    has_instance: bool,
+    release: Option<SynapseRelease>,
+    generation: Option<Generation>,
+) -> UpstreamVerdict {
+    match (release, generation) {
+        (Some(r), _) if r.federation_ack_has_instance() == has_instance => UpstreamVerdict::Forward,
+        (Some(_), _) => UpstreamVerdict::Answer,
+        (None, Some(g))
+            if g.has_instance()
+                && SynapseRelease::of_generation(g)
+                    .all(|r| r.federation_ack_has_instance() != has_instance) =>
+        {
+            UpstreamVerdict::Withhold
+        }
+        (None, _) => UpstreamVerdict::Forward,
+    }
+}
+
 impl Hub {
     /// Whether `id` speaks a released generation (1.13+) rather than the seed.
     pub(super) fn is_released(&self, id: ConnId) -> bool {
@@ -93,9 +119,14 @@ impl Hub {
             CommandWord::UserSync if self.is_released(id) => {
                 parse_instance_user_sync(args).map(|_| self.stats.user_sync += 1)
             }
-            CommandWord::FederationAck if self.is_released(id) => {
-                parse_any_federation_ack(args).map(|_| self.stats.federation_ack += 1)
-            }
+            CommandWord::FederationAck if self.is_released(id) => match parse_any_federation_ack(args) {
+                Ok(_) => {
+                    self.stats.federation_ack += 1;
+                    self.forward_federation_ack(id, line, now);
+                    return true;
+                }
+                Err(e) => Err(e),
+            },
             CommandWord::ClearUserSync if self.is_released(id) => {
                 crate::proto::fields::utf8_field(args).map(|_| ())
             }
@@ -144,13 +175,47 @@ impl Hub {
     /// Forwards `line` (`INVALIDATE_CACHE`, `REMOVE_PUSHER`) unless the upstream's release
     /// does not know `word` (see [`upstream_verdict`]).
     pub(super) fn forward_if_known_upstream(&mut self, id: ConnId, word: CommandWord, line: &Line, now: Now) {
-        match upstream_verdict(word, self.config.release, self.generation) {
+        let verdict = upstream_verdict(word, self.config.release, self.generation);
+        self.apply_verdict(id, word, line, verdict, PeerError::unknown_command, now);
+    }
+
+    /// Forwards a `FEDERATION_ACK` unless the upstream's release wants the other form (see
+    /// [`federation_ack_verdict`]); a pinned release's parse error is the answer.
+    fn forward_federation_ack(&mut self, id: ConnId, line: &Line, now: Now) {
+        let has_instance = line.args().contains(&b' ');
+        let verdict = federation_ack_verdict(has_instance, self.config.release, self.generation);
+        let answer = |line: &[u8]| {
+            let args = line.get("FEDERATION_ACK ".len()..).unwrap_or_default();
+            let detail = if has_instance {
+                // `int(line)` of a 1.13-1.17 master.
+                parse_i64(args).err().map_or_else(String::new, |e| e.0)
+            } else {
+                // `instance_name, token = line.split(" ")` of a 1.18+ master.
+                not_enough_values(2, 1).0
+            };
+            PeerError::LineParse { detail, line: String::from_utf8_lossy(line).into_owned() }
+        };
+        self.apply_verdict(id, CommandWord::FederationAck, line, verdict, answer, now);
+    }
+
+    /// Forwards `line`, answers the worker with `answer(line)` and closes it, or withholds the
+    /// line (counted, WARN at most once a minute), as `verdict` says.
+    fn apply_verdict(
+        &mut self,
+        id: ConnId,
+        word: CommandWord,
+        line: &Line,
+        verdict: UpstreamVerdict,
+        answer: impl FnOnce(&[u8]) -> PeerError,
+        now: Now,
+    ) {
+        match verdict {
             UpstreamVerdict::Forward => self.forward(line),
             UpstreamVerdict::Answer => {
-                let err = PeerError::unknown_command(line.as_bytes());
+                let err = answer(line.as_bytes());
                 let name = self.conn(id).map(|c| c.display_name().to_owned()).unwrap_or_default();
                 let release = self.config.release.map(|r| r.to_string()).unwrap_or_default();
-                tracing::info!(conn = %id, name, word = word.as_str(), release, "command unknown to the master's release, closing");
+                tracing::info!(conn = %id, name, word = word.as_str(), release, "command the master's release would refuse, closing");
                 self.fail(id, &err, CloseReason::ProtocolError, now);
             }
             UpstreamVerdict::Withhold => {
@@ -166,8 +231,8 @@ impl Hub {
                         word = word.as_str(),
                         generation = %self.generation.map_or("?", Generation::label),
                         withheld = self.stats.withheld_commands,
-                        "not forwarding a command some releases of the upstream's protocol do not know \
-                         (they would drop replhub's connection); give --synapse-version to decide exactly"
+                        "not forwarding a command (or form) some releases of the upstream's protocol \
+                         refuse (they would drop replhub's connection); give --synapse-version to decide exactly"
                     );
                 }
             }
@@ -295,7 +360,7 @@ mod tests {
                 "USER_SYNC AbCdE @a:hs start 15\n",
                 "USER_SYNC AbCdE @a:hs end 16\n",
                 "FEDERATION_ACK federation_sender 7\n",
-                "FEDERATION_ACK 8\n",
+                // `FEDERATION_ACK 8`: no 1.22+ master takes a token alone; withheld.
                 "CLEAR_USER_SYNC AbCdE\n",
             ]
         );
@@ -365,15 +430,26 @@ mod tests {
     fn commands_a_learnt_upstream_may_not_know_are_withheld_not_forwarded() {
         let mut sim = sim(Generation::V1_22);
         let w = sim.accept();
-        sim.send(w, "REPLICATE\nINVALIDATE_CACHE f [\"a\"]\nREMOVE_PUSHER m.http k @a:hs\nFEDERATION_ACK 3");
-        assert_eq!(forwarded(&mut sim), vec!["FEDERATION_ACK 3\n"], "only what every 1.22+ master knows");
+        sim.send(
+            w,
+            "REPLICATE\nINVALIDATE_CACHE f [\"a\"]\nREMOVE_PUSHER m.http k @a:hs\nFEDERATION_ACK 3\n\
+             FEDERATION_ACK fs 4",
+        );
+        assert_eq!(forwarded(&mut sim), vec!["FEDERATION_ACK fs 4\n"], "only what every 1.22+ master knows");
         assert!(sim.closed(w).is_none(), "the worker is not punished for it");
-        assert_eq!(sim.hub.stats().withheld_commands, 2);
+        assert_eq!(sim.hub.stats().withheld_commands, 3);
         // A 1.13-1.21 master: every one has REMOVE_PUSHER, only 1.13 has INVALIDATE_CACHE.
         let mut sim = sim_with(Generation::V1_13, None);
         let w = sim.accept();
-        sim.send(w, "REPLICATE\nINVALIDATE_CACHE f [\"a\"]\nREMOVE_PUSHER m.http k @a:hs");
-        assert_eq!(forwarded(&mut sim), vec!["REMOVE_PUSHER m.http k @a:hs\n"]);
+        sim.send(
+            w,
+            "REPLICATE\nINVALIDATE_CACHE f [\"a\"]\nREMOVE_PUSHER m.http k @a:hs\nFEDERATION_ACK 5\nFEDERATION_ACK fs 6",
+        );
+        assert_eq!(
+            forwarded(&mut sim),
+            vec!["REMOVE_PUSHER m.http k @a:hs\n", "FEDERATION_ACK 5\n", "FEDERATION_ACK fs 6\n"],
+            "1.13-1.17 take a token alone, 1.18-1.21 an instance and a token: the worker knows"
+        );
         assert_eq!(sim.hub.stats().withheld_commands, 1);
     }
 
@@ -440,5 +516,40 @@ mod tests {
         );
         let (_, closed) = lines(&mut sim, "USER_SYNC AbCdE @a:hs start 1");
         assert!(!closed, "its own commands still pass");
+    }
+
+    #[test]
+    fn federation_acks_go_upstream_only_in_the_form_its_release_parses() {
+        use super::{federation_ack_verdict, UpstreamVerdict::*};
+        let r = SynapseRelease::new;
+        assert_eq!(federation_ack_verdict(false, r(17), None), Forward);
+        assert_eq!(federation_ack_verdict(true, r(17), None), Answer);
+        assert_eq!(federation_ack_verdict(true, r(18), None), Forward);
+        assert_eq!(federation_ack_verdict(false, r(18), None), Answer);
+        assert_eq!(federation_ack_verdict(false, None, Some(Generation::V1_22)), Withhold);
+        assert_eq!(federation_ack_verdict(true, None, Some(Generation::V1_22)), Forward);
+        assert_eq!(federation_ack_verdict(false, None, Some(Generation::V1_13)), Forward);
+        assert_eq!(federation_ack_verdict(false, None, Some(Generation::Seed)), Forward);
+
+        let answer = |release: u16, generation, text: &str| {
+            let mut sim = sim_with(generation, SynapseRelease::new(release));
+            let w = sim.accept();
+            sim.send(w, "REPLICATE");
+            sim.take_lines(w);
+            sim.send(w, text);
+            assert!(forwarded(&mut sim).is_empty(), "{text}: not upstream");
+            assert!(sim.closed(w).is_some());
+            sim.take_lines(w).last().cloned().unwrap_or_default()
+        };
+        assert_eq!(
+            answer(66, Generation::V1_22, "FEDERATION_ACK 5"),
+            "ERROR failed to parse line: ValueError('not enough values to unpack (expected 2, got 1)') \
+             ('FEDERATION_ACK 5'):"
+        );
+        assert_eq!(
+            answer(17, Generation::V1_13, "FEDERATION_ACK federation_sender 5"),
+            "ERROR failed to parse line: ValueError(\"invalid literal for int() with base 10: \
+             'federation_sender 5'\") ('FEDERATION_ACK federation_sender 5'):"
+        );
     }
 }
