@@ -168,7 +168,7 @@ impl ServeConfig {
         }
         if let Some(protocol) = opts.protocol {
             if matches!(config.source, SourceConfig::Synthetic { .. }) {
-                return Err(ConfigError::new("--protocol only applies with --upstream"));
+                return Err(ConfigError::new("--protocol only applies with --upstream (the synthetic master plays the release given by --synapse-version)"));
             }
             config.hub.protocol = protocol;
         }
