@@ -199,13 +199,14 @@ impl Hub {
                 for id in ids {
                     self.greet(id, &name, now);
                     let mask = self.conn(id).map_or(StreamMask::NONE, |c| c.subs.mask);
-                    for s in mask.iter() {
+                    for s in map_order().filter(|s| mask.contains(*s)) {
                         if let Some(token) = positions[s.index()] {
                             self.subscribe_at(id, s, head, token, now);
                         }
                     }
                 }
-                for s in StreamId::ALL {
+                // In the order a master lists its streams, as the POSITIONs of a REPLICATE.
+                for s in map_order() {
                     for id in std::mem::take(&mut self.pending_subs[s.index()]) {
                         let all = self.conn_mut(id).is_some_and(|c| {
                             c.subs.pending.remove(s);
