@@ -112,7 +112,7 @@ fn bench_synthetic(c: &mut Criterion) {
     const LINES: usize = 10_000;
     let mut g = c.benchmark_group("synthetic/generate");
     g.throughput(Throughput::Elements(LINES as u64));
-    let cfg = SyntheticConfig { rate: 0, seed: 1, streams: StreamMask::SEED, pad_to: None };
+    let cfg = SyntheticConfig { rate: 0, seed: 1, streams: StreamMask::SEED, pad_to: None, release: None };
     let mut gen = Synthetic::new(cfg);
     let mut buf = BytesMut::with_capacity(LINES * 400);
     let now = Now::new(0, 1_583_254_800_000);

@@ -175,9 +175,24 @@ impl ServeConfig {
         }
         if let Some(protocol) = opts.protocol {
             if matches!(config.source, SourceConfig::Synthetic { .. }) {
-                return Err(ConfigError::new("--protocol only applies with --upstream"));
+                return Err(ConfigError::new("--protocol only applies with --upstream (the synthetic master plays the release given by --synapse-version)"));
             }
             config.hub.protocol = protocol;
+        }
+        if let Some(release) = opts.synapse_version {
+            // The release fixes the wire generation; an explicit --protocol must agree.
+            let generation = release.generation();
+            if let Some(other) = opts.protocol.and_then(crate::proto::ProtocolChoice::pinned) {
+                if other != generation {
+                    return Err(ConfigError::new(format!(
+                        "--synapse-version {release} speaks protocol {generation}, not --protocol {other}"
+                    )));
+                }
+            }
+            if matches!(config.source, SourceConfig::Upstream { .. }) {
+                config.hub.protocol = crate::proto::ProtocolChoice::Pinned(generation);
+            }
+            config.hub.release = Some(release);
         }
         if let Some(bytes) = &opts.max_pending_bytes {
             let bytes = bytes.to_string();
@@ -314,6 +329,14 @@ pub struct ServeOptions {
     /// connection), seed, 1.13 (Synapse 1.13–1.21) or 1.22 (Synapse 1.22–1.66) [default: auto]
     #[arg(long, value_name = "GENERATION")]
     pub protocol: Option<crate::proto::ProtocolChoice>,
+    /// The Synapse release of the master, 1.13 to 1.66 (e.g. 1.66 or 1.22.1). With --upstream:
+    /// pins its protocol and lets replhub answer the worker commands that release lacks
+    /// (INVALIDATE_CACHE from 1.14, REMOVE_PUSHER from 1.29) as it would, instead of dropping
+    /// them. With --synthetic: the built-in master writes exactly that release's lines
+    /// [default: the seed's]
+    #[arg(long, value_name = "X.Y")]
+    #[serde(alias = "synapse_version")]
+    pub synapse_version: Option<crate::proto::SynapseRelease>,
     /// Kernel send buffer (SO_SNDBUF) of each worker socket; bounds what a worker that stops
     /// reading holds in the kernel. 0 leaves the kernel's auto-tuning [default: 256KiB]
     #[arg(long, value_name = "BYTES")]
@@ -357,6 +380,7 @@ impl ServeOptions {
             max_pending_bytes: self.max_pending_bytes.or(file.max_pending_bytes),
             write_timeout: self.write_timeout.or(file.write_timeout),
             protocol: self.protocol.or(file.protocol),
+            synapse_version: self.synapse_version.or(file.synapse_version),
             worker_sndbuf: self.worker_sndbuf.or(file.worker_sndbuf),
             health_upstream_grace: self.health_upstream_grace.or(file.health_upstream_grace),
             log_level: self.log_level.or(file.log_level),
@@ -554,6 +578,29 @@ mod tests {
             Ok(Some(ProtocolChoice::Pinned(Generation::V1_22)))
         );
         assert!(toml::from_str::<ServeOptions>("protocol = \"1.66\"").is_err());
+    }
+
+    #[test]
+    fn synapse_version_pins_the_protocol_or_picks_the_synthetic_release() {
+        use crate::proto::{Generation, ProtocolChoice, SynapseRelease};
+        let r66 = "1.66.0".parse::<SynapseRelease>().unwrap();
+        let up = ServeOptions {
+            upstream: Some("127.0.0.1:9092".into()),
+            synapse_version: Some(r66),
+            ..ServeOptions::default()
+        };
+        let c = ServeConfig::from_options(&up).unwrap();
+        assert_eq!((c.hub.protocol.pinned(), c.hub.release), (Some(Generation::V1_22), Some(r66)));
+        let clash = ServeOptions { protocol: Some(ProtocolChoice::Pinned(Generation::V1_13)), ..up };
+        assert!(ServeConfig::from_options(&clash).is_err());
+        let synthetic = ServeOptions { synapse_version: Some(r66), ..opts() };
+        let c = ServeConfig::from_options(&synthetic).unwrap();
+        assert_eq!((c.hub.protocol, c.hub.release), (ProtocolChoice::Auto, Some(r66)));
+        assert_eq!(
+            toml::from_str::<ServeOptions>("synapse-version = \"1.22.1\"").map(|o| o.synapse_version),
+            Ok(SynapseRelease::new(22))
+        );
+        assert!(toml::from_str::<ServeOptions>("synapse-version = \"1.67\"").is_err());
     }
 
     #[test]

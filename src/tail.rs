@@ -7,6 +7,13 @@
 //! (`"token":"batch"` for a row whose group continues). A row whose shape does not match its
 //! stream's is printed as the raw array (`"row":[...]`).
 //!
+//! Every generation is decoded (PROTOCOL.md §8): RDATA with an instance name (1.13+) get an
+//! `"instance"` member, `ev` rows of 6, 8 or 9 fields and both `device_lists` layouts are
+//! named by their length, and POSITION lines become
+//! `{"position":{"stream":"events","instance":"master","prev":100,"token":100}}` (`instance`
+//! from 1.13, `prev` from 1.22). The RDATA layout is learnt from the first POSITION, and
+//! told per line before that.
+//!
 //! Rows are parsed with simd-json (in a scratch copy: it parses in place), falling back to
 //! replhub's own JSON parser for what simd-json refuses (NaN, integers beyond 64 bits).
 use std::io::{self, Write};
@@ -15,7 +22,7 @@ use anyhow::Context as _;
 use simd_json::BorrowedValue;
 
 use crate::client::{Client, ClientError, ClientOptions};
-use crate::proto::fields::parse_rdata;
+use crate::proto::generation::{parse_any_position, parse_any_rdata, AnyPosition, RdataForm};
 use crate::proto::{json, CommandWord, Line, StreamId, Token};
 use crate::synthetic::shape::{self, RowShape};
 
@@ -70,7 +77,7 @@ pub async fn run_to<W: Write>(opts: &TailOptions, out: &mut W) -> anyhow::Result
     let mut client = Client::connect(opts.connect.as_str(), options)
         .await
         .with_context(|| format!("cannot connect to {}", opts.connect))?;
-    let mut printer = Printer { decoder: opts.decode.then(RowDecoder::default), rdata: 0, count: opts.count };
+    let mut printer = Printer::new(opts.decode, opts.count);
     loop {
         // Everything one read brought, then one flush.
         loop {
@@ -110,21 +117,40 @@ async fn fail(client: Client, e: ClientError) -> anyhow::Result<()> {
 
 struct Printer {
     decoder: Option<RowDecoder>,
+    /// The RDATA layout: learnt from the first POSITION, sniffed per line until then.
+    form: RdataForm,
     rdata: u64,
     count: Option<u64>,
 }
 
 impl Printer {
+    fn new(decode: bool, count: Option<u64>) -> Self {
+        Self { decoder: decode.then(RowDecoder::default), form: RdataForm::Sniff, rdata: 0, count }
+    }
+
     /// Prints one line; true once `count` RDATA were printed.
     fn print<W: Write>(&mut self, line: &Line, out: &mut W) -> io::Result<bool> {
-        if line.command() != Some(CommandWord::Rdata) {
+        let word = line.command();
+        if word == Some(CommandWord::Position) {
+            if let Ok(p) = parse_any_position(line.args(), None) {
+                if self.form == RdataForm::Sniff {
+                    self.form = RdataForm::of(Some(p.generation));
+                }
+                if let Some(decoder) = &mut self.decoder {
+                    out.write_all(decoder.position(&p))?;
+                    out.write_all(b"\n")?;
+                    return Ok(false);
+                }
+            }
+        }
+        if word != Some(CommandWord::Rdata) {
             out.write_all(line.as_bytes())?;
             out.write_all(b"\n")?;
             return Ok(false);
         }
-        match (&mut self.decoder, parse_rdata(line.args())) {
+        match (&mut self.decoder, parse_any_rdata(line.args(), self.form)) {
             (Some(decoder), Ok(r)) => {
-                let text = decoder.decode(r.stream, r.token, r.row);
+                let text = decoder.decode_with_instance(r.stream, r.instance, r.token, r.row);
                 out.write_all(text)?;
                 out.write_all(b"\n")?;
             }
@@ -189,10 +215,27 @@ pub(crate) struct RowDecoder {
 impl RowDecoder {
     /// `{"stream":..,"token":..,"row":..}` for one RDATA row (see the module docs). A row
     /// that is not JSON at all is given as a string under `"invalid_row"`.
+    #[cfg(test)]
     pub(crate) fn decode(&mut self, stream: &str, token: Token, row: &[u8]) -> &[u8] {
+        self.decode_with_instance(stream, None, token, row)
+    }
+
+    /// [`Self::decode`] for an RDATA that names its writer (Synapse 1.13+): an `"instance"`
+    /// member after the stream.
+    pub(crate) fn decode_with_instance(
+        &mut self,
+        stream: &str,
+        instance: Option<&str>,
+        token: Token,
+        row: &[u8],
+    ) -> &[u8] {
         self.out.clear();
         self.out.extend_from_slice(b"{\"stream\":");
         json::write_str(&mut self.out, stream);
+        if let Some(instance) = instance {
+            self.out.extend_from_slice(b",\"instance\":");
+            json::write_str(&mut self.out, instance);
+        }
         self.out.extend_from_slice(b",\"token\":");
         match token {
             Token::Batch => self.out.extend_from_slice(b"\"batch\""),
@@ -212,6 +255,28 @@ impl RowDecoder {
             json::write_str(&mut self.out, &String::from_utf8_lossy(row));
         }
         self.out.push(b'}');
+        &self.out
+    }
+}
+
+impl RowDecoder {
+    /// `{"position":{"stream":..,"instance":..,"prev":..,"token":..}}` for a POSITION of any
+    /// generation (`instance` and `prev` only where the line has them).
+    pub(crate) fn position(&mut self, p: &AnyPosition<'_>) -> &[u8] {
+        self.out.clear();
+        self.out.extend_from_slice(b"{\"position\":{\"stream\":");
+        json::write_str(&mut self.out, p.stream);
+        if let Some(instance) = p.instance {
+            self.out.extend_from_slice(b",\"instance\":");
+            json::write_str(&mut self.out, instance);
+        }
+        if let Some(prev) = p.prev {
+            self.out.extend_from_slice(b",\"prev\":");
+            json::write_i64(&mut self.out, prev);
+        }
+        self.out.extend_from_slice(b",\"token\":");
+        json::write_i64(&mut self.out, p.token);
+        self.out.extend_from_slice(b"}}");
         &self.out
     }
 }
@@ -283,6 +348,7 @@ fn write_row<V: JsonView>(stream: Option<StreamId>, row: &V, out: &mut Vec<u8>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::fields::parse_rdata;
 
     fn decode(stream: &str, token: Token, row: &str) -> serde_json::Value {
         let mut d = RowDecoder::default();
@@ -445,5 +511,77 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 3460);
+    }
+
+    /// Every line of a release's vector through the printer with `--decode`, as JSON values
+    /// (or the raw text for lines that are not decoded).
+    fn decoded(release: &str) -> Vec<Result<serde_json::Value, String>> {
+        let text = crate::synthetic::generations::vector(release);
+        let mut printer = Printer::new(true, None);
+        let mut out = Vec::new();
+        for l in text.lines() {
+            printer.print(&Line::new(bytes::Bytes::copy_from_slice(l.as_bytes())), &mut out).unwrap();
+        }
+        String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).map_err(|_| l.to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn every_generation_decodes() {
+        for (release, position, ev_fields) in [
+            ("1.13.0", serde_json::json!({"stream": "events", "instance": "master", "token": 100}), 6),
+            (
+                "1.22.1",
+                serde_json::json!({"stream": "events", "instance": "master", "prev": 100, "token": 100}),
+                6,
+            ),
+            (
+                "1.66.0",
+                serde_json::json!({"stream": "events", "instance": "master", "prev": 100, "token": 100}),
+                9,
+            ),
+        ] {
+            let lines = decoded(release);
+            // SERVER and PING stay as they came.
+            assert!(lines[0].as_ref().is_err_and(|l| l == "SERVER example.com"), "{release}");
+            assert_eq!(lines[2].as_ref().ok().map(|v| &v["position"]), Some(&position), "{release}");
+            let mut rdata = 0;
+            for v in lines.iter().filter_map(|l| l.as_ref().ok()).filter(|v| v.get("row").is_some()) {
+                assert_eq!(v["instance"], "master", "{release}: {v}");
+                assert!(v["row"].is_object(), "{release}: every row named: {v}");
+                let row = v["row"].as_object().unwrap();
+                if v["stream"] == "events" && row["kind"] == "ev" {
+                    assert_eq!(row.len(), 1 + ev_fields, "{release}: {v}");
+                }
+                if v["stream"] == "presence_federation" {
+                    assert_eq!(row.keys().collect::<Vec<_>>(), ["destination", "user_id"]);
+                }
+                rdata += 1;
+            }
+            assert!(rdata > 100, "{release}: {rdata}");
+        }
+        let r66 = decoded("1.66.0");
+        let ev = r66.iter().filter_map(|l| l.as_ref().ok()).find(|v| v["row"]["kind"] == "ev").unwrap();
+        assert_eq!(
+            (&ev["row"]["membership"], &ev["row"]["rejected"], &ev["row"]["outlier"]),
+            (&serde_json::Value::Null, &serde_json::json!(false), &serde_json::json!(false))
+        );
+    }
+
+    #[test]
+    fn the_seed_form_still_decodes_after_sniffing() {
+        let mut printer = Printer::new(true, None);
+        let mut out = Vec::new();
+        for l in ["RDATA device_lists 7 [\"@a:hs\", \"remote.org\"]", "POSITION typing 3"] {
+            printer.print(&Line::new(bytes::Bytes::copy_from_slice(l.as_bytes())), &mut out).unwrap();
+        }
+        let text = String::from_utf8(out).unwrap();
+        let v: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(v[0]["row"], serde_json::json!({"user_id": "@a:hs", "destination": "remote.org"}));
+        assert!(v[0].get("instance").is_none());
+        assert_eq!(v[1], serde_json::json!({"position": {"stream": "typing", "token": 3}}));
     }
 }

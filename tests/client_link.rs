@@ -329,7 +329,7 @@ async fn tail_decodes_rows() {
     r.unwrap();
     assert_eq!(
         String::from_utf8(out).unwrap(),
-        "SERVER hs\nPOSITION events 4\n\
+        "SERVER hs\n{\"position\":{\"stream\":\"events\",\"token\":4}}\n\
          {\"stream\":\"events\",\"token\":\"batch\",\"row\":{\"kind\":\"ev\",\"event_id\":\"$e\",\"room_id\":\"!r\",\"type\":\"m.room.name\",\"state_key\":\"\",\"redacts\":null,\"relates_to\":null}}\n\
          {\"stream\":\"events\",\"token\":5,\"row\":{\"kind\":\"state\",\"room_id\":\"!r\",\"type\":\"m.room.name\",\"state_key\":\"\",\"event_id\":\"$e\"}}\n"
     );

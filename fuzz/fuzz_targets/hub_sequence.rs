@@ -544,6 +544,7 @@ fuzz_target!(|input: (Setup, Vec<Op>)| {
         max_write_bytes: if setup.max_write >= 32_768 { 1 << 20 } else { 64 + usize::from(setup.max_write) },
         server_name: None,
         protocol: replhub::proto::ProtocolChoice::Auto,
+        release: None,
     };
     let mut fuzz = Fuzz {
         sim: Sim::new(config),

@@ -584,7 +584,8 @@ impl Source {
             .server_name
             .clone()
             .unwrap_or_else(|| crate::config::DEFAULT_SYNTHETIC_SERVER_NAME.to_owned());
-        let config = SyntheticConfig { rate, pad_to: line_size, ..SyntheticConfig::default() };
+        let config =
+            SyntheticConfig { rate, pad_to: line_size, ..SyntheticConfig::for_release(self.ctx.hub.release) };
         let mut gen = SynthHolder(SyntheticSource::new(config, server_name));
         gen.0.start(self.ctx.clock.now());
         loop {

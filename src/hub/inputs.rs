@@ -119,7 +119,10 @@ impl Hub {
                     c.name = Some(name.to_owned());
                 }
             }
-            Command::Replicate(target) => self.replicate(id, target, now),
+            Command::Replicate(target) => {
+                self.replicate(id, target, now);
+                self.adopt_released_parse(id);
+            }
             Command::UserSync(us) => {
                 self.stats.user_sync += 1;
                 let t = match us.state {
@@ -143,11 +146,11 @@ impl Hub {
             }
             Command::RemovePusher(_) => {
                 self.stats.remove_pusher += 1;
-                self.forward(line);
+                self.forward_if_known_upstream(id, word, line, now);
             }
             Command::InvalidateCache(_) => {
                 self.stats.invalidate_cache += 1;
-                self.forward(line);
+                self.forward_if_known_upstream(id, word, line, now);
             }
             Command::UserIp(_) => {
                 self.stats.user_ip += 1;

@@ -90,6 +90,10 @@ pub struct HubConfig {
     pub server_name: Option<String>,
     /// The upstream's protocol generation (`--protocol`): learnt, or pinned.
     pub protocol: crate::proto::ProtocolChoice,
+    /// The upstream's Synapse release, when known (`--synapse-version`): the worker commands
+    /// it lacks are answered as it would, never forwarded. In synthetic mode, the release the
+    /// built-in master writes as.
+    pub release: Option<crate::proto::SynapseRelease>,
 }
 
 impl Default for HubConfig {
@@ -102,6 +106,7 @@ impl Default for HubConfig {
             max_write_bytes: 1 << 20,
             server_name: None,
             protocol: crate::proto::ProtocolChoice::Auto,
+            release: None,
         }
     }
 }
@@ -213,6 +218,9 @@ pub struct Hub {
     stats: CoreStats,
     next_tick_ms: u64,
     shutting_down: bool,
+    /// When the last WARN about a worker command withheld from the upstream was logged
+    /// (monotonic ms): at most one a minute.
+    withheld_warned_ms: Option<u64>,
 }
 
 impl Hub {
@@ -239,6 +247,7 @@ impl Hub {
             stats: CoreStats::default(),
             next_tick_ms: 0,
             shutting_down: false,
+            withheld_warned_ms: None,
         }
     }
 

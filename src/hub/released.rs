@@ -10,15 +10,89 @@
 //!   never back to its sender, and replhub is one connection: so besides going upstream it is
 //!   delivered here to every other greeted worker, never to its sender.
 //!
+//! * `INVALIDATE_CACHE` (gone in 1.14) and `REMOVE_PUSHER` (gone in 1.29): a master that does
+//!   not know a command answers `ERROR failed to parse line: KeyError(...)` and closes the
+//!   connection, and replhub's one connection is every worker's feed. So they go upstream
+//!   only when the upstream's release knows them: with the release pinned
+//!   (`--synapse-version`) a worker gets that release's answer instead, as if connected to it;
+//!   with only the generation learnt, a command that some release of it lacks is dropped
+//!   (WARN once a minute, `replhub_withheld_commands_total`). See [`upstream_verdict`].
+//!
+//! * Once a worker sent a bare `REPLICATE`, its lines are checked in a 1.13+ master's order
+//!   and with its error texts ([`crate::proto::release::check_released_line`]).
+//!
 //! A worker is of a released generation when the upstream is (learnt or pinned), or, while
 //! that is not known, when it greeted with a bare `REPLICATE`.
 use bytes::{BufMut, BytesMut};
 
 use super::stats::CloseReason;
 use super::{ConnId, Hub};
+use crate::proto::fields::not_enough_values;
 use crate::proto::generation::{parse_any_federation_ack, parse_instance_user_sync};
-use crate::proto::{CommandWord, Line, PeerError};
+use crate::proto::number::parse_i64;
+use crate::proto::release::ReleasedParse;
+use crate::proto::{CommandWord, Generation, Line, PeerError, SynapseRelease};
 use crate::time::Now;
+
+/// At most one WARN per this many ms about commands withheld from the upstream.
+const WITHHELD_WARN_INTERVAL_MS: u64 = 60_000;
+
+/// What to do with a worker command that only some releases' masters know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum UpstreamVerdict {
+    /// The upstream knows it (or is the seed, or not known yet): forward it.
+    Forward,
+    /// The upstream's pinned release does not know it: answer the worker as it would.
+    Answer,
+    /// The upstream's generation includes releases that do not know it: drop it.
+    Withhold,
+}
+
+/// Whether `word` may go to an upstream of `release` (pinned) or `generation` (learnt).
+pub(super) fn upstream_verdict(
+    word: CommandWord,
+    release: Option<SynapseRelease>,
+    generation: Option<Generation>,
+) -> UpstreamVerdict {
+    match (release, generation) {
+        (Some(r), _) if r.knows_command(word) => UpstreamVerdict::Forward,
+        (Some(_), _) => UpstreamVerdict::Answer,
+        (None, Some(g)) if g.has_instance() => {
+            if SynapseRelease::of_generation(g).all(|r| r.knows_command(word)) {
+                UpstreamVerdict::Forward
+            } else {
+                UpstreamVerdict::Withhold
+            }
+        }
+        // The seed knows every command; before the first handshake nothing is known, and
+        // the worker's own command is the best hint of what its master speaks.
+        (None, _) => UpstreamVerdict::Forward,
+    }
+}
+
+/// Whether a `FEDERATION_ACK` with (`has_instance`) or without an instance name may go to an
+/// upstream of `release` (pinned) or `generation` (learnt): 1.18+ masters parse only
+/// `<instance> <token>`, older ones only `<token>`, and either closes the connection on the
+/// other. Learnt 1.13 covers both, and a worker of its master's release sends the right one,
+/// so only a form no release of the generation takes is withheld (a token alone to 1.22+).
+pub(super) fn federation_ack_verdict(
+    has_instance: bool,
+    release: Option<SynapseRelease>,
+    generation: Option<Generation>,
+) -> UpstreamVerdict {
+    match (release, generation) {
+        (Some(r), _) if r.federation_ack_has_instance() == has_instance => UpstreamVerdict::Forward,
+        (Some(_), _) => UpstreamVerdict::Answer,
+        (None, Some(g))
+            if g.has_instance()
+                && SynapseRelease::of_generation(g)
+                    .all(|r| r.federation_ack_has_instance() != has_instance) =>
+        {
+            UpstreamVerdict::Withhold
+        }
+        (None, _) => UpstreamVerdict::Forward,
+    }
+}
 
 impl Hub {
     /// Whether `id` speaks a released generation (1.13+) rather than the seed.
@@ -45,9 +119,14 @@ impl Hub {
             CommandWord::UserSync if self.is_released(id) => {
                 parse_instance_user_sync(args).map(|_| self.stats.user_sync += 1)
             }
-            CommandWord::FederationAck if self.is_released(id) => {
-                parse_any_federation_ack(args).map(|_| self.stats.federation_ack += 1)
-            }
+            CommandWord::FederationAck if self.is_released(id) => match parse_any_federation_ack(args) {
+                Ok(_) => {
+                    self.stats.federation_ack += 1;
+                    self.forward_federation_ack(id, line, now);
+                    return true;
+                }
+                Err(e) => Err(e),
+            },
             CommandWord::ClearUserSync if self.is_released(id) => {
                 crate::proto::fields::utf8_field(args).map(|_| ())
             }
@@ -77,6 +156,89 @@ impl Hub {
         true
     }
 
+    /// Once `id` is known to be a 1.13+ worker (it sent a bare `REPLICATE`), its later lines
+    /// are checked as a 1.13+ master checks them: looked up, parsed, then the direction, with
+    /// that master's error texts (PROTOCOL.md §8.2).
+    pub(super) fn adopt_released_parse(&mut self, id: ConnId) {
+        let release = self.config.release;
+        let generation = self
+            .generation
+            .filter(|g| g.has_instance())
+            .or(release.map(SynapseRelease::generation))
+            .unwrap_or(Generation::V1_22);
+        let Some(c) = self.conn_mut(id) else { return };
+        if c.subs.bare {
+            c.session.set_released_parse(ReleasedParse { generation, release });
+        }
+    }
+
+    /// Forwards `line` (`INVALIDATE_CACHE`, `REMOVE_PUSHER`) unless the upstream's release
+    /// does not know `word` (see [`upstream_verdict`]).
+    pub(super) fn forward_if_known_upstream(&mut self, id: ConnId, word: CommandWord, line: &Line, now: Now) {
+        let verdict = upstream_verdict(word, self.config.release, self.generation);
+        self.apply_verdict(id, word, line, verdict, PeerError::unknown_command, now);
+    }
+
+    /// Forwards a `FEDERATION_ACK` unless the upstream's release wants the other form (see
+    /// [`federation_ack_verdict`]); a pinned release's parse error is the answer.
+    fn forward_federation_ack(&mut self, id: ConnId, line: &Line, now: Now) {
+        let has_instance = line.args().contains(&b' ');
+        let verdict = federation_ack_verdict(has_instance, self.config.release, self.generation);
+        let answer = |line: &[u8]| {
+            let args = line.get("FEDERATION_ACK ".len()..).unwrap_or_default();
+            let detail = if has_instance {
+                // `int(line)` of a 1.13-1.17 master.
+                parse_i64(args).err().map_or_else(String::new, |e| e.0)
+            } else {
+                // `instance_name, token = line.split(" ")` of a 1.18+ master.
+                not_enough_values(2, 1).0
+            };
+            PeerError::LineParse { detail, line: String::from_utf8_lossy(line).into_owned() }
+        };
+        self.apply_verdict(id, CommandWord::FederationAck, line, verdict, answer, now);
+    }
+
+    /// Forwards `line`, answers the worker with `answer(line)` and closes it, or withholds the
+    /// line (counted, WARN at most once a minute), as `verdict` says.
+    fn apply_verdict(
+        &mut self,
+        id: ConnId,
+        word: CommandWord,
+        line: &Line,
+        verdict: UpstreamVerdict,
+        answer: impl FnOnce(&[u8]) -> PeerError,
+        now: Now,
+    ) {
+        match verdict {
+            UpstreamVerdict::Forward => self.forward(line),
+            UpstreamVerdict::Answer => {
+                let err = answer(line.as_bytes());
+                let name = self.conn(id).map(|c| c.display_name().to_owned()).unwrap_or_default();
+                let release = self.config.release.map(|r| r.to_string()).unwrap_or_default();
+                tracing::info!(conn = %id, name, word = word.as_str(), release, "command the master's release would refuse, closing");
+                self.fail(id, &err, CloseReason::ProtocolError, now);
+            }
+            UpstreamVerdict::Withhold => {
+                self.stats.withheld_commands += 1;
+                let due =
+                    self.withheld_warned_ms.is_none_or(|t| now.mono_ms >= t + WITHHELD_WARN_INTERVAL_MS);
+                if due {
+                    self.withheld_warned_ms = Some(now.mono_ms);
+                    let name = self.conn(id).map(|c| c.display_name().to_owned()).unwrap_or_default();
+                    tracing::warn!(
+                        conn = %id,
+                        name,
+                        word = word.as_str(),
+                        generation = %self.generation.map_or("?", Generation::label),
+                        withheld = self.stats.withheld_commands,
+                        "not forwarding a command (or form) some releases of the upstream's protocol \
+                         refuse (they would drop replhub's connection); give --synapse-version to decide exactly"
+                    );
+                }
+            }
+        }
+    }
+
     /// Queues `line` to every greeted, open connection but `from`, after what each has queued.
     fn deliver_to_others(&mut self, from: ConnId, line: &Line, now: Now) {
         let mut buf = BytesMut::with_capacity(line.as_bytes().len() + 1);
@@ -103,7 +265,7 @@ impl Hub {
 mod tests {
     use super::super::sim::Sim;
     use super::super::{HubConfig, UpstreamCmd};
-    use crate::proto::{Generation, StreamId, Token};
+    use crate::proto::{Generation, StreamId, SynapseRelease, Token};
 
     fn positions() -> [Option<i64>; StreamId::COUNT] {
         let mut p = Sim::positions();
@@ -112,7 +274,11 @@ mod tests {
     }
 
     fn sim(generation: Generation) -> Sim {
-        let mut sim = Sim::new(HubConfig::default());
+        sim_with(generation, None)
+    }
+
+    fn sim_with(generation: Generation, release: Option<SynapseRelease>) -> Sim {
+        let mut sim = Sim::new(HubConfig { release, ..HubConfig::default() });
         sim.connect_upstream_as("example.com", positions(), generation);
         sim
     }
@@ -194,14 +360,14 @@ mod tests {
                 "USER_SYNC AbCdE @a:hs start 15\n",
                 "USER_SYNC AbCdE @a:hs end 16\n",
                 "FEDERATION_ACK federation_sender 7\n",
-                "FEDERATION_ACK 8\n",
+                // `FEDERATION_ACK 8`: no 1.22+ master takes a token alone; withheld.
                 "CLEAR_USER_SYNC AbCdE\n",
             ]
         );
         assert!(sim.closed(w).is_none());
         sim.send(w, "USER_SYNC @a:hs start 16");
         assert!(sim.take_lines(w).contains(
-            &"ERROR failed to parse line for  'USER_SYNC': ValueError('not enough values to unpack (expected 4, got 3)') ('@a:hs start 16'):".to_owned()
+            &"ERROR failed to parse line: ValueError('not enough values to unpack (expected 4, got 3)') ('USER_SYNC @a:hs start 16'):".to_owned()
         ));
         assert!(forwarded(&mut sim).is_empty(), "the seed form never reaches a 1.13+ master");
         let w = sim.accept();
@@ -209,7 +375,7 @@ mod tests {
         sim.send(w, "USER_SYNC AbCdE @a:hs stop 16");
         assert!(sim
             .take_lines(w)
-            .contains(&"ERROR failed to parse line for  'USER_SYNC': Exception(\"Invalid USER_SYNC state 'stop'\") ('AbCdE @a:hs stop 16'):".to_owned()));
+            .contains(&"ERROR failed to parse line: Exception(\"Invalid USER_SYNC state 'stop'\") ('USER_SYNC AbCdE @a:hs stop 16'):".to_owned()));
     }
 
     #[test]
@@ -230,5 +396,160 @@ mod tests {
         for w in [b, c] {
             assert_eq!(sim.take_lines(w), vec!["REMOTE_SERVER_UP other.example"]);
         }
+    }
+
+    #[test]
+    fn which_commands_may_reach_which_upstream() {
+        use super::{upstream_verdict, UpstreamVerdict::*};
+        use crate::proto::{CommandWord::*, SynapseRelease};
+        let r = |m| SynapseRelease::new(m);
+        let cases = [
+            // (word, pinned release, learnt generation, verdict)
+            (InvalidateCache, None, None, Forward),
+            (InvalidateCache, None, Some(Generation::Seed), Forward),
+            (InvalidateCache, None, Some(Generation::V1_13), Withhold),
+            (InvalidateCache, None, Some(Generation::V1_22), Withhold),
+            (InvalidateCache, r(13), Some(Generation::V1_13), Forward),
+            (InvalidateCache, r(14), Some(Generation::V1_13), Answer),
+            (RemovePusher, None, Some(Generation::V1_13), Forward),
+            (RemovePusher, None, Some(Generation::V1_22), Withhold),
+            (RemovePusher, r(28), Some(Generation::V1_22), Forward),
+            (RemovePusher, r(29), Some(Generation::V1_22), Answer),
+            (RemovePusher, r(66), None, Answer),
+        ];
+        for (word, release, generation, want) in cases {
+            assert_eq!(
+                upstream_verdict(word, release, generation),
+                want,
+                "{word:?} {release:?} {generation:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn commands_a_learnt_upstream_may_not_know_are_withheld_not_forwarded() {
+        let mut sim = sim(Generation::V1_22);
+        let w = sim.accept();
+        sim.send(
+            w,
+            "REPLICATE\nINVALIDATE_CACHE f [\"a\"]\nREMOVE_PUSHER m.http k @a:hs\nFEDERATION_ACK 3\n\
+             FEDERATION_ACK fs 4",
+        );
+        assert_eq!(forwarded(&mut sim), vec!["FEDERATION_ACK fs 4\n"], "only what every 1.22+ master knows");
+        assert!(sim.closed(w).is_none(), "the worker is not punished for it");
+        assert_eq!(sim.hub.stats().withheld_commands, 3);
+        // A 1.13-1.21 master: every one has REMOVE_PUSHER, only 1.13 has INVALIDATE_CACHE.
+        let mut sim = sim_with(Generation::V1_13, None);
+        let w = sim.accept();
+        sim.send(
+            w,
+            "REPLICATE\nINVALIDATE_CACHE f [\"a\"]\nREMOVE_PUSHER m.http k @a:hs\nFEDERATION_ACK 5\nFEDERATION_ACK fs 6",
+        );
+        assert_eq!(
+            forwarded(&mut sim),
+            vec!["REMOVE_PUSHER m.http k @a:hs\n", "FEDERATION_ACK 5\n", "FEDERATION_ACK fs 6\n"],
+            "1.13-1.17 take a token alone, 1.18-1.21 an instance and a token: the worker knows"
+        );
+        assert_eq!(sim.hub.stats().withheld_commands, 1);
+    }
+
+    #[test]
+    fn a_pinned_release_answers_what_it_does_not_know_as_its_master_would() {
+        let mut sim = sim_with(Generation::V1_22, SynapseRelease::new(22));
+        let w = sim.accept();
+        sim.send(w, "REPLICATE\nREMOVE_PUSHER m.http k @a:hs");
+        assert_eq!(forwarded(&mut sim), vec!["REMOVE_PUSHER m.http k @a:hs\n"], "1.22 still knows it");
+        sim.take_lines(w);
+        sim.send(w, "INVALIDATE_CACHE get_user_by_id [\"@a:hs\"]");
+        assert_eq!(
+            sim.take_lines(w).last().map(String::as_str),
+            Some("ERROR failed to parse line: KeyError('INVALIDATE_CACHE') ('INVALIDATE_CACHE get_user_by_id [\"@a:hs\"]'):")
+        );
+        assert!(sim.closed(w).is_some());
+        assert!(forwarded(&mut sim).is_empty(), "never upstream");
+        assert_eq!(sim.hub.stats().withheld_commands, 0);
+
+        let mut sim = sim_with(Generation::V1_22, SynapseRelease::new(66));
+        let w = sim.accept();
+        sim.send(w, "REPLICATE\nREMOVE_PUSHER m.http k @a:hs");
+        assert!(sim.take_lines(w).contains(
+            &"ERROR failed to parse line: KeyError('REMOVE_PUSHER') ('REMOVE_PUSHER m.http k @a:hs'):"
+                .to_owned()
+        ));
+        assert!(forwarded(&mut sim).is_empty());
+    }
+
+    #[test]
+    fn a_worker_that_sent_a_bare_replicate_is_parsed_as_a_released_master_would() {
+        let mut sim = sim(Generation::V1_22);
+        // Before its bare REPLICATE, the seed's checks and texts.
+        let w = sim.accept();
+        sim.send(w, "FOO bar");
+        assert_eq!(sim.take_lines(w).last().map(String::as_str), Some("ERROR invalid command: FOO"));
+        let lines = |sim: &mut Sim, text: &str| {
+            let w = sim.accept();
+            sim.send(w, "REPLICATE");
+            sim.take_lines(w);
+            sim.send(w, text);
+            let last = sim.take_lines(w).last().cloned();
+            (last, sim.closed(w).is_some())
+        };
+        assert_eq!(
+            lines(&mut sim, "FOO bar"),
+            (Some("ERROR failed to parse line: KeyError('FOO') ('FOO bar'):".to_owned()), true)
+        );
+        assert_eq!(
+            lines(&mut sim, "POSITION events master 1"),
+            (
+                Some(
+                    "ERROR failed to parse line: ValueError('not enough values to unpack (expected 4, got 3)') \
+                     ('POSITION events master 1'):"
+                        .to_owned()
+                ),
+                true
+            ),
+            "parsed before the direction check"
+        );
+        assert_eq!(
+            lines(&mut sim, "POSITION events master 1 1"),
+            (Some("ERROR invalid command: POSITION".to_owned()), true)
+        );
+        let (_, closed) = lines(&mut sim, "USER_SYNC AbCdE @a:hs start 1");
+        assert!(!closed, "its own commands still pass");
+    }
+
+    #[test]
+    fn federation_acks_go_upstream_only_in_the_form_its_release_parses() {
+        use super::{federation_ack_verdict, UpstreamVerdict::*};
+        let r = SynapseRelease::new;
+        assert_eq!(federation_ack_verdict(false, r(17), None), Forward);
+        assert_eq!(federation_ack_verdict(true, r(17), None), Answer);
+        assert_eq!(federation_ack_verdict(true, r(18), None), Forward);
+        assert_eq!(federation_ack_verdict(false, r(18), None), Answer);
+        assert_eq!(federation_ack_verdict(false, None, Some(Generation::V1_22)), Withhold);
+        assert_eq!(federation_ack_verdict(true, None, Some(Generation::V1_22)), Forward);
+        assert_eq!(federation_ack_verdict(false, None, Some(Generation::V1_13)), Forward);
+        assert_eq!(federation_ack_verdict(false, None, Some(Generation::Seed)), Forward);
+
+        let answer = |release: u16, generation, text: &str| {
+            let mut sim = sim_with(generation, SynapseRelease::new(release));
+            let w = sim.accept();
+            sim.send(w, "REPLICATE");
+            sim.take_lines(w);
+            sim.send(w, text);
+            assert!(forwarded(&mut sim).is_empty(), "{text}: not upstream");
+            assert!(sim.closed(w).is_some());
+            sim.take_lines(w).last().cloned().unwrap_or_default()
+        };
+        assert_eq!(
+            answer(66, Generation::V1_22, "FEDERATION_ACK 5"),
+            "ERROR failed to parse line: ValueError('not enough values to unpack (expected 2, got 1)') \
+             ('FEDERATION_ACK 5'):"
+        );
+        assert_eq!(
+            answer(17, Generation::V1_13, "FEDERATION_ACK federation_sender 5"),
+            "ERROR failed to parse line: ValueError(\"invalid literal for int() with base 10: \
+             'federation_sender 5'\") ('FEDERATION_ACK federation_sender 5'):"
+        );
     }
 }

@@ -134,6 +134,9 @@ pub struct CoreStats {
     pub invalidate_cache: u64,
     /// `USER_IP` received.
     pub user_ip: u64,
+    /// Worker commands not forwarded because the upstream's release may not know them
+    /// (`INVALIDATE_CACHE` from 1.14, `REMOVE_PUSHER` from 1.29) and it is not pinned.
+    pub withheld_commands: u64,
     /// Upstream batches appended to this core's log.
     pub batches: u64,
     /// Bytes currently held by this core's log (gauge).

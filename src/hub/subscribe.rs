@@ -3,6 +3,7 @@
 use super::log::Seq;
 use super::stats::{CloseReason, ConnPhase};
 use super::{ConnId, Hub, UpstreamEvent};
+use crate::proto::release::map_order;
 use crate::proto::{CommandWord, Generation, PeerError, ReplicateTarget, StreamId, StreamMask};
 use crate::time::Now;
 
@@ -42,15 +43,14 @@ impl Hub {
         }
     }
 
-    /// Every stream the upstream serves (all of them while that is not known yet).
+    /// Every stream the upstream serves (all of them while that is not known yet), in the
+    /// order a master lists them (`presence_federation` after `presence`, as from 1.33).
     fn subscribe_all(&mut self, id: ConnId, now: Now) {
         if let Some(c) = self.conn_mut(id) {
             c.subs.all = true;
         }
-        let streams: Vec<StreamId> = match self.served {
-            Some(served) => served.iter().collect(),
-            None => StreamId::ALL.to_vec(),
-        };
+        let served = self.served.unwrap_or(StreamMask::ALL);
+        let streams: Vec<StreamId> = map_order().filter(|s| served.contains(*s)).collect();
         for s in streams {
             self.request_subscription(id, s, now);
         }
@@ -199,13 +199,14 @@ impl Hub {
                 for id in ids {
                     self.greet(id, &name, now);
                     let mask = self.conn(id).map_or(StreamMask::NONE, |c| c.subs.mask);
-                    for s in mask.iter() {
+                    for s in map_order().filter(|s| mask.contains(*s)) {
                         if let Some(token) = positions[s.index()] {
                             self.subscribe_at(id, s, head, token, now);
                         }
                     }
                 }
-                for s in StreamId::ALL {
+                // In the order a master lists its streams, as the POSITIONs of a REPLICATE.
+                for s in map_order() {
                     for id in std::mem::take(&mut self.pending_subs[s.index()]) {
                         let all = self.conn_mut(id).is_some_and(|c| {
                             c.subs.pending.remove(s);

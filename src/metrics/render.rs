@@ -108,6 +108,7 @@ struct Totals<'a> {
     remove_pusher: u64,
     invalidate_cache: u64,
     user_ip: u64,
+    withheld_commands: u64,
     batches: u64,
     log_bytes: u64,
 }
@@ -134,6 +135,7 @@ impl<'a> Totals<'a> {
             t.remove_pusher = t.remove_pusher.saturating_add(s.remove_pusher);
             t.invalidate_cache = t.invalidate_cache.saturating_add(s.invalidate_cache);
             t.user_ip = t.user_ip.saturating_add(s.user_ip);
+            t.withheld_commands = t.withheld_commands.saturating_add(s.withheld_commands);
             t.batches = t.batches.saturating_add(s.batches);
             t.log_bytes = t.log_bytes.saturating_add(s.log_bytes);
 
@@ -380,6 +382,12 @@ fn replhub_metrics(
         t.bytes_delivered,
     )?;
     x.counter("replhub_writes_total", "Gathered writes issued to worker sockets.", t.writes)?;
+    x.counter(
+        "replhub_withheld_commands_total",
+        "Worker commands not forwarded because the upstream's release may not know them \
+         (INVALIDATE_CACHE, REMOVE_PUSHER); pin --synapse-version to answer them as it would.",
+        t.withheld_commands,
+    )?;
     x.counter("replhub_connections_accepted_total", "Worker connections accepted.", t.accepted)?;
     x.gauge(
         "replhub_backlog_bytes_max",
@@ -549,6 +557,7 @@ mod tests {
                 remove_pusher: 0,
                 invalidate_cache: 2,
                 user_ip: 6,
+                withheld_commands: 2,
                 batches: 10,
                 log_bytes: 4096,
             },
@@ -568,6 +577,7 @@ mod tests {
                 remove_pusher: 1,
                 invalidate_cache: 0,
                 user_ip: 1,
+                withheld_commands: 0,
                 batches: 10,
                 log_bytes: 1024,
             },

@@ -44,9 +44,26 @@ pub enum PeerError {
     /// `Wrong remote`
     #[error("Wrong remote")]
     WrongRemote,
+    /// `failed to parse line: <detail> ('<line>'):`: how Synapse 1.13+ reports a line it
+    /// cannot parse, e.g. an unknown command word (`KeyError('<word>')`).
+    #[error("failed to parse line: {} ({}):", detail, super::pyrepr::py_repr(line))]
+    LineParse {
+        /// A Python-style exception repr.
+        detail: String,
+        /// The whole received line.
+        line: String,
+    },
 }
 
 impl PeerError {
+    /// What Synapse 1.13+ answers a line whose command word it does not know:
+    /// `failed to parse line: KeyError('<word>') ('<line>'):`.
+    pub fn unknown_command(line: &[u8]) -> Self {
+        let line = String::from_utf8_lossy(line).into_owned();
+        let word = line.split(' ').next().unwrap_or_default();
+        Self::LineParse { detail: super::pyrepr::py_exc("KeyError", word), line: line.clone() }
+    }
+
     /// A parse failure of `args` for command `name` with the given exception text.
     pub fn parse(name: &[u8], args: &[u8], detail: FieldError) -> Self {
         Self::Parse {
@@ -75,6 +92,13 @@ impl PeerError {
                     let detail = truncate_str(detail, left - 64);
                     let rest = py_repr_truncated(rest, left - detail.len());
                     format!("{head}{detail} ({rest}):")
+                }
+                Self::LineParse { detail, line } => {
+                    let head = "failed to parse line: ";
+                    let left = BUDGET - head.len() - " ():".len();
+                    let detail = truncate_str(detail, left - 64);
+                    let line = py_repr_truncated(line, left - detail.len());
+                    format!("{head}{detail} ({line}):")
                 }
                 Self::InvalidCommand(word) => {
                     let head = "invalid command: ";

@@ -238,6 +238,44 @@ pub fn rdata_head(args: &[u8], form: RdataForm) -> Option<(&[u8], &[u8], bool)> 
     Some((stream, &rest[..sp3], true))
 }
 
+/// RDATA arguments of any generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AnyRdata<'a> {
+    /// Stream name.
+    pub stream: &'a str,
+    /// The writer's instance name (1.13 on).
+    pub instance: Option<&'a str>,
+    /// The row's token, or `batch`.
+    pub token: super::fields::Token,
+    /// The row's JSON text.
+    pub row: &'a [u8],
+}
+
+/// Parses RDATA arguments in `form` (with [`RdataForm::Sniff`], the seed form if the second
+/// field is a token, else the instance-named form).
+pub fn parse_any_rdata(args: &[u8], form: RdataForm) -> Result<AnyRdata<'_>, FieldError> {
+    let Some((stream, token, has_instance)) = rdata_head(args, form) else {
+        return Err(not_enough_values(if form == RdataForm::Seed { 3 } else { 4 }, 2));
+    };
+    let mut row_at = stream.len() + 1;
+    let instance = if has_instance {
+        // `rdata_head` found a space after the instance field.
+        let end = memchr::memchr(b' ', &args[row_at..]).map_or(args.len(), |sp| row_at + sp);
+        let instance = utf8_field(&args[row_at..end])?;
+        row_at = end + 1;
+        Some(instance)
+    } else {
+        None
+    };
+    row_at += token.len() + 1;
+    let token = if token == b"batch" {
+        super::fields::Token::Batch
+    } else {
+        super::fields::Token::Value(parse_i64(token)?)
+    };
+    Ok(AnyRdata { stream: utf8_field(stream)?, instance, token, row: &args[row_at..] })
+}
+
 /// `USER_SYNC <instance_id> <user_id> <start|end> <last_sync_ms>` (Synapse 1.13+).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InstanceUserSync<'a> {
@@ -334,6 +372,19 @@ mod tests {
         assert_eq!(rdata_head(inst, RdataForm::Sniff), Some((&b"events"[..], &b"batch"[..], true)));
         assert_eq!(rdata_head(b"events master 5", RdataForm::Instance), None);
         assert_eq!(rdata_head(b"events 5", RdataForm::Seed), None);
+    }
+
+    #[test]
+    fn rdata_of_every_generation() {
+        let r = parse_any_rdata(b"events master batch [\"ev\"]", RdataForm::Sniff).unwrap();
+        assert_eq!(
+            (r.stream, r.instance, r.token, r.row),
+            ("events", Some("master"), super::super::fields::Token::Batch, &b"[\"ev\"]"[..])
+        );
+        let r = parse_any_rdata(b"typing 5 [1, 2]", RdataForm::Sniff).unwrap();
+        assert_eq!((r.instance, r.token.value(), r.row), (None, Some(5), &b"[1, 2]"[..]));
+        assert!(parse_any_rdata(b"typing master x [1]", RdataForm::Instance).is_err());
+        assert!(parse_any_rdata(b"typing 5", RdataForm::Seed).is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod json;
 pub mod line;
 pub mod number;
 pub mod pyrepr;
+pub mod release;
 pub mod splitter;
 pub mod stream;
 
@@ -27,5 +28,6 @@ pub use fields::{
 pub use generation::{Generation, ProtocolChoice};
 pub use inbound::{check_command, parse_args, parse_line, parse_line_strict};
 pub use line::Line;
+pub use release::SynapseRelease;
 pub use splitter::{LineSplitter, LineTooLong, MAX_LINE_LEN};
 pub use stream::{StreamId, StreamMask};

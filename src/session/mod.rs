@@ -25,6 +25,7 @@ use std::collections::VecDeque;
 use bytes::{Bytes, BytesMut};
 
 use crate::proto::inbound::check_command;
+use crate::proto::release::{check_released_line, ReleasedParse};
 use crate::proto::{
     Command, CommandWord, Line, LineSplitter, PeerError, ReplicateTarget, Role, MAX_LINE_LEN,
 };
@@ -90,6 +91,9 @@ pub struct Session {
     next_tick_ms: u64,
     out: VecDeque<Bytes>,
     error: Option<PeerError>,
+    /// Check received lines as a Synapse 1.13+ peer does, once the owner knows the peer is of
+    /// that generation.
+    released_parse: Option<ReleasedParse>,
 }
 
 impl Session {
@@ -109,7 +113,14 @@ impl Session {
             config,
             out: VecDeque::new(),
             error: None,
+            released_parse: None,
         }
+    }
+
+    /// From now on, check received lines as a Synapse 1.13+ peer does (PROTOCOL.md §8.2:
+    /// look up, parse, then the direction), with its error texts.
+    pub fn set_released_parse(&mut self, rules: ReleasedParse) {
+        self.released_parse = Some(rules);
     }
 
     /// Our role.
@@ -273,7 +284,11 @@ impl Session {
     /// word the peer may send. A received PING arms the ping timeout. On an error the session
     /// has queued the `ERROR` and is closing.
     pub fn check_line(&mut self, line: &Line, now: Now) -> Result<CommandWord, PeerError> {
-        match check_command(self.role, line) {
+        let checked = match self.released_parse {
+            Some(rules) => check_released_line(self.role, line, rules),
+            None => check_command(self.role, line),
+        };
+        match checked {
             Ok(word) => {
                 self.last_recv_ms = now.mono_ms;
                 if word == CommandWord::Ping {

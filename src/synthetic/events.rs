@@ -3,8 +3,8 @@ use bytes::{BufMut, BytesMut};
 
 use super::line::{put_filler, put_id, put_opt_event, LineCtx, PadSlot};
 use super::Synthetic;
-use crate::proto::json::{write_null, write_sep, write_str};
-use crate::proto::{StreamId, Token};
+use crate::proto::json::{write_bool, write_null, write_sep, write_str};
+use crate::proto::{StreamId, SynapseRelease, Token};
 
 const EMPTY_STATE_TYPES: &[&str] =
     &["m.room.name", "m.room.topic", "m.room.power_levels", "m.room.join_rules", "m.room.avatar"];
@@ -99,6 +99,24 @@ impl Synthetic {
         put_opt_event(out, (kind == EventKind::Redaction).then_some(&related));
         write_sep(out);
         put_opt_event(out, matches!(kind, EventKind::Reaction | EventKind::Edit).then_some(&related));
+        let ev_fields = self.cfg.release.map_or(6, SynapseRelease::ev_fields);
+        if ev_fields >= 8 {
+            // `membership` (of a member event), `rejected` (Synapse 1.23+).
+            write_sep(out);
+            match kind {
+                EventKind::Member => {
+                    write_str(out, self.world.rng.pick(&["join", "join", "leave", "invite"]))
+                }
+                _ => write_null(out),
+            }
+            write_sep(out);
+            write_bool(out, false);
+        }
+        if ev_fields >= 9 {
+            // `outlier` (Synapse 1.64+).
+            write_sep(out);
+            write_bool(out, false);
+        }
         out.put_slice(b"]]");
         let fill = self.finish(out, start, line, Some(slot), on_line);
 

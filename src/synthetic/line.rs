@@ -5,6 +5,9 @@ use super::world::EventId;
 use crate::proto::json::{write_i64, write_null, write_str_contents};
 use crate::proto::{StreamId, Token, MAX_LINE_LEN};
 
+/// The instance name of the main process, in RDATA from Synapse 1.13 on.
+pub(crate) const MASTER_INSTANCE: &str = "master";
+
 /// Padding characters: valid in every id localpart we pad.
 pub(super) const FILLER: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 
@@ -22,6 +25,10 @@ pub(super) struct LineCtx {
     pub(super) token: i64,
     pub(super) rows: usize,
     pub(super) written: usize,
+    /// Whether RDATA name the writer's instance (`master`), as from Synapse 1.13.
+    pub(super) instance: bool,
+    /// Where the current line's row (its JSON) starts in the output.
+    pub(super) json_at: usize,
 }
 
 impl LineCtx {
@@ -38,17 +45,22 @@ impl LineCtx {
         }
     }
 
-    /// Writes `RDATA <stream> <token> ` and returns where the line starts.
-    pub(super) fn begin(&self, out: &mut BytesMut) -> usize {
+    /// Writes `RDATA <stream> [master ]<token> ` and returns where the line starts.
+    pub(super) fn begin(&mut self, out: &mut BytesMut) -> usize {
         let start = out.len();
         out.put_slice(b"RDATA ");
         out.put_slice(self.stream.name().as_bytes());
         out.put_u8(b' ');
+        if self.instance {
+            out.put_slice(MASTER_INSTANCE.as_bytes());
+            out.put_u8(b' ');
+        }
         match self.token_for_current() {
             Token::Batch => out.put_slice(b"batch"),
             Token::Value(t) => write_i64(out, t),
         }
         out.put_u8(b' ');
+        self.json_at = out.len();
         start
     }
 }
@@ -93,9 +105,11 @@ pub(super) fn pad_line(
     start: usize,
     slot: PadSlot,
     target: usize,
+    compact: bool,
 ) -> usize {
+    let sep: &[u8] = if compact { b",\"" } else { b", \"" };
     let target = target.saturating_sub(1).min(MAX_LINE_LEN);
-    let overhead = if slot.wrap { 4 } else { 0 };
+    let overhead = if slot.wrap { sep.len() + 1 } else { 0 };
     let len = out.len() - start;
     if target <= len + overhead {
         return 0;
@@ -105,7 +119,7 @@ pub(super) fn pad_line(
     scratch.extend_from_slice(&out[slot.at..]);
     out.truncate(slot.at);
     if slot.wrap {
-        out.put_slice(b", \"");
+        out.put_slice(sep);
     }
     put_filler(out, fill);
     if slot.wrap {
@@ -113,4 +127,44 @@ pub(super) fn pad_line(
     }
     out.put_slice(scratch);
     fill
+}
+
+/// Rewrites the JSON in `out[from..]` with compact separators, as Synapse 1.19+ encodes rows:
+/// the space after each `,` and `:` outside strings goes. Returns how many bytes were removed
+/// before offset `mark` (so a position recorded in the old text can be moved).
+pub(super) fn compact_separators(out: &mut BytesMut, from: usize, mark: Option<usize>) -> usize {
+    let mut write = from;
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut removed_before_mark = 0;
+    let mut read = from;
+    // The byte before `read` in the original text (the copy may have overwritten it).
+    let mut prev = 0u8;
+    while read < out.len() {
+        let b = out[read];
+        let drop_space = !in_string && b == b' ' && matches!(prev, b',' | b':');
+        prev = b;
+        if drop_space {
+            if mark.is_some_and(|m| read < m) {
+                removed_before_mark += 1;
+            }
+        } else {
+            if in_string {
+                if escaped {
+                    escaped = false;
+                } else if b == b'\\' {
+                    escaped = true;
+                } else if b == b'"' {
+                    in_string = false;
+                }
+            } else if b == b'"' {
+                in_string = true;
+            }
+            out[write] = b;
+            write += 1;
+        }
+        read += 1;
+    }
+    out.truncate(write);
+    removed_before_mark
 }

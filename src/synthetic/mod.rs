@@ -5,7 +5,10 @@
 //! [`Now`]) and never touches a socket; it appends finished lines to a buffer and reports each
 //! line's stream, token and byte range, so the caller can index them without re-parsing.
 //!
-//! What it writes follows the seed (PROTOCOL.md §5.2, §6):
+//! What it writes follows the seed (PROTOCOL.md §5.2, §6), or, with
+//! [`SyntheticConfig::release`], what that Synapse release's master writes (PROTOCOL.md §8:
+//! the instance name `master` in every RDATA, compact JSON from 1.19, 8- or 9-field `ev` rows,
+//! that release's streams, no federation `p` rows from 1.33), as [`SynapseRelease`] says:
 //! * rows have the exact field shapes of §6, encoded with [`crate::proto::json`], so they are
 //!   byte-identical to what Synapse's simplejson would write for the same values;
 //! * rows that share a token form a *batch run*: consecutive lines of one stream, all with the
@@ -31,11 +34,13 @@
 //! read), and [`source`] (the generator behind the upstream event interface).
 use bytes::{BufMut, BytesMut};
 
-use crate::proto::{StreamId, StreamMask, Token};
+use crate::proto::{StreamId, StreamMask, SynapseRelease, Token};
 use crate::time::Now;
 
 mod caches;
 mod events;
+#[cfg(test)]
+pub(crate) mod generations;
 mod line;
 mod pacing;
 mod presence;
@@ -46,7 +51,7 @@ pub(crate) mod source;
 mod tests;
 mod world;
 
-use line::{pad_line, LineCtx, PadSlot};
+use line::{compact_separators, pad_line, LineCtx, PadSlot};
 use pacing::Pacer;
 pub(crate) use pacing::UNPACED_BATCH;
 pub(crate) use source::SyntheticSource;
@@ -65,11 +70,22 @@ pub struct SyntheticConfig {
     /// Pad rows so each line, `\n` included, is about this many bytes (capped at the protocol's
     /// line limit); `None` = natural sizes. Lines already longer are left alone.
     pub pad_to: Option<usize>,
+    /// The Synapse release whose master's lines to write; `None` = the seed's. Only that
+    /// release's streams are generated (`streams` is narrowed to them).
+    pub release: Option<SynapseRelease>,
 }
 
 impl Default for SyntheticConfig {
     fn default() -> Self {
-        Self { rate: 1000, seed: 1, streams: StreamMask::SEED, pad_to: None }
+        Self { rate: 1000, seed: 1, streams: StreamMask::SEED, pad_to: None, release: None }
+    }
+}
+
+impl SyntheticConfig {
+    /// The defaults for `release`'s master (every stream it writes), or the seed's.
+    pub fn for_release(release: Option<SynapseRelease>) -> Self {
+        let streams = release.map_or(StreamMask::SEED, SynapseRelease::stream_mask);
+        Self { streams, release, ..Self::default() }
     }
 }
 
@@ -92,7 +108,7 @@ const GROUP_WEIGHTS: [u32; StreamId::COUNT] = [
     12,  // account_data
     1,   // groups
     5,   // user_signature
-    0,   // presence_federation: not a seed stream, never generated
+    40,  // presence_federation (Synapse 1.33+; not a seed stream)
 ];
 
 /// The built-in synthetic master (sans-IO). See the module docs.
@@ -127,7 +143,10 @@ fn counter_slot(s: StreamId) -> usize {
 impl Synthetic {
     /// A generator at its starting positions (derived from the seed; `federation` and `typing`
     /// start near 0, as Synapse's in-memory streams do after a restart).
-    pub fn new(cfg: SyntheticConfig) -> Self {
+    pub fn new(mut cfg: SyntheticConfig) -> Self {
+        if let Some(release) = cfg.release {
+            cfg.streams = StreamMask(cfg.streams.0 & release.stream_mask().0);
+        }
         let mut rng = Rng(cfg.seed ^ 0x5eed_f00d_5ba5);
         let mut counters = [0i64; StreamId::COUNT];
         for s in StreamId::ALL {
@@ -229,7 +248,9 @@ impl Synthetic {
     ) -> usize {
         let token = self.next_token(stream);
         let ts = now.wall_ms;
-        let mut line = LineCtx { stream, token, rows: self.group_size(stream), written: 0 };
+        let instance = self.cfg.release.is_some_and(SynapseRelease::has_instance_names);
+        let mut line =
+            LineCtx { stream, token, rows: self.group_size(stream), written: 0, instance, json_at: 0 };
         match stream {
             StreamId::Events => return self.events_group(out, &mut line, on_line),
             StreamId::Caches if line.rows > 1 => {
@@ -269,7 +290,13 @@ impl Synthetic {
         t
     }
 
-    /// Ends a line: pads it, adds `\n`, reports it. Returns the filler length used.
+    /// Whether rows use compact JSON separators (Synapse 1.19+).
+    fn compact(&self) -> bool {
+        self.cfg.release.is_some_and(SynapseRelease::compact_json)
+    }
+
+    /// Ends a line: compacts its JSON (1.19+), pads it, adds `\n`, reports it. Returns the
+    /// filler length used.
     fn finish(
         &mut self,
         out: &mut BytesMut,
@@ -278,8 +305,16 @@ impl Synthetic {
         slot: Option<PadSlot>,
         on_line: &mut dyn FnMut(StreamId, Token, usize, usize),
     ) -> usize {
+        let compact = self.compact();
+        let slot = if compact {
+            // The writers write simplejson's `", "`/`": "`; a 1.19+ master writes `","`/`":"`.
+            let removed_before = compact_separators(out, line.json_at, slot.map(|s| s.at));
+            slot.map(|s| PadSlot { at: s.at - removed_before, ..s })
+        } else {
+            slot
+        };
         let fill = match (slot, self.cfg.pad_to) {
-            (Some(slot), Some(target)) => pad_line(&mut self.scratch, out, start, slot, target),
+            (Some(slot), Some(target)) => pad_line(&mut self.scratch, out, start, slot, target, compact),
             _ => 0,
         };
         out.put_u8(b'\n');

@@ -6,7 +6,7 @@ use super::line::{put_id, PadSlot};
 use super::world::{B64URL, LOCAL_SERVER, REMOTE_SERVERS};
 use super::Synthetic;
 use crate::proto::json::{write_bool, write_i64, write_key, write_null, write_sep, write_str};
-use crate::proto::StreamId;
+use crate::proto::{StreamId, SynapseRelease};
 
 const STATUS_MSGS: &[&str] = &[
     "In a meeting",
@@ -50,7 +50,9 @@ impl Synthetic {
     }
 
     pub(super) fn row_federation(&mut self, out: &mut BytesMut, ts: i64) -> PadSlot {
-        let kind = self.world.rng.below(100);
+        // From Synapse 1.33 presence goes out by the `presence_federation` stream instead.
+        let presence_rows = self.cfg.release.is_none_or(SynapseRelease::federation_presence_rows);
+        let kind = if presence_rows { self.world.rng.below(100) } else { 30 + self.world.rng.below(70) };
         match kind {
             0..=29 => {
                 out.put_slice(b"[\"p\", {");

@@ -5,8 +5,10 @@
 //! [`SyntheticSource::tick`] writes the lines due at that time into one buffer and reports them
 //! as one [`LinkEvent::Batch`], indexed from the generator's own line callbacks (no re-parsing).
 //! Commands from the cores get what a master would do with them: `REMOTE_SERVER_UP x` is echoed
-//! to every worker (seed behaviour, the originator included), `USER_SYNC` is merged and
-//! counted, everything else is counted and dropped.
+//! to every worker (seed behaviour, the originator included; a released master has no other
+//! connection to relay it to), `USER_SYNC` is merged and counted, everything else is counted
+//! and dropped. Playing a released master, `Up` carries that release's generation, so the hub
+//! answers REPLICATE with that release's POSITIONs.
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -15,7 +17,7 @@ use bytes::{Bytes, BytesMut};
 use super::{Synthetic, SyntheticConfig, UNPACED_BATCH};
 use crate::hub::{Batch, LineMeta, UpstreamCmd, UpstreamEvent, UserSyncMerger, BROADCAST};
 use crate::metrics::snapshot::UpstreamSnapshot;
-use crate::proto::{StreamId, SyncState};
+use crate::proto::{Generation, StreamId, SynapseRelease, SyncState};
 use crate::time::Now;
 use crate::upstream::LinkEvent;
 
@@ -61,6 +63,11 @@ impl SyntheticSource {
         std::array::from_fn(|i| StreamId::from_index(i).filter(|s| mask.contains(*s)).map(|_| tokens[i]))
     }
 
+    /// The wire generation of the master this source plays.
+    fn generation(&self) -> Generation {
+        self.gen.config().release.map_or(Generation::Seed, SynapseRelease::generation)
+    }
+
     /// Starts the clock and reports `Up` with the position of every generated stream.
     pub(crate) fn start(&mut self, now: Now) {
         if self.last_tick_ms.is_some() {
@@ -72,8 +79,8 @@ impl SyntheticSource {
         self.events.push_back(LinkEvent::Up(UpstreamEvent::Connected {
             server_name: self.server_name.clone(),
             positions: self.positions(),
-            generation: crate::proto::Generation::Seed,
-            instance: "master".to_owned(),
+            generation: self.generation(),
+            instance: super::line::MASTER_INSTANCE.to_owned(),
         }));
     }
 
@@ -124,7 +131,11 @@ impl SyntheticSource {
                 };
             }
             UpstreamCmd::Forward(line) => {
-                let relayable = line.starts_with(b"REMOTE_SERVER_UP ")
+                // A released master relays REMOTE_SERVER_UP to its other connections only, and
+                // replhub is its one connection (PROTOCOL.md §8.3.1); the seed echoes it to all.
+                let echoes = self.gen.config().release.is_none();
+                let relayable = echoes
+                    && line.starts_with(b"REMOTE_SERVER_UP ")
                     && line.ends_with(b"\n")
                     && memchr::memchr(b'\n', &line) == Some(line.len() - 1);
                 if relayable {
@@ -167,7 +178,7 @@ impl SyntheticSource {
             connected: self.last_tick_ms.is_some(),
             down_since_ms: None,
             reconnects: 0,
-            generation: Some(crate::proto::Generation::Seed.label()),
+            generation: Some(self.generation().label()),
             tokens: self.positions(),
             stream_updates: self.stream_updates,
             inbound_rdata: self.stream_updates,

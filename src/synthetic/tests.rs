@@ -114,7 +114,7 @@ fn check_row(stream: StreamId, row: &Value) -> Result<(), String> {
 }
 
 fn cfg(seed: u64) -> SyntheticConfig {
-    SyntheticConfig { rate: 0, seed, streams: StreamMask::SEED, pad_to: None }
+    SyntheticConfig { rate: 0, seed, streams: StreamMask::SEED, pad_to: None, release: None }
 }
 
 #[test]

@@ -56,7 +56,7 @@ use super::batch::{index_chunk_as, Indexed};
 use super::runs;
 use crate::hub::{Batch, CloseHow, Transition, UpstreamCmd, UpstreamEvent, UserSyncMerger};
 use crate::metrics::snapshot::UpstreamSnapshot;
-use crate::proto::generation::{parse_any_position, RdataForm};
+use crate::proto::generation::{parse_any_position, parse_instance_user_sync, RdataForm};
 use crate::proto::inbound::parse_args;
 use crate::proto::{
     Command, CommandWord, Generation, Line, PeerError, ProtocolChoice, Role, StreamId, StreamMask, SyncState,
@@ -69,6 +69,19 @@ use crate::time::Now;
 /// `max_pending_bytes`). A master that keeps a run open past it is dropped like a connection
 /// that failed: the run is discarded and the link reconnects, so the carry stays bounded.
 pub(crate) const MAX_HELD_RUN_BYTES: usize = 64 << 20;
+
+/// How long a 1.13+ master keeps the presence syncs of a worker instance it has not heard
+/// from (Synapse's `EXTERNAL_PROCESS_EXPIRY`); older ones are not re-announced.
+pub(crate) const INSTANCE_SYNC_EXPIRY_MS: u64 = 5 * 60 * 1000;
+
+/// The users one worker instance (Synapse 1.13+) reported syncing, as the master keeps them.
+#[derive(Clone, Debug, Default)]
+struct InstanceSyncs {
+    /// Monotonic ms of the instance's last USER_SYNC.
+    last_update_ms: u64,
+    /// Syncing users and the `last_sync_ms` each was announced with.
+    users: std::collections::BTreeMap<String, i64>,
+}
 
 /// Settings of the upstream link.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -164,6 +177,9 @@ pub(crate) struct UpstreamLink {
     unconnected_buf: BytesMut,
     events: VecDeque<LinkEvent>,
     user_sync: UserSyncMerger<usize>,
+    /// 1.13+ presence syncs by worker instance id (forwarded as received), re-announced
+    /// after a reconnect.
+    instance_syncs: std::collections::BTreeMap<String, InstanceSyncs>,
     forward_queue: VecDeque<Bytes>,
     tokens: [Option<i64>; StreamId::COUNT],
     stats: Stats,
@@ -178,6 +194,7 @@ impl UpstreamLink {
             unconnected_buf: BytesMut::new(),
             events: VecDeque::new(),
             user_sync: UserSyncMerger::new(),
+            instance_syncs: std::collections::BTreeMap::new(),
             forward_queue: VecDeque::new(),
             tokens: [None; StreamId::COUNT],
             stats: Stats::default(),
@@ -214,7 +231,10 @@ impl UpstreamLink {
 
     /// A fresh TCP connection to the master at `now`: queues `NAME`, `PING`, `REPLICATE ALL`,
     /// then `USER_SYNC <user> start <now>` for every user a core reports syncing, then the
-    /// commands forwarded while disconnected (PROTOCOL.md §3.1).
+    /// commands forwarded while disconnected, then `USER_SYNC <instance_id> <user> start
+    /// <now>` for every user a 1.13+ worker instance reported syncing (and has not let
+    /// expire) (PROTOCOL.md §3.1). A restarted master knows nobody is syncing, and the
+    /// workers, still connected to replhub, will not tell it again.
     pub(crate) fn on_connected(&mut self, now: Now) {
         if self.conn.is_some() {
             self.on_disconnected("replaced by a new connection", now);
@@ -231,6 +251,17 @@ impl UpstreamLink {
         for line in self.forward_queue.drain(..) {
             session.send_encoded(line);
             self.stats.forwarded += 1;
+        }
+        // After the queue: instance-keyed lines queued while down are in the state already,
+        // and the master keeps the `last_sync_ms` it heard last, which should be now.
+        self.instance_syncs
+            .retain(|_, i| now.mono_ms.saturating_sub(i.last_update_ms) <= INSTANCE_SYNC_EXPIRY_MS);
+        for (instance_id, syncs) in &self.instance_syncs {
+            for user_id in syncs.users.keys() {
+                let line = format!("USER_SYNC {instance_id} {user_id} start {}\n", now.wall_ms);
+                session.send_encoded(Bytes::from(line));
+                self.stats.forwarded += 1;
+            }
         }
         self.stats.connects += 1;
         tracing::info!(connects = self.stats.connects, "upstream connected; handshake started");
@@ -419,7 +450,7 @@ impl UpstreamLink {
     /// user, `end` when the last one ends it. While disconnected only the state changes (it is
     /// re-announced on connect). Forwarded lines go upstream verbatim; while disconnected they
     /// are queued (bounded by `max_forward_queue`, oldest dropped).
-    pub(crate) fn on_command(&mut self, core: usize, cmd: UpstreamCmd, _now: Now) {
+    pub(crate) fn on_command(&mut self, core: usize, cmd: UpstreamCmd, now: Now) {
         match cmd {
             UpstreamCmd::UserSync { user_id, state, last_sync_ms } => {
                 let transition = match state {
@@ -436,6 +467,7 @@ impl UpstreamLink {
                 }
             }
             UpstreamCmd::Forward(line) => {
+                self.note_instance_sync(&line, now);
                 if let Some(session) = self.open_session() {
                     session.send_encoded(line);
                     self.stats.forwarded += 1;
@@ -453,6 +485,29 @@ impl UpstreamLink {
                 if self.config.max_forward_queue > 0 {
                     self.forward_queue.push_back(line);
                 }
+            }
+        }
+    }
+
+    /// Keeps the 1.13+ presence-sync state a forwarded `USER_SYNC <instance_id> <user>
+    /// start|end <ms>` or `CLEAR_USER_SYNC <instance_id>` changes (the hub checked its form).
+    fn note_instance_sync(&mut self, line: &[u8], now: Now) {
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        if let Some(args) = line.strip_prefix(b"USER_SYNC ") {
+            let Ok(us) = parse_instance_user_sync(args) else { return };
+            let entry = self.instance_syncs.entry(us.instance_id.to_owned()).or_default();
+            entry.last_update_ms = now.mono_ms;
+            match us.state {
+                SyncState::Start => {
+                    entry.users.insert(us.user_id.to_owned(), us.last_sync_ms);
+                }
+                SyncState::End => {
+                    entry.users.remove(us.user_id);
+                }
+            }
+        } else if let Some(instance_id) = line.strip_prefix(b"CLEAR_USER_SYNC ") {
+            if let Ok(instance_id) = std::str::from_utf8(instance_id) {
+                self.instance_syncs.remove(instance_id);
             }
         }
     }
@@ -525,7 +580,9 @@ impl UpstreamLink {
             tokens: self.tokens,
             stream_updates: self.stats.stream_updates,
             inbound_rdata: self.stats.inbound_rdata,
-            syncing_users: self.user_sync.len() as u64,
+            syncing_users: (self.user_sync.len()
+                + self.instance_syncs.values().map(|i| i.users.len()).sum::<usize>())
+                as u64,
             forwarded: self.stats.forwarded,
             rdata_dropped: self.stats.unknown_stream_rdata + self.stats.malformed_rdata,
             forwards_dropped: self.stats.forward_dropped,

@@ -689,3 +689,55 @@ fn a_run_longer_than_the_limit_drops_the_connection() {
     assert!(relayed(&ev).is_empty(), "none of the run");
     assert!(matches!(&ev[..], [LinkEvent::Down { .. }]));
 }
+
+#[test]
+fn a_restarted_master_is_told_the_instance_keyed_user_syncs_again() {
+    let mut l = link();
+    l.on_connected(T0);
+    transmits(&mut l);
+    let fwd = |l: &mut UpstreamLink, line: &'static str, now: Now| {
+        l.on_command(0, UpstreamCmd::Forward(Bytes::from_static(line.as_bytes())), now);
+    };
+    fwd(&mut l, "USER_SYNC AbCdE @a:hs start 5\n", T0);
+    fwd(&mut l, "USER_SYNC AbCdE @b:hs start 6\n", T0);
+    fwd(&mut l, "USER_SYNC FgHiJ @c:hs start 7\n", T0);
+    fwd(&mut l, "USER_SYNC KlMnO @d:hs start 8\n", T0);
+    fwd(&mut l, "USER_SYNC AbCdE @b:hs end 9\n", T0);
+    fwd(&mut l, "CLEAR_USER_SYNC KlMnO\n", T0);
+    // Passed on as received while connected.
+    assert_eq!(transmits(&mut l).len(), 6);
+    assert_eq!(l.snapshot().syncing_users, 2);
+
+    let t1 = T0.plus_ms(60_000);
+    l.on_disconnected("master restarting", t1);
+    // While down: the state follows, the line is queued.
+    fwd(&mut l, "USER_SYNC FgHiJ @e:hs start 10\n", t1);
+    let t2 = t1.plus_ms(1_000);
+    l.on_connected(t2);
+    assert_eq!(
+        transmits(&mut l),
+        vec![
+            "NAME replhub\n".to_owned(),
+            format!("PING {}\n", t2.wall_ms),
+            "REPLICATE ALL\n".to_owned(),
+            "USER_SYNC FgHiJ @e:hs start 10\n".to_owned(),
+            format!("USER_SYNC AbCdE @a:hs start {}\n", t2.wall_ms),
+            format!("USER_SYNC FgHiJ @c:hs start {}\n", t2.wall_ms),
+            format!("USER_SYNC FgHiJ @e:hs start {}\n", t2.wall_ms),
+        ]
+    );
+
+    // An instance silent for longer than the master keeps it is not announced again.
+    let t3 = t1.plus_ms(INSTANCE_SYNC_EXPIRY_MS + 1);
+    fwd(&mut l, "USER_SYNC FgHiJ @c:hs start 11\n", t3);
+    l.on_disconnected("master restarting", t3);
+    l.on_connected(t3);
+    let again: Vec<String> = transmits(&mut l).into_iter().filter(|t| t.starts_with("USER_SYNC")).collect();
+    assert_eq!(
+        again,
+        vec![
+            format!("USER_SYNC FgHiJ @c:hs start {}\n", t3.wall_ms),
+            format!("USER_SYNC FgHiJ @e:hs start {}\n", t3.wall_ms)
+        ]
+    );
+}
