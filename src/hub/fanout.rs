@@ -13,6 +13,7 @@ impl Hub {
     /// Appends a batch shared by all cores to this core's log and wakes its subscribers.
     pub fn on_batch(&mut self, batch: Arc<Batch>, now: Now) {
         let first = self.log.append(Arc::clone(&batch));
+        self.history.append(&batch);
         self.stats.batches += 1;
         let mut streams = 0u32;
         let mut broadcast = false;

@@ -69,6 +69,8 @@ pub(super) struct Flight {
     pub private_bytes: u64,
     /// Private lines among the pieces.
     pub private_lines: usize,
+    /// Bytes of catch-up RDATA (private lines of word RDATA) among the pieces.
+    pub catch_up_bytes: u64,
 }
 
 /// What a write of part of a flight amounts to. Small, so that it comes back in registers:

@@ -30,6 +30,7 @@ mod close;
 mod conn;
 mod fanout;
 mod flight;
+mod history;
 mod inputs;
 mod outbox;
 mod released;
@@ -90,6 +91,9 @@ pub struct HubConfig {
     pub server_name: Option<String>,
     /// The upstream's protocol generation (`--protocol`): learnt, or pinned.
     pub protocol: crate::proto::ProtocolChoice,
+    /// Bytes of recent batches kept to catch 1.10–1.12 workers up from their token
+    /// (`--history-bytes`; `hub/history.rs`).
+    pub history_bytes: u64,
 }
 
 impl Default for HubConfig {
@@ -102,6 +106,7 @@ impl Default for HubConfig {
             max_write_bytes: 1 << 20,
             server_name: None,
             protocol: crate::proto::ProtocolChoice::Auto,
+            history_bytes: history::DEFAULT_HISTORY_BYTES,
         }
     }
 }
@@ -182,6 +187,15 @@ pub(crate) const MAX_QUEUED_COMMANDS: usize = 10_000;
 /// than `max_pending_bytes - MAX_QUEUED_BYTES`.
 pub(crate) const MAX_QUEUED_BYTES: u64 = 1 << 20;
 
+/// Where a 1.10–1.12 `REPLICATE <stream> <token|NOW>` starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CatchUpFrom {
+    /// Rows after this token, then POSITION.
+    Token(i64),
+    /// No rows: POSITION at the current token.
+    Now,
+}
+
 /// The per-core hub. See the `hub` module docs.
 pub struct Hub {
     config: HubConfig,
@@ -209,6 +223,10 @@ pub struct Hub {
     stream_subs: [Vec<ConnId>; StreamId::COUNT],
     /// Connections whose REPLICATE for the stream waits for a batch boundary or for tokens.
     pending_subs: [Vec<ConnId>; StreamId::COUNT],
+    /// Recent batches, for 1.10–1.12 workers' catch-up from a token.
+    history: history::History,
+    /// 1.10–1.12 subscriptions not granted yet: the token each catches up from.
+    catch_ups: Vec<(ConnId, StreamId, CatchUpFrom)>,
     user_sync: UserSyncMerger<ConnId>,
     stats: CoreStats,
     next_tick_ms: u64,
@@ -220,6 +238,7 @@ impl Hub {
     pub fn new(config: HubConfig) -> Self {
         let server_name = config.server_name.clone();
         let generation = config.protocol.pinned();
+        let history = history::History::new(config.history_bytes);
         Self {
             config,
             log: Log::new(),
@@ -235,6 +254,8 @@ impl Hub {
             instance: "master".to_owned(),
             stream_subs: Default::default(),
             pending_subs: Default::default(),
+            history,
+            catch_ups: Vec::new(),
             user_sync: UserSyncMerger::new(),
             stats: CoreStats::default(),
             next_tick_ms: 0,

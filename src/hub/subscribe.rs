@@ -1,10 +1,34 @@
 //! Subscriptions: REPLICATE, the POSITION that starts each subscription (invariant 2), and the
 //! fresh POSITIONs when the upstream (re)connects (invariant 3).
+//!
+//! A 1.10–1.12 worker's `REPLICATE <stream|ALL> <token|NOW>` (PROTOCOL.md §8.1) is served as
+//! its master would: the rows after `token` from the history (`history.rs`), each as an RDATA
+//! line with its own token, then `POSITION`, then live rows, all queued at the same log
+//! position so that nothing is missed or repeated. A token older than the history gets the
+//! ERROR a 1.12 master sends for a stream that has fallen behind. A 1.13+ upstream's RDATA
+//! cannot be relayed to such a worker at all, so it gets a clear ERROR.
+use super::history::Behind;
 use super::log::Seq;
 use super::stats::{CloseReason, ConnPhase};
-use super::{ConnId, Hub, UpstreamEvent};
+use super::{CatchUpFrom, ConnId, Hub, UpstreamEvent};
+use crate::proto::number::parse_i64;
+use crate::proto::pyrepr::py_exc;
 use crate::proto::{CommandWord, Generation, PeerError, ReplicateTarget, StreamId, StreamMask};
 use crate::time::Now;
+
+/// `REPLICATE <stream|ALL> <token|NOW>` as a 1.10–1.12 master parses it (`line.split(" ",
+/// 1)`, then `NOW`/`now` or `int()` of the rest).
+/// Only called for arguments holding a space.
+fn parse_token_replicate(args: &str) -> Result<(&str, CatchUpFrom), PeerError> {
+    let (stream, token) = args.split_once(' ').unwrap_or((args, ""));
+    let from = match token {
+        "NOW" | "now" => CatchUpFrom::Now,
+        t => CatchUpFrom::Token(
+            parse_i64(t.as_bytes()).map_err(|e| PeerError::parse(b"REPLICATE", args.as_bytes(), e))?,
+        ),
+    };
+    Ok((stream, from))
+}
 
 impl Hub {
     pub(super) fn replicate(&mut self, id: ConnId, target: ReplicateTarget<'_>, now: Now) {
@@ -17,10 +41,17 @@ impl Hub {
         tracing::info!(conn = %id, name, stream, "subscribe (REPLICATE)");
         match target {
             // A bare `REPLICATE` (or `REPLICATE `) is Synapse 1.13+'s handshake, unless the
-            // upstream is known to be the seed, whose server calls it an unknown stream.
-            ReplicateTarget::Unknown("") if self.generation != Some(Generation::Seed) => {
+            // upstream is known to be the seed or 1.10, whose servers refuse it.
+            ReplicateTarget::Unknown("") if !self.generation.is_some_and(Generation::subscribes) => {
                 self.replicate_bare(id, now);
             }
+            ReplicateTarget::Unknown(args) if args.contains(' ') => match parse_token_replicate(args) {
+                Ok((stream, from)) => self.replicate_from(id, stream, from, now),
+                Err(err) => {
+                    tracing::info!(conn = %id, name, error = %err, "bad command, closing");
+                    self.fail(id, &err, CloseReason::ProtocolError, now);
+                }
+            },
             ReplicateTarget::All => self.subscribe_all(id, now),
             ReplicateTarget::Stream(s) => {
                 if self.served.is_some_and(|m| !m.contains(s)) {
@@ -40,6 +71,70 @@ impl Hub {
                 self.fail(id, &PeerError::UnknownStream(stream.to_owned()), CloseReason::ProtocolError, now);
             }
         }
+    }
+
+    /// A 1.10–1.12 worker's `REPLICATE <stream|ALL> <token|NOW>`: each stream is subscribed
+    /// as the seed's REPLICATE is (deferred while a run is open or the upstream unknown), and
+    /// when it is granted ([`Hub::subscribe_from`]) its catch-up goes before the POSITION.
+    fn replicate_from(&mut self, id: ConnId, stream: &str, from: CatchUpFrom, now: Now) {
+        if let Some(g) = self.generation.filter(|g| !g.subscribes()) {
+            self.refuse_catch_up(id, g, now);
+            return;
+        }
+        let streams: Vec<StreamId> = if stream == "ALL" {
+            if let Some(c) = self.conn_mut(id) {
+                c.subs.all = true;
+            }
+            match self.served {
+                Some(served) => served.iter().collect(),
+                None => StreamId::ALL.to_vec(),
+            }
+        } else {
+            match StreamId::from_name(stream.as_bytes()) {
+                Some(s) if self.served.is_none_or(|m| m.contains(s)) => vec![s],
+                _ => {
+                    tracing::info!(conn = %id, stream, "unknown stream, closing");
+                    let err = PeerError::UnknownStream(stream.to_owned());
+                    self.fail(id, &err, CloseReason::ProtocolError, now);
+                    return;
+                }
+            }
+        };
+        for s in streams {
+            self.catch_ups.retain(|&(c, cs, _)| !(c == id && cs == s));
+            self.catch_ups.push((id, s, from));
+            self.request_subscription(id, s, now);
+        }
+    }
+
+    /// A 1.10–1.12 worker behind a 1.13+ upstream: that master's RDATA and POSITION carry an
+    /// instance name the worker cannot parse, and it has no catch-up from a token over TCP.
+    /// Rather than answer as that master would (its POSITIONs, which the worker rejects with a
+    /// parse ERROR), the worker is told why, once, and closed.
+    fn refuse_catch_up(&mut self, id: ConnId, upstream: Generation, now: Now) {
+        self.catch_ups.retain(|&(c, _, _)| c != id);
+        let text = format!(
+            "replhub relays a Synapse {upstream} master, whose protocol a 1.10-1.12 worker \
+             (REPLICATE <stream> <token>) cannot read"
+        );
+        tracing::info!(conn = %id, upstream = %upstream, "1.10-1.12 worker behind a newer upstream, closing");
+        let err = PeerError::ReplicateFailed(py_exc("Exception", &text));
+        self.fail(id, &err, CloseReason::ProtocolError, now);
+    }
+
+    /// The catch-up lines queued for `id` before its POSITION for `s` at `token`, if its
+    /// REPLICATE carried a token. `Err` if the history no longer reaches back to it.
+    fn take_catch_up(&mut self, id: ConnId, s: StreamId, token: i64) -> Result<Vec<bytes::Bytes>, PeerError> {
+        let Some(i) = self.catch_ups.iter().position(|&(c, cs, _)| c == id && cs == s) else {
+            return Ok(Vec::new());
+        };
+        let (_, _, from) = self.catch_ups.swap_remove(i);
+        let CatchUpFrom::Token(from) = from else { return Ok(Vec::new()) };
+        self.history.catch_up(s, from, token).map_err(|Behind::Floor(floor)| {
+            tracing::info!(conn = %id, stream = s.name(), from, ?floor, "catch-up older than the history");
+            // What a 1.12 master sends when a stream is too far behind to catch up over TCP.
+            PeerError::ReplicateFailed(py_exc("Exception", &format!("stream {} has fallen behind", s.name())))
+        })
     }
 
     /// Every stream the upstream serves (all of them while that is not known yet).
@@ -116,9 +211,19 @@ impl Hub {
         // A stream name, an instance name and numbers: never a newline, never near the limit.
         let position =
             self.generation.unwrap_or(Generation::Seed).position_line(s.name(), &self.instance, token);
+        let catch_up = match self.take_catch_up(id, s, token) {
+            Ok(lines) => lines,
+            Err(err) => {
+                self.fail(id, &err, CloseReason::ProtocolError, now);
+                return;
+            }
+        };
         let Some(c) = self.conn_mut(id) else { return };
         if c.close.is_closing() {
             return;
+        }
+        for piece in catch_up {
+            c.outbox.push_private(at, piece, CommandWord::Rdata);
         }
         let newly = !c.subs.mask.contains(s);
         if newly {
@@ -145,6 +250,7 @@ impl Hub {
         c.subs.pending = StreamMask::NONE;
         c.subs.full_from = u64::MAX;
         self.forget_subscriptions(id, mask, pending);
+        self.catch_ups.retain(|&(c, _, _)| c != id);
     }
 
     /// Takes `id` off the per-stream lists for `mask` (granted) and `pending` (waiting).
@@ -172,6 +278,15 @@ impl Hub {
                 }
                 self.generation = Some(*generation);
                 self.instance.clone_from(instance);
+                for s in StreamId::ALL {
+                    self.history.on_connected(s, self.tokens[s.index()], positions[s.index()]);
+                }
+                if !generation.subscribes() {
+                    let waiting: Vec<ConnId> = self.catch_ups.iter().map(|&(c, _, _)| c).collect();
+                    for id in waiting {
+                        self.refuse_catch_up(id, *generation, now);
+                    }
+                }
                 match &self.server_name {
                     Some(known) if known != server_name && self.config.server_name.is_none() => {
                         tracing::warn!(
