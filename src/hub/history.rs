@@ -317,7 +317,8 @@ mod tests {
         h.append(&b1);
         h.append(&batch(&[(Events, None, "[2]"), (Events, Some(4), "[3]")]));
         h.append(&batch(&[(Events, Some(5), "[5]")]));
-        assert_eq!(h.floor(Events), Some(5), "the run ending at 4 was evicted, then the batch of 5");
+        assert_eq!(h.floor(Events), Some(4), "both batches of the run ending at 4 went, that of 5 stays");
+        assert_eq!(text(&h.catch_up(Events, 4, 5).unwrap()), ["RDATA events 5 [5]"]);
         let mut h = History::new(b1.data().len() as u64 + 1);
         connected(&mut h, Events, 0);
         h.append(&b1);

@@ -42,6 +42,8 @@ mod writes;
 #[doc(hidden)]
 pub mod sim;
 #[cfg(test)]
+mod catch_up_tests;
+#[cfg(test)]
 mod tests;
 
 pub use self::log::{Batch, LineMeta};

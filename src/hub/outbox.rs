@@ -477,6 +477,7 @@ impl Outbox {
         self.catch_up_bytes -= flight.catch_up_bytes;
         let settled = flight.settle(n, self.cursor, &mut self.outbound, &mut self.private);
         self.private_bytes += settled.requeued_bytes;
+        self.catch_up_bytes += settled.requeued_catch_up;
         // The flight is empty now: dropping it frees nothing.
         self.state = WriteState::Pending;
         self.outbound[CommandWord::Rdata as usize] += settled.lines;

@@ -46,6 +46,11 @@ impl Hub {
                 self.replicate_bare(id, now);
             }
             ReplicateTarget::Unknown(args) if args.contains(' ') => match parse_token_replicate(args) {
+                Ok(_) if self.generation == Some(Generation::Seed) => {
+                    // The seed's master takes the whole argument for a stream name.
+                    tracing::info!(conn = %id, name, stream = args, "unknown stream, closing");
+                    self.fail(id, &PeerError::UnknownStream(args.to_owned()), CloseReason::ProtocolError, now);
+                }
                 Ok((stream, from)) => self.replicate_from(id, stream, from, now),
                 Err(err) => {
                     tracing::info!(conn = %id, name, error = %err, "bad command, closing");
@@ -77,9 +82,12 @@ impl Hub {
     /// as the seed's REPLICATE is (deferred while a run is open or the upstream unknown), and
     /// when it is granted ([`Hub::subscribe_from`]) its catch-up goes before the POSITION.
     fn replicate_from(&mut self, id: ConnId, stream: &str, from: CatchUpFrom, now: Now) {
-        if let Some(g) = self.generation.filter(|g| !g.subscribes()) {
-            self.refuse_catch_up(id, g, now);
-            return;
+        match self.generation {
+            Some(Generation::V1_10) | None => {}
+            Some(g) => {
+                self.refuse_catch_up(id, stream, from, g, now);
+                return;
+            }
         }
         let streams: Vec<StreamId> = if stream == "ALL" {
             if let Some(c) = self.conn_mut(id) {
@@ -107,18 +115,28 @@ impl Hub {
         }
     }
 
-    /// A 1.10–1.12 worker behind a 1.13+ upstream: that master's RDATA and POSITION carry an
-    /// instance name the worker cannot parse, and it has no catch-up from a token over TCP.
-    /// Rather than answer as that master would (its POSITIONs, which the worker rejects with a
-    /// parse ERROR), the worker is told why, once, and closed.
-    fn refuse_catch_up(&mut self, id: ConnId, upstream: Generation, now: Now) {
+    /// A 1.10–1.12 worker behind an upstream of another generation. The seed's master calls
+    /// `<stream> <token>` an unknown stream, and so does replhub, as it would. A 1.13+
+    /// master's RDATA and POSITION carry an instance name the worker cannot parse, and it has
+    /// no catch-up from a token over TCP: rather than answer as that master would (its
+    /// POSITIONs, which the worker rejects with a parse ERROR), the worker is told why, once,
+    /// and closed.
+    fn refuse_catch_up(&mut self, id: ConnId, stream: &str, from: CatchUpFrom, upstream: Generation, now: Now) {
         self.catch_ups.retain(|&(c, _, _)| c != id);
-        let text = format!(
-            "replhub relays a Synapse {upstream} master, whose protocol a 1.10-1.12 worker \
-             (REPLICATE <stream> <token>) cannot read"
-        );
-        tracing::info!(conn = %id, upstream = %upstream, "1.10-1.12 worker behind a newer upstream, closing");
-        let err = PeerError::ReplicateFailed(py_exc("Exception", &text));
+        let err = if upstream == Generation::Seed {
+            let token = match from {
+                CatchUpFrom::Token(t) => t.to_string(),
+                CatchUpFrom::Now => "NOW".to_owned(),
+            };
+            PeerError::UnknownStream(format!("{stream} {token}"))
+        } else {
+            let text = format!(
+                "replhub relays a Synapse {upstream} master, whose protocol a 1.10-1.12 worker \
+                 (REPLICATE <stream> <token>) cannot read"
+            );
+            PeerError::ReplicateFailed(py_exc("Exception", &text))
+        };
+        tracing::info!(conn = %id, upstream = %upstream, error = %err, "1.10-1.12 REPLICATE behind another generation, closing");
         self.fail(id, &err, CloseReason::ProtocolError, now);
     }
 
@@ -281,10 +299,12 @@ impl Hub {
                 for s in StreamId::ALL {
                     self.history.on_connected(s, self.tokens[s.index()], positions[s.index()]);
                 }
-                if !generation.subscribes() {
-                    let waiting: Vec<ConnId> = self.catch_ups.iter().map(|&(c, _, _)| c).collect();
-                    for id in waiting {
-                        self.refuse_catch_up(id, *generation, now);
+                if *generation != Generation::V1_10 {
+                    let waiting: Vec<(ConnId, StreamId, CatchUpFrom)> = self.catch_ups.clone();
+                    for (id, s, from) in waiting {
+                        let all = self.conn(id).is_some_and(|c| c.subs.all);
+                        let stream = if all { "ALL" } else { s.name() };
+                        self.refuse_catch_up(id, stream, from, *generation, now);
                     }
                 }
                 match &self.server_name {
