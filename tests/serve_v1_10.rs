@@ -166,7 +166,12 @@ fn learns_resumes_and_catches_up(io: IoBackend) {
 
     let mut live = Worker::connect(server.local_addr());
     assert_eq!(subscribe_1_12(&mut live, "events", "NOW"), ["POSITION events 1"]);
-    master.write(&[(StreamId::Events, 2), (StreamId::Events, 3), (StreamId::Events, 3), (StreamId::Typing, 2)]);
+    master.write(&[
+        (StreamId::Events, 2),
+        (StreamId::Events, 3),
+        (StreamId::Events, 3),
+        (StreamId::Typing, 2),
+    ]);
     let first: Vec<String> = (0..3).map(|_| live.line_skip_ping()).collect();
     assert_eq!(first[0], "RDATA events 2 [\"events-2-0\"]");
     assert_eq!(first[1], "RDATA events batch [\"events-3-1\"]", "live rows as relayed");

@@ -107,7 +107,7 @@ fn a_token_older_than_the_history_gets_the_fallen_behind_error() {
 
 #[test]
 fn an_evicted_history_raises_the_floor() {
-    let row = 40; // bytes of one generated line, about
+    let row: u64 = 40; // bytes of one generated line, about
     let mut sim = sim_with(HubConfig { history_bytes: 10 * row, ..config() });
     let mut sent = Vec::new();
     for t in 101..=140 {
@@ -116,6 +116,17 @@ fn an_evicted_history_raises_the_floor() {
     let w = worker(&mut sim);
     sim.send(w, "REPLICATE events 100");
     assert!(sim.take_lines(w)[0].contains("has fallen behind"));
+    // What the metrics show: how far back the history reaches, and what it holds.
+    let stats = sim.hub.snapshot(0, |_| (0, 0)).stats;
+    let floor = stats.history_floor[Events.index()].expect("known");
+    assert!((101..135).contains(&floor), "{floor}");
+    assert!(stats.history_bytes <= 10 * row && stats.history_bytes > 0);
+    let w = worker(&mut sim);
+    sim.send(w, &format!("REPLICATE events {}", floor - 1));
+    assert!(sim.take_lines(w)[0].contains("has fallen behind"), "just below the floor");
+    let w = worker(&mut sim);
+    sim.send(w, &format!("REPLICATE events {floor}"));
+    assert_eq!(sim.take_lines(w).len(), (140 - floor) as usize + 1, "from the floor: every row held");
     let w = worker(&mut sim);
     sim.send(w, "REPLICATE events 135");
     let expected: Vec<String> =
@@ -260,7 +271,11 @@ fn waits_for_the_upstream_then_catches_up() {
     let lines = sim.take_lines(w);
     assert_eq!(
         lines,
-        ["SERVER example.com".to_owned(), format!("PING {}", sim.now.wall_ms), "POSITION events 100".to_owned()]
+        [
+            "SERVER example.com".to_owned(),
+            format!("PING {}", sim.now.wall_ms),
+            "POSITION events 100".to_owned()
+        ]
     );
     assert_eq!(
         sim.take_lines(late),
@@ -276,7 +291,8 @@ fn a_newer_upstream_refuses_token_replicates_clearly() {
     sim.send(w, "REPLICATE events 100");
     let lines = sim.take_lines(w);
     assert_eq!(lines.len(), 1);
-    assert!(lines[0].starts_with("ERROR failed to handle replicate: Exception('replhub relays a Synapse 1.22 master"));
+    assert!(lines[0]
+        .starts_with("ERROR failed to handle replicate: Exception('replhub relays a Synapse 1.22 master"));
     assert_eq!(sim.closed(w), Some(CloseHow::Graceful));
     // The same when the upstream's generation is learnt after the REPLICATE.
     let mut sim = Sim::new(config());

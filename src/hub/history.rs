@@ -79,13 +79,7 @@ pub(crate) struct History {
 impl History {
     /// An empty history holding at most `limit` bytes of batches.
     pub(crate) fn new(limit: u64) -> Self {
-        Self {
-            limit,
-            bytes: 0,
-            first_seq: 0,
-            entries: VecDeque::new(),
-            streams: Default::default(),
-        }
+        Self { limit, bytes: 0, first_seq: 0, entries: VecDeque::new(), streams: Default::default() }
     }
 
     /// Bytes of the batches held.
@@ -254,7 +248,9 @@ mod tests {
     fn text(pieces: &[Bytes]) -> Vec<String> {
         pieces
             .iter()
-            .flat_map(|p| String::from_utf8(p.to_vec()).unwrap().lines().map(str::to_owned).collect::<Vec<_>>())
+            .flat_map(|p| {
+                String::from_utf8(p.to_vec()).unwrap().lines().map(str::to_owned).collect::<Vec<_>>()
+            })
             .collect()
     }
 
@@ -270,7 +266,10 @@ mod tests {
         h.append(&batch(&[(Events, None, "[\"b\"]"), (Events, Some(12), "[\"c\"]")]));
         let all = text(&h.catch_up(Events, 10, 12).unwrap());
         assert_eq!(all, ["RDATA events 11 [\"a\"]", "RDATA events 12 [\"b\"]", "RDATA events 12 [\"c\"]"]);
-        assert_eq!(text(&h.catch_up(Events, 11, 12).unwrap()), ["RDATA events 12 [\"b\"]", "RDATA events 12 [\"c\"]"]);
+        assert_eq!(
+            text(&h.catch_up(Events, 11, 12).unwrap()),
+            ["RDATA events 12 [\"b\"]", "RDATA events 12 [\"c\"]"]
+        );
         assert!(h.catch_up(Events, 12, 12).unwrap().is_empty(), "at the current token: nothing");
         assert!(h.catch_up(Events, 40, 12).unwrap().is_empty(), "ahead of the hub: nothing");
         assert_eq!(text(&h.catch_up(Events, 10, 11).unwrap()), ["RDATA events 11 [\"a\"]"], "upto bounds it");

@@ -39,10 +39,10 @@ mod subscribe;
 mod timers;
 mod writes;
 
-#[doc(hidden)]
-pub mod sim;
 #[cfg(test)]
 mod catch_up_tests;
+#[doc(hidden)]
+pub mod sim;
 #[cfg(test)]
 mod tests;
 

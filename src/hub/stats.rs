@@ -137,6 +137,12 @@ pub struct CoreStats {
     pub batches: u64,
     /// Bytes currently held by this core's log (gauge).
     pub log_bytes: u64,
+    /// Gauge: bytes of batches the 1.10–1.12 catch-up history holds (shared with the log and
+    /// the other cores).
+    pub history_bytes: u64,
+    /// Gauge: per stream, the token above which the history holds every row (`None` before
+    /// the upstream's position is known, or while it is being moved past an evicted run).
+    pub history_floor: [Option<i64>; StreamId::COUNT],
 }
 
 /// One live connection at scrape time.
@@ -186,6 +192,8 @@ impl Hub {
     pub fn snapshot(&self, core: usize, mut kernel_queues: impl FnMut(ConnId) -> (u64, u64)) -> CoreSnapshot {
         let mut stats = self.stats.clone();
         stats.log_bytes = self.log.held_bytes();
+        stats.history_bytes = self.history.bytes();
+        stats.history_floor = StreamId::ALL.map(|s| self.history.floor(s));
         let conns = self
             .conns
             .iter()

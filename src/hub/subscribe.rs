@@ -49,7 +49,12 @@ impl Hub {
                 Ok(_) if self.generation == Some(Generation::Seed) => {
                     // The seed's master takes the whole argument for a stream name.
                     tracing::info!(conn = %id, name, stream = args, "unknown stream, closing");
-                    self.fail(id, &PeerError::UnknownStream(args.to_owned()), CloseReason::ProtocolError, now);
+                    self.fail(
+                        id,
+                        &PeerError::UnknownStream(args.to_owned()),
+                        CloseReason::ProtocolError,
+                        now,
+                    );
                 }
                 Ok((stream, from)) => self.replicate_from(id, stream, from, now),
                 Err(err) => {
@@ -121,7 +126,14 @@ impl Hub {
     /// no catch-up from a token over TCP: rather than answer as that master would (its
     /// POSITIONs, which the worker rejects with a parse ERROR), the worker is told why, once,
     /// and closed.
-    fn refuse_catch_up(&mut self, id: ConnId, stream: &str, from: CatchUpFrom, upstream: Generation, now: Now) {
+    fn refuse_catch_up(
+        &mut self,
+        id: ConnId,
+        stream: &str,
+        from: CatchUpFrom,
+        upstream: Generation,
+        now: Now,
+    ) {
         self.catch_ups.retain(|&(c, _, _)| c != id);
         let err = if upstream == Generation::Seed {
             let token = match from {

@@ -110,6 +110,9 @@ struct Totals<'a> {
     user_ip: u64,
     batches: u64,
     log_bytes: u64,
+    history_bytes: u64,
+    /// Per stream, the highest floor of any core (how far back every core's history reaches).
+    history_floor: [Option<i64>; StreamId::COUNT],
 }
 
 fn sum_into<const N: usize>(acc: &mut [u64; N], v: &[u64; N]) {
@@ -136,6 +139,10 @@ impl<'a> Totals<'a> {
             t.user_ip = t.user_ip.saturating_add(s.user_ip);
             t.batches = t.batches.saturating_add(s.batches);
             t.log_bytes = t.log_bytes.saturating_add(s.log_bytes);
+            t.history_bytes = t.history_bytes.max(s.history_bytes);
+            for (acc, f) in t.history_floor.iter_mut().zip(s.history_floor) {
+                *acc = (*acc).max(f);
+            }
 
             for c in &core.conns {
                 t.conns += 1;
@@ -397,6 +404,21 @@ fn replhub_metrics(
         "Bytes currently held by the cores' fan-out logs, summed over cores.",
         t.log_bytes,
     )?;
+    x.gauge(
+        "replhub_history_bytes",
+        "Bytes of recent batches held to catch Synapse 1.10-1.12 workers up from a token, largest \
+         over cores (the cores hold the same batches).",
+        t.history_bytes,
+    )?;
+    let floors: Vec<_> =
+        StreamId::ALL.iter().filter_map(|s| Some(([s.name()], t.history_floor[s.index()]?))).collect();
+    x.gauge_vec_i64(
+        "replhub_history_floor_token",
+        "Per stream, the token after which the catch-up history holds every row: a 1.10-1.12 \
+         worker asking from an older token gets `has fallen behind`.",
+        ["stream"],
+        &floors,
+    )?;
     x.counter(
         "replhub_log_batches_appended_total",
         "Upstream batches appended to a core's log, summed over cores (each batch is appended \
@@ -551,6 +573,7 @@ mod tests {
                 user_ip: 6,
                 batches: 10,
                 log_bytes: 4096,
+                ..CoreStats::default()
             },
             conns: vec![a, c],
         };
@@ -570,6 +593,7 @@ mod tests {
                 user_ip: 1,
                 batches: 10,
                 log_bytes: 1024,
+                ..CoreStats::default()
             },
             conns: vec![b],
         };

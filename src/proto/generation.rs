@@ -120,7 +120,9 @@ impl std::str::FromStr for ProtocolChoice {
             "1.10" | "1.11" | "1.12" => Ok(Self::Pinned(Generation::V1_10)),
             "1.13" => Ok(Self::Pinned(Generation::V1_13)),
             "1.22" => Ok(Self::Pinned(Generation::V1_22)),
-            other => Err(format!("unknown protocol {other:?} (expected auto, seed, 1.10 (or 1.12), 1.13 or 1.22)")),
+            other => {
+                Err(format!("unknown protocol {other:?} (expected auto, seed, 1.10 (or 1.12), 1.13 or 1.22)"))
+            }
         }
     }
 }

@@ -357,7 +357,10 @@ impl UpstreamLink {
                 self.resume = None;
             }
             Greeting::Resume(_) if error.starts_with(REPLICATE_FAILED) => {
-                tracing::warn!(error, "upstream could not resume from replhub's tokens; starting again from its current ones");
+                tracing::warn!(
+                    error,
+                    "upstream could not resume from replhub's tokens; starting again from its current ones"
+                );
                 self.resume = None;
             }
             Greeting::Now if pinned.is_none() && error.starts_with(REPLICATE_FAILED) => {

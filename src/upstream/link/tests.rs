@@ -789,12 +789,20 @@ fn a_refused_resume_or_1_10_greeting_falls_back() {
     l.on_connected(T0);
     assert_eq!(transmits(&mut l).iter().filter(|s| s.starts_with("REPLICATE")).count(), 15, "resume");
     // Away too long: the master refuses one stream's catch-up; the next greeting starts anew.
-    feed(&mut l, b"SERVER hs\nERROR failed to handle replicate: Exception('stream events has fallen behind')\n", T0);
+    feed(
+        &mut l,
+        b"SERVER hs\nERROR failed to handle replicate: Exception('stream events has fallen behind')\n",
+        T0,
+    );
     l.on_disconnected("closed", T0);
     l.on_connected(T0);
     assert_eq!(transmits(&mut l)[2], "REPLICATE ALL NOW\n");
     // A seed master (say the upstream was replaced) refuses that: back to REPLICATE ALL.
-    feed(&mut l, b"SERVER hs\nERROR failed to handle replicate: Exception('unknown stream %s', 'ALL NOW')\n", T0);
+    feed(
+        &mut l,
+        b"SERVER hs\nERROR failed to handle replicate: Exception('unknown stream %s', 'ALL NOW')\n",
+        T0,
+    );
     l.on_disconnected("closed", T0);
     l.on_connected(T0);
     assert_eq!(transmits(&mut l)[2], "REPLICATE ALL\n");
