@@ -573,7 +573,8 @@ mod tests {
                 user_ip: 6,
                 batches: 10,
                 log_bytes: 4096,
-                ..CoreStats::default()
+                history_bytes: 2048,
+                history_floor: StreamId::ALL.map(|s| (s == StreamId::Events).then_some(90)),
             },
             conns: vec![a, c],
         };
@@ -731,6 +732,8 @@ mod tests {
             "replhub_backlog_bytes_sum 350",
             "replhub_max_pending_bytes 67108864",
             "replhub_log_bytes 5120",
+            "replhub_history_bytes 2048",
+            r#"replhub_history_floor_token{stream="events"} 90"#,
             "replhub_log_batches_appended_total 20",
             r#"replhub_slow_consumer_disconnects_total{reason="backlog"} 1"#,
             r#"replhub_slow_consumer_disconnects_total{reason="write_timeout"} 2"#,
