@@ -97,6 +97,8 @@ impl ServeConfig {
         if matches!(source, SourceConfig::Synthetic { .. }) {
             hub.server_name = Some(DEFAULT_SYNTHETIC_SERVER_NAME.to_owned());
         }
+        // Only a master can be asked for rows older than the history (1.10–1.12 workers).
+        hub.fetch_catch_up = matches!(source, SourceConfig::Upstream { .. });
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9092)),
             source,

@@ -354,3 +354,109 @@ fn a_resumed_upstream_keeps_the_history() {
     sim.send(w, "REPLICATE events 102");
     assert!(sim.take_lines(w)[0].contains("has fallen behind"));
 }
+
+/// A hub that may fetch rows older than its history from its 1.10–1.12 master.
+fn fetching_sim() -> Sim {
+    sim_with(HubConfig { fetch_catch_up: true, ..config() })
+}
+
+/// The fetch request the hub sent upstream.
+fn fetch_request(sim: &mut Sim) -> (u64, StreamId, i64) {
+    let cmds = sim.take_upstream();
+    match cmds.as_slice() {
+        [super::UpstreamCmd::Fetch { id, stream, from }] => (*id, *stream, *from),
+        other => panic!("expected one fetch, got {other:?}"),
+    }
+}
+
+/// What the master's catch-up connection returns: rows `from+1..=upto` of events.
+fn master_rows(from: i64, upto: i64) -> super::Fetched {
+    let rows = (from + 1..=upto)
+        .map(|t| (t, bytes::Bytes::from(format!("RDATA events {t} [\"fetched\", {t}]\n"))))
+        .collect();
+    super::Fetched { rows, position: upto }
+}
+
+#[test]
+fn older_than_the_history_is_fetched_from_the_master_and_spliced() {
+    let mut sim = fetching_sim();
+    let held = sim.batch(&[(Events, V(101)), (Events, V(102))]);
+    let w = worker(&mut sim);
+    sim.send(w, "REPLICATE events 97");
+    assert!(sim.take_lines(w).is_empty(), "nothing until the rows are fetched");
+    assert_eq!(fetch_request(&mut sim), (0, Events, 97));
+    // Live rows go on meanwhile; the worker is not subscribed yet.
+    let during = sim.batch(&[(Events, V(103))]);
+    assert!(sim.take_lines(w).is_empty());
+    // The master answers from its current token, which is ahead of the history's floor (100):
+    // its rows up to the floor, then the history's, then POSITION, then live.
+    sim.hub.on_fetched(0, Ok(master_rows(97, 103)), sim.now);
+    sim.flush();
+    let mut expected: Vec<String> =
+        (98..=100).map(|t| format!("RDATA events {t} [\"fetched\", {t}]")).collect();
+    expected.extend(held.iter().map(text));
+    expected.extend(during.iter().map(text));
+    expected.push("POSITION events 103".to_owned());
+    assert_eq!(sim.take_lines(w), expected, "no gap, no repeat");
+    let live = sim.batch(&[(Events, V(104))]);
+    assert_eq!(sim.take_lines(w), vec![text(&live[0])]);
+}
+
+#[test]
+fn a_failed_fetch_closes_the_worker_with_the_master_s_reason() {
+    let mut sim = fetching_sim();
+    let w = worker(&mut sim);
+    sim.send(w, "REPLICATE events 1");
+    let (id, _, _) = fetch_request(&mut sim);
+    let text = "failed to handle replicate: Exception('stream events has fallen behind')";
+    sim.hub.on_fetched(id, Err(text.to_owned()), sim.now);
+    sim.flush();
+    assert_eq!(sim.take_lines(w), vec![format!("ERROR {text}")]);
+    // Anything else (the master unreachable) is that same refusal: the worker reconnects.
+    let w = worker(&mut sim);
+    sim.send(w, "REPLICATE typing 1");
+    let (id, _, _) = fetch_request(&mut sim);
+    sim.hub.on_fetched(id, Err("connect: refused".to_owned()), sim.now);
+    sim.flush();
+    assert_eq!(
+        sim.take_lines(w),
+        vec!["ERROR failed to handle replicate: Exception('stream typing has fallen behind')"]
+    );
+}
+
+#[test]
+fn fetched_rows_that_stop_short_of_the_history_are_not_spliced() {
+    let row: u64 = 40;
+    let mut sim = sim_with(HubConfig { fetch_catch_up: true, history_bytes: 4 * row, ..config() });
+    let w = worker(&mut sim);
+    sim.send(w, "REPLICATE events 99");
+    let (id, _, _) = fetch_request(&mut sim);
+    // Meanwhile the history moved on past what the master will send.
+    for t in 101..=120 {
+        sim.batch(&[(Events, V(t))]);
+    }
+    sim.hub.on_fetched(id, Ok(master_rows(99, 101)), sim.now);
+    sim.flush();
+    assert_eq!(
+        sim.take_lines(w),
+        vec!["ERROR failed to handle replicate: Exception('stream events has fallen behind')"]
+    );
+}
+
+#[test]
+fn a_worker_gone_while_fetching_is_forgotten() {
+    let mut sim = fetching_sim();
+    let w = worker(&mut sim);
+    sim.send(w, "REPLICATE events 1");
+    let (id, _, _) = fetch_request(&mut sim);
+    sim.disconnect(w);
+    sim.hub.on_fetched(id, Ok(master_rows(1, 100)), sim.now);
+    sim.flush();
+    assert!(sim.take_lines(w).is_empty());
+    // Without a master to ask (fetching off): no fetch.
+    let mut other = self::sim();
+    let w = worker(&mut other);
+    other.send(w, "REPLICATE events 1");
+    assert!(other.take_upstream().is_empty());
+    assert!(other.take_lines(w)[0].contains("has fallen behind"));
+}

@@ -10,7 +10,7 @@
 use super::history::Behind;
 use super::log::Seq;
 use super::stats::{CloseReason, ConnPhase};
-use super::{CatchUpFrom, ConnId, Hub, UpstreamEvent};
+use super::{CatchUpFrom, ConnId, Fetched, Hub, HubOutput, UpstreamCmd, UpstreamEvent};
 use crate::proto::number::parse_i64;
 use crate::proto::pyrepr::py_exc;
 use crate::proto::{CommandWord, Generation, PeerError, ReplicateTarget, StreamId, StreamMask};
@@ -18,6 +18,19 @@ use crate::time::Now;
 
 /// `REPLICATE <stream|ALL> <token|NOW>` as a 1.10–1.12 master parses it (`line.split(" ",
 /// 1)`, then `NOW`/`now` or `int()` of the rest).
+/// Why a catch-up cannot be queued now.
+enum NoCatchUp {
+    /// Close the worker with this.
+    Fail(PeerError),
+    /// Fetch the rows after this token from the master first.
+    Fetch(i64),
+}
+
+/// What a 1.12 master sends when a stream is too far behind to catch up over TCP.
+fn fallen_behind(s: StreamId) -> PeerError {
+    PeerError::ReplicateFailed(py_exc("Exception", &format!("stream {} has fallen behind", s.name())))
+}
+
 /// Only called for arguments holding a space.
 fn parse_token_replicate(args: &str) -> Result<(&str, CatchUpFrom), PeerError> {
     let (stream, token) = args.split_once(' ').unwrap_or((args, ""));
@@ -114,8 +127,8 @@ impl Hub {
             }
         };
         for s in streams {
-            self.catch_ups.retain(|&(c, cs, _)| !(c == id && cs == s));
-            self.catch_ups.push((id, s, from));
+            self.catch_ups.retain(|(c, cs, _)| !(*c == id && *cs == s));
+            self.catch_ups.push((id, s, from.clone()));
             self.request_subscription(id, s, now);
         }
     }
@@ -137,7 +150,7 @@ impl Hub {
         self.catch_ups.retain(|&(c, _, _)| c != id);
         let err = if upstream == Generation::Seed {
             let token = match from {
-                CatchUpFrom::Token(t) => t.to_string(),
+                CatchUpFrom::Token(t) | CatchUpFrom::Fetched(t, _) => t.to_string(),
                 CatchUpFrom::Now => "NOW".to_owned(),
             };
             PeerError::UnknownStream(format!("{stream} {token}"))
@@ -154,17 +167,82 @@ impl Hub {
 
     /// The catch-up lines queued for `id` before its POSITION for `s` at `token`, if its
     /// REPLICATE carried a token. `Err` if the history no longer reaches back to it.
-    fn take_catch_up(&mut self, id: ConnId, s: StreamId, token: i64) -> Result<Vec<bytes::Bytes>, PeerError> {
-        let Some(i) = self.catch_ups.iter().position(|&(c, cs, _)| c == id && cs == s) else {
+    fn take_catch_up(&mut self, id: ConnId, s: StreamId, token: i64) -> Result<Vec<bytes::Bytes>, NoCatchUp> {
+        let Some(i) = self.catch_ups.iter().position(|(c, cs, _)| *c == id && *cs == s) else {
             return Ok(Vec::new());
         };
         let (_, _, from) = self.catch_ups.swap_remove(i);
-        let CatchUpFrom::Token(from) = from else { return Ok(Vec::new()) };
-        self.history.catch_up(s, from, token).map_err(|Behind::Floor(floor)| {
-            tracing::info!(conn = %id, stream = s.name(), from, ?floor, "catch-up older than the history");
-            // What a 1.12 master sends when a stream is too far behind to catch up over TCP.
-            PeerError::ReplicateFailed(py_exc("Exception", &format!("stream {} has fallen behind", s.name())))
-        })
+        let fetched = match from {
+            CatchUpFrom::Now => return Ok(Vec::new()),
+            CatchUpFrom::Token(from) => {
+                return self.history.catch_up(s, from, token).map_err(|Behind::Floor(floor)| {
+                    tracing::info!(conn = %id, stream = s.name(), from, ?floor, "catch-up older than the history");
+                    if self.config.fetch_catch_up && self.generation == Some(Generation::V1_10) {
+                        NoCatchUp::Fetch(from)
+                    } else {
+                        NoCatchUp::Fail(fallen_behind(s))
+                    }
+                });
+            }
+            CatchUpFrom::Fetched(from, fetched) => (from, fetched),
+        };
+        // The master's rows up to the history's floor, then the history's: the floor must not
+        // have moved past what the master sent while the fetch was under way.
+        let (from, fetched) = fetched;
+        match self.history.floor(s) {
+            Some(floor) if from >= floor => {
+                self.history.catch_up(s, from, token).map_err(|_| NoCatchUp::Fail(fallen_behind(s)))
+            }
+            Some(floor) if fetched.position >= floor => {
+                let upto = floor.min(token);
+                let mut pieces = Vec::new();
+                let mut buf = bytes::BytesMut::new();
+                for (t, line) in &fetched.rows {
+                    if *t > from && *t <= upto {
+                        buf.extend_from_slice(line);
+                        if buf.len() >= 64 << 10 {
+                            pieces.push(buf.split().freeze());
+                        }
+                    }
+                }
+                if !buf.is_empty() {
+                    pieces.push(buf.freeze());
+                }
+                let rest =
+                    self.history.catch_up(s, floor, token).map_err(|_| NoCatchUp::Fail(fallen_behind(s)))?;
+                pieces.extend(rest);
+                Ok(pieces)
+            }
+            floor => {
+                tracing::info!(conn = %id, stream = s.name(), from, ?floor, position = fetched.position, "the history moved past the fetched rows");
+                Err(NoCatchUp::Fail(fallen_behind(s)))
+            }
+        }
+    }
+
+    /// Rows fetched from the master for a catch-up (or why not): the subscription is asked
+    /// for again with them, and granted (or deferred) as any other.
+    pub fn on_fetched(&mut self, id: u64, result: Result<Fetched, String>, now: Now) {
+        let Some(i) = self.fetches.iter().position(|f| f.0 == id) else { return };
+        let (_, conn, s, from) = self.fetches.swap_remove(i);
+        match result {
+            Ok(fetched) => {
+                tracing::info!(conn = %conn, stream = s.name(), from, rows = fetched.rows.len(), position = fetched.position, "rows fetched from the master for a catch-up");
+                self.catch_ups.push((conn, s, CatchUpFrom::Fetched(from, std::sync::Arc::new(fetched))));
+                self.request_subscription(conn, s, now);
+            }
+            Err(text) => {
+                tracing::info!(conn = %conn, stream = s.name(), from, error = text.as_str(), "catch-up fetch failed");
+                // The master's own refusal is passed on as it said it; anything else (it was
+                // unreachable, the connection broke) is the refusal it gives for a stream too
+                // far behind, which a worker answers by reconnecting.
+                let err = match text.strip_prefix("failed to handle replicate: ") {
+                    Some(exc) => PeerError::ReplicateFailed(exc.to_owned()),
+                    None => fallen_behind(s),
+                };
+                self.fail(conn, &err, CloseReason::ProtocolError, now);
+            }
+        }
     }
 
     /// Every stream the upstream serves (all of them while that is not known yet).
@@ -243,8 +321,17 @@ impl Hub {
             self.generation.unwrap_or(Generation::Seed).position_line(s.name(), &self.instance, token);
         let catch_up = match self.take_catch_up(id, s, token) {
             Ok(lines) => lines,
-            Err(err) => {
+            Err(NoCatchUp::Fail(err)) => {
                 self.fail(id, &err, CloseReason::ProtocolError, now);
+                return;
+            }
+            Err(NoCatchUp::Fetch(from)) => {
+                // The subscription waits for the rows; the source thread fetches them.
+                let fid = self.next_fetch;
+                self.next_fetch += 1;
+                self.fetches.push((fid, id, s, from));
+                tracing::info!(conn = %id, stream = s.name(), from, "fetching rows older than the history from the master");
+                self.outputs.push_back(HubOutput::Upstream(UpstreamCmd::Fetch { id: fid, stream: s, from }));
                 return;
             }
         };
@@ -280,7 +367,8 @@ impl Hub {
         c.subs.pending = StreamMask::NONE;
         c.subs.full_from = u64::MAX;
         self.forget_subscriptions(id, mask, pending);
-        self.catch_ups.retain(|&(c, _, _)| c != id);
+        self.catch_ups.retain(|(c, _, _)| *c != id);
+        self.fetches.retain(|f| f.1 != id);
     }
 
     /// Takes `id` off the per-stream lists for `mask` (granted) and `pending` (waiting).

@@ -123,6 +123,8 @@ impl SyntheticSource {
                     SyncState::End => self.user_sync.end(core, &user_id),
                 };
             }
+            // Only a 1.10–1.12 master serves these (the source answers them itself).
+            UpstreamCmd::Fetch { .. } => {}
             UpstreamCmd::Forward(line) => {
                 let relayable = line.starts_with(b"REMOTE_SERVER_UP ")
                     && line.ends_with(b"\n")

@@ -540,6 +540,8 @@ impl UpstreamLink {
                     }
                 }
             }
+            // The source thread runs fetches on connections of their own.
+            UpstreamCmd::Fetch { .. } => tracing::debug!("a catch-up fetch reached the link; ignored"),
             UpstreamCmd::Forward(line) => {
                 if let Some(session) = self.open_session() {
                     session.send_encoded(line);
