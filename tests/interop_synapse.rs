@@ -9,6 +9,8 @@
 //! `--protocol 1.12`), its workers subscribe with `REPLICATE <stream> <token>` from an empty
 //! database (`--prefill 0`: their tokens are the master's), and a third worker connecting late
 //! from those tokens is caught up from the hub's history (`--late-worker`), then gets live rows.
+//! With a history of 1 KiB and the master's prefilled rows (workers start behind the hub), every
+//! worker's catch-up is fetched from the master over a connection of its own and spliced.
 //!
 //! The releases' virtualenvs come from `scripts/interop-setup` (CI runs it before `cargo
 //! test`). Without them these tests fail, saying how to create them: they never pass silently.
@@ -123,6 +125,13 @@ fn run_pair_with(release: &str, io: &str, generation: &str, pair_args: &[&str], 
         "{release}/{io}: the hub did not log generation {generation}; logs in {}",
         log_dir.display()
     );
+    if hub_flags.contains(&"--history-bytes") {
+        assert!(
+            hub_log.contains("rows fetched from the master for a catch-up"),
+            "{release}/{io}: no catch-up was fetched; logs in {}",
+            log_dir.display()
+        );
+    }
     let _ = std::fs::remove_dir_all(&log_dir);
 }
 
@@ -137,6 +146,19 @@ fn synapse_1_12_4_epoll() {
 #[test]
 fn synapse_1_12_4_uring() {
     run_pair_with("1.12.4", "uring", "1.10", &V1_12_AUTO, &[]);
+}
+
+/// 1.12.4 with workers behind a tiny history: their catch-ups come from the master.
+const V1_12_FETCH: [&str; 2] = ["--allow-probe", "--late-worker"];
+
+#[test]
+fn synapse_1_12_4_fetch_epoll() {
+    run_pair_with("1.12.4", "epoll", "1.10", &V1_12_FETCH, &["--history-bytes", "1KiB"]);
+}
+
+#[test]
+fn synapse_1_12_4_fetch_uring() {
+    run_pair_with("1.12.4", "uring", "1.10", &V1_12_FETCH, &["--history-bytes", "1KiB"]);
 }
 
 #[test]

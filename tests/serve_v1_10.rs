@@ -225,3 +225,49 @@ fn v1_10_epoll() {
 fn v1_10_auto() {
     learns_resumes_and_catches_up(IoBackend::Auto);
 }
+
+fn older_than_the_history_is_fetched_from_the_master(io: IoBackend) {
+    let master = Master1_12::start();
+    let mut config = upstream_config(io, master.addr);
+    config.threads = 1;
+    config.hub.protocol = "1.12".parse().expect("1.12 is a protocol");
+    // A history of a few rows, so that the late worker's token is older than it.
+    config.hub.history_bytes = 200;
+    let server = start(config);
+    eventually("the hub subscribed", || master.received(0).iter().any(|l| l == "REPLICATE ALL NOW"));
+    let mut live = Worker::connect(server.local_addr());
+    assert_eq!(subscribe_1_12(&mut live, "events", "NOW"), ["POSITION events 1"]);
+    for t in 2..=20 {
+        master.write(&[(StreamId::Events, t)]);
+    }
+    let mut got = Vec::new();
+    while got.len() < 19 {
+        got.push(live.line_skip_ping());
+    }
+    assert_eq!(got.last().map(String::as_str), Some("RDATA events 20 [\"events-20-0\"]"));
+
+    // From token 1: the hub asks the master on a connection of its own, then splices.
+    let before = master.connections();
+    let mut late = Worker::connect(server.local_addr());
+    let caught = subscribe_1_12(&mut late, "events", "1");
+    let expected: Vec<String> = (2..=20)
+        .map(|t| format!("RDATA events {t} [\"events-{t}-0\"]"))
+        .chain(["POSITION events 20".to_owned()])
+        .collect();
+    assert_eq!(caught, expected, "every row once, in order");
+    assert_eq!(master.connections(), before + 1, "one catch-up connection");
+    assert_eq!(master.received(before), ["NAME replhub-catch-up", "REPLICATE events 1"]);
+    master.write(&[(StreamId::Events, 21)]);
+    assert_eq!(late.line_skip_ping(), "RDATA events 21 [\"events-21-0\"]");
+    stop(server, vec![live, late]);
+}
+
+#[test]
+fn v1_10_fetch_epoll() {
+    older_than_the_history_is_fetched_from_the_master(IoBackend::Epoll);
+}
+
+#[test]
+fn v1_10_fetch_auto() {
+    older_than_the_history_is_fetched_from_the_master(IoBackend::Auto);
+}
