@@ -8,8 +8,9 @@
 //! the other cores) up to a byte budget, with each RDATA row's token resolved (a `batch` row
 //! takes the token of the numbered row that ends its run). Per stream it knows its *floor*:
 //! every row with a token above the floor is held. A worker whose token is at or above the
-//! floor is caught up from here; an older one is not (the hub answers as a 1.12 master whose
-//! stream has fallen behind).
+//! floor is caught up from here; for an older one the rows up to the floor are fetched from the
+//! master first (`subscribe.rs`), or, without a 1.10–1.12 master to ask, the hub answers as
+//! such a master does for a stream that has fallen behind.
 //!
 //! Rows are selected by token (`from < token <= upto`), as the master's `update_function`
 //! does, not by position, so a stream whose rows are not in token order (`device_lists`

@@ -4,9 +4,12 @@
 //! A 1.10–1.12 worker's `REPLICATE <stream|ALL> <token|NOW>` (PROTOCOL.md §8.1) is served as
 //! its master would: the rows after `token` from the history (`history.rs`), each as an RDATA
 //! line with its own token, then `POSITION`, then live rows, all queued at the same log
-//! position so that nothing is missed or repeated. A token older than the history gets the
-//! ERROR a 1.12 master sends for a stream that has fallen behind. A 1.13+ upstream's RDATA
-//! cannot be relayed to such a worker at all, so it gets a clear ERROR.
+//! position so that nothing is missed or repeated. For a token older than the history the
+//! rows up to the history's floor are fetched from the master on a connection of its own
+//! ([`UpstreamCmd::Fetch`], run by the source thread; [`Hub::on_fetched`]) and queued before
+//! the history's; without a 1.10–1.12 master to ask, the worker gets the ERROR a 1.12 master
+//! sends for a stream that has fallen behind. A 1.13+ upstream's RDATA cannot be relayed to
+//! such a worker at all, so it gets a clear ERROR.
 use super::history::Behind;
 use super::log::Seq;
 use super::stats::{CloseReason, ConnPhase};
