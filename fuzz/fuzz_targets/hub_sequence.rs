@@ -487,6 +487,8 @@ impl Fuzz {
                         panic!("the master would reject {bytes:?}: {e}");
                     }
                 }
+                // Catch-up fetches need `fetch_catch_up`, which this harness leaves off.
+                UpstreamCmd::Fetch { .. } => panic!("a fetch without fetching enabled"),
                 // Invariant 6: the master's view of who syncs stays consistent.
                 UpstreamCmd::UserSync { user_id, state, .. } => match state {
                     SyncState::Start => assert!(self.syncing.insert(user_id), "double start"),
@@ -544,6 +546,7 @@ fuzz_target!(|input: (Setup, Vec<Op>)| {
         max_write_bytes: if setup.max_write >= 32_768 { 1 << 20 } else { 64 + usize::from(setup.max_write) },
         server_name: None,
         protocol: replhub::proto::ProtocolChoice::Auto,
+        ..HubConfig::default()
     };
     let mut fuzz = Fuzz {
         sim: Sim::new(config),
