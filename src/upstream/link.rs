@@ -670,9 +670,14 @@ impl Conn {
     /// Whether RDATA now completes the handshake: seed masters send RDATA only after their
     /// POSITIONs; 1.13+ masters send them from connect, so there only POSITION does.
     fn completes_on_rdata(&self) -> bool {
-        if self.greeting != Greeting::All {
-            // A 1.10–1.12 master catches up each stream with RDATA before its POSITION.
-            return false;
+        match self.greeting {
+            Greeting::All => {}
+            // A 1.10–1.12 master answers `REPLICATE ALL NOW` with every POSITION at once (no
+            // catch-up to wait for), so an RDATA after them means they are all in, even from a
+            // master without `user_signature`, the stream that normally completes it.
+            Greeting::Now => return !self.up && self.server_name.is_some() && !self.positioned.is_empty(),
+            // It catches up each resumed stream with RDATA before that stream's POSITION.
+            Greeting::Resume(_) => return false,
         }
         let seed = match self.generation {
             Some(g) => g == Generation::Seed,

@@ -809,3 +809,16 @@ fn a_refused_resume_or_1_10_greeting_falls_back() {
     feed(&mut l, b"SERVER hs\nPOSITION user_signature 4\n", T0);
     assert_eq!(l.generation(), Some(Generation::Seed));
 }
+
+#[test]
+fn a_1_10_master_without_user_signature_completes_at_its_first_row() {
+    let config = LinkConfig { protocol: ProtocolChoice::Pinned(Generation::V1_10), ..LinkConfig::default() };
+    let mut l = UpstreamLink::new(config);
+    l.on_connected(T0);
+    feed(&mut l, b"SERVER hs\nPOSITION events 7\nPOSITION typing 3\n", T0);
+    assert!(!l.is_up(), "more POSITIONs may follow");
+    feed(&mut l, b"RDATA events 8 [1]\n", T0);
+    let ev = events(&mut l);
+    assert!(matches!(&ev[0], LinkEvent::Up(UpstreamEvent::Connected { generation: Generation::V1_10, .. })));
+    assert_eq!(relayed(&ev), vec![b"RDATA events 8 [1]\n".to_vec()]);
+}
