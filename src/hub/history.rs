@@ -83,6 +83,11 @@ impl History {
         Self { limit, bytes: 0, first_seq: 0, entries: VecDeque::new(), streams: Default::default() }
     }
 
+    /// Forgets everything (the upstream is not of the 1.10 generation).
+    pub(crate) fn clear(&mut self) {
+        *self = Self::new(self.limit);
+    }
+
     /// Bytes of the batches held.
     pub(crate) fn bytes(&self) -> u64 {
         self.bytes

@@ -399,8 +399,12 @@ impl Hub {
                 }
                 self.generation = Some(*generation);
                 self.instance.clone_from(instance);
-                for s in StreamId::ALL {
-                    self.history.on_connected(s, self.tokens[s.index()], positions[s.index()]);
+                if *generation == Generation::V1_10 {
+                    for s in StreamId::ALL {
+                        self.history.on_connected(s, self.tokens[s.index()], positions[s.index()]);
+                    }
+                } else {
+                    self.history.clear();
                 }
                 if *generation != Generation::V1_10 {
                     let waiting: Vec<(ConnId, StreamId, CatchUpFrom)> = self.catch_ups.clone();
