@@ -794,8 +794,16 @@ impl Conn {
         if let (Greeting::Resume(_), Some(Generation::V1_10)) = (self.greeting, self.generation) {
             // The catch-up rows held in `pending` continue from the tokens relayed last: the
             // hub is told those, and the master's POSITIONs (at or past the last of those
-            // rows) are not passed on, so no row is skipped or repeated.
-            self.positions = *tokens;
+            // rows) are not passed on, so no row is skipped or repeated. A POSITION below the
+            // token resumed from means the master restarted with a stream counting from the
+            // start again (typing, in memory): that one is a gap, reported at the master's token.
+            for (p, t) in self.positions.iter_mut().zip(tokens.iter()) {
+                if let (Some(pos), Some(tok)) = (*p, *t) {
+                    if pos >= tok {
+                        *p = Some(tok);
+                    }
+                }
+            }
         }
         *tokens = self.positions;
         let served = self.positions.iter().filter(|p| p.is_some()).count();

@@ -822,3 +822,25 @@ fn a_1_10_master_without_user_signature_completes_at_its_first_row() {
     assert!(matches!(&ev[0], LinkEvent::Up(UpstreamEvent::Connected { generation: Generation::V1_10, .. })));
     assert_eq!(relayed(&ev), vec![b"RDATA events 8 [1]\n".to_vec()]);
 }
+
+#[test]
+fn a_restarted_1_10_master_s_lower_tokens_are_a_gap() {
+    let config = LinkConfig { protocol: ProtocolChoice::Pinned(Generation::V1_10), ..LinkConfig::default() };
+    let mut l = UpstreamLink::new(config);
+    l.on_connected(T0);
+    feed(&mut l, format!("SERVER hs\n{}", positions_1_12(7)).as_bytes(), T0);
+    feed(&mut l, b"RDATA typing 9 [1]\n", T0);
+    l.on_disconnected("restart", T0);
+    events(&mut l);
+    l.on_connected(T0);
+    assert!(transmits(&mut l).contains(&"REPLICATE typing 9\n".to_owned()));
+    // The restarted master's typing counts from 0 again: no rows after 9, POSITION 0.
+    let reply = positions_1_12(7).replace("POSITION typing 7", "POSITION typing 0");
+    feed(&mut l, format!("SERVER hs\n{reply}").as_bytes(), T0);
+    let ev = events(&mut l);
+    let Some(LinkEvent::Up(UpstreamEvent::Connected { positions, .. })) = ev.first() else {
+        panic!("Up first: {ev:?}");
+    };
+    assert_eq!(positions[StreamId::Typing.index()], Some(0), "the master's, so the hub sees the gap");
+    assert_eq!(positions[StreamId::Events.index()], Some(7), "resumed");
+}
