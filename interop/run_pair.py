@@ -23,6 +23,16 @@ e.g. --hub-cmd 'target/debug/replhub --upstream {upstream} --listen {listen}'. T
 it after the master listens, waits until {listen} accepts a TCP connection, points the workers
 there (their HTTP catch-up still goes to the master) and stops it at the end. Its output goes to
 hub.stdout/hub.stderr in --log-dir.
+
+--allow-probe: a hub that learns a 1.10–1.12 master's generation by greeting it with `REPLICATE
+ALL` gets that release's parse ERROR once (and the master logs the exception). With this flag
+exactly one such rejection of `REPLICATE ALL` is expected, not counted as a failure, and
+reported as "probes"; any other ERROR still fails, and so does a second probe.
+
+--late-worker: after both workers hold every row, a third worker w3 (fresh, so its tokens are
+the empty database's) connects: on 1.10–1.12 it asks for every row since its token, which a hub
+serves from its history. Then --rows more rounds are written, and w3 must hold every row
+written, like the others.
 """
 
 import argparse
@@ -103,7 +113,12 @@ def main():
     ap.add_argument("--rsu-server", default="remote.example.org")
     ap.add_argument("--log-dir", help="keep each process's JSON lines and stderr here")
     ap.add_argument("--hub-cmd", help="command template with {upstream} and {listen}")
+    ap.add_argument("--allow-probe", action="store_true",
+                    help="expect one rejection of REPLICATE ALL by a 1.10-1.12 master (a hub's probe)")
+    ap.add_argument("--late-worker", action="store_true",
+                    help="a third worker connects late, from an empty database's tokens")
     args = ap.parse_args()
+    workers = ["w1", "w2"] + (["w3"] if args.late_worker else [])
 
     py = venv_python(args.release, args.venv_dir)
     if not os.path.exists(py):
@@ -179,21 +194,30 @@ def main():
             return [(e["stream"], e["token"], json.dumps(e["row"], sort_keys=True))
                     for e in procs[name].lines if e.get("event") == "rdata"]
 
-        want = set(written())
-        while time.monotonic() < deadline:
-            if all(want <= set(received(w)) for w in ("w1", "w2")) and any(
-                    e.get("event") == "remote_server_up" for e in procs["w2"].lines):
-                break
-            try:
-                events.get(timeout=0.2)
-            except queue.Empty:
-                pass
+        def wait_rows(names):
+            want = set(written())
+            while time.monotonic() < deadline:
+                if all(want <= set(received(w)) for w in names) and any(
+                        e.get("event") == "remote_server_up" for e in procs["w2"].lines):
+                    return
+                try:
+                    events.get(timeout=0.2)
+                except queue.Empty:
+                    pass
+
+        wait_rows(("w1", "w2"))
+        if args.late_worker:
+            start_worker("w3", [])
+            wait_for("w3", "caught_up")
+            procs["master"].send("write %d" % args.rows)
+            wait_for("master", "written")
+            wait_rows(workers)
         time.sleep(args.settle)
     except (TimeoutError, RuntimeError) as e:
         failures.append(str(e))
     finally:
         # Workers first, so that the master's "ERROR server shutting down" reaches nobody.
-        for name in ("w1", "w2"):
+        for name in workers:
             if name in procs:
                 procs[name].stop()
         if hub is not None and hub.poll() is None:
@@ -215,6 +239,19 @@ def main():
         report["rows_written"] = len(want)
         report["streams_written"] = sorted({s for s, _, _ in want})
         bad = [e for e in master_lines if e.get("event") in ("exception", "error_sent", "error")]
+        if args.allow_probe:
+            # The probe: the master's parse ERROR for `REPLICATE ALL` and the exception it logs.
+            probe_error = ("ERROR failed to parse line for  'REPLICATE': ValueError('not enough values "
+                           "to unpack (expected 2, got 1)') ('ALL'):")
+            sent = [e for e in bad if e.get("event") == "error_sent" and e.get("line") == probe_error]
+            logged = [e for e in bad if e.get("event") == "exception"
+                      and "'REPLICATE': 'ALL'" in e.get("message", "")
+                      and e.get("exception") == "ValueError('not enough values to unpack (expected 2, got 1)')"]
+            report["probes"] = len(sent)
+            if len(sent) > 1:
+                failures.append("master: %d probes (REPLICATE ALL refused), expected at most 1" % len(sent))
+            if sent:
+                bad = [e for e in bad if e is not sent[0] and e is not (logged[0] if logged else None)]
         for e in bad[:5]:
             failures.append("master: %s" % json.dumps(e)[:500])
         if len(bad) > 5:
@@ -222,7 +259,7 @@ def main():
         if not any(e.get("event") == "command_received" and e.get("line", "").startswith("REMOTE_SERVER_UP")
                    for e in master_lines):
             failures.append("master: no REMOTE_SERVER_UP received from w1")
-        for w in ("w1", "w2"):
+        for w in workers:
             if w not in procs:
                 continue
             lines = procs[w].lines

@@ -103,6 +103,8 @@ impl ServeConfig {
         if matches!(source, SourceConfig::Synthetic { .. }) {
             hub.server_name = Some(DEFAULT_SYNTHETIC_SERVER_NAME.to_owned());
         }
+        // Only a master can be asked for rows older than the history (1.10–1.12 workers).
+        hub.fetch_catch_up = matches!(source, SourceConfig::Upstream { .. });
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9092)),
             source,
@@ -204,6 +206,11 @@ impl ServeConfig {
                 )));
             }
             config.hub.max_pending_bytes = n;
+        }
+        if let Some(bytes) = &opts.history_bytes {
+            let bytes = bytes.to_string();
+            config.hub.history_bytes = parse_bytes(&bytes)
+                .map_err(|e| ConfigError::new(format!("--history-bytes {bytes:?}: {e}")))?;
         }
         if let Some(t) = &opts.write_timeout {
             let t = t.to_string();
@@ -326,7 +333,8 @@ pub struct ServeOptions {
     #[serde(alias = "write_timeout")]
     pub write_timeout: Option<Quantity>,
     /// The master's replication protocol generation: auto (learnt from what it sends on each
-    /// connection), seed, 1.13 (Synapse 1.13–1.21) or 1.22 (Synapse 1.22–1.66) [default: auto]
+    /// connection), 1.10 (Synapse 1.10–1.12; also accepted as 1.12), seed, 1.13 (Synapse
+    /// 1.13–1.21) or 1.22 (Synapse 1.22–1.66) [default: auto]
     #[arg(long, value_name = "GENERATION")]
     pub protocol: Option<crate::proto::ProtocolChoice>,
     /// The Synapse release of the master, 1.13 to 1.66 (e.g. 1.66 or 1.22.1). With --upstream:
@@ -337,6 +345,12 @@ pub struct ServeOptions {
     #[arg(long, value_name = "X.Y")]
     #[serde(alias = "synapse_version")]
     pub synapse_version: Option<crate::proto::SynapseRelease>,
+    /// Recent upstream batches kept per core to catch Synapse 1.10–1.12 workers up from the
+    /// token in their `REPLICATE <stream> <token>` (suffixes as --max-pending-bytes; cores
+    /// share the bytes) [default: 16MiB]
+    #[arg(long, value_name = "BYTES")]
+    #[serde(alias = "history_bytes")]
+    pub history_bytes: Option<Quantity>,
     /// Kernel send buffer (SO_SNDBUF) of each worker socket; bounds what a worker that stops
     /// reading holds in the kernel. 0 leaves the kernel's auto-tuning [default: 256KiB]
     #[arg(long, value_name = "BYTES")]
@@ -381,6 +395,7 @@ impl ServeOptions {
             write_timeout: self.write_timeout.or(file.write_timeout),
             protocol: self.protocol.or(file.protocol),
             synapse_version: self.synapse_version.or(file.synapse_version),
+            history_bytes: self.history_bytes.or(file.history_bytes),
             worker_sndbuf: self.worker_sndbuf.or(file.worker_sndbuf),
             health_upstream_grace: self.health_upstream_grace.or(file.health_upstream_grace),
             log_level: self.log_level.or(file.log_level),
@@ -578,6 +593,16 @@ mod tests {
             Ok(Some(ProtocolChoice::Pinned(Generation::V1_22)))
         );
         assert!(toml::from_str::<ServeOptions>("protocol = \"1.66\"").is_err());
+        assert_eq!(
+            toml::from_str::<ServeOptions>("protocol = \"1.12\"").map(|o| o.protocol),
+            Ok(Some(ProtocolChoice::Pinned(Generation::V1_10)))
+        );
+        let history = ServeOptions {
+            upstream: Some("127.0.0.1:9092".into()),
+            history_bytes: Some(Quantity::Text("1MiB".into())),
+            ..ServeOptions::default()
+        };
+        assert_eq!(ServeConfig::from_options(&history).unwrap().hub.history_bytes, 1 << 20);
     }
 
     #[test]

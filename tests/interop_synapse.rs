@@ -4,6 +4,14 @@
 //! both workers' handlers exactly once, no ERROR or exception anywhere, and one worker's
 //! REMOTE_SERVER_UP reached the other (and not its sender).
 //!
+//! For 1.12.4 (the 1.10–1.12 generation) the hub learns the generation from the master's
+//! refusal of `REPLICATE ALL` (one expected ERROR, `--allow-probe`; none when pinned with
+//! `--protocol 1.12`), its workers subscribe with `REPLICATE <stream> <token>` from an empty
+//! database (`--prefill 0`: their tokens are the master's), and a third worker connecting late
+//! from those tokens is caught up from the hub's history (`--late-worker`), then gets live rows.
+//! With a history of 1 KiB and the master's prefilled rows (workers start behind the hub), every
+//! worker's catch-up is fetched from the master over a connection of its own and spliced.
+//!
 //! The releases' virtualenvs come from `scripts/interop-setup` (CI runs it before `cargo
 //! test`). Without them these tests fail, saying how to create them: they never pass silently.
 // Integration tests wait for real processes with real deadlines.
@@ -30,11 +38,16 @@ fn venv_dir() -> PathBuf {
 }
 
 fn run_pair(release: &str, io: &str, generation: &str) {
+    run_pair_with(release, io, generation, &[], &[]);
+}
+
+/// `run_pair.py` with extra arguments for it and extra flags for the hub.
+fn run_pair_with(release: &str, io: &str, generation: &str, pair_args: &[&str], hub_flags: &[&str]) {
     let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let python = venv_dir().join(format!("venv-{release}/bin/python"));
     assert!(
         python.exists(),
-        "no virtualenv for Synapse {release} at {}: run `scripts/interop-setup 1.13.0 1.22.1 1.66.0` \
+        "no virtualenv for Synapse {release} at {}: run `scripts/interop-setup 1.12.4 1.13.0 1.22.1 1.66.0` \
          first (needs PyPI once; .ci/run does it)",
         python.display()
     );
@@ -42,12 +55,14 @@ fn run_pair(release: &str, io: &str, generation: &str) {
     let log_dir = std::env::temp_dir().join(format!("replhub-interop-{release}-{io}-{}", std::process::id()));
     std::fs::create_dir_all(&log_dir).expect("log dir");
     let hub = format!(
-        "{} serve --upstream {{upstream}} --listen {{listen}} --metrics-listen off --threads 1 --io {io}",
-        env!("CARGO_BIN_EXE_replhub")
+        "{} serve --upstream {{upstream}} --listen {{listen}} --metrics-listen off --threads 1 --io {io} {}",
+        env!("CARGO_BIN_EXE_replhub"),
+        hub_flags.join(" ")
     );
     let mut child = Command::new("python3")
         .arg(Path::new(root).join("interop/run_pair.py"))
         .args(["--release", release, "--timeout", &PAIR_TIMEOUT_S.to_string(), "--hub-cmd", &hub])
+        .args(pair_args)
         .arg("--venv-dir")
         .arg(venv_dir())
         .arg("--log-dir")
@@ -82,15 +97,24 @@ fn run_pair(release: &str, io: &str, generation: &str) {
     let failures = &verdict["failures"];
     assert_eq!(verdict["pass"], true, "{release}/{io}: {failures}; logs in {}", log_dir.display());
     assert!(status.success(), "{release}/{io}: run_pair exited with {status}");
-    for w in ["w1", "w2"] {
+    let late = pair_args.contains(&"--late-worker");
+    for w in ["w1", "w2", "w3"].into_iter().take(if late { 3 } else { 2 }) {
         let worker = &verdict["workers"][w];
         assert!(worker["rows"].as_u64().is_some_and(|n| n > 0), "{release}/{io}: {w} got no rows: {worker}");
         for field in ["missing", "unexpected", "duplicates", "problems"] {
             assert_eq!(worker[field], 0, "{release}/{io}: {w} {field}: {worker}");
         }
     }
-    // Only w1 sent REMOTE_SERVER_UP; from 1.13 the master (so replhub) never echoes it back.
-    assert_eq!(verdict["workers"]["w1"]["remote_server_up"], serde_json::json!([]), "{release}/{io}");
+    if generation == "1.10" {
+        // The 1.10–1.12 master sends REMOTE_SERVER_UP to every connection, its sender too.
+        assert_eq!(verdict["workers"]["w1"]["remote_server_up"], serde_json::json!(["remote.example.org"]));
+        let probes = verdict["probes"].as_u64().unwrap_or(0);
+        let expected = u64::from(pair_args.contains(&"--allow-probe"));
+        assert_eq!(probes, expected, "{release}/{io}: REPLICATE ALL refusals");
+    } else {
+        // Only w1 sent REMOTE_SERVER_UP; from 1.13 the master (so replhub) never echoes it back.
+        assert_eq!(verdict["workers"]["w1"]["remote_server_up"], serde_json::json!([]), "{release}/{io}");
+    }
     // The hub says which generation it learnt.
     let hub_log = ["hub.stdout", "hub.stderr"]
         .iter()
@@ -101,7 +125,46 @@ fn run_pair(release: &str, io: &str, generation: &str) {
         "{release}/{io}: the hub did not log generation {generation}; logs in {}",
         log_dir.display()
     );
+    if hub_flags.contains(&"--history-bytes") {
+        assert!(
+            hub_log.contains("rows fetched from the master for a catch-up"),
+            "{release}/{io}: no catch-up was fetched; logs in {}",
+            log_dir.display()
+        );
+    }
     let _ = std::fs::remove_dir_all(&log_dir);
+}
+
+/// 1.12.4 with the generation learnt (one refused `REPLICATE ALL`) and a late worker.
+const V1_12_AUTO: [&str; 4] = ["--prefill", "0", "--allow-probe", "--late-worker"];
+
+#[test]
+fn synapse_1_12_4_epoll() {
+    run_pair_with("1.12.4", "epoll", "1.10", &V1_12_AUTO, &[]);
+}
+
+#[test]
+fn synapse_1_12_4_uring() {
+    run_pair_with("1.12.4", "uring", "1.10", &V1_12_AUTO, &[]);
+}
+
+/// 1.12.4 with workers behind a tiny history: their catch-ups come from the master.
+const V1_12_FETCH: [&str; 2] = ["--allow-probe", "--late-worker"];
+
+#[test]
+fn synapse_1_12_4_fetch_epoll() {
+    run_pair_with("1.12.4", "epoll", "1.10", &V1_12_FETCH, &["--history-bytes", "1KiB"]);
+}
+
+#[test]
+fn synapse_1_12_4_fetch_uring() {
+    run_pair_with("1.12.4", "uring", "1.10", &V1_12_FETCH, &["--history-bytes", "1KiB"]);
+}
+
+#[test]
+fn synapse_1_12_4_pinned_epoll() {
+    // Pinned, the hub greets as a 1.12 worker at once: no ERROR anywhere.
+    run_pair_with("1.12.4", "epoll", "1.10", &["--prefill", "0", "--late-worker"], &["--protocol", "1.12"]);
 }
 
 #[test]

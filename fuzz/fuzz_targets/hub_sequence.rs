@@ -487,6 +487,8 @@ impl Fuzz {
                         panic!("the master would reject {bytes:?}: {e}");
                     }
                 }
+                // Catch-up fetches need `fetch_catch_up`, which this harness leaves off.
+                UpstreamCmd::Fetch { .. } => panic!("a fetch without fetching enabled"),
                 // Invariant 6: the master's view of who syncs stays consistent.
                 UpstreamCmd::UserSync { user_id, state, .. } => match state {
                     SyncState::Start => assert!(self.syncing.insert(user_id), "double start"),
@@ -545,6 +547,7 @@ fuzz_target!(|input: (Setup, Vec<Op>)| {
         server_name: None,
         protocol: replhub::proto::ProtocolChoice::Auto,
         release: None,
+        ..HubConfig::default()
     };
     let mut fuzz = Fuzz {
         sim: Sim::new(config),

@@ -130,6 +130,7 @@ impl CoreLoop {
             match inbox.try_recv() {
                 Ok(CoreMsg::Batch(batch)) => self.hub.on_batch(batch, now),
                 Ok(CoreMsg::Upstream(event)) => self.hub.on_upstream(&event, now),
+                Ok(CoreMsg::Fetched { id, result }) => self.hub.on_fetched(id, result, now),
                 Ok(CoreMsg::Snapshot(reply)) => {
                     let snap = self.hub.snapshot(self.index, now, |id| {
                         sockets.fd(id).map_or_else(SocketSample::default, socket_sample)

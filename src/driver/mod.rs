@@ -41,6 +41,14 @@ pub enum CoreMsg {
     Upstream(UpstreamEvent),
     /// Send a metrics snapshot back.
     Snapshot(mpsc::Sender<CoreSnapshot>),
+    /// Rows fetched from a 1.10–1.12 master for this core's `UpstreamCmd::Fetch` `id` (or why
+    /// not).
+    Fetched {
+        /// The core's request id.
+        id: u64,
+        /// The rows and the master's POSITION, or the error.
+        result: Result<crate::hub::Fetched, String>,
+    },
     /// Say `ERROR server shutting down` to every worker, flush, close, and stop.
     Shutdown,
 }

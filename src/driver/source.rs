@@ -52,9 +52,11 @@ use super::{Clock, CoreMsg, Inbox};
 use crate::config::SourceConfig;
 use crate::hub::{CloseHow, HubConfig, UpstreamCmd, UpstreamEvent};
 use crate::metrics::snapshot::UpstreamSnapshot;
+use crate::proto::StreamId;
 use crate::synthetic::SyntheticConfig;
 use crate::time::Now;
 use crate::upstream::backoff::{Backoff, BackoffConfig};
+use crate::upstream::fetch::{Fetch, FetchResult};
 use crate::upstream::link::{LinkConfig, LinkEvent, UpstreamLink};
 use crate::upstream::SyntheticSource;
 
@@ -73,6 +75,40 @@ pub(crate) const HOLD_MAX: Duration = Duration::from_millis(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default forward-queue bound while the upstream is down.
 const MAX_FORWARD_QUEUE: usize = 10_000;
+/// At most this many catch-up fetches from a 1.10–1.12 master at once.
+const MAX_FETCHES: usize = 4;
+/// A catch-up fetch that has not ended after this long fails.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One catch-up fetch from a 1.10–1.12 master (see `upstream::fetch`): connect, ask, read the
+/// rows until the stream's POSITION, close.
+async fn fetch(addr: &str, stream: StreamId, from: i64) -> FetchResult {
+    use tokio::io::AsyncBufReadExt;
+    let run = async {
+        let mut sock = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+        let _ = sock.set_nodelay(true);
+        let (mut state, lines) = Fetch::new(stream, from);
+        for line in lines {
+            sock.write_all(&line).await.map_err(|e| format!("write: {e}"))?;
+        }
+        let mut reader = tokio::io::BufReader::new(sock);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line).await.map_err(|e| format!("read: {e}"))?;
+            if n == 0 || line.last() != Some(&b'\n') {
+                return Err("the master closed the catch-up connection before its POSITION".to_owned());
+            }
+            line.pop();
+            if let Some(done) = state.on_line(&line) {
+                return done;
+            }
+        }
+    };
+    tokio::time::timeout(FETCH_TIMEOUT, run)
+        .await
+        .unwrap_or_else(|_| Err("catch-up fetch timed out".to_owned()))
+}
 
 /// Control requests for the source thread.
 #[derive(Debug)]
@@ -184,7 +220,9 @@ pub(crate) fn run(ctx: SourceContext) -> anyhow::Result<()> {
     rt.block_on(async move {
         let queues = ctx.cores.iter().map(|_| CoreQueue::default()).collect();
         let limit = usize::try_from(ctx.hub.max_pending_bytes).unwrap_or(usize::MAX);
-        let mut src = Source { ctx, stopped: false, queues, limit, blocked: false, batches: 0 };
+        let fetch_permits = Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES));
+        let mut src =
+            Source { ctx, stopped: false, queues, limit, blocked: false, batches: 0, fetch_permits };
         match src.ctx.source.clone() {
             SourceConfig::Upstream { addr, client_name } => src.run_upstream(&addr, client_name).await,
             SourceConfig::Synthetic { rate, line_size } => src.run_synthetic(rate, line_size).await,
@@ -216,6 +254,8 @@ struct Source {
     blocked: bool,
     /// Batches handed out so far.
     batches: u64,
+    /// Catch-up fetches running at once (see [`Source::start_fetch`]).
+    fetch_permits: Arc<tokio::sync::Semaphore>,
 }
 
 /// What waits in the source for one core.
@@ -249,7 +289,10 @@ impl Source {
     /// Handles every queued command and control request.
     fn drain(&mut self, up: &mut dyn Upstream) {
         while let Ok((core, cmd)) = self.ctx.commands.try_recv() {
-            up.command(core, cmd, self.ctx.clock.now());
+            match cmd {
+                UpstreamCmd::Fetch { id, stream, from } => self.start_fetch(core, id, stream, from),
+                cmd => up.command(core, cmd, self.ctx.clock.now()),
+            }
         }
         loop {
             match self.ctx.control.try_recv() {
@@ -267,6 +310,38 @@ impl Source {
                 Err(TryRecvError::Empty) => return,
             }
         }
+    }
+
+    /// Fetches a stream's rows after `from` from the master on a connection of its own (a
+    /// task beside the main connection), and sends them to core `core` as
+    /// [`CoreMsg::Fetched`]. At most [`MAX_FETCHES`] run at once; the others wait.
+    fn start_fetch(&mut self, core: usize, id: u64, stream: StreamId, from: i64) {
+        let Some(inbox) = self.ctx.cores.get(core).cloned() else { return };
+        let addr = match &self.ctx.source {
+            SourceConfig::Upstream { addr, .. } => Some(addr.clone()),
+            SourceConfig::Synthetic { .. } => None,
+        };
+        let permits = Arc::clone(&self.fetch_permits);
+        tokio::spawn(async move {
+            let result = match addr {
+                Some(addr) => {
+                    let _permit = permits.acquire().await;
+                    fetch(&addr, stream, from).await
+                }
+                None => Err("no 1.10-1.12 master to fetch from".to_owned()),
+            };
+            let mut msg = CoreMsg::Fetched { id, result };
+            // The core's mailbox may be full: retry, as the source does for batches.
+            loop {
+                match inbox.try_send(msg) {
+                    Ok(()) | Err(TrySendError::Disconnected(_)) => return,
+                    Err(TrySendError::Full(m)) => {
+                        msg = m;
+                        tokio::time::sleep(HOLD_RETRY).await;
+                    }
+                }
+            }
+        });
     }
 
     #[cfg(test)]
@@ -763,7 +838,9 @@ mod tests {
         let synthetic = SourceConfig::Synthetic { rate: 0, line_size: None };
         let (ctx, _handle, rxs) = context(synthetic, 2, 1 << 20);
         let queues = ctx.cores.iter().map(|_| CoreQueue::default()).collect();
-        let mut src = Source { ctx, stopped: false, queues, limit: 1 << 20, blocked: false, batches: 0 };
+        let fetch_permits = Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES));
+        let mut src =
+            Source { ctx, stopped: false, queues, limit: 1 << 20, blocked: false, batches: 0, fetch_permits };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let mut up = SynthHolder(SyntheticSource::new(SyntheticConfig::default(), "s".to_owned()));
         let mut send = |src: &mut Source| {

@@ -6,13 +6,18 @@ use super::log::{Batch, Seq, BROADCAST};
 use super::slow_consumer::Rules;
 use super::stats::ConnPhase;
 use super::{ConnId, Hub, MAX_QUEUED_BYTES};
-use crate::proto::StreamMask;
+use crate::proto::{Generation, StreamMask};
 use crate::time::Now;
 
 impl Hub {
     /// Appends a batch shared by all cores to this core's log and wakes its subscribers.
     pub fn on_batch(&mut self, batch: Arc<Batch>, now: Now) {
         let first = self.log.append(Arc::clone(&batch));
+        // Only a 1.10–1.12 master's workers are caught up from a token: no other generation
+        // pays for the history.
+        if self.generation == Some(Generation::V1_10) {
+            self.history.append(&batch);
+        }
         self.stats.batches += 1;
         let mut streams = 0u32;
         let mut broadcast = false;

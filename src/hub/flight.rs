@@ -69,6 +69,8 @@ pub(super) struct Flight {
     pub private_bytes: u64,
     /// Private lines among the pieces.
     pub private_lines: usize,
+    /// Bytes of catch-up RDATA (private lines of word RDATA) among the pieces.
+    pub catch_up_bytes: u64,
 }
 
 /// What a write of part of a flight amounts to. Small, so that it comes back in registers:
@@ -81,6 +83,8 @@ pub(super) struct Settled {
     pub cursor: Option<(u64, usize)>,
     /// Bytes of the private lines (and rests of lines) put back at the front of the queue.
     pub requeued_bytes: u64,
+    /// The part of `requeued_bytes` that is whole catch-up RDATA (see `Outbox::catch_up_bytes`).
+    pub requeued_catch_up: u64,
 }
 
 impl Flight {
@@ -164,19 +168,22 @@ impl Flight {
                 }
             }
         }
-        let mut requeued_bytes = 0;
+        let (mut requeued_bytes, mut requeued_catch_up) = (0, 0);
         for p in requeue.into_iter().rev() {
             requeued_bytes += p.bytes.len() as u64;
+            if p.word == CommandWord::Rdata && !p.partial {
+                requeued_catch_up += p.bytes.len() as u64;
+            }
             private.push_front(p);
         }
         if replanned {
-            return Settled { lines, cursor: None, requeued_bytes };
+            return Settled { lines, cursor: None, requeued_bytes, requeued_catch_up };
         }
         if complete && n == requested {
             if let Some(end) = flight_end {
                 new_cursor = Some((end, 0));
             }
         }
-        Settled { lines, cursor: new_cursor, requeued_bytes }
+        Settled { lines, cursor: new_cursor, requeued_bytes, requeued_catch_up }
     }
 }

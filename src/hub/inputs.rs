@@ -81,8 +81,9 @@ impl Hub {
         if c.close.is_closing() {
             return;
         }
-        let over_count =
-            c.outbox.private_lines() > MAX_QUEUED_COMMANDS || c.outbox.private_bytes() > MAX_QUEUED_BYTES;
+        // A 1.10–1.12 worker's catch-up is bounded by the history instead (and by the backlog).
+        let over_count = c.outbox.private_lines() > MAX_QUEUED_COMMANDS
+            || c.outbox.private_bytes() - c.outbox.catch_up_bytes() > MAX_QUEUED_BYTES;
         // The backlog part is the sweep's rule: a worker whose socket is draining is not evicted
         // for the hub's own lag, up to the hard limit.
         let progress = Progress {

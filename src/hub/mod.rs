@@ -30,6 +30,7 @@ mod close;
 mod conn;
 mod fanout;
 mod flight;
+mod history;
 mod inputs;
 mod outbox;
 mod released;
@@ -38,6 +39,8 @@ mod subscribe;
 mod timers;
 mod writes;
 
+#[cfg(test)]
+mod catch_up_tests;
 #[doc(hidden)]
 pub mod sim;
 #[cfg(test)]
@@ -94,6 +97,13 @@ pub struct HubConfig {
     /// it lacks are answered as it would, never forwarded. In synthetic mode, the release the
     /// built-in master writes as.
     pub release: Option<crate::proto::SynapseRelease>,
+    /// Bytes of recent batches kept to catch 1.10–1.12 workers up from their token
+    /// (`--history-bytes`; `hub/history.rs`).
+    pub history_bytes: u64,
+    /// Whether rows older than the history may be fetched from a 1.10–1.12 master over a
+    /// separate connection ([`UpstreamCmd::Fetch`]); otherwise such a worker gets `has fallen
+    /// behind`. Set when the source is an upstream.
+    pub fetch_catch_up: bool,
 }
 
 impl Default for HubConfig {
@@ -107,6 +117,8 @@ impl Default for HubConfig {
             server_name: None,
             protocol: crate::proto::ProtocolChoice::Auto,
             release: None,
+            history_bytes: history::DEFAULT_HISTORY_BYTES,
+            fetch_catch_up: false,
         }
     }
 }
@@ -148,6 +160,27 @@ pub enum UpstreamCmd {
     /// A validated worker line to forward verbatim (with `\n`): FEDERATION_ACK, USER_IP,
     /// INVALIDATE_CACHE, REMOVE_PUSHER, REMOTE_SERVER_UP.
     Forward(Bytes),
+    /// Fetch `stream`'s rows after `from` from a 1.10–1.12 master over a connection of its
+    /// own, for a worker whose token is older than the history; the answer comes back to this
+    /// core as [`Hub::on_fetched`] with the same `id`.
+    Fetch {
+        /// The core's request id.
+        id: u64,
+        /// Which stream.
+        stream: StreamId,
+        /// The worker's token.
+        from: i64,
+    },
+}
+
+/// What a 1.10–1.12 master sent on a catch-up connection: its rows after the token asked for,
+/// each line with its own token (with `\n`), and the token of its POSITION.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fetched {
+    /// `(token, RDATA line)`, in the master's order.
+    pub rows: Vec<(i64, Bytes)>,
+    /// The master's current token when it answered.
+    pub position: i64,
 }
 
 /// How to close a socket.
@@ -187,6 +220,18 @@ pub(crate) const MAX_QUEUED_COMMANDS: usize = 10_000;
 /// than `max_pending_bytes - MAX_QUEUED_BYTES`.
 pub(crate) const MAX_QUEUED_BYTES: u64 = 1 << 20;
 
+/// Where a 1.10–1.12 `REPLICATE <stream> <token|NOW>` starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum CatchUpFrom {
+    /// Rows after this token, then POSITION.
+    Token(i64),
+    /// No rows: POSITION at the current token.
+    Now,
+    /// Rows after the token: those the master sent on a catch-up connection, then the
+    /// history's.
+    Fetched(i64, std::sync::Arc<Fetched>),
+}
+
 /// The per-core hub. See the `hub` module docs.
 pub struct Hub {
     config: HubConfig,
@@ -214,6 +259,14 @@ pub struct Hub {
     stream_subs: [Vec<ConnId>; StreamId::COUNT],
     /// Connections whose REPLICATE for the stream waits for a batch boundary or for tokens.
     pending_subs: [Vec<ConnId>; StreamId::COUNT],
+    /// Recent batches, for 1.10–1.12 workers' catch-up from a token.
+    history: history::History,
+    /// 1.10–1.12 subscriptions not granted yet: the token each catches up from.
+    catch_ups: Vec<(ConnId, StreamId, CatchUpFrom)>,
+    /// Catch-ups waiting for rows fetched from the master: (request id, connection, stream,
+    /// token).
+    fetches: Vec<(u64, ConnId, StreamId, i64)>,
+    next_fetch: u64,
     user_sync: UserSyncMerger<ConnId>,
     stats: CoreStats,
     next_tick_ms: u64,
@@ -228,6 +281,7 @@ impl Hub {
     pub fn new(config: HubConfig) -> Self {
         let server_name = config.server_name.clone();
         let generation = config.protocol.pinned();
+        let history = history::History::new(config.history_bytes);
         Self {
             config,
             log: Log::new(),
@@ -243,6 +297,10 @@ impl Hub {
             instance: "master".to_owned(),
             stream_subs: Default::default(),
             pending_subs: Default::default(),
+            history,
+            catch_ups: Vec::new(),
+            fetches: Vec::new(),
+            next_fetch: 0,
             user_sync: UserSyncMerger::new(),
             stats: CoreStats::default(),
             next_tick_ms: 0,

@@ -102,6 +102,9 @@ pub(super) struct Outbox {
     /// Unwritten bytes of private lines: those queued plus those in the write in flight. They
     /// count against `max_pending_bytes` like the log the cursor holds back (invariant 4).
     private_bytes: u64,
+    /// The part of `private_bytes` that is a 1.10–1.12 worker's catch-up (private RDATA,
+    /// queued or in flight): bounded by the history, not by the queued-commands rule.
+    catch_up_bytes: u64,
     /// When the connection last made write progress, or started waiting with output pending.
     progress_ms: u64,
     /// Outbound commands written, by command word (RDATA counted per line).
@@ -121,6 +124,7 @@ impl Outbox {
             feed: Feed::Log,
             private: VecDeque::new(),
             private_bytes: 0,
+            catch_up_bytes: 0,
             progress_ms: now_ms,
             outbound: [0; WORDS],
             busy_since_ms: now_ms,
@@ -175,6 +179,11 @@ impl Outbox {
         }
     }
 
+    /// Unwritten bytes of catch-up RDATA among [`Outbox::private_bytes`].
+    pub(super) fn catch_up_bytes(&self) -> u64 {
+        self.catch_up_bytes
+    }
+
     /// Private lines not yet completely written (queued or in flight): the "commands queued"
     /// of PROTOCOL.md §3.3 as replhub counts them.
     pub(super) fn private_lines(&self) -> usize {
@@ -220,6 +229,9 @@ impl Outbox {
     /// Queues a private line to go out before log line `at`.
     pub(super) fn push_private(&mut self, at: Seq, bytes: Bytes, word: CommandWord) {
         self.private_bytes += bytes.len() as u64;
+        if word == CommandWord::Rdata {
+            self.catch_up_bytes += bytes.len() as u64;
+        }
         self.private.push_back(Private { at, bytes, word, partial: false });
     }
 
@@ -332,7 +344,7 @@ impl Outbox {
         let mut seq = self.cursor.0;
         let mut off = self.offset;
         let mut reached_head = false;
-        let (mut private_bytes, mut private_lines) = (0u64, 0usize);
+        let (mut private_bytes, mut private_lines, mut catch_up_bytes) = (0u64, 0usize, 0u64);
         while pieces.len() < max_iov && total < max_bytes {
             if off == 0 {
                 if let Some(p) = self.private.front() {
@@ -341,6 +353,9 @@ impl Outbox {
                         total += line.bytes.len();
                         private_bytes += line.bytes.len() as u64;
                         private_lines += 1;
+                        if line.word == CommandWord::Rdata && !line.partial {
+                            catch_up_bytes += line.bytes.len() as u64;
+                        }
                         pieces.push(Piece::Private { line, skip: 0 });
                         continue;
                     }
@@ -421,6 +436,7 @@ impl Outbox {
             replanned: false,
             private_bytes,
             private_lines,
+            catch_up_bytes,
         });
         Gathered::Write(total)
     }
@@ -468,8 +484,10 @@ impl Outbox {
         }
         // The flight's private lines leave the count; what is requeued comes back.
         self.private_bytes -= flight.private_bytes;
+        self.catch_up_bytes -= flight.catch_up_bytes;
         let settled = flight.settle(n, self.cursor, &mut self.outbound, &mut self.private);
         self.private_bytes += settled.requeued_bytes;
+        self.catch_up_bytes += settled.requeued_catch_up;
         // The flight is empty now: dropping it frees nothing.
         self.state = WriteState::Pending;
         self.outbound[CommandWord::Rdata as usize] += settled.lines;
@@ -521,9 +539,9 @@ impl Outbox {
         // A new queue, not `clear`: the old one may have grown large (a burst of lines to a
         // peer that does not read), and its capacity would otherwise stay with the connection.
         self.private = VecDeque::new();
-        self.private_bytes = match &self.state {
-            WriteState::InFlight(flight) => flight.private_bytes,
-            _ => 0,
+        (self.private_bytes, self.catch_up_bytes) = match &self.state {
+            WriteState::InFlight(flight) => (flight.private_bytes, flight.catch_up_bytes),
+            _ => (0, 0),
         };
         if let Some(mut k) = keep {
             k.at = head;

@@ -141,6 +141,12 @@ pub struct CoreStats {
     pub batches: u64,
     /// Bytes currently held by this core's log (gauge).
     pub log_bytes: u64,
+    /// Gauge: bytes of batches the 1.10–1.12 catch-up history holds (shared with the log and
+    /// the other cores).
+    pub history_bytes: u64,
+    /// Gauge: per stream, the token above which the history holds every row (`None` before
+    /// the upstream's position is known, or while it is being moved past an evicted run).
+    pub history_floor: [Option<i64>; StreamId::COUNT],
 }
 
 /// What the driver reads from a connection's socket at scrape time, on the core that owns it.
@@ -231,6 +237,8 @@ impl Hub {
         let mut stats = self.stats.clone();
         stats.log_bytes = self.log.held_bytes();
         let generation = self.generation.map(Generation::label);
+        stats.history_bytes = self.history.bytes();
+        stats.history_floor = StreamId::ALL.map(|s| self.history.floor(s));
         let conns = self
             .conns
             .iter()

@@ -1,11 +1,51 @@
 //! Subscriptions: REPLICATE, the POSITION that starts each subscription (invariant 2), and the
 //! fresh POSITIONs when the upstream (re)connects (invariant 3).
+//!
+//! A 1.10–1.12 worker's `REPLICATE <stream|ALL> <token|NOW>` (PROTOCOL.md §8.1) is served as
+//! its master would: the rows after `token` from the history (`history.rs`), each as an RDATA
+//! line with its own token, then `POSITION`, then live rows, all queued at the same log
+//! position so that nothing is missed or repeated. For a token older than the history the
+//! rows up to the history's floor are fetched from the master on a connection of its own
+//! ([`UpstreamCmd::Fetch`], run by the source thread; [`Hub::on_fetched`]) and queued before
+//! the history's; without a 1.10–1.12 master to ask, the worker gets the ERROR a 1.12 master
+//! sends for a stream that has fallen behind. A 1.13+ upstream's RDATA cannot be relayed to
+//! such a worker at all, so it gets a clear ERROR.
+use super::history::Behind;
 use super::log::Seq;
 use super::stats::{CloseReason, ConnPhase};
-use super::{ConnId, Hub, UpstreamEvent};
+use super::{CatchUpFrom, ConnId, Fetched, Hub, HubOutput, UpstreamCmd, UpstreamEvent};
+use crate::proto::number::parse_i64;
+use crate::proto::pyrepr::py_exc;
 use crate::proto::release::map_order;
 use crate::proto::{CommandWord, Generation, PeerError, ReplicateTarget, StreamId, StreamMask};
 use crate::time::Now;
+
+/// `REPLICATE <stream|ALL> <token|NOW>` as a 1.10–1.12 master parses it (`line.split(" ",
+/// 1)`, then `NOW`/`now` or `int()` of the rest).
+/// Why a catch-up cannot be queued now.
+enum NoCatchUp {
+    /// Close the worker with this.
+    Fail(PeerError),
+    /// Fetch the rows after this token from the master first.
+    Fetch(i64),
+}
+
+/// What a 1.12 master sends when a stream is too far behind to catch up over TCP.
+fn fallen_behind(s: StreamId) -> PeerError {
+    PeerError::ReplicateFailed(py_exc("Exception", &format!("stream {} has fallen behind", s.name())))
+}
+
+/// Only called for arguments holding a space.
+fn parse_token_replicate(args: &str) -> Result<(&str, CatchUpFrom), PeerError> {
+    let (stream, token) = args.split_once(' ').unwrap_or((args, ""));
+    let from = match token {
+        "NOW" | "now" => CatchUpFrom::Now,
+        t => CatchUpFrom::Token(
+            parse_i64(t.as_bytes()).map_err(|e| PeerError::parse(b"REPLICATE", args.as_bytes(), e))?,
+        ),
+    };
+    Ok((stream, from))
+}
 
 impl Hub {
     pub(super) fn replicate(&mut self, id: ConnId, target: ReplicateTarget<'_>, now: Now) {
@@ -18,10 +58,27 @@ impl Hub {
         tracing::info!(conn = %id, name, stream, "subscribe (REPLICATE)");
         match target {
             // A bare `REPLICATE` (or `REPLICATE `) is Synapse 1.13+'s handshake, unless the
-            // upstream is known to be the seed, whose server calls it an unknown stream.
-            ReplicateTarget::Unknown("") if self.generation != Some(Generation::Seed) => {
+            // upstream is known to be the seed or 1.10, whose servers refuse it.
+            ReplicateTarget::Unknown("") if !self.generation.is_some_and(Generation::subscribes) => {
                 self.replicate_bare(id, now);
             }
+            ReplicateTarget::Unknown(args) if args.contains(' ') => match parse_token_replicate(args) {
+                Ok(_) if self.generation == Some(Generation::Seed) => {
+                    // The seed's master takes the whole argument for a stream name.
+                    tracing::info!(conn = %id, name, stream = args, "unknown stream, closing");
+                    self.fail(
+                        id,
+                        &PeerError::UnknownStream(args.to_owned()),
+                        CloseReason::ProtocolError,
+                        now,
+                    );
+                }
+                Ok((stream, from)) => self.replicate_from(id, stream, from, now),
+                Err(err) => {
+                    tracing::info!(conn = %id, name, error = %err, "bad command, closing");
+                    self.fail(id, &err, CloseReason::ProtocolError, now);
+                }
+            },
             ReplicateTarget::All => self.subscribe_all(id, now),
             ReplicateTarget::Stream(s) => {
                 if self.served.is_some_and(|m| !m.contains(s)) {
@@ -39,6 +96,155 @@ impl Hub {
             ReplicateTarget::Unknown(stream) => {
                 tracing::info!(conn = %id, name, stream, "unknown stream, closing");
                 self.fail(id, &PeerError::UnknownStream(stream.to_owned()), CloseReason::ProtocolError, now);
+            }
+        }
+    }
+
+    /// A 1.10–1.12 worker's `REPLICATE <stream|ALL> <token|NOW>`: each stream is subscribed
+    /// as the seed's REPLICATE is (deferred while a run is open or the upstream unknown), and
+    /// when it is granted ([`Hub::subscribe_from`]) its catch-up goes before the POSITION.
+    fn replicate_from(&mut self, id: ConnId, stream: &str, from: CatchUpFrom, now: Now) {
+        match self.generation {
+            Some(Generation::V1_10) | None => {}
+            Some(g) => {
+                self.refuse_catch_up(id, stream, from, g, now);
+                return;
+            }
+        }
+        let streams: Vec<StreamId> = if stream == "ALL" {
+            if let Some(c) = self.conn_mut(id) {
+                c.subs.all = true;
+            }
+            match self.served {
+                Some(served) => served.iter().collect(),
+                None => StreamId::ALL.to_vec(),
+            }
+        } else {
+            match StreamId::from_name(stream.as_bytes()) {
+                Some(s) if self.served.is_none_or(|m| m.contains(s)) => vec![s],
+                _ => {
+                    tracing::info!(conn = %id, stream, "unknown stream, closing");
+                    let err = PeerError::UnknownStream(stream.to_owned());
+                    self.fail(id, &err, CloseReason::ProtocolError, now);
+                    return;
+                }
+            }
+        };
+        for s in streams {
+            self.catch_ups.retain(|(c, cs, _)| !(*c == id && *cs == s));
+            self.catch_ups.push((id, s, from.clone()));
+            self.request_subscription(id, s, now);
+        }
+    }
+
+    /// A 1.10–1.12 worker behind an upstream of another generation. The seed's master calls
+    /// `<stream> <token>` an unknown stream, and so does replhub, as it would. A 1.13+
+    /// master's RDATA and POSITION carry an instance name the worker cannot parse, and it has
+    /// no catch-up from a token over TCP: rather than answer as that master would (its
+    /// POSITIONs, which the worker rejects with a parse ERROR), the worker is told why, once,
+    /// and closed.
+    fn refuse_catch_up(
+        &mut self,
+        id: ConnId,
+        stream: &str,
+        from: CatchUpFrom,
+        upstream: Generation,
+        now: Now,
+    ) {
+        self.catch_ups.retain(|&(c, _, _)| c != id);
+        let err = if upstream == Generation::Seed {
+            let token = match from {
+                CatchUpFrom::Token(t) | CatchUpFrom::Fetched(t, _) => t.to_string(),
+                CatchUpFrom::Now => "NOW".to_owned(),
+            };
+            PeerError::UnknownStream(format!("{stream} {token}"))
+        } else {
+            let text = format!(
+                "replhub relays a Synapse {upstream} master, whose protocol a 1.10-1.12 worker \
+                 (REPLICATE <stream> <token>) cannot read"
+            );
+            PeerError::ReplicateFailed(py_exc("Exception", &text))
+        };
+        tracing::info!(conn = %id, upstream = %upstream, error = %err, "1.10-1.12 REPLICATE behind another generation, closing");
+        self.fail(id, &err, CloseReason::ProtocolError, now);
+    }
+
+    /// The catch-up lines queued for `id` before its POSITION for `s` at `token`, if its
+    /// REPLICATE carried a token. `Err` if the history no longer reaches back to it.
+    fn take_catch_up(&mut self, id: ConnId, s: StreamId, token: i64) -> Result<Vec<bytes::Bytes>, NoCatchUp> {
+        let Some(i) = self.catch_ups.iter().position(|(c, cs, _)| *c == id && *cs == s) else {
+            return Ok(Vec::new());
+        };
+        let (_, _, from) = self.catch_ups.swap_remove(i);
+        let fetched = match from {
+            CatchUpFrom::Now => return Ok(Vec::new()),
+            CatchUpFrom::Token(from) => {
+                return self.history.catch_up(s, from, token).map_err(|Behind::Floor(floor)| {
+                    tracing::info!(conn = %id, stream = s.name(), from, ?floor, "catch-up older than the history");
+                    if self.config.fetch_catch_up && self.generation == Some(Generation::V1_10) {
+                        NoCatchUp::Fetch(from)
+                    } else {
+                        NoCatchUp::Fail(fallen_behind(s))
+                    }
+                });
+            }
+            CatchUpFrom::Fetched(from, fetched) => (from, fetched),
+        };
+        // The master's rows up to the history's floor, then the history's: the floor must not
+        // have moved past what the master sent while the fetch was under way.
+        let (from, fetched) = fetched;
+        match self.history.floor(s) {
+            Some(floor) if from >= floor => {
+                self.history.catch_up(s, from, token).map_err(|_| NoCatchUp::Fail(fallen_behind(s)))
+            }
+            Some(floor) if fetched.position >= floor => {
+                let upto = floor.min(token);
+                let mut pieces = Vec::new();
+                let mut buf = bytes::BytesMut::new();
+                for (t, line) in &fetched.rows {
+                    if *t > from && *t <= upto {
+                        buf.extend_from_slice(line);
+                        if buf.len() >= 64 << 10 {
+                            pieces.push(buf.split().freeze());
+                        }
+                    }
+                }
+                if !buf.is_empty() {
+                    pieces.push(buf.freeze());
+                }
+                let rest =
+                    self.history.catch_up(s, floor, token).map_err(|_| NoCatchUp::Fail(fallen_behind(s)))?;
+                pieces.extend(rest);
+                Ok(pieces)
+            }
+            floor => {
+                tracing::info!(conn = %id, stream = s.name(), from, ?floor, position = fetched.position, "the history moved past the fetched rows");
+                Err(NoCatchUp::Fail(fallen_behind(s)))
+            }
+        }
+    }
+
+    /// Rows fetched from the master for a catch-up (or why not): the subscription is asked
+    /// for again with them, and granted (or deferred) as any other.
+    pub fn on_fetched(&mut self, id: u64, result: Result<Fetched, String>, now: Now) {
+        let Some(i) = self.fetches.iter().position(|f| f.0 == id) else { return };
+        let (_, conn, s, from) = self.fetches.swap_remove(i);
+        match result {
+            Ok(fetched) => {
+                tracing::info!(conn = %conn, stream = s.name(), from, rows = fetched.rows.len(), position = fetched.position, "rows fetched from the master for a catch-up");
+                self.catch_ups.push((conn, s, CatchUpFrom::Fetched(from, std::sync::Arc::new(fetched))));
+                self.request_subscription(conn, s, now);
+            }
+            Err(text) => {
+                tracing::info!(conn = %conn, stream = s.name(), from, error = text.as_str(), "catch-up fetch failed");
+                // The master's own refusal is passed on as it said it; anything else (it was
+                // unreachable, the connection broke) is the refusal it gives for a stream too
+                // far behind, which a worker answers by reconnecting.
+                let err = match text.strip_prefix("failed to handle replicate: ") {
+                    Some(exc) => PeerError::ReplicateFailed(exc.to_owned()),
+                    None => fallen_behind(s),
+                };
+                self.fail(conn, &err, CloseReason::ProtocolError, now);
             }
         }
     }
@@ -116,9 +322,28 @@ impl Hub {
         // A stream name, an instance name and numbers: never a newline, never near the limit.
         let position =
             self.generation.unwrap_or(Generation::Seed).position_line(s.name(), &self.instance, token);
+        let catch_up = match self.take_catch_up(id, s, token) {
+            Ok(lines) => lines,
+            Err(NoCatchUp::Fail(err)) => {
+                self.fail(id, &err, CloseReason::ProtocolError, now);
+                return;
+            }
+            Err(NoCatchUp::Fetch(from)) => {
+                // The subscription waits for the rows; the source thread fetches them.
+                let fid = self.next_fetch;
+                self.next_fetch += 1;
+                self.fetches.push((fid, id, s, from));
+                tracing::info!(conn = %id, stream = s.name(), from, "fetching rows older than the history from the master");
+                self.outputs.push_back(HubOutput::Upstream(UpstreamCmd::Fetch { id: fid, stream: s, from }));
+                return;
+            }
+        };
         let Some(c) = self.conn_mut(id) else { return };
         if c.close.is_closing() {
             return;
+        }
+        for piece in catch_up {
+            c.outbox.push_private(at, piece, CommandWord::Rdata);
         }
         let newly = !c.subs.mask.contains(s);
         if newly {
@@ -145,6 +370,8 @@ impl Hub {
         c.subs.pending = StreamMask::NONE;
         c.subs.full_from = u64::MAX;
         self.forget_subscriptions(id, mask, pending);
+        self.catch_ups.retain(|(c, _, _)| *c != id);
+        self.fetches.retain(|f| f.1 != id);
     }
 
     /// Takes `id` off the per-stream lists for `mask` (granted) and `pending` (waiting).
@@ -172,6 +399,21 @@ impl Hub {
                 }
                 self.generation = Some(*generation);
                 self.instance.clone_from(instance);
+                if *generation == Generation::V1_10 {
+                    for s in StreamId::ALL {
+                        self.history.on_connected(s, self.tokens[s.index()], positions[s.index()]);
+                    }
+                } else {
+                    self.history.clear();
+                }
+                if *generation != Generation::V1_10 {
+                    let waiting: Vec<(ConnId, StreamId, CatchUpFrom)> = self.catch_ups.clone();
+                    for (id, s, from) in waiting {
+                        let all = self.conn(id).is_some_and(|c| c.subs.all);
+                        let stream = if all { "ALL" } else { s.name() };
+                        self.refuse_catch_up(id, stream, from, *generation, now);
+                    }
+                }
                 match &self.server_name {
                     Some(known) if known != server_name && self.config.server_name.is_none() => {
                         tracing::warn!(

@@ -111,6 +111,9 @@ struct Totals<'a> {
     withheld_commands: u64,
     batches: u64,
     log_bytes: u64,
+    history_bytes: u64,
+    /// Per stream, the highest floor of any core (how far back every core's history reaches).
+    history_floor: [Option<i64>; StreamId::COUNT],
 }
 
 fn sum_into<const N: usize>(acc: &mut [u64; N], v: &[u64; N]) {
@@ -138,6 +141,10 @@ impl<'a> Totals<'a> {
             t.withheld_commands = t.withheld_commands.saturating_add(s.withheld_commands);
             t.batches = t.batches.saturating_add(s.batches);
             t.log_bytes = t.log_bytes.saturating_add(s.log_bytes);
+            t.history_bytes = t.history_bytes.max(s.history_bytes);
+            for (acc, f) in t.history_floor.iter_mut().zip(s.history_floor) {
+                *acc = (*acc).max(f);
+            }
 
             for c in &core.conns {
                 t.conns += 1;
@@ -405,6 +412,21 @@ fn replhub_metrics(
         "Bytes currently held by the cores' fan-out logs, summed over cores.",
         t.log_bytes,
     )?;
+    x.gauge(
+        "replhub_history_bytes",
+        "Bytes of recent batches held to catch Synapse 1.10-1.12 workers up from a token, largest \
+         over cores (the cores hold the same batches).",
+        t.history_bytes,
+    )?;
+    let floors: Vec<_> =
+        StreamId::ALL.iter().filter_map(|s| Some(([s.name()], t.history_floor[s.index()]?))).collect();
+    x.gauge_vec_i64(
+        "replhub_history_floor_token",
+        "Per stream, the token after which the catch-up history holds every row: a 1.10-1.12 \
+         worker asking from an older token gets `has fallen behind`.",
+        ["stream"],
+        &floors,
+    )?;
     x.counter(
         "replhub_log_batches_appended_total",
         "Upstream batches appended to a core's log, summed over cores (each batch is appended \
@@ -560,6 +582,8 @@ mod tests {
                 withheld_commands: 2,
                 batches: 10,
                 log_bytes: 4096,
+                history_bytes: 2048,
+                history_floor: StreamId::ALL.map(|s| (s == StreamId::Events).then_some(90)),
             },
             conns: vec![a, c],
         };
@@ -580,6 +604,7 @@ mod tests {
                 withheld_commands: 0,
                 batches: 10,
                 log_bytes: 1024,
+                ..CoreStats::default()
             },
             conns: vec![b],
         };
@@ -717,6 +742,8 @@ mod tests {
             "replhub_backlog_bytes_sum 350",
             "replhub_max_pending_bytes 67108864",
             "replhub_log_bytes 5120",
+            "replhub_history_bytes 2048",
+            r#"replhub_history_floor_token{stream="events"} 90"#,
             "replhub_log_batches_appended_total 20",
             r#"replhub_slow_consumer_disconnects_total{reason="backlog"} 1"#,
             r#"replhub_slow_consumer_disconnects_total{reason="write_timeout"} 2"#,

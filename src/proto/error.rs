@@ -38,6 +38,10 @@ pub enum PeerError {
     /// `failed to handle replicate: Exception('unknown stream %s', '<name>')`
     #[error("failed to handle replicate: Exception('unknown stream %s', {})", super::pyrepr::py_repr(.0))]
     UnknownStream(String),
+    /// `failed to handle replicate: <exception>`: a REPLICATE the server cannot serve, e.g. a
+    /// 1.10–1.12 master's `Exception('stream events has fallen behind')`.
+    #[error("failed to handle replicate: {0}")]
+    ReplicateFailed(String),
     /// `server shutting down`
     #[error("server shutting down")]
     ShuttingDown,

@@ -7,6 +7,7 @@
 //!
 //! | generation | POSITION                              | RDATA                                   |
 //! |------------|---------------------------------------|-----------------------------------------|
+//! | 1.10–1.12  | `POSITION <s> <tok>`                  | `RDATA <s> <tok\|batch> <json>`          |
 //! | seed       | `POSITION <s> <tok>`                  | `RDATA <s> <tok\|batch> <json>`          |
 //! | 1.13–1.21  | `POSITION <s> <instance> <tok>`       | `RDATA <s> <instance> <tok\|batch> <json>` |
 //! | 1.22–1.66  | `POSITION <s> <instance> <prev> <new>`| as 1.13                                  |
@@ -21,6 +22,9 @@ use super::pyrepr::{py_exc, py_repr};
 /// A protocol generation replhub can relay and serve.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Generation {
+    /// Synapse 1.10–1.12: the seed's line formats, but `REPLICATE <stream|ALL> <token|NOW>`:
+    /// the master catches a worker up from its token over TCP (PROTOCOL.md §8.1).
+    V1_10,
     /// The unreleased seed: no instance names, `REPLICATE <stream|ALL>` subscribes.
     Seed,
     /// Synapse 1.13–1.21: instance names in RDATA and POSITION, bare `REPLICATE`.
@@ -31,11 +35,12 @@ pub enum Generation {
 
 impl Generation {
     /// Every generation, oldest first.
-    pub const ALL: [Self; 3] = [Self::Seed, Self::V1_13, Self::V1_22];
+    pub const ALL: [Self; 4] = [Self::V1_10, Self::Seed, Self::V1_13, Self::V1_22];
 
     /// The label used in logs, metrics and `--protocol`.
     pub const fn label(self) -> &'static str {
         match self {
+            Self::V1_10 => "1.10",
             Self::Seed => "seed",
             Self::V1_13 => "1.13",
             Self::V1_22 => "1.22",
@@ -44,11 +49,26 @@ impl Generation {
 
     /// Whether RDATA and POSITION carry the writer's instance name (1.13 on).
     pub const fn has_instance(self) -> bool {
-        !matches!(self, Self::Seed)
+        !matches!(self, Self::Seed | Self::V1_10)
+    }
+
+    /// Whether workers subscribe per stream with a token (`REPLICATE <s> <tok>`, 1.10–1.12)
+    /// or name (seed), rather than with a bare `REPLICATE` (1.13 on).
+    pub const fn subscribes(self) -> bool {
+        matches!(self, Self::Seed | Self::V1_10)
+    }
+
+    /// Space-separated fields of this generation's POSITION, stream included.
+    const fn position_fields(self) -> usize {
+        match self {
+            Self::V1_10 | Self::Seed => 2,
+            Self::V1_13 => 3,
+            Self::V1_22 => 4,
+        }
     }
 
     /// The generation whose POSITION has `fields` space-separated fields (stream included):
-    /// 2 seed, 3 1.13, 4 1.22.
+    /// 2 seed (or 1.10, which only the greeting tells apart), 3 1.13, 4 1.22.
     const fn from_position_fields(fields: usize) -> Option<Self> {
         match fields {
             2 => Some(Self::Seed),
@@ -96,9 +116,13 @@ impl std::str::FromStr for ProtocolChoice {
         match s {
             "auto" => Ok(Self::Auto),
             "seed" => Ok(Self::Pinned(Generation::Seed)),
+            // Every release from 1.10 to 1.12 speaks the same protocol; 1.12 is the last.
+            "1.10" | "1.11" | "1.12" => Ok(Self::Pinned(Generation::V1_10)),
             "1.13" => Ok(Self::Pinned(Generation::V1_13)),
             "1.22" => Ok(Self::Pinned(Generation::V1_22)),
-            other => Err(format!("unknown protocol {other:?} (expected auto, seed, 1.13 or 1.22)")),
+            other => {
+                Err(format!("unknown protocol {other:?} (expected auto, seed, 1.10 (or 1.12), 1.13 or 1.22)"))
+            }
         }
     }
 }
@@ -142,14 +166,14 @@ pub fn parse_any_position(args: &[u8], expect: Option<Generation>) -> Result<Any
     let fields: Vec<&[u8]> = args.split(|&b| b == b' ').collect();
     let shape = Generation::from_position_fields(fields.len());
     let generation = match (expect, shape) {
-        (Some(g), Some(s)) if g == s => g,
+        (Some(g), Some(s)) if g.position_fields() == s.position_fields() => g,
         (None, Some(s)) => s,
         (Some(g), _) => return Err(mismatch(args, g)),
         (None, None) => return Err(not_enough_values(2, fields.len().min(1))),
     };
     let stream = utf8_field(fields[0])?;
     Ok(match generation {
-        Generation::Seed => {
+        Generation::V1_10 | Generation::Seed => {
             AnyPosition { generation, stream, instance: None, prev: None, token: parse_i64(fields[1])? }
         }
         Generation::V1_13 => AnyPosition {
@@ -172,11 +196,7 @@ pub fn parse_any_position(args: &[u8], expect: Option<Generation>) -> Result<Any
 /// The error `g`'s client raises for a POSITION of another shape: too few fields to unpack,
 /// or `int()` of the rest that still holds a space.
 fn mismatch(args: &[u8], g: Generation) -> FieldError {
-    let want = match g {
-        Generation::Seed => 2,
-        Generation::V1_13 => 3,
-        Generation::V1_22 => 4,
-    };
+    let want = g.position_fields();
     let got = args.split(|&b| b == b' ').count();
     if got < want {
         return not_enough_values(want, got);
@@ -210,7 +230,7 @@ impl RdataForm {
     pub const fn of(generation: Option<Generation>) -> Self {
         match generation {
             None => Self::Sniff,
-            Some(Generation::Seed) => Self::Seed,
+            Some(Generation::Seed | Generation::V1_10) => Self::Seed,
             Some(_) => Self::Instance,
         }
     }
@@ -352,6 +372,7 @@ mod tests {
     #[test]
     fn position_lines_as_each_master_writes_them() {
         assert_eq!(&Generation::Seed.position_line("events", "master", 5)[..], b"POSITION events 5\n");
+        assert_eq!(&Generation::V1_10.position_line("events", "master", 5)[..], b"POSITION events 5\n");
         assert_eq!(
             &Generation::V1_13.position_line("events", "master", 5)[..],
             b"POSITION events master 5\n"
@@ -409,6 +430,7 @@ mod tests {
         assert_eq!("auto".parse::<ProtocolChoice>(), Ok(ProtocolChoice::Auto));
         assert_eq!("1.22".parse::<ProtocolChoice>(), Ok(ProtocolChoice::Pinned(Generation::V1_22)));
         assert!("1.66".parse::<ProtocolChoice>().is_err());
+        assert_eq!("1.12".parse::<ProtocolChoice>(), Ok(ProtocolChoice::Pinned(Generation::V1_10)));
         for g in Generation::ALL {
             assert_eq!(g.label().parse::<ProtocolChoice>(), Ok(ProtocolChoice::Pinned(g)));
         }

@@ -130,6 +130,8 @@ impl SyntheticSource {
                     SyncState::End => self.user_sync.end(core, &user_id),
                 };
             }
+            // Only a 1.10–1.12 master serves these (the source answers them itself).
+            UpstreamCmd::Fetch { .. } => {}
             UpstreamCmd::Forward(line) => {
                 // A released master relays REMOTE_SERVER_UP to its other connections only, and
                 // replhub is its one connection (PROTOCOL.md §8.3.1); the seed echoes it to all.

@@ -28,7 +28,20 @@
 //! served). RDATA received before that are held and delivered right after `Up`, in order.
 //!
 //! Generation (PROTOCOL.md §8): the greeting `REPLICATE ALL` is accepted by the seed and by
-//! every master from Synapse 1.13 on, which ignore its argument. What the master sends back
+//! every master from Synapse 1.13 on, which ignore its argument. A 1.10–1.12 master greets
+//! exactly as the seed does (`SERVER`, `PING`), so nothing it sends unasked tells them apart;
+//! it rejects `REPLICATE ALL` (`ERROR failed to parse line for  'REPLICATE': ValueError('not
+//! enough values to unpack (expected 2, got 1)') ('ALL'):`, its `REPLICATE` needs a token),
+//! and the seed rejects the 1.10 form (`unknown stream 'ALL NOW'`): one of the two is
+//! refused once. The seed is unreleased, so `REPLICATE ALL` is tried first; that ERROR marks
+//! the master as 1.10 ([`Greeting`]) and the next connection greets as a 1.12 worker does:
+//! `REPLICATE ALL NOW` on the first connection (or after a gap), and after a 1.10 connection
+//! that was up, `REPLICATE <stream> <token>` for each stream it served with the last token
+//! replhub relayed, so the master's catch-up rows (each with its own token, then POSITION)
+//! continue the relay with nothing lost or repeated. Each connection still learns the
+//! generation from what the master sends back (a master upgraded to 1.13+ accepts either
+//! form and answers with its POSITIONs); `--protocol 1.10` starts with the 1.10 greeting.
+//! What the master sends back
 //! tells its generation ([`LinkConfig::protocol`] `Auto`, re-learnt on every connection): the
 //! field count of its POSITIONs (seed 2, 1.13 3, 1.22 4), or, before any POSITION, whether its
 //! RDATA carry an instance name. RDATA are then indexed in that layout. A master of 1.13 or
@@ -146,6 +159,27 @@ struct Stats {
     down_since_ms: u64,
 }
 
+/// Which `REPLICATE` lines a connection greeted the master with (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Greeting {
+    /// `REPLICATE ALL`: the seed and 1.13+.
+    All,
+    /// `REPLICATE ALL NOW`: a 1.10–1.12 master, from its current tokens.
+    Now,
+    /// `REPLICATE <stream> <token>` for these streams: a 1.10–1.12 master, resuming from the
+    /// tokens replhub relayed last.
+    Resume(StreamMask),
+}
+
+/// The start of the ERROR a 1.10–1.12 master answers `REPLICATE ALL` with.
+const REJECTS_REPLICATE_ALL: &str =
+    "failed to parse line for  'REPLICATE': ValueError('not enough values to unpack (expected 2, got 1)')";
+
+/// The start of the ERROR a master sends when it cannot handle a `REPLICATE`: an unknown
+/// stream (a seed master given the 1.10 form, or a stream no longer served) or, on 1.10–1.12,
+/// a stream that has fallen behind.
+const REPLICATE_FAILED: &str = "failed to handle replicate: ";
+
 /// Per-connection state, dropped on disconnect.
 struct Conn {
     session: Session,
@@ -167,6 +201,10 @@ struct Conn {
     /// module docs), and the streams whose run is open at their end.
     carry: BytesMut,
     carry_open: StreamMask,
+    /// What this connection sent as its `REPLICATE` lines.
+    greeting: Greeting,
+    /// Streams with a POSITION on this connection (for a [`Greeting::Resume`] handshake).
+    positioned: StreamMask,
 }
 
 /// The client-role link to the master. See the module docs for how a driver runs it.
@@ -183,11 +221,17 @@ pub(crate) struct UpstreamLink {
     forward_queue: VecDeque<Bytes>,
     tokens: [Option<i64>; StreamId::COUNT],
     stats: Stats,
+    /// What the last connections showed of the master's generation, for the next greeting:
+    /// only `V1_10` changes it.
+    hint: Option<Generation>,
+    /// After a 1.10 connection that was up: the streams it served, to resume from `tokens`.
+    resume: Option<StreamMask>,
 }
 
 impl UpstreamLink {
     /// A disconnected link.
     pub(crate) fn new(config: LinkConfig) -> Self {
+        let hint = config.protocol.pinned();
         Self {
             config,
             conn: None,
@@ -198,6 +242,8 @@ impl UpstreamLink {
             forward_queue: VecDeque::new(),
             tokens: [None; StreamId::COUNT],
             stats: Stats::default(),
+            hint,
+            resume: None,
         }
     }
 
@@ -229,18 +275,34 @@ impl UpstreamLink {
         self.tokens
     }
 
-    /// A fresh TCP connection to the master at `now`: queues `NAME`, `PING`, `REPLICATE ALL`,
-    /// then `USER_SYNC <user> start <now>` for every user a core reports syncing, then the
-    /// commands forwarded while disconnected, then `USER_SYNC <instance_id> <user> start
-    /// <now>` for every user a 1.13+ worker instance reported syncing (and has not let
-    /// expire) (PROTOCOL.md §3.1). A restarted master knows nobody is syncing, and the
-    /// workers, still connected to replhub, will not tell it again.
+    /// A fresh TCP connection to the master at `now`: queues `NAME`, `PING`, the `REPLICATE`
+    /// greeting (`REPLICATE ALL`, or for a 1.10–1.12 master `REPLICATE ALL NOW` or one
+    /// `REPLICATE <stream> <token>` per stream, see the module docs), then `USER_SYNC <user>
+    /// start <now>` for every user a core reports syncing, then the commands forwarded while
+    /// disconnected, then `USER_SYNC <instance_id> <user> start <now>` for every user a 1.13+
+    /// worker instance reported syncing (and has not let expire) (PROTOCOL.md §3.1). A
+    /// restarted master knows nobody is syncing, and the workers, still connected to replhub,
+    /// will not tell it again.
     pub(crate) fn on_connected(&mut self, now: Now) {
         if self.conn.is_some() {
             self.on_disconnected("replaced by a new connection", now);
         }
+        let greeting = match (self.hint, self.resume) {
+            (Some(Generation::V1_10), Some(served)) if !served.is_empty() => Greeting::Resume(served),
+            (Some(Generation::V1_10), _) => Greeting::Now,
+            _ => Greeting::All,
+        };
+        let replicate: Vec<String> = match greeting {
+            Greeting::All => vec!["ALL".to_owned()],
+            Greeting::Now => vec!["ALL NOW".to_owned()],
+            Greeting::Resume(served) => served
+                .iter()
+                .filter_map(|s| self.tokens[s.index()].map(|t| format!("{} {t}", s.name())))
+                .collect(),
+        };
+        let replicate: Vec<&str> = replicate.iter().map(String::as_str).collect();
         let mut session = Session::new(Role::Client, self.config.session.clone(), now);
-        session.start(&self.config.client_name, &["ALL"], now);
+        session.start(&self.config.client_name, &replicate, now);
         for user_id in self.user_sync.users() {
             let cmd =
                 Command::UserSync(UserSync { user_id, state: SyncState::Start, last_sync_ms: now.wall_ms });
@@ -264,7 +326,7 @@ impl UpstreamLink {
             }
         }
         self.stats.connects += 1;
-        tracing::info!(connects = self.stats.connects, "upstream connected; handshake started");
+        tracing::info!(connects = self.stats.connects, greeting = ?greeting, "upstream connected; handshake started");
         self.conn = Some(Conn {
             session,
             server_name: None,
@@ -278,6 +340,8 @@ impl UpstreamLink {
             instance: None,
             carry: BytesMut::new(),
             carry_open: StreamMask::NONE,
+            greeting,
+            positioned: StreamMask::NONE,
         });
     }
 
@@ -310,7 +374,57 @@ impl UpstreamLink {
             );
         }
         tracing::warn!(reason = %why, was_up = conn.up, "upstream disconnected");
+        self.learn_from_close(&conn);
         self.events.push_back(LinkEvent::Down { reason: why });
+    }
+
+    /// What a closed connection tells the next greeting (see the module docs): a master that
+    /// refused `REPLICATE ALL` as 1.10–1.12 does is greeted as such; one that refused the
+    /// 1.10 form is greeted with `REPLICATE ALL` again (or, if only the resume failed, with
+    /// `REPLICATE ALL NOW`: a gap, which the fresh POSITIONs make visible).
+    fn learn_from_close(&mut self, conn: &Conn) {
+        let error = conn.peer_error.as_deref().unwrap_or("");
+        let pinned = self.config.protocol.pinned();
+        match conn.greeting {
+            Greeting::All if pinned.is_none() && error.starts_with(REJECTS_REPLICATE_ALL) => {
+                tracing::info!(
+                    "upstream refused REPLICATE ALL as Synapse 1.10–1.12 does: protocol generation 1.10 from the next connection"
+                );
+                self.hint = Some(Generation::V1_10);
+                self.resume = None;
+            }
+            Greeting::Resume(_) if error.starts_with(REPLICATE_FAILED) => {
+                tracing::warn!(
+                    error,
+                    "upstream could not resume from replhub's tokens; starting again from its current ones"
+                );
+                self.resume = None;
+            }
+            Greeting::Now if pinned.is_none() && error.starts_with(REPLICATE_FAILED) => {
+                tracing::info!(error, "upstream refused REPLICATE ALL NOW: not a 1.10–1.12 master");
+                self.hint = None;
+                self.resume = None;
+            }
+            _ if conn.up => {
+                // Re-learnt on every connection: only a 1.10 master is greeted differently,
+                // and only after a connection that relayed rows can it be resumed.
+                let mut served = StreamMask::NONE;
+                for s in StreamId::ALL.into_iter().filter(|s| self.tokens[s.index()].is_some()) {
+                    served.insert(s);
+                }
+                match conn.generation {
+                    Some(Generation::V1_10) => {
+                        self.hint = Some(Generation::V1_10);
+                        self.resume = Some(served);
+                    }
+                    other => {
+                        self.hint = pinned.or(other);
+                        self.resume = None;
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 
     /// The buffer to read into (reserve, then read into its spare capacity; only append): the
@@ -409,10 +523,7 @@ impl UpstreamLink {
                 cut = Some(c.after);
                 break;
             }
-            if !conn.up
-                && conn.server_name.is_some()
-                && conn.positions[StreamId::UserSignature.index()].is_some()
-            {
+            if !conn.up && conn.server_name.is_some() && conn.positions_complete() {
                 conn.complete_handshake(&mut self.events, &mut self.tokens, &mut self.stats);
                 if conn.generation.is_some_and(Generation::has_instance) {
                     covered = c.after;
@@ -466,6 +577,8 @@ impl UpstreamLink {
                     }
                 }
             }
+            // The source thread runs fetches on connections of their own.
+            UpstreamCmd::Fetch { .. } => tracing::debug!("a catch-up fetch reached the link; ignored"),
             UpstreamCmd::Forward(line) => {
                 self.note_instance_sync(&line, now);
                 if let Some(session) = self.open_session() {
@@ -621,11 +734,30 @@ impl Conn {
     /// Whether RDATA now completes the handshake: seed masters send RDATA only after their
     /// POSITIONs; 1.13+ masters send them from connect, so there only POSITION does.
     fn completes_on_rdata(&self) -> bool {
+        match self.greeting {
+            Greeting::All => {}
+            // A 1.10–1.12 master answers `REPLICATE ALL NOW` with every POSITION at once (no
+            // catch-up to wait for), so an RDATA after them means they are all in, even from a
+            // master without `user_signature`, the stream that normally completes it.
+            Greeting::Now => return !self.up && self.server_name.is_some() && !self.positioned.is_empty(),
+            // It catches up each resumed stream with RDATA before that stream's POSITION.
+            Greeting::Resume(_) => return false,
+        }
         let seed = match self.generation {
             Some(g) => g == Generation::Seed,
             None => !self.instance_rdata,
         };
         !self.up && self.server_name.is_some() && seed
+    }
+
+    /// Whether the POSITIONs that complete the handshake arrived: one per stream replhub
+    /// resumed (a 1.10–1.12 master answers them in any order, each after its catch-up rows),
+    /// otherwise the one for `user_signature`, the last stream in map order.
+    fn positions_complete(&self) -> bool {
+        match self.greeting {
+            Greeting::Resume(asked) => asked.iter().all(|s| self.positioned.contains(s)),
+            Greeting::All | Greeting::Now => self.positioned.contains(StreamId::UserSignature),
+        }
     }
 
     /// A POSITION of any generation: learns the generation (unless pinned, where another shape
@@ -641,14 +773,22 @@ impl Conn {
             }
         };
         if self.generation.is_none() {
-            tracing::info!(generation = %p.generation, "upstream protocol generation learnt from its POSITION");
-            self.generation = Some(p.generation);
+            // Two fields are the seed's shape; only a 1.10–1.12 master accepts the 1.10 greeting.
+            let generation = match (p.generation, self.greeting) {
+                (Generation::Seed, Greeting::Now | Greeting::Resume(_)) => Generation::V1_10,
+                (g, _) => g,
+            };
+            tracing::info!(generation = %generation, "upstream protocol generation learnt from its POSITION");
+            self.generation = Some(generation);
         }
         if let (None, Some(instance)) = (&self.instance, p.instance) {
             self.instance = Some(instance.to_owned());
         }
         match StreamId::from_name(p.stream.as_bytes()) {
-            Some(s) if !self.up => self.positions[s.index()] = Some(p.token),
+            Some(s) if !self.up => {
+                self.positions[s.index()] = Some(p.token);
+                self.positioned.insert(s);
+            }
             // From 1.13 the master answers every connection's REPLICATE with POSITIONs to all.
             Some(s) => {
                 tracing::debug!(stream = s.name(), token = p.token, "POSITION after the handshake; ignored")
@@ -715,6 +855,20 @@ impl Conn {
             return;
         };
         self.up = true;
+        if let (Greeting::Resume(_), Some(Generation::V1_10)) = (self.greeting, self.generation) {
+            // The catch-up rows held in `pending` continue from the tokens relayed last: the
+            // hub is told those, and the master's POSITIONs (at or past the last of those
+            // rows) are not passed on, so no row is skipped or repeated. A POSITION below the
+            // token resumed from means the master restarted with a stream counting from the
+            // start again (typing, in memory): that one is a gap, reported at the master's token.
+            for (p, t) in self.positions.iter_mut().zip(tokens.iter()) {
+                if let (Some(pos), Some(tok)) = (*p, *t) {
+                    if pos >= tok {
+                        *p = Some(tok);
+                    }
+                }
+            }
+        }
         *tokens = self.positions;
         let served = self.positions.iter().filter(|p| p.is_some()).count();
         // RDATA before any POSITION and without instance names: a seed master.

@@ -33,6 +33,7 @@
 
 pub(crate) mod backoff;
 pub(crate) mod batch;
+pub(crate) mod fetch;
 pub(crate) mod link;
 mod runs;
 

@@ -741,3 +741,158 @@ fn a_restarted_master_is_told_the_instance_keyed_user_syncs_again() {
         ]
     );
 }
+
+/// A 1.12 master's answer to `REPLICATE ALL NOW` (or to each `REPLICATE <s> <tok>`): one
+/// two-field POSITION per stream it serves (every stream but federation), in map order.
+fn positions_1_12(token: i64) -> String {
+    StreamId::ALL
+        .iter()
+        .filter(|s| **s != StreamId::Federation && **s != StreamId::PresenceFederation)
+        .map(|s| format!("POSITION {} {token}\n", s.name()))
+        .collect()
+}
+
+const REFUSED_ALL: &[u8] = b"ERROR failed to parse line for  'REPLICATE': ValueError('not enough values to unpack (expected 2, got 1)') ('ALL'):\n";
+
+#[test]
+fn a_1_12_master_is_learnt_from_its_refusal_of_replicate_all() {
+    let mut l = link();
+    l.on_connected(T0);
+    assert_eq!(transmits(&mut l)[2], "REPLICATE ALL\n");
+    feed(&mut l, b"SERVER hs\nPING 1\n", T0);
+    feed(&mut l, REFUSED_ALL, T0);
+    l.on_disconnected("closed by the upstream", T0);
+    assert!(matches!(events(&mut l)[..], [LinkEvent::Down { .. }]));
+    // The next connection greets as a 1.12 worker does on its first connection.
+    l.on_connected(T0);
+    assert_eq!(transmits(&mut l)[2], "REPLICATE ALL NOW\n");
+    feed(&mut l, format!("SERVER hs\nPING 1\n{}", positions_1_12(7)).as_bytes(), T0);
+    assert_eq!(l.generation(), Some(Generation::V1_10), "two-field POSITIONs after the 1.10 greeting");
+    let ev = events(&mut l);
+    let Some(LinkEvent::Up(UpstreamEvent::Connected { positions, generation, .. })) = ev.first() else {
+        panic!("Up first: {ev:?}");
+    };
+    assert_eq!(*generation, Generation::V1_10);
+    assert_eq!(positions[StreamId::Events.index()], Some(7));
+    assert_eq!(positions[StreamId::Federation.index()], None);
+    assert_eq!(l.snapshot().generation, Some("1.10"));
+}
+
+#[test]
+fn a_1_12_master_is_resumed_from_the_last_relayed_tokens() {
+    let config = LinkConfig { protocol: ProtocolChoice::Pinned(Generation::V1_10), ..LinkConfig::default() };
+    let mut l = UpstreamLink::new(config);
+    l.on_connected(T0);
+    assert_eq!(transmits(&mut l)[2], "REPLICATE ALL NOW\n", "pinned: no probe");
+    feed(&mut l, format!("SERVER hs\n{}", positions_1_12(7)).as_bytes(), T0);
+    feed(&mut l, b"RDATA events batch [1]\nRDATA events 8 [2]\nRDATA typing 9 [3]\n", T0);
+    events(&mut l);
+    // A run left open when the connection drops is not relayed; its rows come back resumed.
+    feed(&mut l, b"RDATA events batch [4]\n", T0);
+    l.on_disconnected("reset", T0);
+    events(&mut l);
+    l.on_connected(T0);
+    let sent = transmits(&mut l);
+    assert!(sent.contains(&"REPLICATE events 8\n".to_owned()), "{sent:?}");
+    assert!(sent.contains(&"REPLICATE typing 9\n".to_owned()));
+    assert!(sent.contains(&"REPLICATE caches 7\n".to_owned()));
+    assert!(!sent.iter().any(|s| s.starts_with("REPLICATE federation")), "not served: not asked");
+    // The master catches each stream up (rows with their own tokens, then POSITION), streams
+    // in any order; the handshake completes once every stream asked for has its POSITION.
+    let mut reply = String::from("SERVER hs\nRDATA typing 10 [5]\nPOSITION typing 10\n");
+    reply.push_str("RDATA events 9 [4]\nRDATA events 9 [6]\n");
+    for line in positions_1_12(7).lines().filter(|l| !l.contains(" typing ") && !l.contains(" events ")) {
+        reply.push_str(line);
+        reply.push('\n');
+    }
+    feed(&mut l, reply.as_bytes(), T0);
+    assert!(!l.is_up(), "events has no POSITION yet");
+    feed(&mut l, b"POSITION events 9\nRDATA events 10 [7]\n", T0);
+    let ev = events(&mut l);
+    let Some(LinkEvent::Up(UpstreamEvent::Connected { positions, generation, .. })) = ev.first() else {
+        panic!("Up first: {ev:?}");
+    };
+    assert_eq!(*generation, Generation::V1_10);
+    // The hub hears the tokens it already has, so its workers' rows continue without a gap.
+    assert_eq!(positions[StreamId::Events.index()], Some(8));
+    assert_eq!(positions[StreamId::Typing.index()], Some(9));
+    assert_eq!(
+        relayed(&ev),
+        vec![
+            b"RDATA typing 10 [5]\n".to_vec(),
+            b"RDATA events 9 [4]\n".to_vec(),
+            b"RDATA events 9 [6]\n".to_vec(),
+            b"RDATA events 10 [7]\n".to_vec(),
+        ]
+    );
+    assert_eq!(l.tokens()[StreamId::Events.index()], Some(10));
+}
+
+#[test]
+fn a_refused_resume_or_1_10_greeting_falls_back() {
+    let config = LinkConfig::default();
+    let mut l = UpstreamLink::new(config);
+    l.on_connected(T0);
+    feed(&mut l, REFUSED_ALL, T0);
+    l.on_disconnected("closed", T0);
+    l.on_connected(T0);
+    feed(&mut l, format!("SERVER hs\n{}", positions_1_12(7)).as_bytes(), T0);
+    l.on_disconnected("reset", T0);
+    l.on_connected(T0);
+    assert_eq!(transmits(&mut l).iter().filter(|s| s.starts_with("REPLICATE")).count(), 15, "resume");
+    // Away too long: the master refuses one stream's catch-up; the next greeting starts anew.
+    feed(
+        &mut l,
+        b"SERVER hs\nERROR failed to handle replicate: Exception('stream events has fallen behind')\n",
+        T0,
+    );
+    l.on_disconnected("closed", T0);
+    l.on_connected(T0);
+    assert_eq!(transmits(&mut l)[2], "REPLICATE ALL NOW\n");
+    // A seed master (say the upstream was replaced) refuses that: back to REPLICATE ALL.
+    feed(
+        &mut l,
+        b"SERVER hs\nERROR failed to handle replicate: Exception('unknown stream %s', 'ALL NOW')\n",
+        T0,
+    );
+    l.on_disconnected("closed", T0);
+    l.on_connected(T0);
+    assert_eq!(transmits(&mut l)[2], "REPLICATE ALL\n");
+    feed(&mut l, b"SERVER hs\nPOSITION user_signature 4\n", T0);
+    assert_eq!(l.generation(), Some(Generation::Seed));
+}
+
+#[test]
+fn a_1_10_master_without_user_signature_completes_at_its_first_row() {
+    let config = LinkConfig { protocol: ProtocolChoice::Pinned(Generation::V1_10), ..LinkConfig::default() };
+    let mut l = UpstreamLink::new(config);
+    l.on_connected(T0);
+    feed(&mut l, b"SERVER hs\nPOSITION events 7\nPOSITION typing 3\n", T0);
+    assert!(!l.is_up(), "more POSITIONs may follow");
+    feed(&mut l, b"RDATA events 8 [1]\n", T0);
+    let ev = events(&mut l);
+    assert!(matches!(&ev[0], LinkEvent::Up(UpstreamEvent::Connected { generation: Generation::V1_10, .. })));
+    assert_eq!(relayed(&ev), vec![b"RDATA events 8 [1]\n".to_vec()]);
+}
+
+#[test]
+fn a_restarted_1_10_master_s_lower_tokens_are_a_gap() {
+    let config = LinkConfig { protocol: ProtocolChoice::Pinned(Generation::V1_10), ..LinkConfig::default() };
+    let mut l = UpstreamLink::new(config);
+    l.on_connected(T0);
+    feed(&mut l, format!("SERVER hs\n{}", positions_1_12(7)).as_bytes(), T0);
+    feed(&mut l, b"RDATA typing 9 [1]\n", T0);
+    l.on_disconnected("restart", T0);
+    events(&mut l);
+    l.on_connected(T0);
+    assert!(transmits(&mut l).contains(&"REPLICATE typing 9\n".to_owned()));
+    // The restarted master's typing counts from 0 again: no rows after 9, POSITION 0.
+    let reply = positions_1_12(7).replace("POSITION typing 7", "POSITION typing 0");
+    feed(&mut l, format!("SERVER hs\n{reply}").as_bytes(), T0);
+    let ev = events(&mut l);
+    let Some(LinkEvent::Up(UpstreamEvent::Connected { positions, .. })) = ev.first() else {
+        panic!("Up first: {ev:?}");
+    };
+    assert_eq!(positions[StreamId::Typing.index()], Some(0), "the master's, so the hub sees the gap");
+    assert_eq!(positions[StreamId::Events.index()], Some(7), "resumed");
+}
