@@ -234,7 +234,10 @@ fn title(reports: &[Labelled]) -> String {
 }
 
 /// The latency CDF of every report, on a log latency axis, with p50, p99 and p99.9 marked.
-fn latency_chart<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, reports: &[Labelled]) -> anyhow::Result<()>
+fn latency_chart<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    reports: &[Labelled],
+) -> anyhow::Result<()>
 where
     DB::ErrorType: 'static,
 {
@@ -249,7 +252,12 @@ where
     if hi <= 0.0 {
         (lo, hi) = (1.0, 1000.0);
     }
-    let (lo, hi) = ((lo / 1.3).max(0.01), (hi * 1.3).max(lo * 10.0));
+    let (lo, mut hi) = ((lo / 1.3).max(0.01), (hi * 1.3).max(lo * 10.0));
+    let single = reports.len() == 1;
+    if single {
+        // Room on the right of the largest mark for its name: it sits at 78% of the axis.
+        hi = hi.max(lo * (hi / lo).powf(1.0 / 0.78));
+    }
     let mut chart = ChartBuilder::on(area)
         .caption("latency, publish to receipt: CDF", (FONT, 16))
         .margin(12)
@@ -262,9 +270,9 @@ where
         .y_desc("fraction of lines")
         .x_label_formatter(&|us| latency_text(us * 1e3))
         .y_label_formatter(&|f| format!("{f:.1}"))
+        .max_light_lines(4)
         .label_style((FONT, 12))
         .draw()?;
-    let single = reports.len() == 1;
     for (i, r) in reports.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
         let rep = &r.report;
@@ -286,7 +294,8 @@ where
         }
         // The marked percentiles; with one report each is named beside its mark, stacked
         // downwards so that close p99 and p99.9 labels do not overlap.
-        let marks = [("p50", l.p50, 0.5, (8, -16)), ("p99", l.p99, 0.99, (8, 4)), ("p99.9", l.p999, 0.999, (8, 20))];
+        let marks =
+            [("p50", l.p50, 0.5, (8, -16)), ("p99", l.p99, 0.99, (8, 4)), ("p99.9", l.p999, 0.999, (8, 20))];
         let at = |ns: u64, q: f64| ((ns as f64 / 1e3).max(lo), q);
         chart.draw_series(marks.iter().map(|&(_, ns, q, _)| Circle::new(at(ns, q), 4, colour.filled())))?;
         if single {
@@ -302,7 +311,7 @@ where
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(SeriesLabelPosition::UpperLeft)
         .label_font((FONT, 12))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK.mix(0.4))
@@ -356,6 +365,7 @@ where
         .x_desc("seconds since publishing started")
         .y_desc("deliveries/s")
         .y_label_formatter(&|v| si(*v))
+        .max_light_lines(2)
         .label_style((FONT, 12))
         .draw()?;
     for (i, (r, points)) in reports.iter().zip(series).enumerate() {
@@ -380,15 +390,30 @@ where
     Ok(())
 }
 
-/// Nanoseconds as ns, µs or ms, short.
+/// Nanoseconds as ns, µs, ms or s, three significant digits.
 fn latency_text(ns: f64) -> String {
-    if ns >= 1e6 {
-        trim(format!("{:.2}", ns / 1e6)) + " ms"
+    if ns >= 1e9 {
+        trim(format!("{:.2}", ns / 1e9)) + " s"
+    } else if ns >= 1e6 {
+        sig3(ns / 1e6) + " ms"
     } else if ns >= 1e3 {
-        trim(format!("{:.1}", ns / 1e3)) + " µs"
+        sig3(ns / 1e3) + " µs"
     } else {
         format!("{ns:.0} ns")
     }
+}
+
+/// Three significant digits at most (for values from 1 to 999): 167.77 → "168",
+/// 1.5 → "1.5", 12.34 → "12.3".
+fn sig3(v: f64) -> String {
+    let decimals = if v >= 100.0 {
+        0
+    } else if v >= 10.0 {
+        1
+    } else {
+        2
+    };
+    trim(format!("{v:.decimals$}"))
 }
 
 /// "12.50" → "12.5", "3.0" → "3".
@@ -540,10 +565,17 @@ mod tests {
                 .descendants()
                 .find(|n| n.has_tag_name("tr") && n.first_element_child().and_then(|c| c.text()) == Some(key))
                 .unwrap_or_else(|| panic!("no row {key}"));
-            tr.children().filter(|c| c.is_element()).skip(1).map(|c| c.text().unwrap_or("").to_owned()).collect()
+            tr.children()
+                .filter(|c| c.is_element())
+                .skip(1)
+                .map(|c| c.text().unwrap_or("").to_owned())
+                .collect()
         };
         assert_eq!(row("delivered"), ["10000", "9000"]);
-        assert_eq!(row("latency_ns.p99"), [reports[0].report.latency.p99.to_string(), reports[1].report.latency.p99.to_string()]);
+        assert_eq!(
+            row("latency_ns.p99"),
+            [reports[0].report.latency.p99.to_string(), reports[1].report.latency.p99.to_string()]
+        );
         assert_eq!(row("rss_end_bytes"), ["–", "–"]);
         // Nothing is fetched: no external reference.
         assert!(!page.contains("src=") && !page.contains("href="), "self-contained");
@@ -572,11 +604,24 @@ mod tests {
         assert_eq!(back.latency.p99, r.latency.p99);
         assert_eq!(back.loadgen_cpu_ns_per_delivery, 12.5);
         // An older report, without the series, and with a null where a number was not finite.
-        let old = Report::from_json(r#"{"target":"redis","delivered":3,"mean_x":1,"loadgen_cpu_ns_per_delivery":null}"#)
-            .expect("parses");
+        let old = Report::from_json(
+            r#"{"target":"redis","delivered":3,"mean_x":1,"loadgen_cpu_ns_per_delivery":null}"#,
+        )
+        .expect("parses");
         assert_eq!((old.target.as_str(), old.delivered), ("redis", 3));
         assert!(old.loadgen_cpu_ns_per_delivery.is_nan() && old.deliveries_per_interval.is_empty());
         assert!(svg(&[labelled(old)]).is_ok(), "an old report still draws");
+    }
+
+    #[test]
+    fn numbers_are_short() {
+        assert_eq!(latency_text(167_770_000.0), "168 ms");
+        assert_eq!(latency_text(1_500_000.0), "1.5 ms");
+        assert_eq!(latency_text(12_340.0), "12.3 µs");
+        assert_eq!(latency_text(999.0), "999 ns");
+        assert_eq!(latency_text(1e10), "10 s");
+        assert_eq!(si(299_800.0), "299.8k");
+        assert_eq!(si(2_000_000.0), "2M");
     }
 
     #[test]
