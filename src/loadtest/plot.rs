@@ -353,7 +353,9 @@ where
         .chain(series.iter().flatten().map(|p| p.0))
         .fold(0f64, f64::max)
         .max(0.1);
-    let y_max = series.iter().flatten().map(|p| p.1).fold(0f64, f64::max).max(1.0) * 1.15;
+    // Headroom above the highest point for the legend, one line per report.
+    let headroom = 1.15 + 0.12 * reports.len() as f64;
+    let y_max = series.iter().flatten().map(|p| p.1).fold(0f64, f64::max).max(1.0) * headroom;
     let mut chart = ChartBuilder::on(area)
         .caption("deliveries per second over the run", (FONT, 16))
         .margin(12)
@@ -382,7 +384,7 @@ where
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(SeriesLabelPosition::UpperRight)
         .label_font((FONT, 12))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK.mix(0.4))
