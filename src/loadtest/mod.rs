@@ -470,6 +470,8 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
     };
     let cpu_before = running.cpu();
     let gen_before = procstat::thread_cpu(Pid::Own, &|n| n.starts_with("lt-")).unwrap_or_default();
+    // The delivery series starts with publishing, when nothing has been delivered yet.
+    let series_start = clock.now_ns();
     let pub_handle = {
         let shared = Arc::clone(&shared);
         std::thread::Builder::new().name("lt-publisher".to_owned()).spawn(move || match sink {
@@ -481,7 +483,7 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
     let progress = Progress::new(opts.progress);
     let mut rss_max = rss_ready.map(|r| r.0);
     let mut last_tick = Instant::now();
-    let mut rate_series = RateSeries::new(clock.now_ns(), series::INTERVAL_NS, shared.total_received());
+    let mut rate_series = RateSeries::new(series_start, series::INTERVAL_NS, 0);
     let sample = |series: &mut RateSeries| {
         let now = clock.now_ns();
         if series.due(now) {
