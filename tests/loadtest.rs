@@ -168,3 +168,103 @@ async fn counting_subscribers_and_the_ideal_server() {
         assert!(r.server_cpu_ns_per_delivery.is_some_and(|ns| ns > 0.0), "{text}");
     }
 }
+
+/// `replhub ARGS` (the real binary), asserting success; returns stdout.
+fn replhub_cli(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_replhub"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run replhub");
+    assert!(out.status.success(), "replhub {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// The `<text>` of an SVG document, and the point counts of its polylines.
+fn svg_texts_and_lines(svg: &str) -> (String, Vec<usize>) {
+    let doc = roxmltree::Document::parse(svg).expect("well-formed SVG");
+    assert!(doc.root_element().has_tag_name("svg"));
+    let texts = doc.descendants().filter(|n| n.has_tag_name("text")).filter_map(|n| n.text());
+    let lines = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("polyline"))
+        .map(|n| n.attribute("points").unwrap_or("").split_whitespace().count());
+    (texts.collect::<Vec<_>>().join("\n"), lines.collect())
+}
+
+/// A short real run with `--report x.svg` (and .json, .html): the plot is well-formed and holds
+/// the run's series, one point per interval; `loadtest plot` draws two saved runs together.
+#[test]
+fn a_real_run_plotted_and_two_runs_compared() {
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("loadtest-plot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let run = |io: &str, name: &str| {
+        replhub_cli(&[
+            "loadtest",
+            "--subscribers",
+            "5",
+            "--rate",
+            "5000",
+            "--seconds",
+            "1",
+            "--threads",
+            "1",
+            "--client-threads",
+            "1",
+            "--io",
+            io,
+            "--quiet",
+            "--report",
+            &path(&format!("{name}.svg")),
+            "--report",
+            &path(&format!("{name}.json")),
+            "--report",
+            &path(&format!("{name}.html")),
+        ])
+    };
+    let text = run("epoll", "epoll");
+    assert!(text.contains("lost 0"), "{text}");
+    let report = Report::from_json(&std::fs::read_to_string(path("epoll.json")).expect("JSON written"))
+        .expect("a JSON report");
+    assert!(report.is_clean(), "{}", report.to_text());
+    // One count per 100 ms from the start of publishing to the last delivery, adding up.
+    let n = report.deliveries_per_interval.len();
+    assert_eq!(report.deliveries_interval_ms, 100);
+    let expected = (report.elapsed_seconds * 10.0).ceil() as usize;
+    assert!(n.abs_diff(expected) <= 1, "{n} intervals over {} s", report.elapsed_seconds);
+    assert_eq!(report.deliveries_per_interval.iter().sum::<u64>(), report.delivered);
+    assert_eq!(report.latency_cdf_ns.last().map(|p| p.1), Some(report.latency.samples));
+
+    let (texts, lines) =
+        svg_texts_and_lines(&std::fs::read_to_string(path("epoll.svg")).expect("SVG written"));
+    assert!(texts.contains("replhub epoll: p50"), "{texts}");
+    assert!(texts.contains("p99.9 "), "{texts}");
+    // The CDF and the deliveries series (its last interval may be a sliver, left out).
+    assert!(lines.contains(&report.latency_cdf_ns.len()), "{lines:?}");
+    assert!(lines.contains(&n) || lines.contains(&(n - 1)), "{n} intervals, polylines {lines:?}");
+    let html = std::fs::read_to_string(path("epoll.html")).expect("HTML written");
+    assert!(html.starts_with("<!DOCTYPE html>") && html.contains("<svg") && html.contains("<table>"));
+
+    // A second run on the other backend (the hub falls back to epoll where io_uring is
+    // missing, and the label says which it got), then both on the same axes.
+    run("auto", "auto");
+    replhub_cli(&["loadtest", "plot", "--out", &path("both.svg"), &path("epoll.json"), &path("auto.json")]);
+    let (texts, _) = svg_texts_and_lines(&std::fs::read_to_string(path("both.svg")).expect("plot written"));
+    let auto = Report::from_json(&std::fs::read_to_string(path("auto.json")).expect("JSON")).expect("report");
+    let second = if auto.backend == "epoll" {
+        "replhub epoll (auto)".to_owned()
+    } else {
+        format!("replhub {}", auto.backend)
+    };
+    assert!(texts.contains("replhub epoll") && texts.contains(&format!("{second}: p50")), "{texts}");
+    // A plot is .svg or .html; a bad name is refused before anything runs.
+    let out = Command::new(env!("CARGO_BIN_EXE_replhub"))
+        .args(["loadtest", "--seconds", "1", "--report", &path("x.png")])
+        .output()
+        .expect("run replhub");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains(".svg"), "{out:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -117,7 +117,7 @@ fn an_evicted_history_raises_the_floor() {
     sim.send(w, "REPLICATE events 100");
     assert!(sim.take_lines(w)[0].contains("has fallen behind"));
     // What the metrics show: how far back the history reaches, and what it holds.
-    let stats = sim.hub.snapshot(0, |_| (0, 0)).stats;
+    let stats = sim.hub.snapshot(0, sim.now, |_| Default::default()).stats;
     let floor = stats.history_floor[Events.index()].expect("known");
     assert!((101..135).contains(&floor), "{floor}");
     assert!(stats.history_bytes <= 10 * row && stats.history_bytes > 0);

@@ -1,15 +1,21 @@
 //! `replhub loadtest` on the command line: the flags, and the subcommand itself.
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 
 use anyhow::Context as _;
 
+use super::plot::{self, Format, Labelled};
 use super::{run_blocking, Check, Limit, LoadtestOptions, ServerMode, StreamSet, Target};
 use crate::config::IoBackend;
 
 /// `replhub loadtest` flags.
 #[derive(Clone, Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct LoadtestArgs {
+    /// Something else than a run
+    #[command(subcommand)]
+    pub command: Option<LoadtestCommand>,
     /// Subscribing worker connections
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub subscribers: usize,
@@ -77,12 +83,49 @@ pub struct LoadtestArgs {
     /// Print the final report as JSON on stdout
     #[arg(long)]
     pub json: bool,
+    /// Also write the report to FILE, by its extension: .json (the JSON report), .svg (the
+    /// latency CDF and deliveries/s over the run), .html (those plots and the figures as a
+    /// table, one self-contained page); repeatable
+    #[arg(long, value_name = "FILE")]
+    pub report: Vec<PathBuf>,
     /// No progress line
     #[arg(long)]
     pub quiet: bool,
     /// Log level or filter [default: $RUST_LOG, else warn]
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+}
+
+/// `replhub loadtest` subcommands.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum LoadtestCommand {
+    /// Draw saved JSON reports on the same axes: latency CDF and deliveries/s over time, each
+    /// labelled by its target (replhub uring, replhub epoll, redis, ideal)
+    Plot(PlotArgs),
+}
+
+/// `replhub loadtest plot` flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct PlotArgs {
+    /// Where to write the plot: FILE.svg, or FILE.html (the plot and the figures as a table)
+    #[arg(long, short, value_name = "FILE")]
+    pub out: PathBuf,
+    /// JSON reports (written by --report FILE.json, or --json on stdout), drawn in this order
+    #[arg(value_name = "REPORT", required = true)]
+    pub reports: Vec<PathBuf>,
+}
+
+/// `replhub loadtest plot`: reads the reports and writes the plot.
+fn plot_cli(args: &PlotArgs) -> anyhow::Result<()> {
+    if Format::of(&args.out)? == Format::Json {
+        anyhow::bail!("--out {}: a plot is .svg or .html", args.out.display());
+    }
+    let reports = args
+        .reports
+        .iter()
+        .map(|p| Ok((p.clone(), plot::read_report(p)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    plot::write(&args.out, &plot::label_all(reports))
 }
 
 impl LoadtestArgs {
@@ -176,12 +219,23 @@ pub fn cli(args: LoadtestArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .try_init();
+    if let Some(LoadtestCommand::Plot(p)) = &args.command {
+        return plot_cli(p);
+    }
+    // A name that would be refused after the run is refused before it.
+    for path in &args.report {
+        Format::of(path)?;
+    }
     let opts = args.to_options()?;
     let report = run_blocking(&opts)?;
     if args.json {
         println!("{}", report.to_json());
     } else {
         print!("{}", report.to_text());
+    }
+    let labelled = [Labelled { label: plot::label(&report), report: report.clone() }];
+    for path in &args.report {
+        plot::write(path, &labelled)?;
     }
     if !report.is_clean() {
         anyhow::bail!(

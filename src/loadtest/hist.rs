@@ -134,6 +134,33 @@ impl Histogram {
         }
         self.max
     }
+
+    /// The cumulative distribution, thinned for a plot: `(value, values at or below it)` at
+    /// the top of non-empty buckets (capped at the largest value seen), a point only once the
+    /// value is `step` times the previous point's (and always the last bucket), so that a
+    /// plot gets a few dozen points per decade whatever the bucket count. Empty if nothing
+    /// was recorded.
+    pub fn cdf(&self, step: f64) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut seen = 0u64;
+        for (i, &c) in self.counts.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            seen += c;
+            let top = highest_in(i).min(self.max).max(self.min);
+            let last = seen == self.total;
+            // A bucket too close to the previous point is skipped; the next point's count
+            // includes it, so every point is exact.
+            if last || out.last().is_none_or(|&(prev, _)| top as f64 >= prev as f64 * step) {
+                out.push((top, seen));
+            }
+            if last {
+                break;
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -179,5 +206,26 @@ mod tests {
         assert_eq!(h.len(), 10_001);
         assert_eq!(h.min(), 0);
         assert_eq!(Histogram::new().quantile(0.5), 0);
+    }
+
+    #[test]
+    fn cdf_is_thinned_and_ends_at_the_total() {
+        let mut h = Histogram::new();
+        for v in 1_000..200_000u64 {
+            h.record(v);
+        }
+        let cdf = h.cdf(1.05);
+        assert_eq!(cdf.last(), Some(&(199_999, 199_000)));
+        // 1 µs to 200 µs is 2.3 decades: 1.05 apart makes about 110 points, not 128 per octave.
+        assert!(cdf.len() > 50 && cdf.len() < 120, "{} points", cdf.len());
+        for w in cdf.windows(2) {
+            assert!(w[1].0 > w[0].0 && w[1].1 > w[0].1, "{w:?}");
+        }
+        // Each point counts exactly the values at or below its bucket's top.
+        for &(v, n) in &cdf[..cdf.len() - 1] {
+            let top = highest_in(index(v));
+            assert_eq!(n, top + 1 - 1_000, "at {v}");
+        }
+        assert!(Histogram::new().cdf(1.05).is_empty());
     }
 }

@@ -24,10 +24,12 @@ mod cli;
 mod hist;
 mod ideal;
 mod payload;
+mod plot;
 mod procstat;
 mod publisher;
 mod report;
 mod resp;
+mod series;
 mod server_under_test;
 mod subscriber;
 
@@ -40,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-pub use cli::{cli, LoadtestArgs};
+pub use cli::{cli, LoadtestArgs, LoadtestCommand, PlotArgs};
 pub use hist::Histogram;
 pub use publisher::Limit;
 pub use report::{Latency, Report};
@@ -51,6 +53,7 @@ use crate::server::Server;
 use procstat::Pid;
 use publisher::{Master, PubPlan, RedisSink, Replies};
 use report::{build_report, Progress};
+use series::RateSeries;
 use server_under_test::{spawn_server, wait_backend, wait_listening, Running};
 pub use subscriber::Check;
 use subscriber::{SubPlan, SubTarget, ThreadResult};
@@ -467,6 +470,8 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
     };
     let cpu_before = running.cpu();
     let gen_before = procstat::thread_cpu(Pid::Own, &|n| n.starts_with("lt-")).unwrap_or_default();
+    // The delivery series starts with publishing, when nothing has been delivered yet.
+    let series_start = clock.now_ns();
     let pub_handle = {
         let shared = Arc::clone(&shared);
         std::thread::Builder::new().name("lt-publisher".to_owned()).spawn(move || match sink {
@@ -478,8 +483,16 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
     let progress = Progress::new(opts.progress);
     let mut rss_max = rss_ready.map(|r| r.0);
     let mut last_tick = Instant::now();
+    let mut rate_series = RateSeries::new(series_start, series::INTERVAL_NS, 0);
+    let sample = |series: &mut RateSeries| {
+        let now = clock.now_ns();
+        if series.due(now) {
+            series.sample(now, shared.total_received());
+        }
+    };
     while !pub_handle.is_finished() {
         std::thread::sleep(Duration::from_millis(2));
+        sample(&mut rate_series);
         if last_tick.elapsed() >= Duration::from_secs(1) {
             last_tick = Instant::now();
             progress.tick(&shared);
@@ -507,12 +520,14 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
         if all || Instant::now() >= drain_deadline {
             break now;
         }
+        sample(&mut rate_series);
         if last_tick.elapsed() >= Duration::from_secs(1) {
             last_tick = Instant::now();
             progress.tick(&shared);
         }
         std::thread::sleep(Duration::from_micros(500));
     };
+    let (interval_ns, per_interval) = rate_series.finish(done_ns, shared.total_received());
     let cpu_after = running.cpu();
     let gen_after = procstat::thread_cpu(Pid::Own, &|n| n.starts_with("lt-")).unwrap_or_default();
     let rss_end = running.rss();
@@ -565,6 +580,8 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
     };
     let gen_cpu = procstat::cpu_delta(&gen_before, &gen_after);
     let mut report = build_report(opts, &results, &published, &streams, done_ns, window);
+    report.deliveries_interval_ms = interval_ns / 1_000_000;
+    report.deliveries_per_interval = per_interval;
     report.target = match opts.target {
         Target::Replhub { .. } => "replhub".to_owned(),
         Target::Ideal { .. } => "ideal".to_owned(),

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::hist::Histogram;
 use super::publisher::Published;
@@ -14,7 +14,8 @@ use super::{LoadtestOptions, Shared, MAX_ERRORS};
 use crate::proto::StreamId;
 
 /// Latency percentiles, nanoseconds.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Latency {
     /// Lines measured.
     pub samples: u64,
@@ -27,13 +28,16 @@ pub struct Latency {
     /// Largest.
     pub max: u64,
     /// Mean.
-    #[serde(serialize_with = "deci")]
+    #[serde(serialize_with = "deci", deserialize_with = "nan_if_null")]
     pub mean: f64,
 }
 
 /// The result of a run. Its JSON form ([`Report::to_json`]) has these fields as keys, in this
-/// order (`latency` as `latency_ns`), with fractional numbers rounded to three decimals.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+/// order (`latency` as `latency_ns`), with fractional numbers rounded to three decimals. It
+/// reads back ([`Report::from_json`]) for `replhub loadtest plot`; keys missing from an older
+/// report take their default.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Report {
     /// `replhub` or `redis`.
     pub target: String,
@@ -75,19 +79,19 @@ pub struct Report {
     /// Subscribers whose connection ended before the end.
     pub disconnected: usize,
     /// Seconds spent publishing.
-    #[serde(serialize_with = "milli")]
+    #[serde(serialize_with = "milli", deserialize_with = "nan_if_null")]
     pub publish_seconds: f64,
     /// Seconds from the first line published to the last delivered.
-    #[serde(serialize_with = "milli")]
+    #[serde(serialize_with = "milli", deserialize_with = "nan_if_null")]
     pub elapsed_seconds: f64,
     /// Lines published per second.
-    #[serde(serialize_with = "milli")]
+    #[serde(serialize_with = "milli", deserialize_with = "nan_if_null")]
     pub publish_rate: f64,
     /// Deliveries per second.
-    #[serde(serialize_with = "milli")]
+    #[serde(serialize_with = "milli", deserialize_with = "nan_if_null")]
     pub deliveries_per_sec: f64,
     /// Delivered line bytes per second / 10^6.
-    #[serde(serialize_with = "milli")]
+    #[serde(serialize_with = "milli", deserialize_with = "nan_if_null")]
     pub mb_per_sec: f64,
     /// Publish → receive.
     #[serde(rename = "latency_ns")]
@@ -99,7 +103,7 @@ pub struct Report {
     #[serde(serialize_with = "opt_milli")]
     pub server_cpu_ns_per_delivery: Option<f64>,
     /// Load generator CPU (`lt-*` threads) per delivered line.
-    #[serde(serialize_with = "milli")]
+    #[serde(serialize_with = "milli", deserialize_with = "nan_if_null")]
     pub loadgen_cpu_ns_per_delivery: f64,
     /// Whose memory the RSS figures are.
     pub rss_scope: String,
@@ -113,7 +117,21 @@ pub struct Report {
     pub publish_receivers: Option<u64>,
     /// The first few errors and disconnect reasons.
     pub errors: Vec<String>,
+    /// The interval of `deliveries_per_interval`, milliseconds (100, doubled for runs so long
+    /// that the series would pass 1000 points).
+    pub deliveries_interval_ms: u64,
+    /// Lines received by all subscribers in each interval, from the start of publishing to
+    /// the last delivery (the last interval may be shorter): one number per interval, adding
+    /// up to `delivered`.
+    pub deliveries_per_interval: Vec<u64>,
+    /// The latency distribution, thinned for a plot (see [`Histogram::cdf`]): `[ns, samples at
+    /// or below]` pairs, ending at `[max, samples]`.
+    pub latency_cdf_ns: Vec<(u64, u64)>,
 }
+
+/// Neighbouring points of the latency CDF in the report are at least 5% apart in latency:
+/// about 50 points per decade, a few kilobytes of JSON.
+const CDF_STEP: f64 = 1.05;
 
 /// Adds up the client threads' accounting.
 pub(super) fn build_report(
@@ -178,6 +196,7 @@ pub(super) fn build_report(
         r.deliveries_per_sec = r.delivered as f64 / r.elapsed_seconds;
         r.mb_per_sec = bytes as f64 / r.elapsed_seconds / 1e6;
     }
+    r.latency_cdf_ns = hist.cdf(CDF_STEP);
     r.latency = Latency {
         samples: hist.len(),
         p50: hist.quantile(0.5),
@@ -369,6 +388,11 @@ impl Report {
         // Only strings, numbers and options: serializing cannot fail.
         serde_json::to_string(self).unwrap_or_default()
     }
+
+    /// A report from its JSON form ([`Report::to_json`], or a file written by `--report`).
+    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text.trim())
+    }
 }
 
 /// `v` with `decimals` decimals (rounded as `format!` rounds), as an integer when it is whole,
@@ -396,6 +420,11 @@ fn opt_milli<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
         Some(v) => rounded(*v, 3, s),
         None => s.serialize_none(),
     }
+}
+
+/// A number, or NaN for `null` (what [`rounded`] writes for a value that is not finite).
+fn nan_if_null<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// One decimal.
@@ -469,6 +498,9 @@ mod tests {
                 "rss_peak_bytes",
                 "publish_receivers",
                 "errors",
+                "deliveries_interval_ms",
+                "deliveries_per_interval",
+                "latency_cdf_ns",
             ]
         );
         let latency: Vec<&str> = v["latency_ns"].as_object().unwrap().keys().map(String::as_str).collect();
