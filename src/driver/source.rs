@@ -188,6 +188,7 @@ pub(crate) fn run(ctx: SourceContext) -> anyhow::Result<()> {
         match src.ctx.source.clone() {
             SourceConfig::Upstream { addr, client_name } => src.run_upstream(&addr, client_name).await,
             SourceConfig::Synthetic { rate, line_size } => src.run_synthetic(rate, line_size).await,
+            SourceConfig::None => src.run_broker().await,
         }
         // Dropping the cores' mailboxes is what tells a core whose Shutdown never came to stop.
         drop(src);
@@ -249,7 +250,12 @@ impl Source {
     /// Handles every queued command and control request.
     fn drain(&mut self, up: &mut dyn Upstream) {
         while let Ok((core, cmd)) = self.ctx.commands.try_recv() {
-            up.command(core, cmd, self.ctx.clock.now());
+            match cmd {
+                // Redis-mode messages published on a core: to every core, without waiting
+                // (see `hand_out`).
+                UpstreamCmd::Publish(batch) => self.hand_out(|| CoreMsg::Batch(Arc::clone(&batch.0))),
+                cmd => up.command(core, cmd, self.ctx.clock.now()),
+            }
         }
         loop {
             match self.ctx.control.try_recv() {
@@ -317,6 +323,30 @@ impl Source {
     /// queued here; the others get it at once. Then, while some core's queue is over the limit,
     /// waits for that core (the one rule that slows the source). False if the source must stop.
     async fn broadcast(&mut self, up: &mut dyn Upstream, make: impl Fn() -> CoreMsg) -> bool {
+        self.hand_out(make);
+        while self.queues.iter().any(|q| q.bytes > self.limit) {
+            self.blocked = true;
+            // No signal says a core took from its mailbox: retry on a short timer, and keep
+            // taking commands and control requests (a stop, a scrape) meanwhile.
+            tokio::select! {
+                () = self.ctx.wakeup.notified() => {}
+                () = tokio::time::sleep(HOLD_RETRY) => {}
+            }
+            self.drain(up);
+            if self.stopping() {
+                return false;
+            }
+            self.flush();
+        }
+        self.blocked = false;
+        true
+    }
+
+    /// The first half of [`Source::broadcast`], which never waits: one message to every core,
+    /// queued here for a core whose mailbox is full. Redis-mode batches take only this half: a
+    /// core's PUBLISH is never held back, and what waits here for a stalled core counts toward
+    /// the limit that slows the upstream reads.
+    fn hand_out(&mut self, make: impl Fn() -> CoreMsg) {
         self.flush();
         for (core, q) in self.ctx.cores.iter().zip(&mut self.queues) {
             if q.gone {
@@ -337,22 +367,6 @@ impl Source {
                 Err(TrySendError::Disconnected(_)) => q.gone = true,
             }
         }
-        while self.queues.iter().any(|q| q.bytes > self.limit) {
-            self.blocked = true;
-            // No signal says a core took from its mailbox: retry on a short timer, and keep
-            // taking commands and control requests (a stop, a scrape) meanwhile.
-            tokio::select! {
-                () = self.ctx.wakeup.notified() => {}
-                () = tokio::time::sleep(HOLD_RETRY) => {}
-            }
-            self.drain(up);
-            if self.stopping() {
-                return false;
-            }
-            self.flush();
-        }
-        self.blocked = false;
-        true
     }
 
     /// Waits until `deadline` (monotonic ms) or a message arrives; false if stopping. While
@@ -625,6 +639,24 @@ impl Source {
                 }
             }
         }
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // No source (Redis mode alone: replhub as a pub/sub broker)
+
+    async fn run_broker(&mut self) {
+        let mut none = NoUpstream;
+        while self.idle_until(&mut none, None).await {}
+    }
+}
+
+/// The source of a pure pub/sub broker: no master, so commands for one are dropped.
+struct NoUpstream;
+
+impl Upstream for NoUpstream {
+    fn command(&mut self, _core: usize, _cmd: UpstreamCmd, _now: Now) {}
+    fn snapshot(&self) -> UpstreamSnapshot {
+        UpstreamSnapshot::default()
     }
 }
 

@@ -1,6 +1,8 @@
 //! One worker connection as the hub sees it: its session, what it subscribes to, how far its
 //! close has gone, and its [`Outbox`].
+use super::log::{LineMeta, PUBSUB};
 use super::outbox::Outbox;
+use super::resp::RespConn;
 use super::stats::{CloseReason, ConnPhase, WORDS};
 use crate::proto::{StreamId, StreamMask};
 use crate::session::Session;
@@ -64,6 +66,8 @@ pub(super) struct Subscriptions {
     /// Asked for every stream the upstream serves (`ALL` or a bare `REPLICATE`), so a waiting
     /// stream the upstream turns out not to serve is skipped, not an error.
     pub all: bool,
+    /// Redis mode: channel ids subscribed, each delivered from a log line on.
+    pub channels: Vec<(u32, u64)>,
 }
 
 impl Subscriptions {
@@ -75,15 +79,19 @@ impl Subscriptions {
             pending: StreamMask::NONE,
             bare: false,
             all: false,
+            channels: Vec::new(),
         }
     }
 
-    /// Whether log line `seq` of `stream` (index, or BROADCAST) is wanted; `broadcast` says
-    /// whether BROADCAST lines are.
+    /// Whether log line `seq` (a stream's line, a BROADCAST line, or a Redis-mode message) is
+    /// wanted; `broadcast` says whether BROADCAST lines are.
     #[inline]
-    pub(super) fn wants(&self, stream: u8, seq: u64, broadcast: bool) -> bool {
-        match StreamId::from_index(stream as usize) {
+    pub(super) fn wants(&self, meta: &LineMeta, seq: u64, broadcast: bool) -> bool {
+        match StreamId::from_index(meta.stream as usize) {
             Some(s) => self.mask.contains(s) && seq >= self.from[s.index()],
+            None if meta.stream == PUBSUB => {
+                meta.channel().is_some_and(|ch| self.channels.iter().any(|&(c, from)| c == ch && seq >= from))
+            }
             None => broadcast,
         }
     }
@@ -107,6 +115,8 @@ pub(super) struct Conn {
     pub inbound: [u64; WORDS],
     /// Bytes its socket took in all (see `writes::PROVEN_READER_BYTES`).
     pub written: u64,
+    /// A Redis-mode (RESP) connection's own state; `None` for a replication worker.
+    pub resp: Option<Box<RespConn>>,
 }
 
 impl Conn {
@@ -120,6 +130,7 @@ impl Conn {
             name: None,
             inbound: [0; WORDS],
             written: 0,
+            resp: None,
         }
     }
 
@@ -127,7 +138,7 @@ impl Conn {
     /// greeted, until it closes.
     #[inline]
     pub(super) fn wants_broadcast(&self) -> bool {
-        !self.close.is_closing() && self.phase != ConnPhase::Waiting
+        !self.close.is_closing() && self.phase != ConnPhase::Waiting && self.resp.is_none()
     }
 
     pub(super) fn display_name(&self) -> &str {

@@ -33,6 +33,7 @@ mod flight;
 mod inputs;
 mod outbox;
 mod released;
+mod resp;
 mod slow_consumer;
 mod subscribe;
 mod timers;
@@ -49,6 +50,7 @@ pub(crate) use self::slots::{SlotMap, Slots};
 pub(crate) use self::user_sync::{Transition, UserSyncMerger};
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -143,7 +145,22 @@ pub enum UpstreamCmd {
     /// A validated worker line to forward verbatim (with `\n`): FEDERATION_ACK, USER_IP,
     /// INVALIDATE_CACHE, REMOVE_PUSHER, REMOTE_SERVER_UP.
     Forward(Bytes),
+    /// Redis-mode messages published on this core, framed once: for every core's log (the
+    /// source thread hands the batch to every core, this one included).
+    Publish(Published),
 }
+
+/// A batch of Redis-mode messages on its way to every core (equal when it is the same batch).
+#[derive(Clone, Debug)]
+pub struct Published(pub Arc<Batch>);
+
+impl PartialEq for Published {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Published {}
 
 /// How to close a socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -213,6 +230,8 @@ pub struct Hub {
     stats: CoreStats,
     next_tick_ms: u64,
     shutting_down: bool,
+    /// Redis mode on this core (`--resp-listen`), see `resp.rs`.
+    resp: Option<Box<resp::CoreResp>>,
 }
 
 impl Hub {
@@ -239,6 +258,7 @@ impl Hub {
             stats: CoreStats::default(),
             next_tick_ms: 0,
             shutting_down: false,
+            resp: None,
         }
     }
 

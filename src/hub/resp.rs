@@ -1,0 +1,319 @@
+//! Redis-mode connections in the hub: RESP clients share the log, the cursors, the outboxes,
+//! the dirty list and the slow-consumer sweep with the workers. What differs is here: their
+//! input goes through a [`resp::Session`](crate::resp::Session) instead of the replication
+//! session, their replies are private lines, their subscriptions are channels (log lines
+//! tagged [`PUBSUB`](super::log::PUBSUB) with a channel id), and what they publish leaves as
+//! one [`UpstreamCmd::Publish`] batch per read (see the `resp` module docs for the path back
+//! to every core).
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use super::conn::Conn;
+use super::log::{Batch, LineMeta, Seq};
+use super::outbox::Outbox;
+use super::stats::{CloseReason, ConnPhase, EvictReason};
+use super::{ConnId, Hub, HubOutput, Published, UpstreamCmd, MAX_QUEUED_BYTES, MAX_QUEUED_COMMANDS};
+use crate::proto::{CommandWord, PeerError, Role};
+use crate::resp::{codec, Channel, Effect, RespState};
+use crate::session::Session;
+use crate::time::Now;
+
+/// A core's Redis-mode state.
+pub(super) struct CoreResp {
+    pub state: Arc<RespState>,
+    /// Channels this core has seen, by name (so the shared table is locked once per name).
+    names: HashMap<Bytes, Arc<Channel>>,
+    /// Connections subscribed to each channel id on this core.
+    pub subs: HashMap<u32, Vec<ConnId>>,
+    /// Scratch for one read's effects.
+    effects: Vec<Effect>,
+}
+
+/// One RESP connection's own state.
+pub(super) struct RespConn {
+    pub session: crate::resp::Session,
+    /// The peer's address: the connection's name until `CLIENT SETNAME`.
+    pub peer: String,
+    /// Since when the backlog is over the soft output limit.
+    pub soft_since: Option<u64>,
+    /// Channels subscribed on this core, with their shared counters.
+    pub channels: Vec<Arc<Channel>>,
+}
+
+/// The word private lines of RESP connections are counted under (the outbound counters are
+/// per replication command; replies are neither RDATA nor POSITION).
+const REPLY_WORD: CommandWord = CommandWord::Ping;
+
+impl Hub {
+    /// Turns Redis mode on for this core: RESP connections can then be accepted.
+    pub fn set_resp(&mut self, state: Arc<RespState>) {
+        self.resp = Some(Box::new(CoreResp {
+            state,
+            names: HashMap::new(),
+            subs: HashMap::new(),
+            effects: Vec::new(),
+        }));
+    }
+
+    /// A RESP client connected from `peer` (its name in metrics and logs until it sends
+    /// `CLIENT SETNAME`). Nothing is sent until it asks.
+    pub fn accept_resp(&mut self, peer: String, now: Now) -> ConnId {
+        let Some(state) = self.resp.as_ref().map(|r| Arc::clone(&r.state)) else {
+            // No Redis mode on this core: the connection is accepted and closed at once.
+            let id = self.accept(now);
+            self.fail(id, &PeerError::ShuttingDown, CloseReason::ConnectionAborted, now);
+            return id;
+        };
+        // The replication session is kept unstarted: it sends nothing, pings nobody, and only
+        // times the close linger.
+        let session = Session::new(Role::Server, self.config.session.clone(), now);
+        let outbox = Outbox::new(self.log.head(), now.mono_ms);
+        let resp = RespConn {
+            session: crate::resp::Session::new(Arc::clone(&state.session)),
+            peer: peer.clone(),
+            soft_since: None,
+            channels: Vec::new(),
+        };
+        let id = self.conns.insert_with(|_| {
+            let mut c = Conn::new(session, outbox);
+            c.phase = ConnPhase::Connected;
+            c.name = Some(peer.clone());
+            c.resp = Some(Box::new(resp));
+            Box::new(c)
+        });
+        self.stats.accepted += 1;
+        tracing::info!(conn = %id, peer, "redis connection accepted");
+        if self.shutting_down {
+            self.close_resp(id, CloseReason::ConnectionAborted, now);
+        }
+        id
+    }
+
+    /// Bytes from a RESP client: every complete command is carried out; the messages it
+    /// published leave as one batch.
+    pub(super) fn resp_input(&mut self, id: ConnId, data: &[u8], now: Now) {
+        let (Some(c), Some(core)) = (self.conns.get_mut(id), self.resp.as_mut()) else { return };
+        let Some(r) = c.resp.as_mut() else { return };
+        if c.close.is_closing() {
+            return;
+        }
+        let mut effects = std::mem::take(&mut core.effects);
+        r.session.on_bytes(data, &mut effects);
+        let head = self.log.head();
+        let mut frames = BytesMut::new();
+        let mut metas: Vec<LineMeta> = Vec::new();
+        let mut close = false;
+        let mut any = false;
+        for e in effects.drain(..) {
+            let reply = match e {
+                Effect::Reply(b) => Some(b),
+                Effect::Subscribe(name) => self.resp_subscribe(id, &name, head),
+                Effect::Unsubscribe(name) => {
+                    self.resp_unsubscribe(id, &name);
+                    None
+                }
+                Effect::Publish { channel, payload } => {
+                    Some(self.resp_publish(&channel, &payload, &mut frames, &mut metas))
+                }
+                Effect::Get { db, key } => {
+                    self.resp.as_ref().map(|core| match core.state.cache.get(db, &key, now.mono_ms) {
+                        Some(v) => codec::bulk(&v),
+                        None => Bytes::from_static(codec::NIL),
+                    })
+                }
+                Effect::Set { db, key, value, ttl_ms } => self.resp.as_ref().map(|core| {
+                    match core.state.cache.set(db, key, value, ttl_ms, now.mono_ms) {
+                        Ok(()) => codec::simple("OK"),
+                        Err(e) => codec::error(&e.to_string()),
+                    }
+                }),
+                Effect::Name(name) => {
+                    if let Some(c) = self.conns.get_mut(id) {
+                        let peer = c.resp.as_ref().map(|r| r.peer.clone());
+                        c.name = name.map(|n| String::from_utf8_lossy(&n).into_owned()).or(peer);
+                    }
+                    None
+                }
+                Effect::Close => {
+                    close = true;
+                    None
+                }
+            };
+            if let Some(bytes) = reply {
+                if let Some(c) = self.conns.get_mut(id) {
+                    c.outbox.push_private(head, bytes, REPLY_WORD);
+                    any = true;
+                }
+            }
+        }
+        if let Some(core) = self.resp.as_mut() {
+            core.effects = effects;
+        }
+        if !metas.is_empty() {
+            let batch = Arc::new(Batch::new(frames.freeze(), metas));
+            self.outputs.push_back(HubOutput::Upstream(UpstreamCmd::Publish(Published(batch))));
+        }
+        if close {
+            self.close_resp(id, CloseReason::ConnectionDone, now);
+        } else if any {
+            self.wake(id, head, now);
+            self.resp_enforce_bounds(id, now);
+        }
+    }
+
+    /// Registers a subscription from log line `head` on; `None`, or the error reply if the
+    /// channel table is full.
+    fn resp_subscribe(&mut self, id: ConnId, name: &Bytes, head: Seq) -> Option<Bytes> {
+        let core = self.resp.as_mut()?;
+        let channel = match core.names.get(name) {
+            Some(c) => Arc::clone(c),
+            None => {
+                let Some(c) = core.state.channels.get(name, true) else {
+                    return Some(codec::error("ERR replhub: too many channels"));
+                };
+                core.names.insert(name.clone(), Arc::clone(&c));
+                c
+            }
+        };
+        let c = self.conns.get_mut(id)?;
+        let r = c.resp.as_mut()?;
+        channel.add();
+        c.subs.channels.push((channel.id(), head.0));
+        core.subs.entry(channel.id()).or_default().push(id);
+        r.channels.push(channel);
+        c.phase = ConnPhase::Subscribed;
+        None
+    }
+
+    fn resp_unsubscribe(&mut self, id: ConnId, name: &Bytes) {
+        let Some(core) = self.resp.as_mut() else { return };
+        let Some(channel) = core.names.get(name) else { return };
+        let cid = channel.id();
+        let Some(c) = self.conns.get_mut(id) else { return };
+        let Some(r) = c.resp.as_mut() else { return };
+        let Some(i) = r.channels.iter().position(|ch| ch.id() == cid) else { return };
+        r.channels.swap_remove(i).remove();
+        c.subs.channels.retain(|&(ch, _)| ch != cid);
+        if c.subs.channels.is_empty() {
+            c.phase = ConnPhase::Connected;
+        }
+        if let Some(list) = core.subs.get_mut(&cid) {
+            list.retain(|&x| x != id);
+        }
+    }
+
+    /// Drops every channel subscription of `id` (closing, or gone).
+    pub(super) fn resp_forget(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(id) else { return };
+        let Some(r) = c.resp.as_mut() else { return };
+        c.subs.channels.clear();
+        let channels = std::mem::take(&mut r.channels);
+        for ch in channels {
+            ch.remove();
+            if let Some(list) = self.resp.as_mut().and_then(|core| core.subs.get_mut(&ch.id())) {
+                list.retain(|&x| x != id);
+            }
+        }
+    }
+
+    /// Frames one message into this read's batch; the reply is the receiver count. A channel
+    /// with no subscriber anywhere takes no frame (Redis drops such a message too).
+    fn resp_publish(
+        &mut self,
+        name: &Bytes,
+        payload: &[u8],
+        frames: &mut BytesMut,
+        metas: &mut Vec<LineMeta>,
+    ) -> Bytes {
+        let Some(core) = self.resp.as_mut() else { return codec::integer(0) };
+        let channel = match core.names.get(name) {
+            Some(c) => Some(Arc::clone(c)),
+            None => {
+                let c = core.state.channels.get(name, false);
+                if let Some(c) = &c {
+                    core.names.insert(name.clone(), Arc::clone(c));
+                }
+                c
+            }
+        };
+        let Some(channel) = channel else { return codec::integer(0) };
+        let receivers = channel.subscribers();
+        if receivers == 0 {
+            return codec::integer(0);
+        }
+        let start = frames.len();
+        codec::put_message(frames, name, payload);
+        if let (Ok(start), Ok(end)) = (u32::try_from(start), u32::try_from(frames.len())) {
+            metas.push(LineMeta::pubsub(start, end, channel.id()));
+        }
+        codec::integer(i64::try_from(receivers).unwrap_or(i64::MAX))
+    }
+
+    /// Closes a RESP connection once what is queued is written: no more channels, no
+    /// message (Redis just closes). The replication session times the close linger.
+    pub(super) fn close_resp(&mut self, id: ConnId, reason: CloseReason, now: Now) {
+        self.resp_forget(id);
+        let head = self.log.head();
+        let Some(c) = self.conns.get_mut(id) else { return };
+        c.close.decide(reason);
+        c.phase = ConnPhase::Closing;
+        c.session.close(now);
+        self.wake(id, head, now);
+    }
+
+    /// A RESP connection over its output limits, or past the queued-replies bound, is cut off
+    /// as Redis's `client-output-buffer-limit` does: backlog dropped, socket closed.
+    pub(super) fn resp_evict(&mut self, id: ConnId, reason: EvictReason, now: Now) {
+        let backlog = self.backlog_bytes(id).unwrap_or(0);
+        let Some(c) = self.conns.get_mut(id) else { return };
+        if c.close.is_closing() {
+            return;
+        }
+        tracing::warn!(conn = %id, name = c.display_name(), backlog, "redis client over its output limit, disconnected");
+        self.stats.evictions[reason as usize] += 1;
+        c.close.decide(CloseReason::SlowConsumer);
+        c.outbox.detach(&mut self.log);
+        self.close_resp(id, CloseReason::SlowConsumer, now);
+    }
+
+    /// The output limits and the queued-replies bound, after a client's input.
+    fn resp_enforce_bounds(&mut self, id: ConnId, now: Now) {
+        if self.resp_over_limits(id, now) {
+            self.resp_evict(id, EvictReason::Backlog, now);
+        }
+    }
+
+    /// Whether `id` breaks its output limits now (updating its soft-limit clock).
+    pub(super) fn resp_over_limits(&mut self, id: ConnId, now: Now) -> bool {
+        let Some(limits) = self.resp.as_ref().map(|r| r.state.output) else { return false };
+        let Some(c) = self.conns.get_mut(id) else { return false };
+        if c.close.is_closing() {
+            return false;
+        }
+        let backlog = c.outbox.backlog_bytes(&self.log);
+        let over_count = c.outbox.private_lines() > MAX_QUEUED_COMMANDS * 10
+            || c.outbox.private_bytes() > MAX_QUEUED_BYTES.max(limits.hard);
+        let Some(r) = c.resp.as_mut() else { return false };
+        over_count || limits.exceeded(backlog, &mut r.soft_since, now.mono_ms)
+    }
+
+    /// Wakes this core's subscribers of `channel` for log lines from `first` on.
+    pub(super) fn resp_wake_channel(&mut self, channel: u32, first: Seq, now: Now) {
+        let Some(core) = self.resp.as_ref() else { return };
+        let Some(list) = core.subs.get(&channel) else { return };
+        for &id in list {
+            let Some(c) = self.conns.get_mut(id) else { continue };
+            if c.outbox.wake(&mut self.log, first, now.mono_ms, c.close.emitted()) {
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    /// The smallest hard output limit, when this core serves RESP connections: the log size
+    /// at which a batch triggers the sweep.
+    pub(super) fn resp_hard_limit(&self) -> Option<u64> {
+        self.resp.as_ref().map(|r| r.state.output.hard).filter(|&h| h > 0)
+    }
+}
