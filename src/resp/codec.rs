@@ -1,7 +1,7 @@
 //! RESP2 framing, sans-IO: the request decoder (multibulk and inline commands, as Redis 7
 //! parses them) and the reply encoders.
 //!
-//! The decoder is incremental in the manner of tokio-util's `LinesCodec`: it keeps where it
+//! The decoder is incremental, like the line codecs of STYLE.md's models: it keeps where it
 //! stopped (the multibulk count read so far, the arguments taken, the bulk length announced),
 //! so bytes arriving one at a time cost no re-scan. "Need more bytes" is `Ok(None)`. Every
 //! input is bounded: at most [`RespLimits::max_args`] arguments, a bulk of at most
