@@ -148,7 +148,9 @@ fn redis_cli_drives_it(io: IoBackend) {
             .args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
             .args(args)
             .output()
-            .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}); install it (apt-get install -y redis-tools)"));
+            .unwrap_or_else(|e| {
+                panic!("cannot run redis-cli ({e}); install it (apt-get install -y redis-tools)")
+            });
         assert!(out.status.success(), "redis-cli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };

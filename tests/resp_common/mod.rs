@@ -13,13 +13,13 @@ use replhub::resp::RespConfig;
 use replhub::server::Server;
 
 /// Failure guard for every wait (never a synchronisation mechanism).
-pub const WAIT: Duration = Duration::from_secs(10);
+pub(crate) const WAIT: Duration = Duration::from_secs(10);
 
 /// Both backends, for tests that run on each.
-pub const BACKENDS: [IoBackend; 2] = [IoBackend::Epoll, IoBackend::Uring];
+pub(crate) const BACKENDS: [IoBackend; 2] = [IoBackend::Epoll, IoBackend::Uring];
 
 /// Starts replhub as a pure pub/sub broker: no upstream, RESP on a free port, `threads` cores.
-pub fn start(io: IoBackend, threads: usize, resp: RespConfig) -> Server {
+pub(crate) fn start(io: IoBackend, threads: usize, resp: RespConfig) -> Server {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
@@ -35,7 +35,7 @@ pub fn start(io: IoBackend, threads: usize, resp: RespConfig) -> Server {
 
 /// A RESP reply, parsed.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Reply {
+pub(crate) enum Reply {
     /// `+text`.
     Simple(String),
     /// `-text`.
@@ -50,20 +50,20 @@ pub enum Reply {
 
 impl Reply {
     /// A bulk reply's text.
-    pub fn bulk(s: &str) -> Self {
+    pub(crate) fn bulk(s: &str) -> Self {
         Self::Bulk(Some(s.as_bytes().to_vec()))
     }
 }
 
 /// A raw RESP client.
-pub struct Client {
-    pub stream: TcpStream,
+pub(crate) struct Client {
+    pub(crate) stream: TcpStream,
     buf: Vec<u8>,
 }
 
 impl Client {
     /// Connects (with a read timeout as a failure guard).
-    pub fn connect(addr: SocketAddr) -> Self {
+    pub(crate) fn connect(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect(addr).expect("connect");
         stream.set_read_timeout(Some(WAIT)).expect("timeout");
         stream.set_nodelay(true).expect("nodelay");
@@ -71,7 +71,7 @@ impl Client {
     }
 
     /// Encodes a command as an array of bulk strings.
-    pub fn encode(args: &[&[u8]]) -> Vec<u8> {
+    pub(crate) fn encode(args: &[&[u8]]) -> Vec<u8> {
         let mut out = format!("*{}\r\n", args.len()).into_bytes();
         for a in args {
             out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
@@ -82,19 +82,19 @@ impl Client {
     }
 
     /// Sends a command.
-    pub fn send(&mut self, args: &[&str]) {
+    pub(crate) fn send(&mut self, args: &[&str]) {
         let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
         self.stream.write_all(&Self::encode(&args)).expect("write");
     }
 
     /// Sends a command and reads its reply.
-    pub fn call(&mut self, args: &[&str]) -> Reply {
+    pub(crate) fn call(&mut self, args: &[&str]) -> Reply {
         self.send(args);
         self.read()
     }
 
     /// Reads one reply.
-    pub fn read(&mut self) -> Reply {
+    pub(crate) fn read(&mut self) -> Reply {
         loop {
             if let Some((reply, used)) = parse(&self.buf) {
                 self.buf.drain(..used);
@@ -102,13 +102,17 @@ impl Client {
             }
             let mut chunk = [0u8; 65536];
             let n = self.stream.read(&mut chunk).expect("read a reply");
-            assert!(n > 0, "the server closed the connection; unparsed: {:?}", String::from_utf8_lossy(&self.buf));
+            assert!(
+                n > 0,
+                "the server closed the connection; unparsed: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
             self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 
     /// Reads until the server closes; returns every byte.
-    pub fn read_to_eof(&mut self) -> Vec<u8> {
+    pub(crate) fn read_to_eof(&mut self) -> Vec<u8> {
         let mut out = std::mem::take(&mut self.buf);
         self.stream.read_to_end(&mut out).expect("read to EOF");
         out
@@ -116,7 +120,7 @@ impl Client {
 }
 
 /// Parses one reply from the front of `buf`: the reply and the bytes it used.
-pub fn parse(buf: &[u8]) -> Option<(Reply, usize)> {
+pub(crate) fn parse(buf: &[u8]) -> Option<(Reply, usize)> {
     let nl = buf.windows(2).position(|w| w == b"\r\n")?;
     let line = std::str::from_utf8(&buf[1..nl]).expect("utf-8 header");
     let rest = nl + 2;
@@ -151,7 +155,7 @@ pub fn parse(buf: &[u8]) -> Option<(Reply, usize)> {
 }
 
 /// A `message` delivery's channel and payload.
-pub fn message(r: &Reply) -> (String, String) {
+pub(crate) fn message(r: &Reply) -> (String, String) {
     match r {
         Reply::Array(items) if items.len() == 3 && items[0] == Reply::bulk("message") => {
             let text = |r: &Reply| match r {
@@ -165,15 +169,15 @@ pub fn message(r: &Reply) -> (String, String) {
 }
 
 /// A real `redis-server` on a free loopback port, killed on drop.
-pub struct RedisServer {
+pub(crate) struct RedisServer {
     child: Child,
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
 }
 
 impl RedisServer {
     /// Starts `redis-server` with no persistence and `extra` arguments. Fails the test with a
     /// clear message if it is not installed.
-    pub fn start(extra: &[&str]) -> Self {
+    pub(crate) fn start(extra: &[&str]) -> Self {
         let port = free_port();
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
@@ -206,13 +210,13 @@ impl Drop for RedisServer {
 }
 
 /// A port free right now on 127.0.0.1.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 /// Sends `bytes` on a fresh connection, then reads until the server closes (the script ends
 /// with QUIT or a protocol error).
-pub fn exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+pub(crate) fn exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     let mut c = Client::connect(addr);
     c.stream.write_all(bytes).expect("write");
     c.read_to_eof()

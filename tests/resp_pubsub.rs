@@ -1,0 +1,231 @@
+//! Redis-mode pub/sub over real loopback sockets, on both backends: fan-out across cores with
+//! per-publisher order and exact receiver counts, a publisher hearing its own messages, slow
+//! subscribers cut off as Redis's `client-output-buffer-limit pubsub` does, the SET/GET store,
+//! and the `serve --resp-listen` command line alone.
+// Real processes and sockets with real deadlines.
+#![allow(clippy::disallowed_methods)]
+mod resp_common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use replhub::config::IoBackend;
+use replhub::resp::{OutputLimits, RespConfig};
+use resp_common::{message, parse, start, Client, Reply, BACKENDS, WAIT};
+
+const PER_PUBLISHER: usize = 300;
+
+fn subscribe(c: &mut Client, channels: &[&str]) {
+    let mut args = vec!["SUBSCRIBE"];
+    args.extend_from_slice(channels);
+    c.send(&args);
+    for (i, ch) in channels.iter().enumerate() {
+        assert_eq!(
+            c.read(),
+            Reply::Array(vec![Reply::bulk("subscribe"), Reply::bulk(ch), Reply::Int(i as i64 + 1)])
+        );
+    }
+}
+
+fn pubsub_across_cores_keeps_per_publisher_order_and_exact_counts(io: IoBackend) {
+    let server = start(io, 4, RespConfig::default());
+    let addr = server.resp_addr().expect("resp");
+    // Subscribers until they sit on at least two cores (SO_REUSEPORT spreads them by hash);
+    // the even ones also take the USER_IP channel, as Synapse's main process does.
+    let mut subs: Vec<Client> = Vec::new();
+    loop {
+        let mut c = Client::connect(addr);
+        if subs.len() % 2 == 0 {
+            subscribe(&mut c, &["sn/USER_IP", "sn"]);
+        } else {
+            subscribe(&mut c, &["sn"]);
+        }
+        subs.push(c);
+        let cores_used = server.core_snapshots(WAIT).iter().filter(|s| !s.conns.is_empty()).count();
+        if subs.len() >= 6 && cores_used >= 2 {
+            break;
+        }
+        assert!(subs.len() < 64, "every connection landed on one core");
+    }
+    let n = subs.len();
+    let n_ip = n.div_ceil(2);
+    // Three publishers at once, pipelining: two on `sn`, one on `sn/USER_IP`.
+    let publishers: Vec<_> = (0..3)
+        .map(|p| {
+            std::thread::spawn(move || {
+                let channel = if p == 2 { "sn/USER_IP" } else { "sn" };
+                let mut c = Client::connect(addr);
+                let mut out = Vec::new();
+                for seq in 0..PER_PUBLISHER {
+                    let payload = format!("POSITION events p{p} {seq} {}", seq + 1);
+                    out.extend(Client::encode(&[b"PUBLISH", channel.as_bytes(), payload.as_bytes()]));
+                }
+                c.stream.write_all(&out).expect("publish");
+                (0..PER_PUBLISHER).map(|_| c.read()).collect::<Vec<Reply>>()
+            })
+        })
+        .collect();
+    for (p, h) in publishers.into_iter().enumerate() {
+        let replies = h.join().expect("publisher");
+        let want = if p == 2 { n_ip } else { n } as i64;
+        assert!(replies.iter().all(|r| *r == Reply::Int(want)), "publisher {p}: {replies:?}");
+    }
+    for (i, c) in subs.iter_mut().enumerate() {
+        let expect_publishers = if i % 2 == 0 { 3 } else { 2 };
+        let mut next = [0usize; 3];
+        for _ in 0..expect_publishers * PER_PUBLISHER {
+            let (channel, payload) = message(&c.read());
+            let words: Vec<&str> = payload.split(' ').collect();
+            let p: usize = words[2][1..].parse().expect("publisher");
+            let seq: usize = words[3].parse().expect("seq");
+            assert_eq!(channel, if p == 2 { "sn/USER_IP" } else { "sn" });
+            assert_eq!(seq, next[p], "subscriber {i}: publisher {p} out of order");
+            next[p] += 1;
+        }
+        assert_eq!(
+            c.call(&["PING"]),
+            Reply::Array(vec![Reply::bulk("pong"), Reply::bulk("")]),
+            "nothing more"
+        );
+    }
+    server.shutdown().expect("clean shutdown");
+}
+
+fn a_publisher_receives_its_own_messages(io: IoBackend) {
+    let server = start(io, 2, RespConfig::default());
+    let addr = server.resp_addr().expect("resp");
+    // Synapse's two connections: one subscribed, one publishing.
+    let mut sub = Client::connect(addr);
+    subscribe(&mut sub, &["sn"]);
+    let mut publ = Client::connect(addr);
+    assert_eq!(publ.call(&["PUBLISH", "sn", "REPLICATE "]), Reply::Int(1));
+    assert_eq!(message(&sub.read()), ("sn".to_owned(), "REPLICATE ".to_owned()));
+    // Unsubscribed: no receivers, and nothing more arrives.
+    sub.send(&["UNSUBSCRIBE", "sn"]);
+    assert_eq!(sub.read(), Reply::Array(vec![Reply::bulk("unsubscribe"), Reply::bulk("sn"), Reply::Int(0)]));
+    assert_eq!(publ.call(&["PUBLISH", "sn", "x"]), Reply::Int(0));
+    assert_eq!(sub.call(&["PING"]), Reply::Simple("PONG".into()));
+    server.shutdown().expect("clean shutdown");
+}
+
+fn a_slow_subscriber_is_cut_off_and_the_others_get_everything(io: IoBackend) {
+    let limits = OutputLimits { hard: 512 << 10, soft: 0, soft_ms: 0 };
+    let server = start(io, 2, RespConfig { output: limits, ..RespConfig::default() });
+    let addr = server.resp_addr().expect("resp");
+    let mut stalled = Client::connect(addr);
+    subscribe(&mut stalled, &["sn"]);
+    let mut reader = Client::connect(addr);
+    subscribe(&mut reader, &["sn"]);
+    let reader = std::thread::spawn(move || {
+        let mut seq = 0usize;
+        loop {
+            let (_, payload) = message(&reader.read());
+            if payload == "end" {
+                return seq;
+            }
+            let n: usize = payload.split(' ').next().and_then(|w| w.parse().ok()).expect("seq");
+            assert_eq!(n, seq, "the reading subscriber lost or reordered a message");
+            seq += 1;
+        }
+    });
+    let mut publ = Client::connect(addr);
+    let pad = "x".repeat(16 << 10);
+    let deadline = Instant::now() + WAIT;
+    let mut published = 0usize;
+    // Publish until the stalled subscriber is gone (the receiver count drops to 1).
+    loop {
+        let r = publ.call(&["PUBLISH", "sn", &format!("{published} {pad}")]);
+        published += 1;
+        if r == Reply::Int(1) {
+            break;
+        }
+        assert_eq!(r, Reply::Int(2));
+        assert!(Instant::now() < deadline && published < 8192, "the stalled subscriber was never cut off");
+    }
+    assert_eq!(publ.call(&["PUBLISH", "sn", "end"]), Reply::Int(1));
+    assert_eq!(reader.join().expect("reader"), published, "the reading subscriber got every message");
+    // The stalled one reads what was sent before the cut, whole messages only, then EOF.
+    let rest = stalled.read_to_eof();
+    let mut at = 0;
+    while let Some((r, used)) = parse(&rest[at..]) {
+        message(&r);
+        at += used;
+    }
+    assert_eq!(at, rest.len(), "the stream was cut inside a message");
+    let evictions: u64 =
+        server.core_snapshots(WAIT).iter().map(|s| s.stats.evictions.iter().sum::<u64>()).sum();
+    assert_eq!(evictions, 1);
+    server.shutdown().expect("clean shutdown");
+}
+
+fn set_and_get_expire_and_stay_bounded(io: IoBackend) {
+    let server = start(io, 2, RespConfig { cache_max_bytes: 256 << 10, ..RespConfig::default() });
+    let addr = server.resp_addr().expect("resp");
+    let mut c = Client::connect(addr);
+    assert_eq!(
+        c.call(&["SET", "cache_v1:get_user:@a:x", "{\"v\":1}", "PX", "200"]),
+        Reply::Simple("OK".into())
+    );
+    assert_eq!(c.call(&["GET", "cache_v1:get_user:@a:x"]), Reply::bulk("{\"v\":1}"));
+    // Another connection (perhaps on another core) sees the same store.
+    let mut other = Client::connect(addr);
+    assert_eq!(other.call(&["GET", "cache_v1:get_user:@a:x"]), Reply::bulk("{\"v\":1}"));
+    // Time must pass for the entry to expire; there is no event to wait for.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(c.call(&["GET", "cache_v1:get_user:@a:x"]), Reply::Bulk(None));
+    // 2 MiB of values into a 256 KiB store: every SET succeeds, old keys make room.
+    let value = "v".repeat(2048);
+    for i in 0..1024 {
+        assert_eq!(c.call(&["SET", &format!("k{i}"), &value]), Reply::Simple("OK".into()));
+    }
+    let kept = (0..1024).filter(|i| c.call(&["GET", &format!("k{i}")]) != Reply::Bulk(None)).count();
+    assert!(kept > 0 && kept <= 128, "{kept} values of 2 KiB kept in 256 KiB");
+    server.shutdown().expect("clean shutdown");
+}
+
+fn the_command_line_serves_redis_mode_alone(io: IoBackend) {
+    let port = resp_common::free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_replhub"))
+        .args(["serve", "--resp-listen", &format!("127.0.0.1:{port}"), "--listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "off", "--io", if io == IoBackend::Uring { "uring" } else { "epoll" }])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("replhub starts");
+    let addr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let deadline = Instant::now() + WAIT;
+    let mut sub = loop {
+        if let Ok(s) = std::net::TcpStream::connect(addr) {
+            drop(s);
+            break Client::connect(addr);
+        }
+        assert!(Instant::now() < deadline, "replhub did not listen on {addr}");
+        assert!(child.try_wait().expect("wait").is_none(), "replhub exited");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    subscribe(&mut sub, &["sn"]);
+    let mut publ = Client::connect(addr);
+    assert_eq!(publ.call(&["PUBLISH", "sn", "REPLICATE "]), Reply::Int(1));
+    assert_eq!(message(&sub.read()), ("sn".to_owned(), "REPLICATE ".to_owned()));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod epoll {
+            $( #[test] fn $name() { super::$name(super::BACKENDS[0]); } )*
+        }
+        mod uring {
+            $( #[test] fn $name() { super::$name(super::BACKENDS[1]); } )*
+        }
+    };
+}
+
+on_both_backends!(
+    pubsub_across_cores_keeps_per_publisher_order_and_exact_counts,
+    a_publisher_receives_its_own_messages,
+    a_slow_subscriber_is_cut_off_and_the_others_get_everything,
+    set_and_get_expire_and_stay_bounded,
+    the_command_line_serves_redis_mode_alone,
+);
