@@ -24,7 +24,8 @@ pub(crate) struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve workers from one upstream master (or the built-in synthetic one).
-    Serve(ServeArgs),
+    // Boxed: the serve options are the largest variant by far, and parsed once.
+    Serve(Box<ServeArgs>),
     /// Connect as a worker and print what it receives.
     Tail(TailArgs),
     /// Load-test the hub (or Redis pub/sub) end to end over loopback.
@@ -104,7 +105,7 @@ pub(crate) fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Tail(args) => tail(args),
         Command::Loadtest(args) => replhub::loadtest::cli(args),
         Command::Completions(args) => completions(args.shell),

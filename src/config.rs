@@ -640,7 +640,7 @@ mod tests {
         let c = ServeConfig::from_options(&opts).expect("valid");
         assert_eq!(c.source, SourceConfig::None);
         assert_eq!(c.resp.output, crate::resp::OutputLimits { hard: 1 << 20, soft: 2_000, soft_ms: 3_000 });
-        let bad = ServeOptions { resp_output_limit: Some("1mb".into()), ..opts.clone() };
+        let bad = ServeOptions { resp_output_limit: Some("1mb".into()), ..opts };
         assert!(ServeConfig::from_options(&bad).is_err());
         let orphan =
             ServeOptions { resp_password: Some("x".into()), synthetic: Some(1), ..ServeOptions::default() };

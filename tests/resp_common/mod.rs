@@ -45,7 +45,7 @@ pub(crate) enum Reply {
     /// `$n bytes`, or nil.
     Bulk(Option<Vec<u8>>),
     /// `*n ...`.
-    Array(Vec<Reply>),
+    Array(Vec<Self>),
 }
 
 impl Reply {
