@@ -29,6 +29,26 @@ pub(super) struct CoreResp {
     pub subs: HashMap<u32, Vec<ConnId>>,
     /// Scratch for one read's effects.
     effects: Vec<Effect>,
+    /// Messages published from this core (to at least one subscriber).
+    published: u64,
+    /// `RDATA` messages published from this core by (stream, instance).
+    rdata: HashMap<(Box<str>, Box<str>), u64>,
+}
+
+/// At most this many (stream, instance) pairs are counted apart; the rest count under
+/// `other`, so a client publishing made-up names cannot grow the table without bound.
+const MAX_RDATA_KEYS: usize = 1024;
+
+/// The stream and writer instance of a replication `RDATA` payload in the form Synapse uses
+/// over Redis (`RDATA <stream> <instance> <token> <row>`), from its first words only.
+fn rdata_key(payload: &[u8]) -> Option<(&str, &str)> {
+    let rest = payload.strip_prefix(b"RDATA ")?;
+    let head = &rest[..rest.len().min(256)];
+    let mut words = head.splitn(3, |&b| b == b' ');
+    let stream = std::str::from_utf8(words.next()?).ok()?;
+    let instance = std::str::from_utf8(words.next()?).ok()?;
+    words.next()?;
+    Some((stream, instance))
 }
 
 /// One RESP connection's own state.
@@ -54,6 +74,8 @@ impl Hub {
             names: HashMap::new(),
             subs: HashMap::new(),
             effects: Vec::new(),
+            published: 0,
+            rdata: HashMap::new(),
         }));
     }
 
@@ -248,6 +270,17 @@ impl Hub {
         if let (Ok(start), Ok(end)) = (u32::try_from(start), u32::try_from(frames.len())) {
             metas.push(LineMeta::pubsub(start, end, channel.id()));
         }
+        core.published += 1;
+        if let Some((stream, instance)) = rdata_key(payload) {
+            // Allocates only for a pair not seen before.
+            let known = core.rdata.keys().any(|(s, i)| **s == *stream && **i == *instance);
+            let key: (Box<str>, Box<str>) = if known || core.rdata.len() < MAX_RDATA_KEYS {
+                (stream.into(), instance.into())
+            } else {
+                ("other".into(), "other".into())
+            };
+            *core.rdata.entry(key).or_default() += 1;
+        }
         codec::integer(i64::try_from(receivers).unwrap_or(i64::MAX))
     }
 
@@ -309,6 +342,15 @@ impl Hub {
                 self.dirty.push(id);
             }
         }
+    }
+
+    /// What this core's RESP clients published, for the scrape.
+    pub(super) fn resp_stats(&self) -> super::stats::RespStats {
+        let Some(core) = self.resp.as_ref() else { return super::stats::RespStats::default() };
+        let mut rdata: Vec<(String, String, u64)> =
+            core.rdata.iter().map(|((s, i), n)| (s.to_string(), i.to_string(), *n)).collect();
+        rdata.sort();
+        super::stats::RespStats { published: core.published, rdata }
     }
 
     /// The smallest hard output limit, when this core serves RESP connections: the log size

@@ -178,6 +178,19 @@ pub struct CoreSnapshot {
     pub stats: CoreStats,
     /// Its live connections.
     pub conns: Vec<ConnSample>,
+    /// Redis mode: what this core's RESP clients published.
+    pub resp: RespStats,
+}
+
+/// Redis mode: what a core's RESP clients published (each message is counted once, on the
+/// publisher's core).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RespStats {
+    /// Messages published (to at least one subscriber).
+    pub published: u64,
+    /// Replication `RDATA` messages by (stream, writer instance), read from the payload's
+    /// first words.
+    pub rdata: Vec<(String, String, u64)>,
 }
 
 impl Hub {
@@ -204,6 +217,6 @@ impl Hub {
                 }
             })
             .collect();
-        CoreSnapshot { core, stats, conns }
+        CoreSnapshot { core, stats, conns, resp: self.resp_stats() }
     }
 }
