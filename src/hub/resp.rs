@@ -359,3 +359,193 @@ impl Hub {
         self.resp.as_ref().map(|r| r.state.output.hard).filter(|&h| h > 0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::sim::{Capacity, Sim};
+    use super::super::{HubConfig, UpstreamCmd};
+    use crate::proto::{StreamId, Token};
+    use crate::resp::{OutputLimits, RespConfig, RespState};
+
+    fn cmd(args: &[&str]) -> Vec<u8> {
+        let mut b = bytes::BytesMut::new();
+        crate::resp::codec::put_command(&mut b, &args.iter().map(|a| a.as_bytes()).collect::<Vec<_>>());
+        b.to_vec()
+    }
+
+    fn sim_with(config: RespConfig) -> Sim {
+        let mut sim = Sim::new(HubConfig { server_name: Some("sn".into()), ..HubConfig::default() });
+        sim.hub.set_resp(Arc::new(RespState::new(&config)));
+        sim
+    }
+
+    fn received(sim: &mut Sim, id: super::ConnId) -> String {
+        let c = sim.conns.get_mut(&id).expect("conn");
+        String::from_utf8_lossy(&std::mem::take(&mut c.received)).into_owned()
+    }
+
+    /// What the source thread does with a core's Publish: hand the batch back to the cores.
+    fn deliver_published(sim: &mut Sim) -> usize {
+        let published: Vec<_> = std::mem::take(&mut sim.upstream)
+            .into_iter()
+            .filter_map(|c| match c {
+                UpstreamCmd::Publish(b) => Some(b.0),
+                _ => None,
+            })
+            .collect();
+        for b in &published {
+            sim.hub.on_batch(Arc::clone(b), sim.now);
+        }
+        sim.flush();
+        published.len()
+    }
+
+    #[test]
+    fn one_read_of_publishes_is_one_batch_and_every_subscriber_gets_the_same_bytes() {
+        let mut sim = sim_with(RespConfig::default());
+        let a = sim.accept_resp("127.0.0.1:1");
+        let b = sim.accept_resp("127.0.0.1:2");
+        let other = sim.accept_resp("127.0.0.1:3");
+        let p = sim.accept_resp("127.0.0.1:4");
+        for id in [a, b] {
+            sim.send_raw(id, &cmd(&["SUBSCRIBE", "sn"]));
+            assert_eq!(received(&mut sim, id), "*3\r\n$9\r\nsubscribe\r\n$2\r\nsn\r\n:1\r\n");
+        }
+        sim.send_raw(other, &cmd(&["SUBSCRIBE", "elsewhere"]));
+        received(&mut sim, other);
+        let mut pipelined = cmd(&["PUBLISH", "sn", "REPLICATE "]);
+        pipelined.extend(cmd(&["PUBLISH", "nobody", "x"]));
+        pipelined.extend(cmd(&["PUBLISH", "sn", "POSITION events master 1 2"]));
+        sim.send_raw(p, &pipelined);
+        assert_eq!(received(&mut sim, p), ":2\r\n:0\r\n:2\r\n");
+        let batch = match &sim.upstream[..] {
+            [UpstreamCmd::Publish(batch)] => Arc::clone(&batch.0),
+            other => panic!("one batch expected, got {other:?}"),
+        };
+        assert_eq!(batch.lines().len(), 2, "a message nobody subscribes to takes no frame");
+        // The subscribers' writes point into the batch itself: framed once, never copied.
+        sim.upstream.clear();
+        sim.hub.on_batch(Arc::clone(&batch), sim.now);
+        let mut ids = Vec::new();
+        sim.hub.take_dirty(&mut ids);
+        assert_eq!(ids.len(), 2, "only the subscribers of `sn` are woken");
+        let range = batch.data().as_ptr_range();
+        for &id in &ids {
+            let mut iov = Vec::new();
+            let n = sim.hub.gather(id, &mut iov);
+            assert_eq!(n, batch.data().len());
+            assert!(iov.iter().all(|s| range.contains(&s.as_ptr())));
+            drop(iov);
+            sim.hub.on_written(id, n, sim.now);
+        }
+        let want = "*3\r\n$7\r\nmessage\r\n$2\r\nsn\r\n$10\r\nREPLICATE \r\n\
+                    *3\r\n$7\r\nmessage\r\n$2\r\nsn\r\n$26\r\nPOSITION events master 1 2\r\n";
+        assert_eq!(batch.data(), want.as_bytes());
+    }
+
+    #[test]
+    fn replies_and_messages_keep_their_order_and_unsubscribed_lines_are_skipped() {
+        let mut sim = sim_with(RespConfig::default());
+        let s = sim.accept_resp("s");
+        let p = sim.accept_resp("p");
+        sim.send_raw(s, &cmd(&["SUBSCRIBE", "a", "b"]));
+        received(&mut sim, s);
+        sim.send_raw(p, &cmd(&["PUBLISH", "a", "1"]));
+        sim.send_raw(p, &cmd(&["PUBLISH", "b", "2"]));
+        // The subscriber's PING is answered before the messages reach its core.
+        sim.send_raw(s, &cmd(&["PING"]));
+        sim.send_raw(s, &cmd(&["UNSUBSCRIBE", "b"]));
+        assert_eq!(deliver_published(&mut sim), 2);
+        assert_eq!(
+            received(&mut sim, s),
+            "*2\r\n$4\r\npong\r\n$0\r\n\r\n*3\r\n$11\r\nunsubscribe\r\n$1\r\nb\r\n:1\r\n\
+             *3\r\n$7\r\nmessage\r\n$1\r\na\r\n$1\r\n1\r\n"
+        );
+    }
+
+    #[test]
+    fn workers_never_see_redis_messages_and_redis_clients_never_see_rdata() {
+        let mut sim = sim_with(RespConfig::default());
+        sim.connect_upstream("sn", Sim::positions());
+        let w = sim.accept();
+        sim.send(w, "NAME w\nREPLICATE ALL");
+        sim.take_lines(w);
+        let s = sim.accept_resp("s");
+        sim.send_raw(s, &cmd(&["SUBSCRIBE", "sn"]));
+        received(&mut sim, s);
+        let p = sim.accept_resp("p");
+        sim.send_raw(p, &cmd(&["PUBLISH", "sn", "hello"]));
+        deliver_published(&mut sim);
+        sim.batch(&[(StreamId::Events, Token::Value(500))]);
+        let lines = sim.take_lines(w);
+        assert!(lines.iter().all(|l| !l.contains("hello")), "{lines:?}");
+        assert!(lines.iter().any(|l| l.starts_with("RDATA events 500")), "{lines:?}");
+        assert_eq!(received(&mut sim, s), "*3\r\n$7\r\nmessage\r\n$2\r\nsn\r\n$5\r\nhello\r\n");
+    }
+
+    fn evictions(sim: &Sim) -> u64 {
+        sim.hub.stats().evictions.iter().sum()
+    }
+
+    #[test]
+    fn a_stalled_subscriber_is_cut_off_silently_at_the_hard_limit() {
+        let output = OutputLimits { hard: 4096, soft: 0, soft_ms: 0 };
+        let mut sim = sim_with(RespConfig { output, ..RespConfig::default() });
+        let stalled = sim.accept_resp("stalled");
+        let reader = sim.accept_resp("reader");
+        let p = sim.accept_resp("p");
+        for id in [stalled, reader] {
+            sim.send_raw(id, &cmd(&["SUBSCRIBE", "sn"]));
+            received(&mut sim, id);
+        }
+        sim.set_capacity(stalled, Capacity::Stalled);
+        let payload = "x".repeat(1000);
+        for _ in 0..3 {
+            sim.send_raw(p, &cmd(&["PUBLISH", "sn", &payload]));
+            deliver_published(&mut sim);
+        }
+        assert_eq!(evictions(&sim), 0, "under the hard limit");
+        for _ in 0..3 {
+            sim.send_raw(p, &cmd(&["PUBLISH", "sn", &payload]));
+            deliver_published(&mut sim);
+        }
+        assert_eq!(evictions(&sim), 1, "over the hard limit");
+        assert_eq!(received(&mut sim, reader).matches("message").count(), 6, "the reader got everything");
+        sim.send_raw(p, &cmd(&["PUBLISH", "sn", "after"]));
+        assert!(received(&mut sim, p).ends_with(":1\r\n"), "the stalled one is unsubscribed at once");
+        // Nothing more is queued for it (no error either, as Redis); its socket never drains,
+        // so the close linger ends it.
+        sim.advance(30_000);
+        assert!(sim.closed(stalled).is_some());
+        assert_eq!(received(&mut sim, stalled), "");
+        assert!(sim.closed(reader).is_none());
+    }
+
+    #[test]
+    fn the_soft_limit_holds_for_its_duration() {
+        let output = OutputLimits { hard: 0, soft: 1024, soft_ms: 1_000 };
+        let mut sim = sim_with(RespConfig { output, ..RespConfig::default() });
+        let s = sim.accept_resp("s");
+        let p = sim.accept_resp("p");
+        sim.send_raw(s, &cmd(&["SUBSCRIBE", "sn"]));
+        received(&mut sim, s);
+        sim.set_capacity(s, Capacity::Stalled);
+        sim.send_raw(p, &cmd(&["PUBLISH", "sn", &"x".repeat(2000)]));
+        deliver_published(&mut sim);
+        sim.advance(900);
+        assert_eq!(evictions(&sim), 0, "over the soft limit for less than its duration");
+        sim.advance(300);
+        assert_eq!(evictions(&sim), 1, "over the soft limit for longer");
+    }
+
+    #[test]
+    fn quit_writes_its_reply_then_closes() {
+        let mut sim = sim_with(RespConfig::default());
+        let c = sim.accept_resp("c");
+        sim.send_raw(c, b"PING\r\n*1\r\n$4\r\nQUIT\r\nPING\r\n");
+        assert_eq!(received(&mut sim, c), "+PONG\r\n+OK\r\n");
+        assert!(sim.closed(c).is_some());
+    }
+}
