@@ -229,3 +229,58 @@ on_both_backends!(
     set_and_get_expire_and_stay_bounded,
     the_command_line_serves_redis_mode_alone,
 );
+
+/// `replhub tail --resp` against `addr` (replhub or a real Redis): prints the replication
+/// lines published on the channel, RDATA decoded.
+fn tail_prints_the_channel(addr: std::net::SocketAddr) {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_replhub"))
+        .args(["tail", "--resp", &addr.to_string(), "--channel", "sn", "--decode", "--count", "2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tail starts");
+    let mut publ = Client::connect(addr);
+    // Until tail's subscription is in place, its channel has no receivers.
+    let deadline = Instant::now() + WAIT;
+    while publ.call(&["PUBLISH", "sn", "POSITION events master 1 1"]) == Reply::Int(0) {
+        assert!(Instant::now() < deadline, "tail never subscribed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rows = [
+        r#"RDATA events master batch ["$a:x","!r:x","m.room.message",null,null,null]"#,
+        r#"RDATA typing w1 7 ["!r:x",["@u:x"]]"#,
+    ];
+    for row in rows {
+        assert_eq!(publ.call(&["PUBLISH", "sn", row]), Reply::Int(1));
+    }
+    let out = child.wait_with_output().expect("tail exits after --count");
+    assert!(out.status.success(), "tail failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines.len() >= 3 && lines[..lines.len() - 2].iter().all(|l| *l == "POSITION events master 1 1"),
+        "{text}"
+    );
+    assert!(
+        lines[lines.len() - 2]
+            .starts_with(r#"{"stream":"events","instance":"master","token":"batch","row":"#),
+        "{text}"
+    );
+    assert!(
+        lines[lines.len() - 1].starts_with(r#"{"stream":"typing","instance":"w1","token":7,"row":"#),
+        "{text}"
+    );
+}
+
+#[test]
+fn tail_resp_prints_replication_traffic_from_replhub() {
+    let server = start(IoBackend::Epoll, 2, RespConfig::default());
+    tail_prints_the_channel(server.resp_addr().expect("resp"));
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn tail_resp_prints_replication_traffic_from_a_real_redis() {
+    let redis = resp_common::RedisServer::start(&[]);
+    tail_prints_the_channel(redis.addr);
+}

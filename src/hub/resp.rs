@@ -151,6 +151,26 @@ impl Hub {
                         Err(e) => codec::error(&e.to_string()),
                     }
                 }),
+                Effect::Channels { pattern } => self.resp.as_ref().map(|core| {
+                    let mut names: Vec<Bytes> = core
+                        .state
+                        .channels
+                        .counts()
+                        .into_iter()
+                        .filter(|(n, count)| {
+                            *count > 0
+                                && pattern.as_ref().is_none_or(|p| crate::resp::session::glob_match(p, n))
+                        })
+                        .map(|(n, _)| n)
+                        .collect();
+                    names.sort();
+                    let mut b = BytesMut::new();
+                    b.extend_from_slice(format!("*{}\r\n", names.len()).as_bytes());
+                    for n in &names {
+                        codec::put_bulk(&mut b, n);
+                    }
+                    b.freeze()
+                }),
                 Effect::Name(name) => {
                     if let Some(c) = self.conns.get_mut(id) {
                         let peer = c.resp.as_ref().map(|r| r.peer.clone());

@@ -32,6 +32,7 @@ use std::sync::Arc;
 pub mod cache;
 pub mod channels;
 pub mod codec;
+pub mod reply;
 pub mod session;
 
 pub use self::cache::Cache;

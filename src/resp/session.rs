@@ -64,6 +64,12 @@ pub enum Effect {
         /// Expiry, if given (`PX` / `EX`).
         ttl_ms: Option<u64>,
     },
+    /// List the channels with subscribers (`PUBSUB CHANNELS [pattern]`); the reply is an
+    /// array of their names.
+    Channels {
+        /// Only names matching this glob (`*`, `?`, `[...]`, `\x`), if given.
+        pattern: Option<Bytes>,
+    },
     /// The connection's name changed (`CLIENT SETNAME`; `None` clears it).
     Name(Option<Bytes>),
     /// Close once the replies queued so far are written; nothing more is read.
@@ -84,10 +90,12 @@ const COMMANDS: &[(&str, i32)] = &[
     ("client", -2),
     ("quit", -1),
     ("reset", 1),
+    ("pubsub", -2),
 ];
 
-/// `CLIENT` subcommands replhub knows, with their arity.
-const CLIENT_SUBCOMMANDS: &[(&str, i32)] = &[("setname", 3), ("getname", 2)];
+/// Subcommands replhub knows, by container command, with their arity.
+const SUBCOMMANDS: &[(&str, &[(&str, i32)])] =
+    &[("client", &[("setname", 3), ("getname", 2)]), ("pubsub", &[("channels", -2)])];
 
 /// Commands allowed while subscribed (RESP2).
 const PUBSUB_ALLOWED: &[&str] = &["ping", "subscribe", "unsubscribe", "quit", "reset"];
@@ -176,16 +184,17 @@ impl Session {
         };
         let mut fullname = name.to_owned();
         let mut arity = arity;
-        if name == "client" && args.len() >= 2 {
-            match CLIENT_SUBCOMMANDS.iter().find(|(n, _)| args[1].eq_ignore_ascii_case(n.as_bytes())) {
+        let subs = SUBCOMMANDS.iter().find(|(c, _)| *c == name).map(|(_, s)| *s);
+        if let (Some(subs), true) = (subs, args.len() >= 2) {
+            match subs.iter().find(|(n, _)| args[1].eq_ignore_ascii_case(n.as_bytes())) {
                 Some(&(sub, a)) => {
-                    fullname = format!("client|{sub}");
+                    fullname = format!("{name}|{sub}");
                     arity = a;
                 }
                 None => {
                     let mut text = b"ERR unknown subcommand '".to_vec();
                     text.extend_from_slice(&args[1][..args[1].len().min(128)]);
-                    text.extend_from_slice(b"'. Try CLIENT HELP.");
+                    text.extend_from_slice(format!("'. Try {} HELP.", name.to_ascii_uppercase()).as_bytes());
                     out.push(Effect::Reply(error_bytes(&text)));
                     return;
                 }
@@ -262,6 +271,10 @@ impl Session {
                 }
                 Err(e) => out.push(reply(e)),
             },
+            "pubsub|channels" if args.len() > 3 => {
+                out.push(reply(codec::error("ERR wrong number of arguments for 'pubsub|channels' command")));
+            }
+            "pubsub|channels" => out.push(Effect::Channels { pattern: args.get(2).cloned() }),
             "client|getname" => out.push(reply(match &self.name {
                 Some(n) => codec::bulk(n),
                 None => Bytes::from_static(codec::NIL),
@@ -341,6 +354,50 @@ impl Session {
         } else {
             codec::error("WRONGPASS invalid username-password pair or user is disabled.")
         }
+    }
+}
+
+/// Redis's `stringmatchlen` glob: `*`, `?`, `[abc]`, `[^a-z]`, `\\x`.
+pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => text.is_empty(),
+        Some((b'*', rest)) => (0..=text.len()).any(|i| glob_match(rest, &text[i..])),
+        Some((b'?', rest)) => !text.is_empty() && glob_match(rest, &text[1..]),
+        Some((b'[', rest)) => {
+            let Some((&c, text_rest)) = text.split_first() else { return false };
+            let (negate, mut p) = match rest.split_first() {
+                Some((b'^', r)) => (true, r),
+                _ => (false, rest),
+            };
+            let mut matched = false;
+            loop {
+                match p {
+                    [] => break,
+                    [b']', r @ ..] => {
+                        p = r;
+                        break;
+                    }
+                    [b'\\', x, r @ ..] => {
+                        matched |= *x == c;
+                        p = r;
+                    }
+                    [a, b'-', z, r @ ..] if *z != b']' => {
+                        let (lo, hi) = if a <= z { (*a, *z) } else { (*z, *a) };
+                        matched |= (lo..=hi).contains(&c);
+                        p = r;
+                    }
+                    [x, r @ ..] => {
+                        matched |= *x == c;
+                        p = r;
+                    }
+                }
+            }
+            matched != negate && glob_match(p, text_rest)
+        }
+        Some((b'\\', rest)) if !rest.is_empty() => {
+            text.first() == Some(&rest[0]) && glob_match(&rest[1..], &text[1..])
+        }
+        Some((&c, rest)) => text.first() == Some(&c) && glob_match(rest, &text[1..]),
     }
 }
 
@@ -577,6 +634,34 @@ mod tests {
             assert_eq!(replies(&mut s, &cmd(args)), reply, "{args:?}");
         }
         assert_eq!(s.name().map(|n| &n[..]), Some(&b"w1"[..]));
+    }
+
+    #[test]
+    fn pubsub_channels_and_globs() {
+        let mut s = session(None);
+        let mut out = Vec::new();
+        s.on_bytes(&cmd(&["PUBSUB", "channels", "sn*"]), &mut out);
+        assert_eq!(out, vec![Effect::Channels { pattern: Some(Bytes::from("sn*")) }]);
+        assert_eq!(
+            replies(&mut s, &cmd(&["PUBSUB", "FOO"])),
+            "-ERR unknown subcommand 'FOO'. Try PUBSUB HELP.\r\n"
+        );
+        assert_eq!(
+            replies(&mut s, &cmd(&["PUBSUB"])),
+            "-ERR wrong number of arguments for 'pubsub' command\r\n"
+        );
+        for (p, t, m) in [
+            ("*", "sn/USER_IP", true),
+            ("sn", "sn", true),
+            ("sn", "sn/USER_IP", false),
+            ("s?/*", "sn/USER_IP", true),
+            ("[a-s]n", "sn", true),
+            ("[^s]n", "sn", false),
+            ("a\\*", "a*", true),
+            ("a\\*", "ab", false),
+        ] {
+            assert_eq!(glob_match(p.as_bytes(), t.as_bytes()), m, "{p} {t}");
+        }
     }
 
     #[test]
