@@ -39,16 +39,21 @@ pub(super) struct CoreResp {
 /// `other`, so a client publishing made-up names cannot grow the table without bound.
 const MAX_RDATA_KEYS: usize = 1024;
 
-/// The stream and writer instance of a replication `RDATA` payload in the form Synapse uses
-/// over Redis (`RDATA <stream> <instance> <token> <row>`), from its first words only.
+/// The stream and writer instance of a replication `RDATA` payload, from its first words
+/// only: `RDATA <stream> <instance> <token> <row>` as Synapse sends over Redis (1.13+), or the
+/// instance-less seed form `RDATA <stream> <token> <row>` (instance empty).
 fn rdata_key(payload: &[u8]) -> Option<(&str, &str)> {
     let rest = payload.strip_prefix(b"RDATA ")?;
     let head = &rest[..rest.len().min(256)];
-    let mut words = head.splitn(3, |&b| b == b' ');
+    let mut words = head.splitn(4, |&b| b == b' ');
     let stream = std::str::from_utf8(words.next()?).ok()?;
-    let instance = std::str::from_utf8(words.next()?).ok()?;
-    words.next()?;
-    Some((stream, instance))
+    let second = words.next()?;
+    let is_token = |w: &[u8]| w == b"batch" || crate::resp::codec::parse_i64(w).is_some();
+    if is_token(second) {
+        return Some((stream, ""));
+    }
+    is_token(words.next()?).then_some(())?;
+    Some((stream, std::str::from_utf8(second).ok()?))
 }
 
 /// One RESP connection's own state.
@@ -558,6 +563,16 @@ mod tests {
         assert_eq!(evictions(&sim), 0, "over the soft limit for less than its duration");
         sim.advance(300);
         assert_eq!(evictions(&sim), 1, "over the soft limit for longer");
+    }
+
+    #[test]
+    fn rdata_is_keyed_by_stream_and_instance_in_both_forms() {
+        assert_eq!(super::rdata_key(b"RDATA events master 12 [1]"), Some(("events", "master")));
+        assert_eq!(super::rdata_key(b"RDATA events w1 batch [1]"), Some(("events", "w1")));
+        assert_eq!(super::rdata_key(b"RDATA events 12 [\"x y\"]"), Some(("events", "")));
+        assert_eq!(super::rdata_key(b"RDATA events batch [1]"), Some(("events", "")));
+        assert_eq!(super::rdata_key(b"RDATA events w1 [1]"), None);
+        assert_eq!(super::rdata_key(b"POSITION events master 1 2"), None);
     }
 
     #[test]
