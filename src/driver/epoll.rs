@@ -205,7 +205,12 @@ impl Core {
                         accept_pause = Some(tokio::time::Instant::now() + ACCEPT_BACKOFF);
                     }
                 },
-                res = async { resp.expect("guarded").accept().await }, if accepting && resp.is_some() => match res {
+                res = async {
+                    match resp {
+                        Some(l) => l.accept().await,
+                        None => std::future::pending().await,
+                    }
+                }, if accepting && resp.is_some() => match res {
                     Ok((stream, peer)) => {
                         accept_pause = None;
                         self.register(stream, Some(peer.to_string()));

@@ -34,7 +34,7 @@ impl Hub {
 
     /// The socket is gone (EOF, error, or after our `Close`): forget the connection.
     pub fn on_peer_closed(&mut self, id: ConnId, lost: bool, now: Now) {
-        self.resp_forget(id);
+        self.resp_gone(id);
         let Some(mut c) = self.conns.remove(id) else { return };
         let reason = c.close.reason().unwrap_or(if lost {
             CloseReason::ConnectionLost

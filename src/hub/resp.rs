@@ -33,6 +33,8 @@ pub(super) struct CoreResp {
     published: u64,
     /// `RDATA` messages published from this core by (stream, instance).
     rdata: HashMap<(Box<str>, Box<str>), u64>,
+    /// Live RESP connections on this core.
+    conns: usize,
 }
 
 /// At most this many (stream, instance) pairs are counted apart; the rest count under
@@ -81,6 +83,7 @@ impl Hub {
             effects: Vec::new(),
             published: 0,
             rdata: HashMap::new(),
+            conns: 0,
         }));
     }
 
@@ -111,6 +114,9 @@ impl Hub {
             Box::new(c)
         });
         self.stats.accepted += 1;
+        if let Some(core) = self.resp.as_mut() {
+            core.conns += 1;
+        }
         tracing::info!(conn = %id, peer, "redis connection accepted");
         if self.shutting_down {
             self.close_resp(id, CloseReason::ConnectionAborted, now);
@@ -251,6 +257,17 @@ impl Hub {
         }
     }
 
+    /// A RESP connection is gone: its subscriptions go, and the core's count of RESP
+    /// connections.
+    pub(super) fn resp_gone(&mut self, id: ConnId) {
+        if self.conns.get(id).is_some_and(|c| c.resp.is_some()) {
+            self.resp_forget(id);
+            if let Some(core) = self.resp.as_mut() {
+                core.conns -= 1;
+            }
+        }
+    }
+
     /// Drops every channel subscription of `id` (closing, or gone).
     pub(super) fn resp_forget(&mut self, id: ConnId) {
         let Some(c) = self.conns.get_mut(id) else { return };
@@ -378,10 +395,10 @@ impl Hub {
         super::stats::RespStats { published: core.published, rdata }
     }
 
-    /// The smallest hard output limit, when this core serves RESP connections: the log size
-    /// at which a batch triggers the sweep.
+    /// The hard output limit, while this core has RESP connections: the log size at which a
+    /// batch triggers the sweep (without them, the workers' own threshold stands).
     pub(super) fn resp_hard_limit(&self) -> Option<u64> {
-        self.resp.as_ref().map(|r| r.state.output.hard).filter(|&h| h > 0)
+        self.resp.as_ref().filter(|r| r.conns > 0).map(|r| r.state.output.hard).filter(|&h| h > 0)
     }
 }
 
