@@ -57,9 +57,59 @@ pub enum SourceConfig {
         /// Pad rows to about this many bytes per line.
         line_size: Option<usize>,
     },
+    /// A real Redis (`--upstream-redis`): Redis mode bridged to it. replhub subscribes once
+    /// to the Synapse channels there, delivers what arrives to its own RESP clients, and
+    /// publishes their messages on those channels there (they come back through the
+    /// subscription, so every client gets each message once).
+    Redis(RedisUpstream),
     /// No replication source: Redis mode alone (`--resp-listen` without `--upstream` or
     /// `--synthetic`), replhub as a pub/sub broker.
     None,
+}
+
+/// Where `--upstream-redis` points, parsed from `redis://[[user]:password@]HOST:PORT[/db]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisUpstream {
+    /// `HOST:PORT`.
+    pub addr: String,
+    /// AUTH user, if given.
+    pub user: Option<String>,
+    /// AUTH password, if given.
+    pub password: Option<String>,
+    /// The channels subscribed there: the server name and `<server name>/USER_IP`.
+    pub channels: Vec<String>,
+}
+
+impl RedisUpstream {
+    /// Parses the URL; `server_name` names the channels.
+    pub fn parse(url: &str, server_name: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| {
+            ConfigError::new(format!(
+                "--upstream-redis {url:?}: {why} (expected redis://[[user]:password@]HOST:PORT[/db])"
+            ))
+        };
+        let rest = url.strip_prefix("redis://").ok_or_else(|| bad("not a redis:// URL"))?;
+        let (auth, hostpart) = match rest.rsplit_once('@') {
+            Some((a, h)) => (Some(a), h),
+            None => (None, rest),
+        };
+        // The database does not matter to pub/sub (channels are global in Redis).
+        let addr = hostpart.split('/').next().unwrap_or_default();
+        check_host_port(addr, "--upstream-redis").map_err(|_| bad("bad HOST:PORT"))?;
+        let (user, password) = match auth {
+            None => (None, None),
+            Some(a) => match a.split_once(':') {
+                Some((u, p)) => ((!u.is_empty()).then(|| u.to_owned()), Some(p.to_owned())),
+                None => (None, Some(a.to_owned())),
+            },
+        };
+        Ok(Self {
+            addr: addr.to_owned(),
+            user,
+            password,
+            channels: vec![server_name.to_owned(), format!("{server_name}/USER_IP")],
+        })
+    }
 }
 
 /// Everything `serve` needs, validated.
@@ -120,6 +170,23 @@ impl ServeConfig {
     /// Validates user options (flags already merged over the file).
     pub fn from_options(opts: &ServeOptions) -> Result<Self, ConfigError> {
         let source = match (&opts.upstream, opts.synthetic) {
+            _ if opts.upstream_redis.is_some() => {
+                let url = opts.upstream_redis.as_deref().unwrap_or_default();
+                if opts.upstream.is_some() || opts.synthetic.is_some() {
+                    return Err(ConfigError::new("give one of --upstream, --synthetic and --upstream-redis"));
+                }
+                if opts.resp_listen.is_none() {
+                    return Err(ConfigError::new(
+                        "--upstream-redis needs --resp-listen (it bridges Redis mode)",
+                    ));
+                }
+                let Some(name) = &opts.server_name else {
+                    return Err(ConfigError::new(
+                        "--upstream-redis needs --server-name (Synapse's channels are named after it)",
+                    ));
+                };
+                SourceConfig::Redis(RedisUpstream::parse(url, name)?)
+            }
             (Some(_), Some(_)) => {
                 return Err(ConfigError::new("give either --upstream or --synthetic, not both"))
             }
@@ -224,6 +291,7 @@ impl ServeConfig {
             SourceConfig::Synthetic { rate: 0, .. } => "synthetic (unlimited rate)".to_owned(),
             SourceConfig::Synthetic { rate, .. } => format!("synthetic ({rate} lines/s)"),
             SourceConfig::None => "none (Redis mode only)".to_owned(),
+            SourceConfig::Redis(r) => format!("redis {}", r.addr),
         }
     }
 }
@@ -244,6 +312,9 @@ fn resp_options(opts: &ServeOptions, config: &mut ServeConfig) -> Result<(), Con
     };
     config.resp_listen = Some(resolve(listen, "--resp-listen")?);
     let resp = &mut config.resp;
+    if let SourceConfig::Redis(r) = &config.source {
+        resp.upstream_channels = r.channels.clone();
+    }
     if opts.resp_user.is_some() && opts.resp_password.is_none() {
         return Err(ConfigError::new("--resp-user needs --resp-password"));
     }
@@ -408,6 +479,12 @@ pub struct ServeOptions {
     #[arg(long, value_name = "ADDR")]
     #[serde(alias = "resp_listen")]
     pub resp_listen: Option<String>,
+    /// Redis mode bridged to a real Redis: subscribe there once to the Synapse channels
+    /// (--server-name and <name>/USER_IP), deliver to local RESP clients, publish their
+    /// messages on those channels there
+    #[arg(long, value_name = "redis://[[USER]:PASS@]HOST:PORT[/DB]")]
+    #[serde(alias = "upstream_redis")]
+    pub upstream_redis: Option<String>,
     /// Redis mode: require AUTH with this password (Redis's requirepass)
     #[arg(long, value_name = "PASSWORD")]
     #[serde(alias = "resp_password")]
@@ -469,6 +546,7 @@ impl ServeOptions {
             worker_sndbuf: self.worker_sndbuf.or(file.worker_sndbuf),
             log_level: self.log_level.or(file.log_level),
             resp_listen: self.resp_listen.or(file.resp_listen),
+            upstream_redis: self.upstream_redis.or(file.upstream_redis),
             resp_password: self.resp_password.or(file.resp_password),
             resp_user: self.resp_user.or(file.resp_user),
             resp_max_bulk_len: self.resp_max_bulk_len.or(file.resp_max_bulk_len),

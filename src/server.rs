@@ -228,6 +228,7 @@ impl Server {
             wakeup: source_wakeup,
             stop,
             clock,
+            resp: resp_state.clone(),
         };
         let source_watch = watch.clone();
         let source_thread =

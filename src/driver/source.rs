@@ -58,6 +58,8 @@ use crate::upstream::backoff::{Backoff, BackoffConfig};
 use crate::upstream::link::{LinkConfig, LinkEvent, UpstreamLink};
 use crate::upstream::SyntheticSource;
 
+mod redis_bridge;
+
 /// How much spare room the upstream read buffer gets before each read.
 const READ_RESERVE: usize = 256 << 10;
 /// Read data held back for a busy core (see the module doc) is cut into a batch once this much
@@ -120,6 +122,8 @@ pub(crate) struct SourceContext {
     pub stop: Arc<AtomicBool>,
     /// The process clock.
     pub clock: Clock,
+    /// Redis mode's shared state (the channel table), when `--resp-listen` is on.
+    pub resp: Option<Arc<crate::resp::RespState>>,
 }
 
 /// The sending side of the source thread's mailboxes. Cloneable and shareable.
@@ -189,6 +193,7 @@ pub(crate) fn run(ctx: SourceContext) -> anyhow::Result<()> {
             SourceConfig::Upstream { addr, client_name } => src.run_upstream(&addr, client_name).await,
             SourceConfig::Synthetic { rate, line_size } => src.run_synthetic(rate, line_size).await,
             SourceConfig::None => src.run_broker().await,
+            SourceConfig::Redis(redis) => src.run_redis(&redis).await,
         }
         // Dropping the cores' mailboxes is what tells a core whose Shutdown never came to stop.
         drop(src);
@@ -756,6 +761,7 @@ mod tests {
             wakeup,
             stop,
             clock: Clock::new(),
+            resp: None,
         };
         (ctx, handle, rxs)
     }

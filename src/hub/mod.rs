@@ -148,6 +148,8 @@ pub enum UpstreamCmd {
     /// Redis-mode messages published on this core, framed once: for every core's log (the
     /// source thread hands the batch to every core, this one included).
     Publish(Published),
+    /// `PUBLISH` commands (RESP, ready to write) for the real Redis behind `--upstream-redis`.
+    RedisPublish(Bytes),
 }
 
 /// A batch of Redis-mode messages on its way to every core (equal when it is the same batch).

@@ -137,6 +137,7 @@ impl Hub {
         let head = self.log.head();
         let mut frames = BytesMut::new();
         let mut metas: Vec<LineMeta> = Vec::new();
+        let mut relay = BytesMut::new();
         let mut close = false;
         let mut any = false;
         for e in effects.drain(..) {
@@ -148,7 +149,7 @@ impl Hub {
                     None
                 }
                 Effect::Publish { channel, payload } => {
-                    Some(self.resp_publish(&channel, &payload, &mut frames, &mut metas))
+                    Some(self.resp_publish(&channel, &payload, &mut frames, &mut metas, &mut relay))
                 }
                 Effect::Get { db, key } => {
                     self.resp.as_ref().map(|core| match core.state.cache.get(db, &key, now.mono_ms) {
@@ -203,6 +204,9 @@ impl Hub {
         }
         if let Some(core) = self.resp.as_mut() {
             core.effects = effects;
+        }
+        if !relay.is_empty() {
+            self.outputs.push_back(HubOutput::Upstream(UpstreamCmd::RedisPublish(relay.freeze())));
         }
         if !metas.is_empty() {
             let batch = Arc::new(Batch::new(frames.freeze(), metas));
@@ -284,12 +288,17 @@ impl Hub {
 
     /// Frames one message into this read's batch; the reply is the receiver count. A channel
     /// with no subscriber anywhere takes no frame (Redis drops such a message too).
+    /// Frames one message into this read's batch, or, on a channel bridged to a real Redis,
+    /// into the PUBLISH commands for it; the reply is the receiver count (local subscribers
+    /// only, for a bridged channel). A channel with no subscriber anywhere takes no frame
+    /// (Redis drops such a message too).
     fn resp_publish(
         &mut self,
         name: &Bytes,
         payload: &[u8],
         frames: &mut BytesMut,
         metas: &mut Vec<LineMeta>,
+        relay: &mut BytesMut,
     ) -> Bytes {
         let Some(core) = self.resp.as_mut() else { return codec::integer(0) };
         let channel = match core.names.get(name) {
@@ -302,6 +311,12 @@ impl Hub {
                 c
             }
         };
+        if core.state.upstream_channels.contains(name) {
+            codec::put_command(relay, &[b"PUBLISH", name, payload]);
+            core.published += 1;
+            let receivers = channel.as_ref().map_or(0, |c| c.subscribers());
+            return codec::integer(i64::try_from(receivers).unwrap_or(i64::MAX));
+        }
         let Some(channel) = channel else { return codec::integer(0) };
         let receivers = channel.subscribers();
         if receivers == 0 {

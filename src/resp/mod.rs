@@ -87,6 +87,9 @@ pub struct RespConfig {
     pub cache_max_bytes: usize,
     /// Most distinct channel names over the life of the process.
     pub max_channels: usize,
+    /// With `--upstream-redis`: the channels bridged to the real Redis (a PUBLISH on them goes
+    /// there, and comes back to local subscribers through replhub's subscription).
+    pub upstream_channels: Vec<String>,
 }
 
 impl Default for RespConfig {
@@ -96,6 +99,7 @@ impl Default for RespConfig {
             output: OutputLimits::default(),
             cache_max_bytes: 64 << 20,
             max_channels: 65_536,
+            upstream_channels: Vec::new(),
         }
     }
 }
@@ -111,6 +115,8 @@ pub struct RespState {
     pub channels: Channels,
     /// The SET/GET store.
     pub cache: Cache,
+    /// Channels bridged to a real Redis (`--upstream-redis`).
+    pub upstream_channels: Vec<bytes::Bytes>,
 }
 
 impl RespState {
@@ -121,6 +127,11 @@ impl RespState {
             output: config.output,
             channels: Channels::new(config.max_channels, config.max_channels.saturating_mul(1024)),
             cache: Cache::new(config.cache_max_bytes),
+            upstream_channels: config
+                .upstream_channels
+                .iter()
+                .map(|c| bytes::Bytes::from(c.clone()))
+                .collect(),
         }
     }
 }

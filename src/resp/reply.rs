@@ -28,7 +28,7 @@ const MAX_BULK: usize = 512 << 20;
 
 /// Takes one complete reply off the front of `buf`: `Ok(None)` if more bytes are needed.
 pub fn take_reply(buf: &mut BytesMut) -> Result<Option<Reply>, BadReply> {
-    match measure(buf, 0)? {
+    match measure(buf)? {
         None => Ok(None),
         Some(len) => {
             let frame = buf.split_to(len).freeze();
@@ -38,8 +38,12 @@ pub fn take_reply(buf: &mut BytesMut) -> Result<Option<Reply>, BadReply> {
     }
 }
 
-/// The length of the reply at the front of `buf`, if complete.
-fn measure(buf: &[u8], depth: usize) -> Result<Option<usize>, BadReply> {
+/// The length of the reply at the front of `buf`, if it is complete.
+pub fn measure(buf: &[u8]) -> Result<Option<usize>, BadReply> {
+    measure_at(buf, 0)
+}
+
+fn measure_at(buf: &[u8], depth: usize) -> Result<Option<usize>, BadReply> {
     if depth > MAX_DEPTH {
         return Err(BadReply("nested too deep"));
     }
@@ -64,7 +68,7 @@ fn measure(buf: &[u8], depth: usize) -> Result<Option<usize>, BadReply> {
             let n = super::codec::parse_i64(head).ok_or(BadReply("bad array length"))?;
             let mut at = after;
             for _ in 0..n.max(0) {
-                match measure(&buf[at..], depth + 1)? {
+                match measure_at(&buf[at..], depth + 1)? {
                     Some(len) => at += len,
                     None => return Ok(None),
                 }
