@@ -228,7 +228,7 @@ impl Server {
             wakeup: source_wakeup,
             stop,
             clock,
-            resp: resp_state.clone(),
+            resp: resp_state,
         };
         let source_watch = watch.clone();
         let source_thread =
