@@ -106,10 +106,16 @@ fn framing_errors_close_as_redis_does(io: IoBackend) {
         b"PING 'a'b\r\n",
         b"*2\r\n$4\r\nPING\r\n$2\r\nhiXX*1\r\n$4\r\nQUIT\r\n",
         b"*1\r\n$600000000\r\n",
+        b"\x0bPING\r\nPING\t\x0c x\r\nQUIT\r\n",
     ]
     .iter()
     .map(|s| s.to_vec())
     .collect();
+    // A NUL hides the newline from Redis's inline parser: nothing is answered until the line
+    // passes 64 KiB.
+    let mut nul = b"PING\r\nPING\0x\r\nPING\r\n".to_vec();
+    nul.extend(std::iter::repeat_n(b'x', 70_000));
+    let scripts: Vec<Vec<u8>> = scripts.into_iter().chain([nul]).collect();
     same_replies(&redis, addr, &scripts);
     server.shutdown().expect("clean shutdown");
 }

@@ -122,6 +122,14 @@ impl Decoder {
                                 if args.len() > self.limits.max_args {
                                     return Err(ProtocolError::MultibulkLength);
                                 }
+                                // Within INLINE_MAX, and within the configured limits too
+                                // (which, at their defaults, only a multibulk can reach).
+                                let total: usize = args.iter().map(Bytes::len).sum();
+                                if total > self.limits.max_command_bytes
+                                    || args.iter().any(|a| a.len() > self.limits.max_bulk_len)
+                                {
+                                    return Err(ProtocolError::BigInline);
+                                }
                                 return Ok(Some(args));
                             }
                         }
@@ -225,7 +233,10 @@ pub fn parse_i64(s: &[u8]) -> Option<i64> {
 
 /// An inline command line (`PING\r\n`, `SET k "a b"\n`): `Ok(None)` if incomplete.
 fn inline(buf: &mut BytesMut) -> Result<Option<Vec<Bytes>>, ProtocolError> {
-    let Some(nl) = memchr::memchr(b'\n', buf) else {
+    // Redis looks for the newline with `strchr`, which stops at a NUL: a NUL before the
+    // newline leaves the command incomplete until the buffer passes INLINE_MAX.
+    let end = memchr::memchr(0, buf).unwrap_or(buf.len());
+    let Some(nl) = memchr::memchr(b'\n', &buf[..end]) else {
         if buf.len() > INLINE_MAX {
             return Err(ProtocolError::BigInline);
         }
@@ -244,13 +255,14 @@ fn inline(buf: &mut BytesMut) -> Result<Option<Vec<Bytes>>, ProtocolError> {
 
 /// Redis's `sdssplitargs`: words separated by spaces, `"double quotes"` with `\n \r \t \b \a
 /// \xHH \"` escapes, `'single quotes'` with `\'`; a closing quote must be followed by a space or
-/// the end. `None` for unbalanced quotes.
+/// the end. `None` for unbalanced quotes. As in C, a NUL byte ends the line.
 pub fn split_args(line: &[u8]) -> Option<Vec<Bytes>> {
+    let line = &line[..memchr::memchr(0, line).unwrap_or(line.len())];
     let mut out = Vec::new();
     let mut i = 0;
     let n = line.len();
     loop {
-        while i < n && line[i].is_ascii_whitespace() {
+        while i < n && is_c_space(line[i]) {
             i += 1;
         }
         if i == n {
@@ -283,7 +295,7 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Bytes>> {
                         other => other,
                     });
                 } else if c == b'"' {
-                    if i + 1 < n && !line[i + 1].is_ascii_whitespace() {
+                    if i + 1 < n && !is_c_space(line[i + 1]) {
                         return None;
                     }
                     i += 1;
@@ -300,7 +312,7 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Bytes>> {
                     i += 1;
                     cur.push(b'\'');
                 } else if c == b'\'' {
-                    if i + 1 < n && !line[i + 1].is_ascii_whitespace() {
+                    if i + 1 < n && !is_c_space(line[i + 1]) {
                         return None;
                     }
                     i += 1;
@@ -313,7 +325,9 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Bytes>> {
                     break;
                 }
                 match line[i] {
-                    b' ' | b'\n' | b'\r' | b'\t' | 0 => break,
+                    // Every byte that ends a word is one the skip above passes over, so each
+                    // turn of the outer loop consumes input.
+                    b' ' | b'\n' | b'\r' | b'\t' => break,
                     b'"' => inq = true,
                     b'\'' => insq = true,
                     c => cur.push(c),
@@ -323,6 +337,11 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Bytes>> {
         }
         out.push(Bytes::from(cur));
     }
+}
+
+/// C's `isspace`.
+const fn is_c_space(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
 }
 
 fn hex(c: u8) -> Option<u8> {
@@ -496,7 +515,9 @@ mod tests {
 
     #[test]
     fn incomplete_input_waits() {
-        for partial in [&b"*"[..], b"*2\r", b"*2\r\n$4\r\nPI", b"*1\r\n$4\r\nPING\r", b"PING"] {
+        for partial in
+            [&b"*"[..], b"*2\r", b"*2\r\n$4\r\nPI", b"*1\r\n$4\r\nPING\r", b"PING", b"PING\0\r\nPING\r\n"]
+        {
             let (cmds, err) = decode_all(partial, RespLimits::default(), true);
             assert!(cmds.is_empty() && err.is_none(), "{partial:?}");
         }
@@ -569,6 +590,8 @@ mod tests {
             ]
         );
         assert_eq!(split_args(b"   "), Some(vec![]));
+        assert_eq!(split_args(b"PING\0x y"), Some(vec![Bytes::from("PING")]), "a NUL ends the line, as in C");
+        assert_eq!(split_args(b"\0"), Some(vec![]));
         assert_eq!(split_args(b"'a"), None);
     }
 
@@ -580,6 +603,39 @@ mod tests {
         assert_eq!(parse_i64(b"-9223372036854775808"), Some(i64::MIN));
         for bad in [&b""[..], b"-", b"-0", b"01", b"+1", b" 1", b"1 ", b"9223372036854775808", b"1x"] {
             assert_eq!(parse_i64(bad), None, "{bad:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Any commands, encoded and cut into any pieces, decode to themselves.
+        #[test]
+        fn encoded_commands_decode_whole_under_any_chunking(
+            cmds in proptest::collection::vec(
+                proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..40), 1..6),
+                1..8,
+            ),
+            cuts in proptest::collection::vec(0usize..2000, 0..12),
+        ) {
+            let mut wire = BytesMut::new();
+            for c in &cmds {
+                put_command(&mut wire, &c.iter().map(Vec::as_slice).collect::<Vec<_>>());
+            }
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (wire.len() + 1)).collect();
+            cuts.sort_unstable();
+            let (got, err) = decode_split(&wire, &cuts, true);
+            proptest::prop_assert_eq!(err, None);
+            let got: Vec<Vec<Vec<u8>>> = got.iter().map(|c| c.iter().map(|a| a.to_vec()).collect()).collect();
+            proptest::prop_assert_eq!(got, cmds);
+        }
+
+        /// Any bytes at all: the decoder never panics, and never holds more than the limits.
+        #[test]
+        fn arbitrary_bytes_are_answered_or_awaited(data in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            let limits = RespLimits { max_args: 4, max_bulk_len: 64, max_command_bytes: 128 };
+            let (cmds, _) = decode_all(&data, limits, true);
+            for c in cmds {
+                proptest::prop_assert!(!c.is_empty() && c.len() <= 4 && c.iter().map(Bytes::len).sum::<usize>() <= 128);
+            }
         }
     }
 
