@@ -357,47 +357,68 @@ impl Session {
     }
 }
 
-/// Redis's `stringmatchlen` glob: `*`, `?`, `[abc]`, `[^a-z]`, `\\x`.
+/// Redis's `stringmatchlen` glob: `*`, `?`, `[abc]`, `[^a-z]`, `\\x`. Iterative, with one
+/// backtracking point (the last `*`), so a hostile pattern costs at most pattern × text steps.
 pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
-    match pattern.split_first() {
-        None => text.is_empty(),
-        Some((b'*', rest)) => (0..=text.len()).any(|i| glob_match(rest, &text[i..])),
-        Some((b'?', rest)) => !text.is_empty() && glob_match(rest, &text[1..]),
-        Some((b'[', rest)) => {
-            let Some((&c, text_rest)) = text.split_first() else { return false };
-            let (negate, mut p) = match rest.split_first() {
-                Some((b'^', r)) => (true, r),
-                _ => (false, rest),
-            };
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if pattern.get(p) == Some(&b'*') {
+            star = Some((p + 1, t));
+            p += 1;
+            continue;
+        }
+        if let Some(next) = match_one(pattern, p, text[t]) {
+            p = next;
+            t += 1;
+            continue;
+        }
+        match star {
+            // Let the last `*` take one more byte and retry from there.
+            Some((sp, st)) => {
+                star = Some((sp, st + 1));
+                p = sp;
+                t = st + 1;
+            }
+            None => return false,
+        }
+    }
+    while pattern.get(p) == Some(&b'*') {
+        p += 1;
+    }
+    p == pattern.len()
+}
+
+/// Whether the pattern element at `p` (not `*`) matches `c`; where the next element starts.
+fn match_one(pattern: &[u8], p: usize, c: u8) -> Option<usize> {
+    match pattern.get(p)? {
+        b'?' => Some(p + 1),
+        b'\\' if p + 1 < pattern.len() => (pattern[p + 1] == c).then_some(p + 2),
+        b'[' => {
+            let mut i = p + 1;
+            let negate = pattern.get(i) == Some(&b'^');
+            if negate {
+                i += 1;
+            }
             let mut matched = false;
-            loop {
-                match p {
-                    [] => break,
-                    [b']', r @ ..] => {
-                        p = r;
-                        break;
-                    }
-                    [b'\\', x, r @ ..] => {
-                        matched |= *x == c;
-                        p = r;
-                    }
-                    [a, b'-', z, r @ ..] if *z != b']' => {
-                        let (lo, hi) = if a <= z { (*a, *z) } else { (*z, *a) };
-                        matched |= (lo..=hi).contains(&c);
-                        p = r;
-                    }
-                    [x, r @ ..] => {
-                        matched |= *x == c;
-                        p = r;
-                    }
+            while i < pattern.len() && pattern[i] != b']' {
+                if pattern[i] == b'\\' && i + 1 < pattern.len() {
+                    matched |= pattern[i + 1] == c;
+                    i += 2;
+                } else if i + 2 < pattern.len() && pattern[i + 1] == b'-' && pattern[i + 2] != b']' {
+                    let (a, z) = (pattern[i], pattern[i + 2]);
+                    let (lo, hi) = if a <= z { (a, z) } else { (z, a) };
+                    matched |= (lo..=hi).contains(&c);
+                    i += 3;
+                } else {
+                    matched |= pattern[i] == c;
+                    i += 1;
                 }
             }
-            matched != negate && glob_match(p, text_rest)
+            // Past the `]` (or at the end of an unclosed class).
+            (matched != negate).then_some((i + 1).min(pattern.len()))
         }
-        Some((b'\\', rest)) if !rest.is_empty() => {
-            text.first() == Some(&rest[0]) && glob_match(&rest[1..], &text[1..])
-        }
-        Some((&c, rest)) => text.first() == Some(&c) && glob_match(rest, &text[1..]),
+        &lit => (lit == c).then_some(p + 1),
     }
 }
 
@@ -659,6 +680,10 @@ mod tests {
             ("[^s]n", "sn", false),
             ("a\\*", "a*", true),
             ("a\\*", "ab", false),
+            ("*a*a*a*a*a*a*a*a*b", &"a".repeat(4000), false),
+            ("*", "", true),
+            ("a*", "", false),
+            ("*x*", "axb", true),
         ] {
             assert_eq!(glob_match(p.as_bytes(), t.as_bytes()), m, "{p} {t}");
         }
