@@ -66,7 +66,8 @@ pub(super) struct Subscriptions {
     /// Asked for every stream the upstream serves (`ALL` or a bare `REPLICATE`), so a waiting
     /// stream the upstream turns out not to serve is skipped, not an error.
     pub all: bool,
-    /// Redis mode: channel ids subscribed, each delivered from a log line on.
+    /// Redis mode: channel ids subscribed, each delivered from a log line on; sorted by id,
+    /// so a delivery checks it in logarithmic time however many channels a client takes.
     pub channels: Vec<(u32, u64)>,
 }
 
@@ -89,9 +90,9 @@ impl Subscriptions {
     pub(super) fn wants(&self, meta: &LineMeta, seq: u64, broadcast: bool) -> bool {
         match StreamId::from_index(meta.stream as usize) {
             Some(s) => self.mask.contains(s) && seq >= self.from[s.index()],
-            None if meta.stream == PUBSUB => {
-                meta.channel().is_some_and(|ch| self.channels.iter().any(|&(c, from)| c == ch && seq >= from))
-            }
+            None if meta.stream == PUBSUB => meta.channel().is_some_and(|ch| {
+                self.channels.binary_search_by_key(&ch, |&(c, _)| c).is_ok_and(|i| seq >= self.channels[i].1)
+            }),
             None => broadcast,
         }
     }

@@ -65,8 +65,8 @@ pub(super) struct RespConn {
     pub peer: String,
     /// Since when the backlog is over the soft output limit.
     pub soft_since: Option<u64>,
-    /// Channels subscribed on this core, with their shared counters.
-    pub channels: Vec<Arc<Channel>>,
+    /// Channels subscribed on this core, by id, with their shared counters.
+    pub channels: HashMap<u32, Arc<Channel>>,
 }
 
 /// The word private lines of RESP connections are counted under (the outbound counters are
@@ -104,7 +104,7 @@ impl Hub {
             session: crate::resp::Session::new(Arc::clone(&state.session)),
             peer: peer.clone(),
             soft_since: None,
-            channels: Vec::new(),
+            channels: HashMap::new(),
         };
         let id = self.conns.insert_with(|_| {
             let mut c = Conn::new(session, outbox);
@@ -237,9 +237,10 @@ impl Hub {
         let c = self.conns.get_mut(id)?;
         let r = c.resp.as_mut()?;
         channel.add();
-        c.subs.channels.push((channel.id(), head.0));
+        let at = c.subs.channels.partition_point(|&(ch, _)| ch < channel.id());
+        c.subs.channels.insert(at, (channel.id(), head.0));
         core.subs.entry(channel.id()).or_default().push(id);
-        r.channels.push(channel);
+        r.channels.insert(channel.id(), channel);
         c.phase = ConnPhase::Subscribed;
         None
     }
@@ -250,9 +251,11 @@ impl Hub {
         let cid = channel.id();
         let Some(c) = self.conns.get_mut(id) else { return };
         let Some(r) = c.resp.as_mut() else { return };
-        let Some(i) = r.channels.iter().position(|ch| ch.id() == cid) else { return };
-        r.channels.swap_remove(i).remove();
-        c.subs.channels.retain(|&(ch, _)| ch != cid);
+        let Some(channel) = r.channels.remove(&cid) else { return };
+        channel.remove();
+        if let Ok(i) = c.subs.channels.binary_search_by_key(&cid, |&(ch, _)| ch) {
+            c.subs.channels.remove(i);
+        }
         if c.subs.channels.is_empty() {
             c.phase = ConnPhase::Connected;
         }
@@ -278,7 +281,7 @@ impl Hub {
         let Some(r) = c.resp.as_mut() else { return };
         c.subs.channels.clear();
         let channels = std::mem::take(&mut r.channels);
-        for ch in channels {
+        for ch in channels.into_values() {
             ch.remove();
             if let Some(list) = self.resp.as_mut().and_then(|core| core.subs.get_mut(&ch.id())) {
                 list.retain(|&x| x != id);

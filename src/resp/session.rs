@@ -107,8 +107,11 @@ pub struct Session {
     decoder: Decoder,
     buf: BytesMut,
     authed: bool,
-    /// Subscribed channels, in subscription order.
-    channels: Vec<Bytes>,
+    /// Subscribed channels, each with its subscription's sequence number (for the order of
+    /// `UNSUBSCRIBE` with no argument): constant time per SUBSCRIBE and UNSUBSCRIBE.
+    channels: std::collections::HashMap<Bytes, u64>,
+    /// Sequence number of the next subscription.
+    next_sub: u64,
     name: Option<Bytes>,
     db: u8,
     closed: bool,
@@ -122,16 +125,19 @@ impl Session {
             authed: config.password.is_none(),
             config,
             buf: BytesMut::new(),
-            channels: Vec::new(),
+            channels: std::collections::HashMap::new(),
+            next_sub: 0,
             name: None,
             db: 0,
             closed: false,
         }
     }
 
-    /// Channels subscribed.
-    pub fn channels(&self) -> &[Bytes] {
-        &self.channels
+    /// Channels subscribed, in subscription order.
+    pub fn channels(&self) -> Vec<Bytes> {
+        let mut chs: Vec<(&Bytes, &u64)> = self.channels.iter().collect();
+        chs.sort_by_key(|&(_, seq)| *seq);
+        chs.into_iter().map(|(c, _)| c.clone()).collect()
     }
 
     /// The `CLIENT SETNAME` name.
@@ -229,8 +235,9 @@ impl Session {
             "echo" => out.push(reply(codec::bulk(&args[1]))),
             "subscribe" => {
                 for ch in &args[1..] {
-                    if !self.channels.contains(ch) {
-                        self.channels.push(ch.clone());
+                    if !self.channels.contains_key(ch) {
+                        self.channels.insert(ch.clone(), self.next_sub);
+                        self.next_sub += 1;
                         out.push(Effect::Subscribe(ch.clone()));
                     }
                     out.push(reply(codec::subscription("subscribe", Some(ch), self.channels.len())));
@@ -241,8 +248,7 @@ impl Session {
                     self.unsubscribe_all(out);
                 } else {
                     for ch in &args[1..] {
-                        if let Some(i) = self.channels.iter().position(|c| c == ch) {
-                            self.channels.remove(i);
+                        if self.channels.remove(ch).is_some() {
                             out.push(Effect::Unsubscribe(ch.clone()));
                         }
                         out.push(reply(codec::subscription("unsubscribe", Some(ch), self.channels.len())));
@@ -315,17 +321,19 @@ impl Session {
             out.push(Effect::Reply(codec::subscription("unsubscribe", None, 0)));
             return;
         }
-        while !self.channels.is_empty() {
-            let ch = self.channels.remove(0);
+        let all = self.channels();
+        self.channels.clear();
+        for (i, ch) in all.iter().enumerate() {
             out.push(Effect::Unsubscribe(ch.clone()));
-            out.push(Effect::Reply(codec::subscription("unsubscribe", Some(&ch), self.channels.len())));
+            out.push(Effect::Reply(codec::subscription("unsubscribe", Some(ch), all.len() - i - 1)));
         }
     }
 
     fn unsubscribe_all_silently(&mut self, out: &mut Vec<Effect>) {
-        for ch in self.channels.drain(..) {
+        for ch in self.channels() {
             out.push(Effect::Unsubscribe(ch));
         }
+        self.channels.clear();
     }
 
     fn auth(&mut self, args: &[Bytes]) -> Bytes {
