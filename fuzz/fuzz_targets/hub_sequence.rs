@@ -493,7 +493,9 @@ impl Fuzz {
                     SyncState::End => assert!(self.syncing.remove(&user_id), "end without start"),
                 },
                 // Only Redis-mode clients publish, and this target drives none.
-                UpstreamCmd::Publish(_) | UpstreamCmd::RedisPublish(_) => panic!("a replication worker published"),
+                UpstreamCmd::Publish(_) | UpstreamCmd::RedisPublish(_) => {
+                    panic!("a replication worker published")
+                }
             }
         }
     }
