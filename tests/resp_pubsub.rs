@@ -284,3 +284,48 @@ fn tail_resp_prints_replication_traffic_from_a_real_redis() {
     let redis = resp_common::RedisServer::start(&[]);
     tail_prints_the_channel(redis.addr);
 }
+
+/// RESP clients appear in the per-connection metrics like workers, named by `CLIENT SETNAME`
+/// (else their address), and RDATA published is counted by stream and writer instance.
+#[test]
+fn metrics_name_resp_clients_and_count_rdata_by_writer() {
+    let mut config = replhub::config::ServeConfig::new(replhub::config::SourceConfig::None);
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    config.resp_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    config.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    config.threads = 2;
+    config.io = IoBackend::Epoll;
+    let server = replhub::server::Server::start(config).expect("server starts");
+    let addr = server.resp_addr().expect("resp");
+    let mut sub = Client::connect(addr);
+    assert_eq!(sub.call(&["CLIENT", "SETNAME", "synapse-main-sub"]), Reply::Simple("OK".into()));
+    subscribe(&mut sub, &["sn"]);
+    let mut publ = Client::connect(addr);
+    let anon = publ.stream.local_addr().expect("addr").to_string();
+    for row in ["RDATA events master 5 [1]", "RDATA events persister1 6 [1]", "RDATA events master 7 [1]"] {
+        assert_eq!(publ.call(&["PUBLISH", "sn", row]), Reply::Int(1));
+    }
+    for _ in 0..3 {
+        message(&sub.read());
+    }
+    let scrape = || {
+        let mut http =
+            std::net::TcpStream::connect(server.metrics_addr().expect("metrics")).expect("connect");
+        http.set_read_timeout(Some(WAIT)).expect("timeout");
+        http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("request");
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut http, &mut text).expect("response");
+        text
+    };
+    let text = scrape();
+    for line in [
+        "synapse_replication_tcp_protocol_pending_commands{name=\"synapse-main-sub\"} 0".to_owned(),
+        format!("synapse_replication_tcp_protocol_pending_commands{{name=\"{anon}\"}} 0"),
+        "replhub_resp_published_total 3".to_owned(),
+        "replhub_resp_rdata_published_total{instance=\"master\",stream=\"events\"} 2".to_owned(),
+        "replhub_resp_rdata_published_total{instance=\"persister1\",stream=\"events\"} 1".to_owned(),
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+    }
+    server.shutdown().expect("clean shutdown");
+}
