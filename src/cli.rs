@@ -24,7 +24,8 @@ pub(crate) struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve workers from one upstream master (or the built-in synthetic one).
-    Serve(ServeArgs),
+    // Boxed: the serve options are the largest variant by far, and parsed once.
+    Serve(Box<ServeArgs>),
     /// Connect as a worker and print what it receives.
     Tail(TailArgs),
     /// Load-test the hub (or Redis pub/sub) end to end over loopback.
@@ -83,6 +84,20 @@ struct TailArgs {
     /// The NAME to announce
     #[arg(long, value_name = "NAME", default_value = "replhub-tail")]
     name: String,
+    /// Redis mode: subscribe to a Redis-based deployment's channels on this Redis (or replhub
+    /// --resp-listen) instead of connecting as a worker
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["stream", "name"])]
+    resp: Option<String>,
+    /// Redis mode: the channel to subscribe to (repeatable; Synapse's is its server name, and
+    /// `<name>/USER_IP`) [default: every channel with subscribers]
+    #[arg(long, value_name = "NAME", requires = "resp")]
+    channel: Vec<String>,
+    /// Redis mode: AUTH with this password
+    #[arg(long, value_name = "PASSWORD", requires = "resp")]
+    password: Option<String>,
+    /// Redis mode: AUTH as this user (with --password)
+    #[arg(long, value_name = "USER", requires = "password")]
+    user: Option<String>,
     /// Log level or filter [default: $RUST_LOG, else warn]
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
@@ -119,7 +134,7 @@ pub(crate) fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Tail(args) => tail(args),
         Command::Loadtest(args) => replhub::loadtest::cli(args),
         Command::Top(args) => top(&args),
@@ -187,6 +202,18 @@ fn top(args: &TopArgs) -> anyhow::Result<()> {
 
 fn tail(args: TailArgs) -> anyhow::Result<()> {
     init_logging(args.log_level.as_deref(), "warn")?;
+    if let Some(connect) = args.resp {
+        let opts = replhub::tail::RespTailOptions {
+            connect,
+            channels: args.channel,
+            password: args.password,
+            user: args.user,
+            decode: args.decode,
+            count: args.count,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        return rt.block_on(replhub::tail::run_resp(opts));
+    }
     let opts = replhub::tail::TailOptions {
         connect: args.connect,
         stream: args.stream,

@@ -57,6 +57,59 @@ pub enum SourceConfig {
         /// Pad rows to about this many bytes per line.
         line_size: Option<usize>,
     },
+    /// A real Redis (`--upstream-redis`): Redis mode bridged to it. replhub subscribes once
+    /// to the Synapse channels there, delivers what arrives to its own RESP clients, and
+    /// publishes their messages on those channels there (they come back through the
+    /// subscription, so every client gets each message once).
+    Redis(RedisUpstream),
+    /// No replication source: Redis mode alone (`--resp-listen` without `--upstream` or
+    /// `--synthetic`), replhub as a pub/sub broker.
+    None,
+}
+
+/// Where `--upstream-redis` points, parsed from `redis://[[user]:password@]HOST:PORT[/db]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisUpstream {
+    /// `HOST:PORT`.
+    pub addr: String,
+    /// AUTH user, if given.
+    pub user: Option<String>,
+    /// AUTH password, if given.
+    pub password: Option<String>,
+    /// The channels subscribed there: the server name and `<server name>/USER_IP`.
+    pub channels: Vec<String>,
+}
+
+impl RedisUpstream {
+    /// Parses the URL; `server_name` names the channels.
+    pub fn parse(url: &str, server_name: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| {
+            ConfigError::new(format!(
+                "--upstream-redis {url:?}: {why} (expected redis://[[user]:password@]HOST:PORT[/db])"
+            ))
+        };
+        let rest = url.strip_prefix("redis://").ok_or_else(|| bad("not a redis:// URL"))?;
+        let (auth, hostpart) = match rest.rsplit_once('@') {
+            Some((a, h)) => (Some(a), h),
+            None => (None, rest),
+        };
+        // The database does not matter to pub/sub (channels are global in Redis).
+        let addr = hostpart.split('/').next().unwrap_or_default();
+        check_host_port(addr, "--upstream-redis").map_err(|_| bad("bad HOST:PORT"))?;
+        let (user, password) = match auth {
+            None => (None, None),
+            Some(a) => match a.split_once(':') {
+                Some((u, p)) => ((!u.is_empty()).then(|| u.to_owned()), Some(p.to_owned())),
+                None => (None, Some(a.to_owned())),
+            },
+        };
+        Ok(Self {
+            addr: addr.to_owned(),
+            user,
+            password,
+            channels: vec![server_name.to_owned(), format!("{server_name}/USER_IP")],
+        })
+    }
 }
 
 /// Everything `serve` needs, validated.
@@ -78,6 +131,10 @@ pub struct ServeConfig {
     pub worker_sndbuf: usize,
     /// `/healthz` turns 503 once the upstream has been disconnected for longer than this (ms).
     pub health_upstream_grace_ms: u64,
+    /// Redis-mode listen address (`--resp-listen`); `None`: no Redis mode.
+    pub resp_listen: Option<SocketAddr>,
+    /// Redis-mode settings (used when `resp_listen` is set).
+    pub resp: crate::resp::RespConfig,
 }
 
 /// Default `--health-upstream-grace`: long enough for a reconnect with backoff, short enough
@@ -114,19 +171,39 @@ impl ServeConfig {
             hub,
             worker_sndbuf: DEFAULT_WORKER_SNDBUF,
             health_upstream_grace_ms: DEFAULT_HEALTH_UPSTREAM_GRACE_MS,
+            resp_listen: None,
+            resp: crate::resp::RespConfig::default(),
         }
     }
 
     /// Validates user options (flags already merged over the file).
     pub fn from_options(opts: &ServeOptions) -> Result<Self, ConfigError> {
         let source = match (&opts.upstream, opts.synthetic) {
+            _ if opts.upstream_redis.is_some() => {
+                let url = opts.upstream_redis.as_deref().unwrap_or_default();
+                if opts.upstream.is_some() || opts.synthetic.is_some() {
+                    return Err(ConfigError::new("give one of --upstream, --synthetic and --upstream-redis"));
+                }
+                if opts.resp_listen.is_none() {
+                    return Err(ConfigError::new(
+                        "--upstream-redis needs --resp-listen (it bridges Redis mode)",
+                    ));
+                }
+                let Some(name) = &opts.server_name else {
+                    return Err(ConfigError::new(
+                        "--upstream-redis needs --server-name (Synapse's channels are named after it)",
+                    ));
+                };
+                SourceConfig::Redis(RedisUpstream::parse(url, name)?)
+            }
             (Some(_), Some(_)) => {
                 return Err(ConfigError::new("give either --upstream or --synthetic, not both"))
             }
+            (None, None) if opts.resp_listen.is_some() => SourceConfig::None,
             (None, None) => {
                 return Err(ConfigError::new(
-                    "no data source: give --upstream HOST:PORT (a Synapse master) or --synthetic RATE \
-                     (the built-in generator)",
+                    "no data source: give --upstream HOST:PORT (a Synapse master), --synthetic RATE \
+                     (the built-in generator) or --resp-listen ADDR (Redis mode alone)",
                 ))
             }
             (Some(addr), None) => {
@@ -237,6 +314,7 @@ impl ServeConfig {
             config.health_upstream_grace_ms = parse_duration_ms(&t)
                 .map_err(|e| ConfigError::new(format!("--health-upstream-grace {t:?}: {e}")))?;
         }
+        resp_options(opts, &mut config)?;
         Ok(config)
     }
 
@@ -246,8 +324,96 @@ impl ServeConfig {
             SourceConfig::Upstream { addr, .. } => format!("upstream {addr}"),
             SourceConfig::Synthetic { rate: 0, .. } => "synthetic (unlimited rate)".to_owned(),
             SourceConfig::Synthetic { rate, .. } => format!("synthetic ({rate} lines/s)"),
+            SourceConfig::None => "none (Redis mode only)".to_owned(),
+            SourceConfig::Redis(r) => format!("redis {}", r.addr),
         }
     }
+}
+
+/// The Redis-mode options (`--resp-*`).
+fn resp_options(opts: &ServeOptions, config: &mut ServeConfig) -> Result<(), ConfigError> {
+    let Some(listen) = &opts.resp_listen else {
+        let given = opts.resp_password.is_some()
+            || opts.resp_user.is_some()
+            || opts.resp_max_bulk_len.is_some()
+            || opts.resp_max_args.is_some()
+            || opts.resp_output_limit.is_some()
+            || opts.resp_cache_max_bytes.is_some();
+        if given {
+            return Err(ConfigError::new("the --resp-* options only apply with --resp-listen"));
+        }
+        return Ok(());
+    };
+    config.resp_listen = Some(resolve(listen, "--resp-listen")?);
+    let resp = &mut config.resp;
+    if let SourceConfig::Redis(r) = &config.source {
+        resp.upstream_channels = r.channels.clone();
+    }
+    if opts.resp_user.is_some() && opts.resp_password.is_none() {
+        return Err(ConfigError::new("--resp-user needs --resp-password"));
+    }
+    if let Some(p) = &opts.resp_password {
+        if p.is_empty() {
+            return Err(ConfigError::new("--resp-password must not be empty"));
+        }
+    }
+    resp.session.password = opts.resp_password.clone();
+    resp.session.user = opts.resp_user.clone();
+    if let Some(q) = &opts.resp_max_bulk_len {
+        let q = q.to_string();
+        let n = parse_bytes(&q).map_err(|e| ConfigError::new(format!("--resp-max-bulk-len {q:?}: {e}")))?;
+        if !(1 << 10..=1 << 30).contains(&n) {
+            return Err(ConfigError::new(format!("--resp-max-bulk-len {q:?} is out of range (1KiB..=1GiB)")));
+        }
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        resp.session.limits.max_bulk_len = n;
+        resp.session.limits.max_command_bytes = resp.session.limits.max_command_bytes.max(n);
+    }
+    if let Some(n) = opts.resp_max_args {
+        if !(3..=1 << 20).contains(&n) {
+            return Err(ConfigError::new(format!("--resp-max-args {n} is out of range (3..=1048576)")));
+        }
+        resp.session.limits.max_args = n;
+    }
+    if let Some(text) = &opts.resp_output_limit {
+        let parts: Vec<&str> = text.split_whitespace().collect();
+        let bad = || {
+            ConfigError::new(format!(
+                "--resp-output-limit {text:?}: expected \"HARD SOFT SECONDS\" as Redis's \
+                 client-output-buffer-limit (e.g. \"32mb 8mb 60\", 0 for none)"
+            ))
+        };
+        let [hard, soft, secs] = parts[..] else { return Err(bad()) };
+        resp.output.hard = redis_memory(hard).ok_or_else(bad)?;
+        resp.output.soft = redis_memory(soft).ok_or_else(bad)?;
+        resp.output.soft_ms = secs.parse::<u64>().map_err(|_| bad())?.saturating_mul(1000);
+    }
+    if let Some(q) = &opts.resp_cache_max_bytes {
+        let q = q.to_string();
+        let n =
+            parse_bytes(&q).map_err(|e| ConfigError::new(format!("--resp-cache-max-bytes {q:?}: {e}")))?;
+        resp.cache_max_bytes = usize::try_from(n).unwrap_or(usize::MAX);
+    }
+    Ok(())
+}
+
+/// A memory amount as Redis's config reads it (`memtoull`): `k`/`m`/`g` are powers of 1000,
+/// `kb`/`mb`/`gb` powers of 1024, case-insensitive.
+fn redis_memory(s: &str) -> Option<u64> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" => 1_000,
+        "kb" => 1 << 10,
+        "m" => 1_000_000,
+        "mb" => 1 << 20,
+        "g" => 1_000_000_000,
+        "gb" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }
 
 /// The number of CPUs this process may use (the default for `--threads`).
@@ -361,6 +527,43 @@ pub struct ServeOptions {
     #[arg(long, value_name = "SECS")]
     #[serde(alias = "health_upstream_grace")]
     pub health_upstream_grace: Option<Quantity>,
+    /// Redis mode: also speak RESP2 (Redis pub/sub, SET/GET) on this address, so Synapse's
+    /// `redis:` replication can point here. Alone (no --upstream/--synthetic), replhub is a
+    /// pure pub/sub broker
+    #[arg(long, value_name = "ADDR")]
+    #[serde(alias = "resp_listen")]
+    pub resp_listen: Option<String>,
+    /// Redis mode bridged to a real Redis: subscribe there once to the Synapse channels
+    /// (--server-name and <name>/USER_IP), deliver to local RESP clients, publish their
+    /// messages on those channels there
+    #[arg(long, value_name = "redis://[[USER]:PASS@]HOST:PORT[/DB]")]
+    #[serde(alias = "upstream_redis")]
+    pub upstream_redis: Option<String>,
+    /// Redis mode: require AUTH with this password (Redis's requirepass)
+    #[arg(long, value_name = "PASSWORD")]
+    #[serde(alias = "resp_password")]
+    pub resp_password: Option<String>,
+    /// Redis mode: the user name `AUTH user password` accepts [default: default]
+    #[arg(long, value_name = "USER")]
+    #[serde(alias = "resp_user")]
+    pub resp_user: Option<String>,
+    /// Redis mode: largest argument (and command) accepted, in bytes [default: 64MiB]
+    #[arg(long, value_name = "BYTES")]
+    #[serde(alias = "resp_max_bulk_len")]
+    pub resp_max_bulk_len: Option<Quantity>,
+    /// Redis mode: most arguments in one command [default: 1024]
+    #[arg(long, value_name = "N")]
+    #[serde(alias = "resp_max_args")]
+    pub resp_max_args: Option<usize>,
+    /// Redis mode: "HARD SOFT SECONDS", Redis's client-output-buffer-limit for subscribers
+    /// [default: "32mb 8mb 60"]
+    #[arg(long, value_name = "LIMITS")]
+    #[serde(alias = "resp_output_limit")]
+    pub resp_output_limit: Option<String>,
+    /// Redis mode: memory bound of the SET/GET store [default: 64MiB]
+    #[arg(long, value_name = "BYTES")]
+    #[serde(alias = "resp_cache_max_bytes")]
+    pub resp_cache_max_bytes: Option<Quantity>,
     /// Log level or filter (trace, debug, info, warn, error, or a RUST_LOG-style filter)
     /// [default: $RUST_LOG, else info]
     #[arg(long, value_name = "LEVEL")]
@@ -399,6 +602,14 @@ impl ServeOptions {
             worker_sndbuf: self.worker_sndbuf.or(file.worker_sndbuf),
             health_upstream_grace: self.health_upstream_grace.or(file.health_upstream_grace),
             log_level: self.log_level.or(file.log_level),
+            resp_listen: self.resp_listen.or(file.resp_listen),
+            upstream_redis: self.upstream_redis.or(file.upstream_redis),
+            resp_password: self.resp_password.or(file.resp_password),
+            resp_user: self.resp_user.or(file.resp_user),
+            resp_max_bulk_len: self.resp_max_bulk_len.or(file.resp_max_bulk_len),
+            resp_max_args: self.resp_max_args.or(file.resp_max_args),
+            resp_output_limit: self.resp_output_limit.or(file.resp_output_limit),
+            resp_cache_max_bytes: self.resp_cache_max_bytes.or(file.resp_cache_max_bytes),
         }
     }
 
@@ -564,6 +775,24 @@ mod tests {
         let bad = ServeOptions { health_upstream_grace: Some(Quantity::Text("soon".into())), ..opts() };
         let err = ServeConfig::from_options(&bad).unwrap_err().to_string();
         assert!(err.starts_with("--health-upstream-grace \"soon\""), "{err}");
+    }
+
+    #[test]
+    fn redis_mode_alone_is_a_source_and_reads_redis_units() {
+        let opts = ServeOptions {
+            resp_listen: Some("127.0.0.1:0".into()),
+            listen: Some("127.0.0.1:0".into()),
+            resp_output_limit: Some("1mb 2k 3".into()),
+            ..ServeOptions::default()
+        };
+        let c = ServeConfig::from_options(&opts).expect("valid");
+        assert_eq!(c.source, SourceConfig::None);
+        assert_eq!(c.resp.output, crate::resp::OutputLimits { hard: 1 << 20, soft: 2_000, soft_ms: 3_000 });
+        let bad = ServeOptions { resp_output_limit: Some("1mb".into()), ..opts };
+        assert!(ServeConfig::from_options(&bad).is_err());
+        let orphan =
+            ServeOptions { resp_password: Some("x".into()), synthetic: Some(1), ..ServeOptions::default() };
+        assert!(ServeConfig::from_options(&orphan).is_err());
     }
 
     #[test]

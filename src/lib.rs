@@ -31,6 +31,8 @@ pub mod time;
 mod driver;
 mod hub;
 mod metrics;
+#[doc(hidden)]
+pub mod resp;
 mod synthetic;
 mod upstream;
 

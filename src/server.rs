@@ -54,6 +54,7 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 /// it does the same, ignoring errors.
 pub struct Server {
     local_addr: SocketAddr,
+    resp_addr: Option<SocketAddr>,
     backend: &'static str,
     fallback: Option<String>,
     cores: Vec<Inbox<CoreMsg>>,
@@ -151,11 +152,29 @@ impl Server {
             );
         }
 
+        // Redis mode: one more SO_REUSEPORT listener per core, and the state the cores share.
+        let mut resp_listeners: Vec<Option<std::net::TcpListener>> = (0..threads).map(|_| None).collect();
+        let mut resp_addr = None;
+        let resp_state = config.resp_listen.map(|_| Arc::new(crate::resp::RespState::new(&config.resp)));
+        if let Some(addr) = config.resp_listen {
+            let first =
+                bind_listener(addr).with_context(|| format!("cannot listen on {addr} (--resp-listen)"))?;
+            let bound = first.local_addr()?;
+            resp_addr = Some(bound);
+            resp_listeners[0] = Some(first);
+            for slot in resp_listeners.iter_mut().skip(1) {
+                *slot = Some(
+                    bind_listener(bound)
+                        .with_context(|| format!("cannot bind another SO_REUSEPORT listener on {bound}"))?,
+                );
+            }
+        }
+
         let clock = Clock::new();
         let (source, commands_rx, control_rx, source_wakeup, stop) = SourceHandle::new();
         let mut cores = Vec::with_capacity(threads);
         let mut contexts = Vec::with_capacity(threads);
-        for (index, listener) in listeners.into_iter().enumerate() {
+        for (index, (listener, resp_listener)) in listeners.into_iter().zip(resp_listeners).enumerate() {
             let (wakeup, wake) = match backend {
                 IoBackend::Uring => uring::new_wakeup().context("cannot create an io_uring wake-up")?,
                 _ => epoll::new_wakeup(),
@@ -171,6 +190,7 @@ impl Server {
                 upstream: source.commands(),
                 clock,
                 worker_sndbuf: config.worker_sndbuf,
+                resp: resp_listener.zip(resp_state.clone()),
             });
         }
 
@@ -211,6 +231,7 @@ impl Server {
             wakeup: source_wakeup,
             stop,
             clock,
+            resp: resp_state,
         };
         let source_watch = watch.clone();
         let source_thread =
@@ -231,6 +252,7 @@ impl Server {
 
         let mut server = Self {
             local_addr,
+            resp_addr,
             backend: backend_name,
             fallback,
             cores,
@@ -269,6 +291,7 @@ impl Server {
         }
         tracing::info!(
             listen = %local_addr,
+            resp = %resp_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
             metrics = %server.metrics_addr().map_or_else(|| "off".to_owned(), |a| a.to_string()),
             threads,
             source = config.source_label(),
@@ -280,6 +303,11 @@ impl Server {
     /// The worker-facing address (with the real port when the config said port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The Redis-mode (RESP) address, with the real port, when `--resp-listen` is on.
+    pub fn resp_addr(&self) -> Option<SocketAddr> {
+        self.resp_addr
     }
 
     /// The `/metrics` address, unless metrics are off.

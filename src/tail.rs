@@ -14,6 +14,10 @@
 //! from 1.13, `prev` from 1.22). The RDATA layout is learnt from the first POSITION, and
 //! told per line before that.
 //!
+//! With `--resp ADDR` it subscribes to the Redis pub/sub channels of a Redis-based deployment
+//! instead (Synapse 1.13+; replhub in Redis mode, or a real Redis) and prints each message's
+//! payload, one replication command per line.
+//!
 //! Rows are parsed with simd-json (in a scratch copy: it parses in place), falling back to
 //! replhub's own JSON parser for what simd-json refuses (NaN, integers beyond 64 bits).
 use std::io::{self, Write};
@@ -24,6 +28,7 @@ use simd_json::BorrowedValue;
 use crate::client::{Client, ClientError, ClientOptions};
 use crate::proto::generation::{parse_any_position, parse_any_rdata, AnyPosition, RdataForm};
 use crate::proto::{json, CommandWord, Line, StreamId, Token};
+use crate::resp::reply::{take_reply, Reply};
 use crate::synthetic::shape::{self, RowShape};
 
 /// What `tail` does.
@@ -107,6 +112,165 @@ pub async fn run_to<W: Write>(opts: &TailOptions, out: &mut W) -> anyhow::Result
             Err(e) => return fail(client, e).await,
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis mode: `tail --resp`
+
+/// What `tail --resp` does: subscribe to a Redis-based deployment's replication channels (on
+/// replhub in Redis mode, or on a real Redis) and print each message's payload (a replication
+/// command line) as a line.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RespTailOptions {
+    /// `HOST:PORT` of the Redis server (or of replhub's `--resp-listen`).
+    pub connect: String,
+    /// Channels to subscribe to (Synapse's is the server name, plus `<name>/USER_IP`);
+    /// empty: every channel that has subscribers (`PUBSUB CHANNELS`).
+    pub channels: Vec<String>,
+    /// `AUTH` with this password (and `user`, if given) first.
+    pub password: Option<String>,
+    /// The user for `AUTH`.
+    pub user: Option<String>,
+    /// Print RDATA rows as named JSON objects (with their writer's instance).
+    pub decode: bool,
+    /// Exit after this many RDATA messages.
+    pub count: Option<u64>,
+}
+
+/// Connects and prints to stdout until the server closes, `count` RDATA were printed, or
+/// stdout is closed.
+pub async fn run_resp(opts: RespTailOptions) -> anyhow::Result<()> {
+    let mut out = io::BufWriter::with_capacity(1 << 16, io::stdout());
+    match run_resp_to(&opts, &mut out).await {
+        Err(e) if is_broken_pipe(&e) => Ok(()),
+        other => other,
+    }
+}
+
+/// A RESP connection for `tail --resp`: commands out, replies in.
+struct RespConn {
+    stream: tokio::net::TcpStream,
+    buf: bytes::BytesMut,
+}
+
+impl RespConn {
+    async fn call(&mut self, args: &[&[u8]]) -> anyhow::Result<Reply> {
+        self.send(args).await?;
+        self.next().await?.context("the server closed the connection")
+    }
+
+    async fn send(&mut self, args: &[&[u8]]) -> anyhow::Result<()> {
+        use tokio::io::AsyncWriteExt as _;
+        let mut b = bytes::BytesMut::new();
+        crate::resp::codec::put_command(&mut b, args);
+        self.stream.write_all(&b).await?;
+        Ok(())
+    }
+
+    /// The next reply; `None` once the server closed.
+    async fn next(&mut self) -> anyhow::Result<Option<Reply>> {
+        use tokio::io::AsyncReadExt as _;
+        loop {
+            if let Some(r) = take_reply(&mut self.buf)? {
+                return Ok(Some(r));
+            }
+            self.buf.reserve(64 << 10);
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Whether a reply is already buffered (so printing need not flush yet).
+    fn has_buffered(&self) -> bool {
+        !self.buf.is_empty()
+    }
+}
+
+/// [`run_resp`] writing to `out`.
+pub async fn run_resp_to<W: Write>(opts: &RespTailOptions, out: &mut W) -> anyhow::Result<()> {
+    let stream = tokio::net::TcpStream::connect(opts.connect.as_str())
+        .await
+        .with_context(|| format!("cannot connect to {}", opts.connect))?;
+    stream.set_nodelay(true)?;
+    let mut conn = RespConn { stream, buf: bytes::BytesMut::new() };
+    if let Some(password) = &opts.password {
+        let reply = match &opts.user {
+            Some(user) => conn.call(&[b"AUTH", user.as_bytes(), password.as_bytes()]).await?,
+            None => conn.call(&[b"AUTH", password.as_bytes()]).await?,
+        };
+        expect_ok(&reply, "AUTH")?;
+    }
+    let mut channels: Vec<Vec<u8>> = opts.channels.iter().map(|c| c.as_bytes().to_vec()).collect();
+    if channels.is_empty() {
+        match conn.call(&[b"PUBSUB", b"CHANNELS"]).await? {
+            Reply::Array(Some(items)) => {
+                for item in items {
+                    if let Reply::Bulk(Some(name)) = item {
+                        channels.push(name.to_vec());
+                    }
+                }
+            }
+            other => anyhow::bail!("PUBSUB CHANNELS: unexpected reply {other:?}"),
+        }
+        if channels.is_empty() {
+            anyhow::bail!("no channel has subscribers yet; give --channel (Synapse's is its server name)");
+        }
+    }
+    let mut args: Vec<&[u8]> = vec![b"SUBSCRIBE"];
+    args.extend(channels.iter().map(Vec::as_slice));
+    conn.send(&args).await?;
+    for _ in &channels {
+        match conn.next().await? {
+            Some(Reply::Array(Some(items)))
+                if items.first() == Some(&Reply::Bulk(Some("subscribe".into()))) => {}
+            other => anyhow::bail!("SUBSCRIBE: unexpected reply {other:?}"),
+        }
+    }
+    let mut decoder = opts.decode.then(RowDecoder::default);
+    let mut rdata = 0u64;
+    while let Some(reply) = conn.next().await? {
+        let Some((_, payload)) = reply.as_message() else { continue };
+        let rdata_head = payload.strip_prefix(b"RDATA ").and_then(split_rdata_1_13);
+        match (&mut decoder, rdata_head) {
+            (Some(d), Some((stream, instance, token, row))) => {
+                out.write_all(d.decode_with_instance(stream, Some(instance), token, row))?;
+            }
+            _ => out.write_all(payload)?,
+        }
+        out.write_all(b"\n")?;
+        if payload.starts_with(b"RDATA ") {
+            rdata += 1;
+            if opts.count.is_some_and(|n| rdata >= n) {
+                break;
+            }
+        }
+        if !conn.has_buffered() {
+            out.flush()?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn expect_ok(reply: &Reply, what: &str) -> anyhow::Result<()> {
+    match reply {
+        Reply::Simple(s) if s[..] == *b"OK" => Ok(()),
+        Reply::Error(e) => anyhow::bail!("{what}: {}", String::from_utf8_lossy(e)),
+        other => anyhow::bail!("{what}: unexpected reply {other:?}"),
+    }
+}
+
+/// `<stream> <instance> <token> <row>`, the RDATA form Synapse sends over Redis (1.13+).
+fn split_rdata_1_13(args: &[u8]) -> Option<(&str, &str, Token, &[u8])> {
+    let mut parts = args.splitn(4, |&b| b == b' ');
+    let stream = std::str::from_utf8(parts.next()?).ok()?;
+    let instance = std::str::from_utf8(parts.next()?).ok()?;
+    let token = match parts.next()? {
+        b"batch" => Token::Batch,
+        t => Token::Value(std::str::from_utf8(t).ok()?.parse().ok()?),
+    };
+    Some((stream, instance, token, parts.next()?))
 }
 
 /// Sends our ERROR (if any) before reporting `e`.

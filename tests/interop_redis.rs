@@ -217,7 +217,6 @@ fn synapse_redis_replication_through_redis_server() {
 /// prev = new) arrives, which depends on start order (`comparable.handshake` is a set); and
 /// USER_SYNC's instance id, random per process start (run_redis writes `<id:NAME>` for it).
 #[test]
-#[ignore = "needs replhub serve --resp-listen"]
 fn synapse_redis_replication_through_replhub_matches_redis_server() {
     let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let through_replhub = {

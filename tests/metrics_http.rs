@@ -19,6 +19,7 @@ fn fixed_render() -> String {
     let cores = vec![CoreSnapshot {
         core: 0,
         stats: CoreStats { accepted: 2, user_sync: 1, ..CoreStats::default() },
+        resp: Default::default(),
         conns: vec![
             ConnSample {
                 name: "synchrotron1".to_owned(),

@@ -494,6 +494,10 @@ impl Fuzz {
                     SyncState::Start => assert!(self.syncing.insert(user_id), "double start"),
                     SyncState::End => assert!(self.syncing.remove(&user_id), "end without start"),
                 },
+                // Only Redis-mode clients publish, and this target drives none.
+                UpstreamCmd::Publish(_) | UpstreamCmd::RedisPublish(_) => {
+                    panic!("a replication worker published")
+                }
             }
         }
     }

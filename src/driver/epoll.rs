@@ -47,7 +47,7 @@ pub(crate) fn new_wakeup() -> (CoreWakeup, Arc<dyn Fn() + Send + Sync>) {
 /// Runs one core on the calling thread until it is told to shut down (or its mailbox is
 /// dropped): a current-thread runtime and a `LocalSet` around this core's [`Hub`].
 pub(crate) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
-    let CoreContext { index, listener, hub, inbox, wakeup, upstream, clock, worker_sndbuf } = ctx;
+    let CoreContext { index, listener, hub, inbox, wakeup, upstream, clock, worker_sndbuf, resp } = ctx;
     let CoreWakeup::Notify(notify) = wakeup else {
         anyhow::bail!("core {index}: the epoll driver needs a Notify wake-up, not an eventfd");
     };
@@ -55,15 +55,23 @@ pub(crate) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let listener = TcpListener::from_std(listener)?;
+        let mut core_loop = CoreLoop::new(index, hub, upstream, clock);
+        let resp_listener = match resp {
+            Some((l, state)) => {
+                core_loop.hub.set_resp(state);
+                Some(TcpListener::from_std(l)?)
+            }
+            None => None,
+        };
         let core = Rc::new(Core {
             index,
-            core: RefCell::new(CoreLoop::new(index, hub, upstream, clock)),
+            core: RefCell::new(core_loop),
             conns: RefCell::new(SlotMap::new()),
             kick: Notify::new(),
             read_buf: RefCell::new(vec![0u8; READ_BUF].into_boxed_slice()),
             worker_sndbuf,
         });
-        core.run(&listener, &inbox, &notify).await;
+        core.run(&listener, resp_listener.as_ref(), &inbox, &notify).await;
         core.abort_all();
         anyhow::Ok(())
     })
@@ -172,7 +180,13 @@ fn abort(conns: &mut SlotMap<ConnIo>, hub: &mut Hub, id: ConnId, now: Now) {
 }
 
 impl Core {
-    async fn run(self: &Rc<Self>, listener: &TcpListener, inbox: &Receiver<CoreMsg>, notify: &Notify) {
+    async fn run(
+        self: &Rc<Self>,
+        listener: &TcpListener,
+        resp: Option<&TcpListener>,
+        inbox: &Receiver<CoreMsg>,
+        notify: &Notify,
+    ) {
         let mut accept_pause: Option<tokio::time::Instant> = None;
         let mut accept_errors = FailureLog::new(ACCEPT_LOG_INTERVAL_MS);
         loop {
@@ -184,7 +198,22 @@ impl Core {
                     Ok((stream, _peer)) => {
                         accept_pause = None;
                         accept_errors.log_accept_success(self.index, self.core.borrow().now().mono_ms);
-                        self.register(stream);
+                        self.register(stream, None);
+                    }
+                    Err(e) => {
+                        accept_errors.log_accept_failure(self.index, self.core.borrow().now().mono_ms, &e);
+                        accept_pause = Some(tokio::time::Instant::now() + ACCEPT_BACKOFF);
+                    }
+                },
+                res = async {
+                    match resp {
+                        Some(l) => l.accept().await,
+                        None => std::future::pending().await,
+                    }
+                }, if accepting && resp.is_some() => match res {
+                    Ok((stream, peer)) => {
+                        accept_pause = None;
+                        self.register(stream, Some(peer.to_string()));
                     }
                     Err(e) => {
                         accept_errors.log_accept_failure(self.index, self.core.borrow().now().mono_ms, &e);
@@ -238,15 +267,18 @@ impl Core {
         tokio::time::Instant::from_std(core.clock().instant_at(ms))
     }
 
-    /// A new worker socket.
-    fn register(self: &Rc<Self>, stream: TcpStream) {
+    /// A new worker socket, or a Redis-mode client's (with its peer address).
+    fn register(self: &Rc<Self>, stream: TcpStream, resp_peer: Option<String>) {
         let mut core = self.core.borrow_mut();
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(core = self.index, error = %e, "TCP_NODELAY failed");
         }
         set_worker_sndbuf(self.index, socket2::SockRef::from(&stream), self.worker_sndbuf);
         let now = core.now();
-        let id = core.hub.accept(now);
+        let id = match resp_peer {
+            Some(peer) => core.hub.accept_resp(peer, now),
+            None => core.hub.accept(now),
+        };
         let stream = Rc::new(stream);
         let reader = tokio::task::spawn_local(Rc::clone(self).read_loop(id, Rc::clone(&stream)));
         let io = ConnIo { stream, reader, writer: None, shut: false };

@@ -143,4 +143,7 @@ pub struct CoreContext {
     pub clock: Clock,
     /// SO_SNDBUF for accepted worker sockets (0: the kernel's default and auto-tuning).
     pub worker_sndbuf: usize,
+    /// Redis mode: this core's RESP listener (SO_REUSEPORT, non-blocking, listening) and the
+    /// state every core shares.
+    pub resp: Option<(std::net::TcpListener, Arc<crate::resp::RespState>)>,
 }

@@ -60,6 +60,8 @@ use crate::upstream::fetch::{Fetch, FetchResult};
 use crate::upstream::link::{LinkConfig, LinkEvent, UpstreamLink};
 use crate::upstream::SyntheticSource;
 
+mod redis_bridge;
+
 /// How much spare room the upstream read buffer gets before each read.
 const READ_RESERVE: usize = 256 << 10;
 /// Read data held back for a busy core (see the module doc) is cut into a batch once this much
@@ -156,6 +158,8 @@ pub(crate) struct SourceContext {
     pub stop: Arc<AtomicBool>,
     /// The process clock.
     pub clock: Clock,
+    /// Redis mode's shared state (the channel table), when `--resp-listen` is on.
+    pub resp: Option<Arc<crate::resp::RespState>>,
 }
 
 /// The sending side of the source thread's mailboxes. Cloneable and shareable.
@@ -226,6 +230,8 @@ pub(crate) fn run(ctx: SourceContext) -> anyhow::Result<()> {
         match src.ctx.source.clone() {
             SourceConfig::Upstream { addr, client_name } => src.run_upstream(&addr, client_name).await,
             SourceConfig::Synthetic { rate, line_size } => src.run_synthetic(rate, line_size).await,
+            SourceConfig::None => src.run_broker().await,
+            SourceConfig::Redis(redis) => src.run_redis(&redis).await,
         }
         // Dropping the cores' mailboxes is what tells a core whose Shutdown never came to stop.
         drop(src);
@@ -291,6 +297,9 @@ impl Source {
         while let Ok((core, cmd)) = self.ctx.commands.try_recv() {
             match cmd {
                 UpstreamCmd::Fetch { id, stream, from } => self.start_fetch(core, id, stream, from),
+                // Redis-mode messages published on a core: to every core, without waiting
+                // (see `hand_out`).
+                UpstreamCmd::Publish(batch) => self.hand_out(|| CoreMsg::Batch(Arc::clone(&batch.0))),
                 cmd => up.command(core, cmd, self.ctx.clock.now()),
             }
         }
@@ -319,7 +328,7 @@ impl Source {
         let Some(inbox) = self.ctx.cores.get(core).cloned() else { return };
         let addr = match &self.ctx.source {
             SourceConfig::Upstream { addr, .. } => Some(addr.clone()),
-            SourceConfig::Synthetic { .. } => None,
+            SourceConfig::Synthetic { .. } | SourceConfig::Redis(_) | SourceConfig::None => None,
         };
         let permits = Arc::clone(&self.fetch_permits);
         tokio::spawn(async move {
@@ -392,6 +401,30 @@ impl Source {
     /// queued here; the others get it at once. Then, while some core's queue is over the limit,
     /// waits for that core (the one rule that slows the source). False if the source must stop.
     async fn broadcast(&mut self, up: &mut dyn Upstream, make: impl Fn() -> CoreMsg) -> bool {
+        self.hand_out(make);
+        while self.queues.iter().any(|q| q.bytes > self.limit) {
+            self.blocked = true;
+            // No signal says a core took from its mailbox: retry on a short timer, and keep
+            // taking commands and control requests (a stop, a scrape) meanwhile.
+            tokio::select! {
+                () = self.ctx.wakeup.notified() => {}
+                () = tokio::time::sleep(HOLD_RETRY) => {}
+            }
+            self.drain(up);
+            if self.stopping() {
+                return false;
+            }
+            self.flush();
+        }
+        self.blocked = false;
+        true
+    }
+
+    /// The first half of [`Source::broadcast`], which never waits: one message to every core,
+    /// queued here for a core whose mailbox is full. Redis-mode batches take only this half: a
+    /// core's PUBLISH is never held back, and what waits here for a stalled core counts toward
+    /// the limit that slows the upstream reads.
+    fn hand_out(&mut self, make: impl Fn() -> CoreMsg) {
         self.flush();
         for (core, q) in self.ctx.cores.iter().zip(&mut self.queues) {
             if q.gone {
@@ -412,22 +445,6 @@ impl Source {
                 Err(TrySendError::Disconnected(_)) => q.gone = true,
             }
         }
-        while self.queues.iter().any(|q| q.bytes > self.limit) {
-            self.blocked = true;
-            // No signal says a core took from its mailbox: retry on a short timer, and keep
-            // taking commands and control requests (a stop, a scrape) meanwhile.
-            tokio::select! {
-                () = self.ctx.wakeup.notified() => {}
-                () = tokio::time::sleep(HOLD_RETRY) => {}
-            }
-            self.drain(up);
-            if self.stopping() {
-                return false;
-            }
-            self.flush();
-        }
-        self.blocked = false;
-        true
     }
 
     /// Waits until `deadline` (monotonic ms) or a message arrives; false if stopping. While
@@ -702,6 +719,24 @@ impl Source {
             }
         }
     }
+
+    // ----------------------------------------------------------------------------------------
+    // No source (Redis mode alone: replhub as a pub/sub broker)
+
+    async fn run_broker(&mut self) {
+        let mut none = NoUpstream;
+        while self.idle_until(&mut none, None).await {}
+    }
+}
+
+/// The source of a pure pub/sub broker: no master, so commands for one are dropped.
+struct NoUpstream;
+
+impl Upstream for NoUpstream {
+    fn command(&mut self, _core: usize, _cmd: UpstreamCmd, _now: Now) {}
+    fn snapshot(&self) -> UpstreamSnapshot {
+        UpstreamSnapshot::default()
+    }
 }
 
 struct LinkHolder(UpstreamLink);
@@ -800,6 +835,7 @@ mod tests {
             wakeup,
             stop,
             clock: Clock::new(),
+            resp: None,
         };
         (ctx, handle, rxs)
     }

@@ -8,8 +8,16 @@ use crate::time::Now;
 impl Hub {
     /// Sends `ERROR <err>` and closes once it is written.
     pub(super) fn fail(&mut self, id: ConnId, err: &PeerError, reason: CloseReason, now: Now) {
-        let Some(c) = self.conn_mut(id) else { return };
+        let Some(c) = self.conns.get_mut(id) else { return };
         if c.close.is_closing() {
+            return;
+        }
+        if c.resp.is_some() {
+            // Redis says nothing before closing a client (an eviction, a shutdown).
+            if reason == CloseReason::SlowConsumer {
+                c.outbox.detach(&mut self.log);
+            }
+            self.close_resp(id, reason, now);
             return;
         }
         c.close.decide(reason);
@@ -26,6 +34,7 @@ impl Hub {
 
     /// The socket is gone (EOF, error, or after our `Close`): forget the connection.
     pub fn on_peer_closed(&mut self, id: ConnId, lost: bool, now: Now) {
+        self.resp_gone(id);
         let Some(mut c) = self.conns.remove(id) else { return };
         let reason = c.close.reason().unwrap_or(if lost {
             CloseReason::ConnectionLost

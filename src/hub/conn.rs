@@ -1,6 +1,8 @@
 //! One worker connection as the hub sees it: its session, what it subscribes to, how far its
 //! close has gone, and its [`Outbox`].
+use super::log::{LineMeta, PUBSUB};
 use super::outbox::Outbox;
+use super::resp::RespConn;
 use super::stats::{CloseReason, ConnPhase, WORDS};
 use crate::proto::{StreamId, StreamMask};
 use crate::session::Session;
@@ -65,6 +67,9 @@ pub(super) struct Subscriptions {
     /// Asked for every stream the upstream serves (`ALL` or a bare `REPLICATE`), so a waiting
     /// stream the upstream turns out not to serve is skipped, not an error.
     pub all: bool,
+    /// Redis mode: channel ids subscribed, each delivered from a log line on; sorted by id,
+    /// so a delivery checks it in logarithmic time however many channels a client takes.
+    pub channels: Vec<(u32, u64)>,
 }
 
 impl Subscriptions {
@@ -76,15 +81,19 @@ impl Subscriptions {
             pending: StreamMask::NONE,
             bare: false,
             all: false,
+            channels: Vec::new(),
         }
     }
 
-    /// Whether log line `seq` of `stream` (index, or BROADCAST) is wanted; `broadcast` says
-    /// whether BROADCAST lines are.
+    /// Whether log line `seq` (a stream's line, a BROADCAST line, or a Redis-mode message) is
+    /// wanted; `broadcast` says whether BROADCAST lines are.
     #[inline]
-    pub(super) fn wants(&self, stream: u8, seq: u64, broadcast: bool) -> bool {
-        match StreamId::from_index(stream as usize) {
+    pub(super) fn wants(&self, meta: &LineMeta, seq: u64, broadcast: bool) -> bool {
+        match StreamId::from_index(meta.stream as usize) {
             Some(s) => self.mask.contains(s) && seq >= self.from[s.index()],
+            None if meta.stream == PUBSUB => meta.channel().is_some_and(|ch| {
+                self.channels.binary_search_by_key(&ch, |&(c, _)| c).is_ok_and(|i| seq >= self.channels[i].1)
+            }),
             None => broadcast,
         }
     }
@@ -112,6 +121,8 @@ pub(super) struct Conn {
     pub connected_at: Now,
     /// When it last sent `PING` (monotonic ms), if ever.
     pub last_ping_ms: Option<u64>,
+    /// A Redis-mode (RESP) connection's own state; `None` for a replication worker.
+    pub resp: Option<Box<RespConn>>,
 }
 
 impl Conn {
@@ -127,6 +138,7 @@ impl Conn {
             written: 0,
             connected_at: now,
             last_ping_ms: None,
+            resp: None,
         }
     }
 
@@ -134,7 +146,7 @@ impl Conn {
     /// greeted, until it closes.
     #[inline]
     pub(super) fn wants_broadcast(&self) -> bool {
-        !self.close.is_closing() && self.phase != ConnPhase::Waiting
+        !self.close.is_closing() && self.phase != ConnPhase::Waiting && self.resp.is_none()
     }
 
     pub(super) fn display_name(&self) -> &str {

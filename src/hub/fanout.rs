@@ -2,6 +2,8 @@
 //! lines.
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use super::log::{Batch, Seq, BROADCAST};
 use super::slow_consumer::Rules;
 use super::stats::ConnPhase;
@@ -21,9 +23,16 @@ impl Hub {
         self.stats.batches += 1;
         let mut streams = 0u32;
         let mut broadcast = false;
+        let mut channels: SmallVec<[u32; 4]> = SmallVec::new();
         for (i, meta) in batch.lines().iter().enumerate() {
             if meta.stream == BROADCAST {
                 broadcast = true;
+                continue;
+            }
+            if let Some(ch) = meta.channel() {
+                if !channels.contains(&ch) {
+                    channels.push(ch);
+                }
                 continue;
             }
             let Some(s) = meta.stream_id() else { continue };
@@ -56,6 +65,9 @@ impl Hub {
                 }
             }
         }
+        for ch in channels {
+            self.resp_wake_channel(ch, first, now);
+        }
         if broadcast {
             for (id, c) in self.conns.iter_mut() {
                 if c.phase != ConnPhase::Waiting
@@ -69,7 +81,11 @@ impl Hub {
         self.log.trim();
         self.stats.log_bytes = self.log.held_bytes();
         // A backlog is the log behind a cursor plus at most `MAX_QUEUED_BYTES` of private lines.
-        if self.log.held_bytes() > self.config.max_pending_bytes.saturating_sub(MAX_QUEUED_BYTES) {
+        let mut sweep_at = self.config.max_pending_bytes.saturating_sub(MAX_QUEUED_BYTES);
+        if let Some(hard) = self.resp_hard_limit() {
+            sweep_at = sweep_at.min(hard);
+        }
+        if self.log.held_bytes() > sweep_at {
             self.sweep(now, Rules::BacklogOnly);
         }
     }

@@ -31,7 +31,7 @@ impl Hub {
 
     pub(super) fn greet(&mut self, id: ConnId, server_name: &str, now: Now) {
         let Some(c) = self.conn_mut(id) else { return };
-        if c.session.is_started() || c.close.is_closing() {
+        if c.session.is_started() || c.close.is_closing() || c.resp.is_some() {
             return;
         }
         c.session.start(server_name, &[], now);
@@ -42,6 +42,10 @@ impl Hub {
     /// Bytes received from a worker.
     pub fn on_bytes(&mut self, id: ConnId, data: &[u8], now: Now) {
         let Some(c) = self.conn_mut(id) else { return };
+        if c.resp.is_some() {
+            self.resp_input(id, data, now);
+            return;
+        }
         c.session.on_bytes(data);
         self.process_input(id, now);
     }

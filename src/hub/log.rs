@@ -16,6 +16,11 @@ use crate::proto::StreamId;
 /// `LineMeta::stream` value for lines delivered to every connection (`REMOTE_SERVER_UP`).
 pub(crate) const BROADCAST: u8 = u8::MAX;
 
+/// `LineMeta::stream` value for a Redis-mode message (`*3 message <channel> <payload>`): it
+/// goes to the RESP connections subscribed to the channel whose id the line carries
+/// ([`LineMeta::channel`]). A batch holds either only such lines or none.
+pub(crate) const PUBSUB: u8 = u8::MAX - 1;
+
 /// Where one relayed line sits in its batch and what it carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LineMeta {
@@ -30,6 +35,23 @@ pub struct LineMeta {
 }
 
 impl LineMeta {
+    /// A Redis-mode message of channel `channel` at `start..end`. The channel id travels in
+    /// the token field, which pub/sub lines have no other use for (keeping the index 32 bytes
+    /// a line).
+    pub(crate) fn pubsub(start: u32, end: u32, channel: u32) -> Self {
+        Self { start, end, stream: PUBSUB, token: Some(i64::from(channel)) }
+    }
+
+    /// The channel id of a Redis-mode message.
+    #[inline]
+    pub(crate) fn channel(&self) -> Option<u32> {
+        if self.stream == PUBSUB {
+            self.token.and_then(|t| u32::try_from(t).ok())
+        } else {
+            None
+        }
+    }
+
     /// The stream, if this is an RDATA line.
     pub fn stream_id(&self) -> Option<StreamId> {
         StreamId::from_index(self.stream as usize)

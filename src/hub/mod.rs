@@ -34,6 +34,7 @@ mod history;
 mod inputs;
 mod outbox;
 mod released;
+mod resp;
 mod slow_consumer;
 mod subscribe;
 mod timers;
@@ -52,6 +53,7 @@ pub(crate) use self::slots::{SlotMap, Slots};
 pub(crate) use self::user_sync::{Transition, UserSyncMerger};
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -171,6 +173,11 @@ pub enum UpstreamCmd {
         /// The worker's token.
         from: i64,
     },
+    /// Redis-mode messages published on this core, framed once: for every core's log (the
+    /// source thread hands the batch to every core, this one included).
+    Publish(Published),
+    /// `PUBLISH` commands (RESP, ready to write) for the real Redis behind `--upstream-redis`.
+    RedisPublish(Bytes),
 }
 
 /// What a 1.10–1.12 master sent on a catch-up connection: its rows after the token asked for,
@@ -182,6 +189,18 @@ pub struct Fetched {
     /// The master's current token when it answered.
     pub position: i64,
 }
+
+/// A batch of Redis-mode messages on its way to every core (equal when it is the same batch).
+#[derive(Clone, Debug)]
+pub struct Published(pub Arc<Batch>);
+
+impl PartialEq for Published {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Published {}
 
 /// How to close a socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -274,6 +293,8 @@ pub struct Hub {
     /// When the last WARN about a worker command withheld from the upstream was logged
     /// (monotonic ms): at most one a minute.
     withheld_warned_ms: Option<u64>,
+    /// Redis mode on this core (`--resp-listen`), see `resp.rs`.
+    resp: Option<Box<resp::CoreResp>>,
 }
 
 impl Hub {
@@ -306,6 +327,7 @@ impl Hub {
             next_tick_ms: 0,
             shutting_down: false,
             withheld_warned_ms: None,
+            resp: None,
         }
     }
 

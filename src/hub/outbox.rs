@@ -25,7 +25,7 @@ use smallvec::SmallVec;
 
 use super::conn::Subscriptions;
 use super::flight::{Flight, Piece, Private};
-use super::log::{Log, Seq};
+use super::log::{Log, Seq, PUBSUB};
 use super::stats::WORDS;
 use super::HubConfig;
 use crate::proto::CommandWord;
@@ -377,10 +377,10 @@ impl Outbox {
             let mut i = idx;
             let mut s = seq;
             if off == 0 {
-                if s >= subs.full_from {
+                if s >= subs.full_from && lines[i].stream != PUBSUB {
                     // Subscribed to everything: nothing to skip.
                 } else {
-                    while i < lines.len() && s < limit && !subs.wants(lines[i].stream, s, broadcast) {
+                    while i < lines.len() && s < limit && !subs.wants(&lines[i], s, broadcast) {
                         i += 1;
                         s += 1;
                     }
@@ -392,7 +392,9 @@ impl Outbox {
             }
             let first = i;
             let first_seq = s;
-            if s >= subs.full_from {
+            // A batch is all Redis-mode messages or none: a subscriber to every stream takes
+            // whole runs of any other batch.
+            if s >= subs.full_from && lines[i].stream != PUBSUB {
                 let room = usize::try_from(limit - s).unwrap_or(usize::MAX);
                 let end = batch.run_end(i).min(i.saturating_add(room));
                 s += (end - i) as u64;
@@ -403,7 +405,7 @@ impl Outbox {
                 while i < lines.len()
                     && s < limit
                     && lines[i].start == lines[i - 1].end
-                    && subs.wants(lines[i].stream, s, broadcast)
+                    && subs.wants(&lines[i], s, broadcast)
                 {
                     i += 1;
                     s += 1;

@@ -111,6 +111,17 @@ impl Sim {
         id
     }
 
+    /// A Redis-mode client connects (the hub must have Redis mode on, [`Hub::set_resp`]).
+    pub fn accept_resp(&mut self, peer: &str) -> ConnId {
+        let id = self.hub.accept_resp(peer.to_owned(), self.now);
+        self.conns.insert(
+            id,
+            FakeConn { received: Vec::new(), capacity: Capacity::Unlimited, closed: None, blocked: false },
+        );
+        self.flush();
+        id
+    }
+
     /// A worker sends `text` (lines separated by `\n`, a final `\n` added).
     pub fn send(&mut self, id: ConnId, text: &str) {
         let mut data = text.as_bytes().to_vec();

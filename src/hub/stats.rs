@@ -223,6 +223,19 @@ pub struct CoreSnapshot {
     pub stats: CoreStats,
     /// Its live connections.
     pub conns: Vec<ConnSample>,
+    /// Redis mode: what this core's RESP clients published.
+    pub resp: RespStats,
+}
+
+/// Redis mode: what a core's RESP clients published (each message is counted once, on the
+/// publisher's core).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RespStats {
+    /// Messages published (to at least one subscriber).
+    pub published: u64,
+    /// Replication `RDATA` messages by (stream, writer instance), read from the payload's
+    /// first words.
+    pub rdata: Vec<(String, String, u64)>,
 }
 
 impl Hub {
@@ -250,7 +263,7 @@ impl Hub {
                     id: id.to_string(),
                     name: c.display_name().to_owned(),
                     peer,
-                    transport: "tcp",
+                    transport: if c.resp.is_some() { "resp" } else { "tcp" },
                     generation,
                     connected_wall_ms: c.connected_at.wall_ms,
                     uptime_ms: since(c.connected_at.mono_ms),
@@ -270,7 +283,7 @@ impl Hub {
                 }
             })
             .collect();
-        CoreSnapshot { core, stats, conns }
+        CoreSnapshot { core, stats, conns, resp: self.resp_stats() }
     }
 }
 

@@ -59,8 +59,14 @@ impl Hub {
     /// connections and idle ones hold no backlog and are left alone.
     pub(super) fn sweep(&mut self, now: Now, rules: Rules) {
         let mut evict = Vec::new();
+        let mut resp_evict = Vec::new();
         for (id, c) in self.conns.iter() {
             if !c.outbox.pins() || c.close.is_closing() {
+                continue;
+            }
+            if c.resp.is_some() {
+                // Redis-mode clients follow Redis's output buffer limits instead.
+                resp_evict.push(id);
                 continue;
             }
             let progress = Progress {
@@ -75,6 +81,11 @@ impl Hub {
         }
         for (id, reason) in evict {
             self.evict(id, reason, now);
+        }
+        for id in resp_evict {
+            if self.resp_over_limits(id, now) {
+                self.resp_evict(id, EvictReason::Backlog, now);
+            }
         }
     }
 

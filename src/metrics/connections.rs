@@ -479,11 +479,13 @@ mod tests {
                 core: 0,
                 stats: CoreStats { lines_delivered: 10, bytes_delivered: 1000, ..CoreStats::default() },
                 conns: vec![sample("0.1", "zeta", 5, 100, 3000), sample("1.1", "alpha", 0, 900, 1000)],
+                resp: Default::default(),
             },
             CoreSnapshot {
                 core: 1,
                 stats: CoreStats { lines_delivered: 5, bytes_delivered: 500, ..CoreStats::default() },
                 conns: vec![sample("0.1", "mid", 5, 300, 2000)],
+                resp: Default::default(),
             },
         ]
     }

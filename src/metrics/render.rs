@@ -371,6 +371,30 @@ fn synapse_metrics(x: &Exposition, t: &Totals<'_>, up: &UpstreamSnapshot) -> pro
 }
 
 /// replhub's own metrics.
+/// Redis mode: what Redis itself cannot show. RESP connections appear in the per-connection
+/// metrics like workers (named by `CLIENT SETNAME`, else the peer address); here the messages
+/// published, and the replication RDATA among them by stream and writer instance.
+fn resp_metrics(x: &Exposition, cores: &[CoreSnapshot]) -> prometheus::Result<()> {
+    x.counter(
+        "replhub_resp_published_total",
+        "Redis mode: messages PUBLISHed to at least one subscriber.",
+        cores.iter().map(|c| c.resp.published).sum(),
+    )?;
+    let mut rdata: std::collections::BTreeMap<(&str, &str), u64> = std::collections::BTreeMap::new();
+    for c in cores {
+        for (stream, instance, n) in &c.resp.rdata {
+            *rdata.entry((stream.as_str(), instance.as_str())).or_default() += n;
+        }
+    }
+    let samples: Vec<_> = rdata.iter().map(|(&(s, i), &n)| ([s, i], n)).collect();
+    x.counter_vec(
+        "replhub_resp_rdata_published_total",
+        "Redis mode: replication RDATA messages published, by stream and writer instance.",
+        ["stream", "instance"],
+        &samples,
+    )
+}
+
 fn replhub_metrics(
     x: &Exposition,
     t: &Totals<'_>,
@@ -440,6 +464,7 @@ fn replhub_metrics(
         ["reason"],
         &evict,
     )?;
+    resp_metrics(x, cores)?;
     let phases: Vec<_> = ConnPhase::ALL.iter().map(|p| ([p.label()], t.per_phase[*p as usize])).collect();
     x.gauge_vec("replhub_connections", "Live worker connections by life stage.", ["state"], &phases)?;
 
@@ -526,7 +551,7 @@ fn replhub_metrics(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::stats::CoreStats;
+    use crate::hub::stats::{CoreStats, RespStats};
 
     fn word(w: CommandWord) -> usize {
         w as usize
@@ -586,6 +611,10 @@ mod tests {
                 history_floor: StreamId::ALL.map(|s| (s == StreamId::Events).then_some(90)),
             },
             conns: vec![a, c],
+            resp: RespStats {
+                published: 7,
+                rdata: vec![("events".into(), "master".into(), 4), ("typing".into(), "w1".into(), 1)],
+            },
         };
         let core1 = CoreSnapshot {
             core: 1,
@@ -607,6 +636,7 @@ mod tests {
                 ..CoreStats::default()
             },
             conns: vec![b],
+            resp: RespStats { published: 2, rdata: vec![("events".into(), "master".into(), 2)] },
         };
         let mut up = UpstreamSnapshot {
             mode: "upstream",
@@ -644,6 +674,14 @@ mod tests {
 
     fn lacks_prefix(out: &str, prefix: &str) {
         assert!(!out.lines().any(|l| l.starts_with(prefix)), "unexpected {prefix:?} in:\n{out}");
+    }
+
+    #[test]
+    fn redis_mode_rdata_is_counted_by_stream_and_instance_over_cores() {
+        let out = rendered();
+        has(&out, "replhub_resp_published_total 9");
+        has(&out, "replhub_resp_rdata_published_total{instance=\"master\",stream=\"events\"} 6");
+        has(&out, "replhub_resp_rdata_published_total{instance=\"w1\",stream=\"typing\"} 1");
     }
 
     #[test]

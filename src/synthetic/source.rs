@@ -124,6 +124,9 @@ impl SyntheticSource {
     pub(crate) fn on_command(&mut self, core: usize, cmd: UpstreamCmd, _now: Now) {
         self.commands += 1;
         match cmd {
+            // Redis-mode messages go to the cores, not to the master (the source thread routes
+            // them before commands reach a source).
+            UpstreamCmd::Publish(_) | UpstreamCmd::RedisPublish(_) => {}
             UpstreamCmd::UserSync { user_id, state, .. } => {
                 match state {
                     SyncState::Start => self.user_sync.start(core, &user_id),

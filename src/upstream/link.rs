@@ -563,6 +563,9 @@ impl UpstreamLink {
     /// are queued (bounded by `max_forward_queue`, oldest dropped).
     pub(crate) fn on_command(&mut self, core: usize, cmd: UpstreamCmd, now: Now) {
         match cmd {
+            // Redis-mode messages go to the cores, not to the master (the source thread routes
+            // them before commands reach the link).
+            UpstreamCmd::Publish(_) | UpstreamCmd::RedisPublish(_) => {}
             UpstreamCmd::UserSync { user_id, state, last_sync_ms } => {
                 let transition = match state {
                     SyncState::Start => self.user_sync.start(core, &user_id),

@@ -139,6 +139,9 @@ struct Io {
     /// The sockets, under the hub's ids.
     conns: SlotMap<Conn>,
     listener: TcpListener,
+    /// The Redis-mode listener, when `--resp-listen` is on.
+    resp_listener: Option<TcpListener>,
+    resp_accept_armed: bool,
     eventfd: File,
     index: usize,
     /// Ops submitted (or queued to be) whose final completion has not been reaped.
@@ -170,7 +173,8 @@ struct Io {
 
 impl Driver {
     fn new(ctx: CoreContext, buf_count: u16) -> anyhow::Result<Self> {
-        let CoreContext { index, listener, hub, inbox, wakeup, upstream, clock, worker_sndbuf } = ctx;
+        let CoreContext { index, listener, hub, inbox, wakeup, upstream, clock, worker_sndbuf, resp } = ctx;
+        let (resp_listener, resp_state) = resp.unzip();
         let CoreWakeup::EventFd(eventfd) = wakeup else {
             anyhow::bail!("core {index}: the io_uring driver needs an eventfd wake-up (uring::new_wakeup)");
         };
@@ -187,6 +191,8 @@ impl Driver {
             bufs,
             conns: SlotMap::new(),
             listener,
+            resp_listener,
+            resp_accept_armed: false,
             eventfd: File::from(eventfd),
             index,
             in_flight: 0,
@@ -205,7 +211,11 @@ impl Driver {
             cqes: Vec::new(),
             stats: LoopStats::default(),
         };
-        Ok(Self { io, core: CoreLoop::new(index, hub, upstream, clock), inbox })
+        let mut core = CoreLoop::new(index, hub, upstream, clock);
+        if let Some(state) = resp_state {
+            core.hub.set_resp(state);
+        }
+        Ok(Self { io, core, inbox })
     }
 
     fn run(&mut self) -> anyhow::Result<()> {
@@ -261,7 +271,8 @@ impl Driver {
             self.io.in_flight -= 1;
         }
         match op {
-            Op::Accept => self.on_accept(res, more, now),
+            Op::Accept => self.on_accept(res, more, false, now),
+            Op::AcceptResp => self.on_accept(res, more, true, now),
             Op::Recv => self.on_recv(id, res, flags, now),
             Op::Send => self.on_send(id, res, now),
             Op::Wake => {
@@ -273,10 +284,15 @@ impl Driver {
         }
     }
 
-    fn on_accept(&mut self, res: i32, more: bool, now: Now) {
+    /// A connection accepted on the worker listener, or on the Redis-mode one (`resp`).
+    fn on_accept(&mut self, res: i32, more: bool, resp: bool, now: Now) {
         let io = &mut self.io;
         if !more {
-            io.accept_armed = false;
+            if resp {
+                io.resp_accept_armed = false;
+            } else {
+                io.accept_armed = false;
+            }
             if res < 0 {
                 io.accept_retry_ms = now.mono_ms + ACCEPT_BACKOFF_MS;
             }
@@ -299,7 +315,16 @@ impl Driver {
             tracing::debug!(core = io.index, error = %e, "TCP_NODELAY failed");
         }
         set_worker_sndbuf(io.index, SockRef::from(&fd), io.worker_sndbuf);
-        let id = self.core.hub.accept(now);
+        let id = if resp {
+            let peer = SockRef::from(&fd)
+                .peer_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+            self.core.hub.accept_resp(peer, now)
+        } else {
+            self.core.hub.accept(now)
+        };
         if !token::fits(id) {
             // Its ops could not be told apart from another slot's: refuse it (the fd closes).
             tracing::error!(core = io.index, conn = %id, "too many connections on one core; refusing");
@@ -397,6 +422,13 @@ impl Driver {
         if io.accepting && !io.accept_armed && now.mono_ms >= io.accept_retry_ms {
             io.arm_accept();
         }
+        if io.accepting
+            && io.resp_listener.is_some()
+            && !io.resp_accept_armed
+            && now.mono_ms >= io.accept_retry_ms
+        {
+            io.arm_resp_accept();
+        }
         if !io.wake_armed && !io.exiting {
             io.arm_wake();
         }
@@ -419,7 +451,8 @@ impl Driver {
         if let Some(t) = self.core.stop_at_ms() {
             due = due.min(if self.io.reset_all_done { t + EXIT_WAIT_MS } else { t });
         }
-        if !self.io.accept_armed && self.io.accepting {
+        let resp_unarmed = self.io.resp_listener.is_some() && !self.io.resp_accept_armed;
+        if (!self.io.accept_armed || resp_unarmed) && self.io.accepting {
             due = due.min(self.io.accept_retry_ms);
         }
         due
@@ -444,6 +477,9 @@ impl Driver {
         self.io.reset_all(&mut self.core.hub, now);
         if self.io.accept_armed {
             self.io.cancel(token::encode_loop(Op::Accept), LOOP_ID);
+        }
+        if self.io.resp_accept_armed {
+            self.io.cancel(token::encode_loop(Op::AcceptResp), LOOP_ID);
         }
         if self.io.wake_armed {
             self.io.cancel(token::encode_loop(Op::Wake), LOOP_ID);
@@ -549,6 +585,18 @@ impl Io {
         // SAFETY: accept writes no peer address (none was given); the listener is a field of
         // the driver, open until the driver is dropped, which happens only with no op in
         // flight (or never).
+        unsafe { self.queue(entry) };
+    }
+
+    fn arm_resp_accept(&mut self) {
+        let Some(listener) = &self.resp_listener else { return };
+        let entry = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(token::encode_loop(Op::AcceptResp));
+        self.resp_accept_armed = true;
+        // SAFETY: as `arm_accept`: no peer address is written; the listener is a field of the
+        // driver, open until the driver is dropped with no op in flight (or never).
         unsafe { self.queue(entry) };
     }
 

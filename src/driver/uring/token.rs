@@ -22,6 +22,8 @@ pub(super) enum Op {
     Timeout = 5,
     /// An `AsyncCancel` (its completion is only counted).
     Cancel = 6,
+    /// The multishot accept on the Redis-mode listener.
+    AcceptResp = 7,
 }
 
 impl Op {
@@ -33,6 +35,7 @@ impl Op {
             4 => Self::Wake,
             5 => Self::Timeout,
             6 => Self::Cancel,
+            7 => Self::AcceptResp,
             _ => return None,
         })
     }
@@ -71,7 +74,7 @@ mod tests {
 
     #[test]
     fn round_trips_kind_and_connection() {
-        for kind in [Op::Accept, Op::Recv, Op::Send, Op::Wake, Op::Timeout, Op::Cancel] {
+        for kind in [Op::Accept, Op::Recv, Op::Send, Op::Wake, Op::Timeout, Op::Cancel, Op::AcceptResp] {
             for id in [
                 ConnId { index: 0, gen: 0 },
                 ConnId { index: 7, gen: 3 },

@@ -1,0 +1,227 @@
+//! Helpers for the Redis-mode integration tests: a replhub started in-process in Redis mode
+//! alone, a raw RESP client over a real loopback socket, and a real `redis-server` to compare
+//! against.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use replhub::config::{IoBackend, ServeConfig, SourceConfig};
+use replhub::resp::RespConfig;
+use replhub::server::Server;
+
+/// Failure guard for every wait (never a synchronisation mechanism).
+pub(crate) const WAIT: Duration = Duration::from_secs(10);
+
+/// Both backends, for tests that run on each.
+pub(crate) const BACKENDS: [IoBackend; 2] = [IoBackend::Epoll, IoBackend::Uring];
+
+/// Starts replhub as a pure pub/sub broker: no upstream, RESP on a free port, `threads` cores.
+pub(crate) fn start(io: IoBackend, threads: usize, resp: RespConfig) -> Server {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    let mut config = ServeConfig::new(SourceConfig::None);
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    config.resp_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    config.resp = resp;
+    config.metrics_listen = None;
+    config.threads = threads;
+    config.io = io;
+    Server::start(config).expect("server starts")
+}
+
+/// A RESP reply, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Reply {
+    /// `+text`.
+    Simple(String),
+    /// `-text`.
+    Error(String),
+    /// `:n`.
+    Int(i64),
+    /// `$n bytes`, or nil.
+    Bulk(Option<Vec<u8>>),
+    /// `*n ...`.
+    Array(Vec<Self>),
+}
+
+impl Reply {
+    /// A bulk reply's text.
+    pub(crate) fn bulk(s: &str) -> Self {
+        Self::Bulk(Some(s.as_bytes().to_vec()))
+    }
+}
+
+/// A raw RESP client.
+pub(crate) struct Client {
+    pub(crate) stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    /// Connects (with a read timeout as a failure guard).
+    pub(crate) fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(WAIT)).expect("timeout");
+        stream.set_nodelay(true).expect("nodelay");
+        Self { stream, buf: Vec::new() }
+    }
+
+    /// Encodes a command as an array of bulk strings.
+    pub(crate) fn encode(args: &[&[u8]]) -> Vec<u8> {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
+        }
+        out
+    }
+
+    /// Sends a command.
+    pub(crate) fn send(&mut self, args: &[&str]) {
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        self.stream.write_all(&Self::encode(&args)).expect("write");
+    }
+
+    /// Sends a command and reads its reply.
+    pub(crate) fn call(&mut self, args: &[&str]) -> Reply {
+        self.send(args);
+        self.read()
+    }
+
+    /// Reads one reply.
+    pub(crate) fn read(&mut self) -> Reply {
+        loop {
+            if let Some((reply, used)) = parse(&self.buf) {
+                self.buf.drain(..used);
+                return reply;
+            }
+            let mut chunk = [0u8; 65536];
+            let n = match self.stream.read(&mut chunk) {
+                // A signal (a child process of another test exiting) is not an answer.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => other.expect("read a reply"),
+            };
+            assert!(
+                n > 0,
+                "the server closed the connection; unparsed: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads until the server closes; returns every byte.
+    pub(crate) fn read_to_eof(&mut self) -> Vec<u8> {
+        let mut out = std::mem::take(&mut self.buf);
+        self.stream.read_to_end(&mut out).expect("read to EOF");
+        out
+    }
+}
+
+/// Parses one reply from the front of `buf`: the reply and the bytes it used.
+pub(crate) fn parse(buf: &[u8]) -> Option<(Reply, usize)> {
+    let nl = buf.windows(2).position(|w| w == b"\r\n")?;
+    let line = std::str::from_utf8(&buf[1..nl]).expect("utf-8 header");
+    let rest = nl + 2;
+    match buf.first()? {
+        b'+' => Some((Reply::Simple(line.to_owned()), rest)),
+        b'-' => Some((Reply::Error(line.to_owned()), rest)),
+        b':' => Some((Reply::Int(line.parse().expect("int")), rest)),
+        b'$' => {
+            let n: i64 = line.parse().expect("len");
+            if n < 0 {
+                return Some((Reply::Bulk(None), rest));
+            }
+            let n = n as usize;
+            if buf.len() < rest + n + 2 {
+                return None;
+            }
+            Some((Reply::Bulk(Some(buf[rest..rest + n].to_vec())), rest + n + 2))
+        }
+        b'*' => {
+            let n: usize = line.parse().expect("count");
+            let mut at = rest;
+            let mut items = Vec::with_capacity(n);
+            for _ in 0..n {
+                let (r, used) = parse(&buf[at..])?;
+                items.push(r);
+                at += used;
+            }
+            Some((Reply::Array(items), at))
+        }
+        other => panic!("not a RESP reply: {:?}", char::from(*other)),
+    }
+}
+
+/// A `message` delivery's channel and payload.
+pub(crate) fn message(r: &Reply) -> (String, String) {
+    match r {
+        Reply::Array(items) if items.len() == 3 && items[0] == Reply::bulk("message") => {
+            let text = |r: &Reply| match r {
+                Reply::Bulk(Some(b)) => String::from_utf8(b.clone()).expect("utf-8"),
+                other => panic!("not a bulk: {other:?}"),
+            };
+            (text(&items[1]), text(&items[2]))
+        }
+        other => panic!("not a message: {other:?}"),
+    }
+}
+
+/// A real `redis-server` on a free loopback port, killed on drop.
+pub(crate) struct RedisServer {
+    child: Child,
+    pub(crate) addr: SocketAddr,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` with no persistence and `extra` arguments. Fails the test with a
+    /// clear message if it is not installed.
+    pub(crate) fn start(extra: &[&str]) -> Self {
+        let port = free_port();
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        cmd.args(extra).stdout(Stdio::null()).stderr(Stdio::null());
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot run redis-server ({e}): these tests compare replhub with a real Redis; install it \
+                 (apt-get install -y redis-server)"
+            )
+        });
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(s) = TcpStream::connect(addr) {
+                drop(s);
+                break;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start listening on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, addr }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port free right now on 127.0.0.1.
+pub(crate) fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Sends `bytes` on a fresh connection, then reads until the server closes (the script ends
+/// with QUIT or a protocol error).
+pub(crate) fn exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut c = Client::connect(addr);
+    c.stream.write_all(bytes).expect("write");
+    c.read_to_eof()
+}
