@@ -182,8 +182,10 @@ fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (config, log_level) = args.options.resolve(args.config.as_ref())?;
     init_logging(log_level.as_deref(), "info")?;
+    // The signal handlers first: once the server runs, workers may take every descriptor.
+    let signals = replhub::server::Signals::install()?;
     let server = Server::start(config)?;
-    server.wait_for_signal()
+    server.wait_for(signals)
 }
 
 fn top(args: &TopArgs) -> anyhow::Result<()> {

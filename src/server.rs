@@ -31,7 +31,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{IoBackend, ServeConfig};
 use crate::driver::source::{self, SourceContext, SourceHandle};
-use crate::driver::{epoll, uring, CoreContext, CoreMsg, Inbox};
+use crate::driver::{epoll, uring, CoreContext, CoreMsg, Inbox, StartGate};
 use crate::hub::stats::CoreSnapshot;
 use crate::metrics::connections::{ConnQuery, ConnectionsPage, PageContext};
 use crate::metrics::http::Limits;
@@ -171,6 +171,7 @@ impl Server {
         }
 
         let clock = Clock::new();
+        let gate = StartGate::new();
         let (source, commands_rx, control_rx, source_wakeup, stop) = SourceHandle::new();
         let mut cores = Vec::with_capacity(threads);
         let mut contexts = Vec::with_capacity(threads);
@@ -191,6 +192,7 @@ impl Server {
                 clock,
                 worker_sndbuf: config.worker_sndbuf,
                 resp: resp_listener.zip(resp_state.clone()),
+                start: gate.clone(),
             });
         }
 
@@ -215,6 +217,7 @@ impl Server {
             match spawned {
                 Ok(handle) => core_threads.push(handle),
                 Err(e) => {
+                    gate.abort();
                     stop_cores(&cores, core_threads);
                     return Err(e).context("cannot spawn a core thread");
                 }
@@ -232,6 +235,7 @@ impl Server {
             stop,
             clock,
             resp: resp_state,
+            start: gate.clone(),
         };
         let source_watch = watch.clone();
         let source_thread =
@@ -245,6 +249,7 @@ impl Server {
             }) {
                 Ok(h) => h,
                 Err(e) => {
+                    gate.abort();
                     stop_cores(&cores, core_threads);
                     return Err(e).context("cannot spawn the source thread");
                 }
@@ -262,6 +267,17 @@ impl Server {
             metrics: None,
             watch,
         };
+        // Every thread takes its own descriptors before any core accepts (`start_gate.rs`).
+        let all_ready = gate.wait_ready(threads + 1, || {
+            server.core_threads.iter().any(JoinHandle::is_finished)
+                || server.source_thread.as_ref().is_some_and(JoinHandle::is_finished)
+        });
+        if !all_ready {
+            gate.abort();
+            let why = server.start_failure();
+            drop(server);
+            return Err(why);
+        }
         if let Some(addr) = config.metrics_listen {
             let info = RenderInfo {
                 io_backend: backend_name,
@@ -284,6 +300,7 @@ impl Server {
             match MetricsServer::start_pages(addr, Limits::default(), pages) {
                 Ok(m) => server.metrics = Some(m),
                 Err(e) => {
+                    gate.abort();
                     drop(server);
                     return Err(anyhow::Error::new(e).context(format!("cannot serve metrics on {addr}")));
                 }
@@ -297,7 +314,20 @@ impl Server {
             source = config.source_label(),
             "replhub serving"
         );
+        gate.open();
         Ok(server)
+    }
+
+    /// Why a thread ended before the start-up gate opened (it could not take its descriptors).
+    fn start_failure(&mut self) -> anyhow::Error {
+        let (what, thread) = match self.core_threads.iter().position(JoinHandle::is_finished) {
+            Some(i) => ("a core", Some(self.core_threads.swap_remove(i))),
+            None => ("the source thread", self.source_thread.take_if(|t| t.is_finished())),
+        };
+        match thread.map(JoinHandle::join) {
+            Some(Ok(Err(e))) => e.context(format!("{what} could not start")),
+            _ => anyhow::anyhow!("{what} ended while starting"),
+        }
     }
 
     /// The worker-facing address (with the real port when the config said port 0).
@@ -384,19 +414,21 @@ impl Server {
     /// Runs until SIGINT or SIGTERM, then [`Server::shutdown`]. If a core or the source thread
     /// stops on its own first, shuts down too and returns an error naming it.
     pub fn wait_for_signal(self) -> anyhow::Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        self.wait_for(Signals::install()?)
+    }
+
+    /// [`Server::wait_for_signal`] with handlers installed before the server started, so that
+    /// waiting takes no file descriptor once workers may have taken them all.
+    pub fn wait_for(self, signals: Signals) -> anyhow::Result<()> {
+        let Signals { rt, mut term, mut int } = signals;
         let exited = Arc::clone(&self.watch.exited);
         let signal = rt.block_on(async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            anyhow::Ok(tokio::select! {
-                res = tokio::signal::ctrl_c() => {
-                    res?;
-                    Some("SIGINT")
-                }
+            tokio::select! {
+                _ = int.recv() => Some("SIGINT"),
                 _ = term.recv() => Some("SIGTERM"),
                 () = exited.notified() => None,
-            })
-        })?;
+            }
+        });
         drop(rt);
         if let Some(signal) = signal {
             tracing::info!(signal, "signal received");
@@ -407,6 +439,29 @@ impl Server {
             tracing::warn!(error = %format!("{e:#}"), "error while stopping");
         }
         anyhow::bail!("{what} stopped unexpectedly")
+    }
+}
+
+/// SIGTERM and SIGINT handlers and the runtime that waits on them, taken before
+/// [`Server::start`] (see [`Server::wait_for`]): they hold file descriptors of their own.
+#[derive(Debug)]
+pub struct Signals {
+    rt: tokio::runtime::Runtime,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers: from here on SIGTERM and SIGINT no longer end the process, they
+    /// wait for [`Server::wait_for`].
+    pub fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (term, int) = {
+            let _inside = rt.enter();
+            (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?)
+        };
+        Ok(Self { rt, term, int })
     }
 }
 

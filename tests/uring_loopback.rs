@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use replhub::config::HubConfig;
 use replhub::proto::StreamId;
-use replhub::testing::driver::{new_wakeup, run_core, CoreContext, CoreMsg, Inbox};
+use replhub::testing::driver::{new_wakeup, run_core, CoreContext, CoreMsg, Inbox, StartGate};
 use replhub::testing::hub::stats::CoreSnapshot;
 use replhub::testing::hub::{UpstreamCmd, UpstreamEvent};
 use replhub::testing::upstream::index_chunk;
@@ -51,6 +51,7 @@ impl Core {
             clock: Clock::new(),
             worker_sndbuf: 0,
             resp: None,
+            start: StartGate::open_now(),
         };
         let thread = std::thread::spawn(move || run_core(ctx));
         let core = Self { addr, inbox, upstream, thread: Some(thread) };

@@ -47,11 +47,15 @@ pub(crate) fn new_wakeup() -> (CoreWakeup, Arc<dyn Fn() + Send + Sync>) {
 /// Runs one core on the calling thread until it is told to shut down (or its mailbox is
 /// dropped): a current-thread runtime and a `LocalSet` around this core's [`Hub`].
 pub(crate) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
-    let CoreContext { index, listener, hub, inbox, wakeup, upstream, clock, worker_sndbuf, resp } = ctx;
+    let CoreContext { index, listener, hub, inbox, wakeup, upstream, clock, worker_sndbuf, resp, start } =
+        ctx;
     let CoreWakeup::Notify(notify) = wakeup else {
         anyhow::bail!("core {index}: the epoll driver needs a Notify wake-up, not an eventfd");
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    if !start.ready() {
+        return Ok(());
+    }
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let listener = TcpListener::from_std(listener)?;

@@ -18,6 +18,8 @@ pub(crate) mod epoll;
 #[allow(unsafe_code)]
 pub mod sockq;
 pub(crate) mod source;
+mod start_gate;
+pub use start_gate::StartGate;
 #[allow(unsafe_code)]
 pub(crate) mod uring;
 
@@ -146,4 +148,6 @@ pub struct CoreContext {
     /// Redis mode: this core's RESP listener (SO_REUSEPORT, non-blocking, listening) and the
     /// state every core shares.
     pub resp: Option<(std::net::TcpListener, Arc<crate::resp::RespState>)>,
+    /// Passed once the core holds its own descriptors; accepting starts only after it opens.
+    pub start: StartGate,
 }

@@ -160,6 +160,8 @@ pub(crate) struct SourceContext {
     pub clock: Clock,
     /// Redis mode's shared state (the channel table), when `--resp-listen` is on.
     pub resp: Option<Arc<crate::resp::RespState>>,
+    /// Passed once the thread holds its runtime's descriptors (see `start_gate.rs`).
+    pub start: super::StartGate,
 }
 
 /// The sending side of the source thread's mailboxes. Cloneable and shareable.
@@ -221,6 +223,9 @@ impl SourceHandle {
 /// Runs the source on the calling thread until [`SourceHandle::stop`].
 pub(crate) fn run(ctx: SourceContext) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    if !ctx.start.ready() {
+        return Ok(());
+    }
     rt.block_on(async move {
         let queues = ctx.cores.iter().map(|_| CoreQueue::default()).collect();
         let limit = usize::try_from(ctx.hub.max_pending_bytes).unwrap_or(usize::MAX);
@@ -836,6 +841,7 @@ mod tests {
             stop,
             clock: Clock::new(),
             resp: None,
+            start: crate::driver::StartGate::open_now(),
         };
         (ctx, handle, rxs)
     }

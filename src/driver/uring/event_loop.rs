@@ -104,7 +104,12 @@ pub(super) struct LoopStats {
 
 /// [`run_core`] with `buf_count` recv buffers; returns the loop's counters.
 pub(super) fn run_core_with(ctx: CoreContext, buf_count: u16) -> anyhow::Result<LoopStats> {
+    let start = ctx.start.clone();
     let mut driver = Driver::new(ctx, buf_count)?;
+    if !start.ready() {
+        // Nothing was submitted yet: the driver drops like any idle one.
+        return Ok(driver.io.stats);
+    }
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| driver.run()));
     let stats = driver.io.stats;
     if driver.io.in_flight > 0 {
@@ -173,7 +178,18 @@ struct Io {
 
 impl Driver {
     fn new(ctx: CoreContext, buf_count: u16) -> anyhow::Result<Self> {
-        let CoreContext { index, listener, hub, inbox, wakeup, upstream, clock, worker_sndbuf, resp } = ctx;
+        let CoreContext {
+            index,
+            listener,
+            hub,
+            inbox,
+            wakeup,
+            upstream,
+            clock,
+            worker_sndbuf,
+            resp,
+            start: _,
+        } = ctx;
         let (resp_listener, resp_state) = resp.unzip();
         let CoreWakeup::EventFd(eventfd) = wakeup else {
             anyhow::bail!("core {index}: the io_uring driver needs an eventfd wake-up (uring::new_wakeup)");

@@ -32,6 +32,7 @@ fn context(wakeup: CoreWakeup, inbox: std::sync::mpsc::Receiver<CoreMsg>) -> Cor
         clock: Clock::new(),
         worker_sndbuf: 0,
         resp: None,
+        start: crate::driver::StartGate::open_now(),
     }
 }
 
