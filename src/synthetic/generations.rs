@@ -381,7 +381,7 @@ fn a_1_12_worker_is_caught_up_from_the_history() {
         let want: Vec<(i64, String)> = resolved_rows(&seen).remove(&s).unwrap_or_default();
         let (before, after): (Vec<_>, Vec<_>) = want.into_iter().partition(|(t, _)| *t <= pos);
         assert_eq!(caught, before, "{}: rows after {} up to {pos}", s.name(), start[s.name()]);
-        let live = resolved_rows(&got[at..].to_vec()).remove(&s).unwrap_or_default();
+        let live = resolved_rows(&got[at..]).remove(&s).unwrap_or_default();
         let n = live.len().min(after.len());
         assert_eq!(live[..n], after[..n], "{}: the same live rows", s.name());
     }
