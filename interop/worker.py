@@ -93,6 +93,10 @@ def main():
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--trace", action="store_true", help="also print every line each way")
     ap.add_argument("--log-file")
+    ap.add_argument("--start-tokens", type=json.loads, metavar="JSON",
+                    help="1.12: replicate exactly these streams, from these tokens (a database that "
+                         "holds the rows up to them), e.g. '{\"events\": 1000, \"federation\": 5}'; "
+                         "federation rows then also go through 1.12's federation sender parsing")
     args = ap.parse_args()
 
     harness.start_process(args)
@@ -118,6 +122,16 @@ def main():
 
     # Streams a master of the same release publishes (it sends federation itself).
     expected = set(STREAMS_MAP) - {"federation"}
+    start_tokens = {}
+    if args.start_tokens is not None:
+        if harness.FAMILY != 112:
+            emit("error", message="--start-tokens is for 1.10-1.12 workers")
+            sys.exit(2)
+        start_tokens = {s: int(t) for s, t in args.start_tokens.items()}
+        expected = set(start_tokens)
+        for s, t in start_tokens.items():
+            if s in tokens.pos:
+                tokens.pos[s] = t
     state = {"positions": set(), "caught_up": False, "rsu_sent": False}
 
     def record_rdata(stream_name, token, rows):
@@ -143,10 +157,20 @@ def main():
 
             async def on_rdata(self, stream_name, token, rows):
                 record_rdata(stream_name, token, rows)
+                if stream_name in start_tokens and stream_name not in tokens.pos:
+                    start_tokens[stream_name] = max(start_tokens[stream_name], token)
+                if stream_name == "federation":
+                    # What 1.12's federation sender does with them (only it replicates this
+                    # stream): parse each row's data into its presence state or Edu.
+                    from synapse.federation.send_queue import process_rows_for_federation
+
+                    process_rows_for_federation(harness.Dummy("federation_sender"), rows)
                 await super().on_rdata(stream_name, token, rows)
 
             async def on_position(self, stream_name, token):
                 await super().on_position(stream_name, token)
+                if stream_name in start_tokens and stream_name not in tokens.pos:
+                    start_tokens[stream_name] = max(start_tokens[stream_name], token)
                 record_position(stream_name, token)
 
             def on_remote_server_up(self, server):
@@ -155,7 +179,7 @@ def main():
 
             def get_streams_to_replicate(self):
                 # A 1.12 worker asks for each stream from the position its store has.
-                return {s: tokens.pos.get(s, harness.FIRST) for s in expected}
+                return {s: tokens.pos.get(s, start_tokens.get(s, harness.FIRST)) for s in expected}
 
             def update_connection(self, connection):
                 emit("connection", state="up" if connection else "down")

@@ -503,11 +503,11 @@ pub struct ServeOptions {
     /// 1.13–1.21) or 1.22 (Synapse 1.22–1.66) [default: auto]
     #[arg(long, value_name = "GENERATION")]
     pub protocol: Option<crate::proto::ProtocolChoice>,
-    /// The Synapse release of the master, 1.13 to 1.66 (e.g. 1.66 or 1.22.1). With --upstream:
-    /// pins its protocol and lets replhub answer the worker commands that release lacks
-    /// (INVALIDATE_CACHE from 1.14, REMOVE_PUSHER from 1.29) as it would, instead of dropping
-    /// them. With --synthetic: the built-in master writes exactly that release's lines
-    /// [default: the seed's]
+    /// The Synapse release of the master, 1.10 to 1.66 (e.g. 1.66, 1.22.1 or 1.12). With
+    /// --upstream: pins its protocol and lets replhub answer the worker commands that release
+    /// lacks (INVALIDATE_CACHE from 1.14, REMOVE_PUSHER from 1.29) as it would, instead of
+    /// dropping them. With --synthetic: the built-in master writes exactly that release's lines
+    /// (1.10–1.12: and its workers are caught up from their token) [default: the seed's]
     #[arg(long, value_name = "X.Y")]
     #[serde(alias = "synapse_version")]
     pub synapse_version: Option<crate::proto::SynapseRelease>,
@@ -845,7 +845,7 @@ mod tests {
         };
         let c = ServeConfig::from_options(&up).unwrap();
         assert_eq!((c.hub.protocol.pinned(), c.hub.release), (Some(Generation::V1_22), Some(r66)));
-        let clash = ServeOptions { protocol: Some(ProtocolChoice::Pinned(Generation::V1_13)), ..up };
+        let clash = ServeOptions { protocol: Some(ProtocolChoice::Pinned(Generation::V1_13)), ..up.clone() };
         assert!(ServeConfig::from_options(&clash).is_err());
         let synthetic = ServeOptions { synapse_version: Some(r66), ..opts() };
         let c = ServeConfig::from_options(&synthetic).unwrap();
@@ -855,6 +855,24 @@ mod tests {
             Ok(SynapseRelease::new(22))
         );
         assert!(toml::from_str::<ServeOptions>("synapse-version = \"1.67\"").is_err());
+        // 1.10–1.12: the 1.10 generation, with --protocol 1.10 (or 1.12) and not with another.
+        let r12 = "1.12.4".parse::<SynapseRelease>().unwrap();
+        let pinned = |p: &str| ServeOptions {
+            synapse_version: Some(r12),
+            protocol: Some(p.parse().unwrap()),
+            ..up.clone()
+        };
+        let c = ServeConfig::from_options(&pinned("1.12")).unwrap();
+        assert_eq!((c.hub.protocol.pinned(), c.hub.release), (Some(Generation::V1_10), Some(r12)));
+        assert!(ServeConfig::from_options(&pinned("1.10")).is_ok());
+        assert!(ServeConfig::from_options(&pinned("1.13")).is_err());
+        assert!(ServeConfig::from_options(&pinned("seed")).is_err());
+        let synthetic = ServeOptions { synapse_version: Some(r12), ..opts() };
+        let c = ServeConfig::from_options(&synthetic).unwrap();
+        assert_eq!(
+            (c.hub.protocol, c.hub.release, c.hub.fetch_catch_up),
+            (ProtocolChoice::Auto, Some(r12), false)
+        );
     }
 
     #[test]

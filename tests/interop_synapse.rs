@@ -12,6 +12,12 @@
 //! With a history of 1 KiB and the master's prefilled rows (workers start behind the hub), every
 //! worker's catch-up is fetched from the master over a connection of its own and spliced.
 //!
+//! With no Synapse master at all, Synapse 1.12.4's own workers follow `replhub serve --synthetic
+//! --synapse-version 1.12` (`interop/run_synthetic.py`): they subscribe from tokens the hub's
+//! history holds, are caught up from it, then get live rows; every row (federation rows through
+//! 1.12's own federation sender parsing) must reach their handlers exactly as a reference reader
+//! got it, and a worker from tokens below the history gets 1.12's `has fallen behind` ERROR.
+//!
 //! The releases' virtualenvs come from `scripts/interop-setup` (CI runs it before `cargo
 //! test`). Without them these tests fail, saying how to create them: they never pass silently.
 // Integration tests wait for real processes with real deadlines.
@@ -195,4 +201,96 @@ fn synapse_1_66_0_epoll() {
 #[test]
 fn synapse_1_66_0_uring() {
     run_pair("1.66.0", "uring", "1.22");
+}
+
+/// `interop/run_synthetic.py`: Synapse 1.12.4's workers behind the synthetic 1.12 master.
+fn run_synthetic(io: &str) {
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let release = "1.12.4";
+    let python = venv_dir().join(format!("venv-{release}/bin/python"));
+    assert!(
+        python.exists(),
+        "no virtualenv for Synapse {release} at {}: run `scripts/interop-setup {release}` first",
+        python.display()
+    );
+    let root = env!("CARGO_MANIFEST_DIR");
+    let log_dir = std::env::temp_dir().join(format!("replhub-interop-synthetic-{io}-{}", std::process::id()));
+    std::fs::create_dir_all(&log_dir).expect("log dir");
+    // The workers check the SERVER name against theirs (example.com).
+    let hub = format!(
+        "{} serve --synthetic 500 --synapse-version 1.12 --server-name example.com --listen {{listen}} \
+         --metrics-listen off --threads 1 --io {io}",
+        env!("CARGO_BIN_EXE_replhub"),
+    );
+    let mut child = Command::new("python3")
+        .arg(Path::new(root).join("interop/run_synthetic.py"))
+        .args(["--release", release, "--timeout", &PAIR_TIMEOUT_S.to_string(), "--hub-cmd", &hub])
+        .arg("--behind-worker")
+        .arg("--venv-dir")
+        .arg(venv_dir())
+        .arg("--log-dir")
+        .arg(&log_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 runs interop/run_synthetic.py");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for run_synthetic") {
+            break status;
+        }
+        if started.elapsed() > RUN_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("synthetic/{io}: still running after {RUN_LIMIT:?}; logs in {}", log_dir.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stdout = String::new();
+    child.stdout.take().expect("piped").read_to_string(&mut stdout).expect("run_synthetic output");
+    let last = stdout.lines().last().unwrap_or_default();
+    let verdict: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|e| {
+        panic!("synthetic/{io}: no verdict ({e}) in {stdout:?}; logs in {}", log_dir.display())
+    });
+    let failures = &verdict["failures"];
+    assert_eq!(verdict["pass"], true, "synthetic/{io}: {failures}; logs in {}", log_dir.display());
+    assert!(status.success(), "synthetic/{io}: run_synthetic exited with {status}");
+    for w in ["w1", "w2"] {
+        let worker = &verdict["workers"][w];
+        for field in ["rows", "caught_up_rows"] {
+            assert!(worker[field].as_u64().is_some_and(|n| n > 0), "synthetic/{io}: {w} {field}: {worker}");
+        }
+        for field in ["missing", "unexpected", "at_or_before_start", "problems"] {
+            assert_eq!(worker[field], 0, "synthetic/{io}: {w} {field}: {worker}");
+        }
+        assert_eq!(worker["positions"], 16, "synthetic/{io}: {w}: every stream of 1.12.4's STREAMS_MAP");
+        for stream in ["events", "device_lists", "federation"] {
+            assert!(
+                worker["streams"].as_array().is_some_and(|s| s.iter().any(|x| x == stream)),
+                "synthetic/{io}: {w} got no {stream} rows: {worker}"
+            );
+        }
+        // The 1.12 master echoes REMOTE_SERVER_UP to every connection, its sender (w1) too.
+        assert_eq!(
+            worker["remote_server_up"],
+            serde_json::json!(["remote.example.org"]),
+            "synthetic/{io}: {w}"
+        );
+    }
+    let errors = &verdict["workers"]["w3"]["errors_received"];
+    assert!(
+        errors[0].as_str().is_some_and(|e| e.ends_with("has fallen behind')")),
+        "synthetic/{io}: w3 {errors}"
+    );
+    let _ = std::fs::remove_dir_all(&log_dir);
+}
+
+#[test]
+fn synthetic_1_12_master_to_synapse_1_12_4_workers_epoll() {
+    run_synthetic("epoll");
+}
+
+#[test]
+fn synthetic_1_12_master_to_synapse_1_12_4_workers_uring() {
+    run_synthetic("uring");
 }

@@ -89,3 +89,29 @@ async fn a_1_13_master_as_tail_sees_it() {
     assert_eq!(ev["row"].as_object().unwrap().len(), 1 + 6, "{ev}");
     assert!(!rows.iter().any(|r| r["stream"] == "presence_federation"));
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_1_12_master_as_tail_sees_it() {
+    let lines = tail_release("1.12", 3000).await;
+    assert!(lines[0].as_ref().is_err_and(|l| l == "SERVER localhost"), "{:?}", lines[0]);
+    let p = positions(&lines);
+    let streams: Vec<&str> = p.iter().map(|p| p["stream"].as_str().unwrap()).collect();
+    assert_eq!(streams.len(), 16, "1.12.4's STREAMS_MAP: {streams:?}");
+    assert_eq!((streams[0], streams[15]), ("events", "user_signature"));
+    assert!(p.iter().all(|p| p.get("instance").is_none() && p.get("prev").is_none()), "{p:?}");
+    let rows = rows(&lines);
+    assert_eq!(rows.len(), 3000);
+    assert!(rows.iter().all(|r| r.get("instance").is_none() && r["row"].is_object()), "every row named");
+    let ev = rows.iter().find(|r| r["row"]["kind"] == "ev").expect("an ev row");
+    assert_eq!(ev["row"].as_object().unwrap().len(), 1 + 6, "{ev}");
+    let devices: Vec<_> = rows.iter().filter(|r| r["stream"] == "device_lists").collect();
+    assert!(!devices.is_empty());
+    for d in devices {
+        let row = d["row"].as_object().unwrap();
+        assert_eq!(row.keys().collect::<Vec<_>>(), ["user_id", "destination"], "{d}");
+    }
+    assert!(
+        rows.iter().any(|r| r["stream"] == "federation" && r["row"]["kind"] == "p"),
+        "p rows before 1.33"
+    );
+}

@@ -460,3 +460,23 @@ fn a_worker_gone_while_fetching_is_forgotten() {
     assert!(other.take_upstream().is_empty());
     assert!(other.take_lines(w)[0].contains("has fallen behind"));
 }
+
+#[test]
+fn a_1_13_workers_bare_replicate_gets_the_1_12_parse_error() {
+    // 1.12.4's `ReplicateCommand.from_line("")`: `stream_name, token = "".split(" ", 1)`.
+    let want = "ERROR failed to parse line for  'REPLICATE': ValueError('not enough values to unpack \
+                (expected 2, got 1)') (''):";
+    let mut sim = sim();
+    for greeting in ["REPLICATE ", "REPLICATE"] {
+        let w = worker(&mut sim);
+        sim.send(w, &format!("NAME w13\n{greeting}"));
+        assert_eq!(sim.take_lines(w), vec![want], "{greeting:?}");
+        assert_eq!(sim.closed(w), Some(CloseHow::Graceful));
+    }
+    // Pinned (`--protocol 1.12`, or `--synapse-version 1.12`), before the master answered.
+    let pinned = crate::proto::ProtocolChoice::Pinned(Generation::V1_10);
+    let mut sim = Sim::new(HubConfig { protocol: pinned, ..config() });
+    let w = sim.accept();
+    sim.send(w, "REPLICATE ");
+    assert_eq!(sim.take_lines(w), vec![want]);
+}

@@ -379,6 +379,21 @@ mod tests {
     }
 
     #[test]
+    fn a_blank_line_from_a_released_worker_is_refused_as_its_master_does() {
+        // 1.13–1.66 compare the received bytes with the str `""` (never equal), so a blank line
+        // is parsed: `COMMAND_MAP[""]`. Before the worker is known to be 1.13+, blank lines are
+        // skipped as the seed means to.
+        let mut sim = sim(Generation::V1_22);
+        let w = sim.accept();
+        sim.send(w, "NAME w\n\nREPLICATE ");
+        assert!(sim.closed(w).is_none(), "a blank line before the bare REPLICATE is skipped");
+        sim.take_lines(w);
+        sim.send(w, "");
+        assert_eq!(sim.take_lines(w), vec!["ERROR failed to parse line: KeyError('') (''):"]);
+        assert!(sim.closed(w).is_some());
+    }
+
+    #[test]
     fn remote_server_up_reaches_the_other_workers_never_its_sender() {
         let mut sim = sim(Generation::V1_13);
         let (a, b, c) = (sim.accept(), sim.accept(), sim.accept());
@@ -416,6 +431,9 @@ mod tests {
             (RemovePusher, r(28), Some(Generation::V1_22), Forward),
             (RemovePusher, r(29), Some(Generation::V1_22), Answer),
             (RemovePusher, r(66), None, Answer),
+            // 1.10–1.12 know every seed command.
+            (InvalidateCache, r(12), Some(Generation::V1_10), Forward),
+            (RemovePusher, r(10), None, Forward),
         ];
         for (word, release, generation, want) in cases {
             assert_eq!(

@@ -14,6 +14,7 @@ use super::history::Behind;
 use super::log::Seq;
 use super::stats::{CloseReason, ConnPhase};
 use super::{CatchUpFrom, ConnId, Fetched, Hub, HubOutput, UpstreamCmd, UpstreamEvent};
+use crate::proto::fields::not_enough_values;
 use crate::proto::number::parse_i64;
 use crate::proto::pyrepr::py_exc;
 use crate::proto::release::map_order;
@@ -57,6 +58,16 @@ impl Hub {
         let name = self.conn(id).map(|c| c.display_name().to_owned()).unwrap_or_default();
         tracing::info!(conn = %id, name, stream, "subscribe (REPLICATE)");
         match target {
+            // A 1.10–1.12 master (known, or pinned) refuses a 1.13+ worker's `REPLICATE `
+            // (`ReplicateCommand.from_line("")` cannot unpack a stream and a token), and so
+            // does replhub in its place, with its text.
+            ReplicateTarget::Unknown("")
+                if self.generation.or(self.config.protocol.pinned()) == Some(Generation::V1_10) =>
+            {
+                let err = PeerError::parse(b"REPLICATE", b"", not_enough_values(2, 1));
+                tracing::info!(conn = %id, name, error = %err, "1.13+ REPLICATE behind a 1.10-1.12 master, closing");
+                self.fail(id, &err, CloseReason::ProtocolError, now);
+            }
             // A bare `REPLICATE` (or `REPLICATE `) is Synapse 1.13+'s handshake, unless the
             // upstream is known to be the seed or 1.10, whose servers refuse it.
             ReplicateTarget::Unknown("") if !self.generation.is_some_and(Generation::subscribes) => {

@@ -4,7 +4,10 @@
 //!
 //! | from | change (master side)                                                          |
 //! |------|-------------------------------------------------------------------------------|
-//! | 1.13 | instance names in RDATA/POSITION, bare `REPLICATE`, `device_lists` `[entity]`  |
+//! | 1.10 | `REPLICATE <s> <token>` catch-up, `device_lists` `[user_id, destination]`,     |
+//! |      | `SYNC`, no `CLEAR_USER_SYNC` (1.10–1.12 write and accept the same lines)       |
+//! | 1.13 | instance names in RDATA/POSITION, bare `REPLICATE`, `device_lists` `[entity]`, |
+//! |      | `CLEAR_USER_SYNC`, no `SYNC`                                                   |
 //! | 1.14 | no `INVALIDATE_CACHE`                                                          |
 //! | 1.18 | `FEDERATION_ACK <instance> <token>`                                            |
 //! | 1.19 | compact JSON separators (`","`, `":"`)                                         |
@@ -16,8 +19,10 @@
 //! | 1.61 | no `groups` stream                                                             |
 //! | 1.64 | `ev` rows of 9 fields (`outlier`)                                              |
 //!
-//! Only the 1.13–1.66 releases are known here (TCP replication ended with 1.66); the 1.10–1.12
-//! generation is another wire format altogether.
+//! Every release from 1.10 to 1.66 is known here (TCP replication ended with 1.66; 1.10, 1.11
+//! and 1.12 differ only in how far back a master catches a worker up, which replhub's
+//! history decides for itself). The unreleased seed is no release: `None` where a release is
+//! optional.
 use super::command::{CommandWord, Role};
 use super::error::{FieldError, PeerError};
 use super::fields::Rdata;
@@ -29,7 +34,7 @@ use super::inbound::{check_command, parse_args};
 use super::line::Line;
 use super::stream::{StreamId, StreamMask};
 
-/// A Synapse release `1.<minor>` whose master speaks TCP replication (1.13–1.66).
+/// A Synapse release `1.<minor>` whose master speaks TCP replication (1.10–1.66).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize)]
 #[serde(try_from = "String")]
 pub struct SynapseRelease {
@@ -59,8 +64,10 @@ const MAP_ORDER: [StreamId; StreamId::COUNT] = [
 ];
 
 impl SynapseRelease {
-    /// The oldest release known here (the first with instance names).
-    pub const OLDEST: Self = Self { minor: 13 };
+    /// The oldest release known here.
+    pub const OLDEST: Self = Self { minor: 10 };
+    /// The first release with instance names, a bare `REPLICATE` and 1.13's parse order.
+    pub const V1_13: Self = Self { minor: 13 };
     /// The newest release with TCP replication.
     pub const NEWEST: Self = Self { minor: 66 };
 
@@ -87,8 +94,10 @@ impl SynapseRelease {
     pub const fn generation(self) -> Generation {
         if self.minor >= 22 {
             Generation::V1_22
-        } else {
+        } else if self.minor >= 13 {
             Generation::V1_13
+        } else {
+            Generation::V1_10
         }
     }
 
@@ -123,6 +132,12 @@ impl SynapseRelease {
     /// `presence_federation` stream).
     pub const fn federation_presence_rows(self) -> bool {
         self.minor < 33
+    }
+
+    /// Whether `device_lists` rows are `[entity]` (1.13+: a user id or a remote server name)
+    /// rather than `[user_id, destination]` (destination `null` when no server is poked).
+    pub const fn device_lists_entity(self) -> bool {
+        self.minor >= 13
     }
 
     /// Whether `FEDERATION_ACK` names the sending instance (1.18+).
@@ -163,6 +178,7 @@ impl SynapseRelease {
             CommandWord::InvalidateCache => self.minor < 14,
             CommandWord::RemovePusher => self.minor < 29,
             CommandWord::Sync => self.minor < 13,
+            CommandWord::ClearUserSync => self.minor >= 13,
             _ => true,
         }
     }
@@ -199,7 +215,7 @@ pub struct ReleasedParse {
 impl ReleasedParse {
     /// Whether the master knows `word` at all: the pinned release's commands, else 1.13's.
     fn knows(self, word: CommandWord) -> bool {
-        self.release.unwrap_or(SynapseRelease::OLDEST).knows_command(word)
+        self.release.unwrap_or(SynapseRelease::V1_13).knows_command(word)
     }
 }
 
@@ -303,7 +319,9 @@ mod tests {
         assert_eq!("1.66".parse(), Ok(r(66)));
         assert_eq!("1.22.1".parse(), Ok(r(22)));
         assert_eq!(r(13).to_string(), "1.13");
-        for bad in ["1.12", "1.67", "2.0", "1", "1.x", "1.22.", "1.22.1.1", ""] {
+        assert_eq!("1.12.4".parse(), Ok(r(12)));
+        assert_eq!("1.10".parse(), Ok(SynapseRelease::OLDEST));
+        for bad in ["1.9", "1.67", "2.0", "1", "1.x", "1.22.", "1.22.1.1", ""] {
             assert!(bad.parse::<SynapseRelease>().is_err(), "{bad}");
         }
     }
@@ -335,6 +353,30 @@ mod tests {
     }
 
     #[test]
+    fn releases_1_10_to_1_12_are_the_1_10_generation() {
+        for m in 10..=12 {
+            let v = r(m);
+            assert_eq!(v.generation(), Generation::V1_10, "1.{m}");
+            assert!(!v.has_instance_names() && !v.position_has_prev() && !v.compact_json(), "1.{m}");
+            assert!(!v.device_lists_entity() && !v.federation_ack_has_instance(), "1.{m}");
+            assert!(v.federation_presence_rows(), "1.{m}");
+            assert_eq!(v.ev_fields(), 6, "1.{m}");
+            // 1.12.4's COMMAND_MAP: every seed word, and not CLEAR_USER_SYNC.
+            for word in CommandWord::ALL {
+                assert_eq!(v.knows_command(word), word != CommandWord::ClearUserSync, "1.{m} {word:?}");
+            }
+            // 1.12.4's STREAMS_MAP is the seed's 16, in the seed's order.
+            assert_eq!(v.streams().collect::<Vec<_>>(), StreamId::SEED, "1.{m}");
+        }
+        assert!(r(13).device_lists_entity() && r(13).knows_command(CommandWord::ClearUserSync));
+        assert_eq!(
+            SynapseRelease::of_generation(Generation::V1_10).map(|r| r.minor()).collect::<Vec<_>>(),
+            [10, 11, 12]
+        );
+        assert_eq!(SynapseRelease::all().count(), 57);
+    }
+
+    #[test]
     fn stream_sets_as_the_masters_list_them() {
         let names = |m: u16| r(m).streams().map(StreamId::name).collect::<Vec<_>>();
         assert_eq!(names(13).len(), 16);
@@ -362,6 +404,10 @@ mod tests {
         // Unknown words, the empty one included: a KeyError with the whole line.
         assert_eq!(check("SYNC 5"), Err("ERROR failed to parse line: KeyError('SYNC') ('SYNC 5'):\n".into()));
         assert_eq!(check(" NAME x"), Err("ERROR failed to parse line: KeyError('') (' NAME x'):\n".into()));
+        // A blank line too: 1.13–1.66 compare the bytes received with `""`, which never
+        // matches, so `parse_command_from_line("")` looks up the empty word.
+        assert_eq!(check(""), Err("ERROR failed to parse line: KeyError('') (''):\n".into()));
+        assert_eq!(check("  "), Err("ERROR failed to parse line: KeyError('') ('  '):\n".into()));
         // Arguments before direction: a bad one is a parse error even from the wrong side.
         assert_eq!(
             check("USER_SYNC @a:hs start 16"),

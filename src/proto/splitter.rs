@@ -31,6 +31,8 @@ pub struct LineSplitter {
     scanned: usize,
     /// After an over-long unterminated line: drop input up to and including the next `\n`.
     discarding: bool,
+    /// Return empty lines from [`Self::next_line`] instead of skipping them.
+    keep_blank: bool,
 }
 
 /// Finds an empty line inside a chunk. Shared: a finder is ~300 bytes, too much to keep per
@@ -41,7 +43,14 @@ static BLANK: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
 impl LineSplitter {
     /// A splitter enforcing `max_len` (normally [`MAX_LINE_LEN`]).
     pub fn new(max_len: usize) -> Self {
-        Self { buf: BytesMut::new(), max_len, scanned: 0, discarding: false }
+        Self { buf: BytesMut::new(), max_len, scanned: 0, discarding: false, keep_blank: false }
+    }
+
+    /// From now on [`Self::next_line`] returns empty lines too, for a peer that answers them
+    /// (a Synapse 1.13+ master's blank-line check never matches, so it parses the empty line
+    /// and fails with `KeyError('')`). [`Self::next_chunk`] still never includes one.
+    pub fn keep_blank_lines(&mut self) {
+        self.keep_blank = true;
     }
 
     /// Copies received bytes in.
@@ -69,7 +78,8 @@ impl LineSplitter {
         self.discarding
     }
 
-    /// The next complete, non-empty line without its `\n`. `Ok(None)` means "need more bytes".
+    /// The next complete line without its `\n`, skipping empty ones (unless
+    /// [`Self::keep_blank_lines`]). `Ok(None)` means "need more bytes".
     pub fn next_line(&mut self) -> Result<Option<Bytes>, LineTooLong> {
         loop {
             if !self.skip_discarded() {
@@ -83,7 +93,7 @@ impl LineSplitter {
                 return Err(LineTooLong);
             }
             self.scanned = 0;
-            if nl == 0 {
+            if nl == 0 && !self.keep_blank {
                 self.buf.advance(1);
                 continue;
             }
@@ -228,6 +238,17 @@ mod tests {
         s.extend_from_slice(b"ICATE ALL\n");
         assert_eq!(lines(&mut s), vec![Ok(Bytes::from("REPLICATE ALL"))]);
         assert_eq!(s.buffered_len(), 0);
+    }
+
+    #[test]
+    fn empty_lines_kept_on_request() {
+        let mut s = LineSplitter::new(100);
+        s.extend_from_slice(b"NAME x\n");
+        assert_eq!(lines(&mut s), vec![Ok(Bytes::from("NAME x"))]);
+        s.keep_blank_lines();
+        s.extend_from_slice(b"\n\nPING 1\n\n");
+        let got = lines(&mut s);
+        assert_eq!(got, vec![Ok(Bytes::new()), Ok(Bytes::new()), Ok("PING 1".into()), Ok(Bytes::new())]);
     }
 
     #[test]

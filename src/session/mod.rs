@@ -118,9 +118,11 @@ impl Session {
     }
 
     /// From now on, check received lines as a Synapse 1.13+ peer does (PROTOCOL.md §8.2:
-    /// look up, parse, then the direction), with its error texts.
+    /// look up, parse, then the direction), with its error texts; blank lines included, which
+    /// such a peer parses too (its blank-line check never matches) and refuses.
     pub fn set_released_parse(&mut self, rules: ReleasedParse) {
         self.released_parse = Some(rules);
+        self.splitter.keep_blank_lines();
     }
 
     /// Our role.

@@ -7,8 +7,10 @@
 //!
 //! What it writes follows the seed (PROTOCOL.md §5.2, §6), or, with
 //! [`SyntheticConfig::release`], what that Synapse release's master writes (PROTOCOL.md §8:
-//! the instance name `master` in every RDATA, compact JSON from 1.19, 8- or 9-field `ev` rows,
-//! that release's streams, no federation `p` rows from 1.33), as [`SynapseRelease`] says:
+//! 1.10–1.12 the seed's lines but `device_lists` rows `[user_id, destination]`; from 1.13 the
+//! instance name `master` in every RDATA and `[entity]` rows, compact JSON from 1.19, 8- or
+//! 9-field `ev` rows, that release's streams, no federation `p` rows from 1.33), as
+//! [`SynapseRelease`] says:
 //! * rows have the exact field shapes of §6, encoded with [`crate::proto::json`], so they are
 //!   byte-identical to what Synapse's simplejson would write for the same values;
 //! * rows that share a token form a *batch run*: consecutive lines of one stream, all with the
@@ -55,7 +57,7 @@ use line::{compact_separators, pad_line, LineCtx, PadSlot};
 use pacing::Pacer;
 pub(crate) use pacing::UNPACED_BATCH;
 pub(crate) use source::SyntheticSource;
-use world::{Rng, World};
+use world::{Rng, World, REMOTE_SERVERS};
 
 /// Configuration of the synthetic master.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -253,6 +255,21 @@ impl Synthetic {
             LineCtx { stream, token, rows: self.group_size(stream), written: 0, instance, json_at: 0 };
         match stream {
             StreamId::Events => return self.events_group(out, &mut line, on_line),
+            StreamId::DeviceLists if !self.device_lists_entity() => {
+                // Before 1.13 a row is `[user_id, destination]`: one user's device change, one
+                // row per remote server poked (distinct, as the master's `GROUP BY user_id,
+                // destination` makes them), or one row with `null` when none is.
+                let user = self.world.user();
+                let first = self.world.rng.below(REMOTE_SERVERS.len());
+                let nobody = line.rows == 1 && self.world.rng.chance(25);
+                while line.more() {
+                    let start = line.begin(out);
+                    let dest =
+                        (!nobody).then(|| REMOTE_SERVERS[(first + line.written) % REMOTE_SERVERS.len()]);
+                    let slot = self.row_device_list_poke(out, user, dest);
+                    self.finish(out, start, &mut line, Some(slot), on_line);
+                }
+            }
             StreamId::Caches if line.rows > 1 => {
                 let room = self.world.rooms[self.world.rng.skewed(self.world.rooms.len())].clone();
                 while line.more() {
@@ -288,6 +305,12 @@ impl Synthetic {
         let t = self.counters[slot];
         self.tokens[stream.index()] = t;
         t
+    }
+
+    /// Whether `device_lists` rows are `[entity]` (the seed, Synapse 1.13+) rather than
+    /// `[user_id, destination]` (1.10–1.12).
+    fn device_lists_entity(&self) -> bool {
+        self.cfg.release.is_none_or(SynapseRelease::device_lists_entity)
     }
 
     /// Whether rows use compact JSON separators (Synapse 1.19+).

@@ -165,6 +165,24 @@ impl Synthetic {
         }
     }
 
+    /// A 1.10–1.12 `device_lists` row: `[user_id, destination]`, `null` for no destination.
+    pub(super) fn row_device_list_poke(
+        &mut self,
+        out: &mut BytesMut,
+        user: usize,
+        dest: Option<&str>,
+    ) -> PadSlot {
+        out.put_u8(b'[');
+        let slot = put_id(out, &self.world.users[user]);
+        write_sep(out);
+        match dest {
+            Some(d) => write_str(out, d),
+            None => write_null(out),
+        }
+        out.put_u8(b']');
+        slot
+    }
+
     fn row_user_only(&mut self, out: &mut BytesMut) -> PadSlot {
         let u = self.world.user();
         out.put_u8(b'[');

@@ -128,8 +128,8 @@ const PUBLIC_ROOMS: Layout =
 const ENTITY: Layout = &[f("entity", Str)];
 /// `presence_federation` rows (Synapse 1.33+).
 const PRESENCE_FEDERATION: Layout = &[f("destination", Str), f("user_id", Str)];
-/// `device_lists` rows before Synapse 1.13.
-const DEVICE_LISTS_OLD: Layout = &[f("user_id", Str), f("destination", Str)];
+/// `device_lists` rows before Synapse 1.13 (`destination` is `null` when no server is poked).
+const DEVICE_LISTS_OLD: Layout = &[f("user_id", Str), f("destination", OPT_STR)];
 /// The tags' `data` is a string holding the tags object in PROTOCOL.md §6 (what the generator
 /// writes), but the recorded stream (`shared/vectors/stream-sample.txt`) carries an object
 /// `{"tags": {…}}`: both fit.

@@ -5,8 +5,8 @@
 //! [`SyntheticSource::tick`] writes the lines due at that time into one buffer and reports them
 //! as one [`LinkEvent::Batch`], indexed from the generator's own line callbacks (no re-parsing).
 //! Commands from the cores get what a master would do with them: `REMOTE_SERVER_UP x` is echoed
-//! to every worker (seed behaviour, the originator included; a released master has no other
-//! connection to relay it to), `USER_SYNC` is merged and counted, everything else is counted
+//! to every worker (seed and 1.10–1.12 behaviour, the originator included; a 1.13+ master has
+//! no other connection to relay it to), `USER_SYNC` is merged and counted, everything else is counted
 //! and dropped. Playing a released master, `Up` carries that release's generation, so the hub
 //! answers REPLICATE with that release's POSITIONs.
 use std::collections::VecDeque;
@@ -136,9 +136,10 @@ impl SyntheticSource {
             // Only a 1.10–1.12 master serves these (the source answers them itself).
             UpstreamCmd::Fetch { .. } => {}
             UpstreamCmd::Forward(line) => {
-                // A released master relays REMOTE_SERVER_UP to its other connections only, and
-                // replhub is its one connection (PROTOCOL.md §8.3.1); the seed echoes it to all.
-                let echoes = self.gen.config().release.is_none();
+                // A 1.13+ master relays REMOTE_SERVER_UP to its other connections only, and
+                // replhub is its one connection (PROTOCOL.md §8.3.1); the seed and 1.10–1.12
+                // echo it to every connection, the sender included.
+                let echoes = self.gen.config().release.is_none_or(|r| !r.has_instance_names());
                 let relayable = echoes
                     && line.starts_with(b"REMOTE_SERVER_UP ")
                     && line.ends_with(b"\n")
