@@ -90,7 +90,7 @@ pub(crate) mod bench {
 
     use super::event_loop::{CQ_ENTRIES, SQ_ENTRIES};
     use super::probe::build_ring;
-    use super::send::SendBuf;
+    use super::send::{SendBuf, Sock};
 
     /// A core's ring and a send buffer per socket (the ring first: dropped before the buffers).
     pub struct SendRing {
@@ -115,7 +115,7 @@ pub(crate) mod bench {
             let mut first_err = None;
             while done < fds.len() {
                 while queued < fds.len() {
-                    let entry = self.bufs[queued].prepare(fds[queued], iov, queued as u64);
+                    let entry = self.bufs[queued].prepare(Sock::Fd(fds[queued]), iov, queued as u64);
                     // SAFETY: the send buffer is not touched again before its completion is
                     // reaped below (this call does not return before every completion is);
                     // `iov` borrows bytes that outlive the call, and the caller's fds stay
