@@ -45,7 +45,7 @@ pub(super) const CQ_ENTRIES: u32 = 16384;
 /// woke (and the upstream's source thread) off the CPU for milliseconds. Every return to user
 /// space is a point where the scheduler can switch, as after each `writev` of the epoll
 /// driver; one more `io_uring_enter` per this many sends costs next to nothing.
-const SUBMIT_BATCH: usize = 32;
+const SUBMIT_BATCH: usize = 128;
 /// Most slots in a core's registered file table (8 bytes of kernel memory each); the table is
 /// also capped at the process's descriptor limit. A connection whose slot index is beyond it
 /// is driven through its plain descriptor.
