@@ -3,9 +3,6 @@
 //! like a core's, the core loop's `SENDMSG` preparation, submitted together and every
 //! completion reaped) next to a plain `writev` loop, in the same run.
 //!
-//! `uring_fixed` is the same with the sockets in the ring's registered file table, as the
-//! core loop registers them (no per-op descriptor lookup and file reference count).
-//!
 //! Each iteration writes one 16-line batch of 300-byte lines to every socket, as one slice (the
 //! common case: the driver sends it with `SEND`) or as two (a gathered write spanning two
 //! batches: `SENDMSG`); only that is timed. Between iterations the
@@ -142,21 +139,6 @@ fn send_path(c: &mut Criterion) {
         });
         if uring_ok {
             let mut ring = uring::SendRing::new(n).expect("ring");
-            let mut fixed = uring::SendRing::new(n).expect("ring");
-            fixed.register(&fds).expect("registering the sockets");
-            group.bench_with_input(BenchmarkId::new(format!("uring_fixed/{shape}"), n), &n, |bch, _| {
-                bch.iter_custom(|iters| {
-                    let mut spent = Duration::ZERO;
-                    for _ in 0..iters {
-                        let t = Instant::now();
-                        let sent = fixed.send_all(&fds, iov).expect("sends");
-                        spent += t.elapsed();
-                        assert_eq!(sent, n * batch.len());
-                        pairs.drain(batch.len());
-                    }
-                    spent
-                });
-            });
             group.bench_with_input(BenchmarkId::new(format!("uring/{shape}"), n), &n, |bch, _| {
                 bch.iter_custom(|iters| {
                     let mut spent = Duration::ZERO;

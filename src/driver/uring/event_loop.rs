@@ -18,7 +18,7 @@ use socket2::SockRef;
 
 use super::bufring::BufRing;
 use super::probe::{build_ring, setup_error};
-use super::send::{with_sock, SendBuf, Sock};
+use super::send::SendBuf;
 use super::token::{self, Op};
 use super::wakeup;
 use crate::driver::core_loop::{
@@ -44,12 +44,9 @@ pub(super) const CQ_ENTRIES: u32 = 16384;
 /// that CPU until it returns: hundreds of sends in one call keep the workers this core just
 /// woke (and the upstream's source thread) off the CPU for milliseconds. Every return to user
 /// space is a point where the scheduler can switch, as after each `writev` of the epoll
-/// driver; one more `io_uring_enter` per this many sends costs next to nothing.
+/// driver; one more `io_uring_enter` per this many sends costs next to nothing. At 100
+/// subscribers (about 50 sends a core per turn) a turn still makes one call.
 const SUBMIT_BATCH: usize = 128;
-/// Most slots in a core's registered file table (8 bytes of kernel memory each); the table is
-/// also capped at the process's descriptor limit. A connection whose slot index is beyond it
-/// is driven through its plain descriptor.
-const MAX_FIXED_FILES: u32 = 1 << 16;
 /// How long, after the shutdown grace, the core waits for the kernel to finish its ops before
 /// it gives up.
 const EXIT_WAIT_MS: u64 = 1_000;
@@ -76,8 +73,6 @@ enum State {
 /// One worker socket.
 struct Conn {
     fd: OwnedFd,
-    /// What its ops name: the registered slot (the hub's slot index) when it has one.
-    sock: Sock,
     state: State,
     /// The multishot recv is in flight (its final completion has not been reaped).
     recv_armed: bool,
@@ -88,8 +83,7 @@ struct Conn {
 
 impl Conn {
     fn new(fd: OwnedFd) -> Self {
-        let sock = Sock::Fd(fd.as_raw_fd());
-        Self { fd, sock, state: State::Open, recv_armed: false, sending: None, send: SendBuf::new() }
+        Self { fd, state: State::Open, recv_armed: false, sending: None, send: SendBuf::new() }
     }
 }
 
@@ -115,8 +109,6 @@ pub(super) struct LoopStats {
     pub sends: u64,
     /// Sends that wrote less than asked (the socket was full).
     pub short_sends: u64,
-    /// Connections whose ops named a registered file.
-    pub fixed_conns: u64,
 }
 
 /// [`run_core`] with `buf_count` recv buffers; returns the loop's counters.
@@ -156,8 +148,6 @@ struct Io {
     /// The sockets, under the hub's ids.
     conns: SlotMap<Conn>,
     listener: TcpListener,
-    /// Slots in the registered file table (0: none could be registered).
-    fixed_slots: u32,
     eventfd: File,
     index: usize,
     /// Ops submitted (or queued to be) whose final completion has not been reaped.
@@ -200,19 +190,12 @@ impl Driver {
         // after `ring` (field order) with no op in flight, or never (`run_core` leaks the driver
         // while ops are in flight), so the kernel never sees it freed.
         unsafe { bufs.register(&ring.submitter()) }.context("registering the recv buffer ring")?;
-        let fixed_slots = register_file_table(&ring);
-        tracing::debug!(
-            core = index,
-            single_issuer_defer_taskrun = flags,
-            fixed_slots,
-            "io_uring core started"
-        );
+        tracing::debug!(core = index, single_issuer_defer_taskrun = flags, "io_uring core started");
         let io = Io {
             ring,
             bufs,
             conns: SlotMap::new(),
             listener,
-            fixed_slots,
             eventfd: File::from(eventfd),
             index,
             in_flight: 0,
@@ -332,21 +315,7 @@ impl Driver {
             self.core.hub.on_peer_closed(id, false, now);
             return;
         }
-        let mut conn = Conn::new(fd);
-        if id.index < io.fixed_slots {
-            // The table slot is the hub's slot index: free (set to -1 by `maybe_free`) since
-            // the last connection in it was torn down.
-            match io.ring.submitter().register_files_update(id.index, &[conn.fd.as_raw_fd()]) {
-                Ok(_) => {
-                    conn.sock = Sock::Fixed(id.index);
-                    io.stats.fixed_conns += 1;
-                }
-                Err(e) => {
-                    tracing::debug!(core = io.index, conn = %id, error = %e, "registering the socket failed")
-                }
-            }
-        }
-        if let Some((old, conn)) = io.conns.insert(id, conn) {
+        if let Some((old, conn)) = io.conns.insert(id, Conn::new(fd)) {
             // A slot is freed (and the hub told) only once no op of its connection is in
             // flight, so the hub can never hand out a slot the driver still uses. If it did,
             // the old socket's ops may still be in flight: never free what they point at.
@@ -520,7 +489,6 @@ impl Driver {
             enters = self.io.stats.enters,
             sends = self.io.stats.sends,
             short_sends = self.io.stats.short_sends,
-            fixed_conns = self.io.stats.fixed_conns,
             "io_uring core stopped"
         );
         Ok(())
@@ -625,13 +593,12 @@ impl Io {
             return;
         }
         conn.recv_armed = true;
-        let entry = with_sock!(conn.sock, |t| opcode::RecvMulti::new(t, BGID)
+        let entry = opcode::RecvMulti::new(types::Fd(conn.fd.as_raw_fd()), BGID)
             .build()
-            .user_data(token::encode(Op::Recv, id)));
+            .user_data(token::encode(Op::Recv, id));
         // SAFETY: the recv writes only into buffers of `self.bufs`, registered with this ring
-        // and freed only after it with no op in flight (or never). The fd is closed (and its
-        // table slot cleared) only once `recv_armed` is false again, i.e. after this op's
-        // final completion.
+        // and freed only after it with no op in flight (or never). The fd is closed only once
+        // `recv_armed` is false again, i.e. after this op's final completion.
         unsafe { self.queue(entry) };
     }
 
@@ -675,13 +642,6 @@ impl Io {
         if conn.recv_armed || conn.sending.is_some() {
             return;
         }
-        if let Sock::Fixed(slot) = conn.sock {
-            // The table holds a reference to the socket: without this the close below would
-            // not end the connection. No op names the slot any more.
-            if let Err(e) = self.ring.submitter().register_files_update(slot, &[-1]) {
-                tracing::warn!(core = self.index, conn = %id, error = %e, "unregistering the socket failed");
-            }
-        }
         // Dropping the connection closes its fd (a reset if SO_LINGER 0 was set).
         self.conns.remove(id);
         hub.on_peer_closed(id, lost, now);
@@ -710,13 +670,13 @@ impl Sockets for Io {
         let Some(conn) = self.conns.get_mut(id) else { return Write::Done(Ok(0)) };
         conn.sending = Some(len);
         self.stats.sends += 1;
-        let entry = conn.send.prepare(conn.sock, iov, token::encode(Op::Send, id));
+        let entry = conn.send.prepare(conn.fd.as_raw_fd(), iov, token::encode(Op::Send, id));
         // SAFETY: the iovecs point at bytes the hub keeps alive and unchanged until
         // `on_written`/`on_peer_closed` for `id` (its memory rule), which this driver calls
         // only after this send's completion. The iovec array and the msghdr live in the
         // connection's boxed `SendBuf`, which is not touched while `sending` is set and is
         // freed only with the connection, once no op of it is in flight. The fd is closed
-        // (and its table slot cleared) only then too.
+        // only then too.
         unsafe { self.queue(entry) };
         if self.backlog.is_empty() && self.ring.submission().len() >= SUBMIT_BATCH {
             self.stats.enters += 1;
@@ -758,29 +718,5 @@ impl Sockets for Io {
 
     fn lost(&mut self, hub: &mut Hub, id: ConnId, now: Now) {
         self.teardown(hub, id, true, false, now);
-    }
-}
-
-/// Registers an empty (sparse) file table for the core's sockets; returns its size, or 0 if
-/// the kernel refused (before 5.19, or a descriptor limit too low), in which case every op
-/// names a plain descriptor.
-fn register_file_table(ring: &IoUring) -> u32 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes one live local rlimit.
-    let nofile = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-        u32::try_from(lim.rlim_cur).unwrap_or(u32::MAX)
-    } else {
-        0
-    };
-    let slots = nofile.min(MAX_FIXED_FILES);
-    if slots == 0 {
-        return 0;
-    }
-    match ring.submitter().register_files_sparse(slots) {
-        Ok(()) => slots,
-        Err(e) => {
-            tracing::debug!(error = %e, "no registered file table; ops name plain descriptors");
-            0
-        }
     }
 }

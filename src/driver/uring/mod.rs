@@ -90,31 +90,20 @@ pub(crate) mod bench {
 
     use super::event_loop::{CQ_ENTRIES, SQ_ENTRIES};
     use super::probe::build_ring;
-    use super::send::{SendBuf, Sock};
+    use super::send::SendBuf;
 
     /// A core's ring and a send buffer per socket (the ring first: dropped before the buffers).
     pub struct SendRing {
         ring: IoUring,
         /// Never grown after `new`, so a buffer never moves while a send points at it.
         bufs: Vec<SendBuf>,
-        /// Sockets registered with [`SendRing::register`]: sends name table slots.
-        fixed: usize,
     }
 
     impl SendRing {
         /// A ring like a core's, with send buffers for `sockets` sockets.
         pub fn new(sockets: usize) -> io::Result<Self> {
             let (ring, _) = build_ring(SQ_ENTRIES, CQ_ENTRIES)?;
-            Ok(Self { ring, bufs: (0..sockets).map(|_| *SendBuf::new()).collect(), fixed: 0 })
-        }
-
-        /// Registers `fds` as the ring's file table, as a core registers its sockets: from now
-        /// on the sends to `fds[k]` name slot `k` (`send_all` must get the same fds, in the
-        /// same order, and they must stay open while the ring lives).
-        pub fn register(&mut self, fds: &[RawFd]) -> io::Result<()> {
-            self.ring.submitter().register_files(fds)?;
-            self.fixed = fds.len();
-            Ok(())
+            Ok(Self { ring, bufs: (0..sockets).map(|_| *SendBuf::new()).collect() })
         }
 
         /// One gathered send of `iov` to every socket of `fds` (at most the `sockets` given
@@ -126,11 +115,7 @@ pub(crate) mod bench {
             let mut first_err = None;
             while done < fds.len() {
                 while queued < fds.len() {
-                    let sock = match u32::try_from(queued) {
-                        Ok(slot) if queued < self.fixed => Sock::Fixed(slot),
-                        _ => Sock::Fd(fds[queued]),
-                    };
-                    let entry = self.bufs[queued].prepare(sock, iov, queued as u64);
+                    let entry = self.bufs[queued].prepare(fds[queued], iov, queued as u64);
                     // SAFETY: the send buffer is not touched again before its completion is
                     // reaped below (this call does not return before every completion is);
                     // `iov` borrows bytes that outlive the call, and the caller's fds stay

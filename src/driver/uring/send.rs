@@ -6,36 +6,6 @@ use std::os::fd::RawFd;
 
 use io_uring::{opcode, squeue, types};
 
-/// The socket an op names: its descriptor, or its slot in the ring's registered file table.
-/// A registered socket spares the kernel looking the descriptor up and taking and dropping a
-/// reference to its file on every op (`fget`/`fput`, atomics on a file shared by the
-/// process's threads), the largest per-op cost io_uring adds to a send.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Sock {
-    /// A plain file descriptor.
-    Fd(RawFd),
-    /// A slot of the registered file table (`IOSQE_FIXED_FILE`).
-    Fixed(u32),
-}
-
-/// Builds `$op::new(target, args...)` for either kind of [`Sock`] (the crate's target trait is
-/// sealed, so the two arms cannot share a generic function).
-macro_rules! with_sock {
-    ($sock:expr, |$t:ident| $build:expr) => {
-        match $sock {
-            Sock::Fd(fd) => {
-                let $t = types::Fd(fd);
-                $build
-            }
-            Sock::Fixed(slot) => {
-                let $t = types::Fixed(slot);
-                $build
-            }
-        }
-    };
-}
-pub(crate) use with_sock;
-
 /// A `msghdr` and its iovec array. Boxed by its owner, so moving the owner (the slot table
 /// grows) never moves it; only rewritten when no send from it is in flight.
 pub(crate) struct SendBuf {
@@ -51,19 +21,19 @@ impl SendBuf {
         Box::new(Self { msg, iov: Vec::new() })
     }
 
-    /// Copies the slices' pointers into this buffer and returns the `SENDMSG` of them to `sock`;
+    /// Copies the slices' pointers into this buffer and returns the `SENDMSG` of them to `fd`;
     /// a single slice goes as a plain `SEND` (no `msghdr` for the kernel to copy and check).
     ///
     /// Building the entry is safe; pushing it is not: whoever queues it must keep this buffer
-    /// unmoved and unchanged, the bytes behind `slices` alive and unchanged, and `sock` open
-    /// (and registered, for a slot), until the op's completion is reaped.
-    pub(crate) fn prepare(&mut self, sock: Sock, slices: &[IoSlice<'_>], user_data: u64) -> squeue::Entry {
+    /// unmoved and unchanged, the bytes behind `slices` alive and unchanged, and `fd` open,
+    /// until the op's completion is reaped.
+    pub(crate) fn prepare(&mut self, fd: RawFd, slices: &[IoSlice<'_>], user_data: u64) -> squeue::Entry {
         if let [one] = slices {
             if let Ok(len) = u32::try_from(one.len()) {
-                return with_sock!(sock, |t| opcode::Send::new(t, one.as_ptr(), len)
+                return opcode::Send::new(types::Fd(fd), one.as_ptr(), len)
                     .flags(libc::MSG_NOSIGNAL)
                     .build()
-                    .user_data(user_data));
+                    .user_data(user_data);
             }
         }
         self.iov.clear();
@@ -74,10 +44,9 @@ impl SendBuf {
         );
         self.msg.msg_iov = self.iov.as_mut_ptr();
         self.msg.msg_iovlen = self.iov.len() as _;
-        let msg = &self.msg;
-        with_sock!(sock, |t| opcode::SendMsg::new(t, msg)
+        opcode::SendMsg::new(types::Fd(fd), &self.msg)
             .flags(libc::MSG_NOSIGNAL as u32)
             .build()
-            .user_data(user_data))
+            .user_data(user_data)
     }
 }
