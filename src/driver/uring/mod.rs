@@ -42,7 +42,8 @@
 //!   than freed under the kernel.
 //! - Submissions are batched: one `io_uring_enter` per loop turn submits everything and
 //!   waits for at least one completion; submissions that do not fit the queue wait in a
-//!   backlog. The kernel keeps overflowing completions (NODROP). An idle core sleeps in the
+//!   backlog. A turn with many sends also hands them over every `SUBMIT_BATCH` (128), so that
+//!   one call never holds a non-preemptible kernel's CPU for all of a turn's sends. The kernel keeps overflowing completions (NODROP). An idle core sleeps in the
 //!   kernel until the mailbox, a socket or the hub's timer wakes it.
 mod bufring;
 mod event_loop;
