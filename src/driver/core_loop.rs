@@ -6,9 +6,11 @@
 //!                Shutdown (or the mailbox gone) → shutdown, and the grace starts
 //!   turn:        poll_output (Upstream → the source's inbox, Close → Sockets::close),
 //!                then take_dirty → gather → Sockets::write, one write per connection,
-//!                proven readers first, then TURN_WRITE_BUDGET bytes at most for the others
-//!                (the rest waits for the next turn: has_writes), then poll_output again
-//!   written:     on_written, then Sockets::wait_writable after a short write,
+//!                proven readers first, then TURN_WRITE_BUDGET bytes at most for the others,
+//!                the congested last (the rest waits for the next turn: has_writes), then
+//!                poll_output again
+//!   written:     on_written (and, until the connection is proven, its send queue for
+//!                on_send_queue), then Sockets::wait_writable after a short write,
 //!                or Sockets::lost after an error
 //! ```
 //!
@@ -29,9 +31,11 @@ use crate::time::{Clock, Now};
 pub(crate) const SHUTDOWN_GRACE_MS: u64 = 2_000;
 
 /// Bytes a core gathers for writing in one loop turn for the connections that are not proven
-/// readers (the write that crosses it still goes out whole; proven readers are not counted). At memory speed a few milliseconds of copying, so
-/// a turn stays short whatever the number of connections with room in their socket.
-pub(crate) const TURN_WRITE_BUDGET: usize = 4 << 20;
+/// readers (the write that crosses it still goes out whole; proven readers are not counted).
+/// About a millisecond of loopback TCP, so a turn stays short whatever the number of
+/// connections with room in their socket: while a crowd of stalled workers has its send
+/// buffers filled, the readers (written first in every turn) wait at most that long.
+pub(crate) const TURN_WRITE_BUDGET: usize = 1 << 20;
 
 /// The I/O a driver does for the shared loop.
 pub(crate) trait Sockets {
@@ -234,6 +238,11 @@ impl CoreLoop {
         match result {
             Ok(n) => {
                 self.hub.on_written(id, n, now);
+                if self.hub.wants_send_queue(id) {
+                    if let Some(queued) = sockets.fd(id).and_then(|fd| sockq::send_queue(fd).ok()) {
+                        self.hub.on_send_queue(id, u64::from(queued));
+                    }
+                }
                 if n < len {
                     sockets.wait_writable(&mut self.hub, id);
                 }

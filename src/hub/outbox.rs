@@ -106,6 +106,9 @@ pub(super) struct Outbox {
     progress_ms: u64,
     /// Outbound commands written, by command word (RDATA counted per line).
     outbound: [u64; WORDS],
+    /// The socket's send queue held more than `writes::CONGESTED_SEND_QUEUE` after the last
+    /// write the driver measured: its peer does not take what it is sent as fast as it comes.
+    congested: bool,
 }
 
 impl Outbox {
@@ -120,7 +123,19 @@ impl Outbox {
             private_bytes: 0,
             progress_ms: now_ms,
             outbound: [0; WORDS],
+            congested: false,
         }
+    }
+
+    /// Whether the socket's send queue was found holding back its peer (see
+    /// [`Outbox::set_congested`]).
+    pub(super) fn congested(&self) -> bool {
+        self.congested
+    }
+
+    /// Records what the driver found in the socket's send queue after a write.
+    pub(super) fn set_congested(&mut self, congested: bool) {
+        self.congested = congested;
     }
 
     /// Whether the cursor holds a pin in the log.

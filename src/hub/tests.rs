@@ -262,6 +262,38 @@ fn a_stalled_worker_is_evicted_by_backlog_and_the_others_get_everything() {
 }
 
 #[test]
+fn each_turn_serves_proven_readers_then_clear_sockets_then_congested_ones() {
+    let mut sim = sim();
+    // The reader took more than a worker that never reads could ever absorb.
+    let reader = sim.accept();
+    sim.send(reader, "REPLICATE ALL");
+    let rows = (0..1_000).map(|k| (Events, V(1_000 + k))).collect::<Vec<_>>();
+    while sim.received_bytes()[&reader] <= super::writes::PROVEN_READER_BYTES as usize {
+        sim.batch(&rows);
+    }
+    let [congested, clear, new] = [(); 3].map(|()| sim.accept());
+    for id in [congested, clear, new] {
+        sim.send(id, "REPLICATE ALL");
+    }
+    sim.hub.on_send_queue(congested, super::writes::CONGESTED_SEND_QUEUE + 1);
+    sim.hub.on_send_queue(clear, 0);
+    assert!(sim.hub.wants_send_queue(clear));
+    assert!(!sim.hub.wants_send_queue(reader), "a proven reader costs no extra system call");
+    sim.append(&[(Events, V(9_000_000))]);
+    let mut order = Vec::new();
+    let proven = sim.hub.take_dirty(&mut order);
+    assert_eq!(proven, 1);
+    assert_eq!(order, vec![reader, clear, new, congested]);
+    // The rank follows the last measure: one queue emptied, the other filled up.
+    sim.hub.requeue_dirty(&order);
+    sim.hub.on_send_queue(congested, 0);
+    sim.hub.on_send_queue(clear, super::writes::CONGESTED_SEND_QUEUE + 1);
+    order.clear();
+    sim.hub.take_dirty(&mut order);
+    assert_eq!(order, vec![reader, new, congested, clear]);
+}
+
+#[test]
 fn an_evicted_worker_that_never_reads_holds_no_log() {
     let mut sim = sim();
     let w = sim.accept();
