@@ -168,6 +168,7 @@ impl Server {
                 upstream: source.commands(),
                 clock,
                 worker_sndbuf: config.worker_sndbuf,
+                worker_notsent_lowat: config.worker_notsent_lowat,
             });
         }
 

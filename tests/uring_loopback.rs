@@ -50,6 +50,7 @@ impl Core {
             upstream: upstream_tx,
             clock: Clock::new(),
             worker_sndbuf: 0,
+            worker_notsent_lowat: 0,
         };
         let thread = std::thread::spawn(move || run_core(ctx));
         let core = Self { addr, inbox, upstream, thread: Some(thread) };

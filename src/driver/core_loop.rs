@@ -276,16 +276,29 @@ impl CoreLoop {
     }
 }
 
-/// Caps an accepted worker socket's kernel send buffer at `bytes` (0 leaves the kernel's
+/// Caps an accepted worker socket's kernel send buffer at `sndbuf` (0 leaves the kernel's
 /// default and auto-tuning), so a worker that stops reading holds at most that much kernel
-/// memory (Linux reserves twice the value for bookkeeping) and costs the core at most that
-/// much copying before its socket is full.
-pub(crate) fn set_worker_sndbuf(core: usize, socket: socket2::SockRef<'_>, bytes: usize) {
-    if bytes == 0 {
-        return;
+/// memory (Linux reserves twice the value for bookkeeping); and the bytes it holds unsent at
+/// `notsent_lowat` (TCP_NOTSENT_LOWAT, 0 leaves it unset), so that such a worker takes only
+/// its receive window plus that much before its socket blocks. Filling a stalled worker's
+/// socket is the one cost a crowd of them puts on a core (the write path of loopback TCP runs
+/// the receiver's side too): the smaller the fill, the sooner they cost nothing.
+pub(crate) fn tune_worker_socket(
+    core: usize,
+    socket: socket2::SockRef<'_>,
+    sndbuf: usize,
+    notsent_lowat: usize,
+) {
+    if sndbuf != 0 {
+        if let Err(e) = socket.set_send_buffer_size(sndbuf) {
+            tracing::debug!(core, error = %e, "SO_SNDBUF failed");
+        }
     }
-    if let Err(e) = socket.set_send_buffer_size(bytes) {
-        tracing::debug!(core, error = %e, "SO_SNDBUF failed");
+    if notsent_lowat != 0 {
+        let lowat = u32::try_from(notsent_lowat).unwrap_or(u32::MAX);
+        if let Err(e) = socket.set_tcp_notsent_lowat(lowat) {
+            tracing::debug!(core, error = %e, "TCP_NOTSENT_LOWAT failed");
+        }
     }
 }
 

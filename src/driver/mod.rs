@@ -135,4 +135,6 @@ pub struct CoreContext {
     pub clock: Clock,
     /// SO_SNDBUF for accepted worker sockets (0: the kernel's default and auto-tuning).
     pub worker_sndbuf: usize,
+    /// TCP_NOTSENT_LOWAT for accepted worker sockets (0: not set).
+    pub worker_notsent_lowat: usize,
 }

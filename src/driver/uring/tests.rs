@@ -31,6 +31,7 @@ fn context(wakeup: CoreWakeup, inbox: std::sync::mpsc::Receiver<CoreMsg>) -> Cor
         upstream,
         clock: Clock::new(),
         worker_sndbuf: 0,
+        worker_notsent_lowat: 0,
     }
 }
 
