@@ -192,6 +192,12 @@ impl ServeConfig {
             }
             config.hub.max_pending_bytes = n;
         }
+        if let Some(n) = opts.max_user_syncs {
+            if n == 0 {
+                return Err(ConfigError::new("--max-user-syncs must be at least 1"));
+            }
+            config.hub.max_user_syncs = n;
+        }
         if let Some(t) = &opts.write_timeout {
             let t = t.to_string();
             let ms =
@@ -333,6 +339,11 @@ pub struct ServeOptions {
     #[arg(long, value_name = "BYTES")]
     #[serde(alias = "worker_notsent_lowat")]
     pub worker_notsent_lowat: Option<Quantity>,
+    /// Most distinct users one worker connection may hold syncing (USER_SYNC start without
+    /// end); one more is ERROR and a close [default: 100000]
+    #[arg(long, value_name = "N")]
+    #[serde(alias = "max_user_syncs")]
+    pub max_user_syncs: Option<usize>,
     /// Log level or filter (trace, debug, info, warn, error, or a RUST_LOG-style filter)
     /// [default: $RUST_LOG, else info]
     #[arg(long, value_name = "LEVEL")]
@@ -368,6 +379,7 @@ impl ServeOptions {
             protocol: self.protocol.or(file.protocol),
             worker_sndbuf: self.worker_sndbuf.or(file.worker_sndbuf),
             worker_notsent_lowat: self.worker_notsent_lowat.or(file.worker_notsent_lowat),
+            max_user_syncs: self.max_user_syncs.or(file.max_user_syncs),
             log_level: self.log_level.or(file.log_level),
         }
     }
@@ -575,6 +587,15 @@ mod tests {
         assert!(sndbuf("2GiB").is_err(), "above 1GiB");
         let file: ServeOptions = toml::from_str("synthetic = 5\nworker-sndbuf = \"128KiB\"\n").expect("toml");
         assert_eq!(ServeConfig::from_options(&file).expect("valid").worker_sndbuf, 128 << 10);
+    }
+
+    #[test]
+    fn max_user_syncs_defaults_to_100000_and_must_be_positive() {
+        assert_eq!(ServeConfig::from_options(&opts()).expect("valid").hub.max_user_syncs, 100_000);
+        let zero = ServeOptions { max_user_syncs: Some(0), ..opts() };
+        assert!(ServeConfig::from_options(&zero).is_err());
+        let file: ServeOptions = toml::from_str("synthetic = 5\nmax-user-syncs = 50\n").expect("toml");
+        assert_eq!(ServeConfig::from_options(&file).expect("valid").hub.max_user_syncs, 50);
     }
 
     #[test]

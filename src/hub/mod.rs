@@ -90,7 +90,14 @@ pub struct HubConfig {
     pub server_name: Option<String>,
     /// The upstream's protocol generation (`--protocol`): learnt, or pinned.
     pub protocol: crate::proto::ProtocolChoice,
+    /// At most this many distinct users one connection may hold syncing (USER_SYNC start
+    /// without end); one more is `ERROR` and a close.
+    pub max_user_syncs: usize,
 }
+
+/// Default `max_user_syncs`: far above what one Synapse sync worker has syncing at once, and
+/// about 20 MB of merge state for a worker that reaches it.
+pub const DEFAULT_MAX_USER_SYNCS: usize = 100_000;
 
 impl Default for HubConfig {
     fn default() -> Self {
@@ -102,6 +109,7 @@ impl Default for HubConfig {
             max_write_bytes: 1 << 20,
             server_name: None,
             protocol: crate::proto::ProtocolChoice::Auto,
+            max_user_syncs: DEFAULT_MAX_USER_SYNCS,
         }
     }
 }
