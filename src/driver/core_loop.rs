@@ -23,6 +23,7 @@ use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::sync::mpsc::{Receiver, TryRecvError};
 
+use super::trim::{self, Trimmer};
 use super::{sockq, CoreMsg, Inbox};
 use crate::hub::{CloseHow, ConnId, Hub, HubConfig, HubOutput, UpstreamCmd};
 use crate::time::{Clock, Now};
@@ -82,6 +83,8 @@ pub(crate) struct CoreLoop {
     dirty: Vec<ConnId>,
     /// The iovec list, its allocation reused for every write.
     iov: Vec<IoSlice<'static>>,
+    /// When to give the heap back after a large backlog went.
+    trimmer: Trimmer,
 }
 
 /// Empties a vector of slices and hands back its allocation with a new (unrelated) lifetime,
@@ -108,6 +111,7 @@ impl CoreLoop {
             stop_at_ms: None,
             dirty: Vec::new(),
             iov: Vec::new(),
+            trimmer: Trimmer::default(),
         }
     }
 
@@ -193,6 +197,10 @@ impl CoreLoop {
         }
         self.outputs(sockets, now);
         self.dirty = dirty;
+        if self.trimmer.observe(self.hub.log().held_bytes(), now.mono_ms) {
+            let released = trim::release_free_heap();
+            tracing::debug!(core = self.index, released, "a large backlog went; heap trimmed");
+        }
     }
 
     /// Whether writes wait for the next turn: the driver must run it without sleeping.

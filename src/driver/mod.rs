@@ -13,11 +13,14 @@
 //! (one message per core per batch). The drivers hold the sockets and nothing else.
 mod core_loop;
 pub(crate) mod epoll;
-// The two places `unsafe` is allowed (the crate denies it elsewhere): the ioctl wrapper and
-// the io_uring driver, which hands the kernel buffers and reads its completions.
+// The places `unsafe` is allowed (the crate denies it elsewhere): the ioctl wrapper, the io_uring
+// driver, which hands the kernel buffers and reads its completions, and the one call to glibc's
+// `malloc_trim`.
 #[allow(unsafe_code)]
 pub mod sockq;
 pub(crate) mod source;
+#[allow(unsafe_code)]
+mod trim;
 #[allow(unsafe_code)]
 pub(crate) mod uring;
 
