@@ -84,11 +84,13 @@ pub struct ServeConfig {
 /// memory (twice this, as Linux counts it), and costs the core at most this much copying.
 pub const DEFAULT_WORKER_SNDBUF: usize = 256 << 10;
 
-/// Default `--worker-notsent-lowat`: a worker socket holds at most this much data not yet sent
-/// (beyond what its peer's receive window let through). A worker that stops reading then costs
-/// the core its receive window plus this, not the whole send buffer: a crowd of them is
-/// filled three to four times faster, and holds that much less kernel memory.
-pub const DEFAULT_WORKER_NOTSENT_LOWAT: usize = 128 << 10;
+/// Default `--worker-notsent-lowat`: unset. With it (e.g. 128 KiB) a worker socket holds at most
+/// that much data not yet sent beyond what its peer's receive window let through, so a worker
+/// that stops reading takes its receive window plus that, not its whole send buffer: a crowd of
+/// them is filled three to four times faster and holds that much less kernel memory. It is not
+/// the default because with io_uring, at a 4 MiB `--max-pending-bytes`, the readers beside such
+/// a crowd measured worse with it than without (README, "Stalled workers and memory").
+pub const DEFAULT_WORKER_NOTSENT_LOWAT: usize = 0;
 
 /// Default `NAME` replhub announces to its upstream.
 pub(crate) const DEFAULT_CLIENT_NAME: &str = "replhub";
@@ -335,7 +337,7 @@ pub struct ServeOptions {
     pub worker_sndbuf: Option<Quantity>,
     /// Most bytes a worker socket holds unsent (TCP_NOTSENT_LOWAT): with the peer's receive
     /// window, what a worker that stops reading costs in kernel memory and copying. 0 leaves
-    /// it unset [default: 128KiB]
+    /// it unset [default: 0]
     #[arg(long, value_name = "BYTES")]
     #[serde(alias = "worker_notsent_lowat")]
     pub worker_notsent_lowat: Option<Quantity>,
@@ -599,8 +601,8 @@ mod tests {
     }
 
     #[test]
-    fn worker_notsent_lowat_defaults_to_128kib_and_0_means_unset() {
-        assert_eq!(ServeConfig::from_options(&opts()).expect("valid").worker_notsent_lowat, 128 << 10);
+    fn worker_notsent_lowat_defaults_to_unset() {
+        assert_eq!(ServeConfig::from_options(&opts()).expect("valid").worker_notsent_lowat, 0);
         let lowat = |q: &str| {
             let o = ServeOptions { worker_notsent_lowat: Some(Quantity::Text(q.into())), ..opts() };
             ServeConfig::from_options(&o).map(|c| c.worker_notsent_lowat)
