@@ -97,7 +97,7 @@ pub struct HubConfig {
 
 /// Default `max_user_syncs`: far above what one Synapse sync worker has syncing at once, and
 /// about 20 MB of merge state for a worker that reaches it.
-pub const DEFAULT_MAX_USER_SYNCS: usize = 100_000;
+pub(crate) const DEFAULT_MAX_USER_SYNCS: usize = 100_000;
 
 impl Default for HubConfig {
     fn default() -> Self {
