@@ -1,13 +1,14 @@
-//! The failure of issue D3, reproduced at a fifth of its scale: a crowd of workers that never
-//! read, and a hundredth as many readers, all subscribed before the stream starts, on one core
-//! with `--max-pending-bytes 4MiB` and the default `--worker-sndbuf`. The stalled workers have
+//! The scenario of issue D3 at a fifth of its scale: a crowd of workers that never read, and a
+//! hundredth as many readers, all subscribed before the stream starts, on one core with
+//! `--max-pending-bytes 4MiB` and the default `--worker-sndbuf`. The stalled workers have
 //! ordinary receive buffers, so each one takes its whole send buffer plus a receive window
-//! before it blocks: hundreds of megabytes the core has to push while its readers wait, the
-//! readers unproven (they have taken no more than the stalled workers yet) and in the same
-//! queue.
+//! before it blocks: over a hundred megabytes the core has to push while its readers wait, the
+//! readers unproven at first (they have taken no more than the stalled workers yet).
 //!
 //! The outcome is checked, not the speed: no reader is evicted, every reader gets every line in
-//! order, and every stalled worker is evicted. Latency belongs to `scripts/stalled-crowd`.
+//! order, and every stalled worker is evicted. Latency belongs to `scripts/stalled-crowd`. The
+//! readers compare whole reads against what is due, so that they keep up at this rate even in a
+//! debug build: a reader slower than the stream would rightly be evicted and prove nothing.
 // Integration tests wait for real processes and sockets with real deadlines.
 #![allow(clippy::disallowed_methods)]
 #[macro_use]
