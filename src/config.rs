@@ -135,6 +135,8 @@ pub struct ServeConfig {
     pub resp_listen: Option<SocketAddr>,
     /// Redis-mode settings (used when `resp_listen` is set).
     pub resp: crate::resp::RespConfig,
+    /// TCP_NOTSENT_LOWAT for accepted worker sockets (0: not set).
+    pub worker_notsent_lowat: usize,
 }
 
 /// Default `--health-upstream-grace`: long enough for a reconnect with backoff, short enough
@@ -144,6 +146,14 @@ pub const DEFAULT_HEALTH_UPSTREAM_GRACE_MS: u64 = 30_000;
 /// Default `--worker-sndbuf`: a worker that stops reading holds at most this much kernel
 /// memory (twice this, as Linux counts it), and costs the core at most this much copying.
 pub const DEFAULT_WORKER_SNDBUF: usize = 256 << 10;
+
+/// Default `--worker-notsent-lowat`: unset. With it (e.g. 128 KiB) a worker socket holds at most
+/// that much data not yet sent beyond what its peer's receive window let through, so a worker
+/// that stops reading takes its receive window plus that, not its whole send buffer: a crowd of
+/// them is filled three to four times faster and holds that much less kernel memory. It is not
+/// the default because with io_uring, at a 4 MiB `--max-pending-bytes`, the readers beside such
+/// a crowd measured worse with it than without (README, "Stalled workers and memory").
+pub const DEFAULT_WORKER_NOTSENT_LOWAT: usize = 0;
 
 /// Default `NAME` replhub announces to its upstream.
 pub(crate) const DEFAULT_CLIENT_NAME: &str = "replhub";
@@ -173,6 +183,7 @@ impl ServeConfig {
             health_upstream_grace_ms: DEFAULT_HEALTH_UPSTREAM_GRACE_MS,
             resp_listen: None,
             resp: crate::resp::RespConfig::default(),
+            worker_notsent_lowat: DEFAULT_WORKER_NOTSENT_LOWAT,
         }
     }
 
@@ -289,6 +300,12 @@ impl ServeConfig {
             config.hub.history_bytes = parse_bytes(&bytes)
                 .map_err(|e| ConfigError::new(format!("--history-bytes {bytes:?}: {e}")))?;
         }
+        if let Some(n) = opts.max_user_syncs {
+            if n == 0 {
+                return Err(ConfigError::new("--max-user-syncs must be at least 1"));
+            }
+            config.hub.max_user_syncs = n;
+        }
         if let Some(t) = &opts.write_timeout {
             let t = t.to_string();
             let ms =
@@ -315,6 +332,17 @@ impl ServeConfig {
                 .map_err(|e| ConfigError::new(format!("--health-upstream-grace {t:?}: {e}")))?;
         }
         resp_options(opts, &mut config)?;
+        if let Some(bytes) = &opts.worker_notsent_lowat {
+            let bytes = bytes.to_string();
+            let n = parse_bytes(&bytes)
+                .map_err(|e| ConfigError::new(format!("--worker-notsent-lowat {bytes:?}: {e}")))?;
+            if n != 0 && !(1 << 10..=1 << 30).contains(&n) {
+                return Err(ConfigError::new(format!(
+                    "--worker-notsent-lowat {bytes:?} is out of range (0 for none, or 1KiB..=1GiB)"
+                )));
+            }
+            config.worker_notsent_lowat = usize::try_from(n).unwrap_or(usize::MAX);
+        }
         Ok(config)
     }
 
@@ -564,6 +592,17 @@ pub struct ServeOptions {
     #[arg(long, value_name = "BYTES")]
     #[serde(alias = "resp_cache_max_bytes")]
     pub resp_cache_max_bytes: Option<Quantity>,
+    /// Most bytes a worker socket holds unsent (TCP_NOTSENT_LOWAT): with the peer's receive
+    /// window, what a worker that stops reading costs in kernel memory and copying. 0 leaves
+    /// it unset [default: 0]
+    #[arg(long, value_name = "BYTES")]
+    #[serde(alias = "worker_notsent_lowat")]
+    pub worker_notsent_lowat: Option<Quantity>,
+    /// Most distinct users one worker connection may hold syncing (USER_SYNC start without
+    /// end); one more is ERROR and a close [default: 100000]
+    #[arg(long, value_name = "N")]
+    #[serde(alias = "max_user_syncs")]
+    pub max_user_syncs: Option<usize>,
     /// Log level or filter (trace, debug, info, warn, error, or a RUST_LOG-style filter)
     /// [default: $RUST_LOG, else info]
     #[arg(long, value_name = "LEVEL")]
@@ -601,6 +640,8 @@ impl ServeOptions {
             history_bytes: self.history_bytes.or(file.history_bytes),
             worker_sndbuf: self.worker_sndbuf.or(file.worker_sndbuf),
             health_upstream_grace: self.health_upstream_grace.or(file.health_upstream_grace),
+            worker_notsent_lowat: self.worker_notsent_lowat.or(file.worker_notsent_lowat),
+            max_user_syncs: self.max_user_syncs.or(file.max_user_syncs),
             log_level: self.log_level.or(file.log_level),
             resp_listen: self.resp_listen.or(file.resp_listen),
             upstream_redis: self.upstream_redis.or(file.upstream_redis),
@@ -898,5 +939,29 @@ mod tests {
         assert!(sndbuf("2GiB").is_err(), "above 1GiB");
         let file: ServeOptions = toml::from_str("synthetic = 5\nworker-sndbuf = \"128KiB\"\n").expect("toml");
         assert_eq!(ServeConfig::from_options(&file).expect("valid").worker_sndbuf, 128 << 10);
+    }
+
+    #[test]
+    fn max_user_syncs_defaults_to_100000_and_must_be_positive() {
+        assert_eq!(ServeConfig::from_options(&opts()).expect("valid").hub.max_user_syncs, 100_000);
+        let zero = ServeOptions { max_user_syncs: Some(0), ..opts() };
+        assert!(ServeConfig::from_options(&zero).is_err());
+        let file: ServeOptions = toml::from_str("synthetic = 5\nmax-user-syncs = 50\n").expect("toml");
+        assert_eq!(ServeConfig::from_options(&file).expect("valid").hub.max_user_syncs, 50);
+    }
+
+    #[test]
+    fn worker_notsent_lowat_defaults_to_unset() {
+        assert_eq!(ServeConfig::from_options(&opts()).expect("valid").worker_notsent_lowat, 0);
+        let lowat = |q: &str| {
+            let o = ServeOptions { worker_notsent_lowat: Some(Quantity::Text(q.into())), ..opts() };
+            ServeConfig::from_options(&o).map(|c| c.worker_notsent_lowat)
+        };
+        assert_eq!(lowat("16KiB").ok(), Some(16 << 10));
+        assert_eq!(lowat("0").ok(), Some(0));
+        assert!(lowat("100").is_err(), "below 1KiB");
+        let file: ServeOptions =
+            toml::from_str("synthetic = 5\nworker-notsent-lowat = \"64KiB\"\n").expect("toml");
+        assert_eq!(ServeConfig::from_options(&file).expect("valid").worker_notsent_lowat, 64 << 10);
     }
 }

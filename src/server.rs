@@ -193,6 +193,7 @@ impl Server {
                 worker_sndbuf: config.worker_sndbuf,
                 resp: resp_listener.zip(resp_state.clone()),
                 start: gate.clone(),
+                worker_notsent_lowat: config.worker_notsent_lowat,
             });
         }
 

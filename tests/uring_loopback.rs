@@ -52,6 +52,7 @@ impl Core {
             worker_sndbuf: 0,
             resp: None,
             start: StartGate::open_now(),
+            worker_notsent_lowat: 0,
         };
         let thread = std::thread::spawn(move || run_core(ctx));
         let core = Self { addr, inbox, upstream, thread: Some(thread) };

@@ -6,9 +6,11 @@
 //!                Shutdown (or the mailbox gone) → shutdown, and the grace starts
 //!   turn:        poll_output (Upstream → the source's inbox, Close → Sockets::close),
 //!                then take_dirty → gather → Sockets::write, one write per connection,
-//!                proven readers first, then TURN_WRITE_BUDGET bytes at most for the others
-//!                (the rest waits for the next turn: has_writes), then poll_output again
-//!   written:     on_written, then Sockets::wait_writable after a short write,
+//!                proven readers first, then TURN_WRITE_BUDGET bytes at most for the others,
+//!                the congested last (the rest waits for the next turn: has_writes), then
+//!                poll_output again
+//!   written:     on_written (and, until the connection is proven, its send queue for
+//!                on_send_queue), then Sockets::wait_writable after a short write,
 //!                or Sockets::lost after an error
 //! ```
 //!
@@ -21,6 +23,7 @@ use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::sync::mpsc::{Receiver, TryRecvError};
 
+use super::trim::{self, Trimmer};
 use super::{sockq, CoreMsg, Inbox};
 use crate::hub::stats::SocketSample;
 use crate::hub::{CloseHow, ConnId, Hub, HubConfig, HubOutput, UpstreamCmd};
@@ -30,9 +33,11 @@ use crate::time::{Clock, Now};
 pub(crate) const SHUTDOWN_GRACE_MS: u64 = 2_000;
 
 /// Bytes a core gathers for writing in one loop turn for the connections that are not proven
-/// readers (the write that crosses it still goes out whole; proven readers are not counted). At memory speed a few milliseconds of copying, so
-/// a turn stays short whatever the number of connections with room in their socket.
-pub(crate) const TURN_WRITE_BUDGET: usize = 4 << 20;
+/// readers (the write that crosses it still goes out whole; proven readers are not counted).
+/// About a millisecond of loopback TCP, so a turn stays short whatever the number of
+/// connections with room in their socket: while a crowd of stalled workers has its send
+/// buffers filled, the readers (written first in every turn) wait at most that long.
+pub(crate) const TURN_WRITE_BUDGET: usize = 1 << 20;
 
 /// The I/O a driver does for the shared loop.
 pub(crate) trait Sockets {
@@ -79,6 +84,8 @@ pub(crate) struct CoreLoop {
     dirty: Vec<ConnId>,
     /// The iovec list, its allocation reused for every write.
     iov: Vec<IoSlice<'static>>,
+    /// When to give the heap back after a large backlog went.
+    trimmer: Trimmer,
 }
 
 /// Empties a vector of slices and hands back its allocation with a new (unrelated) lifetime,
@@ -105,6 +112,7 @@ impl CoreLoop {
             stop_at_ms: None,
             dirty: Vec::new(),
             iov: Vec::new(),
+            trimmer: Trimmer::default(),
         }
     }
 
@@ -192,6 +200,10 @@ impl CoreLoop {
         }
         self.outputs(sockets, now);
         self.dirty = dirty;
+        if self.trimmer.observe(self.hub.log().held_bytes(), now.mono_ms) {
+            let released = trim::release_free_heap();
+            tracing::debug!(core = self.index, released, "a large backlog went; heap trimmed");
+        }
     }
 
     /// Whether writes wait for the next turn: the driver must run it without sleeping.
@@ -237,6 +249,11 @@ impl CoreLoop {
         match result {
             Ok(n) => {
                 self.hub.on_written(id, n, now);
+                if self.hub.wants_send_queue(id) {
+                    if let Some(queued) = sockets.fd(id).and_then(|fd| sockq::send_queue(fd).ok()) {
+                        self.hub.on_send_queue(id, u64::from(queued));
+                    }
+                }
                 if n < len {
                     sockets.wait_writable(&mut self.hub, id);
                 }
@@ -270,16 +287,29 @@ impl CoreLoop {
     }
 }
 
-/// Caps an accepted worker socket's kernel send buffer at `bytes` (0 leaves the kernel's
+/// Caps an accepted worker socket's kernel send buffer at `sndbuf` (0 leaves the kernel's
 /// default and auto-tuning), so a worker that stops reading holds at most that much kernel
-/// memory (Linux reserves twice the value for bookkeeping) and costs the core at most that
-/// much copying before its socket is full.
-pub(crate) fn set_worker_sndbuf(core: usize, socket: socket2::SockRef<'_>, bytes: usize) {
-    if bytes == 0 {
-        return;
+/// memory (Linux reserves twice the value for bookkeeping); and the bytes it holds unsent at
+/// `notsent_lowat` (TCP_NOTSENT_LOWAT, 0 leaves it unset), so that such a worker takes only
+/// its receive window plus that much before its socket blocks. Filling a stalled worker's
+/// socket is the one cost a crowd of them puts on a core (the write path of loopback TCP runs
+/// the receiver's side too): the smaller the fill, the sooner they cost nothing.
+pub(crate) fn tune_worker_socket(
+    core: usize,
+    socket: socket2::SockRef<'_>,
+    sndbuf: usize,
+    notsent_lowat: usize,
+) {
+    if sndbuf != 0 {
+        if let Err(e) = socket.set_send_buffer_size(sndbuf) {
+            tracing::debug!(core, error = %e, "SO_SNDBUF failed");
+        }
     }
-    if let Err(e) = socket.set_send_buffer_size(bytes) {
-        tracing::debug!(core, error = %e, "SO_SNDBUF failed");
+    if notsent_lowat != 0 {
+        let lowat = u32::try_from(notsent_lowat).unwrap_or(u32::MAX);
+        if let Err(e) = socket.set_tcp_notsent_lowat(lowat) {
+            tracing::debug!(core, error = %e, "TCP_NOTSENT_LOWAT failed");
+        }
     }
 }
 

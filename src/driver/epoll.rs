@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::core_loop::{set_worker_sndbuf, CoreLoop, FailureLog, Sockets, Write, ACCEPT_LOG_INTERVAL_MS};
+use super::core_loop::{tune_worker_socket, CoreLoop, FailureLog, Sockets, Write, ACCEPT_LOG_INTERVAL_MS};
 use super::{CoreContext, CoreMsg, CoreWakeup};
 use crate::hub::{CloseHow, ConnId, Hub, SlotMap};
 use crate::time::Now;
@@ -47,8 +47,19 @@ pub(crate) fn new_wakeup() -> (CoreWakeup, Arc<dyn Fn() + Send + Sync>) {
 /// Runs one core on the calling thread until it is told to shut down (or its mailbox is
 /// dropped): a current-thread runtime and a `LocalSet` around this core's [`Hub`].
 pub(crate) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
-    let CoreContext { index, listener, hub, inbox, wakeup, upstream, clock, worker_sndbuf, resp, start } =
-        ctx;
+    let CoreContext {
+        index,
+        listener,
+        hub,
+        inbox,
+        wakeup,
+        upstream,
+        clock,
+        worker_sndbuf,
+        worker_notsent_lowat,
+        resp,
+        start,
+    } = ctx;
     let CoreWakeup::Notify(notify) = wakeup else {
         anyhow::bail!("core {index}: the epoll driver needs a Notify wake-up, not an eventfd");
     };
@@ -74,6 +85,7 @@ pub(crate) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
             kick: Notify::new(),
             read_buf: RefCell::new(vec![0u8; READ_BUF].into_boxed_slice()),
             worker_sndbuf,
+            worker_notsent_lowat,
         });
         core.run(&listener, resp_listener.as_ref(), &inbox, &notify).await;
         core.abort_all();
@@ -111,6 +123,8 @@ struct Core {
     read_buf: RefCell<Box<[u8]>>,
     /// SO_SNDBUF for accepted sockets (0: the kernel's).
     worker_sndbuf: usize,
+    /// TCP_NOTSENT_LOWAT for accepted sockets (0: unset).
+    worker_notsent_lowat: usize,
 }
 
 /// The sockets as the shared loop sees them during one turn.
@@ -277,7 +291,12 @@ impl Core {
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(core = self.index, error = %e, "TCP_NODELAY failed");
         }
-        set_worker_sndbuf(self.index, socket2::SockRef::from(&stream), self.worker_sndbuf);
+        tune_worker_socket(
+            self.index,
+            socket2::SockRef::from(&stream),
+            self.worker_sndbuf,
+            self.worker_notsent_lowat,
+        );
         let now = core.now();
         let id = match resp_peer {
             Some(peer) => core.hub.accept_resp(peer, now),

@@ -13,13 +13,16 @@
 //! (one message per core per batch). The drivers hold the sockets and nothing else.
 mod core_loop;
 pub(crate) mod epoll;
-// The two places `unsafe` is allowed (the crate denies it elsewhere): the ioctl wrapper and
-// the io_uring driver, which hands the kernel buffers and reads its completions.
+// The places `unsafe` is allowed (the crate denies it elsewhere): the ioctl wrapper, the io_uring
+// driver, which hands the kernel buffers and reads its completions, and the one call to glibc's
+// `malloc_trim`.
 #[allow(unsafe_code)]
 pub mod sockq;
 pub(crate) mod source;
 mod start_gate;
 pub use start_gate::StartGate;
+#[allow(unsafe_code)]
+mod trim;
 #[allow(unsafe_code)]
 pub(crate) mod uring;
 
@@ -150,4 +153,6 @@ pub struct CoreContext {
     pub resp: Option<(std::net::TcpListener, Arc<crate::resp::RespState>)>,
     /// Passed once the core holds its own descriptors; accepting starts only after it opens.
     pub start: StartGate,
+    /// TCP_NOTSENT_LOWAT for accepted worker sockets (0: not set).
+    pub worker_notsent_lowat: usize,
 }

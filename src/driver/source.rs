@@ -62,8 +62,14 @@ use crate::upstream::SyntheticSource;
 
 mod redis_bridge;
 
-/// How much spare room the upstream read buffer gets before each read.
+/// How much spare room the upstream read buffer gets when it runs low (below
+/// [`READ_MIN_ROOM`]).
 const READ_RESERVE: usize = 256 << 10;
+/// The upstream read buffer gets new room only once it has less than this left. Each read's
+/// batch keeps the buffer it was read into alive: reserving a whole [`READ_RESERVE`] before
+/// every read gave every small read (a paced master sends a few KiB at a time) a buffer of its
+/// own, and the log held three times the bytes of its lines.
+const READ_MIN_ROOM: usize = 16 << 10;
 /// Read data held back for a busy core (see the module doc) is cut into a batch once this much
 /// is buffered, whether or not the core has caught up.
 pub(crate) const COALESCE_BYTES: usize = 64 << 10;
@@ -650,7 +656,9 @@ impl Source {
                         return ConnEnd::Lost(format!("read failed: {e}"));
                     }
                     let buf = link.0.read_buffer();
-                    buf.reserve(READ_RESERVE);
+                    if buf.capacity() - buf.len() < READ_MIN_ROOM {
+                        buf.reserve(READ_RESERVE);
+                    }
                     match stream.try_read_buf(buf) {
                         Ok(0) => return ConnEnd::Lost("closed by the upstream".to_owned()),
                         // Cut at once unless a busy core holds it back; the top of the loop

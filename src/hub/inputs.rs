@@ -131,6 +131,13 @@ impl Hub {
             Command::UserSync(us) => {
                 self.stats.user_sync += 1;
                 let t = match us.state {
+                    SyncState::Start if self.over_user_sync_limit(id, us.user_id) => {
+                        let limit = self.config.max_user_syncs;
+                        let name = self.conn(id).map(|c| c.display_name().to_owned()).unwrap_or_default();
+                        tracing::info!(conn = %id, name, limit, "too many users syncing, closing");
+                        self.fail(id, &PeerError::TooManyUserSyncs(limit), CloseReason::ProtocolError, now);
+                        return;
+                    }
                     SyncState::Start => self.user_sync.start(id, us.user_id),
                     SyncState::End => self.user_sync.end(id, us.user_id),
                 };
@@ -169,6 +176,12 @@ impl Hub {
             // PING is handled by the session; the rest never pass the server's direction check.
             _ => {}
         }
+    }
+
+    /// Whether starting `user` would make `id` hold more users syncing than
+    /// `max_user_syncs` (a user it already holds costs nothing more).
+    fn over_user_sync_limit(&self, id: ConnId, user: &str) -> bool {
+        self.user_sync.count(id) >= self.config.max_user_syncs && !self.user_sync.holds(id, user)
     }
 
     pub(super) fn forward(&mut self, line: &Line) {

@@ -211,6 +211,13 @@ impl Log {
         if seq.0 >= self.head_seq {
             return None;
         }
+        // Readers keep up, so their cursors are in the last batch: no search through a log
+        // that a crowd of stalled workers holds long.
+        if let Some(last) = self.entries.back() {
+            if last.first_seq <= seq.0 {
+                return Some(self.entries.len() - 1);
+            }
+        }
         let i = self.entries.partition_point(|e| e.first_seq <= seq.0);
         if i == 0 {
             None

@@ -106,7 +106,14 @@ pub struct HubConfig {
     /// separate connection ([`UpstreamCmd::Fetch`]); otherwise such a worker gets `has fallen
     /// behind`. Set when the source is an upstream.
     pub fetch_catch_up: bool,
+    /// At most this many distinct users one connection may hold syncing (USER_SYNC start
+    /// without end); one more is `ERROR` and a close.
+    pub max_user_syncs: usize,
 }
+
+/// Default `max_user_syncs`: far above what one Synapse sync worker has syncing at once, and
+/// about 20 MB of merge state for a worker that reaches it.
+pub(crate) const DEFAULT_MAX_USER_SYNCS: usize = 100_000;
 
 impl Default for HubConfig {
     fn default() -> Self {
@@ -121,6 +128,7 @@ impl Default for HubConfig {
             release: None,
             history_bytes: history::DEFAULT_HISTORY_BYTES,
             fetch_catch_up: false,
+            max_user_syncs: DEFAULT_MAX_USER_SYNCS,
         }
     }
 }

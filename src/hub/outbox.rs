@@ -112,6 +112,9 @@ pub(super) struct Outbox {
     /// When the outbox last left `Idle` (monotonic ms): while it has output pending, how long
     /// the connection has been behind. Set once per wake from idle, never per line.
     busy_since_ms: u64,
+    /// The socket's send queue held more than `writes::CONGESTED_SEND_QUEUE` after the last
+    /// write the driver measured: its peer does not take what it is sent as fast as it comes.
+    congested: bool,
 }
 
 impl Outbox {
@@ -128,7 +131,19 @@ impl Outbox {
             progress_ms: now_ms,
             outbound: [0; WORDS],
             busy_since_ms: now_ms,
+            congested: false,
         }
+    }
+
+    /// Whether the socket's send queue was found holding back its peer (see
+    /// [`Outbox::set_congested`]).
+    pub(super) fn congested(&self) -> bool {
+        self.congested
+    }
+
+    /// Records what the driver found in the socket's send queue after a write.
+    pub(super) fn set_congested(&mut self, congested: bool) {
+        self.congested = congested;
     }
 
     /// Whether the cursor holds a pin in the log.

@@ -182,6 +182,14 @@ impl Sim {
 
     /// Appends RDATA lines (`(stream, token)` with a generated row) as one upstream batch.
     pub fn batch(&mut self, rows: &[(StreamId, Token)]) -> Vec<Bytes> {
+        let lines = self.append(rows);
+        self.flush();
+        lines
+    }
+
+    /// [`Sim::batch`] without the write loop after it: the woken connections stay in the
+    /// hub's dirty list.
+    pub fn append(&mut self, rows: &[(StreamId, Token)]) -> Vec<Bytes> {
         let mut data = Vec::new();
         let mut metas = Vec::new();
         for (k, (stream, token)) in rows.iter().enumerate() {
@@ -206,7 +214,6 @@ impl Sim {
         let batch = Arc::new(Batch::new(Bytes::from(data), metas));
         let lines = (0..batch.lines().len()).map(|i| Bytes::copy_from_slice(batch.line(i))).collect();
         self.hub.on_batch(batch, self.now);
-        self.flush();
         lines
     }
 

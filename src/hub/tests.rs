@@ -262,6 +262,38 @@ fn a_stalled_worker_is_evicted_by_backlog_and_the_others_get_everything() {
 }
 
 #[test]
+fn each_turn_serves_proven_readers_then_clear_sockets_then_congested_ones() {
+    let mut sim = sim();
+    // The reader took more than a worker that never reads could ever absorb.
+    let reader = sim.accept();
+    sim.send(reader, "REPLICATE ALL");
+    let rows = (0..1_000).map(|k| (Events, V(1_000 + k))).collect::<Vec<_>>();
+    while sim.received_bytes()[&reader] <= super::writes::PROVEN_READER_BYTES as usize {
+        sim.batch(&rows);
+    }
+    let [congested, clear, new] = [(); 3].map(|()| sim.accept());
+    for id in [congested, clear, new] {
+        sim.send(id, "REPLICATE ALL");
+    }
+    sim.hub.on_send_queue(congested, super::writes::CONGESTED_SEND_QUEUE + 1);
+    sim.hub.on_send_queue(clear, 0);
+    assert!(sim.hub.wants_send_queue(clear));
+    assert!(!sim.hub.wants_send_queue(reader), "a proven reader costs no extra system call");
+    sim.append(&[(Events, V(9_000_000))]);
+    let mut order = Vec::new();
+    let proven = sim.hub.take_dirty(&mut order);
+    assert_eq!(proven, 1);
+    assert_eq!(order, vec![reader, clear, new, congested]);
+    // The rank follows the last measure: one queue emptied, the other filled up.
+    sim.hub.requeue_dirty(&order);
+    sim.hub.on_send_queue(congested, 0);
+    sim.hub.on_send_queue(clear, super::writes::CONGESTED_SEND_QUEUE + 1);
+    order.clear();
+    sim.hub.take_dirty(&mut order);
+    assert_eq!(order, vec![reader, new, congested, clear]);
+}
+
+#[test]
 fn an_evicted_worker_that_never_reads_holds_no_log() {
     let mut sim = sim();
     let w = sim.accept();
@@ -443,6 +475,40 @@ fn shutdown_tells_every_worker() {
         assert_eq!(sim.closed(w), Some(CloseHow::Graceful));
     }
     assert!(sim.hub.is_empty());
+}
+
+#[test]
+fn a_worker_syncing_more_users_than_the_limit_gets_an_error_and_is_closed() {
+    let mut sim = Sim::new(HubConfig { max_user_syncs: 3, ..config() });
+    sim.connect_upstream("example.com", Sim::positions());
+    let w = sim.accept();
+    let other = sim.accept();
+    sim.take_lines(w);
+    sim.send(other, "USER_SYNC @a:hs start 1");
+    for u in ["a", "b", "c"] {
+        sim.send(w, &format!("USER_SYNC @{u}:hs start 1"));
+    }
+    // Repeating a user it holds, and ending one then starting another, stay within the limit.
+    sim.send(w, "USER_SYNC @a:hs start 2");
+    sim.send(w, "USER_SYNC @c:hs end 3");
+    sim.send(w, "USER_SYNC @d:hs start 4");
+    assert_eq!(sim.closed(w), None);
+    sim.take_upstream();
+    sim.send(w, "USER_SYNC @e:hs start 5");
+    assert_eq!(sim.take_lines(w), vec!["ERROR too many users syncing on this connection (at most 3)"]);
+    assert_eq!(sim.closed(w), Some(CloseHow::Graceful));
+    // Its users end upstream, but for the one another worker still holds; `@e` never started.
+    let mut ended: Vec<String> = sim
+        .take_upstream()
+        .into_iter()
+        .map(|cmd| match cmd {
+            UpstreamCmd::UserSync { user_id, state: SyncState::End, .. } => user_id,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    ended.sort();
+    assert_eq!(ended, vec!["@b:hs", "@d:hs"]);
+    assert_eq!(sim.closed(other), None, "the other worker is untouched");
 }
 
 #[test]
@@ -650,9 +716,9 @@ mod bounds {
     use proptest::prelude::*;
 
     use super::super::sim::{Capacity, Sim};
-    use super::super::{ConnId, HubConfig, UpstreamEvent, MAX_QUEUED_COMMANDS};
+    use super::super::{ConnId, HubConfig, UpstreamCmd, UpstreamEvent, MAX_QUEUED_COMMANDS};
     use super::config;
-    use crate::proto::{StreamId, Token};
+    use crate::proto::{StreamId, SyncState, Token};
 
     /// The bound's slack beyond `max_pending_bytes`: what the hub may queue between two checks
     /// of the rule (the POSITIONs of one upstream reconnect, a PING, the ERROR and the rest of a
@@ -824,6 +890,68 @@ mod bounds {
         sim.set_capacity(w, Capacity::Unlimited);
         assert_eq!(sim.take_lines(w), vec!["ERROR Failed to keep up"]);
         assert_eq!(sim.closed(w), Some(super::CloseHow::Graceful));
+    }
+
+    /// What a worker's USER_SYNC lines do to it, in the model: closed at the first start that
+    /// would make it hold more than `limit` distinct users.
+    fn user_sync_model(ops: &[(u8, bool)], limit: usize) -> (Option<usize>, std::collections::BTreeSet<u8>) {
+        let mut held = std::collections::BTreeSet::new();
+        for (k, &(user, start)) in ops.iter().enumerate() {
+            if start {
+                if held.len() >= limit && !held.contains(&user) {
+                    return (Some(k), held);
+                }
+                held.insert(user);
+            } else {
+                held.remove(&user);
+            }
+        }
+        (None, held)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+        /// Whatever a worker sends, the hub holds at most `max_user_syncs` users for it, closes
+        /// it exactly when the model says, and the upstream sees exactly the model's users
+        /// start (and, once the worker is closed, end).
+        #[test]
+        fn user_syncs_per_connection_stay_within_the_limit(
+            ops in prop::collection::vec((0u8..12, any::<bool>()), 1..80),
+            limit in 1usize..6,
+        ) {
+            let mut sim = Sim::new(HubConfig { max_user_syncs: limit, ..config() });
+            sim.connect_upstream("example.com", Sim::positions());
+            let w = sim.accept();
+            sim.take_lines(w);
+            let (closed_at, model) = user_sync_model(&ops, limit);
+            let mut upstream: std::collections::BTreeSet<String> = Default::default();
+            for (k, &(user, start)) in ops.iter().enumerate() {
+                if sim.closed(w).is_some() {
+                    break;
+                }
+                let state = if start { "start" } else { "end" };
+                sim.send(w, &format!("USER_SYNC @u{user}:hs {state} {k}"));
+                for cmd in sim.take_upstream() {
+                    if let UpstreamCmd::UserSync { user_id, state, .. } = cmd {
+                        match state {
+                            SyncState::Start => prop_assert!(upstream.insert(user_id)),
+                            SyncState::End => prop_assert!(upstream.remove(&user_id)),
+                        }
+                    }
+                }
+                prop_assert!(upstream.len() <= limit, "{} users held, limit {limit}", upstream.len());
+                prop_assert_eq!(sim.closed(w).is_some(), closed_at.is_some_and(|c| c <= k), "after op {}", k);
+            }
+            if closed_at.is_some() {
+                prop_assert!(upstream.is_empty(), "a closed worker's users ended: {:?}", upstream);
+                let lines = sim.take_lines(w);
+                let want = format!("ERROR too many users syncing on this connection (at most {limit})");
+                prop_assert_eq!(lines.last(), Some(&want));
+            } else {
+                let want: std::collections::BTreeSet<String> = model.iter().map(|u| format!("@u{u}:hs")).collect();
+                prop_assert_eq!(upstream, want);
+            }
+        }
     }
 
     /// Private lines count against `max_pending_bytes` like the log.

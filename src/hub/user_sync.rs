@@ -95,6 +95,16 @@ impl<K: Copy + Eq + Hash> UserSyncMerger<K> {
         v
     }
 
+    /// Number of users `reporter` holds syncing.
+    pub(crate) fn count(&self, reporter: K) -> usize {
+        self.by_reporter.get(&reporter).map_or(0, HashSet::len)
+    }
+
+    /// Whether `reporter` holds `user` syncing.
+    pub(crate) fn holds(&self, reporter: K, user: &str) -> bool {
+        self.by_reporter.get(&reporter).is_some_and(|users| users.contains(user))
+    }
+
     /// Number of users syncing.
     pub(crate) fn len(&self) -> usize {
         self.by_user.len()

@@ -15,6 +15,25 @@ use crate::time::Now;
 /// workers fills its send buffers, the readers are served before them each turn.
 pub(super) const PROVEN_READER_BYTES: u64 = 1 << 20;
 
+/// Bytes a socket's send queue may hold after a write before the connection counts as
+/// congested: more than its peer's receive window lets through, so a worker that does not read
+/// gets there after its first write or two, while a reader's queue empties as fast as it is
+/// filled (over loopback at once; over a network, its bandwidth times the round trip, which
+/// only costs it its place among the unproven until it is proven).
+pub(crate) const CONGESTED_SEND_QUEUE: u64 = 64 << 10;
+
+/// Which group of the turn's order a dirty connection is in (see [`Hub::take_dirty`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Rank {
+    /// Took more than a worker that never reads could absorb.
+    Proven,
+    /// Not proven yet, and its send queue empties: a new reader, most likely.
+    Clear,
+    /// Not proven, and its send queue holds bytes back: most likely a worker that stopped
+    /// reading, whose send buffer is being filled.
+    Congested,
+}
+
 impl Hub {
     /// Moves the session's queued lines into the connection's outbox at the head. A session
     /// that decided to close (an ERROR, a ping timeout) detaches the connection first.
@@ -42,21 +61,48 @@ impl Hub {
 
     /// Appends the connections that have output and no write in flight, to be written this
     /// loop turn: first the proven readers (whose sockets took more than
-    /// `PROVEN_READER_BYTES`), then the others, each group in the order it became dirty.
+    /// `PROVEN_READER_BYTES`), then the unproven ones whose send queue empties, then the
+    /// congested ones ([`Hub::on_send_queue`]), each group in the order it became dirty.
     /// Returns how many proven readers lead the list.
+    ///
+    /// So while a crowd of workers that stopped reading has its send buffers filled (each
+    /// takes a buffer and a receive window before its socket blocks), the readers, proven or
+    /// new, are written before any of them in every turn.
     pub fn take_dirty(&mut self, out: &mut Vec<ConnId>) -> usize {
         let mut proven_count = 0;
-        for proven in [true, false] {
+        for rank in [Rank::Proven, Rank::Clear, Rank::Congested] {
             for &id in &self.dirty {
                 let Some(c) = self.conns.get_mut(id) else { continue };
-                if (c.written > PROVEN_READER_BYTES) == proven && c.outbox.take_dirty() {
+                let its = if c.written > PROVEN_READER_BYTES {
+                    Rank::Proven
+                } else if c.outbox.congested() {
+                    Rank::Congested
+                } else {
+                    Rank::Clear
+                };
+                if its == rank && c.outbox.take_dirty() {
                     out.push(id);
-                    proven_count += usize::from(proven);
+                    proven_count += usize::from(rank == Rank::Proven);
                 }
             }
         }
         self.dirty.clear();
         proven_count
+    }
+
+    /// Whether the driver should tell [`Hub::on_send_queue`] what `id`'s socket holds after a
+    /// write: only until the connection is proven (after that its rank no longer depends on
+    /// it), so a proven reader's writes cost no extra system call.
+    pub fn wants_send_queue(&self, id: ConnId) -> bool {
+        self.conns.get(id).is_some_and(|c| c.written <= PROVEN_READER_BYTES)
+    }
+
+    /// `id`'s socket held `bytes` unsent or unacknowledged after a write (SIOCOUTQ): more than
+    /// [`CONGESTED_SEND_QUEUE`] ranks it after the other unproven connections.
+    pub fn on_send_queue(&mut self, id: ConnId, bytes: u64) {
+        if let Some(c) = self.conns.get_mut(id) {
+            c.outbox.set_congested(bytes > CONGESTED_SEND_QUEUE);
+        }
     }
 
     /// Whether some connection waits in the dirty list (a driver that ended its turn early, see

@@ -57,6 +57,11 @@ pub enum PeerError {
         /// The whole received line.
         line: String,
     },
+    /// `too many users syncing on this connection (at most <n>)`: a worker announced a sync
+    /// for more distinct users than `--max-user-syncs` allows (replhub's own bound; the
+    /// reference keeps them all).
+    #[error("too many users syncing on this connection (at most {0})")]
+    TooManyUserSyncs(usize),
 }
 
 impl PeerError {

@@ -22,7 +22,7 @@ use super::send::SendBuf;
 use super::token::{self, Op};
 use super::wakeup;
 use crate::driver::core_loop::{
-    set_worker_sndbuf, CoreLoop, FailureLog, Sockets, Write, ACCEPT_LOG_INTERVAL_MS,
+    tune_worker_socket, CoreLoop, FailureLog, Sockets, Write, ACCEPT_LOG_INTERVAL_MS,
 };
 use crate::driver::{CoreContext, CoreMsg, CoreWakeup};
 use crate::hub::{CloseHow, ConnId, Hub, SlotMap};
@@ -172,6 +172,8 @@ struct Io {
     accept_errors: FailureLog,
     /// SO_SNDBUF for accepted sockets (0: the kernel's).
     worker_sndbuf: usize,
+    /// TCP_NOTSENT_LOWAT for accepted sockets (0: unset).
+    worker_notsent_lowat: usize,
     wake_armed: bool,
     timer_armed: bool,
     /// Recvs that ended (out of buffers, or the kernel stopped the multishot), re-armed in
@@ -196,6 +198,7 @@ impl Driver {
             upstream,
             clock,
             worker_sndbuf,
+            worker_notsent_lowat,
             resp,
             start: _,
         } = ctx;
@@ -228,6 +231,7 @@ impl Driver {
             accept_retry_ms: 0,
             accept_errors: FailureLog::new(ACCEPT_LOG_INTERVAL_MS),
             worker_sndbuf,
+            worker_notsent_lowat,
             wake_armed: false,
             timer_armed: false,
             rearm: VecDeque::new(),
@@ -339,7 +343,7 @@ impl Driver {
         if let Err(e) = SockRef::from(&fd).set_tcp_nodelay(true) {
             tracing::debug!(core = io.index, error = %e, "TCP_NODELAY failed");
         }
-        set_worker_sndbuf(io.index, SockRef::from(&fd), io.worker_sndbuf);
+        tune_worker_socket(io.index, SockRef::from(&fd), io.worker_sndbuf, io.worker_notsent_lowat);
         let id = if resp {
             let peer = SockRef::from(&fd)
                 .peer_addr()

@@ -33,6 +33,7 @@ fn context(wakeup: CoreWakeup, inbox: std::sync::mpsc::Receiver<CoreMsg>) -> Cor
         worker_sndbuf: 0,
         resp: None,
         start: crate::driver::StartGate::open_now(),
+        worker_notsent_lowat: 0,
     }
 }
 
