@@ -45,6 +45,12 @@ pub const DISABLE_URING_ENV: &str = "REPLHUB_DISABLE_URING";
 /// Messages a core's mailbox holds; more wait in the source's queue for that core, and while
 /// one waits the source coalesces reads (see `driver::source`).
 pub const CORE_MAILBOX: usize = 1;
+/// The same in Redis mode: PUBLISH batches are made on the cores, ready, and the source cannot
+/// coalesce them as it does a master's reads, so a one-message mailbox would hand a core that
+/// fell behind one small batch per source wake-up (about one a millisecond while the source
+/// waits on its retry timer). A deeper mailbox lets the core take every waiting batch in one
+/// turn; it is still bounded, and what does not fit waits in the source as before.
+pub const RESP_CORE_MAILBOX: usize = 256;
 /// Listen backlog of each core's listener.
 const BACKLOG: i32 = 1024;
 /// How long a scrape waits for the cores and the source.
@@ -180,7 +186,8 @@ impl Server {
                 IoBackend::Uring => uring::new_wakeup().context("cannot create an io_uring wake-up")?,
                 _ => epoll::new_wakeup(),
             };
-            let (inbox, rx) = Inbox::bounded(wake, CORE_MAILBOX);
+            let depth = if config.resp_listen.is_some() { RESP_CORE_MAILBOX } else { CORE_MAILBOX };
+            let (inbox, rx) = Inbox::bounded(wake, depth);
             cores.push(inbox);
             contexts.push(CoreContext {
                 index,

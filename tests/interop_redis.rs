@@ -103,6 +103,11 @@ fn start_replhub_resp() -> (Killed, u16) {
 /// Runs interop/run_redis.py (master + w1 + w2; w2 on txredisapi's pure-Python parser, the
 /// others on hiredis) against `port` and returns its verdict, which must be a pass.
 fn run(port: u16, label: &str) -> Value {
+    run_split(port, port, label)
+}
+
+/// As [`run`], with the main process on `master_port` and the workers on `worker_port`.
+fn run_split(master_port: u16, worker_port: u16, label: &str) -> Value {
     let python = venv_python();
     let root = env!("CARGO_MANIFEST_DIR");
     let venv_dir = python.ancestors().nth(3).expect("venv dir").to_path_buf();
@@ -110,7 +115,8 @@ fn run(port: u16, label: &str) -> Value {
     std::fs::create_dir_all(&log_dir).expect("log dir");
     let child = Command::new("python3")
         .arg(Path::new(root).join("interop/run_redis.py"))
-        .args(["--redis", &format!("127.0.0.1:{port}"), "--timeout", &RUN_TIMEOUT_S.to_string()])
+        .args(["--redis", &format!("127.0.0.1:{master_port}"), "--timeout", &RUN_TIMEOUT_S.to_string()])
+        .args(["--worker-redis", &format!("127.0.0.1:{worker_port}")])
         .args(["--workers", "2", "--python-parser", "w2"])
         .arg("--venv-dir")
         .arg(&venv_dir)
@@ -142,7 +148,7 @@ fn run(port: u16, label: &str) -> Value {
     assert_eq!(verdict["event"], "verdict", "{label}: {last}");
     assert_eq!(verdict["pass"], true, "{label}: {}; logs in {}", verdict["failures"], log_dir.display());
     assert!(status.success(), "{label}: run_redis exited with {status}");
-    check_delivery(&verdict, label);
+    check_delivery(&verdict, label, master_port != worker_port);
     eprintln!("{label}: pass in {:?}", started.elapsed());
     let _ = std::fs::remove_dir_all(&log_dir);
     verdict
@@ -151,7 +157,9 @@ fn run(port: u16, label: &str) -> Value {
 /// The exactly-once, per-publisher-order and receiver-count claims, recomputed here from what
 /// each node published (`live`: channel, line, PUBLISH reply) and every command line its
 /// handler received (`nodes.*.received`), independently of run_redis' own verdict.
-fn check_delivery(verdict: &Value, label: &str) {
+/// `split`: the main process is on another server than the workers, and a PUBLISH reply counts
+/// the receivers on the publisher's server only (replhub's with `--upstream-redis`).
+fn check_delivery(verdict: &Value, label: &str, split: bool) {
     let nodes = verdict["nodes"].as_object().expect("nodes");
     let names: Vec<&str> = nodes.keys().map(String::as_str).collect();
     assert_eq!(names, ["master", "w1", "w2"], "{label}");
@@ -180,7 +188,11 @@ fn check_delivery(verdict: &Value, label: &str) {
                 let want = usize::from(subscribed);
                 let got = received(receiver).iter().filter(|l| **l == line).count();
                 assert_eq!(got, want, "{label}: {receiver} received {publisher}'s {line:?} {got} times");
-                let receivers = if channel.ends_with("/USER_IP") { 1 } else { names.len() };
+                let same_server = |r: &str| !split || (r == "master") == (*publisher == "master");
+                let receivers = names
+                    .iter()
+                    .filter(|r| same_server(r) && (!channel.ends_with("/USER_IP") || **r == "master"))
+                    .count();
                 assert_eq!(m["reply"], receivers, "{label}: PUBLISH reply for {publisher}'s {line:?}");
                 if subscribed {
                     sent.push(line);
@@ -207,6 +219,51 @@ fn synapse_redis_replication_through_redis_server() {
     let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let (_redis, port) = start_redis();
     run(port, "redis-server");
+}
+
+/// `replhub serve --resp-listen --upstream-redis` on a free port, bridged to the Redis on
+/// `redis_port` for server name `sn`.
+fn start_replhub_bridged(redis_port: u16, sn: &str) -> (Killed, u16) {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_replhub"))
+        .args(["serve", "--resp-listen", &format!("127.0.0.1:{port}")])
+        .args(["--upstream-redis", &format!("redis://127.0.0.1:{redis_port}"), "--server-name", sn])
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run replhub");
+    let mut child = Killed(child);
+    wait_listening(&mut child, port, "replhub serve --upstream-redis");
+    (child, port)
+}
+
+/// One replhub per machine on a shared Redis: the main process on replhub A, the workers on
+/// replhub B, both bridged to one real Redis. Everything run_redis checks holds across the
+/// two (each PUBLISH reply counts the publisher's own replhub).
+#[test]
+fn synapse_redis_replication_across_two_replhubs_on_one_redis() {
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (_redis, redis_port) = start_redis();
+    // run_redis's default server name.
+    let (_a, a) = start_replhub_bridged(redis_port, "example.com");
+    let (_b, b) = start_replhub_bridged(redis_port, "example.com");
+    // Both bridges subscribed on the real Redis before any Synapse process connects.
+    let mut probe = TcpStream::connect(("127.0.0.1", redis_port)).expect("connect to redis");
+    probe.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        use std::io::Write;
+        probe.write_all(b"PUBSUB NUMSUB example.com\r\n").expect("ask redis");
+        let mut buf = [0u8; 128];
+        let n = probe.read(&mut buf).expect("redis answers");
+        if buf[..n].ends_with(b":2\r\n") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the two replhubs never both subscribed on redis");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    run_split(a, b, "two-replhubs");
 }
 
 /// The same run through replhub's RESP listener, then through redis-server, and the two must

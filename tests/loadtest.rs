@@ -150,6 +150,16 @@ async fn the_same_load_against_redis() {
     // PUBLISH said how many subscribers got each message: all of them, every time.
     assert_eq!(r.publish_receivers, Some(r.expected), "{}", r.to_text());
     assert!(r.server_cpu_ns_per_delivery.is_some_and(|ns| ns > 0.0), "{}", r.to_text());
+    // Counting Redis subscribers (max-rate runs): every message still counted, tokens sampled.
+    let target = Target::Redis { addr: redis.addr, pid: Some(redis.child.id()) };
+    let mut opts = options(target, 10, 10_000, 1.0, StreamSet::One);
+    opts.check = Check::Count;
+    let r = loadtest::run(opts).await.expect("load test runs");
+    let text = r.to_text();
+    assert!(r.is_clean(), "{text}");
+    assert_eq!(r.check, "count", "{text}");
+    assert!(r.published > 0 && r.delivered == r.published * 10, "{text}");
+    assert!(r.latency.samples > 0 && r.latency.samples <= r.delivered, "{text}");
 }
 
 /// The counting subscribers ([`Check::Count`]) against the hub and the ideal server: every line

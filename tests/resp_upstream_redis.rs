@@ -5,24 +5,32 @@
 #![allow(clippy::disallowed_methods)]
 mod resp_common;
 
+use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use replhub::config::{IoBackend, RedisUpstream, ServeConfig, SourceConfig};
+use replhub::config::{BackoffConfig, IoBackend, RedisUpstream, ServeConfig, SourceConfig};
 use replhub::server::Server;
 use resp_common::{message, Client, RedisServer, Reply, BACKENDS, WAIT};
 
 const N: usize = 100;
 
 fn bridged(io: IoBackend, redis: &RedisServer) -> Server {
+    bridged_with(io, redis, None)
+}
+
+fn bridged_with(io: IoBackend, redis: &RedisServer, metrics: Option<SocketAddr>) -> Server {
     let upstream = RedisUpstream::parse(&format!("redis://{}", redis.addr), "sn").expect("url");
     let mut config = ServeConfig::new(SourceConfig::Redis(upstream.clone()));
     config.listen = "127.0.0.1:0".parse().expect("addr");
     config.resp_listen = Some("127.0.0.1:0".parse().expect("addr"));
     config.resp.upstream_channels = upstream.channels;
-    config.metrics_listen = None;
+    config.metrics_listen = metrics;
     config.threads = 2;
     config.io = io;
-    Server::start(config).expect("server starts")
+    // Quick retries: the restart test waits for one.
+    let backoff = BackoffConfig { initial_ms: 20, max_ms: 200, jitter_percent: 20 };
+    Server::start_with(config, backoff).expect("server starts")
 }
 
 fn subscribe(c: &mut Client, ch: &str) {
@@ -44,6 +52,178 @@ fn read_ordered(c: &mut Client, n: usize) -> [usize; 2] {
         next[who] += 1;
     }
     next
+}
+
+/// Waits until the real Redis counts `n` subscribers on `channel`.
+fn wait_numsub(probe: &mut Client, channel: &str, n: i64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = probe.call(&["PUBSUB", "NUMSUB", channel]);
+        if r == Reply::Array(vec![Reply::bulk(channel), Reply::Int(n)]) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never {n} subscribers on the real Redis: {r:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads `n` messages on channel `sn` published as `<who> <seq>`; checks that each publisher
+/// in `who` is seen in its own order, and returns how many came from each.
+fn read_from(c: &mut Client, who: &[&str], n: usize) -> Vec<usize> {
+    let mut next = vec![0usize; who.len()];
+    for _ in 0..n {
+        let (channel, payload) = message(&c.read());
+        assert_eq!(channel, "sn");
+        let (name, seq) = payload.split_once(' ').expect("who seq");
+        let i = who.iter().position(|w| *w == name).unwrap_or_else(|| panic!("unknown publisher {name}"));
+        assert_eq!(seq.parse::<usize>().expect("seq"), next[i], "publisher {name} out of order");
+        next[i] += 1;
+    }
+    next
+}
+
+/// Nothing twice: the next thing a subscriber gets is the answer to its PING.
+fn nothing_more(c: &mut Client) {
+    assert_eq!(c.call(&["PING"]), Reply::Array(vec![Reply::bulk("pong"), Reply::bulk("")]));
+}
+
+/// One replhub per machine on a shared Redis: two replhubs on one real Redis, subscribers on
+/// each (several, so that both cores of each have some) and on Redis itself, a publisher on
+/// each of the three. Every subscriber gets every message once, in each publisher's order.
+fn two_replhubs_share_one_redis(io: IoBackend) {
+    const SUBS: usize = 4;
+    let redis = RedisServer::start(&[]);
+    let hubs = [bridged(io, &redis), bridged(io, &redis)];
+    let addrs: Vec<SocketAddr> = hubs.iter().map(|h| h.resp_addr().expect("resp")).collect();
+    let mut probe = Client::connect(redis.addr);
+    wait_numsub(&mut probe, "sn", 2);
+    let mut subs = Vec::new();
+    for addr in [addrs[0], addrs[1], redis.addr] {
+        for _ in 0..SUBS {
+            let mut c = Client::connect(addr);
+            subscribe(&mut c, "sn");
+            subs.push(c);
+        }
+    }
+    // Each replhub counts as one subscriber on the real Redis, however many it serves.
+    wait_numsub(&mut probe, "sn", 2 + SUBS as i64);
+    let who = ["a", "b", "redis"];
+    let mut pubs: Vec<Client> = [addrs[0], addrs[1], redis.addr].into_iter().map(Client::connect).collect();
+    // Pipelined, so that messages from the three meet in flight rather than take turns.
+    for i in 0..N {
+        for (p, name) in pubs.iter_mut().zip(who) {
+            p.send(&["PUBLISH", "sn", &format!("{name} {i}")]);
+        }
+    }
+    for (p, name) in pubs.iter_mut().zip(who) {
+        for _ in 0..N {
+            let Reply::Int(n) = p.read() else { panic!("{name}: PUBLISH did not answer an integer") };
+            // replhub counts its own subscribers; Redis counts its own and the two replhubs.
+            let expected = if name == "redis" { 2 + SUBS } else { SUBS };
+            assert_eq!(n, expected as i64, "{name}: receivers");
+        }
+    }
+    for c in &mut subs {
+        assert_eq!(read_from(c, &who, 3 * N), vec![N; 3]);
+        nothing_more(c);
+    }
+    for h in hubs {
+        h.shutdown().expect("clean shutdown");
+    }
+}
+
+#[test]
+fn two_replhubs_share_one_redis_epoll() {
+    two_replhubs_share_one_redis(BACKENDS[0]);
+}
+
+#[test]
+fn two_replhubs_share_one_redis_uring() {
+    two_replhubs_share_one_redis(BACKENDS[1]);
+}
+
+/// `/metrics` as text.
+fn scrape(addr: SocketAddr) -> String {
+    let mut http = std::net::TcpStream::connect(addr).expect("connect");
+    http.set_read_timeout(Some(WAIT)).expect("timeout");
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("request");
+    let mut out = String::new();
+    http.read_to_string(&mut out).expect("response");
+    out
+}
+
+/// Polls `/metrics` until it has `line`.
+fn wait_metric(addr: SocketAddr, line: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let page = scrape(addr);
+        if page.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "/metrics never showed {line:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The real Redis goes away and comes back on the same port: replhub shows the gap in
+/// /metrics, keeps its clients, resubscribes, publishes REPLICATE on the server's channel (so
+/// that Synapse's processes answer with POSITION and catch up what the gap cost), and
+/// messages flow both ways again.
+fn the_bridge_survives_a_redis_restart(io: IoBackend) {
+    let redis = RedisServer::start(&[]);
+    let port = redis.addr.port();
+    let server = bridged_with(io, &redis, Some("127.0.0.1:0".parse().expect("addr")));
+    let metrics = server.metrics_addr().expect("metrics");
+    let addr = server.resp_addr().expect("resp");
+    let mut probe = Client::connect(redis.addr);
+    wait_numsub(&mut probe, "sn", 1);
+    wait_metric(metrics, "replhub_upstream_connected 1");
+    let mut local_sub = Client::connect(addr);
+    subscribe(&mut local_sub, "sn");
+    let mut local_pub = Client::connect(addr);
+
+    drop(probe);
+    drop(redis);
+    wait_metric(metrics, "replhub_upstream_connected 0");
+    // Published while the link is down: nobody beyond replhub can get it, and it is counted.
+    assert_eq!(local_pub.call(&["PUBLISH", "sn", "lost"]), Reply::Int(1));
+    wait_metric(metrics, "replhub_upstream_forwards_dropped_total 1");
+
+    let redis = RedisServer::start_on(port, &[]);
+    let mut remote_sub = Client::connect(redis.addr);
+    subscribe(&mut remote_sub, "sn");
+    let mut probe = Client::connect(redis.addr);
+    wait_numsub(&mut probe, "sn", 2);
+    wait_metric(metrics, "replhub_upstream_connected 1");
+    wait_metric(metrics, "replhub_upstream_reconnects_total 1");
+    // The REPLICATE goes out once the subscription is in place, so replhub's own clients see
+    // it too; the remote subscriber may have subscribed just after it was published.
+    assert_eq!(message(&local_sub.read()), ("sn".to_owned(), "REPLICATE".to_owned()));
+    let mut remote_pub = Client::connect(redis.addr);
+    assert_eq!(local_pub.call(&["PUBLISH", "sn", "local 0"]), Reply::Int(1));
+    assert_eq!(remote_pub.call(&["PUBLISH", "sn", "remote 0"]), Reply::Int(2));
+    assert_eq!(read_ordered(&mut local_sub, 2), [1, 1]);
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let (_, payload) = message(&remote_sub.read());
+        if payload != "REPLICATE" {
+            seen.push(payload);
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, ["local 0", "remote 0"]);
+    nothing_more(&mut local_sub);
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn the_bridge_survives_a_redis_restart_epoll() {
+    the_bridge_survives_a_redis_restart(BACKENDS[0]);
+}
+
+#[test]
+fn the_bridge_survives_a_redis_restart_uring() {
+    the_bridge_survives_a_redis_restart(BACKENDS[1]);
 }
 
 fn messages_cross_the_bridge_once_each_way(io: IoBackend) {

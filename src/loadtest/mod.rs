@@ -180,8 +180,8 @@ pub struct LoadtestOptions {
     /// Most lines in flight (published, not yet received by the slowest subscriber);
     /// `None` = 2 MiB worth of lines per subscriber, 64 MiB in all, at least 256 lines.
     pub window: Option<u64>,
-    /// How subscribers check what they receive (replhub and the ideal server; Redis
-    /// subscribers always check every line).
+    /// How subscribers check what they receive (replhub, the ideal server and Redis: a
+    /// counting Redis subscriber still frames every message by its RESP lengths).
     pub check: Check,
     /// A progress line on stderr once a second.
     pub progress: bool,

@@ -551,12 +551,24 @@ async fn redis_subscriber(
         let Local { hist, subs } = &mut *guard;
         let sub = &mut subs[slot];
         let mut used = 0;
+        // With `--check count`, the messages of a read are framed (RESP lengths) and counted,
+        // and only the run's first and last payloads are parsed, as `counting_subscriber` does.
+        let count = plan.check == Check::Count;
+        sub.counted |= count;
+        let exact = plan.streams.len() == 1;
+        let mut run = Run::default();
         loop {
             match resp::parse(&buf[used..]) {
                 Ok(Some((frame, n))) => {
                     used += n;
                     match frame {
                         Frame::Message { payload, .. } => match payload.strip_prefix(b"RDATA ") {
+                            Some(args) if count => {
+                                run.n += 1;
+                                run.len += payload.len() as u64 + 1;
+                                run.last = args;
+                                run.first.get_or_insert(args);
+                            }
                             Some(args) => sub.on_rdata(hist, args, payload.len() + 1, now),
                             None => sub.unexpected += 1,
                         },
@@ -571,6 +583,9 @@ async fn redis_subscriber(
                 Ok(None) => break,
                 Err(e) => return Err(e.to_string()),
             }
+        }
+        if run.n > 0 {
+            sub.on_counted(hist, &run, exact, now);
         }
         buf.advance(used);
         shared.slots[id].received.store(sub.received, Ordering::Relaxed);

@@ -8,7 +8,7 @@ use crate::proto::StreamId;
 /// The upstream (or synthetic source) at scrape time.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UpstreamSnapshot {
-    /// `"upstream"` or `"synthetic"`.
+    /// `"upstream"`, `"synthetic"` or `"redis"` (`--upstream-redis`).
     pub mode: &'static str,
     /// Whether the upstream link is up (always true for synthetic).
     pub connected: bool,

@@ -182,7 +182,11 @@ impl RedisServer {
     /// Starts `redis-server` with no persistence and `extra` arguments. Fails the test with a
     /// clear message if it is not installed.
     pub(crate) fn start(extra: &[&str]) -> Self {
-        let port = free_port();
+        Self::start_on(free_port(), extra)
+    }
+
+    /// As [`RedisServer::start`], on `port` (to restart one where its clients expect it).
+    pub(crate) fn start_on(port: u16, extra: &[&str]) -> Self {
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
         cmd.args(extra).stdout(Stdio::null()).stderr(Stdio::null());

@@ -27,7 +27,12 @@ use crate::resp::RespState;
 struct Bridge {
     connected: bool,
     out: VecDeque<Bytes>,
+    /// Local PUBLISHes dropped while the link was down, over the life of the process.
     dropped: u64,
+    /// Subscriptions on the real Redis that completed, over the life of the process.
+    connects: u64,
+    /// While down, since when (monotonic ms): the start, or when the last subscription went.
+    down_since_ms: u64,
 }
 
 impl Upstream for Bridge {
@@ -41,8 +46,26 @@ impl Upstream for Bridge {
         }
     }
     fn snapshot(&self) -> UpstreamSnapshot {
-        UpstreamSnapshot { connected: self.connected, ..UpstreamSnapshot::default() }
+        // The gap is visible in /metrics as for a master: `replhub_upstream_connected`,
+        // `replhub_upstream_reconnects_total`, and (`/healthz`) the downtime; the local
+        // PUBLISHes it cost are `replhub_upstream_forwards_dropped_total`.
+        UpstreamSnapshot {
+            mode: "redis",
+            connected: self.connected,
+            down_since_ms: (!self.connected).then_some(self.down_since_ms),
+            reconnects: self.connects.saturating_sub(1),
+            forwards_dropped: self.dropped,
+            ..UpstreamSnapshot::default()
+        }
     }
+}
+
+/// `PUBLISH <server name> REPLICATE`: what a Synapse process publishes when its Redis
+/// connection (re)starts, which every other process answers with its POSITIONs.
+fn replicate_command(channel: &str) -> Bytes {
+    let mut b = BytesMut::new();
+    crate::resp::codec::put_command(&mut b, &[b"PUBLISH", channel.as_bytes(), b"REPLICATE"]);
+    b.freeze()
 }
 
 /// The channel of a pub/sub `message` frame (`*3\r\n$7\r\nmessage\r\n$<n>\r\n<channel>\r\n...`).
@@ -95,7 +118,7 @@ impl Source {
             tracing::error!("--upstream-redis without Redis mode; nothing to bridge");
             return self.run_broker().await;
         };
-        let mut bridge = Bridge::default();
+        let mut bridge = Bridge { down_since_ms: self.ctx.clock.now().mono_ms, ..Bridge::default() };
         let seed = u64::from(std::process::id()) ^ self.ctx.clock.now().wall_ms.unsigned_abs();
         let mut backoff = Backoff::new(self.ctx.backoff.clone(), seed);
         let mut ids: HashMap<Bytes, u32> = HashMap::new();
@@ -110,6 +133,9 @@ impl Source {
                     tracing::warn!(redis = cfg.addr, error = %why, dropped = bridge.dropped, "redis upstream lost");
                 }
                 ConnEnd::Closed(_) => {}
+            }
+            if bridge.connected {
+                bridge.down_since_ms = self.ctx.clock.now().mono_ms;
             }
             bridge.connected = false;
             bridge.out.clear();
@@ -148,8 +174,25 @@ impl Source {
         if let Err(e) = sub.write_all(&b).await {
             return ConnEnd::Lost(format!("write failed: {e}"));
         }
-        tracing::info!(redis = cfg.addr, channels = ?cfg.channels, "subscribed on the redis upstream");
+        if bridge.connects == 0 {
+            tracing::info!(redis = cfg.addr, channels = ?cfg.channels, "subscribed on the redis upstream");
+        } else {
+            // What was published during the gap is lost on both sides (pub/sub keeps nothing).
+            // Synapse repairs such a gap itself when its own Redis connection comes back: it
+            // publishes REPLICATE, every process answers with POSITION, and whoever is behind
+            // fetches the missing rows over HTTP. Its connection to replhub never broke, so
+            // replhub does the same on its behalf.
+            let down_ms = self.ctx.clock.now().mono_ms.saturating_sub(bridge.down_since_ms);
+            tracing::warn!(
+                redis = cfg.addr, down_ms, dropped = bridge.dropped,
+                "resubscribed on the redis upstream after a gap; publishing REPLICATE so that Synapse catches up"
+            );
+        }
+        // Sent once the subscription is confirmed, so that replhub's own clients get it too.
+        let mut replicate =
+            cfg.channels.first().filter(|_| bridge.connects > 0).map(|c| replicate_command(c));
         backoff.reset();
+        bridge.connects += 1;
         bridge.connected = true;
         let mut out_off = 0usize;
         loop {
@@ -190,17 +233,23 @@ impl Source {
                 res = sub.readable() => match res.and_then(|()| { sbuf.reserve(READ_RESERVE); sub.try_read_buf(&mut sbuf) }) {
                     Ok(0) => return ConnEnd::Lost("closed by the redis server".to_owned()),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Ok(_) => match index_messages(&mut sbuf, state, ids) {
-                        Ok(Some(batch)) => {
-                            let batch = Arc::new(batch);
-                            self.batches += 1;
-                            if !self.broadcast(bridge, || CoreMsg::Batch(Arc::clone(&batch))).await {
-                                return ConnEnd::Stop;
-                            }
+                    Ok(_) => {
+                        // Any reply on this connection follows the whole SUBSCRIBE's effect.
+                        if let Some(cmd) = replicate.take() {
+                            bridge.out.push_back(cmd);
                         }
-                        Ok(None) => {}
-                        Err(e) => return ConnEnd::Lost(e),
-                    },
+                        match index_messages(&mut sbuf, state, ids) {
+                            Ok(Some(batch)) => {
+                                let batch = Arc::new(batch);
+                                self.batches += 1;
+                                if !self.broadcast(bridge, || CoreMsg::Batch(Arc::clone(&batch))).await {
+                                    return ConnEnd::Stop;
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(e) => return ConnEnd::Lost(e),
+                        }
+                    }
                     Err(e) => return ConnEnd::Lost(format!("read failed: {e}")),
                 },
                 () = sleep_opt(retry) => self.flush(),
