@@ -46,7 +46,12 @@ fn venv_dir() -> PathBuf {
 /// Runs `interop/<script>` under python3 with `args` plus `--venv-dir` and `--log-dir`, kills it
 /// if it is still running after RUN_LIMIT, and returns its exit status and its verdict (the last
 /// line of its stdout, as JSON). `label` names the run in panic messages.
-fn run_interop_script(script: &str, args: &[&str], log_dir: &Path, label: &str) -> (ExitStatus, serde_json::Value) {
+fn run_interop_script(
+    script: &str,
+    args: &[&str],
+    log_dir: &Path,
+    label: &str,
+) -> (ExitStatus, serde_json::Value) {
     let root = env!("CARGO_MANIFEST_DIR");
     let mut child = Command::new("python3")
         .arg(Path::new(root).join("interop").join(script))
@@ -229,7 +234,8 @@ fn run_synthetic(io: &str) {
     );
     let timeout = PAIR_TIMEOUT_S.to_string();
     let args = ["--release", release, "--timeout", &timeout, "--hub-cmd", &hub, "--behind-worker"];
-    let (status, verdict) = run_interop_script("run_synthetic.py", &args, &log_dir, &format!("synthetic/{io}"));
+    let (status, verdict) =
+        run_interop_script("run_synthetic.py", &args, &log_dir, &format!("synthetic/{io}"));
     let failures = &verdict["failures"];
     assert_eq!(verdict["pass"], true, "synthetic/{io}: {failures}; logs in {}", log_dir.display());
     assert!(status.success(), "synthetic/{io}: run_synthetic exited with {status}");
