@@ -65,6 +65,15 @@ def no_venv_verdict(release, py):
     return 1
 
 
+def print_verdict(report, failures):
+    """Completes `report` with the outcome (pass when there are no failures, the first 20 of
+    them listed), prints it as the last stdout line and returns the exit code."""
+    report["pass"] = not failures
+    report["failures"] = failures[:20] + (["... %d more" % (len(failures) - 20)] if len(failures) > 20 else [])
+    print(json.dumps(report))
+    return 0 if report["pass"] else 1
+
+
 def wait_for_event(events, deadline, name, kind):
     """Waits for process `name` to print a JSON line whose event is `kind` and returns it.
 
@@ -330,10 +339,7 @@ def main():
                 failures.append("w1: 1.12 master should echo REMOTE_SERVER_UP to its sender")
             if not old and echoed:
                 failures.append("w1: 1.13+ master must not echo REMOTE_SERVER_UP to its sender")
-    report["pass"] = not failures
-    report["failures"] = failures[:20] + (["... %d more" % (len(failures) - 20)] if len(failures) > 20 else [])
-    print(json.dumps(report))
-    return 0 if report["pass"] else 1
+    return print_verdict(report, failures)
 
 
 if __name__ == "__main__":

@@ -45,8 +45,8 @@ import sys
 import threading
 import time
 
-from run_pair import (Proc, default_venv_dir, free_loopback_port, no_venv_verdict, start_hub, stop_process,
-                      venv_python, wait_for_event)
+from run_pair import (Proc, default_venv_dir, free_loopback_port, no_venv_verdict, print_verdict, start_hub,
+                      stop_process, venv_python, wait_for_event)
 
 FALLEN_BEHIND = re.compile(r"^ERROR failed to handle replicate: Exception\('stream [a-z_]+ has fallen behind'\)$")
 
@@ -262,10 +262,7 @@ def main():
         bad = [e for e in procs["w3"].lines if e.get("event") in ("exception", "error_sent", "error")]
         for e in bad[:3]:
             failures.append("w3: %s" % json.dumps(e)[:500])
-    report["pass"] = not failures
-    report["failures"] = failures[:20] + (["... %d more" % (len(failures) - 20)] if len(failures) > 20 else [])
-    print(json.dumps(report))
-    return 0 if report["pass"] else 1
+    return print_verdict(report, failures)
 
 
 if __name__ == "__main__":
