@@ -272,6 +272,19 @@ class Dummy:
         return 0
 
 
+def dummy_attributes(prefix):
+    """A ``__getattr__`` for the stubs below: whatever Synapse asks of a stub that it does not
+    define is a Dummy named ``prefix + name``, while dunder lookups (copy, pickle and repr
+    probes) still raise AttributeError."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return Dummy(prefix + name)
+
+    return __getattr__
+
+
 class StubConfig:
     """Flat configuration; section objects (``config.worker``, ``config.redis``...) are itself.
 
@@ -447,10 +460,7 @@ class _Event:
     def is_state(self):
         return self.state_key is not None
 
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return Dummy("event." + name)
+    __getattr__ = dummy_attributes("event.")
 
 
 class WorkerPositions:
@@ -618,10 +628,7 @@ class StubStore:
     def process_replication_rows(self, stream_name, *args):
         self.tokens.advance(stream_name, args[-2])
 
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return Dummy("store." + name)
+    __getattr__ = dummy_attributes("store.")
 
 
 class StubTypingHandler:
@@ -645,10 +652,7 @@ class StubTypingHandler:
     def process_replication_rows(self, token, rows):
         self.tokens.advance("typing", token)
 
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return Dummy("typing." + name)
+    __getattr__ = dummy_attributes("typing.")
 
 
 class StubPresenceHandler:
@@ -687,10 +691,7 @@ class StubPresenceHandler:
     def get_currently_syncing_users(self):
         return []
 
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return Dummy("presence." + name)
+    __getattr__ = dummy_attributes("presence.")
 
 
 class _FederationQueue:
@@ -728,10 +729,7 @@ class StubFederationSender:
             return [], args[2], False
         return []
 
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return Dummy("federation_sender." + name)
+    __getattr__ = dummy_attributes("federation_sender.")
 
 
 class StubNotifier:
@@ -758,13 +756,59 @@ class StubNotifier:
         for cb in self.remote_server_up_callbacks:
             cb(server)
 
+    __getattr__ = dummy_attributes("notifier.")
+
+
+class HomeServerBase:
+    """What every stub homeserver answers the same way. A subclass sets ``_singletons`` ({}),
+    ``_reactor``, ``_clock``, ``_instance_name``, ``_instance_id``, ``_typing``, ``_presence``
+    and ``_notifier``; any other ``get_*`` it does not define gives a Dummy."""
+
+    def _single(self, name, make):
+        if name not in self._singletons:
+            self._singletons[name] = make()
+        return self._singletons[name]
+
+    def get_reactor(self):
+        return self._reactor
+
+    def get_clock(self):
+        return self._clock
+
+    def get_instance_name(self):
+        return self._instance_name
+
+    def get_instance_id(self):
+        return self._instance_id
+
+    def get_typing_handler(self):
+        return self._typing
+
+    get_typing_writer_handler = get_typing_handler
+
+    def get_presence_handler(self):
+        return self._presence
+
+    def get_notifier(self):
+        return self._notifier
+
+    get_replication_notifier = get_notifier
+
+    def should_send_federation(self):
+        return False
+
+    def get_replication_streamer(self):
+        from synapse.replication.tcp.resource import ReplicationStreamer
+
+        return self._single("streamer", lambda: ReplicationStreamer(self))
+
     def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return Dummy("notifier." + name)
+        if name.startswith("get_"):
+            return lambda *a, **k: Dummy("hs." + name + "()")
+        raise AttributeError(name)
 
 
-class StubHomeServer:
+class StubHomeServer(HomeServerBase):
     """The homeserver object handed to Synapse's replication classes."""
 
     def __init__(self, config, tap, db, tokens, instance_name):
@@ -785,48 +829,13 @@ class StubHomeServer:
         self._singletons = {}
         self.version_string = "Synapse/" + synapse.__version__
 
-    def _single(self, name, make):
-        if name not in self._singletons:
-            self._singletons[name] = make()
-        return self._singletons[name]
-
-    def get_reactor(self):
-        return self._reactor
-
-    def get_clock(self):
-        return self._clock
-
     def get_datastore(self):
         return self._store
 
     get_datastores = None  # 1.66 uses hs.get_datastores().main; set in __init__ below
 
-    def get_instance_name(self):
-        return self._instance_name
-
-    def get_instance_id(self):
-        return self._instance_id
-
-    def get_typing_handler(self):
-        return self._typing
-
-    def get_typing_writer_handler(self):
-        return self._typing
-
-    def get_presence_handler(self):
-        return self._presence
-
-    def get_notifier(self):
-        return self._notifier
-
-    def get_replication_notifier(self):
-        return self._notifier
-
     def get_federation_sender(self):
         return self._single("federation_sender", StubFederationSender)
-
-    def should_send_federation(self):
-        return False
 
     def get_tcp_replication(self):
         from synapse.replication.tcp.handler import ReplicationCommandHandler
@@ -836,20 +845,10 @@ class StubHomeServer:
     def get_replication_command_handler(self):
         return self.get_tcp_replication()
 
-    def get_replication_streamer(self):
-        from synapse.replication.tcp.resource import ReplicationStreamer
-
-        return self._single("streamer", lambda: ReplicationStreamer(self))
-
     def get_replication_streams(self):
         from synapse.replication.tcp.streams import STREAMS_MAP
 
         return self._single("streams", lambda: {s.NAME: s(self) for s in STREAMS_MAP.values()})
-
-    def __getattr__(self, name):
-        if name.startswith("get_"):
-            return lambda *a, **k: Dummy("hs." + name + "()")
-        raise AttributeError(name)
 
 
 class _Datastores:

@@ -166,10 +166,7 @@ class StubTypingHandler:
     async def get_all_typing_updates(self, *args):
         return await _query("typing", *args)
 
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return Dummy("typing." + name)
+    __getattr__ = harness.dummy_attributes("typing.")
 
 
 class _Presence:
@@ -195,10 +192,7 @@ class _Presence:
     def get_federation_queue(self):
         return _FederationQueue()
 
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return Dummy("presence." + name)
+    __getattr__ = harness.dummy_attributes("presence.")
 
 
 class _FederationQueue:
@@ -233,10 +227,7 @@ class StubNotifier:
     def notify_remote_server_up(self, server):
         emit("remote_server_up", server=server)
 
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return Dummy("notifier." + name)
+    __getattr__ = harness.dummy_attributes("notifier.")
 
 
 class RecordingDataHandler:
@@ -256,14 +247,12 @@ class RecordingDataHandler:
         self._tokens.advance(stream_name, instance_name, token)
         emit("position", stream=stream_name, instance=instance_name, token=token)
 
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return Dummy("data_handler." + name)
+    __getattr__ = harness.dummy_attributes("data_handler.")
 
 
-class StubHomeServer:
-    """The homeserver object handed to Synapse's replication classes (1.163 names)."""
+class StubHomeServer(harness.HomeServerBase):
+    """The homeserver object handed to Synapse's replication classes (1.163 names); what it
+    shares with the TCP harness's homeserver comes from harness.HomeServerBase."""
 
     def __init__(self, config, instance_name):
         from synapse.util.clock import Clock
@@ -282,59 +271,21 @@ class StubHomeServer:
         self._data_handler = RecordingDataHandler(self.tokens)
         self._singletons = {}
 
-    def _single(self, name, make):
-        if name not in self._singletons:
-            self._singletons[name] = make()
-        return self._singletons[name]
-
     def run_as_background_process(self, desc, func, *args, **kwargs):
         from synapse.metrics.background_process_metrics import run_as_background_process
 
         return run_as_background_process(desc, self.hostname, func, *args, **kwargs)
 
-    def get_reactor(self):
-        return self._reactor
-
-    def get_clock(self):
-        return self._clock
-
     def get_datastores(self):
         return harness._Datastores(self._store)
 
-    def get_instance_name(self):
-        return self._instance_name
-
-    def get_instance_id(self):
-        return self._instance_id
-
-    def get_typing_handler(self):
-        return self._typing
-
-    get_typing_writer_handler = get_typing_handler
-
-    def get_presence_handler(self):
-        return self._presence
-
-    def get_notifier(self):
-        return self._notifier
-
-    get_replication_notifier = get_notifier
-
     def get_replication_data_handler(self):
         return self._data_handler
-
-    def should_send_federation(self):
-        return False
 
     def get_replication_command_handler(self):
         from synapse.replication.tcp.handler import ReplicationCommandHandler
 
         return self._single("command_handler", lambda: ReplicationCommandHandler(self))
-
-    def get_replication_streamer(self):
-        from synapse.replication.tcp.resource import ReplicationStreamer
-
-        return self._single("streamer", lambda: ReplicationStreamer(self))
 
     def get_outbound_redis_connection(self):
         # What HomeServer.get_outbound_redis_connection does (TCP, no TLS), plus the recorder.
@@ -346,11 +297,6 @@ class StubHomeServer:
             return conn
 
         return self._single("outbound_redis", make)
-
-    def __getattr__(self, name):
-        if name.startswith("get_"):
-            return lambda *a, **k: Dummy("hs." + name + "()")
-        raise AttributeError(name)
 
 
 class Writers:

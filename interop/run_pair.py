@@ -53,6 +53,90 @@ def venv_python(release, venv_dir):
     return os.path.join(venv_dir, "venv-" + release, "bin", "python")
 
 
+def default_venv_dir():
+    """Where scripts/interop-setup caches the release venvs ($REPLHUB_INTEROP_DIR overrides)."""
+    return os.environ.get("REPLHUB_INTEROP_DIR", os.path.expanduser("~/.cache/replhub-interop"))
+
+
+def no_venv_verdict(release, py):
+    """Prints the failing verdict for a release whose venv is missing; returns the exit code."""
+    print(json.dumps({"event": "verdict", "release": release, "pass": False,
+                      "failures": ["no venv at %s: run scripts/interop-setup %s" % (py, release)]}))
+    return 1
+
+
+def print_verdict(report, failures):
+    """Completes `report` with the outcome (pass when there are no failures, the first 20 of
+    them listed), prints it as the last stdout line and returns the exit code."""
+    report["pass"] = not failures
+    report["failures"] = failures[:20] + (["... %d more" % (len(failures) - 20)] if len(failures) > 20 else [])
+    print(json.dumps(report))
+    return 0 if report["pass"] else 1
+
+
+def wait_for_event(events, deadline, name, kind):
+    """Waits for process `name` to print a JSON line whose event is `kind` and returns it.
+
+    Lines from other processes are consumed and dropped (the runners read what they need from
+    each Proc's `lines`). Raises TimeoutError at `deadline` (a time.monotonic() value) and
+    RuntimeError if `name` exits first."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("%s: no %s" % (name, kind))
+        try:
+            who, ev = events.get(timeout=left)
+        except queue.Empty:
+            continue
+        if who == name and ev.get("event") == kind:
+            return ev
+        if who == name and ev.get("event") == "exited":
+            raise RuntimeError("%s exited before %s" % (name, kind))
+
+
+def free_loopback_port():
+    """A loopback TCP port that was free a moment ago, for a child process to listen on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_hub(argv, log_dir, port, deadline):
+    """Starts the hub (argv) with its output in log_dir/hub.stdout and hub.stderr (discarded
+    without log_dir) and returns its Popen once 127.0.0.1:port accepts a TCP connection.
+
+    Raises RuntimeError if the hub exits first and TimeoutError at `deadline`, having stopped
+    the hub, since the caller gets no Popen to stop then."""
+    out = open(os.path.join(log_dir, "hub.stdout"), "w") if log_dir else subprocess.DEVNULL
+    err = open(os.path.join(log_dir, "hub.stderr"), "w") if log_dir else subprocess.DEVNULL
+    hub = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+    try:
+        while True:
+            if hub.poll() is not None:
+                raise RuntimeError("hub exited with %s before listening" % hub.returncode)
+            if time.monotonic() > deadline:
+                raise TimeoutError("hub: 127.0.0.1:%d never accepted a connection" % port)
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                return hub
+            except OSError:
+                time.sleep(0.05)
+    except BaseException:
+        stop_process(hub)
+        raise
+
+
+def stop_process(p):
+    """Terminates a child that is still running, killing it if it has not exited after 5 s."""
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 class Proc:
     """A child process whose stdout JSON lines go to a shared queue, tagged with its name."""
 
@@ -92,20 +176,13 @@ class Proc:
             pass
 
     def stop(self):
-        if self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(5)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
+        stop_process(self.p)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--release", required=True)
-    ap.add_argument("--venv-dir", default=os.path.join(
-        os.environ.get("REPLHUB_INTEROP_DIR", os.path.expanduser("~/.cache/replhub-interop"))))
+    ap.add_argument("--venv-dir", default=default_venv_dir())
     ap.add_argument("--prefill", type=int, default=2)
     ap.add_argument("--rows", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=60)
@@ -122,9 +199,7 @@ def main():
 
     py = venv_python(args.release, args.venv_dir)
     if not os.path.exists(py):
-        print(json.dumps({"event": "verdict", "release": args.release, "pass": False,
-                          "failures": ["no venv at %s: run scripts/interop-setup %s" % (py, args.release)]}))
-        return 1
+        return no_venv_verdict(args.release, py)
     if args.log_dir:
         os.makedirs(args.log_dir, exist_ok=True)
     deadline = time.monotonic() + args.timeout
@@ -135,18 +210,7 @@ def main():
     failures = []
 
     def wait_for(name, kind):
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("%s: no %s" % (name, kind))
-            try:
-                who, ev = events.get(timeout=left)
-            except queue.Empty:
-                continue
-            if who == name and ev.get("event") == kind:
-                return ev
-            if who == name and ev.get("event") == "exited":
-                raise RuntimeError("%s exited before %s" % (name, kind))
+        return wait_for_event(events, deadline, name, kind)
 
     def start_worker(name, extra):
         procs[name] = Proc(name, [py, "worker.py", "--release", args.release, "--connect",
@@ -161,23 +225,10 @@ def main():
         port, http_port = listening["port"], listening["http_port"]
         connect_to = "127.0.0.1:%d" % port
         if args.hub_cmd:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                listen = "127.0.0.1:%d" % s.getsockname()[1]
+            hub_port = free_loopback_port()
+            listen = "127.0.0.1:%d" % hub_port
             argv = shlex.split(args.hub_cmd.format(upstream=connect_to, listen=listen))
-            out = open(os.path.join(args.log_dir, "hub.stdout"), "w") if args.log_dir else subprocess.DEVNULL
-            err = open(os.path.join(args.log_dir, "hub.stderr"), "w") if args.log_dir else subprocess.DEVNULL
-            hub = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-            while True:
-                if hub.poll() is not None:
-                    raise RuntimeError("hub exited with %s before listening" % hub.returncode)
-                if time.monotonic() > deadline:
-                    raise TimeoutError("hub: %s never accepted a connection" % listen)
-                try:
-                    socket.create_connection(("127.0.0.1", int(listen.rsplit(":", 1)[1])), 0.5).close()
-                    break
-                except OSError:
-                    time.sleep(0.05)
+            hub = start_hub(argv, args.log_dir, hub_port, deadline)
             connect_to = listen
         start_worker("w2", [])
         wait_for("w2", "caught_up")
@@ -220,13 +271,8 @@ def main():
         for name in workers:
             if name in procs:
                 procs[name].stop()
-        if hub is not None and hub.poll() is None:
-            hub.terminate()
-            try:
-                hub.wait(5)
-            except subprocess.TimeoutExpired:
-                hub.kill()
-                hub.wait()
+        if hub is not None:
+            stop_process(hub)
         if "master" in procs:
             procs["master"].stop()
         time.sleep(0.2)  # let the reader threads drain
@@ -293,10 +339,7 @@ def main():
                 failures.append("w1: 1.12 master should echo REMOTE_SERVER_UP to its sender")
             if not old and echoed:
                 failures.append("w1: 1.13+ master must not echo REMOTE_SERVER_UP to its sender")
-    report["pass"] = not failures
-    report["failures"] = failures[:20] + (["... %d more" % (len(failures) - 20)] if len(failures) > 20 else [])
-    print(json.dumps(report))
-    return 0 if report["pass"] else 1
+    return print_verdict(report, failures)
 
 
 if __name__ == "__main__":

@@ -41,12 +41,12 @@ import queue
 import re
 import shlex
 import socket
-import subprocess
 import sys
 import threading
 import time
 
-from run_pair import Proc, venv_python
+from run_pair import (Proc, default_venv_dir, free_loopback_port, no_venv_verdict, print_verdict, start_hub,
+                      stop_process, venv_python, wait_for_event)
 
 FALLEN_BEHIND = re.compile(r"^ERROR failed to handle replicate: Exception\('stream [a-z_]+ has fallen behind'\)$")
 
@@ -126,8 +126,7 @@ def resolved_rows(lines):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--release", default="1.12.4")
-    ap.add_argument("--venv-dir", default=os.path.join(
-        os.environ.get("REPLHUB_INTEROP_DIR", os.path.expanduser("~/.cache/replhub-interop"))))
+    ap.add_argument("--venv-dir", default=default_venv_dir())
     ap.add_argument("--hub-cmd", required=True, help="command template with {listen}")
     ap.add_argument("--history-wait", type=float, default=1.5,
                     help="seconds of rows the hub holds before the workers connect")
@@ -141,9 +140,7 @@ def main():
 
     py = venv_python(args.release, args.venv_dir)
     if not os.path.exists(py):
-        print(json.dumps({"event": "verdict", "release": args.release, "pass": False,
-                          "failures": ["no venv at %s: run scripts/interop-setup %s" % (py, args.release)]}))
-        return 1
+        return no_venv_verdict(args.release, py)
     if args.log_dir:
         os.makedirs(args.log_dir, exist_ok=True)
     deadline = time.monotonic() + args.timeout
@@ -155,18 +152,7 @@ def main():
     workers = ["w1", "w2"]
 
     def wait_for(name, kind):
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("%s: no %s" % (name, kind))
-            try:
-                who, ev = events.get(timeout=left)
-            except queue.Empty:
-                continue
-            if who == name and ev.get("event") == kind:
-                return ev
-            if who == name and ev.get("event") == "exited":
-                raise RuntimeError("%s exited before %s" % (name, kind))
+        return wait_for_event(events, deadline, name, kind)
 
     def start_worker(name, extra):
         procs[name] = Proc(name, [py, "worker.py", "--release", args.release, "--connect", listen,
@@ -174,24 +160,9 @@ def main():
 
     start = {}
     try:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_loopback_port()
         listen = "127.0.0.1:%d" % port
-        out = open(os.path.join(args.log_dir, "hub.stdout"), "w") if args.log_dir else subprocess.DEVNULL
-        err = open(os.path.join(args.log_dir, "hub.stderr"), "w") if args.log_dir else subprocess.DEVNULL
-        hub = subprocess.Popen(shlex.split(args.hub_cmd.format(listen=listen)), stdin=subprocess.DEVNULL,
-                               stdout=out, stderr=err)
-        while True:
-            if hub.poll() is not None:
-                raise RuntimeError("hub exited with %s before listening" % hub.returncode)
-            if time.monotonic() > deadline:
-                raise TimeoutError("hub: %s never accepted a connection" % listen)
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.5).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        hub = start_hub(shlex.split(args.hub_cmd.format(listen=listen)), args.log_dir, port, deadline)
         ref = Reference(port, args.log_dir)
         while len(start) < 16:
             if time.monotonic() > deadline:
@@ -223,13 +194,8 @@ def main():
                 procs[name].stop()
         if ref is not None:
             ref.stop()
-        if hub is not None and hub.poll() is None:
-            hub.terminate()
-            try:
-                hub.wait(5)
-            except subprocess.TimeoutExpired:
-                hub.kill()
-                hub.wait()
+        if hub is not None:
+            stop_process(hub)
         time.sleep(0.2)  # let the reader threads drain
 
     report = {"event": "verdict", "release": args.release, "mode": "synthetic", "workers": {}}
@@ -296,10 +262,7 @@ def main():
         bad = [e for e in procs["w3"].lines if e.get("event") in ("exception", "error_sent", "error")]
         for e in bad[:3]:
             failures.append("w3: %s" % json.dumps(e)[:500])
-    report["pass"] = not failures
-    report["failures"] = failures[:20] + (["... %d more" % (len(failures) - 20)] if len(failures) > 20 else [])
-    print(json.dumps(report))
-    return 0 if report["pass"] else 1
+    return print_verdict(report, failures)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@
 #![allow(clippy::disallowed_methods)]
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,48 @@ fn venv_dir() -> PathBuf {
     Path::new(&home).join(".cache/replhub-interop")
 }
 
+/// Runs `interop/<script>` under python3 with `args` plus `--venv-dir` and `--log-dir`, kills it
+/// if it is still running after RUN_LIMIT, and returns its exit status and its verdict (the last
+/// line of its stdout, as JSON). `label` names the run in panic messages.
+fn run_interop_script(
+    script: &str,
+    args: &[&str],
+    log_dir: &Path,
+    label: &str,
+) -> (ExitStatus, serde_json::Value) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut child = Command::new("python3")
+        .arg(Path::new(root).join("interop").join(script))
+        .args(args)
+        .arg("--venv-dir")
+        .arg(venv_dir())
+        .arg("--log-dir")
+        .arg(log_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("python3 runs interop/{script}: {e}"));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the interop script") {
+            break status;
+        }
+        if started.elapsed() > RUN_LIMIT {
+            // The scripts stop their children within a second of their own exit.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{label}: {script} still running after {RUN_LIMIT:?}; logs in {}", log_dir.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stdout = String::new();
+    child.stdout.take().expect("piped").read_to_string(&mut stdout).expect("interop script output");
+    let last = stdout.lines().last().unwrap_or_default();
+    let verdict = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("{label}: no verdict ({e}) in {stdout:?}; logs in {}", log_dir.display()));
+    (status, verdict)
+}
+
 fn run_pair(release: &str, io: &str, generation: &str) {
     run_pair_with(release, io, generation, &[], &[]);
 }
@@ -57,7 +99,6 @@ fn run_pair_with(release: &str, io: &str, generation: &str, pair_args: &[&str], 
          first (needs PyPI once; .ci/run does it)",
         python.display()
     );
-    let root = env!("CARGO_MANIFEST_DIR");
     let log_dir = std::env::temp_dir().join(format!("replhub-interop-{release}-{io}-{}", std::process::id()));
     std::fs::create_dir_all(&log_dir).expect("log dir");
     let hub = format!(
@@ -65,41 +106,11 @@ fn run_pair_with(release: &str, io: &str, generation: &str, pair_args: &[&str], 
         env!("CARGO_BIN_EXE_replhub"),
         hub_flags.join(" ")
     );
-    let mut child = Command::new("python3")
-        .arg(Path::new(root).join("interop/run_pair.py"))
-        .args(["--release", release, "--timeout", &PAIR_TIMEOUT_S.to_string(), "--hub-cmd", &hub])
-        .args(pair_args)
-        .arg("--venv-dir")
-        .arg(venv_dir())
-        .arg("--log-dir")
-        .arg(&log_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("python3 runs interop/run_pair.py");
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for run_pair") {
-            break status;
-        }
-        if started.elapsed() > RUN_LIMIT {
-            // run_pair stops its children within a second of its own exit.
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{release}/{io}: run_pair still running after {RUN_LIMIT:?}; logs in {}",
-                log_dir.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut stdout = String::new();
-    child.stdout.take().expect("piped").read_to_string(&mut stdout).expect("run_pair output");
-    let last = stdout.lines().last().unwrap_or_default();
-    let verdict: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|e| {
-        panic!("{release}/{io}: no verdict ({e}) in {stdout:?}; logs in {}", log_dir.display())
-    });
-    assert_eq!(verdict["event"], "verdict", "{release}/{io}: {last}");
+    let timeout = PAIR_TIMEOUT_S.to_string();
+    let mut args = vec!["--release", release, "--timeout", &timeout, "--hub-cmd", &hub];
+    args.extend_from_slice(pair_args);
+    let (status, verdict) = run_interop_script("run_pair.py", &args, &log_dir, &format!("{release}/{io}"));
+    assert_eq!(verdict["event"], "verdict", "{release}/{io}: {verdict}");
     let failures = &verdict["failures"];
     assert_eq!(verdict["pass"], true, "{release}/{io}: {failures}; logs in {}", log_dir.display());
     assert!(status.success(), "{release}/{io}: run_pair exited with {status}");
@@ -213,7 +224,6 @@ fn run_synthetic(io: &str) {
         "no virtualenv for Synapse {release} at {}: run `scripts/interop-setup {release}` first",
         python.display()
     );
-    let root = env!("CARGO_MANIFEST_DIR");
     let log_dir = std::env::temp_dir().join(format!("replhub-interop-synthetic-{io}-{}", std::process::id()));
     std::fs::create_dir_all(&log_dir).expect("log dir");
     // The workers check the SERVER name against theirs (example.com).
@@ -222,36 +232,10 @@ fn run_synthetic(io: &str) {
          --metrics-listen off --threads 1 --io {io}",
         env!("CARGO_BIN_EXE_replhub"),
     );
-    let mut child = Command::new("python3")
-        .arg(Path::new(root).join("interop/run_synthetic.py"))
-        .args(["--release", release, "--timeout", &PAIR_TIMEOUT_S.to_string(), "--hub-cmd", &hub])
-        .arg("--behind-worker")
-        .arg("--venv-dir")
-        .arg(venv_dir())
-        .arg("--log-dir")
-        .arg(&log_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("python3 runs interop/run_synthetic.py");
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for run_synthetic") {
-            break status;
-        }
-        if started.elapsed() > RUN_LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("synthetic/{io}: still running after {RUN_LIMIT:?}; logs in {}", log_dir.display());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut stdout = String::new();
-    child.stdout.take().expect("piped").read_to_string(&mut stdout).expect("run_synthetic output");
-    let last = stdout.lines().last().unwrap_or_default();
-    let verdict: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|e| {
-        panic!("synthetic/{io}: no verdict ({e}) in {stdout:?}; logs in {}", log_dir.display())
-    });
+    let timeout = PAIR_TIMEOUT_S.to_string();
+    let args = ["--release", release, "--timeout", &timeout, "--hub-cmd", &hub, "--behind-worker"];
+    let (status, verdict) =
+        run_interop_script("run_synthetic.py", &args, &log_dir, &format!("synthetic/{io}"));
     let failures = &verdict["failures"];
     assert_eq!(verdict["pass"], true, "synthetic/{io}: {failures}; logs in {}", log_dir.display());
     assert!(status.success(), "synthetic/{io}: run_synthetic exited with {status}");

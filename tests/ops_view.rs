@@ -7,30 +7,19 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::serve::http_get;
 use common::{eventually, init_logs, positions, start, upstream_config, TestMaster, Worker, WAIT};
 use replhub::client::{Client, ClientOptions, Event};
 use replhub::config::{IoBackend, ServeConfig, SourceConfig};
 use replhub::proto::StreamId;
 use replhub::server::Server;
 use serde_json::Value;
-
-/// One `GET path`: the status line and the body.
-fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
-    let mut http = TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    http.set_read_timeout(Some(WAIT)).expect("timeout");
-    http.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .expect("request");
-    let mut raw = String::new();
-    http.read_to_string(&mut raw).expect("response");
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no end of head: {raw:?}"));
-    (head.lines().next().unwrap_or_default().to_owned(), body.to_owned())
-}
 
 /// `/connections` with `query`, parsed (a 200 is required).
 fn connections(server: &Server, query: &str) -> Value {

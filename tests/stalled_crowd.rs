@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{eventually, sample_rdata, start, stop, upstream_config, TestMaster, Worker, WAIT};
+use common::{
+    eventually, sample_rdata, start, stop, subscribed_workers, upstream_config, TestMaster, Worker, WAIT,
+};
 use replhub::config::IoBackend;
 
 const STALLED: usize = 200;
@@ -43,17 +45,11 @@ fn a_crowd_of_stalled_workers_costs_the_readers_nothing(io: IoBackend) {
     let sample = sample_rdata();
     let all: Arc<Vec<Vec<u8>>> = Arc::new((0..COPIES).flat_map(|_| sample.iter().cloned()).collect());
 
-    let stalled: Vec<Worker> = (0..STALLED)
-        .map(|i| {
-            let mut w = Worker::connect_small_rcvbuf(server.local_addr());
-            w.subscribe(&format!("stalled{i}"), &["ALL"]);
-            w
-        })
-        .collect();
-    let readers: Vec<_> = (0..READERS)
-        .map(|i| {
-            let mut w = Worker::connect(server.local_addr());
-            w.subscribe(&format!("reader{i}"), &["ALL"]);
+    let stalled = subscribed_workers(server.local_addr(), "stalled", STALLED, Worker::connect_small_rcvbuf);
+    let readers: Vec<_> = subscribed_workers(server.local_addr(), "reader", READERS, Worker::connect)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut w)| {
             let all = Arc::clone(&all);
             thread::spawn(move || {
                 // `rdata` panics on anything but RDATA and PING: an eviction's ERROR fails here.

@@ -20,7 +20,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use common::{eventually, sample_rdata, start, stop, upstream_config, TestMaster, Worker, WAIT};
+use common::{
+    eventually, sample_rdata, start, stop, subscribed_workers, upstream_config, TestMaster, Worker, WAIT,
+};
 use replhub::config::IoBackend;
 
 const STALLED: usize = 200;
@@ -48,17 +50,11 @@ fn readers_keep_up_beside_a_stalled_crowd(io: IoBackend) {
     let all: Vec<Vec<u8>> = (0..COPIES).flat_map(|_| sample.iter().cloned()).collect();
     let want: Arc<Vec<u8>> = Arc::new(all.concat());
 
-    let stalled: Vec<Worker> = (0..STALLED)
-        .map(|i| {
-            let mut w = Worker::connect(server.local_addr());
-            w.subscribe(&format!("stalled{i}"), &["ALL"]);
-            w
-        })
-        .collect();
-    let readers: Vec<_> = (0..READERS)
-        .map(|i| {
-            let mut w = Worker::connect(server.local_addr());
-            w.subscribe(&format!("reader{i}"), &["ALL"]);
+    let stalled = subscribed_workers(server.local_addr(), "stalled", STALLED, Worker::connect);
+    let readers: Vec<_> = subscribed_workers(server.local_addr(), "reader", READERS, Worker::connect)
+        .into_iter()
+        .enumerate()
+        .map(|(i, w)| {
             let want = Arc::clone(&want);
             let stream = w.stream().try_clone().expect("clone");
             thread::spawn(move || {

@@ -4,23 +4,13 @@
 use super::sim::{Capacity, Sim};
 use super::{CloseHow, HubConfig};
 use crate::proto::{Generation, StreamId, Token};
-use crate::session::SessionConfig;
 
 use StreamId::{Caches, Events, Typing};
 use Token::{Batch as B, Value as V};
 
+/// [`Sim::test_config`] with a 64 MiB backlog limit, so that no catch-up here is cut short.
 fn config() -> HubConfig {
-    HubConfig {
-        max_pending_bytes: 64 << 20,
-        write_timeout_ms: 2_000,
-        session: SessionConfig {
-            ping_interval_ms: 5_000,
-            ping_timeout_ms: 25_000,
-            close_timeout_ms: 25_000,
-            max_line_len: 16384,
-        },
-        ..HubConfig::default()
-    }
+    Sim::test_config(64 << 20)
 }
 
 /// A hub behind a 1.12 master whose streams stand at `100 + index` (events 100, caches 107).

@@ -10,6 +10,7 @@ use super::{
     Batch, CloseHow, ConnId, Hub, HubConfig, HubOutput, LineMeta, UpstreamCmd, UpstreamEvent, BROADCAST,
 };
 use crate::proto::{StreamId, Token};
+use crate::session::SessionConfig;
 use crate::time::Now;
 
 /// How much a fake socket accepts per write.
@@ -68,6 +69,23 @@ impl Sim {
             dirty: Vec::new(),
             iov_budget: 0,
             peers_ignore_fin: false,
+        }
+    }
+
+    /// The hub configuration of the unit tests: `max_pending_bytes` as given, a 2 s write
+    /// timeout and the session timings spelled out (5 s pings, 25 s ping and close timeouts,
+    /// 16 KiB lines), so that a change to a default does not silently move the tests.
+    pub fn test_config(max_pending_bytes: u64) -> HubConfig {
+        HubConfig {
+            max_pending_bytes,
+            write_timeout_ms: 2_000,
+            session: SessionConfig {
+                ping_interval_ms: 5_000,
+                ping_timeout_ms: 25_000,
+                close_timeout_ms: 25_000,
+                max_line_len: 16384,
+            },
+            ..HubConfig::default()
         }
     }
 

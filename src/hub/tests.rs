@@ -2,23 +2,13 @@
 use super::sim::{Capacity, Sim};
 use super::{CloseHow, HubConfig, UpstreamCmd};
 use crate::proto::{StreamId, SyncState, Token};
-use crate::session::SessionConfig;
 
 use StreamId::{Caches, Events, Typing};
 use Token::{Batch as B, Value as V};
 
+/// [`Sim::test_config`] with a 64 KiB backlog limit, small enough for the slow-consumer tests.
 fn config() -> HubConfig {
-    HubConfig {
-        max_pending_bytes: 64 * 1024,
-        write_timeout_ms: 2_000,
-        session: SessionConfig {
-            ping_interval_ms: 5_000,
-            ping_timeout_ms: 25_000,
-            close_timeout_ms: 25_000,
-            max_line_len: 16384,
-        },
-        ..HubConfig::default()
-    }
+    Sim::test_config(64 * 1024)
 }
 
 fn sim() -> Sim {

@@ -32,6 +32,20 @@ pub struct Latency {
     pub mean: f64,
 }
 
+impl Latency {
+    /// The percentiles, largest and mean of everything `hist` recorded.
+    pub fn of(hist: &Histogram) -> Self {
+        Self {
+            samples: hist.len(),
+            p50: hist.quantile(0.5),
+            p99: hist.quantile(0.99),
+            p999: hist.quantile(0.999),
+            max: hist.max(),
+            mean: hist.mean(),
+        }
+    }
+}
+
 /// The result of a run. Its JSON form ([`Report::to_json`]) has these fields as keys, in this
 /// order (`latency` as `latency_ns`), with fractional numbers rounded to three decimals. It
 /// reads back ([`Report::from_json`]) for `replhub loadtest plot`; keys missing from an older
@@ -197,14 +211,7 @@ pub(super) fn build_report(
         r.mb_per_sec = bytes as f64 / r.elapsed_seconds / 1e6;
     }
     r.latency_cdf_ns = hist.cdf(CDF_STEP);
-    r.latency = Latency {
-        samples: hist.len(),
-        p50: hist.quantile(0.5),
-        p99: hist.quantile(0.99),
-        p999: hist.quantile(0.999),
-        max: hist.max(),
-        mean: hist.mean(),
-    };
+    r.latency = Latency::of(&hist);
     r
 }
 

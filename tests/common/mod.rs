@@ -404,6 +404,24 @@ impl LineReader {
 // ---------------------------------------------------------------------------------------------
 // Raw-socket workers
 
+/// `count` workers connected to `addr` one after another with `connect` (such as
+/// [`Worker::connect_small_rcvbuf`] for a crowd that will stall), each subscribed to every
+/// stream under the name `{prefix}{i}`.
+pub(crate) fn subscribed_workers(
+    addr: SocketAddr,
+    prefix: &str,
+    count: usize,
+    connect: fn(SocketAddr) -> Worker,
+) -> Vec<Worker> {
+    (0..count)
+        .map(|i| {
+            let mut w = connect(addr);
+            w.subscribe(&format!("{prefix}{i}"), &["ALL"]);
+            w
+        })
+        .collect()
+}
+
 /// A worker speaking the protocol by hand over a real socket.
 pub(crate) struct Worker {
     reader: LineReader,

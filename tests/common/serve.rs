@@ -790,8 +790,9 @@ pub(crate) fn a_closed_worker_that_never_closes_is_dropped_after_the_linger(io: 
 // ---------------------------------------------------------------------------------------------
 // Metrics end to end: a real server, a scrape over HTTP, traffic in between
 
-/// One `GET path` on the metrics endpoint: the status line and the body.
-fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+/// One `GET path` on the metrics endpoint (`/metrics`, `/connections`, `/healthz`): the status
+/// line and the body.
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
     let mut http = TcpStream::connect(addr).expect("connect to the metrics endpoint");
     http.set_read_timeout(Some(WAIT)).expect("timeout");
     http.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
