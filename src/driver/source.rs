@@ -39,7 +39,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, TryRecvError, TrySendError};
+use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,15 +52,21 @@ use super::{Clock, CoreMsg, Inbox};
 use crate::config::SourceConfig;
 use crate::hub::{CloseHow, HubConfig, UpstreamCmd, UpstreamEvent};
 use crate::metrics::snapshot::UpstreamSnapshot;
-use crate::proto::StreamId;
 use crate::synthetic::SyntheticConfig;
 use crate::time::Now;
 use crate::upstream::backoff::{Backoff, BackoffConfig};
-use crate::upstream::fetch::{Fetch, FetchResult};
 use crate::upstream::link::{LinkConfig, LinkEvent, UpstreamLink};
 use crate::upstream::SyntheticSource;
 
+use fetch::MAX_FETCHES;
+use queues::CoreQueue;
+
+mod broker;
+mod fetch;
+mod queues;
 mod redis_bridge;
+#[cfg(test)]
+mod tests;
 
 /// How much spare room the upstream read buffer gets when it runs low (below
 /// [`READ_MIN_ROOM`]).
@@ -83,41 +89,6 @@ pub(crate) const HOLD_MAX: Duration = Duration::from_millis(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default forward-queue bound while the upstream is down.
 const MAX_FORWARD_QUEUE: usize = 10_000;
-/// At most this many catch-up fetches from a 1.10–1.12 master at once.
-const MAX_FETCHES: usize = 4;
-/// A catch-up fetch that has not ended after this long fails.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// One catch-up fetch from a 1.10–1.12 master (see `upstream::fetch`): connect, ask, read the
-/// rows until the stream's POSITION, close.
-async fn fetch(addr: &str, stream: StreamId, from: i64) -> FetchResult {
-    use tokio::io::AsyncBufReadExt;
-    let run = async {
-        let mut sock = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-        let _ = sock.set_nodelay(true);
-        let (mut state, lines) = Fetch::new(stream, from);
-        for line in lines {
-            sock.write_all(&line).await.map_err(|e| format!("write: {e}"))?;
-        }
-        let mut reader = tokio::io::BufReader::new(sock);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            let n = reader.read_until(b'\n', &mut line).await.map_err(|e| format!("read: {e}"))?;
-            if n == 0 || line.last() != Some(&b'\n') {
-                return Err("the master closed the catch-up connection before its POSITION".to_owned());
-            }
-            line.pop();
-            if let Some(done) = state.on_line(&line) {
-                return done;
-            }
-        }
-    };
-    tokio::time::timeout(FETCH_TIMEOUT, run)
-        .await
-        .unwrap_or_else(|_| Err("catch-up fetch timed out".to_owned()))
-}
-
 /// Control requests for the source thread.
 #[derive(Debug)]
 pub(crate) enum SourceCtl {
@@ -275,23 +246,6 @@ struct Source {
     fetch_permits: Arc<tokio::sync::Semaphore>,
 }
 
-/// What waits in the source for one core.
-#[derive(Default)]
-struct CoreQueue {
-    msgs: VecDeque<CoreMsg>,
-    /// Batch bytes in `msgs`.
-    bytes: usize,
-    /// The core's mailbox is gone (the core stopped): nothing more is queued for it.
-    gone: bool,
-}
-
-fn msg_bytes(msg: &CoreMsg) -> usize {
-    match msg {
-        CoreMsg::Batch(b) => b.data().len(),
-        _ => 0,
-    }
-}
-
 /// Something that can take the cores' commands and report metrics.
 trait Upstream {
     fn command(&mut self, core: usize, cmd: UpstreamCmd, now: Now);
@@ -328,132 +282,6 @@ impl Source {
                     return;
                 }
                 Err(TryRecvError::Empty) => return,
-            }
-        }
-    }
-
-    /// Fetches a stream's rows after `from` from the master on a connection of its own (a
-    /// task beside the main connection), and sends them to core `core` as
-    /// [`CoreMsg::Fetched`]. At most [`MAX_FETCHES`] run at once; the others wait.
-    fn start_fetch(&mut self, core: usize, id: u64, stream: StreamId, from: i64) {
-        let Some(inbox) = self.ctx.cores.get(core).cloned() else { return };
-        let addr = match &self.ctx.source {
-            SourceConfig::Upstream { addr, .. } => Some(addr.clone()),
-            SourceConfig::Synthetic { .. } | SourceConfig::Redis(_) | SourceConfig::None => None,
-        };
-        let permits = Arc::clone(&self.fetch_permits);
-        tokio::spawn(async move {
-            let result = match addr {
-                Some(addr) => {
-                    let _permit = permits.acquire().await;
-                    fetch(&addr, stream, from).await
-                }
-                None => Err("no 1.10-1.12 master to fetch from".to_owned()),
-            };
-            let mut msg = CoreMsg::Fetched { id, result };
-            // The core's mailbox may be full: retry, as the source does for batches.
-            loop {
-                match inbox.try_send(msg) {
-                    Ok(()) | Err(TrySendError::Disconnected(_)) => return,
-                    Err(TrySendError::Full(m)) => {
-                        msg = m;
-                        tokio::time::sleep(HOLD_RETRY).await;
-                    }
-                }
-            }
-        });
-    }
-
-    #[cfg(test)]
-    fn queue_report(&self) -> QueueReport {
-        QueueReport {
-            messages: self.queues.iter().map(|q| q.msgs.len()).collect(),
-            bytes: self.queues.iter().map(|q| q.bytes).collect(),
-            blocked: self.blocked,
-            batches: self.batches,
-        }
-    }
-
-    /// Moves queued messages into the cores' mailboxes while they have room.
-    fn flush(&mut self) {
-        for (core, q) in self.ctx.cores.iter().zip(&mut self.queues) {
-            while let Some(msg) = q.msgs.pop_front() {
-                let n = msg_bytes(&msg);
-                match core.try_send(msg) {
-                    Ok(()) => q.bytes -= n,
-                    Err(TrySendError::Full(m)) => {
-                        q.msgs.push_front(m);
-                        break;
-                    }
-                    // That core is gone (it failed, or the server is stopping): forget it.
-                    Err(TrySendError::Disconnected(_)) => {
-                        q.gone = true;
-                        q.msgs.clear();
-                        q.bytes = 0;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Whether a core is busy: after moving what fits into the mailboxes, some core still has a
-    /// message queued here (its mailbox is full). Read data is held meanwhile (module doc).
-    fn busy(&mut self) -> bool {
-        self.flush();
-        self.queued()
-    }
-
-    /// Whether anything waits here for a core (then the source retries on a timer).
-    fn queued(&self) -> bool {
-        self.queues.iter().any(|q| !q.msgs.is_empty())
-    }
-
-    /// Sends one message to every core, in core order. A core whose mailbox is full gets it
-    /// queued here; the others get it at once. Then, while some core's queue is over the limit,
-    /// waits for that core (the one rule that slows the source). False if the source must stop.
-    async fn broadcast(&mut self, up: &mut dyn Upstream, make: impl Fn() -> CoreMsg) -> bool {
-        self.hand_out(make);
-        while self.queues.iter().any(|q| q.bytes > self.limit) {
-            self.blocked = true;
-            // No signal says a core took from its mailbox: retry on a short timer, and keep
-            // taking commands and control requests (a stop, a scrape) meanwhile.
-            tokio::select! {
-                () = self.ctx.wakeup.notified() => {}
-                () = tokio::time::sleep(HOLD_RETRY) => {}
-            }
-            self.drain(up);
-            if self.stopping() {
-                return false;
-            }
-            self.flush();
-        }
-        self.blocked = false;
-        true
-    }
-
-    /// The first half of [`Source::broadcast`], which never waits: one message to every core,
-    /// queued here for a core whose mailbox is full. Redis-mode batches take only this half: a
-    /// core's PUBLISH is never held back, and what waits here for a stalled core counts toward
-    /// the limit that slows the upstream reads.
-    fn hand_out(&mut self, make: impl Fn() -> CoreMsg) {
-        self.flush();
-        for (core, q) in self.ctx.cores.iter().zip(&mut self.queues) {
-            if q.gone {
-                continue;
-            }
-            let msg = make();
-            if !q.msgs.is_empty() {
-                q.bytes += msg_bytes(&msg);
-                q.msgs.push_back(msg);
-                continue;
-            }
-            match core.try_send(msg) {
-                Ok(()) => {}
-                Err(TrySendError::Full(m)) => {
-                    q.bytes += msg_bytes(&m);
-                    q.msgs.push_back(m);
-                }
-                Err(TrySendError::Disconnected(_)) => q.gone = true,
             }
         }
     }
@@ -732,24 +560,6 @@ impl Source {
             }
         }
     }
-
-    // ----------------------------------------------------------------------------------------
-    // No source (Redis mode alone: replhub as a pub/sub broker)
-
-    async fn run_broker(&mut self) {
-        let mut none = NoUpstream;
-        while self.idle_until(&mut none, None).await {}
-    }
-}
-
-/// The source of a pure pub/sub broker: no master, so commands for one are dropped.
-struct NoUpstream;
-
-impl Upstream for NoUpstream {
-    fn command(&mut self, _core: usize, _cmd: UpstreamCmd, _now: Now) {}
-    fn snapshot(&self) -> UpstreamSnapshot {
-        UpstreamSnapshot::default()
-    }
 }
 
 struct LinkHolder(UpstreamLink);
@@ -810,235 +620,4 @@ fn write_some(stream: &TcpStream, out: &mut VecDeque<Bytes>, off: &mut usize) ->
         }
     }
     Ok(n > 0)
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::mpsc::{Receiver, RecvTimeoutError};
-    use std::thread;
-    use std::time::Instant;
-
-    use super::*;
-    use crate::hub::Batch;
-
-    /// Fails a test that would otherwise hang; never reached when the code is right.
-    const PATIENCE: Duration = Duration::from_secs(20);
-    const MAILBOX: usize = 4;
-
-    fn no_wake() -> Arc<dyn Fn() + Send + Sync> {
-        Arc::new(|| {})
-    }
-
-    /// A source context with `n` cores (mailboxes of [`MAILBOX`]) and the given queue limit.
-    fn context(
-        source: SourceConfig,
-        n: usize,
-        limit: u64,
-    ) -> (SourceContext, SourceHandle, Vec<Receiver<CoreMsg>>) {
-        let (handle, commands, control, wakeup, stop) = SourceHandle::new();
-        let (cores, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| Inbox::bounded(no_wake(), MAILBOX)).unzip();
-        let hub = HubConfig { max_pending_bytes: limit, ..HubConfig::default() };
-        let ctx = SourceContext {
-            source,
-            hub,
-            backoff: BackoffConfig::default(),
-            cores,
-            commands,
-            control,
-            wakeup,
-            stop,
-            clock: Clock::new(),
-            resp: None,
-            start: crate::driver::StartGate::open_now(),
-        };
-        (ctx, handle, rxs)
-    }
-
-    fn batch(len: usize) -> Arc<Batch> {
-        Arc::new(Batch::new(Bytes::from(vec![b'x'; len]), Vec::new()))
-    }
-
-    /// Drains a core on a thread, forwarding each batch to the returned receiver.
-    fn drain_core(rx: Receiver<CoreMsg>) -> Receiver<Arc<Batch>> {
-        let (tx, out) = mpsc::channel();
-        thread::spawn(move || {
-            while let Ok(msg) = rx.recv() {
-                if let CoreMsg::Batch(b) = msg {
-                    if tx.send(b).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        out
-    }
-
-    fn recv(rx: &Receiver<Arc<Batch>>) -> Arc<Batch> {
-        match rx.recv_timeout(PATIENCE) {
-            Ok(b) => b,
-            Err(RecvTimeoutError::Timeout) => panic!("no batch within {PATIENCE:?}"),
-            Err(RecvTimeoutError::Disconnected) => panic!("the core's drain ended"),
-        }
-    }
-
-    /// The hold rule: read data waits only while a core has a message queued behind its full
-    /// mailbox, and stops waiting as soon as that core takes one.
-    #[test]
-    fn reads_are_held_only_while_a_core_has_a_message_behind_a_full_mailbox() {
-        let synthetic = SourceConfig::Synthetic { rate: 0, line_size: None };
-        let (ctx, _handle, rxs) = context(synthetic, 2, 1 << 20);
-        let queues = ctx.cores.iter().map(|_| CoreQueue::default()).collect();
-        let fetch_permits = Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES));
-        let mut src =
-            Source { ctx, stopped: false, queues, limit: 1 << 20, blocked: false, batches: 0, fetch_permits };
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let mut up = SynthHolder(SyntheticSource::new(SyntheticConfig::default(), "s".to_owned()));
-        let mut send = |src: &mut Source| {
-            let b = batch(10);
-            assert!(rt.block_on(src.broadcast(&mut up, || CoreMsg::Batch(Arc::clone(&b)))));
-        };
-
-        // Idle cores: every read is cut at once.
-        assert!(!src.busy());
-        for _ in 0..MAILBOX {
-            send(&mut src);
-        }
-        assert!(!src.busy(), "full mailboxes with nothing queued behind them hold nothing");
-        // One message waits behind core 0's and core 1's full mailboxes: hold.
-        send(&mut src);
-        assert_eq!(src.queue_report().messages, vec![1, 1]);
-        assert!(src.busy());
-        // Core 0 takes one: its queued message moves in, but core 1 is still busy.
-        rxs[0].try_recv().unwrap();
-        assert!(src.busy());
-        assert_eq!(src.queue_report().messages, vec![0, 1]);
-        // Core 1 takes one: nobody is busy any more.
-        rxs[1].try_recv().unwrap();
-        assert!(!src.busy());
-        assert_eq!(src.queue_report().messages, vec![0, 0]);
-    }
-
-    /// One core's loop never drains its mailbox. The other cores still get every batch, the
-    /// source keeps generating at full speed until that core's queue in the source passes the
-    /// limit, and stops exactly there; when the core drains again, it gets every batch in order
-    /// and the source resumes.
-    #[test]
-    // Measures how long the stalled source waits on real threads.
-    #[allow(clippy::disallowed_methods)]
-    fn a_stalled_core_slows_the_source_only_past_the_limit() {
-        const LIMIT: u64 = 256 << 10;
-        let synthetic = SourceConfig::Synthetic { rate: 0, line_size: None };
-        let (ctx, handle, mut rxs) = context(synthetic, 3, LIMIT);
-        let stalled = rxs.remove(1);
-        let fast: Vec<_> = rxs.into_iter().map(drain_core).collect();
-        let source = thread::spawn(move || run(ctx));
-
-        // Wait (on the source's own reports, not a sleep) until it has stopped for core 1.
-        let start = Instant::now();
-        let report = loop {
-            let r = handle.queues(PATIENCE).expect("the source answers while it waits");
-            if r.blocked {
-                break r;
-            }
-            assert!(start.elapsed() < PATIENCE, "the source never stopped for the stalled core");
-            thread::yield_now();
-        };
-        // Nothing is generated while it waits, so this report stays true.
-        assert_eq!(handle.queues(PATIENCE).unwrap(), report);
-
-        // The fast cores got every batch handed out, in the same order.
-        let seen: Vec<Vec<Arc<Batch>>> =
-            fast.iter().map(|rx| (0..report.batches).map(|_| recv(rx)).collect()).collect();
-        assert!(seen[0].iter().zip(&seen[1]).all(|(a, b)| Arc::ptr_eq(a, b)));
-        assert_eq!(report.messages[0], 0);
-        assert_eq!(report.messages[2], 0);
-
-        // Core 1 holds the `Up` message and the first batches in its mailbox; every other
-        // batch waits in the source, and those bytes passed the limit with the last batch only.
-        let queued = report.messages[1];
-        let queued_batches = usize::try_from(report.batches).unwrap() + 1 - MAILBOX;
-        assert_eq!(queued, queued_batches);
-        let tail = &seen[0][seen[0].len() - queued..];
-        let bytes: usize = tail.iter().map(|b| b.data().len()).sum();
-        assert_eq!(report.bytes[1], bytes);
-        let last = tail.last().unwrap().data().len();
-        assert!(bytes as u64 > LIMIT, "stopped at {bytes} bytes, not over the limit {LIMIT}");
-        assert!(((bytes - last) as u64) <= LIMIT, "kept reading past the limit: {bytes} bytes queued");
-
-        // The stalled core comes back: it gets the same batches in the same order, and the
-        // source hands out new ones again.
-        let slow = drain_core(stalled);
-        for b in &seen[0] {
-            assert!(Arc::ptr_eq(&recv(&slow), b), "the stalled core lost or reordered a batch");
-        }
-        let next = recv(&fast[0]);
-        assert!(Arc::ptr_eq(&recv(&slow), &next));
-
-        handle.stop();
-        source.join().unwrap().unwrap();
-    }
-
-    /// Upstream mode with one core stalled: every line the master writes reaches the other
-    /// cores by itself (one read, one batch), without waiting for the stalled core; the
-    /// stalled core's share waits in the source and arrives complete and in order later.
-    #[test]
-    fn a_stalled_core_does_not_hold_back_upstream_lines_for_the_others() {
-        use std::io::Write;
-
-        const LINES: usize = 50;
-        let master = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = master.local_addr().unwrap().to_string();
-        let upstream = SourceConfig::Upstream { addr, client_name: "test".to_owned() };
-        let (ctx, handle, mut rxs) = context(upstream, 3, 64 << 20);
-        let stalled = rxs.remove(1);
-        let fast: Vec<_> = rxs.into_iter().map(drain_core).collect();
-        let source = thread::spawn(move || run(ctx));
-
-        let (go, next) = mpsc::channel::<()>();
-        let writer = thread::spawn(move || {
-            let (mut sock, _) = master.accept().unwrap();
-            sock.write_all(b"SERVER test\nPING 1\nPOSITION events 0\n").unwrap();
-            for n in 1..=LINES {
-                sock.write_all(format!("RDATA events {n} [\"x\"]\n").as_bytes()).unwrap();
-                if next.recv().is_err() {
-                    return;
-                }
-            }
-            // Keep the connection open until the test is done.
-            let _ = next.recv();
-        });
-
-        // Each line is written only after the previous one reached both fast cores.
-        let mut seen: Vec<Vec<Arc<Batch>>> = vec![Vec::new(), Vec::new()];
-        for n in 1..=LINES {
-            let line = format!("RDATA events {n} [\"x\"]\n");
-            for (rx, seen) in fast.iter().zip(&mut seen) {
-                loop {
-                    let b = recv(rx);
-                    seen.push(Arc::clone(&b));
-                    if (0..b.lines().len()).any(|i| b.line(i) == line.as_bytes()) {
-                        break;
-                    }
-                }
-            }
-            go.send(()).unwrap();
-        }
-        assert_eq!(seen[0].len(), LINES, "one read per line, so one batch per line");
-        assert!(seen[0].iter().zip(&seen[1]).all(|(a, b)| Arc::ptr_eq(a, b)));
-
-        // The stalled core's mailbox holds `Up` and the first batches; the rest wait for it in
-        // the source, which never stopped reading.
-        let report = handle.queues(PATIENCE).unwrap();
-        assert!(!report.blocked);
-        assert_eq!(report.messages[1] + MAILBOX, LINES + 1);
-        let slow = drain_core(stalled);
-        for b in &seen[0] {
-            assert!(Arc::ptr_eq(&recv(&slow), b), "the stalled core lost or reordered a batch");
-        }
-
-        handle.stop();
-        source.join().unwrap().unwrap();
-        drop(go);
-        writer.join().unwrap();
-    }
 }
