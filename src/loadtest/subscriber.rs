@@ -404,17 +404,35 @@ async fn counting_subscriber(
     state.borrow_mut().subs[slot].counted = true;
     let exact = plan.streams.len() == 1;
     let want = plan.streams.len() as u32;
-    let mut permit = Some(permit);
+    let permit = Some(permit);
+    read_loop(&mut stream, slot, state, shared, want, permit, |sub, hist, buf, now| {
+        Ok(scan_counted(sub, hist, buf, exact, now))
+    })
+    .await
+}
+
+/// The read loop of the raw-socket subscribers: each read's complete frames go to `scan`
+/// (which returns the bytes it used) with the subscriber's state borrowed, then
+/// [`after_read`]. Returns `Ok` when the server closes.
+async fn read_loop(
+    stream: &mut TcpStream,
+    slot: usize,
+    state: &RefCell<Local>,
+    shared: &Shared,
+    want: u32,
+    mut permit: Option<SemaphorePermit<'_>>,
+    mut scan: impl FnMut(&mut SubState, &mut Histogram, &[u8], u64) -> Result<usize, String>,
+) -> Result<(), String> {
     let mut buf = BytesMut::new();
     loop {
-        if !fill(&mut stream, &mut buf).await? {
+        if !fill(stream, &mut buf).await? {
             return Ok(());
         }
         let now = shared.clock.now_ns();
         let mut guard = state.borrow_mut();
         let Local { hist, subs } = &mut *guard;
         let sub = &mut subs[slot];
-        let used = scan_counted(sub, hist, &buf, exact, now);
+        let used = scan(sub, hist, &buf, now)?;
         buf.advance(used);
         after_read(shared, sub, want, &mut permit);
         drop(guard);
@@ -545,16 +563,8 @@ async fn redis_subscriber(
         }
     };
     let want = plan.streams.len() as u32;
-    let mut permit = Some(permit);
-    let mut buf = BytesMut::new();
-    loop {
-        if !fill(&mut stream, &mut buf).await? {
-            return Ok(());
-        }
-        let now = shared.clock.now_ns();
-        let mut guard = state.borrow_mut();
-        let Local { hist, subs } = &mut *guard;
-        let sub = &mut subs[slot];
+    let permit = Some(permit);
+    read_loop(&mut stream, slot, state, shared, want, permit, |sub, hist, buf, now| {
         let mut used = 0;
         // With `--check count`, the messages of a read are framed (RESP lengths) and counted,
         // and only the run's first and last payloads are parsed, as `counting_subscriber` does.
@@ -587,10 +597,9 @@ async fn redis_subscriber(
         if run.n > 0 {
             sub.on_counted(hist, &run, exact, now);
         }
-        buf.advance(used);
-        after_read(shared, sub, want, &mut permit);
-        drop(guard);
-    }
+        Ok(used)
+    })
+    .await
 }
 
 /// A Redis connection subscribed to a channel nobody publishes to.
