@@ -89,8 +89,10 @@ struct Setup {
     dirty: Vec<replhub::testing::hub::ConnId>,
 }
 
-fn hub_with(subscribers: usize) -> Setup {
-    let mut hub = Hub::new(HubConfig { max_pending_bytes: u64::MAX, ..HubConfig::default() });
+/// A hub with at most `max_pending_bytes` unread per connection, whose upstream has connected
+/// with every stream at token 0.
+fn connected_hub(max_pending_bytes: u64) -> (Hub, Now) {
+    let mut hub = Hub::new(HubConfig { max_pending_bytes, ..HubConfig::default() });
     let now = Now::new(1, 1);
     hub.on_upstream(
         &UpstreamEvent::Connected {
@@ -101,6 +103,11 @@ fn hub_with(subscribers: usize) -> Setup {
         },
         now,
     );
+    (hub, now)
+}
+
+fn hub_with(subscribers: usize) -> Setup {
+    let (mut hub, now) = connected_hub(u64::MAX);
     for _ in 0..subscribers {
         let id = hub.accept(now);
         hub.on_bytes(id, b"NAME bench\nREPLICATE ALL\n", now);
@@ -224,17 +231,7 @@ fn memory(_c: &mut Criterion) {
     const N: usize = 10_000;
     let max_pending: u64 = 8 << 20;
     let before = LIVE.load(Ordering::Relaxed);
-    let mut hub = Hub::new(HubConfig { max_pending_bytes: max_pending, ..HubConfig::default() });
-    let now = Now::new(1, 1);
-    hub.on_upstream(
-        &UpstreamEvent::Connected {
-            server_name: "hs".into(),
-            positions: [Some(0); replhub::proto::StreamId::COUNT],
-            generation: replhub::proto::Generation::Seed,
-            instance: "master".into(),
-        },
-        now,
-    );
+    let (mut hub, now) = connected_hub(max_pending);
     let ids: Vec<_> = (0..N).map(|_| hub.accept(now)).collect();
     for &id in &ids {
         hub.on_bytes(id, b"NAME bench\nREPLICATE ALL\n", now);

@@ -87,16 +87,24 @@ fn start_redis() -> (Killed, u16) {
 /// answer: SUBSCRIBE confirmations per channel, PUBLISH with the receiver count, `message`
 /// deliveries to every subscriber including the publisher, PING on both kinds of connection).
 fn start_replhub_resp() -> (Killed, u16) {
+    start_replhub_serve(&[], "replhub serve --resp-listen")
+}
+
+/// `replhub serve --resp-listen` on a free port with `extra` arguments, its worker listener on
+/// an ephemeral port and no metrics; returns once the RESP port accepts (`what` names it in a
+/// failure).
+fn start_replhub_serve(extra: &[&str], what: &str) -> (Killed, u16) {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_replhub"))
         .args(["serve", "--resp-listen", &format!("127.0.0.1:{port}")])
+        .args(extra)
         .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("run replhub");
     let mut child = Killed(child);
-    wait_listening(&mut child, port, "replhub serve --resp-listen");
+    wait_listening(&mut child, port, what);
     (child, port)
 }
 
@@ -224,18 +232,11 @@ fn synapse_redis_replication_through_redis_server() {
 /// `replhub serve --resp-listen --upstream-redis` on a free port, bridged to the Redis on
 /// `redis_port` for server name `sn`.
 fn start_replhub_bridged(redis_port: u16, sn: &str) -> (Killed, u16) {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_replhub"))
-        .args(["serve", "--resp-listen", &format!("127.0.0.1:{port}")])
-        .args(["--upstream-redis", &format!("redis://127.0.0.1:{redis_port}"), "--server-name", sn])
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run replhub");
-    let mut child = Killed(child);
-    wait_listening(&mut child, port, "replhub serve --upstream-redis");
-    (child, port)
+    let upstream = format!("redis://127.0.0.1:{redis_port}");
+    start_replhub_serve(
+        &["--upstream-redis", &upstream, "--server-name", sn],
+        "replhub serve --upstream-redis",
+    )
 }
 
 /// One replhub per machine on a shared Redis: the main process on replhub A, the workers on

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use replhub::config::IoBackend;
 use replhub::resp::{OutputLimits, RespConfig};
-use resp_common::{message, parse, start, Client, Reply, BACKENDS, WAIT};
+use resp_common::{message, on_both_backends, parse, start, Client, Reply, WAIT};
 
 const PER_PUBLISHER: usize = 300;
 
@@ -209,17 +209,6 @@ fn the_command_line_serves_redis_mode_alone(io: IoBackend) {
     assert_eq!(message(&sub.read()), ("sn".to_owned(), "REPLICATE ".to_owned()));
     let _ = child.kill();
     let _ = child.wait();
-}
-
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod epoll {
-            $( #[test] fn $name() { super::$name(super::BACKENDS[0]); } )*
-        }
-        mod uring {
-            $( #[test] fn $name() { super::$name(super::BACKENDS[1]); } )*
-        }
-    };
 }
 
 on_both_backends!(

@@ -7,7 +7,7 @@ mod resp_common;
 
 use replhub::config::IoBackend;
 use replhub::resp::RespConfig;
-use resp_common::{exchange, start, Client, RedisServer, BACKENDS};
+use resp_common::{exchange, on_both_backends, start, Client, RedisServer};
 
 fn cmd(args: &[&str]) -> Vec<u8> {
     let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
@@ -166,17 +166,6 @@ fn redis_cli_drives_it(io: IoBackend) {
     assert_eq!(run(&["PUBLISH", "sn", "REPLICATE "]), "0\n");
     assert!(run(&["FOO"]).starts_with("ERR unknown command 'FOO', with args beginning with: \n"));
     server.shutdown().expect("clean shutdown");
-}
-
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod epoll {
-            $( #[test] fn $name() { super::$name(super::BACKENDS[0]); } )*
-        }
-        mod uring {
-            $( #[test] fn $name() { super::$name(super::BACKENDS[1]); } )*
-        }
-    };
 }
 
 on_both_backends!(

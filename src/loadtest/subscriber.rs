@@ -23,7 +23,7 @@ use bytes::{Buf, BytesMut};
 use memchr::memchr_iter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::hist::Histogram;
 use super::resp::{self, Frame};
@@ -183,6 +183,27 @@ struct Run<'a> {
     last: &'a [u8],
 }
 
+impl<'a> Run<'a> {
+    /// Adds one RDATA line: `line` is the whole line (without `\n`), `args` what follows `RDATA `.
+    fn push(&mut self, line: &[u8], args: &'a [u8]) {
+        self.n += 1;
+        self.len += line.len() as u64 + 1;
+        self.last = args;
+        self.first.get_or_insert(args);
+    }
+}
+
+/// After a read has been accounted: publishes the subscriber's count and, the first time
+/// every stream is positioned, releases its connect permit and counts it as ready. The
+/// permit being gone is what marks the subscriber ready.
+fn after_read(shared: &Shared, sub: &SubState, want: u32, permit: &mut Option<SemaphorePermit<'_>>) {
+    shared.slots[sub.id].received.store(sub.received, Ordering::Relaxed);
+    if permit.is_some() && sub.positioned >= want {
+        drop(permit.take());
+        shared.ready.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 impl SubState {
     /// A run of RDATA lines counted in one read. With `exact` (one stream), the last token
     /// must be the previous one plus the lines counted.
@@ -325,7 +346,6 @@ async fn replhub_subscriber(
         }
     };
     let want = plan.streams.len() as u32;
-    let mut ready = false;
     let mut permit = Some(permit);
     loop {
         let first = match client.next_raw().await {
@@ -345,12 +365,7 @@ async fn replhub_subscriber(
                 Err(e) => return Err(e.to_string()),
             }
         }
-        shared.slots[id].received.store(sub.received, Ordering::Relaxed);
-        if !ready && sub.positioned >= want {
-            ready = true;
-            drop(permit.take());
-            shared.ready.fetch_add(1, Ordering::SeqCst);
-        }
+        after_read(shared, sub, want, &mut permit);
         drop(guard);
     }
 }
@@ -389,25 +404,37 @@ async fn counting_subscriber(
     state.borrow_mut().subs[slot].counted = true;
     let exact = plan.streams.len() == 1;
     let want = plan.streams.len() as u32;
-    let mut ready = false;
-    let mut permit = Some(permit);
+    let permit = Some(permit);
+    read_loop(&mut stream, slot, state, shared, want, permit, |sub, hist, buf, now| {
+        Ok(scan_counted(sub, hist, buf, exact, now))
+    })
+    .await
+}
+
+/// The read loop of the raw-socket subscribers: each read's complete frames go to `scan`
+/// (which returns the bytes it used) with the subscriber's state borrowed, then
+/// [`after_read`]. Returns `Ok` when the server closes.
+async fn read_loop(
+    stream: &mut TcpStream,
+    slot: usize,
+    state: &RefCell<Local>,
+    shared: &Shared,
+    want: u32,
+    mut permit: Option<SemaphorePermit<'_>>,
+    mut scan: impl FnMut(&mut SubState, &mut Histogram, &[u8], u64) -> Result<usize, String>,
+) -> Result<(), String> {
     let mut buf = BytesMut::new();
     loop {
-        if !fill(&mut stream, &mut buf).await? {
+        if !fill(stream, &mut buf).await? {
             return Ok(());
         }
         let now = shared.clock.now_ns();
         let mut guard = state.borrow_mut();
         let Local { hist, subs } = &mut *guard;
         let sub = &mut subs[slot];
-        let used = scan_counted(sub, hist, &buf, exact, now);
+        let used = scan(sub, hist, &buf, now)?;
         buf.advance(used);
-        shared.slots[id].received.store(sub.received, Ordering::Relaxed);
-        if !ready && sub.positioned >= want {
-            ready = true;
-            drop(permit.take());
-            shared.ready.fetch_add(1, Ordering::SeqCst);
-        }
+        after_read(shared, sub, want, &mut permit);
         drop(guard);
     }
 }
@@ -421,10 +448,7 @@ fn scan_counted(sub: &mut SubState, hist: &mut Histogram, buf: &[u8], exact: boo
     for nl in memchr_iter(b'\n', buf) {
         let line = &buf[start..nl];
         if let Some(args) = line.strip_prefix(RDATA) {
-            run.n += 1;
-            run.len += line.len() as u64 + 1;
-            run.last = args;
-            run.first.get_or_insert(args);
+            run.push(line, args);
         } else {
             // Account the RDATA run before it first, so the accounting stays in line order.
             if run.n > 0 {
@@ -539,17 +563,8 @@ async fn redis_subscriber(
         }
     };
     let want = plan.streams.len() as u32;
-    let mut ready = false;
-    let mut permit = Some(permit);
-    let mut buf = BytesMut::new();
-    loop {
-        if !fill(&mut stream, &mut buf).await? {
-            return Ok(());
-        }
-        let now = shared.clock.now_ns();
-        let mut guard = state.borrow_mut();
-        let Local { hist, subs } = &mut *guard;
-        let sub = &mut subs[slot];
+    let permit = Some(permit);
+    read_loop(&mut stream, slot, state, shared, want, permit, |sub, hist, buf, now| {
         let mut used = 0;
         // With `--check count`, the messages of a read are framed (RESP lengths) and counted,
         // and only the run's first and last payloads are parsed, as `counting_subscriber` does.
@@ -563,12 +578,7 @@ async fn redis_subscriber(
                     used += n;
                     match frame {
                         Frame::Message { payload, .. } => match payload.strip_prefix(b"RDATA ") {
-                            Some(args) if count => {
-                                run.n += 1;
-                                run.len += payload.len() as u64 + 1;
-                                run.last = args;
-                                run.first.get_or_insert(args);
-                            }
+                            Some(args) if count => run.push(payload, args),
                             Some(args) => sub.on_rdata(hist, args, payload.len() + 1, now),
                             None => sub.unexpected += 1,
                         },
@@ -587,15 +597,9 @@ async fn redis_subscriber(
         if run.n > 0 {
             sub.on_counted(hist, &run, exact, now);
         }
-        buf.advance(used);
-        shared.slots[id].received.store(sub.received, Ordering::Relaxed);
-        if !ready && sub.positioned >= want {
-            ready = true;
-            drop(permit.take());
-            shared.ready.fetch_add(1, Ordering::SeqCst);
-        }
-        drop(guard);
-    }
+        Ok(used)
+    })
+    .await
 }
 
 /// A Redis connection subscribed to a channel nobody publishes to.

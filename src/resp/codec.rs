@@ -373,10 +373,15 @@ pub fn error(text: &str) -> Bytes {
 /// `:<n>\r\n`.
 pub fn integer(n: i64) -> Bytes {
     let mut b = BytesMut::with_capacity(24);
-    b.put_u8(b':');
+    put_prefixed(&mut b, b':', n);
+    b.freeze()
+}
+
+/// Appends `<prefix><n>\r\n`: an integer reply (`:`) or a bulk or array header (`$`, `*`).
+fn put_prefixed<I: itoa::Integer>(b: &mut BytesMut, prefix: u8, n: I) {
+    b.put_u8(prefix);
     b.put_slice(itoa::Buffer::new().format(n).as_bytes());
     b.put_slice(b"\r\n");
-    b.freeze()
 }
 
 /// `$<len>\r\n<bytes>\r\n`.
@@ -391,9 +396,7 @@ pub const NIL: &[u8] = b"$-1\r\n";
 
 /// Appends `$<len>\r\n<bytes>\r\n`.
 pub fn put_bulk(b: &mut BytesMut, data: &[u8]) {
-    b.put_u8(b'$');
-    b.put_slice(itoa::Buffer::new().format(data.len()).as_bytes());
-    b.put_slice(b"\r\n");
+    put_prefixed(b, b'$', data.len());
     b.put_slice(data);
     b.put_slice(b"\r\n");
 }
@@ -407,9 +410,7 @@ pub fn subscription(kind: &str, channel: Option<&[u8]>, count: usize) -> Bytes {
         Some(c) => put_bulk(&mut b, c),
         None => b.put_slice(NIL),
     }
-    b.put_u8(b':');
-    b.put_slice(itoa::Buffer::new().format(count).as_bytes());
-    b.put_slice(b"\r\n");
+    put_prefixed(&mut b, b':', count);
     b.freeze()
 }
 
@@ -431,9 +432,7 @@ pub fn put_message(b: &mut BytesMut, channel: &[u8], payload: &[u8]) {
 
 /// Appends a command as an array of bulk strings (what a client sends).
 pub fn put_command(b: &mut BytesMut, args: &[&[u8]]) {
-    b.put_u8(b'*');
-    b.put_slice(itoa::Buffer::new().format(args.len()).as_bytes());
-    b.put_slice(b"\r\n");
+    put_prefixed(b, b'*', args.len());
     for a in args {
         put_bulk(b, a);
     }

@@ -18,6 +18,22 @@ pub(crate) const WAIT: Duration = Duration::from_secs(10);
 /// Both backends, for tests that run on each.
 pub(crate) const BACKENDS: [IoBackend; 2] = [IoBackend::Epoll, IoBackend::Uring];
 
+/// Declares, for each named `fn(IoBackend)` of the calling test file, one `#[test]` on each
+/// backend: `epoll::<name>` and `uring::<name>`.
+#[allow(unused_macros)]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod epoll {
+            $( #[test] fn $name() { super::$name($crate::resp_common::BACKENDS[0]); } )*
+        }
+        mod uring {
+            $( #[test] fn $name() { super::$name($crate::resp_common::BACKENDS[1]); } )*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_both_backends;
+
 /// Starts replhub as a pure pub/sub broker: no upstream, RESP on a free port, `threads` cores.
 pub(crate) fn start(io: IoBackend, threads: usize, resp: RespConfig) -> Server {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
