@@ -174,7 +174,9 @@ impl ServeConfig {
         hub.fetch_catch_up = matches!(source, SourceConfig::Upstream { .. });
         // Synapse on Redis speaks 1.13+ (1.22+ POSITIONs unless `--protocol 1.13` says so):
         // TCP workers behind it are served as its processes are (`hub/subscribe.rs`).
-        if matches!(source, SourceConfig::Redis(_)) {
+        if let SourceConfig::Redis(r) = &source {
+            // The first channel is the server name; workers are greeted with it at once.
+            hub.server_name = r.channels.first().cloned();
             hub.redis_bridge = true;
             hub.protocol = crate::proto::ProtocolChoice::Pinned(crate::proto::Generation::V1_22);
         }
