@@ -236,6 +236,59 @@ fn tcp_workers_get_what_a_master_relays(io: IoBackend) {
     server.shutdown().expect("clean shutdown");
 }
 
+/// Synapse processes on replhub's RESP listener and TCP workers on the same replhub: a stream
+/// writer publishing through replhub reaches the TCP workers (through the Redis, once), and a
+/// TCP worker's command reaches the RESP subscribers (the same way, once).
+fn resp_clients_and_tcp_workers_share_the_bridge(io: IoBackend) {
+    let redis = RedisServer::start(&[]);
+    let upstream = RedisUpstream::parse(&format!("redis://{}", redis.addr), "sn").expect("url");
+    let mut config = ServeConfig::new(SourceConfig::Redis(upstream.clone()));
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    config.resp_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    config.resp.upstream_channels = upstream.channels;
+    config.metrics_listen = None;
+    config.threads = 2;
+    config.io = io;
+    let server = Server::start_with(config, quick_backoff()).expect("server starts");
+    let resp = server.resp_addr().expect("resp");
+    let mut watch = watch(&redis);
+    wait_numsub(&redis, 2);
+    let mut local_sub = Client::connect(resp);
+    assert_eq!(
+        local_sub.call(&["SUBSCRIBE", "sn"]),
+        Reply::Array(vec![Reply::bulk("subscribe"), Reply::bulk("sn"), Reply::Int(1)])
+    );
+    let mut w = Worker::connect(server.local_addr());
+    w.send("NAME w\nREPLICATE\n");
+    let replicate = ("sn".to_owned(), "REPLICATE ".to_owned());
+    assert_eq!(message(&watch.read()), replicate);
+    assert_eq!(message(&local_sub.read()), replicate, "replhub's own subscribers see its REPLICATE too");
+
+    // A writer on replhub's RESP listener: its PUBLISH counts replhub's one subscriber.
+    let row = r#"RDATA caches w9 7 ["get_user_by_id",["@u:sn"],7000]"#;
+    let mut local_pub = Client::connect(resp);
+    assert_eq!(local_pub.call(&["PUBLISH", "sn", row]), Reply::Int(1));
+    assert_eq!(w.line(), row);
+    assert_eq!(message(&local_sub.read()), ("sn".to_owned(), row.to_owned()));
+    let user_sync = "USER_SYNC abcde @u:sn start 1700000000000";
+    w.send(&format!("{user_sync}\n"));
+    for c in [&mut watch, &mut local_sub] {
+        let m = message(&c.read());
+        if m.1 == row {
+            // The watcher on the Redis saw the writer's row first.
+            assert_eq!(message(&c.read()), ("sn".to_owned(), user_sync.to_owned()));
+        } else {
+            assert_eq!(m, ("sn".to_owned(), user_sync.to_owned()));
+        }
+    }
+    // Nothing twice: the next thing each side gets is what comes next.
+    assert_eq!(local_sub.call(&["PING"]), Reply::Array(vec![Reply::bulk("pong"), Reply::bulk("")]));
+    let mut writer = Client::connect(redis.addr);
+    publish(&mut writer, &["REMOTE_SERVER_UP end.example".to_owned()], 2);
+    assert_eq!(w.line(), "REMOTE_SERVER_UP end.example");
+    server.shutdown().expect("clean shutdown");
+}
+
 /// `/metrics` as text.
 fn scrape(addr: SocketAddr) -> String {
     use std::io::Read;
@@ -304,4 +357,8 @@ fn tcp_workers_survive_a_redis_restart(io: IoBackend) {
     server.shutdown().expect("clean shutdown");
 }
 
-on_both_backends!(tcp_workers_get_what_a_master_relays, tcp_workers_survive_a_redis_restart);
+on_both_backends!(
+    tcp_workers_get_what_a_master_relays,
+    tcp_workers_survive_a_redis_restart,
+    resp_clients_and_tcp_workers_share_the_bridge,
+);

@@ -517,6 +517,10 @@ mod tests {
         // REMOTE_SERVER_UP comes back from the Redis to everyone; not delivered here as well.
         assert!(sim.take_lines(b).is_empty());
         assert!(sim.closed(a).is_none());
+        // No release writes streams over TCP: a 1.22–1.66 master refuses RDATA from a worker.
+        sim.send(b, "RDATA events w 5 [\"$e\"]");
+        assert_eq!(sim.take_lines(b), vec!["ERROR invalid command: RDATA"]);
+        assert!(forwarded(&mut sim).is_empty());
     }
 
     #[test]
