@@ -32,8 +32,6 @@ pub(crate) struct TcpLines {
     rules: ReleasedParse,
     /// Messages on the server's channel that a worker would not have parsed: dropped.
     pub(crate) dropped: u64,
-    /// Messages on the server's channel relayed to TCP workers.
-    pub(crate) relayed: u64,
 }
 
 impl TcpLines {
@@ -44,7 +42,6 @@ impl TcpLines {
             ranges: Vec::new(),
             rules: ReleasedParse { generation, release: None },
             dropped: 0,
-            relayed: 0,
         }
     }
 
@@ -101,7 +98,6 @@ impl TcpLines {
                 }
             }
         }
-        self.relayed += metas.len() as u64;
         (!metas.is_empty()).then(|| Batch::new(data, metas))
     }
 }
@@ -210,7 +206,6 @@ mod tests {
         );
         // Not JSON, a 1.13 POSITION for 1.22 workers, a newline inside.
         assert_eq!(t.dropped, 3);
-        assert_eq!(t.relayed, 5);
         assert!(t.take_batch().is_none(), "nothing new");
         let mut t13 = TcpLines::new(Generation::V1_13);
         t13.push(b"POSITION events master 7");

@@ -115,7 +115,8 @@ impl Upstream for Bridge {
                 let mut b = BytesMut::new();
                 crate::resp::codec::put_command(&mut b, &[b"PUBLISH", channel.as_bytes(), payload]);
                 self.forwarded += 1;
-                if self.connected {
+                // Once subscribed, so that replhub's own subscribers get the echo too.
+                if self.subscribed {
                     self.out.push_back(b.freeze());
                 } else {
                     if self.waiting.len() >= MAX_FORWARD_QUEUE {
