@@ -303,13 +303,24 @@ fn synapse_redis_replication_through_replhub_matches_redis_server() {
 /// master of that release (the runner checks that too).
 #[test]
 fn synapse_1_66_tcp_worker_behind_replhub_on_redis() {
+    tcp_worker_behind_replhub_on_redis("1.66.0");
+}
+
+/// The same with Synapse 1.22.1's worker, the oldest release of the POSITION form that a
+/// current Synapse publishes.
+#[test]
+fn synapse_1_22_tcp_worker_behind_replhub_on_redis() {
+    tcp_worker_behind_replhub_on_redis("1.22.1");
+}
+
+fn tcp_worker_behind_replhub_on_redis(release: &str) {
     let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let python = venv_python();
     let venv_dir = python.ancestors().nth(3).expect("venv dir").to_path_buf();
-    let worker_python = venv_dir.join("venv-1.66.0/bin/python");
+    let worker_python = venv_dir.join(format!("venv-{release}/bin/python"));
     assert!(
         worker_python.exists(),
-        "no virtualenv for Synapse 1.66.0 at {}: run `scripts/interop-setup 1.66.0` first",
+        "no virtualenv for Synapse {release} at {}: run `scripts/interop-setup {release}` first",
         worker_python.display()
     );
     let (_redis, redis_port) = start_redis();
@@ -324,12 +335,13 @@ fn synapse_1_66_tcp_worker_behind_replhub_on_redis() {
         .expect("run replhub");
     let mut replhub = Killed(child);
     wait_listening(&mut replhub, listen, "replhub serve --upstream-redis --listen");
-    let log_dir = std::env::temp_dir().join(format!("replhub-redis-tcp-interop-{}", std::process::id()));
+    let log_dir =
+        std::env::temp_dir().join(format!("replhub-redis-tcp-interop-{release}-{}", std::process::id()));
     std::fs::create_dir_all(&log_dir).expect("log dir");
     let child = Command::new("python3")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/run_redis_tcp.py"))
         .args(["--redis", &format!("127.0.0.1:{redis_port}"), "--hub", &format!("127.0.0.1:{listen}")])
-        .args(["--release", "1.66.0", "--timeout", &RUN_TIMEOUT_S.to_string()])
+        .args(["--release", release, "--timeout", &RUN_TIMEOUT_S.to_string()])
         .arg("--venv-dir")
         .arg(&venv_dir)
         .arg("--log-dir")
@@ -363,6 +375,6 @@ fn synapse_1_66_tcp_worker_behind_replhub_on_redis() {
             "{stream} not written: {verdict}"
         );
     }
-    eprintln!("1.66 TCP worker behind replhub on redis: pass in {:?}", started.elapsed());
+    eprintln!("{release} TCP worker behind replhub on redis: pass in {:?}", started.elapsed());
     let _ = std::fs::remove_dir_all(&log_dir);
 }
