@@ -172,6 +172,14 @@ impl ServeConfig {
         }
         // Only a master can be asked for rows older than the history (1.10–1.12 workers).
         hub.fetch_catch_up = matches!(source, SourceConfig::Upstream { .. });
+        // Synapse on Redis speaks 1.13+ (1.22+ POSITIONs unless `--protocol 1.13` says so):
+        // TCP workers behind it are served as its processes are (`hub/subscribe.rs`).
+        if let SourceConfig::Redis(r) = &source {
+            // The first channel is the server name; workers are greeted with it at once.
+            hub.server_name = r.channels.first().cloned();
+            hub.redis_bridge = true;
+            hub.protocol = crate::proto::ProtocolChoice::Pinned(crate::proto::Generation::V1_22);
+        }
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9092)),
             source,
@@ -194,11 +202,6 @@ impl ServeConfig {
                 let url = opts.upstream_redis.as_deref().unwrap_or_default();
                 if opts.upstream.is_some() || opts.synthetic.is_some() {
                     return Err(ConfigError::new("give one of --upstream, --synthetic and --upstream-redis"));
-                }
-                if opts.resp_listen.is_none() {
-                    return Err(ConfigError::new(
-                        "--upstream-redis needs --resp-listen (it bridges Redis mode)",
-                    ));
                 }
                 let Some(name) = &opts.server_name else {
                     return Err(ConfigError::new(
@@ -267,6 +270,13 @@ impl ServeConfig {
             if matches!(config.source, SourceConfig::Synthetic { .. }) {
                 return Err(ConfigError::new("--protocol only applies with --upstream (the synthetic master plays the release given by --synapse-version)"));
             }
+            if matches!(config.source, SourceConfig::Redis(_))
+                && !protocol.pinned().is_some_and(|g| g.has_instance())
+            {
+                return Err(ConfigError::new(
+                    "--upstream-redis speaks Synapse 1.13+'s protocol: --protocol 1.13 or 1.22 (the default)",
+                ));
+            }
             config.hub.protocol = protocol;
         }
         if let Some(release) = opts.synapse_version {
@@ -279,7 +289,12 @@ impl ServeConfig {
                     )));
                 }
             }
-            if matches!(config.source, SourceConfig::Upstream { .. }) {
+            if matches!(config.source, SourceConfig::Redis(_)) && !generation.has_instance() {
+                return Err(ConfigError::new(format!(
+                    "--synapse-version {release} has no Redis support (1.13 or later)"
+                )));
+            }
+            if matches!(config.source, SourceConfig::Upstream { .. } | SourceConfig::Redis(_)) {
                 config.hub.protocol = crate::proto::ProtocolChoice::Pinned(generation);
             }
             config.hub.release = Some(release);
@@ -561,9 +576,10 @@ pub struct ServeOptions {
     #[arg(long, value_name = "ADDR")]
     #[serde(alias = "resp_listen")]
     pub resp_listen: Option<String>,
-    /// Redis mode bridged to a real Redis: subscribe there once to the Synapse channels
-    /// (--server-name and <name>/USER_IP), deliver to local RESP clients, publish their
-    /// messages on those channels there
+    /// Bridge to a real Redis: subscribe there once to the Synapse channels (--server-name
+    /// and <name>/USER_IP) and serve this machine's local RESP clients (--resp-listen) and TCP
+    /// replication workers (--listen, Synapse 1.22–1.66; --protocol 1.13 for 1.13–1.21) as
+    /// Synapse's own processes on that Redis; their messages are published there
     #[arg(long, value_name = "redis://[[USER]:PASS@]HOST:PORT[/DB]")]
     #[serde(alias = "upstream_redis")]
     pub upstream_redis: Option<String>,
@@ -834,6 +850,30 @@ mod tests {
         let orphan =
             ServeOptions { resp_password: Some("x".into()), synthetic: Some(1), ..ServeOptions::default() };
         assert!(ServeConfig::from_options(&orphan).is_err());
+    }
+
+    #[test]
+    fn upstream_redis_serves_tcp_workers_with_or_without_redis_mode() {
+        use crate::proto::{Generation, ProtocolChoice};
+        let tcp_only = ServeOptions {
+            upstream_redis: Some("redis://127.0.0.1:6379".into()),
+            server_name: Some("sn".into()),
+            ..ServeOptions::default()
+        };
+        let c = ServeConfig::from_options(&tcp_only).expect("no --resp-listen needed");
+        assert!(c.hub.redis_bridge && c.resp_listen.is_none());
+        assert_eq!(c.hub.protocol.pinned(), Some(Generation::V1_22));
+        let older =
+            ServeOptions { protocol: Some(ProtocolChoice::Pinned(Generation::V1_13)), ..tcp_only.clone() };
+        assert_eq!(
+            ServeConfig::from_options(&older).expect("valid").hub.protocol.pinned(),
+            Some(Generation::V1_13)
+        );
+        let seed =
+            ServeOptions { protocol: Some(ProtocolChoice::Pinned(Generation::Seed)), ..tcp_only.clone() };
+        assert!(ServeConfig::from_options(&seed).is_err(), "no Redis before 1.13");
+        let unnamed = ServeOptions { server_name: None, ..tcp_only };
+        assert!(ServeConfig::from_options(&unnamed).unwrap_err().to_string().contains("--server-name"));
     }
 
     #[test]

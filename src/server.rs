@@ -186,7 +186,10 @@ impl Server {
                 IoBackend::Uring => uring::new_wakeup().context("cannot create an io_uring wake-up")?,
                 _ => epoll::new_wakeup(),
             };
-            let depth = if config.resp_listen.is_some() { RESP_CORE_MAILBOX } else { CORE_MAILBOX };
+            // The Redis bridge does not coalesce its reads either (its TCP workers too).
+            let uncoalesced = config.resp_listen.is_some()
+                || matches!(config.source, crate::config::SourceConfig::Redis(_));
+            let depth = if uncoalesced { RESP_CORE_MAILBOX } else { CORE_MAILBOX };
             let (inbox, rx) = Inbox::bounded(wake, depth);
             cores.push(inbox);
             contexts.push(CoreContext {

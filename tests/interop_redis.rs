@@ -292,3 +292,89 @@ fn synapse_redis_replication_through_replhub_matches_redis_server() {
         );
     }
 }
+
+/// Synapse 1.66.0's own TCP replication worker behind `replhub serve --upstream-redis` (no
+/// `--resp-listen`), fed by a current Synapse's main process on a real Redis
+/// (`interop/run_redis_tcp.py`): replhub greets the worker, publishes its REPLICATE on the
+/// Redis, relays the main process's POSITIONs and RDATA, and publishes the worker's
+/// REMOTE_SERVER_UP, which the main process's notifier gets. Every row of the streams whose
+/// shape both releases share reaches the worker's data handler exactly once; receipts rows,
+/// which gained a field after 1.66, fail in the worker's own parser as they would from a
+/// master of that release (the runner checks that too).
+#[test]
+fn synapse_1_66_tcp_worker_behind_replhub_on_redis() {
+    tcp_worker_behind_replhub_on_redis("1.66.0");
+}
+
+/// The same with Synapse 1.22.1's worker, the oldest release of the POSITION form that a
+/// current Synapse publishes.
+#[test]
+fn synapse_1_22_tcp_worker_behind_replhub_on_redis() {
+    tcp_worker_behind_replhub_on_redis("1.22.1");
+}
+
+fn tcp_worker_behind_replhub_on_redis(release: &str) {
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let python = venv_python();
+    let venv_dir = python.ancestors().nth(3).expect("venv dir").to_path_buf();
+    let worker_python = venv_dir.join(format!("venv-{release}/bin/python"));
+    assert!(
+        worker_python.exists(),
+        "no virtualenv for Synapse {release} at {}: run `scripts/interop-setup {release}` first",
+        worker_python.display()
+    );
+    let (_redis, redis_port) = start_redis();
+    let listen = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_replhub"))
+        .args(["serve", "--upstream-redis", &format!("redis://127.0.0.1:{redis_port}")])
+        .args(["--server-name", "example.com", "--listen", &format!("127.0.0.1:{listen}")])
+        .args(["--metrics-listen", "off"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run replhub");
+    let mut replhub = Killed(child);
+    wait_listening(&mut replhub, listen, "replhub serve --upstream-redis --listen");
+    let log_dir =
+        std::env::temp_dir().join(format!("replhub-redis-tcp-interop-{release}-{}", std::process::id()));
+    std::fs::create_dir_all(&log_dir).expect("log dir");
+    let child = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/run_redis_tcp.py"))
+        .args(["--redis", &format!("127.0.0.1:{redis_port}"), "--hub", &format!("127.0.0.1:{listen}")])
+        .args(["--release", release, "--timeout", &RUN_TIMEOUT_S.to_string()])
+        .arg("--venv-dir")
+        .arg(&venv_dir)
+        .arg("--log-dir")
+        .arg(&log_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 runs interop/run_redis_tcp.py");
+    let mut child = Killed(child);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.0.try_wait().expect("wait for run_redis_tcp") {
+            break status;
+        }
+        assert!(started.elapsed() < RUN_LIMIT, "run_redis_tcp still running; logs in {}", log_dir.display());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stdout = String::new();
+    child.0.stdout.take().expect("piped").read_to_string(&mut stdout).expect("run_redis_tcp output");
+    let last = stdout.lines().last().unwrap_or_default();
+    let verdict: Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("no verdict ({e}) in {stdout:?}; logs in {}", log_dir.display()));
+    assert_eq!(verdict["pass"], true, "{}; logs in {}", verdict["failures"], log_dir.display());
+    assert!(status.success(), "run_redis_tcp exited with {status}");
+    // Rows came through, of several streams, and the worker's REPLICATE reached the Redis.
+    assert!(verdict["rows_received"].as_u64().unwrap_or(0) >= 12, "{verdict}");
+    assert!(verdict["replicates_from_hub"].as_u64().unwrap_or(0) >= 1, "{verdict}");
+    for stream in ["typing", "caches", "to_device", "push_rules"] {
+        assert!(
+            verdict["streams_written"].as_array().is_some_and(|s| s.iter().any(|x| x == stream)),
+            "{stream} not written: {verdict}"
+        );
+    }
+    eprintln!("{release} TCP worker behind replhub on redis: pass in {:?}", started.elapsed());
+    let _ = std::fs::remove_dir_all(&log_dir);
+}

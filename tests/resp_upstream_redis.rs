@@ -198,7 +198,7 @@ fn the_bridge_survives_a_redis_restart(io: IoBackend) {
     wait_metric(metrics, "replhub_upstream_reconnects_total 1");
     // The REPLICATE goes out once the subscription is in place, so replhub's own clients see
     // it too; the remote subscriber may have subscribed just after it was published.
-    assert_eq!(message(&local_sub.read()), ("sn".to_owned(), "REPLICATE".to_owned()));
+    assert_eq!(message(&local_sub.read()), ("sn".to_owned(), "REPLICATE ".to_owned()));
     let mut remote_pub = Client::connect(redis.addr);
     assert_eq!(local_pub.call(&["PUBLISH", "sn", "local 0"]), Reply::Int(1));
     assert_eq!(remote_pub.call(&["PUBLISH", "sn", "remote 0"]), Reply::Int(2));
@@ -206,7 +206,7 @@ fn the_bridge_survives_a_redis_restart(io: IoBackend) {
     let mut seen = Vec::new();
     while seen.len() < 2 {
         let (_, payload) = message(&remote_sub.read());
-        if payload != "REPLICATE" {
+        if payload != "REPLICATE " {
             seen.push(payload);
         }
     }

@@ -69,8 +69,10 @@ impl Hub {
             self.resp_wake_channel(ch, first, now);
         }
         if broadcast {
+            // RESP connections never take BROADCAST lines (`Conn::wants_broadcast`).
             for (id, c) in self.conns.iter_mut() {
                 if c.phase != ConnPhase::Waiting
+                    && c.resp.is_none()
                     && c.outbox.wake(&mut self.log, first, now.mono_ms, c.close.emitted())
                 {
                     self.dirty.push(id);

@@ -109,6 +109,11 @@ pub struct HubConfig {
     /// At most this many distinct users one connection may hold syncing (USER_SYNC start
     /// without end); one more is `ERROR` and a close.
     pub max_user_syncs: usize,
+    /// The upstream is a shared Redis (`--upstream-redis`), whose writers answer a published
+    /// `REPLICATE` with their own POSITIONs: a worker's REPLICATE subscribes it to every stream
+    /// and asks for them ([`UpstreamCmd::RedisReplicate`]) instead of being answered with the
+    /// hub's; the writers' POSITIONs reach every worker as relayed (`subscribe.rs`).
+    pub redis_bridge: bool,
 }
 
 /// Default `max_user_syncs`: far above what one Synapse sync worker has syncing at once, and
@@ -129,6 +134,7 @@ impl Default for HubConfig {
             history_bytes: history::DEFAULT_HISTORY_BYTES,
             fetch_catch_up: false,
             max_user_syncs: DEFAULT_MAX_USER_SYNCS,
+            redis_bridge: false,
         }
     }
 }
@@ -186,6 +192,10 @@ pub enum UpstreamCmd {
     Publish(Published),
     /// `PUBLISH` commands (RESP, ready to write) for the real Redis behind `--upstream-redis`.
     RedisPublish(Bytes),
+    /// A worker sent REPLICATE behind `--upstream-redis`: publish `REPLICATE ` there (paced,
+    /// one for many workers), so that every writer publishes its POSITIONs, which reach the
+    /// workers as relayed lines.
+    RedisReplicate,
 }
 
 /// What a 1.10–1.12 master sent on a catch-up connection: its rows after the token asked for,

@@ -136,8 +136,10 @@ impl Hub {
                 self.fail(id, &err, CloseReason::ProtocolError, now);
                 return true;
             }
+            // Behind a shared Redis every process gets it back from there, its sender included
+            // (as Synapse's own processes on that Redis do): delivering it here too would be twice.
             CommandWord::RemoteServerUp if self.is_released(id) => {
-                if std::str::from_utf8(args).is_ok() {
+                if std::str::from_utf8(args).is_ok() && !self.config.redis_bridge {
                     self.deliver_to_others(id, line, now);
                 }
                 return false;
@@ -411,6 +413,114 @@ mod tests {
         for w in [b, c] {
             assert_eq!(sim.take_lines(w), vec!["REMOTE_SERVER_UP other.example"]);
         }
+    }
+
+    /// A hub behind `--upstream-redis`: nothing connects upstream; the server name is fixed.
+    fn bridged() -> Sim {
+        let protocol = crate::proto::ProtocolChoice::Pinned(Generation::V1_22);
+        Sim::new(HubConfig {
+            server_name: Some("sn".into()),
+            protocol,
+            redis_bridge: true,
+            ..HubConfig::default()
+        })
+    }
+
+    /// Relayed lines from the Redis channel as the bridge indexes them: RDATA by stream and
+    /// token, the rest to everyone.
+    fn relay(sim: &mut Sim, lines: &[&str]) {
+        use super::super::{Batch, LineMeta, BROADCAST};
+        let mut data = String::new();
+        let mut metas = Vec::new();
+        for l in lines {
+            let start = data.len() as u32;
+            data.push_str(l);
+            data.push('\n');
+            let (stream, token) = match l.split(' ').collect::<Vec<_>>()[..] {
+                ["RDATA", s, _, t, ..] => {
+                    (StreamId::from_name(s.as_bytes()).expect("known") as u8, t.parse().ok())
+                }
+                _ => (BROADCAST, None),
+            };
+            metas.push(LineMeta { start, end: data.len() as u32, stream, token });
+        }
+        sim.hub.on_batch(std::sync::Arc::new(Batch::new(bytes::Bytes::from(data), metas)), sim.now);
+        sim.flush();
+    }
+
+    #[test]
+    fn behind_a_shared_redis_replicate_asks_the_writers_and_relays_their_positions() {
+        let mut sim = bridged();
+        let (a, b) = (sim.accept(), sim.accept());
+        assert_eq!(sim.take_lines(a)[0], "SERVER sn", "greeted at once with the configured name");
+        sim.send(a, "NAME a\nREPLICATE");
+        assert!(positions_of(&sim.take_lines(a)).is_empty(), "no POSITION of the hub's own");
+        assert_eq!(sim.take_upstream(), vec![UpstreamCmd::RedisReplicate]);
+        relay(
+            &mut sim,
+            &[
+                "RDATA events persister 7 [\"$a\"]",
+                "POSITION events persister 7 7",
+                "POSITION caches master 3 3",
+            ],
+        );
+        assert_eq!(
+            sim.take_lines(a),
+            vec![
+                "RDATA events persister 7 [\"$a\"]",
+                "POSITION events persister 7 7",
+                "POSITION caches master 3 3"
+            ],
+            "every writer's POSITION, as it published it"
+        );
+        assert_eq!(
+            sim.take_lines(b)[2..].to_vec(),
+            vec!["POSITION events persister 7 7", "POSITION caches master 3 3"],
+            "POSITIONs go to every worker, as a master's answers to a REPLICATE do; RDATA only after REPLICATE"
+        );
+        sim.send(b, "REPLICATE");
+        assert_eq!(sim.take_upstream(), vec![UpstreamCmd::RedisReplicate]);
+        relay(&mut sim, &["RDATA typing master batch [\"!r\"]", "RDATA typing master 9 [\"!s\"]"]);
+        for w in [a, b] {
+            assert_eq!(
+                sim.take_lines(w),
+                vec!["RDATA typing master batch [\"!r\"]", "RDATA typing master 9 [\"!s\"]"]
+            );
+        }
+    }
+
+    #[test]
+    fn behind_a_shared_redis_worker_commands_go_upstream_once() {
+        let mut sim = bridged();
+        let (a, b) = (sim.accept(), sim.accept());
+        sim.send(a, "REPLICATE");
+        sim.send(b, "REPLICATE");
+        sim.take_upstream();
+        for w in [a, b] {
+            sim.take_lines(w);
+        }
+        sim.send(
+            a,
+            "USER_SYNC AbCdE @a:hs start 15\nFEDERATION_ACK federation_sender 7\nCLEAR_USER_SYNC AbCdE\n\
+             USER_IP @a:hs [\"tok\",\"1.2.3.4\",\"ua\",\"dev\",1]\nREMOTE_SERVER_UP other.example",
+        );
+        assert_eq!(
+            forwarded(&mut sim),
+            vec![
+                "USER_SYNC AbCdE @a:hs start 15\n",
+                "FEDERATION_ACK federation_sender 7\n",
+                "CLEAR_USER_SYNC AbCdE\n",
+                "USER_IP @a:hs [\"tok\",\"1.2.3.4\",\"ua\",\"dev\",1]\n",
+                "REMOTE_SERVER_UP other.example\n",
+            ]
+        );
+        // REMOTE_SERVER_UP comes back from the Redis to everyone; not delivered here as well.
+        assert!(sim.take_lines(b).is_empty());
+        assert!(sim.closed(a).is_none());
+        // No release writes streams over TCP: a 1.22–1.66 master refuses RDATA from a worker.
+        sim.send(b, "RDATA events w 5 [\"$e\"]");
+        assert_eq!(sim.take_lines(b), vec!["ERROR invalid command: RDATA"]);
+        assert!(forwarded(&mut sim).is_empty());
     }
 
     #[test]

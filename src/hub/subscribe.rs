@@ -57,6 +57,10 @@ impl Hub {
         };
         let name = self.conn(id).map(|c| c.display_name().to_owned()).unwrap_or_default();
         tracing::info!(conn = %id, name, stream, "subscribe (REPLICATE)");
+        if self.config.redis_bridge {
+            self.replicate_bridged(id);
+            return;
+        }
         match target {
             // A 1.10–1.12 master (known, or pinned) refuses a 1.13+ worker's `REPLICATE `
             // (`ReplicateCommand.from_line("")` cannot unpack a stream and a token), and so
@@ -292,6 +296,33 @@ impl Hub {
         for o in others {
             self.subscribe_all(o, now);
         }
+    }
+
+    /// REPLICATE behind a shared Redis (`--upstream-redis`), answered as a Synapse process on
+    /// that Redis gets it answered: the connection takes every relayed line from the log's
+    /// head on (every stream, as from a 1.13+ master, whose REPLICATE ignores its arguments),
+    /// and a `REPLICATE ` is published there, which every writer answers with the POSITIONs of
+    /// the streams it writes. Those are relayed to every worker like any other line, so the
+    /// POSITIONs a worker gets are the writers' own, never the hub's: with several writers of
+    /// a stream one token per stream could not say where each of them is (PROTOCOL.md §8.4).
+    /// The RDATA a worker gets before them it drops, as it drops a stream's RDATA before that
+    /// stream's first POSITION on a connection (§8.2).
+    fn replicate_bridged(&mut self, id: ConnId) {
+        let head = self.log.head();
+        let Some(c) = self.conn_mut(id) else { return };
+        c.subs.bare = true;
+        c.subs.all = true;
+        let new = StreamMask(StreamMask::ALL.0 & !c.subs.mask.0);
+        for s in new.iter() {
+            c.subs.mask.insert(s);
+            c.subs.from[s.index()] = head.0;
+        }
+        c.subs.refresh_full_from();
+        c.phase = ConnPhase::Subscribed;
+        for s in new.iter() {
+            self.stream_subs[s.index()].push(id);
+        }
+        self.outputs.push_back(HubOutput::Upstream(UpstreamCmd::RedisReplicate));
     }
 
     /// Subscribes now if the stream is at a batch boundary and its token is known; otherwise

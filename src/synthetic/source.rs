@@ -126,7 +126,7 @@ impl SyntheticSource {
         match cmd {
             // Redis-mode messages go to the cores, not to the master (the source thread routes
             // them before commands reach a source).
-            UpstreamCmd::Publish(_) | UpstreamCmd::RedisPublish(_) => {}
+            UpstreamCmd::Publish(_) | UpstreamCmd::RedisPublish(_) | UpstreamCmd::RedisReplicate => {}
             UpstreamCmd::UserSync { user_id, state, .. } => {
                 match state {
                     SyncState::Start => self.user_sync.start(core, &user_id),

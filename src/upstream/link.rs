@@ -565,7 +565,7 @@ impl UpstreamLink {
         match cmd {
             // Redis-mode messages go to the cores, not to the master (the source thread routes
             // them before commands reach the link).
-            UpstreamCmd::Publish(_) | UpstreamCmd::RedisPublish(_) => {}
+            UpstreamCmd::Publish(_) | UpstreamCmd::RedisPublish(_) | UpstreamCmd::RedisReplicate => {}
             UpstreamCmd::UserSync { user_id, state, last_sync_ms } => {
                 let transition = match state {
                     SyncState::Start => self.user_sync.start(core, &user_id),

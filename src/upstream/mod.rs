@@ -35,6 +35,7 @@ pub(crate) mod backoff;
 pub(crate) mod batch;
 pub(crate) mod fetch;
 pub(crate) mod link;
+pub(crate) mod redis_lines;
 mod runs;
 
 pub(crate) use crate::synthetic::SyntheticSource;

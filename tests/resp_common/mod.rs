@@ -131,6 +131,34 @@ impl Client {
         }
     }
 
+    /// Reads one reply if one arrives within `limit`, else `None` (to count what comes in a
+    /// window, never to wait for something expected).
+    pub(crate) fn read_within(&mut self, limit: Duration) -> Option<Reply> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some((reply, used)) = parse(&self.buf) {
+                self.buf.drain(..used);
+                return Some(reply);
+            }
+            let left = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())?;
+            self.stream.set_read_timeout(Some(left)).expect("timeout");
+            let mut chunk = [0u8; 65536];
+            let res = self.stream.read(&mut chunk);
+            self.stream.set_read_timeout(Some(WAIT)).expect("timeout");
+            match res {
+                Ok(0) => panic!("the server closed the connection"),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                {
+                    return None
+                }
+                Err(e) => panic!("read a reply: {e}"),
+            }
+        }
+    }
+
     /// Reads until the server closes; returns every byte.
     pub(crate) fn read_to_eof(&mut self) -> Vec<u8> {
         let mut out = std::mem::take(&mut self.buf);

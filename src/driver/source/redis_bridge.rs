@@ -11,6 +11,15 @@
 //! every subscriber, local or on the real Redis, gets each message once and in the order the
 //! real Redis saw them. Messages published locally while the link is down are dropped (and
 //! counted in the log), as Redis drops messages nobody is subscribed to.
+//!
+//! TCP workers (`--listen`) behind the bridge are served as a Synapse process on that Redis
+//! is (README, "TCP workers behind a shared Redis"): once one has sent REPLICATE
+//! ([`UpstreamCmd::RedisReplicate`]), each read's messages on the server's channel also become
+//! a second batch of TCP lines ([`TcpLines`]); their REPLICATEs are published there, paced
+//! ([`ReplicatePacer`]), so that the writers answer with their POSITIONs; their commands
+//! ([`UpstreamCmd::Forward`]) are published as Synapse publishes them (`USER_IP` on
+//! `<server name>/USER_IP`, the rest on `<server name>`), queued while the link is down
+//! (bounded, as Synapse's Redis client queues them).
 use std::collections::HashMap;
 
 use bytes::BytesMut;
@@ -18,31 +27,118 @@ use bytes::BytesMut;
 use super::*;
 use crate::config::RedisUpstream;
 use crate::hub::{Batch, LineMeta};
+use crate::proto::Generation;
 use crate::resp::reply::{take_reply, Reply};
 use crate::resp::RespState;
+use crate::upstream::redis_lines::{ReplicatePacer, TcpLines};
 
 /// The commands side of the bridge, for [`Source::drain`]: PUBLISHes queued for the real
-/// Redis while connected, dropped (counted) otherwise.
-#[derive(Default)]
+/// Redis while connected; local clients' dropped (counted) otherwise, TCP workers' kept for
+/// the next connection up to [`MAX_FORWARD_QUEUE`].
 struct Bridge {
     connected: bool,
+    /// The subscription is confirmed on the current connection: a REPLICATE published now
+    /// reaches replhub's own subscribers too.
+    subscribed: bool,
     out: VecDeque<Bytes>,
-    /// Local PUBLISHes dropped while the link was down, over the life of the process.
+    /// TCP workers' commands waiting for the link, as PUBLISH commands.
+    waiting: VecDeque<Bytes>,
+    /// PUBLISHes dropped while the link was down (local clients'), or because `waiting` was
+    /// full (TCP workers'), over the life of the process.
     dropped: u64,
+    /// Worker commands published.
+    forwarded: u64,
     /// Subscriptions on the real Redis that completed, over the life of the process.
     connects: u64,
     /// While down, since when (monotonic ms): the start, or when the last subscription went.
     down_since_ms: u64,
+    /// `<server name>` and `<server name>/USER_IP`.
+    channel: String,
+    user_ip_channel: String,
+    /// TCP lines, built once a TCP worker has sent REPLICATE (until then no TCP worker
+    /// takes any, and pure Redis-mode deployments pay nothing for them).
+    tcp: Option<TcpLines>,
+    generation: Generation,
+    pacer: ReplicatePacer,
+}
+
+impl Bridge {
+    fn new(cfg: &RedisUpstream, generation: Generation, now: Now) -> Self {
+        let channel = cfg.channels.first().cloned().unwrap_or_default();
+        let user_ip_channel = cfg.channels.get(1).cloned().unwrap_or_else(|| format!("{channel}/USER_IP"));
+        Self {
+            connected: false,
+            subscribed: false,
+            out: VecDeque::new(),
+            waiting: VecDeque::new(),
+            dropped: 0,
+            forwarded: 0,
+            connects: 0,
+            down_since_ms: now.mono_ms,
+            channel,
+            user_ip_channel,
+            tcp: None,
+            generation,
+            pacer: ReplicatePacer::default(),
+        }
+    }
+
+    /// Publishes `REPLICATE ` if one is due for the TCP workers (or `force`d, on a reconnect),
+    /// once the subscription is in place.
+    fn replicate_if_due(&mut self, force: bool, now_ms: u64) {
+        if !self.subscribed {
+            return;
+        }
+        if force {
+            self.pacer.sent(now_ms);
+        } else if !self.pacer.poll(now_ms) {
+            return;
+        }
+        self.out.push_back(replicate_command(&self.channel));
+    }
 }
 
 impl Upstream for Bridge {
-    fn command(&mut self, _core: usize, cmd: UpstreamCmd, _now: Now) {
-        if let UpstreamCmd::RedisPublish(bytes) = cmd {
-            if self.connected {
-                self.out.push_back(bytes);
-            } else {
-                self.dropped += 1;
+    fn command(&mut self, _core: usize, cmd: UpstreamCmd, now: Now) {
+        match cmd {
+            UpstreamCmd::RedisPublish(bytes) => {
+                if self.connected {
+                    self.out.push_back(bytes);
+                } else {
+                    self.dropped += 1;
+                }
             }
+            UpstreamCmd::Forward(line) => {
+                let payload = line.strip_suffix(b"\n").unwrap_or(&line);
+                let channel =
+                    if payload.starts_with(b"USER_IP ") { &self.user_ip_channel } else { &self.channel };
+                let mut b = BytesMut::new();
+                crate::resp::codec::put_command(&mut b, &[b"PUBLISH", channel.as_bytes(), payload]);
+                self.forwarded += 1;
+                // Once subscribed, so that replhub's own subscribers get the echo too.
+                if self.subscribed {
+                    self.out.push_back(b.freeze());
+                } else {
+                    if self.waiting.len() >= MAX_FORWARD_QUEUE {
+                        self.waiting.pop_front();
+                        self.dropped += 1;
+                    }
+                    self.waiting.push_back(b.freeze());
+                }
+            }
+            UpstreamCmd::RedisReplicate => {
+                if self.tcp.is_none() {
+                    tracing::info!(
+                        "a TCP worker replicates: relaying the redis channel's commands to TCP workers"
+                    );
+                    self.tcp = Some(TcpLines::new(self.generation));
+                }
+                self.pacer.request(now.mono_ms);
+                self.replicate_if_due(false, now.mono_ms);
+            }
+            // In 1.13+ form (the hub's generation here) USER_SYNC goes upstream as received,
+            // a `Forward`; nothing else is for a Redis.
+            _ => {}
         }
     }
     fn snapshot(&self) -> UpstreamSnapshot {
@@ -55,25 +151,38 @@ impl Upstream for Bridge {
             down_since_ms: (!self.connected).then_some(self.down_since_ms),
             reconnects: self.connects.saturating_sub(1),
             forwards_dropped: self.dropped,
+            forwarded: self.forwarded,
+            rdata_dropped: self.tcp.as_ref().map_or(0, |t| t.dropped),
+            generation: self.tcp.is_some().then(|| self.generation.label()),
             ..UpstreamSnapshot::default()
         }
     }
 }
 
-/// `PUBLISH <server name> REPLICATE`: what a Synapse process publishes when its Redis
-/// connection (re)starts, which every other process answers with its POSITIONs.
+/// `PUBLISH <server name> "REPLICATE "`: what a Synapse process publishes when its Redis
+/// connection (re)starts (with the trailing space, PROTOCOL.md §8.4.1), which every writer
+/// answers with its POSITIONs.
 fn replicate_command(channel: &str) -> Bytes {
     let mut b = BytesMut::new();
-    crate::resp::codec::put_command(&mut b, &[b"PUBLISH", channel.as_bytes(), b"REPLICATE"]);
+    crate::resp::codec::put_command(&mut b, &[b"PUBLISH", channel.as_bytes(), b"REPLICATE "]);
     b.freeze()
 }
 
-/// The channel of a pub/sub `message` frame (`*3\r\n$7\r\nmessage\r\n$<n>\r\n<channel>\r\n...`).
-fn message_channel(frame: &[u8]) -> Option<&[u8]> {
+/// The channel and payload of a pub/sub `message` frame
+/// (`*3\r\n$7\r\nmessage\r\n$<n>\r\n<channel>\r\n$<m>\r\n<payload>\r\n`).
+fn message_parts(frame: &[u8]) -> Option<(&[u8], &[u8])> {
     let rest = frame.strip_prefix(b"*3\r\n$7\r\nmessage\r\n$")?;
+    let (channel, rest) = bulk(rest)?;
+    let (payload, _) = bulk(rest.strip_prefix(b"$")?)?;
+    Some((channel, payload))
+}
+
+/// A bulk string's `<n>\r\n<bytes>\r\n` (after its `$`), and what follows it.
+fn bulk(rest: &[u8]) -> Option<(&[u8], &[u8])> {
     let cr = memchr::memchr(b'\r', rest)?;
     let n: usize = std::str::from_utf8(&rest[..cr]).ok()?.parse().ok()?;
-    rest.get(cr + 2..cr + 2 + n)
+    let body = rest.get(cr + 2..cr + 2 + n)?;
+    Some((body, rest.get(cr + 4 + n..).unwrap_or_default()))
 }
 
 /// Sends a command and reads its reply on a connection still in the request/reply phase.
@@ -114,11 +223,11 @@ async fn dial(cfg: &RedisUpstream, buf: &mut BytesMut) -> Result<TcpStream, Stri
 impl Source {
     /// Runs the bridge until stopped, reconnecting with backoff.
     pub(super) async fn run_redis(&mut self, cfg: &RedisUpstream) {
-        let Some(state) = self.ctx.resp.clone() else {
-            tracing::error!("--upstream-redis without Redis mode; nothing to bridge");
-            return self.run_broker().await;
-        };
-        let mut bridge = Bridge { down_since_ms: self.ctx.clock.now().mono_ms, ..Bridge::default() };
+        // Without `--resp-listen` there are no local RESP clients: only TCP workers.
+        let state = self.ctx.resp.clone();
+        let generation =
+            self.ctx.hub.protocol.pinned().filter(|g| g.has_instance()).unwrap_or(Generation::V1_22);
+        let mut bridge = Bridge::new(cfg, generation, self.ctx.clock.now());
         let seed = u64::from(std::process::id()) ^ self.ctx.clock.now().wall_ms.unsigned_abs();
         let mut backoff = Backoff::new(self.ctx.backoff.clone(), seed);
         let mut ids: HashMap<Bytes, u32> = HashMap::new();
@@ -127,10 +236,13 @@ impl Source {
             if self.stopping() {
                 return;
             }
-            match self.redis_session(cfg, &state, &mut bridge, &mut ids, &mut backoff).await {
+            match self.redis_session(cfg, state.as_deref(), &mut bridge, &mut ids, &mut backoff).await {
                 ConnEnd::Stop => return,
                 ConnEnd::Lost(why) => {
-                    tracing::warn!(redis = cfg.addr, error = %why, dropped = bridge.dropped, "redis upstream lost");
+                    tracing::warn!(
+                        redis = cfg.addr, error = %why, dropped = bridge.dropped,
+                        "redis upstream lost; clients and workers stay connected and get nothing until it is back"
+                    );
                 }
                 ConnEnd::Closed(_) => {}
             }
@@ -138,6 +250,7 @@ impl Source {
                 bridge.down_since_ms = self.ctx.clock.now().mono_ms;
             }
             bridge.connected = false;
+            bridge.subscribed = false;
             bridge.out.clear();
             let until = self.ctx.clock.now().mono_ms + backoff.next_delay_ms();
             while self.ctx.clock.now().mono_ms < until {
@@ -152,7 +265,7 @@ impl Source {
     async fn redis_session(
         &mut self,
         cfg: &RedisUpstream,
-        state: &RespState,
+        state: Option<&RespState>,
         bridge: &mut Bridge,
         ids: &mut HashMap<Bytes, u32>,
         backoff: &mut Backoff,
@@ -188,9 +301,10 @@ impl Source {
                 "resubscribed on the redis upstream after a gap; publishing REPLICATE so that Synapse catches up"
             );
         }
-        // Sent once the subscription is confirmed, so that replhub's own clients get it too.
-        let mut replicate =
-            cfg.channels.first().filter(|_| bridge.connects > 0).map(|c| replicate_command(c));
+        // Sent once the subscription is confirmed, so that replhub's own clients get it too:
+        // on a reconnect always, otherwise if TCP workers asked for one meanwhile.
+        let mut confirm_pending = true;
+        let reconnect = bridge.connects > 0;
         backoff.reset();
         bridge.connects += 1;
         bridge.connected = true;
@@ -202,6 +316,11 @@ impl Source {
                 }
             }
             let retry = self.queued().then(|| tokio::time::Instant::now() + HOLD_RETRY);
+            let replicate_at = bridge
+                .pacer
+                .due_ms()
+                .filter(|_| bridge.subscribed)
+                .map(|ms| tokio::time::Instant::from_std(self.ctx.clock.instant_at(ms)));
             tokio::select! {
                 biased;
                 () = self.ctx.wakeup.notified() => {
@@ -235,23 +354,28 @@ impl Source {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Ok(_) => {
                         // Any reply on this connection follows the whole SUBSCRIBE's effect.
-                        if let Some(cmd) = replicate.take() {
-                            bridge.out.push_back(cmd);
+                        if std::mem::take(&mut confirm_pending) {
+                            bridge.subscribed = true;
+                            let now_ms = self.ctx.clock.now().mono_ms;
+                            bridge.replicate_if_due(reconnect, now_ms);
+                            // TCP workers' commands from while the link was down.
+                            bridge.out.extend(bridge.waiting.drain(..));
                         }
-                        match index_messages(&mut sbuf, state, ids) {
-                            Ok(Some(batch)) => {
-                                let batch = Arc::new(batch);
-                                self.batches += 1;
-                                if !self.broadcast(bridge, || CoreMsg::Batch(Arc::clone(&batch))).await {
-                                    return ConnEnd::Stop;
-                                }
-                            }
-                            Ok(None) => {}
+                        let (pubsub, tcp) = match index_messages(&mut sbuf, state, ids, &bridge.channel, bridge.tcp.as_mut()) {
+                            Ok(batches) => batches,
                             Err(e) => return ConnEnd::Lost(e),
+                        };
+                        for batch in [pubsub, tcp].into_iter().flatten() {
+                            let batch = Arc::new(batch);
+                            self.batches += 1;
+                            if !self.broadcast(bridge, || CoreMsg::Batch(Arc::clone(&batch))).await {
+                                return ConnEnd::Stop;
+                            }
                         }
                     }
                     Err(e) => return ConnEnd::Lost(format!("read failed: {e}")),
                 },
+                () = sleep_opt(replicate_at) => bridge.replicate_if_due(false, self.ctx.clock.now().mono_ms),
                 () = sleep_opt(retry) => self.flush(),
             }
         }
@@ -259,27 +383,35 @@ impl Source {
 }
 
 /// Takes the complete replies off the front of `buf` as one batch over those bytes, with a
-/// line per `message` (the other replies, subscription confirmations, are left unindexed).
+/// line per `message` for the local RESP subscribers (the other replies, subscription
+/// confirmations, are left unindexed; none without Redis mode), and, once TCP workers exist
+/// (`tcp`), a second batch of the TCP lines of the messages on `channel`.
 fn index_messages(
     buf: &mut BytesMut,
-    state: &RespState,
+    state: Option<&RespState>,
     ids: &mut HashMap<Bytes, u32>,
-) -> Result<Option<Batch>, String> {
+    channel: &str,
+    mut tcp: Option<&mut TcpLines>,
+) -> Result<(Option<Batch>, Option<Batch>), String> {
     let mut at = 0;
     let mut metas = Vec::new();
     while let Some(len) = crate::resp::reply::measure(&buf[at..]).map_err(|e| e.to_string())? {
         let frame = &buf[at..at + len];
-        if let Some(channel) = message_channel(frame) {
-            let id = match ids.get(channel) {
-                Some(&id) => Some(id),
-                None => {
-                    let name = Bytes::copy_from_slice(channel);
+        if let Some((name, payload)) = message_parts(frame) {
+            if let Some(tcp) = tcp.as_deref_mut().filter(|_| name == channel.as_bytes()) {
+                tcp.push(payload);
+            }
+            let id = match (ids.get(name), state) {
+                (Some(&id), _) => Some(id),
+                (None, Some(state)) => {
+                    let name = Bytes::copy_from_slice(name);
                     let id = state.channels.get(&name, true).map(|c| c.id());
                     if let Some(id) = id {
                         ids.insert(name, id);
                     }
                     id
                 }
+                (None, None) => None,
             };
             if let (Some(id), Ok(start), Ok(end)) = (id, u32::try_from(at), u32::try_from(at + len)) {
                 metas.push(LineMeta::pubsub(start, end, id));
@@ -287,11 +419,12 @@ fn index_messages(
         }
         at += len;
     }
+    let tcp = tcp.and_then(TcpLines::take_batch);
     if at == 0 {
-        return Ok(None);
+        return Ok((None, tcp));
     }
     let data = buf.split_to(at).freeze();
-    Ok((!metas.is_empty()).then(|| Batch::new(data, metas)))
+    Ok(((!metas.is_empty()).then(|| Batch::new(data, metas)), tcp))
 }
 
 #[cfg(test)]
@@ -304,10 +437,17 @@ mod tests {
         let mut ids = HashMap::new();
         let wire = b"*3\r\n$9\r\nsubscribe\r\n$2\r\nsn\r\n:1\r\n*3\r\n$7\r\nmessage\r\n$2\r\nsn\r\n$4\r\nPING\r\n*3\r\n$7\r\nmessage\r\n$2\r\nsn\r\n$1";
         let mut buf = BytesMut::from(&wire[..]);
-        let batch = index_messages(&mut buf, &state, &mut ids).expect("valid").expect("one message");
+        let mut tcp = TcpLines::new(Generation::V1_22);
+        let (batch, lines) =
+            index_messages(&mut buf, Some(&state), &mut ids, "sn", Some(&mut tcp)).expect("valid");
+        let batch = batch.expect("one message");
+        assert!(lines.is_none(), "PING is no command a master relays");
         assert_eq!(batch.lines().len(), 1);
         assert_eq!(batch.line(0), b"*3\r\n$7\r\nmessage\r\n$2\r\nsn\r\n$4\r\nPING\r\n");
         assert_eq!(&buf[..], b"*3\r\n$7\r\nmessage\r\n$2\r\nsn\r\n$1", "the incomplete reply waits");
-        assert_eq!(message_channel(b"*3\r\n$7\r\nmessage\r\n$5\r\nsn/IP\r\n$0\r\n\r\n"), Some(&b"sn/IP"[..]));
+        assert_eq!(
+            message_parts(b"*3\r\n$7\r\nmessage\r\n$5\r\nsn/IP\r\n$3\r\nA B\r\n"),
+            Some((&b"sn/IP"[..], &b"A B"[..]))
+        );
     }
 }
