@@ -116,6 +116,11 @@ fn a_slow_subscriber_is_cut_off_and_the_others_get_everything(io: IoBackend) {
     subscribe(&mut stalled, &["sn"]);
     let mut reader = Client::connect(addr);
     subscribe(&mut reader, &["sn"]);
+    // The reader reports each message it took, so that the publisher never runs more than
+    // `AHEAD` messages (128 KiB, a quarter of the hard limit) ahead of it: on a loaded machine
+    // the reading thread may be starved for a while, and it must not be cut off for that.
+    const AHEAD: usize = 8;
+    let (took, progress) = std::sync::mpsc::channel::<usize>();
     let reader = std::thread::spawn(move || {
         let mut seq = 0usize;
         loop {
@@ -126,14 +131,19 @@ fn a_slow_subscriber_is_cut_off_and_the_others_get_everything(io: IoBackend) {
             let n: usize = payload.split(' ').next().and_then(|w| w.parse().ok()).expect("seq");
             assert_eq!(n, seq, "the reading subscriber lost or reordered a message");
             seq += 1;
+            let _ = took.send(seq);
         }
     });
     let mut publ = Client::connect(addr);
     let pad = "x".repeat(16 << 10);
     let deadline = Instant::now() + WAIT;
     let mut published = 0usize;
+    let mut read = 0usize;
     // Publish until the stalled subscriber is gone (the receiver count drops to 1).
     loop {
+        while published - read >= AHEAD {
+            read = progress.recv_timeout(WAIT).expect("the reading subscriber stopped reading");
+        }
         let r = publ.call(&["PUBLISH", "sn", &format!("{published} {pad}")]);
         published += 1;
         if r == Reply::Int(1) {
