@@ -743,6 +743,38 @@ mod tests {
         assert_eq!(default_window(1000, 300), 256);
     }
 
+    /// A server in this process holds the other end of every connection: twice the descriptors,
+    /// and the refusal says how to halve them; as its own process the same count passes.
+    #[test]
+    fn a_server_process_halves_the_descriptors_needed() {
+        let Some(limit) = procstat::open_files_limit() else { return };
+        if !(200..=100_000).contains(&limit) {
+            // Nothing the subscriber bound (100 000) can show, or too few descriptors to try.
+            return;
+        }
+        // Fits once (n + 64), not twice (2n + 64).
+        let n = ((limit - 64) / 2 + 1) as usize;
+        let exe = PathBuf::from("/nonexistent/replhub");
+        for (server, threads) in [(ServerMode::InProcess, 2), (ServerMode::Process(exe), 2)] {
+            let in_process = server == ServerMode::InProcess;
+            for target in [
+                Target::Ideal { server: server.clone(), threads },
+                Target::Replhub { server: server.clone(), io: IoBackend::Epoll, threads },
+            ] {
+                let opts = LoadtestOptions { target, subscribers: n, ..LoadtestOptions::default() };
+                match check(&opts) {
+                    Ok(()) => assert!(!in_process, "{n} subscribers in-process pass a limit of {limit}"),
+                    Err(e) => {
+                        let e = e.to_string();
+                        assert!(in_process, "{e}");
+                        assert!(e.contains(&format!("need about {}", 2 * n + 64)), "{e}");
+                        assert!(e.contains("--spawn-server"), "{e}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn stream_sets() {
         assert_eq!(StreamSet::One.replicate(), vec!["events"]);

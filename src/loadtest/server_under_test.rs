@@ -173,17 +173,22 @@ pub(super) fn spawn_ideal(
         let _ = BufReader::new(stdout).read_line(&mut line);
         let _ = tx.send(line);
     })?;
-    let line = match rx.recv_timeout(CHILD_LISTEN_TIMEOUT) {
-        Ok(line) => line,
-        Err(_) => {
-            anyhow::bail!("the ideal server did not say where it listens within {CHILD_LISTEN_TIMEOUT:?}")
-        }
+    let Ok(line) = rx.recv_timeout(CHILD_LISTEN_TIMEOUT) else {
+        anyhow::bail!("the ideal server did not say where it listens within {CHILD_LISTEN_TIMEOUT:?}")
     };
     let addr = line.trim_end().strip_prefix("listening on ").and_then(|a| a.parse().ok());
     match addr {
         Some(addr) => Ok((server, addr)),
         None => {
-            let why = server.exited().unwrap_or_else(|| format!("it printed {line:?}"));
+            // An empty line is its stdout closing: it is exiting, and its status says more.
+            let deadline = Instant::now() + Duration::from_secs(1);
+            let why = loop {
+                match server.exited() {
+                    Some(why) => break why,
+                    None if Instant::now() >= deadline => break format!("it printed {line:?}"),
+                    None => std::thread::sleep(Duration::from_millis(5)),
+                }
+            };
             anyhow::bail!("the ideal server did not start: {why}")
         }
     }
