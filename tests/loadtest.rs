@@ -166,7 +166,10 @@ async fn the_same_load_against_redis() {
 /// arrives (the count and the sampled tokens say so), one latency sample per read at most.
 #[tokio::test(flavor = "current_thread")]
 async fn counting_subscribers_and_the_ideal_server() {
-    for target in [replhub(ServerMode::InProcess, IoBackend::Auto), Target::Ideal { threads: 2 }] {
+    for target in [
+        replhub(ServerMode::InProcess, IoBackend::Auto),
+        Target::Ideal { server: ServerMode::InProcess, threads: 2 },
+    ] {
         let mut opts = options(target, 20, 20_000, 1.0, StreamSet::One);
         opts.check = Check::Count;
         let r = loadtest::run(opts).await.expect("load test runs");
@@ -189,6 +192,87 @@ fn replhub_cli(args: &[&str]) -> String {
         .expect("run replhub");
     assert!(out.status.success(), "replhub {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// `replhub loadtest --target ideal --spawn-server` (the real binary): the ideal server runs as
+/// its own process, every line arrives, and its CPU is measured through its pid.
+#[test]
+fn the_ideal_server_as_its_own_process() {
+    let json = replhub_cli(&[
+        "loadtest",
+        "--target",
+        "ideal",
+        "--spawn-server",
+        "--subscribers",
+        "5",
+        "--rate",
+        "5000",
+        "--seconds",
+        "1",
+        "--threads",
+        "2",
+        "--client-threads",
+        "1",
+        "--check",
+        "count",
+        "--json",
+        "--quiet",
+    ]);
+    let r = Report::from_json(&json).expect("a JSON report");
+    let text = r.to_text();
+    assert!(r.is_clean(), "{text}");
+    assert!(r.published > 0 && r.delivered == r.published * 5, "{text}");
+    assert_eq!((r.target.as_str(), r.backend.as_str(), r.server.as_str()), ("ideal", "ideal", "process"));
+    assert_eq!(r.rss_scope, "server process", "{text}");
+    assert!(r.server_cpu_ns_per_delivery.is_some_and(|ns| ns > 0.0), "{text}");
+    assert!(r.rss_end_bytes.is_some_and(|b| b > 0), "{text}");
+}
+
+/// The hidden `replhub loadtest ideal-server`: says where it listens, serves the `REPLICATE`
+/// handshake there, and exits (successfully) when its stdin closes, which is how the load test
+/// stops it; `loadtest --help` does not list it.
+#[test]
+fn the_ideal_server_process_stops_when_its_stdin_closes() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    // A master that accepts the server's upstream connection and says nothing.
+    let master = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_replhub"))
+        .args(["loadtest", "ideal-server", "--threads", "1", "--upstream"])
+        .arg(master.local_addr().expect("addr").to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run replhub loadtest ideal-server");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("a line");
+    let addr: SocketAddr =
+        line.trim_end().strip_prefix("listening on ").and_then(|a| a.parse().ok()).expect("an address");
+    let (_upstream, _) = master.accept().expect("the server dials its upstream");
+    let mut worker = TcpStream::connect(addr).expect("connect");
+    worker.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    worker.write_all(b"REPLICATE events\n").expect("subscribe");
+    let mut lines = BufReader::new(worker.try_clone().expect("clone"));
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let mut line = String::new();
+        lines.read_line(&mut line).expect("a line");
+        got.push(line);
+    }
+    assert_eq!(got, ["SERVER loadtest.ideal\n", "POSITION events 0\n"]);
+
+    drop(child.stdin.take());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "still running 10 s after its stdin closed");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status}");
+    // Its sockets went with it.
+    assert_eq!(lines.read(&mut [0u8; 64]).map_err(|e| e.kind()), Ok(0));
+    assert!(!replhub_cli(&["loadtest", "--help"]).contains("ideal-server"));
 }
 
 /// The `<text>` of an SVG document, and the point counts of its polylines.

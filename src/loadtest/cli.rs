@@ -69,12 +69,14 @@ pub struct LoadtestArgs {
     /// where the full check costs as much CPU as the server)
     #[arg(long, value_name = "full|count", default_value = "full")]
     pub check: Check,
-    /// Run the hub as a child `replhub serve` process (its own CPU and RSS are measured)
+    /// Run the server as its own child process: the hub as `replhub serve`, or with
+    /// `--target ideal` the ideal server (its own CPU and RSS are measured, and each process
+    /// holds only its own end of every connection)
     #[arg(long)]
     pub spawn_server: bool,
     /// Load something other than replhub: Redis pub/sub on a loopback address
     /// (redis://127.0.0.1:PORT), or `ideal`, the minimal fan-out server the load test runs
-    /// in-process as the baseline
+    /// (in-process, or as a child with --spawn-server) as the baseline
     #[arg(long, value_name = "URL")]
     pub target: Option<String>,
     /// With --target: the server's process id, to measure its CPU and RSS
@@ -102,6 +104,21 @@ pub enum LoadtestCommand {
     /// Draw saved JSON reports on the same axes: latency CDF and deliveries/s over time, each
     /// labelled by its target (replhub uring, replhub epoll, redis, ideal)
     Plot(PlotArgs),
+    /// The ideal server as its own process, for `--target ideal --spawn-server`: prints
+    /// `listening on ADDR` on stdout and serves until its stdin closes. Not for direct use.
+    #[command(hide = true)]
+    IdealServer(IdealServerArgs),
+}
+
+/// `replhub loadtest ideal-server` flags (hidden: the load test starts it).
+#[derive(Clone, Debug, clap::Args)]
+pub struct IdealServerArgs {
+    /// The load test's master
+    #[arg(long, value_name = "ADDR")]
+    pub upstream: SocketAddr,
+    /// Core threads
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub threads: usize,
 }
 
 /// `replhub loadtest plot` flags.
@@ -131,24 +148,23 @@ fn plot_cli(args: &PlotArgs) -> anyhow::Result<()> {
 impl LoadtestArgs {
     /// The options these flags describe.
     pub fn to_options(&self) -> anyhow::Result<LoadtestOptions> {
+        let server = || -> anyhow::Result<ServerMode> {
+            Ok(if self.spawn_server {
+                ServerMode::Process(std::env::current_exe().context("cannot find the replhub executable")?)
+            } else {
+                ServerMode::InProcess
+            })
+        };
         let target = match &self.target {
             None => Target::Replhub {
-                server: if self.spawn_server {
-                    ServerMode::Process(
-                        std::env::current_exe().context("cannot find the replhub executable")?,
-                    )
-                } else {
-                    ServerMode::InProcess
-                },
+                server: server()?,
                 io: self.io,
                 threads: self.threads.unwrap_or_else(crate::config::default_threads),
             },
-            Some(ideal) if ideal == "ideal" => {
-                if self.spawn_server {
-                    anyhow::bail!("--spawn-server starts a hub; it does not apply with --target ideal");
-                }
-                Target::Ideal { threads: self.threads.unwrap_or_else(crate::config::default_threads) }
-            }
+            Some(ideal) if ideal == "ideal" => Target::Ideal {
+                server: server()?,
+                threads: self.threads.unwrap_or_else(crate::config::default_threads),
+            },
             Some(url) => {
                 let rest = url
                     .strip_prefix("redis://")
@@ -161,7 +177,9 @@ impl LoadtestArgs {
                     anyhow::bail!("--target {url:?}: only loopback addresses");
                 }
                 if self.spawn_server {
-                    anyhow::bail!("--spawn-server starts a hub; it does not apply with --target");
+                    anyhow::bail!(
+                        "--spawn-server starts a hub or the ideal server; it does not apply to Redis"
+                    );
                 }
                 Target::Redis { addr, pid: self.server_pid }
             }
@@ -219,8 +237,10 @@ pub fn cli(args: LoadtestArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .try_init();
-    if let Some(LoadtestCommand::Plot(p)) = &args.command {
-        return plot_cli(p);
+    match &args.command {
+        Some(LoadtestCommand::Plot(p)) => return plot_cli(p),
+        Some(LoadtestCommand::IdealServer(a)) => return super::ideal::run_process(a.upstream, a.threads),
+        None => {}
     }
     // A name that would be refused after the run is refused before it.
     for path in &args.report {

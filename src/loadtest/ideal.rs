@@ -15,7 +15,9 @@
 //! eviction (the load test's window bounds the backlog), no metrics. Its `POSITION` is always 0,
 //! which is exact only because the load test publishes after every subscriber is ready.
 //! Its threads are named `replhub-ideal-*`, so the load test measures their CPU like the
-//! in-process hub's. It is safe Rust on `mio` (epoll and an eventfd waker underneath), none of
+//! in-process hub's. With `--spawn-server` it runs as its own process instead
+//! ([`run_process`], the hidden `replhub loadtest ideal-server`), measured like a child
+//! `replhub serve`: every thread of the process. It is safe Rust on `mio` (epoll and an eventfd waker underneath), none of
 //! replhub's drivers, so that it stays the floor they are compared with.
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
@@ -106,6 +108,35 @@ pub(super) fn start(master: SocketAddr, threads: usize) -> anyhow::Result<IdealS
         },
     )?);
     Ok(server)
+}
+
+/// The ideal server as its own process (`replhub loadtest ideal-server`, started by
+/// `--target ideal --spawn-server`): prints `listening on ADDR` on stdout once it listens, then
+/// serves until stdin reaches its end, which the load test causes by closing the pipe when the
+/// run is over, and which also happens if the load test dies: the server never outlives it.
+pub(super) fn run_process(master: SocketAddr, threads: usize) -> anyhow::Result<()> {
+    if threads == 0 || threads > crate::config::MAX_THREADS {
+        anyhow::bail!("--threads must be in 1..={}", crate::config::MAX_THREADS);
+    }
+    let server = start(master, threads)?;
+    {
+        let mut out = io::stdout().lock();
+        writeln!(out, "listening on {}", server.addr())?;
+        out.flush()?;
+    }
+    let mut stdin = io::stdin().lock();
+    let mut sink = [0u8; 64];
+    loop {
+        match stdin.read(&mut sink) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // Joins the threads: the process exits only once every socket is closed.
+    drop(server);
+    Ok(())
 }
 
 fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {

@@ -1,7 +1,10 @@
 //! `replhub loadtest`: the hub, a publisher and N subscribers on one machine, all over
 //! loopback, with no setup; or the same load generator against Redis pub/sub
 //! (`--target redis://127.0.0.1:PORT`), or against the ideal fan-out server (`--target ideal`,
-//! `ideal.rs`: the limit every other figure is a fraction of), for `scripts/compare`.
+//! `ideal.rs`: the limit every other figure is a fraction of), for `scripts/compare`. With
+//! `--spawn-server` the hub or the ideal server runs as a child process of the same executable,
+//! so each process holds one end of each connection (twice the subscribers fit the open-files
+//! limit) and the server's CPU and memory are its own.
 //!
 //! ```text
 //!   lt-publisher ──TCP: SERVER, POSITION×16, RDATA…──► replhub (--upstream) ──TCP──► N × Client
@@ -18,8 +21,8 @@
 //! Every line carries its publish time (a monotonic clock shared by the publisher and the
 //! subscribers, which live in this process) and a per-stream token that goes up by exactly one,
 //! so each subscriber measures latency and checks it got every line of its streams, in order.
-//! Server CPU comes from `/proc` (the hub's `replhub-*` threads, or every thread of a server
-//! process), divided by the lines delivered.
+//! Server CPU comes from `/proc` (the in-process hub's or ideal server's `replhub-*` threads, or
+//! every thread of a server process), divided by the lines delivered.
 mod cli;
 mod hist;
 mod ideal;
@@ -42,7 +45,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-pub use cli::{cli, LoadtestArgs, LoadtestCommand, PlotArgs};
+pub use cli::{cli, IdealServerArgs, LoadtestArgs, LoadtestCommand, PlotArgs};
 pub use hist::Histogram;
 pub use publisher::Limit;
 pub use report::{Latency, Report};
@@ -54,7 +57,7 @@ use procstat::Pid;
 use publisher::{Master, PubPlan, RedisSink, Replies};
 use report::{build_report, Progress};
 use series::RateSeries;
-use server_under_test::{spawn_server, wait_backend, wait_listening, Running};
+use server_under_test::{spawn_ideal, spawn_server, wait_backend, wait_listening, Running};
 pub use subscriber::Check;
 use subscriber::{SubPlan, SubTarget, ThreadResult};
 
@@ -124,9 +127,12 @@ pub enum Target {
         /// Its core threads.
         threads: usize,
     },
-    /// The ideal fan-out server (`ideal.rs`), in this process: the baseline every other
-    /// target is a fraction of.
+    /// The ideal fan-out server (`ideal.rs`): the baseline every other target is a fraction
+    /// of.
     Ideal {
+        /// In this process, or as a child `replhub loadtest ideal-server` (from this
+        /// executable).
+        server: ServerMode,
         /// Its core threads.
         threads: usize,
     },
@@ -139,13 +145,14 @@ pub enum Target {
     },
 }
 
-/// Where the hub runs.
+/// Where the hub or the ideal server runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ServerMode {
-    /// `Server::start` in this process (CPU counted over the `replhub-*` threads; RSS is the
-    /// whole process, load generator included).
+    /// In this process (CPU counted over the server's `replhub-*` threads; RSS is the whole
+    /// process, load generator included).
     InProcess,
-    /// `<exe> serve …` as a child process (CPU and RSS are the child's own).
+    /// `<exe> serve …` or `<exe> loadtest ideal-server …` as a child process (CPU over every
+    /// thread of the child, and RSS, are the child's own).
     Process(PathBuf),
 }
 
@@ -353,20 +360,27 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
             };
             (running, Sink::Replhub(sink), SubTarget::Replhub(worker_addr), backend, Some(drain), None)
         }
-        Target::Ideal { threads } => {
+        Target::Ideal { server, threads } => {
             let master =
                 Master::bind().context("cannot listen for the ideal server's upstream connection")?;
-            let server = ideal::start(master.addr()?, *threads).context("cannot start the ideal server")?;
-            let addr = server.addr();
-            let (sink, drain) = master.accept(Duration::from_secs(15), &|| None)?;
-            (
-                Running::Ideal(server),
-                Sink::Replhub(sink),
-                SubTarget::Replhub(addr),
-                "ideal".to_owned(),
-                Some(drain),
-                None,
-            )
+            let (running, addr) = match server {
+                ServerMode::InProcess => {
+                    let server =
+                        ideal::start(master.addr()?, *threads).context("cannot start the ideal server")?;
+                    let addr = server.addr();
+                    (Running::Ideal(server), addr)
+                }
+                ServerMode::Process(exe) => {
+                    let (child, addr) = spawn_ideal(exe, master.addr()?, *threads)?;
+                    (Running::Child(child), addr)
+                }
+            };
+            let give_up = || match &running {
+                Running::Child(c) => c.exited(),
+                _ => None,
+            };
+            let (sink, drain) = master.accept(Duration::from_secs(15), &give_up)?;
+            (running, Sink::Replhub(sink), SubTarget::Replhub(addr), "ideal".to_owned(), Some(drain), None)
         }
         Target::Redis { addr, pid } => {
             let (sink, replies) =
@@ -552,6 +566,7 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
     };
     let rss_scope = match &running {
         Running::InProcess(_) | Running::Ideal(_) => "whole process (server + load generator)",
+        Running::Child(_) if matches!(opts.target, Target::Ideal { .. }) => "server process",
         Running::Child(_) => "hub process",
         Running::External(Some(_)) => "server process",
         Running::External(None) => "not measured (no --server-pid)",
@@ -590,7 +605,7 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
     report.backend = backend;
     report.server = server_label.to_owned();
     report.server_threads = match opts.target {
-        Target::Replhub { threads, .. } | Target::Ideal { threads } => threads,
+        Target::Replhub { threads, .. } | Target::Ideal { threads, .. } => threads,
         Target::Redis { .. } => 0,
     };
     let per = |ns: u64| if report.delivered > 0 { ns as f64 / report.delivered as f64 } else { 0.0 };
@@ -665,26 +680,27 @@ fn check(opts: &LoadtestOptions) -> anyhow::Result<()> {
             anyhow::bail!("the load test only talks to loopback addresses, not {addr}");
         }
     }
-    if let Target::Replhub { threads, .. } | Target::Ideal { threads } = &opts.target {
+    if let Target::Replhub { threads, .. } | Target::Ideal { threads, .. } = &opts.target {
         if *threads == 0 || *threads > crate::config::MAX_THREADS {
             anyhow::bail!("--threads must be in 1..={}", crate::config::MAX_THREADS);
         }
     }
-    // Each connection is one fd here, plus one in the hub when it runs in this process.
-    let conns = (opts.subscribers + opts.idle) as u64;
-    let per = if matches!(
+    // Each connection is one fd here, plus one in the server when it runs in this process. A
+    // server child inherits this limit and needs one fd per connection plus a few of its own,
+    // so passing here is enough for it too.
+    let conns = (opts.subscribers + opts.idle + opts.stalled) as u64;
+    let in_process = matches!(
         opts.target,
-        Target::Replhub { server: ServerMode::InProcess, .. } | Target::Ideal { .. }
-    ) {
-        2
-    } else {
-        1
-    };
+        Target::Replhub { server: ServerMode::InProcess, .. }
+            | Target::Ideal { server: ServerMode::InProcess, .. }
+    );
+    let per = if in_process { 2 } else { 1 };
     if let Some(limit) = procstat::open_files_limit() {
         if conns * per + 64 > limit {
+            let hint = if in_process { " or run the server as its own process (--spawn-server)" } else { "" };
             anyhow::bail!(
                 "{conns} connections need about {} file descriptors but the limit is {limit}: raise it \
-                 (ulimit -n) or run the hub as its own process (--spawn-server)",
+                 (ulimit -n){hint}",
                 conns * per + 64
             );
         }
@@ -725,6 +741,38 @@ mod tests {
         assert_eq!(default_window(1, 300), (2 << 20) / 300);
         assert_eq!(default_window(100, 300), (64 << 20) / 300 / 100);
         assert_eq!(default_window(1000, 300), 256);
+    }
+
+    /// A server in this process holds the other end of every connection: twice the descriptors,
+    /// and the refusal says how to halve them; as its own process the same count passes.
+    #[test]
+    fn a_server_process_halves_the_descriptors_needed() {
+        let Some(limit) = procstat::open_files_limit() else { return };
+        if !(200..=100_000).contains(&limit) {
+            // Nothing the subscriber bound (100 000) can show, or too few descriptors to try.
+            return;
+        }
+        // Fits once (n + 64), not twice (2n + 64).
+        let n = ((limit - 64) / 2 + 1) as usize;
+        let exe = PathBuf::from("/nonexistent/replhub");
+        for (server, threads) in [(ServerMode::InProcess, 2), (ServerMode::Process(exe), 2)] {
+            let in_process = server == ServerMode::InProcess;
+            for target in [
+                Target::Ideal { server: server.clone(), threads },
+                Target::Replhub { server: server.clone(), io: IoBackend::Epoll, threads },
+            ] {
+                let opts = LoadtestOptions { target, subscribers: n, ..LoadtestOptions::default() };
+                match check(&opts) {
+                    Ok(()) => assert!(!in_process, "{n} subscribers in-process pass a limit of {limit}"),
+                    Err(e) => {
+                        let e = e.to_string();
+                        assert!(in_process, "{e}");
+                        assert!(e.contains(&format!("need about {}", 2 * n + 64)), "{e}");
+                        assert!(e.contains("--spawn-server"), "{e}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
