@@ -35,6 +35,8 @@ pub(super) struct CoreResp {
     rdata: HashMap<(Box<str>, Box<str>), u64>,
     /// Live RESP connections on this core.
     conns: usize,
+    /// Batches of messages dropped for this core in the source (`on_publish_lost`).
+    batches_dropped: u64,
 }
 
 /// At most this many (stream, instance) pairs are counted apart; the rest count under
@@ -84,6 +86,7 @@ impl Hub {
             published: 0,
             rdata: HashMap::new(),
             conns: 0,
+            batches_dropped: 0,
         }));
     }
 
@@ -404,13 +407,35 @@ impl Hub {
         }
     }
 
+    /// `batches` batches of messages on `channels` never reached this core (the source's
+    /// queue for it was at its bound while it took no messages). Every subscriber of those
+    /// channels here missed some: each is cut off as one over its output limit, silently as
+    /// Redis does, so that a client never goes on as if it had them all.
+    pub fn on_publish_lost(&mut self, channels: &[u32], batches: u64, now: Now) {
+        let Some(core) = self.resp.as_mut() else { return };
+        core.batches_dropped += batches;
+        let mut ids: Vec<ConnId> =
+            channels.iter().filter_map(|ch| core.subs.get(ch)).flatten().copied().collect();
+        ids.sort_unstable_by_key(|id| (id.index, id.gen));
+        ids.dedup();
+        tracing::warn!(
+            batches,
+            channels = channels.len(),
+            subscribers = ids.len(),
+            "redis messages were dropped for this core: cutting off their subscribers"
+        );
+        for id in ids {
+            self.resp_evict(id, EvictReason::Backlog, now);
+        }
+    }
+
     /// What this core's RESP clients published, for the scrape.
     pub(super) fn resp_stats(&self) -> super::stats::RespStats {
         let Some(core) = self.resp.as_ref() else { return super::stats::RespStats::default() };
         let mut rdata: Vec<(String, String, u64)> =
             core.rdata.iter().map(|((s, i), n)| (s.to_string(), i.to_string(), *n)).collect();
         rdata.sort();
-        super::stats::RespStats { published: core.published, rdata }
+        super::stats::RespStats { published: core.published, rdata, batches_dropped: core.batches_dropped }
     }
 
     /// The hard output limit, while this core has RESP connections: the log size at which a
@@ -581,6 +606,32 @@ mod tests {
         assert!(sim.closed(stalled).is_some());
         assert_eq!(received(&mut sim, stalled), "");
         assert!(sim.closed(reader).is_none());
+    }
+
+    #[test]
+    fn messages_lost_for_the_core_cut_off_their_channels_subscribers_only() {
+        let mut sim = sim_with(RespConfig::default());
+        let lost = sim.accept_resp("lost");
+        let other = sim.accept_resp("other");
+        sim.send_raw(lost, &cmd(&["SUBSCRIBE", "a", "b"]));
+        sim.send_raw(other, &cmd(&["SUBSCRIBE", "b"]));
+        received(&mut sim, lost);
+        received(&mut sim, other);
+        let a =
+            sim.hub.resp.as_ref().and_then(|r| r.names.get(&bytes::Bytes::from_static(b"a"))).unwrap().id();
+        sim.hub.on_publish_lost(&[a], 3, sim.now);
+        sim.flush();
+        assert_eq!(evictions(&sim), 1);
+        assert_eq!(sim.hub.resp_stats().batches_dropped, 3);
+        // The subscriber of `a` goes without a word, as Redis cuts off a client over its limit;
+        // the other one stays subscribed to `b`.
+        sim.advance(30_000);
+        assert!(sim.closed(lost).is_some());
+        assert_eq!(received(&mut sim, lost), "");
+        assert!(sim.closed(other).is_none());
+        let p = sim.accept_resp("p");
+        sim.send_raw(p, &cmd(&["PUBLISH", "b", "x"]));
+        assert_eq!(received(&mut sim, p), ":1\r\n");
     }
 
     #[test]
