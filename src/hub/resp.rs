@@ -31,8 +31,11 @@ pub(super) struct CoreResp {
     effects: Vec<Effect>,
     /// Messages published from this core (to at least one subscriber).
     published: u64,
-    /// `RDATA` messages published from this core by (stream, instance).
-    rdata: HashMap<(Box<str>, Box<str>), u64>,
+    /// `RDATA` messages published from this core by stream, then instance: two lookups by
+    /// `&str`, so counting a message allocates nothing (only a pair not seen before does).
+    rdata: HashMap<Box<str>, HashMap<Box<str>, u64>>,
+    /// (stream, instance) pairs in `rdata`.
+    rdata_keys: usize,
     /// Live RESP connections on this core.
     conns: usize,
     /// Batches of messages dropped for this core in the source (`on_publish_lost`).
@@ -85,6 +88,7 @@ impl Hub {
             effects: Vec::new(),
             published: 0,
             rdata: HashMap::new(),
+            rdata_keys: 0,
             conns: 0,
             batches_dropped: 0,
         }));
@@ -335,14 +339,23 @@ impl Hub {
         }
         core.published += 1;
         if let Some((stream, instance)) = rdata_key(payload) {
-            // Allocates only for a pair not seen before.
-            let known = core.rdata.keys().any(|(s, i)| **s == *stream && **i == *instance);
-            let key: (Box<str>, Box<str>) = if known || core.rdata.len() < MAX_RDATA_KEYS {
-                (stream.into(), instance.into())
+            let known = core.rdata.get(stream).and_then(|by| by.get(instance)).is_some();
+            let (stream, instance) = if known || core.rdata_keys < MAX_RDATA_KEYS {
+                (stream, instance)
             } else {
-                ("other".into(), "other".into())
+                ("other", "other")
             };
-            *core.rdata.entry(key).or_default() += 1;
+            let by = match core.rdata.get_mut(stream) {
+                Some(by) => by,
+                None => core.rdata.entry(stream.into()).or_default(),
+            };
+            match by.get_mut(instance) {
+                Some(n) => *n += 1,
+                None => {
+                    by.insert(instance.into(), 1);
+                    core.rdata_keys += 1;
+                }
+            }
         }
         codec::integer(i64::try_from(receivers).unwrap_or(i64::MAX))
     }
@@ -432,8 +445,11 @@ impl Hub {
     /// What this core's RESP clients published, for the scrape.
     pub(super) fn resp_stats(&self) -> super::stats::RespStats {
         let Some(core) = self.resp.as_ref() else { return super::stats::RespStats::default() };
-        let mut rdata: Vec<(String, String, u64)> =
-            core.rdata.iter().map(|((s, i), n)| (s.to_string(), i.to_string(), *n)).collect();
+        let mut rdata: Vec<(String, String, u64)> = core
+            .rdata
+            .iter()
+            .flat_map(|(s, by)| by.iter().map(move |(i, n)| (s.to_string(), i.to_string(), *n)))
+            .collect();
         rdata.sort();
         super::stats::RespStats { published: core.published, rdata, batches_dropped: core.batches_dropped }
     }
