@@ -650,6 +650,45 @@ mod tests {
         assert_eq!(received(&mut sim, p), ":1\r\n");
     }
 
+    /// A publisher wants none of the messages its core's log holds between its replies: a
+    /// write of replies that ends before the head moves its cursor past them all the same,
+    /// so it neither walks them again nor holds them as its backlog.
+    #[test]
+    fn a_publishers_cursor_follows_its_replies() {
+        let mut sim =
+            Sim::new(HubConfig { server_name: Some("sn".into()), max_iov: 2, ..HubConfig::default() });
+        sim.hub.set_resp(Arc::new(RespState::new(&RespConfig::default())));
+        let s = sim.accept_resp("s");
+        let p = sim.accept_resp("p");
+        sim.send_raw(s, &cmd(&["SUBSCRIBE", "c"]));
+        received(&mut sim, s);
+        // Four reads of one PUBLISH each, every batch on the log before the next read, and no
+        // write in between: replies at log lines 0, 1, 2 and 3.
+        for i in 0..4 {
+            sim.hub.on_bytes(p, &cmd(&["PUBLISH", "c", &format!("m{i}")]), sim.now);
+            while let Some(out) = sim.hub.poll_output() {
+                if let super::super::HubOutput::Upstream(UpstreamCmd::Publish(b)) = out {
+                    sim.hub.on_batch(b.0, sim.now);
+                }
+            }
+        }
+        let mut ids = Vec::new();
+        sim.hub.take_dirty(&mut ids);
+        assert!(ids.contains(&p));
+        let mut iov = Vec::new();
+        let n = sim.hub.gather(p, &mut iov);
+        assert_eq!(iov.len(), 2, "two replies, the most one write takes here");
+        drop(iov);
+        sim.hub.on_written(p, n, sim.now);
+        let c = sim.hub.conns.get(p).expect("publisher");
+        let line = sim.hub.log.head_byte() / 4;
+        assert_eq!(
+            c.outbox.log_behind(&sim.hub.log),
+            3 * line,
+            "the cursor stands at the second reply's place (line 1), not at line 0"
+        );
+    }
+
     #[test]
     fn the_soft_limit_holds_for_its_duration() {
         let output = OutputLimits { hard: 0, soft: 1024, soft_ms: 1_000 };
