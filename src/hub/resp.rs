@@ -145,8 +145,11 @@ impl Hub {
         let mut frames = BytesMut::new();
         let mut metas: Vec<LineMeta> = Vec::new();
         let mut relay = BytesMut::new();
+        // Every reply of one read, in order, as one private line: they all go out at the same
+        // place in the log (`head`), so one piece of a write carries them, not one each (a
+        // pipelining publisher's read holds hundreds of PUBLISH).
+        let mut replies = BytesMut::new();
         let mut close = false;
-        let mut any = false;
         for e in effects.drain(..) {
             let reply = match e {
                 Effect::Reply(b) => Some(b),
@@ -156,7 +159,10 @@ impl Hub {
                     None
                 }
                 Effect::Publish { channel, payload } => {
-                    Some(self.resp_publish(&channel, &payload, &mut frames, &mut metas, &mut relay))
+                    let receivers =
+                        self.resp_publish(&channel, &payload, &mut frames, &mut metas, &mut relay);
+                    codec::put_integer(&mut replies, receivers);
+                    None
                 }
                 Effect::Get { db, key } => {
                     self.resp.as_ref().map(|core| match core.state.cache.get(db, &key, now.mono_ms) {
@@ -203,10 +209,14 @@ impl Hub {
                 }
             };
             if let Some(bytes) = reply {
-                if let Some(c) = self.conns.get_mut(id) {
-                    c.outbox.push_private(head, bytes, REPLY_WORD);
-                    any = true;
-                }
+                replies.extend_from_slice(&bytes);
+            }
+        }
+        let mut any = false;
+        if !replies.is_empty() {
+            if let Some(c) = self.conns.get_mut(id) {
+                c.outbox.push_private(head, replies.freeze(), REPLY_WORD);
+                any = true;
             }
         }
         if let Some(core) = self.resp.as_mut() {
@@ -296,11 +306,9 @@ impl Hub {
         }
     }
 
-    /// Frames one message into this read's batch; the reply is the receiver count. A channel
-    /// with no subscriber anywhere takes no frame (Redis drops such a message too).
     /// Frames one message into this read's batch, or, on a channel bridged to a real Redis,
-    /// into the PUBLISH commands for it; the reply is the receiver count (local subscribers
-    /// only, for a bridged channel). A channel with no subscriber anywhere takes no frame
+    /// into the PUBLISH commands for it; returns the receiver count for the reply (local
+    /// subscribers only, for a bridged channel). A channel with no subscriber anywhere takes no frame
     /// (Redis drops such a message too).
     fn resp_publish(
         &mut self,
@@ -309,8 +317,8 @@ impl Hub {
         frames: &mut BytesMut,
         metas: &mut Vec<LineMeta>,
         relay: &mut BytesMut,
-    ) -> Bytes {
-        let Some(core) = self.resp.as_mut() else { return codec::integer(0) };
+    ) -> i64 {
+        let Some(core) = self.resp.as_mut() else { return 0 };
         let channel = match core.names.get(name) {
             Some(c) => Some(Arc::clone(c)),
             None => {
@@ -325,12 +333,12 @@ impl Hub {
             codec::put_command(relay, &[b"PUBLISH", name, payload]);
             core.published += 1;
             let receivers = channel.as_ref().map_or(0, |c| c.subscribers());
-            return codec::integer(i64::try_from(receivers).unwrap_or(i64::MAX));
+            return i64::try_from(receivers).unwrap_or(i64::MAX);
         }
-        let Some(channel) = channel else { return codec::integer(0) };
+        let Some(channel) = channel else { return 0 };
         let receivers = channel.subscribers();
         if receivers == 0 {
-            return codec::integer(0);
+            return 0;
         }
         let start = frames.len();
         codec::put_message(frames, name, payload);
@@ -357,7 +365,7 @@ impl Hub {
                 }
             }
         }
-        codec::integer(i64::try_from(receivers).unwrap_or(i64::MAX))
+        i64::try_from(receivers).unwrap_or(i64::MAX)
     }
 
     /// Closes a RESP connection once what is queued is written: no more channels, no
