@@ -347,22 +347,18 @@ impl Hub {
         }
         core.published += 1;
         if let Some((stream, instance)) = rdata_key(payload) {
-            let known = core.rdata.get(stream).and_then(|by| by.get(instance)).is_some();
-            let (stream, instance) = if known || core.rdata_keys < MAX_RDATA_KEYS {
-                (stream, instance)
-            } else {
-                ("other", "other")
-            };
-            let by = match core.rdata.get_mut(stream) {
-                Some(by) => by,
-                None => core.rdata.entry(stream.into()).or_default(),
-            };
-            match by.get_mut(instance) {
-                Some(n) => *n += 1,
-                None => {
-                    by.insert(instance.into(), 1);
-                    core.rdata_keys += 1;
-                }
+            // One lookup per map for a pair seen before (every message but the first).
+            let counted = core.rdata.get_mut(stream).and_then(|by| by.get_mut(instance)).map(|n| *n += 1);
+            if counted.is_none() {
+                let (stream, instance) =
+                    if core.rdata_keys < MAX_RDATA_KEYS { (stream, instance) } else { ("other", "other") };
+                let n = core.rdata.entry(stream.into()).or_default().entry(instance.into()).or_insert_with(
+                    || {
+                        core.rdata_keys += 1;
+                        0
+                    },
+                );
+                *n += 1;
             }
         }
         i64::try_from(receivers).unwrap_or(i64::MAX)
