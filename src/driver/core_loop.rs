@@ -147,6 +147,9 @@ impl CoreLoop {
                     let _ = reply.send(snap);
                 }
                 Ok(CoreMsg::Shutdown) => self.begin_shutdown(now),
+                Ok(CoreMsg::PublishLost { channels, batches }) => {
+                    self.hub.on_publish_lost(&channels, batches, now);
+                }
                 Err(TryRecvError::Empty) => return,
                 Err(TryRecvError::Disconnected) => {
                     if self.stop_at_ms.is_none() {

@@ -56,6 +56,17 @@ pub enum CoreMsg {
     },
     /// Say `ERROR server shutting down` to every worker, flush, close, and stop.
     Shutdown,
+    /// Redis-mode batches (`batches` of them) carrying messages on these channels (channel
+    /// ids, sorted) were dropped for this core, here in its order with the batches: its queue
+    /// in the source was at its bound (see `driver::source`, "Back-pressure"). The core cuts
+    /// off its subscribers of those channels, as Redis cuts off a subscriber over its
+    /// `client-output-buffer-limit pubsub`, so nobody silently misses a message.
+    PublishLost {
+        /// The channels whose messages were dropped, sorted, without repeats.
+        channels: Vec<u32>,
+        /// How many batches were dropped.
+        batches: u64,
+    },
 }
 
 /// The sending side of a mailbox: a channel plus a wake-up for the receiving loop

@@ -36,6 +36,17 @@
 //! mailboxes, the same bound as the hub's. While stopped the source reads nothing from the
 //! master (so the master's socket buffer fills and TCP slows the master) but still takes the
 //! cores' commands and answers control requests, a stop included.
+//!
+//! Redis-mode messages (the cores' PUBLISH batches, in broker mode the only data there is) are
+//! never held back: a publisher does not wait for a stalled core, as Redis never makes a
+//! publisher wait for a slow subscriber. Their queue for a core is bounded by the same
+//! `max_pending_bytes` all the same: a batch that would take it past that is dropped for
+//! that core alone, and a [`CoreMsg::PublishLost`] takes its place in the core's order,
+//! naming the channels it carried. The core, when it gets there, cuts off its subscribers of
+//! those channels (the hub's `on_publish_lost`), as Redis cuts off a subscriber over its
+//! `client-output-buffer-limit pubsub`: each message still reaches each subscriber once, or
+//! the subscriber is disconnected, never silently skipped. The drops are counted in
+//! `replhub_resp_batches_dropped_total`.
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -113,6 +124,8 @@ pub(crate) struct QueueReport {
     pub blocked: bool,
     /// Batches handed out so far (each to every core).
     pub batches: u64,
+    /// Per core: Redis-mode batches dropped because its queue was at the limit.
+    pub dropped: Vec<u64>,
 }
 
 /// Everything the source thread starts with.
@@ -263,8 +276,8 @@ impl Source {
             match cmd {
                 UpstreamCmd::Fetch { id, stream, from } => self.start_fetch(core, id, stream, from),
                 // Redis-mode messages published on a core: to every core, without waiting
-                // (see `hand_out`).
-                UpstreamCmd::Publish(batch) => self.hand_out(|| CoreMsg::Batch(Arc::clone(&batch.0))),
+                // (see `hand_out_published`).
+                UpstreamCmd::Publish(batch) => self.hand_out_published(&batch.0),
                 cmd => up.command(core, cmd, self.ctx.clock.now()),
             }
         }

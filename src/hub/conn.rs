@@ -98,6 +98,14 @@ impl Subscriptions {
         }
     }
 
+    /// Whether no log line at all is wanted: no stream, no channel, and (`broadcast` false) no
+    /// BROADCAST line. A Redis client that only publishes is one: its outbox holds only its
+    /// replies, and the log between them is skipped whole.
+    #[inline]
+    pub(super) fn wants_nothing(&self, broadcast: bool) -> bool {
+        !broadcast && self.mask.is_empty() && self.channels.is_empty()
+    }
+
     /// Recomputes [`Subscriptions::full_from`] after a change.
     pub(super) fn refresh_full_from(&mut self) {
         self.full_from =

@@ -74,7 +74,9 @@ pub struct Batch {
     data: Bytes,
     lines: Vec<LineMeta>,
     /// `run_end[i]`: one past the last line of the byte-contiguous run holding line `i`, so a
-    /// subscriber to every stream takes a whole run as one slice in O(1).
+    /// subscriber to every stream takes a whole run as one slice in O(1). Redis-mode messages
+    /// on different channels are in different runs, so a channel's subscriber takes a run of
+    /// that channel's messages the same way.
     run_end: Vec<u32>,
 }
 
@@ -90,7 +92,7 @@ impl Batch {
         let mut end = lines.len() as u32;
         for i in (0..lines.len()).rev() {
             run_end[i] = end;
-            if i > 0 && lines[i - 1].end != lines[i].start {
+            if i > 0 && (lines[i - 1].end != lines[i].start || lines[i - 1].channel() != lines[i].channel()) {
                 end = i as u32;
             }
         }

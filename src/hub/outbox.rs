@@ -360,6 +360,7 @@ impl Outbox {
         let mut off = self.offset;
         let mut reached_head = false;
         let (mut private_bytes, mut private_lines, mut catch_up_bytes) = (0u64, 0usize, 0u64);
+        let nothing_wanted = subs.wants_nothing(broadcast);
         while pieces.len() < max_iov && total < max_bytes {
             if off == 0 {
                 if let Some(p) = self.private.front() {
@@ -380,6 +381,14 @@ impl Outbox {
                 seq = seq.max(head);
                 reached_head = true;
                 break;
+            }
+            if nothing_wanted && off == 0 {
+                // Every line up to the next private one (or the head) is skipped: no need to
+                // look at them one by one. A publisher's replies are 256 pieces a write apart
+                // from each other by its own messages, which its core's log holds too.
+                let limit = self.private.front().map_or(head, |p| p.at.0.min(head));
+                seq = seq.max(limit);
+                continue;
             }
             let Some((batch, idx)) = log.locate(Seq(seq)) else {
                 debug_assert!(false, "an active cursor points outside the log");
@@ -408,8 +417,10 @@ impl Outbox {
             let first = i;
             let first_seq = s;
             // A batch is all Redis-mode messages or none: a subscriber to every stream takes
-            // whole runs of any other batch.
-            if s >= subs.full_from && lines[i].stream != PUBSUB {
+            // whole runs of any other batch. A run of one channel's Redis-mode messages is
+            // wanted whole once its first line is (same channel, later lines), so it is taken
+            // in one step too.
+            if (s >= subs.full_from && lines[i].stream != PUBSUB) || (off == 0 && lines[i].stream == PUBSUB) {
                 let room = usize::try_from(limit - s).unwrap_or(usize::MAX);
                 let end = batch.run_end(i).min(i.saturating_add(room));
                 s += (end - i) as u64;
@@ -431,6 +442,19 @@ impl Outbox {
             pieces.push(piece);
             off = 0;
             seq = s;
+        }
+        if !pieces.is_empty() && seq > self.cursor.0 && !pieces.iter().any(|p| matches!(p, Piece::Log { .. }))
+        {
+            // Only private lines, between log lines it does not want: the cursor moves past
+            // those now, whatever the write does, so that the next gather does not look at
+            // them again (a write that ends before the head would otherwise leave the cursor
+            // where it was, and every write of a busy publisher would walk the same lines).
+            let old = self.cursor;
+            self.cursor = Seq(seq);
+            self.offset = 0;
+            if self.pins() {
+                log.repin(old, Seq(seq));
+            }
         }
         if pieces.is_empty() {
             // Only skipped lines: the cursor jumps.

@@ -31,10 +31,15 @@ pub(super) struct CoreResp {
     effects: Vec<Effect>,
     /// Messages published from this core (to at least one subscriber).
     published: u64,
-    /// `RDATA` messages published from this core by (stream, instance).
-    rdata: HashMap<(Box<str>, Box<str>), u64>,
+    /// `RDATA` messages published from this core by stream, then instance: two lookups by
+    /// `&str`, so counting a message allocates nothing (only a pair not seen before does).
+    rdata: HashMap<Box<str>, HashMap<Box<str>, u64>>,
+    /// (stream, instance) pairs in `rdata`.
+    rdata_keys: usize,
     /// Live RESP connections on this core.
     conns: usize,
+    /// Batches of messages dropped for this core in the source (`on_publish_lost`).
+    batches_dropped: u64,
 }
 
 /// At most this many (stream, instance) pairs are counted apart; the rest count under
@@ -83,7 +88,9 @@ impl Hub {
             effects: Vec::new(),
             published: 0,
             rdata: HashMap::new(),
+            rdata_keys: 0,
             conns: 0,
+            batches_dropped: 0,
         }));
     }
 
@@ -138,8 +145,11 @@ impl Hub {
         let mut frames = BytesMut::new();
         let mut metas: Vec<LineMeta> = Vec::new();
         let mut relay = BytesMut::new();
+        // Every reply of one read, in order, as one private line: they all go out at the same
+        // place in the log (`head`), so one piece of a write carries them, not one each (a
+        // pipelining publisher's read holds hundreds of PUBLISH).
+        let mut replies = BytesMut::new();
         let mut close = false;
-        let mut any = false;
         for e in effects.drain(..) {
             let reply = match e {
                 Effect::Reply(b) => Some(b),
@@ -149,7 +159,10 @@ impl Hub {
                     None
                 }
                 Effect::Publish { channel, payload } => {
-                    Some(self.resp_publish(&channel, &payload, &mut frames, &mut metas, &mut relay))
+                    let receivers =
+                        self.resp_publish(&channel, &payload, &mut frames, &mut metas, &mut relay);
+                    codec::put_integer(&mut replies, receivers);
+                    None
                 }
                 Effect::Get { db, key } => {
                     self.resp.as_ref().map(|core| match core.state.cache.get(db, &key, now.mono_ms) {
@@ -196,10 +209,14 @@ impl Hub {
                 }
             };
             if let Some(bytes) = reply {
-                if let Some(c) = self.conns.get_mut(id) {
-                    c.outbox.push_private(head, bytes, REPLY_WORD);
-                    any = true;
-                }
+                replies.extend_from_slice(&bytes);
+            }
+        }
+        let mut any = false;
+        if !replies.is_empty() {
+            if let Some(c) = self.conns.get_mut(id) {
+                c.outbox.push_private(head, replies.freeze(), REPLY_WORD);
+                any = true;
             }
         }
         if let Some(core) = self.resp.as_mut() {
@@ -289,11 +306,9 @@ impl Hub {
         }
     }
 
-    /// Frames one message into this read's batch; the reply is the receiver count. A channel
-    /// with no subscriber anywhere takes no frame (Redis drops such a message too).
     /// Frames one message into this read's batch, or, on a channel bridged to a real Redis,
-    /// into the PUBLISH commands for it; the reply is the receiver count (local subscribers
-    /// only, for a bridged channel). A channel with no subscriber anywhere takes no frame
+    /// into the PUBLISH commands for it; returns the receiver count for the reply (local
+    /// subscribers only, for a bridged channel). A channel with no subscriber anywhere takes no frame
     /// (Redis drops such a message too).
     fn resp_publish(
         &mut self,
@@ -302,8 +317,8 @@ impl Hub {
         frames: &mut BytesMut,
         metas: &mut Vec<LineMeta>,
         relay: &mut BytesMut,
-    ) -> Bytes {
-        let Some(core) = self.resp.as_mut() else { return codec::integer(0) };
+    ) -> i64 {
+        let Some(core) = self.resp.as_mut() else { return 0 };
         let channel = match core.names.get(name) {
             Some(c) => Some(Arc::clone(c)),
             None => {
@@ -318,12 +333,12 @@ impl Hub {
             codec::put_command(relay, &[b"PUBLISH", name, payload]);
             core.published += 1;
             let receivers = channel.as_ref().map_or(0, |c| c.subscribers());
-            return codec::integer(i64::try_from(receivers).unwrap_or(i64::MAX));
+            return i64::try_from(receivers).unwrap_or(i64::MAX);
         }
-        let Some(channel) = channel else { return codec::integer(0) };
+        let Some(channel) = channel else { return 0 };
         let receivers = channel.subscribers();
         if receivers == 0 {
-            return codec::integer(0);
+            return 0;
         }
         let start = frames.len();
         codec::put_message(frames, name, payload);
@@ -332,16 +347,21 @@ impl Hub {
         }
         core.published += 1;
         if let Some((stream, instance)) = rdata_key(payload) {
-            // Allocates only for a pair not seen before.
-            let known = core.rdata.keys().any(|(s, i)| **s == *stream && **i == *instance);
-            let key: (Box<str>, Box<str>) = if known || core.rdata.len() < MAX_RDATA_KEYS {
-                (stream.into(), instance.into())
-            } else {
-                ("other".into(), "other".into())
-            };
-            *core.rdata.entry(key).or_default() += 1;
+            // One lookup per map for a pair seen before (every message but the first).
+            let counted = core.rdata.get_mut(stream).and_then(|by| by.get_mut(instance)).map(|n| *n += 1);
+            if counted.is_none() {
+                let (stream, instance) =
+                    if core.rdata_keys < MAX_RDATA_KEYS { (stream, instance) } else { ("other", "other") };
+                let n = core.rdata.entry(stream.into()).or_default().entry(instance.into()).or_insert_with(
+                    || {
+                        core.rdata_keys += 1;
+                        0
+                    },
+                );
+                *n += 1;
+            }
         }
-        codec::integer(i64::try_from(receivers).unwrap_or(i64::MAX))
+        i64::try_from(receivers).unwrap_or(i64::MAX)
     }
 
     /// Closes a RESP connection once what is queued is written: no more channels, no
@@ -404,13 +424,38 @@ impl Hub {
         }
     }
 
+    /// `batches` batches of messages on `channels` never reached this core (the source's
+    /// queue for it was at its bound while it took no messages). Every subscriber of those
+    /// channels here missed some: each is cut off as one over its output limit, silently as
+    /// Redis does, so that a client never goes on as if it had them all.
+    pub fn on_publish_lost(&mut self, channels: &[u32], batches: u64, now: Now) {
+        let Some(core) = self.resp.as_mut() else { return };
+        core.batches_dropped += batches;
+        let mut ids: Vec<ConnId> =
+            channels.iter().filter_map(|ch| core.subs.get(ch)).flatten().copied().collect();
+        ids.sort_unstable_by_key(|id| (id.index, id.gen));
+        ids.dedup();
+        tracing::warn!(
+            batches,
+            channels = channels.len(),
+            subscribers = ids.len(),
+            "redis messages were dropped for this core: cutting off their subscribers"
+        );
+        for id in ids {
+            self.resp_evict(id, EvictReason::Backlog, now);
+        }
+    }
+
     /// What this core's RESP clients published, for the scrape.
     pub(super) fn resp_stats(&self) -> super::stats::RespStats {
         let Some(core) = self.resp.as_ref() else { return super::stats::RespStats::default() };
-        let mut rdata: Vec<(String, String, u64)> =
-            core.rdata.iter().map(|((s, i), n)| (s.to_string(), i.to_string(), *n)).collect();
+        let mut rdata: Vec<(String, String, u64)> = core
+            .rdata
+            .iter()
+            .flat_map(|(s, by)| by.iter().map(move |(i, n)| (s.to_string(), i.to_string(), *n)))
+            .collect();
         rdata.sort();
-        super::stats::RespStats { published: core.published, rdata }
+        super::stats::RespStats { published: core.published, rdata, batches_dropped: core.batches_dropped }
     }
 
     /// The hard output limit, while this core has RESP connections: the log size at which a
@@ -581,6 +626,71 @@ mod tests {
         assert!(sim.closed(stalled).is_some());
         assert_eq!(received(&mut sim, stalled), "");
         assert!(sim.closed(reader).is_none());
+    }
+
+    #[test]
+    fn messages_lost_for_the_core_cut_off_their_channels_subscribers_only() {
+        let mut sim = sim_with(RespConfig::default());
+        let lost = sim.accept_resp("lost");
+        let other = sim.accept_resp("other");
+        sim.send_raw(lost, &cmd(&["SUBSCRIBE", "a", "b"]));
+        sim.send_raw(other, &cmd(&["SUBSCRIBE", "b"]));
+        received(&mut sim, lost);
+        received(&mut sim, other);
+        let a =
+            sim.hub.resp.as_ref().and_then(|r| r.names.get(&bytes::Bytes::from_static(b"a"))).unwrap().id();
+        sim.hub.on_publish_lost(&[a], 3, sim.now);
+        sim.flush();
+        assert_eq!(evictions(&sim), 1);
+        assert_eq!(sim.hub.resp_stats().batches_dropped, 3);
+        // The subscriber of `a` goes without a word, as Redis cuts off a client over its limit;
+        // the other one stays subscribed to `b`.
+        sim.advance(30_000);
+        assert!(sim.closed(lost).is_some());
+        assert_eq!(received(&mut sim, lost), "");
+        assert!(sim.closed(other).is_none());
+        let p = sim.accept_resp("p");
+        sim.send_raw(p, &cmd(&["PUBLISH", "b", "x"]));
+        assert_eq!(received(&mut sim, p), ":1\r\n");
+    }
+
+    /// A publisher wants none of the messages its core's log holds between its replies: a
+    /// write of replies that ends before the head moves its cursor past them all the same,
+    /// so it neither walks them again nor holds them as its backlog.
+    #[test]
+    fn a_publishers_cursor_follows_its_replies() {
+        let mut sim =
+            Sim::new(HubConfig { server_name: Some("sn".into()), max_iov: 2, ..HubConfig::default() });
+        sim.hub.set_resp(Arc::new(RespState::new(&RespConfig::default())));
+        let s = sim.accept_resp("s");
+        let p = sim.accept_resp("p");
+        sim.send_raw(s, &cmd(&["SUBSCRIBE", "c"]));
+        received(&mut sim, s);
+        // Four reads of one PUBLISH each, every batch on the log before the next read, and no
+        // write in between: replies at log lines 0, 1, 2 and 3.
+        for i in 0..4 {
+            sim.hub.on_bytes(p, &cmd(&["PUBLISH", "c", &format!("m{i}")]), sim.now);
+            while let Some(out) = sim.hub.poll_output() {
+                if let super::super::HubOutput::Upstream(UpstreamCmd::Publish(b)) = out {
+                    sim.hub.on_batch(b.0, sim.now);
+                }
+            }
+        }
+        let mut ids = Vec::new();
+        sim.hub.take_dirty(&mut ids);
+        assert!(ids.contains(&p));
+        let mut iov = Vec::new();
+        let n = sim.hub.gather(p, &mut iov);
+        assert_eq!(iov.len(), 2, "two replies, the most one write takes here");
+        drop(iov);
+        sim.hub.on_written(p, n, sim.now);
+        let c = sim.hub.conns.get(p).expect("publisher");
+        let line = sim.hub.log.head_byte() / 4;
+        assert_eq!(
+            c.outbox.log_behind(&sim.hub.log),
+            3 * line,
+            "the cursor stands at the second reply's place (line 1), not at line 0"
+        );
     }
 
     #[test]

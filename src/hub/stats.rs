@@ -236,6 +236,9 @@ pub struct RespStats {
     /// Replication `RDATA` messages by (stream, writer instance), read from the payload's
     /// first words.
     pub rdata: Vec<(String, String, u64)>,
+    /// Batches of messages dropped for this core in the source, its queue there at its bound
+    /// (their subscribers on this core were cut off).
+    pub batches_dropped: u64,
 }
 
 impl Hub {

@@ -380,6 +380,11 @@ fn resp_metrics(x: &Exposition, cores: &[CoreSnapshot]) -> prometheus::Result<()
         "Redis mode: messages PUBLISHed to at least one subscriber.",
         cores.iter().map(|c| c.resp.published).sum(),
     )?;
+    x.counter(
+        "replhub_resp_batches_dropped_total",
+        "Redis mode: batches of messages dropped for a core that took none while its queue in the source was at max_pending_bytes (its subscribers of their channels were cut off).",
+        cores.iter().map(|c| c.resp.batches_dropped).sum(),
+    )?;
     let mut rdata: std::collections::BTreeMap<(&str, &str), u64> = std::collections::BTreeMap::new();
     for c in cores {
         for (stream, instance, n) in &c.resp.rdata {
@@ -614,6 +619,7 @@ mod tests {
             resp: RespStats {
                 published: 7,
                 rdata: vec![("events".into(), "master".into(), 4), ("typing".into(), "w1".into(), 1)],
+                batches_dropped: 1,
             },
         };
         let core1 = CoreSnapshot {
@@ -636,7 +642,11 @@ mod tests {
                 ..CoreStats::default()
             },
             conns: vec![b],
-            resp: RespStats { published: 2, rdata: vec![("events".into(), "master".into(), 2)] },
+            resp: RespStats {
+                published: 2,
+                rdata: vec![("events".into(), "master".into(), 2)],
+                batches_dropped: 2,
+            },
         };
         let mut up = UpstreamSnapshot {
             mode: "upstream",
@@ -680,6 +690,7 @@ mod tests {
     fn redis_mode_rdata_is_counted_by_stream_and_instance_over_cores() {
         let out = rendered();
         has(&out, "replhub_resp_published_total 9");
+        has(&out, "replhub_resp_batches_dropped_total 3");
         has(&out, "replhub_resp_rdata_published_total{instance=\"master\",stream=\"events\"} 6");
         has(&out, "replhub_resp_rdata_published_total{instance=\"w1\",stream=\"typing\"} 1");
     }

@@ -373,8 +373,13 @@ pub fn error(text: &str) -> Bytes {
 /// `:<n>\r\n`.
 pub fn integer(n: i64) -> Bytes {
     let mut b = BytesMut::with_capacity(24);
-    put_prefixed(&mut b, b':', n);
+    put_integer(&mut b, n);
     b.freeze()
+}
+
+/// Appends an integer reply.
+pub fn put_integer(b: &mut BytesMut, n: i64) {
+    put_prefixed(b, b':', n);
 }
 
 /// Appends `<prefix><n>\r\n`: an integer reply (`:`) or a bulk or array header (`$`, `*`).

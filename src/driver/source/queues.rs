@@ -2,11 +2,13 @@
 
 use std::collections::VecDeque;
 use std::sync::mpsc::TrySendError;
+use std::sync::Arc;
 
 #[cfg(test)]
 use super::QueueReport;
 use super::{Source, Upstream, HOLD_RETRY};
 use crate::driver::CoreMsg;
+use crate::hub::{Batch, LineMeta};
 
 /// What waits in the source for one core.
 #[derive(Default)]
@@ -16,11 +18,14 @@ pub(super) struct CoreQueue {
     bytes: usize,
     /// The core's mailbox is gone (the core stopped): nothing more is queued for it.
     gone: bool,
+    /// Redis-mode batches dropped for this core because this queue was at its bound.
+    dropped: u64,
 }
 
 fn msg_bytes(msg: &CoreMsg) -> usize {
     match msg {
         CoreMsg::Batch(b) => b.data().len(),
+        CoreMsg::PublishLost { channels, .. } => channels.len() * std::mem::size_of::<u32>(),
         _ => 0,
     }
 }
@@ -33,6 +38,7 @@ impl Source {
             bytes: self.queues.iter().map(|q| q.bytes).collect(),
             blocked: self.blocked,
             batches: self.batches,
+            dropped: self.queues.iter().map(|q| q.dropped).collect(),
         }
     }
 
@@ -93,10 +99,63 @@ impl Source {
         true
     }
 
+    /// A core's batch of Redis-mode messages, to every core without waiting: queued here for a
+    /// core whose mailbox is full, as long as that core's queue stays within the limit; past
+    /// it, dropped for that core alone and recorded in a [`CoreMsg::PublishLost`] at the end
+    /// of its queue (one for a run of dropped batches), so that the core cuts off the
+    /// subscribers that miss messages (module doc, "Back-pressure").
+    pub(super) fn hand_out_published(&mut self, batch: &Arc<Batch>) {
+        self.flush();
+        let n = batch.data().len();
+        for (index, (core, q)) in self.ctx.cores.iter().zip(&mut self.queues).enumerate() {
+            if q.gone {
+                continue;
+            }
+            let mut msg = CoreMsg::Batch(Arc::clone(batch));
+            if q.msgs.is_empty() {
+                match core.try_send(msg) {
+                    Ok(()) => continue,
+                    Err(TrySendError::Full(m)) => msg = m,
+                    Err(TrySendError::Disconnected(_)) => {
+                        q.gone = true;
+                        continue;
+                    }
+                }
+            }
+            if q.bytes + n <= self.limit {
+                q.bytes += n;
+                q.msgs.push_back(msg);
+                continue;
+            }
+            if q.dropped == 0 || q.dropped.is_power_of_two() {
+                tracing::warn!(
+                    core = index,
+                    queued = q.bytes,
+                    dropped = q.dropped + 1,
+                    "a core takes no Redis-mode messages: dropping them for it (its subscribers of those channels are cut off)"
+                );
+            }
+            q.dropped += 1;
+            if !matches!(q.msgs.back(), Some(CoreMsg::PublishLost { .. })) {
+                q.msgs.push_back(CoreMsg::PublishLost { channels: Vec::new(), batches: 0 });
+            }
+            if let Some(lost @ CoreMsg::PublishLost { .. }) = q.msgs.back_mut() {
+                let before = msg_bytes(lost);
+                if let CoreMsg::PublishLost { channels, batches } = lost {
+                    *batches += 1;
+                    channels.extend(batch.lines().iter().filter_map(LineMeta::channel));
+                    channels.sort_unstable();
+                    channels.dedup();
+                }
+                // The marker's channel list counts too (it only grows), so the queue stays
+                // within the limit plus one channel table.
+                q.bytes += msg_bytes(lost) - before;
+            }
+        }
+    }
+
     /// The first half of [`Source::broadcast`], which never waits: one message to every core,
-    /// queued here for a core whose mailbox is full. Redis-mode batches take only this half: a
-    /// core's PUBLISH is never held back, and what waits here for a stalled core counts toward
-    /// the limit that slows the upstream reads.
+    /// queued here for a core whose mailbox is full.
     pub(super) fn hand_out(&mut self, make: impl Fn() -> CoreMsg) {
         self.flush();
         for (core, q) in self.ctx.cores.iter().zip(&mut self.queues) {

@@ -225,3 +225,70 @@ fn a_stalled_core_does_not_hold_back_upstream_lines_for_the_others() {
     drop(go);
     writer.join().unwrap();
 }
+
+/// Broker mode with one core that never drains its mailbox: the cores' PUBLISH batches keep
+/// reaching every other core in full, the queue for the stalled core stays within the limit
+/// (the batches past it are dropped for that core alone), and when the core drains again it
+/// gets what was queued, in order, then one `PublishLost` naming the channels it missed.
+#[test]
+fn a_stalled_core_bounds_its_queue_of_published_batches() {
+    use crate::hub::{LineMeta, Published};
+
+    const LIMIT: u64 = 64 << 10;
+    const BATCHES: usize = 300;
+    const CHANNEL: u32 = 7;
+    let (ctx, handle, mut rxs) = context(SourceConfig::None, 2, LIMIT);
+    let stalled = rxs.remove(1);
+    let fast = drain_core(rxs.remove(0));
+    let commands = handle.commands();
+    let source = thread::spawn(move || run(ctx));
+
+    let published: Vec<Arc<Batch>> = (0..BATCHES)
+        .map(|i| {
+            let mut data = vec![b'a' + (i % 26) as u8; 1024];
+            data[1023] = b'\n';
+            Arc::new(Batch::new(Bytes::from(data), vec![LineMeta::pubsub(0, 1024, CHANNEL)]))
+        })
+        .collect();
+    // The draining core gets every batch, in order, whatever the stalled one does (each is
+    // published once the one before it arrived, so that its own queue never fills).
+    for b in &published {
+        assert!(commands.send((0, UpstreamCmd::Publish(Published(Arc::clone(b))))));
+        assert!(Arc::ptr_eq(&recv(&fast), b), "the draining core lost or reordered a batch");
+    }
+    let report = handle.queues(PATIENCE).expect("the source answers");
+    assert!(!report.blocked, "a publisher is never held back");
+    assert!(
+        report.bytes[1] as u64 <= LIMIT + 4,
+        "the stalled core's queue grew to {} bytes past the limit {LIMIT}",
+        report.bytes[1]
+    );
+    let queued = usize::try_from(LIMIT).unwrap() / 1024;
+    let dropped = BATCHES - MAILBOX - queued;
+    assert_eq!(report.dropped, vec![0, dropped as u64]);
+
+    // The stalled core comes back: the batches that fit, in order, then what it lost.
+    for b in &published[..MAILBOX + queued] {
+        match stalled.recv_timeout(PATIENCE) {
+            Ok(CoreMsg::Batch(got)) => assert!(Arc::ptr_eq(&got, b), "reordered"),
+            other => panic!("a batch expected, got {other:?}"),
+        }
+    }
+    match stalled.recv_timeout(PATIENCE) {
+        Ok(CoreMsg::PublishLost { channels, batches }) => {
+            assert_eq!(channels, vec![CHANNEL]);
+            assert_eq!(batches, dropped as u64);
+        }
+        other => panic!("PublishLost expected, got {other:?}"),
+    }
+    // Later batches reach it again once it drains.
+    let after = Arc::new(Batch::new(Bytes::from_static(b"after\n"), vec![LineMeta::pubsub(0, 6, CHANNEL)]));
+    assert!(commands.send((0, UpstreamCmd::Publish(Published(Arc::clone(&after))))));
+    match stalled.recv_timeout(PATIENCE) {
+        Ok(CoreMsg::Batch(got)) => assert!(Arc::ptr_eq(&got, &after)),
+        other => panic!("the batch after the loss expected, got {other:?}"),
+    }
+
+    handle.stop();
+    source.join().unwrap().unwrap();
+}
