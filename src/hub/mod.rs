@@ -28,6 +28,7 @@ pub(crate) mod user_sync;
 
 mod close;
 mod conn;
+mod evict_log;
 mod fanout;
 mod flight;
 mod history;
@@ -301,6 +302,8 @@ pub struct Hub {
     /// When the last WARN about a worker command withheld from the upstream was logged
     /// (monotonic ms): at most one a minute.
     withheld_warned_ms: Option<u64>,
+    /// The first few evictions of a burst are logged in full, the rest counted.
+    evict_log: evict_log::EvictLogLimit,
     /// Redis mode on this core (`--resp-listen`), see `resp.rs`.
     resp: Option<Box<resp::CoreResp>>,
 }
@@ -335,6 +338,7 @@ impl Hub {
             next_tick_ms: 0,
             shutting_down: false,
             withheld_warned_ms: None,
+            evict_log: evict_log::EvictLogLimit::default(),
             resp: None,
         }
     }
