@@ -73,7 +73,10 @@ mod tests {
         let mut limit = EvictLogLimit::default();
         let logged: Vec<EvictLog> = (0..1000).map(|_| limit.evicted(5_000)).collect();
         assert_eq!(logged.iter().filter(|l| **l == EvictLog::Full).count(), EVICT_LOG_BURST as usize);
-        assert!(logged[..EVICT_LOG_BURST as usize].iter().all(|l| *l == EvictLog::Full), "the first ones in full");
+        assert!(
+            logged[..EVICT_LOG_BURST as usize].iter().all(|l| *l == EvictLog::Full),
+            "the first ones in full"
+        );
         assert_eq!(limit.due(5_100), None, "the interval is not over");
         assert_eq!(limit.due(15_000), Some((1000 - u64::from(EVICT_LOG_BURST), 10_000)));
         assert_eq!(limit.due(40_000), None, "reported once");
