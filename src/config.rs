@@ -135,7 +135,7 @@ pub struct ServeConfig {
     pub resp_listen: Option<SocketAddr>,
     /// Redis-mode settings (used when `resp_listen` is set).
     pub resp: crate::resp::RespConfig,
-    /// TCP_NOTSENT_LOWAT for accepted worker sockets (0: 32 KiB until the worker proves it
+    /// TCP_NOTSENT_LOWAT for accepted worker sockets (0: 64 KiB until the worker proves it
     /// reads, then none).
     pub worker_notsent_lowat: usize,
 }
@@ -148,9 +148,9 @@ pub const DEFAULT_HEALTH_UPSTREAM_GRACE_MS: u64 = 30_000;
 /// memory (twice this, as Linux counts it), and costs the core at most this much copying.
 pub const DEFAULT_WORKER_SNDBUF: usize = 256 << 10;
 
-/// Default `--worker-notsent-lowat`: 0, which sets 32 KiB on every worker socket until the
+/// Default `--worker-notsent-lowat`: 0, which sets 64 KiB on every worker socket until the
 /// worker has proven it reads (its socket took more than 1 MiB) and lifts it then. So a worker
-/// that stops reading takes its receive window plus 32 KiB before its socket blocks, not its
+/// that stops reading takes its receive window plus 64 KiB before its socket blocks, not its
 /// whole send buffer as well: a crowd of them is filled several times faster and holds that
 /// much less kernel memory, and a reader's socket queues as much as the kernel lets it once
 /// proven. A value other than 0 applies to every worker socket for good.
@@ -595,7 +595,7 @@ pub struct ServeOptions {
     pub resp_cache_max_bytes: Option<Quantity>,
     /// Most bytes a worker socket holds unsent (TCP_NOTSENT_LOWAT): with the peer's receive
     /// window, what a worker that stops reading costs in kernel memory and copying. 0 sets
-    /// 32 KiB until the worker has proven it reads (1 MiB taken) and lifts it then [default: 0]
+    /// 64 KiB until the worker has proven it reads (1 MiB taken) and lifts it then [default: 0]
     #[arg(long, value_name = "BYTES")]
     #[serde(alias = "worker_notsent_lowat")]
     pub worker_notsent_lowat: Option<Quantity>,

@@ -8,11 +8,11 @@
 //! is where the readers' p99 comes from (their latency is over a millisecond for as long as
 //! it lasts, and fine before and after), so its size is what this test bounds: a worker that
 //! has not yet proven it reads must block once its peer's receive window is full and a small
-//! not-yet-sent allowance (`UNPROVEN_NOTSENT_LOWAT`, 32 KiB) is queued, instead of once its
+//! not-yet-sent allowance (`UNPROVEN_NOTSENT_LOWAT`, 64 KiB) is queued, instead of once its
 //! whole send buffer (256 KiB, doubled by Linux) is full as well. A build that lets unproven
-//! sockets fill their send buffers writes about 376 KiB into each stalled socket here (38 KiB
-//! with the allowance) and fails; the bound is 128 KiB. The readers must still get every line in order, and be written past
-//! the proof threshold, which lifts the allowance for them.
+//! sockets fill their send buffers writes about 376 KiB into each stalled socket here (70 KiB
+//! with the allowance) and fails; the bound is 192 KiB. The readers must still get every
+//! line in order, and be written past the proof threshold, which lifts the allowance for them.
 // Integration tests wait for real processes and sockets with real deadlines.
 #![allow(clippy::disallowed_methods)]
 #[macro_use]
@@ -28,10 +28,10 @@ use replhub::config::IoBackend;
 const STALLED: usize = 100;
 const READERS: usize = 2;
 /// Bytes the hub may write into a stalled worker's socket before it blocks: the worker's
-/// receive window (its receive buffer is 4 KiB, so a few KiB), the 32 KiB allowance, and
+/// receive window (its receive buffer is 4 KiB, so a few KiB), the 64 KiB allowance, and
 /// what one write may take past the allowance (the kernel checks it between segments),
 /// with room to spare; a full send buffer does not fit.
-const FILL_BOUND: u64 = 128 << 10;
+const FILL_BOUND: u64 = 192 << 10;
 /// Lines per step and the pause between steps: a steady stream the readers keep up with.
 const STEP_LINES: usize = 250;
 const STEP_PAUSE: Duration = Duration::from_millis(2);

@@ -1,7 +1,7 @@
 //! The scenario of issue D3 at a fifth of its scale: a crowd of workers that never read, and a
 //! hundredth as many readers, all subscribed before the stream starts, on one core with
 //! `--max-pending-bytes 4MiB` and the default `--worker-sndbuf`. The stalled workers have
-//! ordinary receive buffers, so each one takes a receive window plus the 32 KiB an unproven
+//! ordinary receive buffers, so each one takes a receive window plus the 64 KiB an unproven
 //! socket may hold unsent before it blocks (its whole send buffer as well, before that limit):
 //! tens of megabytes the core has to push while its readers wait, the readers unproven at
 //! first (they have taken no more than the stalled workers yet). `tests/stalled_fill.rs`

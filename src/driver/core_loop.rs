@@ -42,11 +42,14 @@ pub(crate) const TURN_WRITE_BUDGET: usize = 1 << 20;
 /// TCP_NOTSENT_LOWAT of a worker socket until it has proven it reads (its socket took more
 /// than `hub::PROVEN_READER_BYTES`), unless `--worker-notsent-lowat` sets one for good: a
 /// worker that never reads then takes its receive window plus this much before its socket
-/// blocks, instead of its whole send buffer as well, so a crowd of them is filled about four
+/// blocks, instead of its whole send buffer as well, so a crowd of them is filled about three
 /// times faster and costs the readers beside it that much less. A reader's socket sends what
-/// it is given at once (its window is open), so the limit does not hold it back; once proven
-/// the limit is lifted, so a fast reader is not woken for every few KiB it drains.
-pub(crate) const UNPROVEN_NOTSENT_LOWAT: usize = 32 << 10;
+/// it is given at once (its window is open), so the limit holds it back only when it falls
+/// behind: then it is what the socket can take per loop turn beyond the reader's window, and
+/// 32 KiB measured too little for a new reader beside a crowd on a starved core (it fell 8 MiB
+/// behind before it was proven, in `tests/stalled_readers.rs` under load). Once proven the
+/// limit is lifted, so a fast reader is not woken for every few KiB it drains.
+pub(crate) const UNPROVEN_NOTSENT_LOWAT: usize = 64 << 10;
 
 /// The I/O a driver does for the shared loop.
 pub(crate) trait Sockets {
