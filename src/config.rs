@@ -135,7 +135,8 @@ pub struct ServeConfig {
     pub resp_listen: Option<SocketAddr>,
     /// Redis-mode settings (used when `resp_listen` is set).
     pub resp: crate::resp::RespConfig,
-    /// TCP_NOTSENT_LOWAT for accepted worker sockets (0: not set).
+    /// TCP_NOTSENT_LOWAT for accepted worker sockets (0: 64 KiB until the worker proves it
+    /// reads, then none).
     pub worker_notsent_lowat: usize,
 }
 
@@ -147,12 +148,12 @@ pub const DEFAULT_HEALTH_UPSTREAM_GRACE_MS: u64 = 30_000;
 /// memory (twice this, as Linux counts it), and costs the core at most this much copying.
 pub const DEFAULT_WORKER_SNDBUF: usize = 256 << 10;
 
-/// Default `--worker-notsent-lowat`: unset. With it (e.g. 128 KiB) a worker socket holds at most
-/// that much data not yet sent beyond what its peer's receive window let through, so a worker
-/// that stops reading takes its receive window plus that, not its whole send buffer: a crowd of
-/// them is filled three to four times faster and holds that much less kernel memory. It is not
-/// the default because with io_uring, at a 4 MiB `--max-pending-bytes`, the readers beside such
-/// a crowd measured worse with it than without (README, "Stalled workers and memory").
+/// Default `--worker-notsent-lowat`: 0, which sets 64 KiB on every worker socket until the
+/// worker has proven it reads (its socket took more than 1 MiB) and lifts it then. So a worker
+/// that stops reading takes its receive window plus 64 KiB before its socket blocks, not its
+/// whole send buffer as well: a crowd of them is filled several times faster and holds that
+/// much less kernel memory, and a reader's socket queues as much as the kernel lets it once
+/// proven. A value other than 0 applies to every worker socket for good.
 pub const DEFAULT_WORKER_NOTSENT_LOWAT: usize = 0;
 
 /// Default `NAME` replhub announces to its upstream.
@@ -609,8 +610,8 @@ pub struct ServeOptions {
     #[serde(alias = "resp_cache_max_bytes")]
     pub resp_cache_max_bytes: Option<Quantity>,
     /// Most bytes a worker socket holds unsent (TCP_NOTSENT_LOWAT): with the peer's receive
-    /// window, what a worker that stops reading costs in kernel memory and copying. 0 leaves
-    /// it unset [default: 0]
+    /// window, what a worker that stops reading costs in kernel memory and copying. 0 sets
+    /// 64 KiB until the worker has proven it reads (1 MiB taken) and lifts it then [default: 0]
     #[arg(long, value_name = "BYTES")]
     #[serde(alias = "worker_notsent_lowat")]
     pub worker_notsent_lowat: Option<Quantity>,

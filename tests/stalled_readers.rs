@@ -1,9 +1,11 @@
 //! The scenario of issue D3 at a fifth of its scale: a crowd of workers that never read, and a
 //! hundredth as many readers, all subscribed before the stream starts, on one core with
 //! `--max-pending-bytes 4MiB` and the default `--worker-sndbuf`. The stalled workers have
-//! ordinary receive buffers, so each one takes its whole send buffer plus a receive window
-//! before it blocks: over a hundred megabytes the core has to push while its readers wait, the
-//! readers unproven at first (they have taken no more than the stalled workers yet).
+//! ordinary receive buffers, so each one takes a receive window plus the 64 KiB an unproven
+//! socket may hold unsent before it blocks (its whole send buffer as well, before that limit):
+//! tens of megabytes the core has to push while its readers wait, the readers unproven at
+//! first (they have taken no more than the stalled workers yet). `tests/stalled_fill.rs`
+//! bounds what each stalled socket takes.
 //!
 //! The outcome is checked, not the speed: no reader is evicted, every reader gets every line in
 //! order, and every stalled worker is evicted. Latency belongs to `scripts/stalled-crowd`. The

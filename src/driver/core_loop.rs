@@ -39,6 +39,18 @@ pub(crate) const SHUTDOWN_GRACE_MS: u64 = 2_000;
 /// buffers filled, the readers (written first in every turn) wait at most that long.
 pub(crate) const TURN_WRITE_BUDGET: usize = 1 << 20;
 
+/// TCP_NOTSENT_LOWAT of a worker socket until it has proven it reads (its socket took more
+/// than `hub::PROVEN_READER_BYTES`), unless `--worker-notsent-lowat` sets one for good: a
+/// worker that never reads then takes its receive window plus this much before its socket
+/// blocks, instead of its whole send buffer as well, so a crowd of them is filled about three
+/// times faster and costs the readers beside it that much less. A reader's socket sends what
+/// it is given at once (its window is open), so the limit holds it back only when it falls
+/// behind: then it is what the socket can take per loop turn beyond the reader's window, and
+/// 32 KiB measured too little for a new reader beside a crowd on a starved core (it fell 8 MiB
+/// behind before it was proven, in `tests/stalled_readers.rs` under load). Once proven the
+/// limit is lifted, so a fast reader is not woken for every few KiB it drains.
+pub(crate) const UNPROVEN_NOTSENT_LOWAT: usize = 64 << 10;
+
 /// The I/O a driver does for the shared loop.
 pub(crate) trait Sockets {
     /// The fd of `id`'s socket while the driver holds it, for the kernel queue samples.
@@ -86,6 +98,9 @@ pub(crate) struct CoreLoop {
     iov: Vec<IoSlice<'static>>,
     /// When to give the heap back after a large backlog went.
     trimmer: Trimmer,
+    /// Worker sockets start with [`UNPROVEN_NOTSENT_LOWAT`] ([`tune_worker_socket`]), lifted
+    /// here once the connection is a proven reader.
+    unproven_lowat: bool,
 }
 
 /// Empties a vector of slices and hands back its allocation with a new (unrelated) lifetime,
@@ -103,6 +118,7 @@ impl CoreLoop {
         hub: HubConfig,
         upstream: Inbox<(usize, UpstreamCmd)>,
         clock: Clock,
+        worker_notsent_lowat: usize,
     ) -> Self {
         Self {
             hub: Hub::new(hub),
@@ -113,6 +129,7 @@ impl CoreLoop {
             dirty: Vec::new(),
             iov: Vec::new(),
             trimmer: Trimmer::default(),
+            unproven_lowat: worker_notsent_lowat == 0,
         }
     }
 
@@ -251,10 +268,19 @@ impl CoreLoop {
     ) {
         match result {
             Ok(n) => {
+                let unproven = self.hub.wants_send_queue(id);
                 self.hub.on_written(id, n, now);
                 if self.hub.wants_send_queue(id) {
                     if let Some(queued) = sockets.fd(id).and_then(|fd| sockq::send_queue(fd).ok()) {
                         self.hub.on_send_queue(id, u64::from(queued));
+                    }
+                } else if unproven && self.unproven_lowat {
+                    // Proven a reader with this write: its socket may queue as much as the
+                    // kernel lets it from now on.
+                    if let Some(fd) = sockets.fd(id) {
+                        if let Err(e) = sockq::set_notsent_lowat(fd, 0) {
+                            tracing::debug!(core = self.index, conn = %id, error = %e, "TCP_NOTSENT_LOWAT failed");
+                        }
                     }
                 }
                 if n < len {
@@ -293,10 +319,12 @@ impl CoreLoop {
 /// Caps an accepted worker socket's kernel send buffer at `sndbuf` (0 leaves the kernel's
 /// default and auto-tuning), so a worker that stops reading holds at most that much kernel
 /// memory (Linux reserves twice the value for bookkeeping); and the bytes it holds unsent at
-/// `notsent_lowat` (TCP_NOTSENT_LOWAT, 0 leaves it unset), so that such a worker takes only
-/// its receive window plus that much before its socket blocks. Filling a stalled worker's
-/// socket is the one cost a crowd of them puts on a core (the write path of loopback TCP runs
-/// the receiver's side too): the smaller the fill, the sooner they cost nothing.
+/// `notsent_lowat` (TCP_NOTSENT_LOWAT) for good, or, with 0, at [`UNPROVEN_NOTSENT_LOWAT`]
+/// until it proves it reads ([`CoreLoop::written`] lifts it then), so that a worker that never
+/// reads takes only its receive window plus that much before its socket blocks. Filling a
+/// stalled worker's socket is the one cost a crowd of them puts on a core (the write path of
+/// loopback TCP runs the receiver's side too): the smaller the fill, the sooner they cost
+/// nothing.
 pub(crate) fn tune_worker_socket(
     core: usize,
     socket: socket2::SockRef<'_>,
@@ -308,11 +336,9 @@ pub(crate) fn tune_worker_socket(
             tracing::debug!(core, error = %e, "SO_SNDBUF failed");
         }
     }
-    if notsent_lowat != 0 {
-        let lowat = u32::try_from(notsent_lowat).unwrap_or(u32::MAX);
-        if let Err(e) = socket.set_tcp_notsent_lowat(lowat) {
-            tracing::debug!(core, error = %e, "TCP_NOTSENT_LOWAT failed");
-        }
+    let lowat = if notsent_lowat == 0 { UNPROVEN_NOTSENT_LOWAT } else { notsent_lowat };
+    if let Err(e) = socket.set_tcp_notsent_lowat(u32::try_from(lowat).unwrap_or(u32::MAX)) {
+        tracing::debug!(core, error = %e, "TCP_NOTSENT_LOWAT failed");
     }
 }
 

@@ -70,7 +70,7 @@ pub(crate) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let listener = TcpListener::from_std(listener)?;
-        let mut core_loop = CoreLoop::new(index, hub, upstream, clock);
+        let mut core_loop = CoreLoop::new(index, hub, upstream, clock, worker_notsent_lowat);
         let resp_listener = match resp {
             Some((l, state)) => {
                 core_loop.hub.set_resp(state);

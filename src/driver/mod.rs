@@ -164,6 +164,7 @@ pub struct CoreContext {
     pub resp: Option<(std::net::TcpListener, Arc<crate::resp::RespState>)>,
     /// Passed once the core holds its own descriptors; accepting starts only after it opens.
     pub start: StartGate,
-    /// TCP_NOTSENT_LOWAT for accepted worker sockets (0: not set).
+    /// TCP_NOTSENT_LOWAT for accepted worker sockets (0: 64 KiB until the worker proves it
+    /// reads, then none).
     pub worker_notsent_lowat: usize,
 }

@@ -55,6 +55,28 @@ pub fn peer_addr(fd: RawFd) -> io::Result<std::net::SocketAddr> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "not an IP socket"))
 }
 
+/// Sets `TCP_NOTSENT_LOWAT` on a socket; 0 restores the system default
+/// (`net.ipv4.tcp_notsent_lowat`, unlimited unless an administrator set it).
+pub fn set_notsent_lowat(fd: RawFd, bytes: u32) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `value` is a live, aligned `int` for the whole call and the length passed is its
+    // size; the kernel only reads it. An invalid or non-TCP fd yields -1 with errno, never UB.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// Issues an ioctl whose argument is a pointer to one `int` the kernel fills in.
 #[cfg(target_os = "linux")]
 fn ioctl_u32(fd: RawFd, request: libc::Ioctl) -> io::Result<u32> {

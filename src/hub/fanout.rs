@@ -55,13 +55,23 @@ impl Hub {
             }
         }
         // The hot loop of a batch: borrow the fields apart so that each wake is one slot
-        // lookup and an inlined state check.
-        let Self { stream_subs, conns, log, dirty, .. } = self;
+        // lookup and an inlined state check, and a connection parked on its socket not even
+        // that.
+        let Self { stream_subs, conns, log, dirty, parked, .. } = self;
         for s in StreamMask(streams).iter() {
             for &id in &stream_subs[s.index()] {
+                let slot = id.index as usize;
+                if parked.get(slot).is_some_and(|&p| p == id.gen.wrapping_add(1)) {
+                    continue;
+                }
                 let Some(c) = conns.get_mut(id) else { continue };
                 if c.outbox.wake(log, first, now.mono_ms, c.close.emitted()) {
                     dirty.push(id);
+                } else if c.outbox.waits_on_socket() {
+                    if parked.len() <= slot {
+                        parked.resize(slot + 1, 0);
+                    }
+                    parked[slot] = id.gen.wrapping_add(1);
                 }
             }
         }

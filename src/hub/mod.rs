@@ -28,6 +28,7 @@ pub(crate) mod user_sync;
 
 mod close;
 mod conn;
+mod evict_log;
 mod fanout;
 mod flight;
 mod history;
@@ -311,6 +312,14 @@ pub struct Hub {
     /// When the last WARN about a worker command withheld from the upstream was logged
     /// (monotonic ms): at most one a minute.
     withheld_warned_ms: Option<u64>,
+    /// The first few evictions of a burst are logged in full, the rest counted.
+    evict_log: evict_log::EvictLogLimit,
+    /// By slot index, the generation plus one of a connection found waiting on its socket
+    /// (a write in flight or blocked) when a batch woke it, until its socket reports progress
+    /// or room ([`Hub::on_written`], [`Hub::on_writable`]); 0 for none. A wake is a no-op in
+    /// that state, so a batch skips these without touching their connection: a crowd of
+    /// workers whose sockets are full costs a batch one read of this array each.
+    parked: Vec<u32>,
     /// Redis mode on this core (`--resp-listen`), see `resp.rs`.
     resp: Option<Box<resp::CoreResp>>,
 }
@@ -345,6 +354,8 @@ impl Hub {
             next_tick_ms: 0,
             shutting_down: false,
             withheld_warned_ms: None,
+            evict_log: evict_log::EvictLogLimit::default(),
+            parked: Vec::new(),
             resp: None,
         }
     }

@@ -968,3 +968,42 @@ mod bounds {
         assert_eq!(sim.take_lines(w), vec!["ERROR Failed to keep up"]);
     }
 }
+
+#[test]
+fn a_batch_skips_workers_parked_on_a_full_socket_and_they_resume_where_they_were() {
+    let mut sim = Sim::new(Sim::test_config(64 << 20));
+    sim.connect_upstream("example.com", Sim::positions());
+    let reader = sim.accept();
+    sim.send(reader, "REPLICATE ALL");
+    sim.take_lines(reader);
+    let stalled: Vec<_> = (0..50)
+        .map(|_| {
+            let w = sim.accept();
+            sim.send(w, "REPLICATE ALL");
+            sim.take_lines(w);
+            // Takes the next write in part, then its socket is full.
+            sim.set_capacity(w, Capacity::ThenStall(100));
+            w
+        })
+        .collect();
+    let parked = |sim: &Sim| sim.hub.parked.iter().filter(|&&p| p != 0).count();
+    let mut sent = Vec::new();
+    for k in 0..20 {
+        sent.extend(text(&sim.batch(&[(Events, V(1_000 + k))])));
+    }
+    // The first batch blocked them; the second found them waiting on their sockets.
+    assert_eq!(parked(&sim), stalled.len(), "every blocked worker is parked, the reader is not");
+    assert_eq!(rdata(&sim.take_lines(reader)), sent.iter().map(String::as_str).collect::<Vec<_>>());
+    for &w in &stalled {
+        sim.set_capacity(w, Capacity::Unlimited);
+    }
+    assert_eq!(parked(&sim), 0, "room on the socket unparks");
+    for &w in &stalled {
+        assert_eq!(rdata(&sim.take_lines(w)), sent.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    // Woken by batches again.
+    let more = text(&sim.batch(&[(Events, V(2_000))]));
+    for &w in &stalled {
+        assert_eq!(rdata(&sim.take_lines(w)), more.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+}

@@ -1,5 +1,6 @@
 //! Timers: session ticks (PING, ping timeout, close linger) and the slow-consumer sweep.
 use super::conn::CloseState;
+use super::evict_log::EvictLog;
 use super::slow_consumer::{slow_consumer_verdict, Progress, Rules, Verdict};
 use super::stats::{CloseReason, EvictReason};
 use super::{CloseHow, ConnId, Hub, HubOutput};
@@ -22,6 +23,12 @@ impl Hub {
             self.tick(id, now);
         }
         self.sweep(now, Rules::All);
+        if let Some((count, over_ms)) = self.evict_log.due(now.mono_ms) {
+            tracing::warn!(
+                "{count} more slow consumers evicted in the last {} s (logged at debug level)",
+                over_ms.div_ceil(1000)
+            );
+        }
     }
 
     /// One connection's session timers.
@@ -92,14 +99,18 @@ impl Hub {
     /// Drops a slow consumer's backlog, tells it `ERROR Failed to keep up` and closes it.
     pub(super) fn evict(&mut self, id: ConnId, reason: EvictReason, now: Now) {
         let backlog = self.backlog_bytes(id).unwrap_or(0);
-        let Some(c) = self.conn(id) else { return };
-        tracing::warn!(
-            conn = %id,
-            name = c.display_name(),
-            reason = reason.label(),
-            backlog,
-            "slow consumer evicted"
-        );
+        let Some(c) = self.conns.get(id) else { return };
+        if self.evict_log.evicted(now.mono_ms) == EvictLog::Full {
+            tracing::warn!(
+                conn = %id,
+                name = c.display_name(),
+                reason = reason.label(),
+                backlog,
+                "slow consumer evicted"
+            );
+        } else {
+            tracing::debug!(conn = %id, name = c.display_name(), reason = reason.label(), backlog, "slow consumer evicted");
+        }
         self.stats.evictions[reason as usize] += 1;
         self.fail(id, &PeerError::FailedToKeepUp, CloseReason::SlowConsumer, now);
     }

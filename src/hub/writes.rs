@@ -130,6 +130,7 @@ impl Hub {
 
     /// The socket of a blocked connection is writable again.
     pub fn on_writable(&mut self, id: ConnId) {
+        self.unpark(id);
         let Some(c) = self.conns.get_mut(id) else { return };
         if c.outbox.on_writable(c.close.emitted()) {
             self.dirty.push(id);
@@ -178,6 +179,7 @@ impl Hub {
     /// `n` bytes of the write in flight for `id` were written (`n` may be short or zero). A
     /// short write means the socket is full: the connection waits for [`Hub::on_writable`].
     pub fn on_written(&mut self, id: ConnId, n: usize, now: Now) {
+        self.unpark(id);
         let Some(c) = self.conns.get_mut(id) else { return };
         let Some(written) = c.outbox.on_written(&mut self.log, n, now.mono_ms) else { return };
         if n > 0 {
@@ -191,6 +193,14 @@ impl Hub {
             AfterWrite::Idle => self.close_if_drained(id),
             AfterWrite::Dirty => self.dirty.push(id),
             AfterWrite::Blocked => {}
+        }
+    }
+
+    /// `id`'s write is no longer waiting on its socket: batches wake it again (see
+    /// `Hub::parked`).
+    fn unpark(&mut self, id: ConnId) {
+        if let Some(p) = self.parked.get_mut(id.index as usize) {
+            *p = 0;
         }
     }
 

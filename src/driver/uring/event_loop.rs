@@ -240,7 +240,7 @@ impl Driver {
             cqes: Vec::new(),
             stats: LoopStats::default(),
         };
-        let mut core = CoreLoop::new(index, hub, upstream, clock);
+        let mut core = CoreLoop::new(index, hub, upstream, clock, worker_notsent_lowat);
         if let Some(state) = resp_state {
             core.hub.set_resp(state);
         }
