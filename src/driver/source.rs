@@ -12,10 +12,12 @@
 //!
 //! Batches are cut naturally: whatever one upstream read returns becomes one batch at once, so
 //! at light load a line reaches the cores one read after it left the master, with no timer in
-//! between. Lines coalesce only while a core is busy: while some core's mailbox is full (it has
-//! not taken the last [`CORE_MAILBOX`](crate::server::CORE_MAILBOX) message yet) and a message
-//! waits behind it in the source's queue for that core, further reads stay uncut in the link's
-//! buffer. They are cut into one batch as soon as every such core has taken its message (checked
+//! between. A busy core takes every batch waiting in its mailbox in one turn and writes each
+//! connection once for all of them, so under load lines coalesce at the core. Lines coalesce
+//! in the source only while a core is far behind: while some core's mailbox is full (it has
+//! not taken the last [`CORE_MAILBOX`](crate::server::CORE_MAILBOX) messages yet) and a
+//! message waits behind them in the source's queue for that core, further reads stay uncut in
+//! the link's buffer. They are cut into one batch as soon as every such core has taken its message (checked
 //! on every read, and every [`HOLD_RETRY`] otherwise), or once [`COALESCE_BYTES`] are held, or
 //! once the oldest held read is [`HOLD_MAX`] old, whichever comes first; so a core that stopped
 //! taking messages costs the other cores at most [`HOLD_MAX`] of latency, never a stall. A read
