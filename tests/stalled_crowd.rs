@@ -17,7 +17,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    eventually, sample_rdata, start, stop, subscribed_workers, upstream_config, TestMaster, Worker, WAIT,
+    eventually, sample_rdata, spawn_checking_readers, start, stop, subscribed_workers, upstream_config,
+    TestMaster, Worker, WAIT,
 };
 use replhub::config::IoBackend;
 
@@ -46,21 +47,10 @@ fn a_crowd_of_stalled_workers_costs_the_readers_nothing(io: IoBackend) {
     let all: Arc<Vec<Vec<u8>>> = Arc::new((0..COPIES).flat_map(|_| sample.iter().cloned()).collect());
 
     let stalled = subscribed_workers(server.local_addr(), "stalled", STALLED, Worker::connect_small_rcvbuf);
-    let readers: Vec<_> = subscribed_workers(server.local_addr(), "reader", READERS, Worker::connect)
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut w)| {
-            let all = Arc::clone(&all);
-            thread::spawn(move || {
-                // `rdata` panics on anything but RDATA and PING: an eviction's ERROR fails here.
-                for (n, want) in all.iter().enumerate() {
-                    let got = w.rdata(1).remove(0);
-                    assert!(&got == want, "reader{i}: line {n} differs");
-                }
-                w
-            })
-        })
-        .collect();
+    let readers = spawn_checking_readers(
+        subscribed_workers(server.local_addr(), "reader", READERS, Worker::connect),
+        &all,
+    );
 
     // A steady rate, not a lockstep with the readers: the hub must keep up on its own.
     let started = Instant::now();

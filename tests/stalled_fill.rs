@@ -22,7 +22,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use common::{sample_rdata, start, stop, subscribed_workers, upstream_config, TestMaster, Worker, WAIT};
+use common::{
+    sample_rdata, spawn_checking_readers, start, stop, subscribed_workers, upstream_config, TestMaster,
+    Worker, WAIT,
+};
 use replhub::config::IoBackend;
 
 const STALLED: usize = 100;
@@ -53,20 +56,10 @@ fn a_stalled_worker_costs_its_receive_window_and_a_small_allowance(io: IoBackend
     let total: u64 = all.iter().map(|l| l.len() as u64).sum();
 
     let stalled = subscribed_workers(server.local_addr(), "stalled", STALLED, Worker::connect_small_rcvbuf);
-    let readers: Vec<_> = subscribed_workers(server.local_addr(), "reader", READERS, Worker::connect)
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut w)| {
-            let all = Arc::clone(&all);
-            thread::spawn(move || {
-                for (n, want) in all.iter().enumerate() {
-                    let got = w.rdata(1).remove(0);
-                    assert!(&got == want, "reader{i}: line {n} differs");
-                }
-                w
-            })
-        })
-        .collect();
+    let readers = spawn_checking_readers(
+        subscribed_workers(server.local_addr(), "reader", READERS, Worker::connect),
+        &all,
+    );
     for chunk in all.chunks(STEP_LINES) {
         master.push(&chunk.concat());
         thread::sleep(STEP_PAUSE);

@@ -422,6 +422,28 @@ pub(crate) fn subscribed_workers(
         .collect()
 }
 
+/// One thread per worker that reads `all` in order (RDATA only: `Worker::rdata` panics on
+/// anything but RDATA and PING, so an eviction's ERROR fails the reader) and returns the worker.
+pub(crate) fn spawn_checking_readers(
+    workers: Vec<Worker>,
+    all: &std::sync::Arc<Vec<Vec<u8>>>,
+) -> Vec<std::thread::JoinHandle<Worker>> {
+    workers
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut w)| {
+            let all = std::sync::Arc::clone(all);
+            std::thread::spawn(move || {
+                for (n, want) in all.iter().enumerate() {
+                    let got = w.rdata(1).remove(0);
+                    assert!(&got == want, "reader{i}: line {n} differs");
+                }
+                w
+            })
+        })
+        .collect()
+}
+
 /// A worker speaking the protocol by hand over a real socket.
 pub(crate) struct Worker {
     reader: LineReader,
