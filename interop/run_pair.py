@@ -94,6 +94,23 @@ def wait_for_event(events, deadline, name, kind):
             raise RuntimeError("%s exited before %s" % (name, kind))
 
 
+def pump_events(until, events, procs, failures, deadline):
+    """Handles the processes' events until until() is true. False at the deadline, or once a
+    process in procs exits before it was asked to stop (recorded in failures)."""
+    while not until():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            who, ev = events.get(timeout=min(left, 0.2))
+        except queue.Empty:
+            continue
+        if ev.get("event") == "exited" and not procs[who].stopping:
+            failures.append("%s exited early" % who)
+            return False
+    return True
+
+
 def free_loopback_port():
     """A loopback TCP port that was free a moment ago, for a child process to listen on."""
     with socket.socket() as s:

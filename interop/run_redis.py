@@ -46,7 +46,7 @@ import subprocess
 import sys
 import time
 
-from run_pair import Proc
+from run_pair import Proc, pump_events
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -100,19 +100,7 @@ def main():
     lifetime = str(int(args.timeout + 30))  # every node also stops itself
 
     def pump(until):
-        """Handles events until until() is true; False on timeout."""
-        while not until():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            try:
-                who, ev = events.get(timeout=min(left, 0.2))
-            except queue.Empty:
-                continue
-            if ev.get("event") == "exited" and not procs[who].stopping:
-                failures.append("%s exited early" % who)
-                return False
-        return True
+        return pump_events(until, events, procs, failures, deadline)
 
     def published(name):
         return [e for e in procs[name].lines if e.get("event") == "published"]

@@ -41,7 +41,7 @@ import queue
 import sys
 import time
 
-from run_pair import Proc, default_venv_dir, print_verdict, venv_python, wait_for_event
+from run_pair import Proc, default_venv_dir, print_verdict, pump_events, venv_python, wait_for_event
 
 # Streams whose rows a current Synapse writes in a shape this harness's worker release cannot
 # parse, and why.
@@ -98,19 +98,7 @@ def main():
         return [e for e in procs[name].lines if e.get("event") == kind]
 
     def pump(until):
-        """Handles events until until() is true; False at the deadline or if a process exits."""
-        while not until():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            try:
-                who, ev = events.get(timeout=min(left, 0.2))
-            except queue.Empty:
-                continue
-            if ev.get("event") == "exited" and not procs[who].stopping:
-                failures.append("%s exited early" % who)
-                return False
-        return True
+        return pump_events(until, events, procs, failures, deadline)
 
     published_before = 0
     try:
