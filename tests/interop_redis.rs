@@ -121,7 +121,8 @@ fn run_split(master_port: u16, worker_port: u16, label: &str) -> Value {
     let venv_dir = python.ancestors().nth(3).expect("venv dir").to_path_buf();
     let log_dir = std::env::temp_dir().join(format!("replhub-redis-interop-{label}-{}", std::process::id()));
     std::fs::create_dir_all(&log_dir).expect("log dir");
-    let child = Command::new("python3")
+    let mut child = Command::new("python3");
+    child
         .arg(Path::new(root).join("interop/run_redis.py"))
         .args(["--redis", &format!("127.0.0.1:{master_port}"), "--timeout", &RUN_TIMEOUT_S.to_string()])
         .args(["--worker-redis", &format!("127.0.0.1:{worker_port}")])
@@ -129,36 +130,41 @@ fn run_split(master_port: u16, worker_port: u16, label: &str) -> Value {
         .arg("--venv-dir")
         .arg(&venv_dir)
         .arg("--log-dir")
-        .arg(&log_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("python3 runs interop/run_redis.py");
+        .arg(&log_dir);
+    let started = Instant::now();
+    let verdict = run_to_verdict(child, label, &log_dir);
+    check_delivery(&verdict, label, master_port != worker_port);
+    eprintln!("{label}: pass in {:?}", started.elapsed());
+    let _ = std::fs::remove_dir_all(&log_dir);
+    verdict
+}
+
+/// Runs an interop script (`interop/run_redis*.py`) to its end, within [`RUN_LIMIT`], and
+/// returns its verdict (the last line it prints, JSON), which must be a pass.
+fn run_to_verdict(mut script: Command, label: &str, log_dir: &Path) -> Value {
+    let child = script.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("python3 runs the script");
     let mut child = Killed(child);
     let started = Instant::now();
     let status = loop {
-        if let Some(status) = child.0.try_wait().expect("wait for run_redis") {
+        if let Some(status) = child.0.try_wait().expect("wait for the script") {
             break status;
         }
-        // run_redis stops its nodes when it exits; they also stop within a second of it.
+        // The scripts stop their nodes when they exit; the nodes also stop within a second.
         assert!(
             started.elapsed() < RUN_LIMIT,
-            "{label}: run_redis still running after {RUN_LIMIT:?}; logs in {}",
+            "{label}: still running after {RUN_LIMIT:?}; logs in {}",
             log_dir.display()
         );
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut stdout = String::new();
-    child.0.stdout.take().expect("piped").read_to_string(&mut stdout).expect("run_redis output");
+    child.0.stdout.take().expect("piped").read_to_string(&mut stdout).expect("the script's output");
     let last = stdout.lines().last().unwrap_or_default();
     let verdict: Value = serde_json::from_str(last)
         .unwrap_or_else(|e| panic!("{label}: no verdict ({e}) in {stdout:?}; logs in {}", log_dir.display()));
     assert_eq!(verdict["event"], "verdict", "{label}: {last}");
     assert_eq!(verdict["pass"], true, "{label}: {}; logs in {}", verdict["failures"], log_dir.display());
-    assert!(status.success(), "{label}: run_redis exited with {status}");
-    check_delivery(&verdict, label, master_port != worker_port);
-    eprintln!("{label}: pass in {:?}", started.elapsed());
-    let _ = std::fs::remove_dir_all(&log_dir);
+    assert!(status.success(), "{label}: the script exited with {status}");
     verdict
 }
 
@@ -338,34 +344,17 @@ fn tcp_worker_behind_replhub_on_redis(release: &str) {
     let log_dir =
         std::env::temp_dir().join(format!("replhub-redis-tcp-interop-{release}-{}", std::process::id()));
     std::fs::create_dir_all(&log_dir).expect("log dir");
-    let child = Command::new("python3")
+    let mut child = Command::new("python3");
+    child
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/run_redis_tcp.py"))
         .args(["--redis", &format!("127.0.0.1:{redis_port}"), "--hub", &format!("127.0.0.1:{listen}")])
         .args(["--release", release, "--timeout", &RUN_TIMEOUT_S.to_string()])
         .arg("--venv-dir")
         .arg(&venv_dir)
         .arg("--log-dir")
-        .arg(&log_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("python3 runs interop/run_redis_tcp.py");
-    let mut child = Killed(child);
+        .arg(&log_dir);
     let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.0.try_wait().expect("wait for run_redis_tcp") {
-            break status;
-        }
-        assert!(started.elapsed() < RUN_LIMIT, "run_redis_tcp still running; logs in {}", log_dir.display());
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stdout = String::new();
-    child.0.stdout.take().expect("piped").read_to_string(&mut stdout).expect("run_redis_tcp output");
-    let last = stdout.lines().last().unwrap_or_default();
-    let verdict: Value = serde_json::from_str(last)
-        .unwrap_or_else(|e| panic!("no verdict ({e}) in {stdout:?}; logs in {}", log_dir.display()));
-    assert_eq!(verdict["pass"], true, "{}; logs in {}", verdict["failures"], log_dir.display());
-    assert!(status.success(), "run_redis_tcp exited with {status}");
+    let verdict = run_to_verdict(child, &format!("{release} TCP worker"), &log_dir);
     // Rows came through, of several streams, and the worker's REPLICATE reached the Redis.
     assert!(verdict["rows_received"].as_u64().unwrap_or(0) >= 12, "{verdict}");
     assert!(verdict["replicates_from_hub"].as_u64().unwrap_or(0) >= 1, "{verdict}");
