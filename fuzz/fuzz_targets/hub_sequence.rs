@@ -498,6 +498,9 @@ impl Fuzz {
                 UpstreamCmd::Publish(_) | UpstreamCmd::RedisPublish(_) => {
                     panic!("a replication worker published")
                 }
+                // Only a hub behind `--upstream-redis` asks the writers for their positions,
+                // and this target drives a hub behind a master.
+                UpstreamCmd::RedisReplicate => panic!("a REPLICATE for Redis behind a master"),
             }
         }
     }
