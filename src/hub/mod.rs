@@ -42,6 +42,8 @@ mod timers;
 mod writes;
 
 #[cfg(test)]
+mod bounds_tests;
+#[cfg(test)]
 mod catch_up_tests;
 #[doc(hidden)]
 pub mod sim;
