@@ -5,13 +5,12 @@
 #![allow(clippy::disallowed_methods)]
 mod resp_common;
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use replhub::config::{BackoffConfig, IoBackend, RedisUpstream, ServeConfig, SourceConfig};
 use replhub::server::Server;
-use resp_common::{message, Client, RedisServer, Reply, BACKENDS, WAIT};
+use resp_common::{message, wait_metric, Client, RedisServer, Reply, BACKENDS, WAIT};
 
 const N: usize = 100;
 
@@ -140,29 +139,6 @@ fn two_replhubs_share_one_redis_epoll() {
 #[test]
 fn two_replhubs_share_one_redis_uring() {
     two_replhubs_share_one_redis(BACKENDS[1]);
-}
-
-/// `/metrics` as text.
-fn scrape(addr: SocketAddr) -> String {
-    let mut http = std::net::TcpStream::connect(addr).expect("connect");
-    http.set_read_timeout(Some(WAIT)).expect("timeout");
-    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("request");
-    let mut out = String::new();
-    http.read_to_string(&mut out).expect("response");
-    out
-}
-
-/// Polls `/metrics` until it has `line`.
-fn wait_metric(addr: SocketAddr, line: &str) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let page = scrape(addr);
-        if page.lines().any(|l| l == line) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "/metrics never showed {line:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The real Redis goes away and comes back on the same port: replhub shows the gap in

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use replhub::config::{BackoffConfig, IoBackend, RedisUpstream, ServeConfig, SourceConfig};
 use replhub::server::Server;
-use resp_common::{message, on_both_backends, Client, RedisServer, Reply, WAIT};
+use resp_common::{message, on_both_backends, wait_metric, Client, RedisServer, Reply, WAIT};
 
 /// replhub bridged to `redis` with TCP workers only.
 fn bridged(io: IoBackend, redis: &RedisServer, metrics: bool, backoff: BackoffConfig) -> Server {
@@ -287,29 +287,6 @@ fn resp_clients_and_tcp_workers_share_the_bridge(io: IoBackend) {
     publish(&mut writer, &["REMOTE_SERVER_UP end.example".to_owned()], 2);
     assert_eq!(w.line(), "REMOTE_SERVER_UP end.example");
     server.shutdown().expect("clean shutdown");
-}
-
-/// `/metrics` as text.
-fn scrape(addr: SocketAddr) -> String {
-    use std::io::Read;
-    let mut http = TcpStream::connect(addr).expect("connect");
-    http.set_read_timeout(Some(WAIT)).expect("timeout");
-    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("request");
-    let mut out = String::new();
-    http.read_to_string(&mut out).expect("response");
-    out
-}
-
-/// Polls `/metrics` until it has `line`.
-fn wait_metric(addr: SocketAddr, line: &str) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if scrape(addr).lines().any(|l| l == line) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "/metrics never showed {line:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The Redis goes away and comes back on the same port: the worker stays connected; what it

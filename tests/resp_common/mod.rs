@@ -273,3 +273,25 @@ pub(crate) fn exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     c.stream.write_all(bytes).expect("write");
     c.read_to_eof()
 }
+
+/// `/metrics` as text.
+pub(crate) fn scrape(addr: SocketAddr) -> String {
+    let mut http = TcpStream::connect(addr).expect("connect");
+    http.set_read_timeout(Some(WAIT)).expect("timeout");
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("request");
+    let mut out = String::new();
+    http.read_to_string(&mut out).expect("response");
+    out
+}
+
+/// Polls `/metrics` until it has `line`.
+pub(crate) fn wait_metric(addr: SocketAddr, line: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if scrape(addr).lines().any(|l| l == line) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "/metrics never showed {line:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
