@@ -175,6 +175,9 @@ struct Io {
     /// TCP_NOTSENT_LOWAT for accepted sockets (0: unset).
     worker_notsent_lowat: usize,
     wake_armed: bool,
+    /// Where the mailbox READ puts the eventfd's counter; the kernel writes it while the op is
+    /// in flight, so it lives on the heap, rewritten only by that op.
+    wake_counter: Box<u64>,
     timer_armed: bool,
     /// Recvs that ended (out of buffers, or the kernel stopped the multishot), re-armed in
     /// later turns (at most one per buffer per turn), after every buffer of the turn they
@@ -233,6 +236,7 @@ impl Driver {
             worker_sndbuf,
             worker_notsent_lowat,
             wake_armed: false,
+            wake_counter: Box::new(0),
             timer_armed: false,
             rearm: VecDeque::new(),
             reset_all_done: false,
@@ -252,7 +256,7 @@ impl Driver {
             let now = self.core.now();
             // Runs every turn (an empty channel costs a couple of loads), so a dropped mailbox
             // is noticed at the next tick even though dropping fires no wake-up. The eventfd is
-            // reset when its poll completes, before this runs, so a message sent after the
+            // reset when its READ completes, before this runs, so a message sent after the
             // drain fires it again.
             self.core.drain_inbox(&self.inbox, &self.io, now);
             self.core.hub.handle_timeout(now);
@@ -305,8 +309,13 @@ impl Driver {
             Op::Recv => self.on_recv(id, res, flags, now),
             Op::Send => self.on_send(id, res, now),
             Op::Wake => {
+                // The READ took the counter (and so reset it) in the kernel, as part of the
+                // wake-up; messages sent from here on fire the next READ, armed this turn.
                 self.io.wake_armed = false;
-                wakeup::reset(&self.io.eventfd);
+                if res < 0 && res != -libc::ECANCELED {
+                    tracing::debug!(core = self.io.index, error = %io::Error::from_raw_os_error(-res), "mailbox read failed");
+                    wakeup::reset(&self.io.eventfd);
+                }
             }
             Op::Timeout => self.io.timer_armed = false,
             Op::Cancel => {}
@@ -575,7 +584,7 @@ impl Io {
 
     /// Hands every queued submission to the kernel and, with `wait`, sleeps until at least one
     /// completion is ready. Never spins: with `wait` it blocks in the kernel, and there is
-    /// always a timer, the mailbox poll or a connection op to wake it.
+    /// always a timer, the mailbox READ or a connection op to wake it.
     fn submit(&mut self, wait: bool) -> anyhow::Result<()> {
         loop {
             {
@@ -629,13 +638,20 @@ impl Io {
         unsafe { self.queue(entry) };
     }
 
+    /// A READ of the mailbox eventfd: the kernel waits for a sender's write (the eventfd can be
+    /// polled, so io_uring arms a poll rather than failing with EAGAIN) and then takes the
+    /// counter, which resets it. A POLL would leave that reset to a `read(2)` of the core's,
+    /// one system call per wake-up before the core gets to its mailbox.
     fn arm_wake(&mut self) {
-        let entry = opcode::PollAdd::new(types::Fd(self.eventfd.as_raw_fd()), libc::POLLIN as u32)
+        let counter: *mut u64 = &mut *self.wake_counter;
+        let entry = opcode::Read::new(types::Fd(self.eventfd.as_raw_fd()), counter.cast(), 8)
             .build()
             .user_data(token::encode_loop(Op::Wake));
         self.wake_armed = true;
-        // SAFETY: a poll refers to no memory; the eventfd is a field of the driver, open until
-        // the driver is dropped with no op in flight (or never).
+        // SAFETY: the 8 bytes the read writes are `wake_counter`'s heap allocation, which is
+        // neither moved nor freed while the driver exists and is only written by this op (one
+        // in flight at a time: `wake_armed`); the driver is dropped only with no op in flight
+        // (or leaked). The eventfd is a field of the driver, open as long.
         unsafe { self.queue(entry) };
     }
 

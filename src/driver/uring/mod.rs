@@ -5,7 +5,7 @@
 //!   multishot ACCEPT on the core's SO_REUSEPORT listener ─► TCP_NODELAY, hub.accept,
 //!       one multishot RECV per socket, buffers picked by the kernel from a registered ring
 //!   RECV completion ─► hub.on_bytes (the hub copies) ─► buffer back into the ring at once
-//!   POLL on the mailbox eventfd ─► CoreLoop::drain_inbox ─► re-arm
+//!   READ of the mailbox eventfd (it resets the counter) ─► CoreLoop::drain_inbox ─► re-arm
 //!   TIMEOUT at hub.poll_timeout (or the shutdown grace, an accept retry) ─► hub.handle_timeout
 //!   end of every turn: CoreLoop::turn: hub outputs (closes, upstream commands), then one
 //!       gathered send per dirty connection (Sockets::write copies the slices into iovecs in

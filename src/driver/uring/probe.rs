@@ -48,7 +48,7 @@ const OPCODES: [(u8, &str); 7] = [
     (opcode::RecvMulti::CODE, "RECV"),
     (opcode::SendMsg::CODE, "SENDMSG"),
     (opcode::Send::CODE, "SEND"),
-    (opcode::PollAdd::CODE, "POLL_ADD"),
+    (opcode::Read::CODE, "READ"),
     (opcode::Timeout::CODE, "TIMEOUT"),
     (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
 ];

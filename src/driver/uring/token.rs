@@ -16,7 +16,7 @@ pub(super) enum Op {
     Recv = 2,
     /// A connection's gathered send (one in flight per socket).
     Send = 3,
-    /// The poll on the mailbox eventfd.
+    /// The READ of the mailbox eventfd.
     Wake = 4,
     /// The timer for the hub's and the driver's deadlines.
     Timeout = 5,

@@ -1,5 +1,6 @@
 //! The mailbox wake-up of a core running this driver: an eventfd. Senders add 1 to its counter;
-//! the core keeps a poll on it, and on each completion resets the counter and drains its inbox.
+//! the core keeps a READ of it in its ring (which resets the counter when it completes) and then
+//! drains its inbox.
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
