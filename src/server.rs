@@ -211,7 +211,13 @@ impl Server {
                 resp: resp_listener.zip(resp_state.clone()),
                 start: gate.clone(),
                 worker_notsent_lowat: config.worker_notsent_lowat,
+                peers: Vec::new(),
             });
+        }
+        for ctx in &mut contexts {
+            // Not its own: a core's mailbox must close once the server and the source let go.
+            ctx.peers =
+                cores.iter().enumerate().filter(|&(i, _)| i != ctx.index).map(|(_, c)| c.clone()).collect();
         }
 
         let watch = Watch::default();

@@ -53,6 +53,7 @@ impl Core {
             resp: None,
             start: StartGate::open_now(),
             worker_notsent_lowat: 0,
+            peers: Vec::new(),
         };
         let thread = std::thread::spawn(move || run_core(ctx));
         let core = Self { addr, inbox, upstream, thread: Some(thread) };

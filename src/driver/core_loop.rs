@@ -23,10 +23,11 @@ use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::sync::mpsc::{Receiver, TryRecvError};
 
+use super::outgoing::Outgoing;
 use super::trim::{self, Trimmer};
 use super::{sockq, CoreMsg, Inbox};
 use crate::hub::stats::SocketSample;
-use crate::hub::{CloseHow, ConnId, Hub, HubConfig, HubOutput, UpstreamCmd};
+use crate::hub::{Batch, CloseHow, ConnId, Hub, HubConfig, HubOutput, UpstreamCmd};
 use crate::time::{Clock, Now};
 
 /// How long a core keeps flushing after `Shutdown` before it resets what is left.
@@ -104,6 +105,10 @@ pub(crate) struct CoreLoop {
     /// Worker sockets start with [`UNPROVEN_NOTSENT_LOWAT`] ([`tune_worker_socket`]), lifted
     /// here once the connection is a proven reader.
     unproven_lowat: bool,
+    /// The other cores' mailboxes, for this core's Redis-mode publishes ([`CoreLoop::publish`]).
+    peers: Vec<Inbox<CoreMsg>>,
+    /// What waits for a peer whose mailbox is full.
+    to_peers: Outgoing,
 }
 
 /// Empties a vector of slices and hands back its allocation with a new (unrelated) lifetime,
@@ -122,8 +127,12 @@ impl CoreLoop {
         upstream: Inbox<(usize, UpstreamCmd)>,
         clock: Clock,
         worker_notsent_lowat: usize,
+        peers: Vec<Inbox<CoreMsg>>,
     ) -> Self {
+        let limit = usize::try_from(hub.max_pending_bytes).unwrap_or(usize::MAX);
         Self {
+            to_peers: Outgoing::new(peers.len(), limit),
+            peers,
             hub: Hub::new(hub),
             index,
             clock,
@@ -202,6 +211,9 @@ impl CoreLoop {
     /// holds. So one turn cannot spend seconds filling the send buffers of many workers
     /// (stalled ones take up to their whole buffer) before the others get their share.
     pub(super) fn turn(&mut self, sockets: &mut impl Sockets, now: Now) {
+        if self.to_peers.queued() {
+            self.to_peers.flush(&self.peers);
+        }
         self.outputs(sockets, now);
         let mut dirty = std::mem::take(&mut self.dirty);
         dirty.clear();
@@ -238,6 +250,7 @@ impl CoreLoop {
     fn outputs(&mut self, sockets: &mut impl Sockets, now: Now) {
         while let Some(out) = self.hub.poll_output() {
             match out {
+                HubOutput::Upstream(UpstreamCmd::Publish(batch)) => self.publish(batch.0, now),
                 HubOutput::Upstream(cmd) => self.forward(cmd),
                 HubOutput::Close { conn, how } => sockets.close(&mut self.hub, conn, how, now),
             }
@@ -309,6 +322,31 @@ impl CoreLoop {
             if let HubOutput::Upstream(cmd) = out {
                 self.forward(cmd);
             }
+        }
+    }
+
+    /// A batch of Redis-mode messages published on this core: into this core's log at once
+    /// (its subscribers are written this turn), and into every other core's mailbox, by this
+    /// thread, without the source in between; a peer whose mailbox is full gets it queued here
+    /// and moved on at each turn of this core ([`CoreLoop::mail_retry_ms`]), and past `max_pending_bytes`
+    /// dropped for that peer alone, which then cuts off its subscribers of those channels
+    /// (`Outgoing::hand_out_published`). A publisher's messages keep their order on every core;
+    /// two publishers on different cores may interleave differently on different cores, as
+    /// they may in Redis between two publishers' sends.
+    fn publish(&mut self, batch: std::sync::Arc<Batch>, now: Now) {
+        self.to_peers.hand_out_published(&self.peers, &batch);
+        self.hub.on_batch(batch, now);
+    }
+
+    /// When the loop should run again to move publishes waiting for a full peer mailbox (a
+    /// mailbox has no "taken" signal), if any wait: in 1 ms (the epoll driver; the io_uring
+    /// driver keeps a timer already in flight, so there it is at most the hub's 100 ms tick,
+    /// and any completion before that runs a turn too).
+    pub(super) fn mail_retry_ms(&self, now: Now) -> u64 {
+        if self.to_peers.queued() {
+            now.mono_ms + 1
+        } else {
+            u64::MAX
         }
     }
 

@@ -59,6 +59,7 @@ pub(crate) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
         worker_notsent_lowat,
         resp,
         start,
+        peers,
     } = ctx;
     let CoreWakeup::Notify(notify) = wakeup else {
         anyhow::bail!("core {index}: the epoll driver needs a Notify wake-up, not an eventfd");
@@ -70,7 +71,7 @@ pub(crate) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let listener = TcpListener::from_std(listener)?;
-        let mut core_loop = CoreLoop::new(index, hub, upstream, clock, worker_notsent_lowat);
+        let mut core_loop = CoreLoop::new(index, hub, upstream, clock, worker_notsent_lowat, peers);
         let resp_listener = match resp {
             Some((l, state)) => {
                 core_loop.hub.set_resp(state);
@@ -281,7 +282,11 @@ impl Core {
     /// When the loop must wake up at the latest: the hub's tick, the end of the shutdown grace.
     fn next_deadline(&self) -> tokio::time::Instant {
         let core = self.core.borrow();
-        let ms = core.hub.poll_timeout().min(core.stop_at_ms().unwrap_or(u64::MAX));
+        let ms = core
+            .hub
+            .poll_timeout()
+            .min(core.stop_at_ms().unwrap_or(u64::MAX))
+            .min(core.mail_retry_ms(core.now()));
         tokio::time::Instant::from_std(core.clock().instant_at(ms))
     }
 

@@ -13,6 +13,7 @@
 //! (one message per core per batch). The drivers hold the sockets and nothing else.
 mod core_loop;
 pub(crate) mod epoll;
+mod outgoing;
 // The places `unsafe` is allowed (the crate denies it elsewhere): the ioctl wrapper, the io_uring
 // driver, which hands the kernel buffers and reads its completions, and the one call to glibc's
 // `malloc_trim`.
@@ -167,4 +168,7 @@ pub struct CoreContext {
     /// TCP_NOTSENT_LOWAT for accepted worker sockets (0: 64 KiB until the worker proves it
     /// reads, then none).
     pub worker_notsent_lowat: usize,
+    /// The other cores' mailboxes (not this one's), in core order: this core hands its
+    /// Redis-mode publishes to them itself, one thread hop instead of two through the source.
+    pub peers: Vec<Inbox<CoreMsg>>,
 }

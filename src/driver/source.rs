@@ -39,9 +39,10 @@
 //! master (so the master's socket buffer fills and TCP slows the master) but still takes the
 //! cores' commands and answers control requests, a stop included.
 //!
-//! Redis-mode messages (the cores' PUBLISH batches, in broker mode the only data there is) are
-//! never held back: a publisher does not wait for a stalled core, as Redis never makes a
-//! publisher wait for a slow subscriber. Their queue for a core is bounded by the same
+//! Redis-mode messages (the cores' PUBLISH batches) are handed out by the publishing core
+//! itself, with the same [`Outgoing`] queues and rules (`CoreLoop::publish`); the source only
+//! relays the Redis bridge's. They are never held back: a publisher does not wait for a stalled
+//! core, as Redis never makes a publisher wait for a slow subscriber. Their queue for a core is bounded by the same
 //! `max_pending_bytes` all the same: a batch that would take it past that is dropped for
 //! that core alone, and a [`CoreMsg::PublishLost`] takes its place in the core's order,
 //! naming the channels it carried. The core, when it gets there, cuts off its subscribers of
@@ -71,8 +72,8 @@ use crate::upstream::backoff::{Backoff, BackoffConfig};
 use crate::upstream::link::{LinkConfig, LinkEvent, UpstreamLink};
 use crate::upstream::SyntheticSource;
 
+use super::outgoing::Outgoing;
 use fetch::MAX_FETCHES;
-use queues::CoreQueue;
 
 mod broker;
 mod fetch;
@@ -219,11 +220,10 @@ pub(crate) fn run(ctx: SourceContext) -> anyhow::Result<()> {
         return Ok(());
     }
     rt.block_on(async move {
-        let queues = ctx.cores.iter().map(|_| CoreQueue::default()).collect();
         let limit = usize::try_from(ctx.hub.max_pending_bytes).unwrap_or(usize::MAX);
+        let queues = Outgoing::new(ctx.cores.len(), limit);
         let fetch_permits = Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES));
-        let mut src =
-            Source { ctx, stopped: false, queues, limit, blocked: false, batches: 0, fetch_permits };
+        let mut src = Source { ctx, stopped: false, queues, blocked: false, batches: 0, fetch_permits };
         match src.ctx.source.clone() {
             SourceConfig::Upstream { addr, client_name } => src.run_upstream(&addr, client_name).await,
             SourceConfig::Synthetic { rate, line_size } => src.run_synthetic(rate, line_size).await,
@@ -249,10 +249,9 @@ enum ConnEnd {
 struct Source {
     ctx: SourceContext,
     stopped: bool,
-    /// Per core: messages that did not fit in its mailbox, oldest first.
-    queues: Vec<CoreQueue>,
-    /// The back-pressure limit in bytes per core queue (the hub's `max_pending_bytes`).
-    limit: usize,
+    /// Per core: messages that did not fit in its mailbox, oldest first, and the back-pressure
+    /// limit in bytes per core queue (the hub's `max_pending_bytes`).
+    queues: Outgoing,
     /// Set while waiting for a core whose queue is over `limit` (reported by `Queues`).
     blocked: bool,
     /// Batches handed out so far.
@@ -277,9 +276,10 @@ impl Source {
         while let Ok((core, cmd)) = self.ctx.commands.try_recv() {
             match cmd {
                 UpstreamCmd::Fetch { id, stream, from } => self.start_fetch(core, id, stream, from),
-                // Redis-mode messages published on a core: to every core, without waiting
-                // (see `hand_out_published`).
-                UpstreamCmd::Publish(batch) => self.hand_out_published(&batch.0),
+                // Redis-mode messages published on a core: to every core, without waiting.
+                // The cores hand their own out (`core_loop`); one that comes here goes the
+                // same way.
+                UpstreamCmd::Publish(batch) => self.queues.hand_out_published(&self.ctx.cores, &batch.0),
                 cmd => up.command(core, cmd, self.ctx.clock.now()),
             }
         }

@@ -204,6 +204,7 @@ impl Driver {
             worker_notsent_lowat,
             resp,
             start: _,
+            peers,
         } = ctx;
         let (resp_listener, resp_state) = resp.unzip();
         let CoreWakeup::EventFd(eventfd) = wakeup else {
@@ -244,7 +245,7 @@ impl Driver {
             cqes: Vec::new(),
             stats: LoopStats::default(),
         };
-        let mut core = CoreLoop::new(index, hub, upstream, clock, worker_notsent_lowat);
+        let mut core = CoreLoop::new(index, hub, upstream, clock, worker_notsent_lowat, peers);
         if let Some(state) = resp_state {
             core.hub.set_resp(state);
         }
@@ -266,7 +267,8 @@ impl Driver {
             if self.finished(now) {
                 break;
             }
-            let due = self.core.hub.poll_timeout().min(self.driver_deadline());
+            let due =
+                self.core.hub.poll_timeout().min(self.driver_deadline()).min(self.core.mail_retry_ms(now));
             self.io.arm_timer(now, due);
             // Recvs still waiting to be re-armed, or writes left for the next turn: do not
             // sleep, reap and go on.
