@@ -409,8 +409,10 @@ impl Hub {
         Some((c.outbox.private_bytes(), c.outbox.private_lines()))
     }
 
-    /// The next output for the driver.
+    /// The next output for the driver. Once the queue is empty, the Redis-mode messages
+    /// published on this core since the last call come as one `UpstreamCmd::Publish` batch
+    /// (so a driver that polls its outputs once or twice a loop turn cuts one batch a turn).
     pub fn poll_output(&mut self) -> Option<HubOutput> {
-        self.outputs.pop_front()
+        self.outputs.pop_front().or_else(|| self.take_published())
     }
 }

@@ -29,6 +29,11 @@ pub(super) struct CoreResp {
     pub subs: HashMap<u32, Vec<ConnId>>,
     /// Scratch for one read's effects.
     effects: Vec<Effect>,
+    /// Messages published on this core since the last batch was cut ([`Hub::poll_output`]
+    /// cuts it, so once per loop turn, whatever the number of reads in between) and their
+    /// places in `pending_frames`.
+    pending_frames: BytesMut,
+    pending_metas: Vec<LineMeta>,
     /// Messages published from this core (to at least one subscriber).
     published: u64,
     /// `RDATA` messages published from this core by stream, then instance: two lookups by
@@ -40,6 +45,26 @@ pub(super) struct CoreResp {
     conns: usize,
     /// Batches of messages dropped for this core in the source (`on_publish_lost`).
     batches_dropped: u64,
+}
+
+/// A core cuts its batch of published messages once it holds this much, even before the end
+/// of the loop turn.
+const PUBLISH_BATCH_BYTES: usize = 256 << 10;
+
+impl Hub {
+    /// The messages published on this core since the last cut, as one batch for every core
+    /// (`UpstreamCmd::Publish`), if there are any. However the driver reads (io_uring takes
+    /// 4 KiB a completion, epoll 64 KiB a read), one loop turn's publishes on a core make one
+    /// batch, so the cores' fan-out does not depend on the read size.
+    pub(super) fn take_published(&mut self) -> Option<HubOutput> {
+        let core = self.resp.as_mut()?;
+        if core.pending_metas.is_empty() {
+            return None;
+        }
+        let frames = core.pending_frames.split().freeze();
+        let batch = Arc::new(Batch::new(frames, std::mem::take(&mut core.pending_metas)));
+        Some(HubOutput::Upstream(UpstreamCmd::Publish(Published(batch))))
+    }
 }
 
 /// At most this many (stream, instance) pairs are counted apart; the rest count under
@@ -86,6 +111,8 @@ impl Hub {
             names: HashMap::new(),
             subs: HashMap::new(),
             effects: Vec::new(),
+            pending_frames: BytesMut::new(),
+            pending_metas: Vec::new(),
             published: 0,
             rdata: HashMap::new(),
             rdata_keys: 0,
@@ -132,7 +159,7 @@ impl Hub {
     }
 
     /// Bytes from a RESP client: every complete command is carried out; the messages it
-    /// published leave as one batch.
+    /// published join the core's pending batch ([`Hub::take_published`]).
     pub(super) fn resp_input(&mut self, id: ConnId, data: &[u8], now: Now) {
         let (Some(c), Some(core)) = (self.conns.get_mut(id), self.resp.as_mut()) else { return };
         let Some(r) = c.resp.as_mut() else { return };
@@ -142,8 +169,9 @@ impl Hub {
         let mut effects = std::mem::take(&mut core.effects);
         r.session.on_bytes(data, &mut effects);
         let head = self.log.head();
-        let mut frames = BytesMut::new();
-        let mut metas: Vec<LineMeta> = Vec::new();
+        // Published messages join the batch this core has been filling since its last cut.
+        let mut frames = std::mem::take(&mut core.pending_frames);
+        let mut metas = std::mem::take(&mut core.pending_metas);
         let mut relay = BytesMut::new();
         // Every reply of one read, in order, as one private line: they all go out at the same
         // place in the log (`head`), so one piece of a write carries them, not one each (a
@@ -219,15 +247,19 @@ impl Hub {
                 any = true;
             }
         }
-        if let Some(core) = self.resp.as_mut() {
-            core.effects = effects;
-        }
         if !relay.is_empty() {
             self.outputs.push_back(HubOutput::Upstream(UpstreamCmd::RedisPublish(relay.freeze())));
         }
-        if !metas.is_empty() {
-            let batch = Arc::new(Batch::new(frames.freeze(), metas));
+        if frames.len() >= PUBLISH_BATCH_BYTES {
+            // A turn that reads this much cuts a batch now (in order: the outputs queue goes
+            // out before what is still pending), so batches stay bounded.
+            let batch = Arc::new(Batch::new(frames.split().freeze(), std::mem::take(&mut metas)));
             self.outputs.push_back(HubOutput::Upstream(UpstreamCmd::Publish(Published(batch))));
+        }
+        if let Some(core) = self.resp.as_mut() {
+            core.effects = effects;
+            core.pending_frames = frames;
+            core.pending_metas = metas;
         }
         if close {
             self.close_resp(id, CloseReason::ConnectionDone, now);
@@ -548,6 +580,60 @@ mod tests {
         let want = "*3\r\n$7\r\nmessage\r\n$2\r\nsn\r\n$10\r\nREPLICATE \r\n\
                     *3\r\n$7\r\nmessage\r\n$2\r\nsn\r\n$26\r\nPOSITION events master 1 2\r\n";
         assert_eq!(batch.data(), want.as_bytes());
+    }
+
+    #[test]
+    fn a_turn_of_reads_from_several_publishers_is_one_batch_in_read_order() {
+        let mut sim = sim_with(RespConfig::default());
+        let s = sim.accept_resp("s");
+        let [p, q] = ["p", "q"].map(|peer| sim.accept_resp(peer));
+        sim.send_raw(s, &cmd(&["SUBSCRIBE", "sn"]));
+        received(&mut sim, s);
+        // Three reads (io_uring hands a fast publisher's bytes over 4 KiB at a time), one of
+        // them ending mid-command, before the driver polls the outputs: one batch.
+        let mut second = cmd(&["PUBLISH", "sn", "p2"]);
+        let tail = second.split_off(7);
+        for (id, bytes) in
+            [(p, cmd(&["PUBLISH", "sn", "p1"])), (q, cmd(&["PUBLISH", "sn", "q1"])), (p, second)]
+        {
+            sim.hub.on_bytes(id, &bytes, sim.now);
+        }
+        sim.hub.on_bytes(p, &tail, sim.now);
+        sim.flush();
+        let batches: Vec<_> = sim
+            .upstream
+            .iter()
+            .filter_map(|c| match c {
+                UpstreamCmd::Publish(b) => Some(Arc::clone(&b.0)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(batches.len(), 1, "one batch per poll of the outputs");
+        let text = String::from_utf8_lossy(batches[0].data()).into_owned();
+        let order: Vec<_> = ["p1", "q1", "p2"].iter().map(|m| text.find(m).expect("every message")).collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "read order kept: {text:?}");
+        // Nothing published since: no empty batch.
+        sim.upstream.clear();
+        sim.flush();
+        assert!(sim.upstream.is_empty());
+        // A read past the cut size is cut at once, and what follows it comes after it.
+        let big = "x".repeat(super::PUBLISH_BATCH_BYTES);
+        sim.hub.on_bytes(p, &cmd(&["PUBLISH", "sn", &big]), sim.now);
+        sim.hub.on_bytes(q, &cmd(&["PUBLISH", "sn", "after"]), sim.now);
+        sim.flush();
+        let sizes: Vec<_> = sim
+            .upstream
+            .iter()
+            .filter_map(|c| match c {
+                UpstreamCmd::Publish(b) => Some(b.0.data().len()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sizes.len(), 2);
+        assert!(sizes[0] > super::PUBLISH_BATCH_BYTES && sizes[1] < 100, "{sizes:?}");
+        assert_eq!(deliver_published(&mut sim), 2);
+        let got = received(&mut sim, s);
+        assert!(got.find(&big).expect("the big one") < got.find("after").expect("the small one"));
     }
 
     #[test]

@@ -10,17 +10,17 @@
 //! # How a PUBLISH reaches every subscriber
 //!
 //! The hub of the publisher's core frames each message once
-//! (`*3 $7 message $<n> <channel> $<m> <payload>`) and turns the messages of one read into one
-//! shared [`Batch`](crate::hub::Batch), each line tagged with its channel's id. The batch goes
-//! to the source thread, the same way a worker's command for the master does (one ordered
-//! channel per process), and the source thread hands it to every core's mailbox exactly as it
-//! hands out the master's batches, its own core included: an `Arc` clone per core, the
-//! per-core queue for a core whose mailbox is full, the same back-pressure rule. Each core
-//! appends it to its log and wakes the subscribers of those channels; their outboxes send the
-//! very same bytes with gathered writes, cursors and pins as for RDATA lines. Going through one
-//! thread is what keeps per-publisher order (one FIFO from the publisher's core to the source,
-//! one FIFO from the source to each core) and lets a publisher receive its own messages on its
-//! subscribing connection whatever core that is on; it costs one thread hop of latency.
+//! (`*3 $7 message $<n> <channel> $<m> <payload>`) and gathers the messages published on it in
+//! one loop turn into one shared [`Batch`](crate::hub::Batch), each line tagged with its
+//! channel's id (cut when the driver polls the hub's outputs, so whatever the driver's read
+//! size). The core appends the batch to its own log and puts an `Arc` clone in every other
+//! core's mailbox itself (`driver::outgoing`: a per-core queue for a core whose mailbox is
+//! full, bounded, the excess dropped for that core with a `PublishLost` in its place). Each
+//! core wakes the subscribers of those channels; their outboxes send the very same bytes with
+//! gathered writes, cursors and pins as for RDATA lines. One FIFO from the publisher's core to
+//! each core keeps per-publisher order, and a publisher receives its own messages on its
+//! subscribing connection whatever core that is on; a subscriber on another core gets a
+//! message one thread hop after one on the publisher's core.
 //!
 //! The receiver count of PUBLISH is read, without a lock, from the channel's subscriber count
 //! in [`Channels`] (one relaxed atomic load per PUBLISH; SUBSCRIBE and UNSUBSCRIBE add and
