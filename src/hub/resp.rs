@@ -53,8 +53,8 @@ const PUBLISH_BATCH_BYTES: usize = 256 << 10;
 
 impl Hub {
     /// The messages published on this core since the last cut, as one batch for every core
-    /// (`UpstreamCmd::Publish`), if there are any. However the driver reads (io_uring takes
-    /// 4 KiB a completion, epoll 64 KiB a read), one loop turn's publishes on a core make one
+    /// (`UpstreamCmd::Publish`), if there are any. However the driver reads (one backend takes
+    /// 4 KiB a completion, the other 64 KiB a read), one loop turn's publishes on a core make one
     /// batch, so the cores' fan-out does not depend on the read size.
     pub(super) fn take_published(&mut self) -> Option<HubOutput> {
         let core = self.resp.as_mut()?;
@@ -589,7 +589,7 @@ mod tests {
         let [p, q] = ["p", "q"].map(|peer| sim.accept_resp(peer));
         sim.send_raw(s, &cmd(&["SUBSCRIBE", "sn"]));
         received(&mut sim, s);
-        // Three reads (io_uring hands a fast publisher's bytes over 4 KiB at a time), one of
+        // Three reads (a driver may hand a fast publisher's bytes over 4 KiB at a time), one of
         // them ending mid-command, before the driver polls the outputs: one batch.
         let mut second = cmd(&["PUBLISH", "sn", "p2"]);
         let tail = second.split_off(7);
