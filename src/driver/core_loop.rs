@@ -211,9 +211,7 @@ impl CoreLoop {
     /// holds. So one turn cannot spend seconds filling the send buffers of many workers
     /// (stalled ones take up to their whole buffer) before the others get their share.
     pub(super) fn turn(&mut self, sockets: &mut impl Sockets, now: Now) {
-        if self.to_peers.queued() {
-            self.to_peers.flush(&self.peers);
-        }
+        self.to_peers.flush(&self.peers);
         self.outputs(sockets, now);
         let mut dirty = std::mem::take(&mut self.dirty);
         dirty.clear();
@@ -342,9 +340,9 @@ impl CoreLoop {
     /// mailbox has no "taken" signal), if any wait: in 1 ms (the epoll driver; the io_uring
     /// driver keeps a timer already in flight, so there it is at most the hub's 100 ms tick,
     /// and any completion before that runs a turn too).
-    pub(super) fn mail_retry_ms(&self, now: Now) -> u64 {
+    pub(super) fn mail_retry_ms(&self) -> u64 {
         if self.to_peers.queued() {
-            now.mono_ms + 1
+            self.now().mono_ms + 1
         } else {
             u64::MAX
         }

@@ -282,11 +282,7 @@ impl Core {
     /// When the loop must wake up at the latest: the hub's tick, the end of the shutdown grace.
     fn next_deadline(&self) -> tokio::time::Instant {
         let core = self.core.borrow();
-        let ms = core
-            .hub
-            .poll_timeout()
-            .min(core.stop_at_ms().unwrap_or(u64::MAX))
-            .min(core.mail_retry_ms(core.now()));
+        let ms = core.hub.poll_timeout().min(core.stop_at_ms().unwrap_or(u64::MAX)).min(core.mail_retry_ms());
         tokio::time::Instant::from_std(core.clock().instant_at(ms))
     }
 

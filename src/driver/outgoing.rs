@@ -28,6 +28,28 @@ struct CoreQueue {
     dropped: u64,
 }
 
+impl CoreQueue {
+    /// Puts `msg` straight into the core's mailbox when nothing waits before it and there is
+    /// room; gives it back when it has to wait here (the caller queues or drops it), and
+    /// forgets it for a core that is gone.
+    fn offer(&mut self, core: &Inbox<CoreMsg>, msg: CoreMsg) -> Option<CoreMsg> {
+        if self.gone {
+            return None;
+        }
+        if !self.msgs.is_empty() {
+            return Some(msg);
+        }
+        match core.try_send(msg) {
+            Ok(()) => None,
+            Err(TrySendError::Full(m)) => Some(m),
+            Err(TrySendError::Disconnected(_)) => {
+                self.gone = true;
+                None
+            }
+        }
+    }
+}
+
 fn msg_bytes(msg: &CoreMsg) -> usize {
     match msg {
         CoreMsg::Batch(b) => b.data().len(),
@@ -88,22 +110,9 @@ impl Outgoing {
     pub(crate) fn hand_out(&mut self, cores: &[Inbox<CoreMsg>], make: impl Fn() -> CoreMsg) {
         self.flush(cores);
         for (core, q) in cores.iter().zip(&mut self.queues) {
-            if q.gone {
-                continue;
-            }
-            let msg = make();
-            if !q.msgs.is_empty() {
+            if let Some(msg) = q.offer(core, make()) {
                 q.bytes += msg_bytes(&msg);
                 q.msgs.push_back(msg);
-                continue;
-            }
-            match core.try_send(msg) {
-                Ok(()) => {}
-                Err(TrySendError::Full(m)) => {
-                    q.bytes += msg_bytes(&m);
-                    q.msgs.push_back(m);
-                }
-                Err(TrySendError::Disconnected(_)) => q.gone = true,
             }
         }
     }
@@ -117,20 +126,7 @@ impl Outgoing {
         self.flush(cores);
         let n = batch.data().len();
         for (index, (core, q)) in cores.iter().zip(&mut self.queues).enumerate() {
-            if q.gone {
-                continue;
-            }
-            let mut msg = CoreMsg::Batch(Arc::clone(batch));
-            if q.msgs.is_empty() {
-                match core.try_send(msg) {
-                    Ok(()) => continue,
-                    Err(TrySendError::Full(m)) => msg = m,
-                    Err(TrySendError::Disconnected(_)) => {
-                        q.gone = true;
-                        continue;
-                    }
-                }
-            }
+            let Some(msg) = q.offer(core, CoreMsg::Batch(Arc::clone(batch))) else { continue };
             if q.bytes + n <= self.limit {
                 q.bytes += n;
                 q.msgs.push_back(msg);

@@ -3,8 +3,8 @@
 //! input goes through a [`resp::Session`](crate::resp::Session) instead of the replication
 //! session, their replies are private lines, their subscriptions are channels (log lines
 //! tagged [`PUBSUB`](super::log::PUBSUB) with a channel id), and what they publish leaves as
-//! one [`UpstreamCmd::Publish`] batch per read (see the `resp` module docs for the path back
-//! to every core).
+//! one [`UpstreamCmd::Publish`] batch per loop turn (`Hub::take_published`; see the `resp`
+//! module docs for the path to every core).
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -523,15 +523,19 @@ mod tests {
         String::from_utf8_lossy(&std::mem::take(&mut c.received)).into_owned()
     }
 
-    /// What the source thread does with a core's Publish: hand the batch back to the cores.
-    fn deliver_published(sim: &mut Sim) -> usize {
-        let published: Vec<_> = std::mem::take(&mut sim.upstream)
-            .into_iter()
+    /// The Publish batches among commands for the upstream, in order.
+    fn publishes(cmds: &[UpstreamCmd]) -> Vec<Arc<super::Batch>> {
+        cmds.iter()
             .filter_map(|c| match c {
-                UpstreamCmd::Publish(b) => Some(b.0),
+                UpstreamCmd::Publish(b) => Some(Arc::clone(&b.0)),
                 _ => None,
             })
-            .collect();
+            .collect()
+    }
+
+    /// What the driver does with a core's Publish: hand the batch to the cores (this one).
+    fn deliver_published(sim: &mut Sim) -> usize {
+        let published = publishes(&std::mem::take(&mut sim.upstream));
         for b in &published {
             sim.hub.on_batch(Arc::clone(b), sim.now);
         }
@@ -600,14 +604,7 @@ mod tests {
         }
         sim.hub.on_bytes(p, &tail, sim.now);
         sim.flush();
-        let batches: Vec<_> = sim
-            .upstream
-            .iter()
-            .filter_map(|c| match c {
-                UpstreamCmd::Publish(b) => Some(Arc::clone(&b.0)),
-                _ => None,
-            })
-            .collect();
+        let batches = publishes(&sim.upstream);
         assert_eq!(batches.len(), 1, "one batch per poll of the outputs");
         let text = String::from_utf8_lossy(batches[0].data()).into_owned();
         let order: Vec<_> = ["p1", "q1", "p2"].iter().map(|m| text.find(m).expect("every message")).collect();
@@ -621,14 +618,7 @@ mod tests {
         sim.hub.on_bytes(p, &cmd(&["PUBLISH", "sn", &big]), sim.now);
         sim.hub.on_bytes(q, &cmd(&["PUBLISH", "sn", "after"]), sim.now);
         sim.flush();
-        let sizes: Vec<_> = sim
-            .upstream
-            .iter()
-            .filter_map(|c| match c {
-                UpstreamCmd::Publish(b) => Some(b.0.data().len()),
-                _ => None,
-            })
-            .collect();
+        let sizes: Vec<_> = publishes(&sim.upstream).iter().map(|b| b.data().len()).collect();
         assert_eq!(sizes.len(), 2);
         assert!(sizes[0] > super::PUBLISH_BATCH_BYTES && sizes[1] < 100, "{sizes:?}");
         assert_eq!(deliver_published(&mut sim), 2);

@@ -267,8 +267,7 @@ impl Driver {
             if self.finished(now) {
                 break;
             }
-            let due =
-                self.core.hub.poll_timeout().min(self.driver_deadline()).min(self.core.mail_retry_ms(now));
+            let due = self.core.hub.poll_timeout().min(self.driver_deadline()).min(self.core.mail_retry_ms());
             self.io.arm_timer(now, due);
             // Recvs still waiting to be re-armed, or writes left for the next turn: do not
             // sleep, reap and go on.
