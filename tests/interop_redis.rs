@@ -86,8 +86,8 @@ fn start_redis() -> (Killed, u16) {
 /// `replhub serve` speaking RESP pub/sub on a free port (PROTOCOL.md §8.4.1 is what it must
 /// answer: SUBSCRIBE confirmations per channel, PUBLISH with the receiver count, `message`
 /// deliveries to every subscriber including the publisher, PING on both kinds of connection).
-fn start_replhub_resp() -> (Killed, u16) {
-    start_replhub_serve(&[], "replhub serve --resp-listen")
+fn start_replhub_resp(io: &str) -> (Killed, u16) {
+    start_replhub_serve(&["--io", io], "replhub serve --resp-listen")
 }
 
 /// `replhub serve --resp-listen` on a free port with `extra` arguments, its worker listener on
@@ -237,10 +237,10 @@ fn synapse_redis_replication_through_redis_server() {
 
 /// `replhub serve --resp-listen --upstream-redis` on a free port, bridged to the Redis on
 /// `redis_port` for server name `sn`.
-fn start_replhub_bridged(redis_port: u16, sn: &str) -> (Killed, u16) {
+fn start_replhub_bridged(redis_port: u16, sn: &str, io: &str) -> (Killed, u16) {
     let upstream = format!("redis://127.0.0.1:{redis_port}");
     start_replhub_serve(
-        &["--upstream-redis", &upstream, "--server-name", sn],
+        &["--upstream-redis", &upstream, "--server-name", sn, "--io", io],
         "replhub serve --upstream-redis",
     )
 }
@@ -252,9 +252,9 @@ fn start_replhub_bridged(redis_port: u16, sn: &str) -> (Killed, u16) {
 fn synapse_redis_replication_across_two_replhubs_on_one_redis() {
     let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let (_redis, redis_port) = start_redis();
-    // run_redis's default server name.
-    let (_a, a) = start_replhub_bridged(redis_port, "example.com");
-    let (_b, b) = start_replhub_bridged(redis_port, "example.com");
+    // run_redis's default server name; one replhub on each I/O backend.
+    let (_a, a) = start_replhub_bridged(redis_port, "example.com", "uring");
+    let (_b, b) = start_replhub_bridged(redis_port, "example.com", "epoll");
     // Both bridges subscribed on the real Redis before any Synapse process connects.
     let mut probe = TcpStream::connect(("127.0.0.1", redis_port)).expect("connect to redis");
     probe.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
@@ -283,19 +283,21 @@ fn synapse_redis_replication_across_two_replhubs_on_one_redis() {
 #[test]
 fn synapse_redis_replication_through_replhub_matches_redis_server() {
     let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let through_replhub = {
-        let (_replhub, port) = start_replhub_resp();
-        run(port, "replhub")
-    };
     let through_redis = {
         let (_redis, port) = start_redis();
         run(port, "redis-server")
     };
-    for part in ["live", "handshake", "replies"] {
-        assert_eq!(
-            through_replhub["comparable"][part], through_redis["comparable"][part],
-            "replhub and redis-server differ in comparable.{part}"
-        );
+    for io in ["uring", "epoll"] {
+        let through_replhub = {
+            let (_replhub, port) = start_replhub_resp(io);
+            run(port, &format!("replhub-{io}"))
+        };
+        for part in ["live", "handshake", "replies"] {
+            assert_eq!(
+                through_replhub["comparable"][part], through_redis["comparable"][part],
+                "replhub on {io} and redis-server differ in comparable.{part}"
+            );
+        }
     }
 }
 
