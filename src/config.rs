@@ -582,7 +582,7 @@ pub struct ServeOptions {
     #[serde(alias = "resp_listen")]
     pub resp_listen: Option<String>,
     /// Bridge to a real Redis: subscribe there once to the Synapse channels (--server-name
-    /// and <name>/USER_IP) and serve this machine's local RESP clients (--resp-listen) and TCP
+    /// and NAME/USER_IP) and serve this machine's local RESP clients (--resp-listen) and TCP
     /// replication workers (--listen, Synapse 1.22–1.66; --protocol 1.13 for 1.13–1.21) as
     /// Synapse's own processes on that Redis; their messages are published there
     #[arg(long, value_name = "redis://[[USER]:PASS@]HOST:PORT[/DB]")]

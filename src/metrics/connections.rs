@@ -131,7 +131,7 @@ pub enum QueryError {
 pub struct ConnQuery {
     /// The order.
     pub sort: SortKey,
-    /// Connections listed at most (at most [`MAX_LIMIT`]).
+    /// Connections listed at most (at most 10 000).
     pub limit: usize,
     /// Connections skipped, in sort order, before the first listed.
     pub offset: usize,
