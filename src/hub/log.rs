@@ -78,6 +78,10 @@ pub struct Batch {
     /// on different channels are in different runs, so a channel's subscriber takes a run of
     /// that channel's messages the same way.
     run_end: Vec<u32>,
+    /// `stream_run_end[i]`: the same, for the run of line `i`'s stream alone (a run of
+    /// [`Batch::run_end`] cut where the stream changes), so a subscriber to some streams takes
+    /// a run of a stream it wants in one step instead of line by line.
+    stream_run_end: Vec<u32>,
 }
 
 impl Batch {
@@ -89,19 +93,30 @@ impl Batch {
             .iter()
             .all(|l| l.start < l.end && (l.end as usize) <= data.len() && data[l.end as usize - 1] == b'\n'));
         let mut run_end = vec![0u32; lines.len()];
-        let mut end = lines.len() as u32;
+        let mut stream_run_end = vec![0u32; lines.len()];
+        let (mut end, mut stream_end) = (lines.len() as u32, lines.len() as u32);
         for i in (0..lines.len()).rev() {
             run_end[i] = end;
+            stream_run_end[i] = stream_end;
             if i > 0 && (lines[i - 1].end != lines[i].start || lines[i - 1].channel() != lines[i].channel()) {
                 end = i as u32;
+                stream_end = i as u32;
+            } else if i > 0 && lines[i - 1].stream != lines[i].stream {
+                stream_end = i as u32;
             }
         }
-        Self { data, lines, run_end }
+        Self { data, lines, run_end, stream_run_end }
     }
 
     /// One past the last line of the contiguous run that holds line `i`.
     pub fn run_end(&self, i: usize) -> usize {
         self.run_end[i] as usize
+    }
+
+    /// One past the last line of the contiguous run of line `i`'s stream (or channel) that
+    /// holds line `i`.
+    pub fn stream_run_end(&self, i: usize) -> usize {
+        self.stream_run_end[i] as usize
     }
 
     /// The raw bytes.
@@ -371,5 +386,17 @@ c
         let m = |start, end| LineMeta { start, end, stream: 0, token: None };
         let b = Batch::new(data, vec![m(0, 2), m(9, 11), m(11, 13)]);
         assert_eq!((b.run_end(0), b.run_end(1), b.run_end(2)), (1, 3, 3));
+    }
+
+    #[test]
+    fn stream_runs_break_where_the_stream_changes_as_well() {
+        // Streams 0 0 1 | 0 2 2 0: an unindexed line ("xx") between lines 2 and 3.
+        let data = Bytes::from_static(b"0\n1\n2\nxx\n3\n4\n5\n6\n");
+        let m = |start, stream| LineMeta { start, end: start + 2, stream, token: None };
+        let b = Batch::new(data, vec![m(0, 0), m(2, 0), m(4, 1), m(9, 0), m(11, 2), m(13, 2), m(15, 0)]);
+        let runs: Vec<usize> = (0..7).map(|i| b.run_end(i)).collect();
+        let stream_runs: Vec<usize> = (0..7).map(|i| b.stream_run_end(i)).collect();
+        assert_eq!(runs, [3, 3, 3, 7, 7, 7, 7]);
+        assert_eq!(stream_runs, [2, 2, 3, 4, 6, 6, 7]);
     }
 }

@@ -433,8 +433,14 @@ impl Outbox {
                     && lines[i].start == lines[i - 1].end
                     && subs.wants(&lines[i], s, broadcast)
                 {
-                    i += 1;
-                    s += 1;
+                    // A stream wanted at `s` is wanted at every later sequence number, so the
+                    // rest of its run is taken in one step. (A channel can be unsubscribed
+                    // while a line of it is half written: those go line by line.)
+                    let end = if lines[i].stream_id().is_some() { batch.stream_run_end(i) } else { i + 1 };
+                    let room = usize::try_from(limit - s).unwrap_or(usize::MAX);
+                    let end = end.min(i.saturating_add(room));
+                    s += (end - i) as u64;
+                    i = end;
                 }
             }
             let piece = Piece::Log { batch: Arc::clone(batch), first, end: i, skip: off, first_seq };
