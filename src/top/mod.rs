@@ -6,9 +6,9 @@
 //!  terminal size ─────────────────────────────────────────────┘
 //! ```
 //!
-//! What is on screen is [`model::view`](crate::top::model::view), a pure function of the previous and current polls, the
-//! sort and the size; this module only fetches, reads keys and draws. It needs no mouse and fits
-//! 80x24, so it works over a plain SSH terminal.
+//! What is on screen is [`model::view`](crate::top::model::view), a pure function of the previous
+//! and current polls, the sort and the size; this module only fetches, reads keys and draws. It
+//! needs no mouse and fits 80x24, so it works over a plain SSH terminal.
 pub mod fetch;
 pub mod model;
 
