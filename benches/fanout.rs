@@ -58,11 +58,21 @@ fn sample_lines(n: usize) -> Vec<Bytes> {
     let mut lines: Vec<Bytes> =
         text.lines().filter(|l| l.starts_with("RDATA ")).map(|l| Bytes::from(format!("{l}\n"))).collect();
     if lines.is_empty() {
-        lines = (0..n)
-            .map(|i| Bytes::from(format!("RDATA events {} [\"ev\", [\"$e{i}:hs\", \"!r:hs\", \"m.room.message\", null, null, null]]\n", 1000 + i)))
-            .collect();
+        lines = events_lines(n);
     }
     lines.into_iter().cycle().take(n).collect()
+}
+
+/// `n` RDATA lines of the events stream alone (the load test's shape).
+fn events_lines(n: usize) -> Vec<Bytes> {
+    (0..n)
+        .map(|i| {
+            Bytes::from(format!(
+                "RDATA events {} [\"ev\", [\"$e{i}:hs\", \"!r:hs\", \"m.room.message\", null, null, null]]\n",
+                1000 + i
+            ))
+        })
+        .collect()
 }
 
 /// One batch over the lines, indexed as the upstream link does.
@@ -107,10 +117,15 @@ fn connected_hub(max_pending_bytes: u64) -> (Hub, Now) {
 }
 
 fn hub_with(subscribers: usize) -> Setup {
+    hub_replicating(subscribers, b"NAME bench\nREPLICATE ALL\n")
+}
+
+/// A hub whose `subscribers` each sent `opening` (NAME and REPLICATE lines).
+fn hub_replicating(subscribers: usize, opening: &[u8]) -> Setup {
     let (mut hub, now) = connected_hub(u64::MAX);
     for _ in 0..subscribers {
         let id = hub.accept(now);
-        hub.on_bytes(id, b"NAME bench\nREPLICATE ALL\n", now);
+        hub.on_bytes(id, opening, now);
     }
     let mut s = Setup { hub, now, dirty: Vec::new() };
     deliver(&mut s);
@@ -205,22 +220,31 @@ fn fanout(c: &mut Criterion) {
     group.finish();
 
     // O(1) per batch for a subscriber to every stream: the cost of a batch barely depends on
-    // how many lines it holds.
+    // how many lines it holds. The same for a subscriber to one stream, per run of that stream
+    // (`events_only`: batches of the events stream alone, as in the load test); next to it,
+    // the same subscriber on batches whose streams change at every line (`one_stream_mixed`,
+    // every line looked at: the line-by-line cost the runs avoid).
     let mut group = c.benchmark_group("full_subscriber_cost_per_batch");
     for &lines_per_batch in &[10usize, 1_000] {
-        let lines = sample_lines(lines_per_batch);
-        group.throughput(Throughput::Elements(1));
-        let mut setup = hub_with(100);
-        group.bench_with_input(BenchmarkId::from_parameter(lines_per_batch), &lines_per_batch, |b, _| {
-            b.iter_batched(
-                || make_batch(&lines),
-                |batch| {
-                    setup.hub.on_batch(batch, setup.now);
-                    deliver(&mut setup)
-                },
-                BatchSize::SmallInput,
-            );
-        });
+        let cases = [
+            ("all_streams", sample_lines(lines_per_batch), &b"NAME bench\nREPLICATE ALL\n"[..]),
+            ("events_only", events_lines(lines_per_batch), &b"NAME bench\nREPLICATE events\n"[..]),
+            ("one_stream_mixed", sample_lines(lines_per_batch), &b"NAME bench\nREPLICATE events\n"[..]),
+        ];
+        for (name, lines, opening) in cases {
+            group.throughput(Throughput::Elements(1));
+            let mut setup = hub_replicating(100, opening);
+            group.bench_with_input(BenchmarkId::new(name, lines_per_batch), &lines_per_batch, |b, _| {
+                b.iter_batched(
+                    || make_batch(&lines),
+                    |batch| {
+                        setup.hub.on_batch(batch, setup.now);
+                        deliver(&mut setup)
+                    },
+                    BatchSize::SmallInput,
+                );
+            });
+        }
     }
     group.finish();
 }
