@@ -16,6 +16,7 @@ use bytes::Bytes;
 use super::command::Command;
 use super::error::FieldError;
 use super::fields::{not_enough_values, split_fields, utf8_field, Position, SyncState};
+use super::line::short_field_end;
 use super::number::parse_i64;
 use super::pyrepr::{py_exc, py_repr};
 
@@ -256,14 +257,6 @@ pub fn rdata_head(args: &[u8], form: RdataForm) -> Option<(&[u8], &[u8], bool)> 
     let rest = &rest[sp2 + 1..];
     let sp3 = short_field_end(rest)?;
     Some((stream, &rest[..sp3], true))
-}
-
-/// The space ending a field a few bytes long (a stream name, a token, an instance name): a
-/// plain scan, which on the relay's hot path costs less than `memchr`'s vector set-up for the
-/// few bytes it looks at.
-#[inline]
-fn short_field_end(s: &[u8]) -> Option<usize> {
-    s.iter().position(|&b| b == b' ')
 }
 
 /// RDATA arguments of any generation.
