@@ -61,10 +61,14 @@ impl Hub {
         if core.pending_metas.is_empty() {
             return None;
         }
-        let frames = core.pending_frames.split().freeze();
-        let batch = Arc::new(Batch::new(frames, std::mem::take(&mut core.pending_metas)));
-        Some(HubOutput::Upstream(UpstreamCmd::Publish(Published(batch))))
+        Some(cut_published(&mut core.pending_frames, &mut core.pending_metas))
     }
+}
+
+/// The pending published messages as one `Publish` output, leaving both buffers empty.
+fn cut_published(frames: &mut BytesMut, metas: &mut Vec<LineMeta>) -> HubOutput {
+    let batch = Arc::new(Batch::new(frames.split().freeze(), std::mem::take(metas)));
+    HubOutput::Upstream(UpstreamCmd::Publish(Published(batch)))
 }
 
 /// At most this many (stream, instance) pairs are counted apart; the rest count under
@@ -253,8 +257,7 @@ impl Hub {
         if frames.len() >= PUBLISH_BATCH_BYTES {
             // A turn that reads this much cuts a batch now (in order: the outputs queue goes
             // out before what is still pending), so batches stay bounded.
-            let batch = Arc::new(Batch::new(frames.split().freeze(), std::mem::take(&mut metas)));
-            self.outputs.push_back(HubOutput::Upstream(UpstreamCmd::Publish(Published(batch))));
+            self.outputs.push_back(cut_published(&mut frames, &mut metas));
         }
         if let Some(core) = self.resp.as_mut() {
             core.effects = effects;
