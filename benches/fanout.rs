@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, Bencher, BenchmarkId, Criterion, Throughput};
 
 use replhub::config::HubConfig;
 use replhub::proto::{fields, json, Command, Rdata, StreamId, Token};
@@ -159,6 +159,19 @@ fn deliver(s: &mut Setup) -> usize {
     bytes
 }
 
+/// Times one batch over `lines` through the hub to every subscriber of `setup` (indexing it
+/// is set-up, not timed).
+fn batch_after_batch(b: &mut Bencher<'_>, setup: &mut Setup, lines: &[Bytes]) {
+    b.iter_batched(
+        || make_batch(lines),
+        |batch| {
+            setup.hub.on_batch(batch, setup.now);
+            deliver(setup)
+        },
+        BatchSize::SmallInput,
+    );
+}
+
 /// The reference master: rows decoded once, then for every connection every row is encoded to
 /// JSON and formatted into its own line.
 fn per_connection_encode(
@@ -203,14 +216,7 @@ fn fanout(c: &mut Criterion) {
         }
         let mut setup = hub_with(n);
         group.bench_with_input(BenchmarkId::new("hub_encode_once", n), &n, |b, _| {
-            b.iter_batched(
-                || make_batch(&lines),
-                |batch| {
-                    setup.hub.on_batch(batch, setup.now);
-                    deliver(&mut setup)
-                },
-                BatchSize::SmallInput,
-            );
+            batch_after_batch(b, &mut setup, &lines);
         });
         let mut out = BytesMut::with_capacity(64 * 1024);
         group.bench_with_input(BenchmarkId::new("baseline_encode_per_connection", n), &n, |b, &n| {
@@ -235,14 +241,7 @@ fn fanout(c: &mut Criterion) {
             group.throughput(Throughput::Elements(1));
             let mut setup = hub_replicating(100, opening);
             group.bench_with_input(BenchmarkId::new(name, lines_per_batch), &lines_per_batch, |b, _| {
-                b.iter_batched(
-                    || make_batch(&lines),
-                    |batch| {
-                        setup.hub.on_batch(batch, setup.now);
-                        deliver(&mut setup)
-                    },
-                    BatchSize::SmallInput,
-                );
+                batch_after_batch(b, &mut setup, &lines);
             });
         }
     }
