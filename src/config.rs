@@ -67,7 +67,8 @@ pub enum SourceConfig {
     None,
 }
 
-/// Where `--upstream-redis` points, parsed from `redis://[[user]:password@]HOST:PORT[/db]`.
+/// Where `--upstream-redis` points, parsed from `redis://[[user]:password@]HOST:PORT[/db]`
+/// (or `rediss://…` for TLS).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RedisUpstream {
     /// `HOST:PORT`.
@@ -78,6 +79,22 @@ pub struct RedisUpstream {
     pub password: Option<String>,
     /// The channels subscribed there: the server name and `<server name>/USER_IP`.
     pub channels: Vec<String>,
+    /// TLS settings, for a `rediss://` URL.
+    pub tls: Option<RedisTls>,
+}
+
+/// TLS to the Redis upstream (`rediss://`): the server's certificate is checked against the
+/// system's trusted roots (or `ca_file`) and the URL's host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisTls {
+    /// The name the server's certificate must carry: the URL's host (a DNS name or an IP).
+    pub server_name: String,
+    /// PEM certificates to trust instead of the system's roots (`--upstream-redis-ca`).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain and its private key, for a Redis that checks clients'
+    /// certificates (`tls-auth-clients yes`, Redis's default): `--upstream-redis-cert` and
+    /// `--upstream-redis-key`.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl RedisUpstream {
@@ -85,10 +102,15 @@ impl RedisUpstream {
     pub fn parse(url: &str, server_name: &str) -> Result<Self, ConfigError> {
         let bad = |why: &str| {
             ConfigError::new(format!(
-                "--upstream-redis {url:?}: {why} (expected redis://[[user]:password@]HOST:PORT[/db])"
+                "--upstream-redis {url:?}: {why} (expected redis://[[user]:password@]HOST:PORT[/db], \
+                 or rediss://… for TLS)"
             ))
         };
-        let rest = url.strip_prefix("redis://").ok_or_else(|| bad("not a redis:// URL"))?;
+        let (rest, tls) = match (url.strip_prefix("redis://"), url.strip_prefix("rediss://")) {
+            (Some(rest), _) => (rest, false),
+            (None, Some(rest)) => (rest, true),
+            (None, None) => return Err(bad("not a redis:// or rediss:// URL")),
+        };
         let (auth, hostpart) = match rest.rsplit_once('@') {
             Some((a, h)) => (Some(a), h),
             None => (None, rest),
@@ -103,12 +125,47 @@ impl RedisUpstream {
                 None => (None, Some(a.to_owned())),
             },
         };
+        let tls = tls.then(|| {
+            let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+            let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+            RedisTls { server_name: host.to_owned(), ca_file: None, client_cert: None }
+        });
         Ok(Self {
             addr: addr.to_owned(),
             user,
             password,
             channels: vec![server_name.to_owned(), format!("{server_name}/USER_IP")],
+            tls,
         })
+    }
+
+    /// Applies `--upstream-redis-ca`, `--upstream-redis-cert` and `--upstream-redis-key`,
+    /// which need a `rediss://` URL (and the certificate and key go together).
+    fn with_tls_files(
+        mut self,
+        ca: Option<&PathBuf>,
+        cert: Option<&PathBuf>,
+        key: Option<&PathBuf>,
+    ) -> Result<Self, ConfigError> {
+        if ca.is_none() && cert.is_none() && key.is_none() {
+            return Ok(self);
+        }
+        let Some(tls) = &mut self.tls else {
+            return Err(ConfigError::new(
+                "--upstream-redis-ca, --upstream-redis-cert and --upstream-redis-key need a rediss:// URL (TLS)",
+            ));
+        };
+        tls.ca_file = ca.cloned();
+        tls.client_cert = match (cert, key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::new(
+                    "--upstream-redis-cert and --upstream-redis-key go together (a client certificate and its key)",
+                ))
+            }
+        };
+        Ok(self)
     }
 }
 
@@ -209,7 +266,11 @@ impl ServeConfig {
                         "--upstream-redis needs --server-name (Synapse's channels are named after it)",
                     ));
                 };
-                SourceConfig::Redis(RedisUpstream::parse(url, name)?)
+                SourceConfig::Redis(RedisUpstream::parse(url, name)?.with_tls_files(
+                    opts.upstream_redis_ca.as_ref(),
+                    opts.upstream_redis_cert.as_ref(),
+                    opts.upstream_redis_key.as_ref(),
+                )?)
             }
             (Some(_), Some(_)) => {
                 return Err(ConfigError::new("give either --upstream or --synthetic, not both"))
@@ -585,9 +646,24 @@ pub struct ServeOptions {
     /// and NAME/USER_IP) and serve this machine's local RESP clients (--resp-listen) and TCP
     /// replication workers (--listen, Synapse 1.22–1.66; --protocol 1.13 for 1.13–1.21) as
     /// Synapse's own processes on that Redis; their messages are published there
+    /// (rediss:// for TLS)
     #[arg(long, value_name = "redis://[[USER]:PASS@]HOST:PORT[/DB]")]
     #[serde(alias = "upstream_redis")]
     pub upstream_redis: Option<String>,
+    /// With a rediss:// --upstream-redis: trust the certificates in this PEM file (a private
+    /// CA) instead of the system's roots
+    #[arg(long, value_name = "PEM")]
+    #[serde(alias = "upstream_redis_ca")]
+    pub upstream_redis_ca: Option<PathBuf>,
+    /// With a rediss:// --upstream-redis: present this PEM certificate chain to a Redis that
+    /// checks clients' certificates (tls-auth-clients); needs --upstream-redis-key
+    #[arg(long, value_name = "PEM")]
+    #[serde(alias = "upstream_redis_cert")]
+    pub upstream_redis_cert: Option<PathBuf>,
+    /// The private key (PEM) of --upstream-redis-cert
+    #[arg(long, value_name = "PEM")]
+    #[serde(alias = "upstream_redis_key")]
+    pub upstream_redis_key: Option<PathBuf>,
     /// Redis mode: require AUTH with this password (Redis's requirepass)
     #[arg(long, value_name = "PASSWORD")]
     #[serde(alias = "resp_password")]
@@ -666,6 +742,9 @@ impl ServeOptions {
             log_level: self.log_level.or(file.log_level),
             resp_listen: self.resp_listen.or(file.resp_listen),
             upstream_redis: self.upstream_redis.or(file.upstream_redis),
+            upstream_redis_ca: self.upstream_redis_ca.or(file.upstream_redis_ca),
+            upstream_redis_cert: self.upstream_redis_cert.or(file.upstream_redis_cert),
+            upstream_redis_key: self.upstream_redis_key.or(file.upstream_redis_key),
             resp_password: self.resp_password.or(file.resp_password),
             resp_user: self.resp_user.or(file.resp_user),
             resp_max_bulk_len: self.resp_max_bulk_len.or(file.resp_max_bulk_len),

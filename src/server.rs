@@ -30,7 +30,7 @@ use anyhow::Context as _;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{IoBackend, ServeConfig};
-use crate::driver::source::{self, SourceContext, SourceHandle};
+use crate::driver::source::{self, RedisTlsConnector, SourceContext, SourceHandle};
 use crate::driver::{epoll, uring, CoreContext, CoreMsg, Inbox, StartGate};
 use crate::hub::stats::CoreSnapshot;
 use crate::metrics::connections::{ConnQuery, ConnectionsPage, PageContext};
@@ -153,6 +153,15 @@ impl Server {
             (None, io) => tracing::info!("io backend: {backend_name} (--io {})", io.as_str()),
         }
 
+        // A rediss:// upstream's CA and client certificate are read now, so that a bad file
+        // stops the start with its name instead of failing every reconnect.
+        let redis_tls = match &config.source {
+            crate::config::SourceConfig::Redis(r) => {
+                r.tls.as_ref().map(RedisTlsConnector::new).transpose()?
+            }
+            _ => None,
+        };
+
         let threads = config.threads.max(1);
         let first =
             bind_listener(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -260,6 +269,7 @@ impl Server {
             clock,
             resp: resp_state,
             start: gate.clone(),
+            redis_tls,
         };
         let source_watch = watch.clone();
         let source_thread =

@@ -255,3 +255,22 @@ fn messages_cross_the_bridge_once_each_way_epoll() {
 fn messages_cross_the_bridge_once_each_way_uring() {
     messages_cross_the_bridge_once_each_way(BACKENDS[1]);
 }
+
+/// A Redis that wants a password replhub was not given answers SUBSCRIBE with `-NOAUTH`: no
+/// subscription, so the bridge is not up; it retries with backoff and counts the failures.
+#[test]
+fn a_refused_subscribe_is_a_failed_connect() {
+    let redis = RedisServer::start(&["--requirepass", "secret"]);
+    let server = bridged(BACKENDS[0], &redis);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let up = server.upstream_snapshot(WAIT).expect("snapshot");
+        assert!(!up.connected, "a refused SUBSCRIBE taken for a subscription");
+        if up.connect_failures >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {} failed connects", up.connect_failures);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.shutdown().expect("clean shutdown");
+}

@@ -112,6 +112,53 @@ fn upstream_redis_serves_tcp_workers_with_or_without_redis_mode() {
 }
 
 #[test]
+fn rediss_urls_and_the_tls_files() {
+    use std::path::PathBuf;
+    let u = RedisUpstream::parse("rediss://user:pw@redis.internal:6380/0", "sn").expect("valid");
+    assert_eq!(
+        (u.addr.as_str(), u.user.as_deref(), u.password.as_deref()),
+        ("redis.internal:6380", Some("user"), Some("pw"))
+    );
+    let tls = u.tls.expect("rediss:// is TLS");
+    assert_eq!((tls.server_name.as_str(), tls.ca_file, tls.client_cert), ("redis.internal", None, None));
+    assert_eq!(RedisUpstream::parse("redis://redis.internal:6379", "sn").expect("valid").tls, None);
+    let v6 = RedisUpstream::parse("rediss://[::1]:6380", "sn").expect("valid");
+    assert_eq!((v6.addr.as_str(), v6.tls.expect("tls").server_name.as_str()), ("[::1]:6380", "::1"));
+    assert!(RedisUpstream::parse("http://redis.internal:6379", "sn")
+        .unwrap_err()
+        .to_string()
+        .contains("rediss://"));
+
+    let base = ServeOptions {
+        upstream_redis: Some("rediss://redis.internal:6380".into()),
+        server_name: Some("sn".into()),
+        upstream_redis_ca: Some("/etc/redis/ca.pem".into()),
+        upstream_redis_cert: Some("/etc/replhub/client.pem".into()),
+        upstream_redis_key: Some("/etc/replhub/client.key".into()),
+        ..ServeOptions::default()
+    };
+    let SourceConfig::Redis(r) = ServeConfig::from_options(&base).expect("valid").source else {
+        panic!("a Redis source")
+    };
+    let tls = r.tls.expect("tls");
+    assert_eq!(tls.ca_file, Some(PathBuf::from("/etc/redis/ca.pem")));
+    assert_eq!(
+        tls.client_cert,
+        Some((PathBuf::from("/etc/replhub/client.pem"), PathBuf::from("/etc/replhub/client.key")))
+    );
+    let plain = ServeOptions { upstream_redis: Some("redis://redis.internal:6379".into()), ..base.clone() };
+    assert!(ServeConfig::from_options(&plain).unwrap_err().to_string().contains("need a rediss:// URL"));
+    let half = ServeOptions { upstream_redis_key: None, ..base };
+    assert!(ServeConfig::from_options(&half).unwrap_err().to_string().contains("go together"));
+    let file: ServeOptions = toml::from_str(
+        "upstream-redis = \"rediss://r:6380\"\nupstream_redis_ca = \"/ca.pem\"\nupstream-redis-cert = \"/c.pem\"\nupstream-redis-key = \"/c.key\"",
+    )
+    .expect("file keys");
+    assert_eq!(file.upstream_redis_ca, Some(PathBuf::from("/ca.pem")));
+    assert_eq!(file.upstream_redis_key, Some(PathBuf::from("/c.key")));
+}
+
+#[test]
 fn unknown_file_keys_are_errors() {
     assert!(toml::from_str::<ServeOptions>("listn = \"x\"").is_err());
     assert!(toml::from_str::<ServeOptions>("io = \"kqueue\"").is_err());

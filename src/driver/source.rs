@@ -81,6 +81,9 @@ mod queues;
 mod redis_bridge;
 #[cfg(test)]
 mod tests;
+mod tls;
+
+pub(crate) use tls::RedisTlsConnector;
 
 /// How much spare room the upstream read buffer gets when it runs low (below
 /// [`READ_MIN_ROOM`]).
@@ -155,6 +158,8 @@ pub(crate) struct SourceContext {
     pub resp: Option<Arc<crate::resp::RespState>>,
     /// Passed once the thread holds its runtime's descriptors (see `start_gate.rs`).
     pub start: super::StartGate,
+    /// TLS for a `rediss://` upstream, built when the server starts.
+    pub redis_tls: Option<RedisTlsConnector>,
 }
 
 /// The sending side of the source thread's mailboxes. Cloneable and shareable.
@@ -223,7 +228,15 @@ pub(crate) fn run(ctx: SourceContext) -> anyhow::Result<()> {
         let limit = usize::try_from(ctx.hub.max_pending_bytes).unwrap_or(usize::MAX);
         let queues = Outgoing::new(ctx.cores.len(), limit);
         let fetch_permits = Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES));
-        let mut src = Source { ctx, stopped: false, queues, blocked: false, batches: 0, fetch_permits };
+        let mut src = Source {
+            ctx,
+            stopped: false,
+            queues,
+            blocked: false,
+            batches: 0,
+            fetch_permits,
+            connect_failures: 0,
+        };
         match src.ctx.source.clone() {
             SourceConfig::Upstream { addr, client_name } => src.run_upstream(&addr, client_name).await,
             SourceConfig::Synthetic { rate, line_size } => src.run_synthetic(rate, line_size).await,
@@ -242,6 +255,8 @@ enum ConnEnd {
     Lost(String),
     /// The link asked to close (after its ERROR, or abort after the linger).
     Closed(CloseHow),
+    /// No connection came up: the connect, the TLS handshake or AUTH failed.
+    Unreachable(String),
     /// The source is stopping.
     Stop,
 }
@@ -258,6 +273,8 @@ struct Source {
     batches: u64,
     /// Catch-up fetches running at once (see [`Source::start_fetch`]).
     fetch_permits: Arc<tokio::sync::Semaphore>,
+    /// Attempts to connect upstream that failed, over the life of the process.
+    connect_failures: u64,
 }
 
 /// Something that can take the cores' commands and report metrics.
@@ -286,7 +303,9 @@ impl Source {
         loop {
             match self.ctx.control.try_recv() {
                 Ok(SourceCtl::Snapshot(reply)) => {
-                    let _ = reply.send(up.snapshot());
+                    let snapshot =
+                        UpstreamSnapshot { connect_failures: self.connect_failures, ..up.snapshot() };
+                    let _ = reply.send(snapshot);
                 }
                 #[cfg(test)]
                 Ok(SourceCtl::Queues(reply)) => {
@@ -367,7 +386,7 @@ impl Source {
                     link.0.on_connected(self.ctx.clock.now());
                     let end = self.connection(&mut link, stream, &mut backoff).await;
                     let reason = match end {
-                        ConnEnd::Lost(why) => why,
+                        ConnEnd::Lost(why) | ConnEnd::Unreachable(why) => why,
                         ConnEnd::Closed(CloseHow::Graceful) => "closed after an error".to_owned(),
                         ConnEnd::Closed(CloseHow::Abort) => "aborted".to_owned(),
                         // Stopping is not a disconnection anyone needs to hear about.
@@ -379,6 +398,7 @@ impl Source {
                     }
                 }
                 Err(e) => {
+                    self.connect_failures += 1;
                     // Loud for the first failures, then about once a minute at the longest delay.
                     let failures = backoff.failures() + 1;
                     if failures <= 3 || failures % 12 == 0 {

@@ -495,6 +495,11 @@ fn replhub_metrics(
         )?;
     }
     x.counter("replhub_upstream_reconnects_total", "Reconnects to the upstream master.", up.reconnects)?;
+    x.counter(
+        "replhub_upstream_connect_failures_total",
+        "Attempts to connect to the upstream that failed (connect, TLS handshake, AUTH).",
+        up.connect_failures,
+    )?;
     let tokens: Vec<_> =
         StreamId::ALL.iter().filter_map(|s| up.tokens[s.index()].map(|tok| ([s.name()], tok))).collect();
     x.gauge_vec_i64(
@@ -652,6 +657,7 @@ mod tests {
             mode: "upstream",
             connected: true,
             reconnects: 2,
+            connect_failures: 6,
             generation: Some("1.22"),
             syncing_users: 5,
             forwarded: 17,
@@ -804,6 +810,7 @@ mod tests {
             r#"replhub_upstream_mode{mode="upstream"} 1"#,
             r#"replhub_upstream_generation{generation="1.22"} 1"#,
             "replhub_upstream_reconnects_total 2",
+            "replhub_upstream_connect_failures_total 6",
             r#"replhub_upstream_token{stream_name="events"} 5321"#,
             r#"replhub_upstream_token{stream_name="typing"} 42"#,
             "replhub_upstream_syncing_users 5",

@@ -18,6 +18,8 @@ pub struct UpstreamSnapshot {
     pub down_since_ms: Option<u64>,
     /// Reconnects so far.
     pub reconnects: u64,
+    /// Attempts to connect that failed (connect, TLS handshake, AUTH), so far.
+    pub connect_failures: u64,
     /// The upstream's protocol generation label (`seed`, `1.13`, `1.22`), once known.
     pub generation: Option<&'static str>,
     /// Current token per stream (None until known).

@@ -184,6 +184,7 @@ impl SyntheticSource {
             connected: self.last_tick_ms.is_some(),
             down_since_ms: None,
             reconnects: 0,
+            connect_failures: 0,
             generation: Some(self.generation().label()),
             tokens: self.positions(),
             stream_updates: self.stream_updates,

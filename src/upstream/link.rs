@@ -692,6 +692,8 @@ impl UpstreamLink {
             connected: self.is_up(),
             down_since_ms: (!self.is_up()).then_some(self.stats.down_since_ms),
             reconnects: self.stats.connects.saturating_sub(1),
+            // Dials are the driver's; the source thread fills this in.
+            connect_failures: 0,
             generation: self.generation().map(Generation::label),
             tokens: self.tokens,
             stream_updates: self.stats.stream_updates,

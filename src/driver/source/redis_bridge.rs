@@ -23,7 +23,9 @@
 use std::collections::HashMap;
 
 use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite};
 
+use super::tls::RedisTlsConnector;
 use super::*;
 use crate::config::RedisUpstream;
 use crate::hub::{Batch, LineMeta};
@@ -185,12 +187,16 @@ fn bulk(rest: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((body, rest.get(cr + 4 + n..).unwrap_or_default()))
 }
 
+/// A connection to the Redis upstream: plain TCP, or TLS over it (`rediss://`).
+trait RedisIo: AsyncRead + AsyncWrite + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Unpin> RedisIo for T {}
+type RedisConn = Box<dyn RedisIo>;
+
 /// Sends a command and reads its reply on a connection still in the request/reply phase.
-async fn call(stream: &mut TcpStream, buf: &mut BytesMut, args: &[&[u8]]) -> Result<Reply, String> {
-    use tokio::io::AsyncReadExt as _;
+async fn call(stream: &mut RedisConn, buf: &mut BytesMut, args: &[&[u8]]) -> Result<Reply, String> {
     let mut b = BytesMut::new();
     crate::resp::codec::put_command(&mut b, args);
-    stream.write_all(&b).await.map_err(|e| format!("write failed: {e}"))?;
+    write_out(stream, &mut b).await.map_err(|e| format!("write failed: {e}"))?;
     loop {
         if let Some(r) = take_reply(buf).map_err(|e| e.to_string())? {
             return Ok(r);
@@ -201,13 +207,34 @@ async fn call(stream: &mut TcpStream, buf: &mut BytesMut, args: &[&[u8]]) -> Res
     }
 }
 
-/// Dials and authenticates one connection.
-async fn dial(cfg: &RedisUpstream, buf: &mut BytesMut) -> Result<TcpStream, String> {
-    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(cfg.addr.as_str()))
+/// Writes all of `buf` and flushes (with TLS, the records rustls still holds). Cancel-safe:
+/// what was written is gone from `buf`, and a flush cut short is repeated by the next call.
+async fn write_out<W: AsyncWrite + Unpin>(w: &mut W, buf: &mut BytesMut) -> io::Result<()> {
+    while !buf.is_empty() {
+        if w.write_buf(buf).await? == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+    }
+    w.flush().await
+}
+
+/// Dials (with the TLS handshake for `rediss://`) and authenticates one connection.
+async fn dial(
+    cfg: &RedisUpstream,
+    tls: Option<&RedisTlsConnector>,
+    buf: &mut BytesMut,
+) -> Result<RedisConn, String> {
+    let connect = async {
+        let tcp = TcpStream::connect(cfg.addr.as_str()).await.map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        Ok::<RedisConn, String>(match tls {
+            Some(tls) => Box::new(tls.connect(tcp).await.map_err(|e| format!("TLS handshake failed: {e}"))?),
+            None => Box::new(tcp),
+        })
+    };
+    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
         .await
-        .map_err(|_| "connect timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
-    let _ = stream.set_nodelay(true);
+        .map_err(|_| "connect timed out".to_owned())??;
     if let Some(password) = &cfg.password {
         let reply = match &cfg.user {
             Some(user) => call(&mut stream, buf, &[b"AUTH", user.as_bytes(), password.as_bytes()]).await?,
@@ -244,6 +271,16 @@ impl Source {
                         "redis upstream lost; clients and workers stay connected and get nothing until it is back"
                     );
                 }
+                ConnEnd::Unreachable(why) => {
+                    self.connect_failures += 1;
+                    // Loud for the first failures, then about once a minute at the longest delay.
+                    let failures = backoff.failures() + 1;
+                    if failures <= 3 || failures % 12 == 0 {
+                        tracing::warn!(redis = cfg.addr, error = %why, failures, "cannot connect to the redis upstream");
+                    } else {
+                        tracing::debug!(redis = cfg.addr, error = %why, failures, "cannot connect to the redis upstream");
+                    }
+                }
                 ConnEnd::Closed(_) => {}
             }
             if bridge.connected {
@@ -272,20 +309,38 @@ impl Source {
     ) -> ConnEnd {
         let mut pbuf = BytesMut::new();
         let mut sbuf = BytesMut::new();
-        let publ = match dial(cfg, &mut pbuf).await {
+        let tls = self.ctx.redis_tls.clone();
+        let publ = match dial(cfg, tls.as_ref(), &mut pbuf).await {
             Ok(s) => s,
-            Err(e) => return ConnEnd::Lost(e),
+            Err(e) => return ConnEnd::Unreachable(e),
         };
-        let mut sub = match dial(cfg, &mut sbuf).await {
+        let mut sub = match dial(cfg, tls.as_ref(), &mut sbuf).await {
             Ok(s) => s,
-            Err(e) => return ConnEnd::Lost(e),
+            Err(e) => return ConnEnd::Unreachable(e),
         };
         let mut args: Vec<&[u8]> = vec![b"SUBSCRIBE"];
         args.extend(cfg.channels.iter().map(String::as_bytes));
         let mut b = BytesMut::new();
         crate::resp::codec::put_command(&mut b, &args);
-        if let Err(e) = sub.write_all(&b).await {
-            return ConnEnd::Lost(format!("write failed: {e}"));
+        if let Err(e) = write_out(&mut sub, &mut b).await {
+            return ConnEnd::Unreachable(format!("write failed: {e}"));
+        }
+        // The connection counts once Redis answers the SUBSCRIBE. A Redis that turns replhub
+        // away after the handshake (no client certificate, a missing password) does it here,
+        // and is retried with backoff like one that cannot be reached.
+        sbuf.reserve(READ_RESERVE);
+        match tokio::time::timeout(CONNECT_TIMEOUT, sub.read_buf(&mut sbuf)).await {
+            Err(_) => return ConnEnd::Unreachable("no answer to SUBSCRIBE".to_owned()),
+            Ok(Ok(0)) => return ConnEnd::Unreachable("closed by the redis server".to_owned()),
+            Ok(Err(e)) => return ConnEnd::Unreachable(format!("read failed: {e}")),
+            Ok(Ok(_)) if sbuf.first() == Some(&b'-') => {
+                let why = match take_reply(&mut sbuf) {
+                    Ok(Some(Reply::Error(e))) => String::from_utf8_lossy(&e).into_owned(),
+                    _ => "an error".to_owned(),
+                };
+                return ConnEnd::Unreachable(format!("SUBSCRIBE refused: {why}"));
+            }
+            Ok(Ok(_)) => {}
         }
         if bridge.connects == 0 {
             tracing::info!(redis = cfg.addr, channels = ?cfg.channels, "subscribed on the redis upstream");
@@ -301,20 +356,31 @@ impl Source {
                 "resubscribed on the redis upstream after a gap; publishing REPLICATE so that Synapse catches up"
             );
         }
-        // Sent once the subscription is confirmed, so that replhub's own clients get it too:
-        // on a reconnect always, otherwise if TCP workers asked for one meanwhile.
-        let mut confirm_pending = true;
         let reconnect = bridge.connects > 0;
         backoff.reset();
         bridge.connects += 1;
         bridge.connected = true;
-        let mut out_off = 0usize;
+        bridge.subscribed = true;
+        // Sent now that the subscription is in place, so that replhub's own clients get it
+        // too: on a reconnect always, otherwise if TCP workers asked for one meanwhile.
+        bridge.replicate_if_due(reconnect, self.ctx.clock.now().mono_ms);
+        // TCP workers' commands from while the link was down.
+        bridge.out.extend(bridge.waiting.drain(..));
+        if let Err(end) = self.on_subscription_data(bridge, &mut sbuf, state, ids).await {
+            return end;
+        }
+        // The publishing connection is read (PUBLISH replies) and written at once: one half each.
+        let (mut publ_rx, mut publ_tx) = tokio::io::split(publ);
+        // PUBLISH commands on their way out, and whether some may still wait in the TLS layer.
+        let mut wbuf = BytesMut::new();
+        let mut unflushed = false;
         loop {
-            if !bridge.out.is_empty() {
-                if let Err(e) = write_some(&publ, &mut bridge.out, &mut out_off) {
-                    return ConnEnd::Lost(format!("write failed: {e}"));
-                }
+            for b in bridge.out.drain(..) {
+                wbuf.extend_from_slice(&b);
+                unflushed = true;
             }
+            pbuf.reserve(4096);
+            sbuf.reserve(READ_RESERVE);
             let retry = self.queued().then(|| tokio::time::Instant::now() + HOLD_RETRY);
             let replicate_at = bridge
                 .pacer
@@ -329,14 +395,12 @@ impl Source {
                         return ConnEnd::Stop;
                     }
                 }
-                res = publ.writable(), if !bridge.out.is_empty() => {
-                    if let Err(e) = res {
-                        return ConnEnd::Lost(format!("write failed: {e}"));
-                    }
-                }
-                res = publ.readable() => match res.and_then(|()| { pbuf.reserve(4096); publ.try_read_buf(&mut pbuf) }) {
+                res = write_out(&mut publ_tx, &mut wbuf), if unflushed => match res {
+                    Ok(()) => unflushed = false,
+                    Err(e) => return ConnEnd::Lost(format!("write failed: {e}")),
+                },
+                res = publ_rx.read_buf(&mut pbuf) => match res {
                     Ok(0) => return ConnEnd::Lost("closed by the redis server".to_owned()),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Ok(_) => loop {
                         match take_reply(&mut pbuf) {
                             Ok(Some(Reply::Error(e))) => {
@@ -349,28 +413,11 @@ impl Source {
                     },
                     Err(e) => return ConnEnd::Lost(format!("read failed: {e}")),
                 },
-                res = sub.readable() => match res.and_then(|()| { sbuf.reserve(READ_RESERVE); sub.try_read_buf(&mut sbuf) }) {
+                res = sub.read_buf(&mut sbuf) => match res {
                     Ok(0) => return ConnEnd::Lost("closed by the redis server".to_owned()),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Ok(_) => {
-                        // Any reply on this connection follows the whole SUBSCRIBE's effect.
-                        if std::mem::take(&mut confirm_pending) {
-                            bridge.subscribed = true;
-                            let now_ms = self.ctx.clock.now().mono_ms;
-                            bridge.replicate_if_due(reconnect, now_ms);
-                            // TCP workers' commands from while the link was down.
-                            bridge.out.extend(bridge.waiting.drain(..));
-                        }
-                        let (pubsub, tcp) = match index_messages(&mut sbuf, state, ids, &bridge.channel, bridge.tcp.as_mut()) {
-                            Ok(batches) => batches,
-                            Err(e) => return ConnEnd::Lost(e),
-                        };
-                        for batch in [pubsub, tcp].into_iter().flatten() {
-                            let batch = Arc::new(batch);
-                            self.batches += 1;
-                            if !self.broadcast(bridge, || CoreMsg::Batch(Arc::clone(&batch))).await {
-                                return ConnEnd::Stop;
-                            }
+                        if let Err(end) = self.on_subscription_data(bridge, &mut sbuf, state, ids).await {
+                            return end;
                         }
                     }
                     Err(e) => return ConnEnd::Lost(format!("read failed: {e}")),
@@ -379,6 +426,27 @@ impl Source {
                 () = sleep_opt(retry) => self.flush(),
             }
         }
+    }
+
+    /// The complete replies a read of the subscription brought, to every core: the Redis-mode
+    /// batch and, once TCP workers exist, the batch of their lines.
+    async fn on_subscription_data(
+        &mut self,
+        bridge: &mut Bridge,
+        sbuf: &mut BytesMut,
+        state: Option<&RespState>,
+        ids: &mut HashMap<Bytes, u32>,
+    ) -> Result<(), ConnEnd> {
+        let (pubsub, tcp) =
+            index_messages(sbuf, state, ids, &bridge.channel, bridge.tcp.as_mut()).map_err(ConnEnd::Lost)?;
+        for batch in [pubsub, tcp].into_iter().flatten() {
+            let batch = Arc::new(batch);
+            self.batches += 1;
+            if !self.broadcast(bridge, || CoreMsg::Batch(Arc::clone(&batch))).await {
+                return Err(ConnEnd::Stop);
+            }
+        }
+        Ok(())
     }
 }
 

@@ -34,6 +34,7 @@ fn context(
         clock: Clock::new(),
         resp: None,
         start: crate::driver::StartGate::open_now(),
+        redis_tls: None,
     };
     (ctx, handle, rxs)
 }
@@ -73,7 +74,15 @@ fn reads_are_held_only_while_a_core_has_a_message_behind_a_full_mailbox() {
     let (ctx, _handle, rxs) = context(synthetic, 2, 1 << 20);
     let queues = Outgoing::new(ctx.cores.len(), 1 << 20);
     let fetch_permits = Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES));
-    let mut src = Source { ctx, stopped: false, queues, blocked: false, batches: 0, fetch_permits };
+    let mut src = Source {
+        ctx,
+        stopped: false,
+        queues,
+        blocked: false,
+        batches: 0,
+        fetch_permits,
+        connect_failures: 0,
+    };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let mut up = SynthHolder(SyntheticSource::new(SyntheticConfig::default(), "s".to_owned()));
     let mut send = |src: &mut Source| {
