@@ -33,6 +33,7 @@ macro_rules! serve_tests {
             handshake_uses_the_upstream_server_name,
             configured_server_name_is_checked_against_the_upstream,
             workers_wait_for_the_upstream_before_their_greeting,
+            an_unreachable_master_counts_failed_connects,
             replicate_answers_positions_in_map_order,
             relays_the_sample_to_many_workers_byte_identical,
             filters_by_stream,

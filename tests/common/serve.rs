@@ -67,6 +67,33 @@ pub(crate) fn workers_wait_for_the_upstream_before_their_greeting(io: IoBackend)
     stop(server, vec![w]);
 }
 
+/// Dials to a master that refuses them are counted (`replhub_upstream_connect_failures_total`)
+/// and retried until it is there.
+pub(crate) fn an_unreachable_master_counts_failed_connects(io: IoBackend) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    let server = start(upstream_config(io, addr));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let up = server.upstream_snapshot(WAIT).expect("snapshot");
+        assert!(!up.connected);
+        if up.connect_failures >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {} failed connects", up.connect_failures);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let master = TestMaster::start_on(
+        TcpListener::bind(addr).expect("the same port"),
+        MasterOptions::default(),
+        positions(1),
+    );
+    master.wait_handshakes(1);
+    assert!(server.upstream_snapshot(WAIT).expect("snapshot").connect_failures >= 3);
+    stop(server, Vec::new());
+}
+
 // ---------------------------------------------------------------------------------------------
 // REPLICATE and POSITION
 
