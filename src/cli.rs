@@ -85,9 +85,21 @@ struct TailArgs {
     #[arg(long, value_name = "NAME", default_value = "replhub-tail")]
     name: String,
     /// Redis mode: subscribe to a Redis-based deployment's channels on this Redis (or replhub
-    /// --resp-listen) instead of connecting as a worker
-    #[arg(long, value_name = "ADDR", conflicts_with_all = ["stream", "name"])]
+    /// --resp-listen) instead of connecting as a worker: HOST:PORT, or a
+    /// redis://[[USER]:PASS@]HOST:PORT URL (rediss:// for TLS)
+    #[arg(long, value_name = "ADDR|URL", conflicts_with_all = ["stream", "name"])]
     resp: Option<String>,
+    /// Redis mode with a rediss:// URL: trust the certificates in this PEM file instead of the
+    /// system's roots
+    #[arg(long, value_name = "PEM", requires = "resp")]
+    ca: Option<std::path::PathBuf>,
+    /// Redis mode with a rediss:// URL: the client certificate (PEM) for a Redis that checks
+    /// clients' certificates; needs --key
+    #[arg(long, value_name = "PEM", requires = "key")]
+    cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --cert
+    #[arg(long, value_name = "PEM", requires = "cert")]
+    key: Option<std::path::PathBuf>,
     /// Redis mode: the channel to subscribe to (repeatable; Synapse's is its server name, and
     /// `<name>/USER_IP`) [default: every channel with subscribers]
     #[arg(long, value_name = "NAME", requires = "resp")]
@@ -204,12 +216,33 @@ fn top(args: &TopArgs) -> anyhow::Result<()> {
 
 fn tail(args: TailArgs) -> anyhow::Result<()> {
     init_logging(args.log_level.as_deref(), "warn")?;
-    if let Some(connect) = args.resp {
+    if let Some(target) = args.resp {
+        let (connect, tls, user, password) =
+            if target.starts_with("redis://") || target.starts_with("rediss://") {
+                let mut url = replhub::config::RedisUpstream::parse_for("--resp", &target, "")?;
+                match &mut url.tls {
+                    Some(tls) => {
+                        tls.ca_file = args.ca;
+                        tls.client_cert = args.cert.zip(args.key);
+                    }
+                    None if args.ca.is_some() || args.cert.is_some() => {
+                        anyhow::bail!("--ca, --cert and --key need a rediss:// URL in --resp (TLS)")
+                    }
+                    None => {}
+                }
+                (url.addr, url.tls, args.user.or(url.user), args.password.or(url.password))
+            } else {
+                if args.ca.is_some() || args.cert.is_some() {
+                    anyhow::bail!("--ca, --cert and --key need a rediss:// URL in --resp (TLS)");
+                }
+                (target, None, args.user, args.password)
+            };
         let opts = replhub::tail::RespTailOptions {
             connect,
+            tls,
             channels: args.channel,
-            password: args.password,
-            user: args.user,
+            password,
+            user,
             decode: args.decode,
             count: args.count,
         };

@@ -100,9 +100,14 @@ pub struct RedisTls {
 impl RedisUpstream {
     /// Parses the URL; `server_name` names the channels.
     pub fn parse(url: &str, server_name: &str) -> Result<Self, ConfigError> {
+        Self::parse_for("--upstream-redis", url, server_name)
+    }
+
+    /// [`RedisUpstream::parse`] for the option `flag` (named in the errors).
+    pub fn parse_for(flag: &str, url: &str, server_name: &str) -> Result<Self, ConfigError> {
         let bad = |why: &str| {
             ConfigError::new(format!(
-                "--upstream-redis {url:?}: {why} (expected redis://[[user]:password@]HOST:PORT[/db], \
+                "{flag} {url:?}: {why} (expected redis://[[user]:password@]HOST:PORT[/db], \
                  or rediss://… for TLS)"
             ))
         };
@@ -117,7 +122,7 @@ impl RedisUpstream {
         };
         // The database does not matter to pub/sub (channels are global in Redis).
         let addr = hostpart.split('/').next().unwrap_or_default();
-        check_host_port(addr, "--upstream-redis").map_err(|_| bad("bad HOST:PORT"))?;
+        check_host_port(addr, flag).map_err(|_| bad("bad HOST:PORT"))?;
         let (user, password) = match auth {
             None => (None, None),
             Some(a) => match a.split_once(':') {

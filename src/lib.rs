@@ -47,6 +47,7 @@ pub mod loadtest;
 pub mod tail;
 #[doc(hidden)]
 pub mod testing;
+mod tls;
 /// `replhub top`, the operator's live view (a subcommand of the binary, like `tail`).
 #[doc(hidden)]
 pub mod top;

@@ -30,7 +30,7 @@ use anyhow::Context as _;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{IoBackend, ServeConfig};
-use crate::driver::source::{self, RedisTlsConnector, SourceContext, SourceHandle};
+use crate::driver::source::{self, SourceContext, SourceHandle};
 use crate::driver::{epoll, uring, CoreContext, CoreMsg, Inbox, StartGate};
 use crate::hub::stats::CoreSnapshot;
 use crate::metrics::connections::{ConnQuery, ConnectionsPage, PageContext};
@@ -38,6 +38,7 @@ use crate::metrics::http::Limits;
 use crate::metrics::snapshot::UpstreamSnapshot;
 use crate::metrics::{MetricsServer, Pages, RenderInfo};
 use crate::time::Clock;
+use crate::tls::RedisTlsConnector;
 use crate::upstream::backoff::BackoffConfig;
 
 /// Set to `1` to make the io_uring probe fail (tests of the epoll fallback).
@@ -157,7 +158,7 @@ impl Server {
         // stops the start with its name instead of failing every reconnect.
         let redis_tls = match &config.source {
             crate::config::SourceConfig::Redis(r) => {
-                r.tls.as_ref().map(RedisTlsConnector::new).transpose()?
+                r.tls.as_ref().map(RedisTlsConnector::new).transpose().context("--upstream-redis (TLS)")?
             }
             _ => None,
         };

@@ -124,6 +124,8 @@ pub async fn run_to<W: Write>(opts: &TailOptions, out: &mut W) -> anyhow::Result
 pub struct RespTailOptions {
     /// `HOST:PORT` of the Redis server (or of replhub's `--resp-listen`).
     pub connect: String,
+    /// TLS to it (`rediss://`), if any.
+    pub tls: Option<crate::config::RedisTls>,
     /// Channels to subscribe to (Synapse's is the server name, plus `<name>/USER_IP`);
     /// empty: every channel that has subscribers (`PUBSUB CHANNELS`).
     pub channels: Vec<String>,
@@ -149,7 +151,7 @@ pub async fn run_resp(opts: RespTailOptions) -> anyhow::Result<()> {
 
 /// A RESP connection for `tail --resp`: commands out, replies in.
 struct RespConn {
-    stream: tokio::net::TcpStream,
+    stream: crate::tls::RedisStream,
     buf: bytes::BytesMut,
 }
 
@@ -164,6 +166,7 @@ impl RespConn {
         let mut b = bytes::BytesMut::new();
         crate::resp::codec::put_command(&mut b, args);
         self.stream.write_all(&b).await?;
+        self.stream.flush().await?;
         Ok(())
     }
 
@@ -189,10 +192,11 @@ impl RespConn {
 
 /// [`run_resp`] writing to `out`.
 pub async fn run_resp_to<W: Write>(opts: &RespTailOptions, out: &mut W) -> anyhow::Result<()> {
-    let stream = tokio::net::TcpStream::connect(opts.connect.as_str())
+    let tls =
+        opts.tls.as_ref().map(crate::tls::RedisTlsConnector::new).transpose().context("--resp (TLS)")?;
+    let stream = crate::tls::connect(&opts.connect, tls.as_ref())
         .await
-        .with_context(|| format!("cannot connect to {}", opts.connect))?;
-    stream.set_nodelay(true)?;
+        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", opts.connect))?;
     let mut conn = RespConn { stream, buf: bytes::BytesMut::new() };
     if let Some(password) = &opts.password {
         let reply = match &opts.user {

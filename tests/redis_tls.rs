@@ -1,5 +1,6 @@
-//! `--upstream-redis rediss://…`: the bridge over TLS to a real `redis-server` that checks
-//! clients' certificates (`tls-auth-clients yes`, Redis's default) and asks for a password.
+//! `--upstream-redis rediss://…` (and `tail --resp rediss://…`): the bridge over TLS to a real
+//! `redis-server` that checks clients' certificates (`tls-auth-clients yes`, Redis's default)
+//! and asks for a password.
 //! The certificates are made here (a CA, the server's for 127.0.0.1, a client's); the real
 //! Redis also listens in plain TCP on another port, which the test's own clients use.
 // Real processes and sockets with real deadlines.
@@ -232,4 +233,50 @@ fn a_redis_that_wants_a_client_certificate_refuses_one_without() {
         assert_eq!(numsub(&mut redis.client()), Reply::Array(vec![Reply::bulk("sn"), Reply::Int(0)]));
         server.shutdown().expect("clean shutdown");
     }
+}
+
+/// `replhub tail --resp rediss://…` with a client certificate prints what is published on a
+/// real Redis that only lets such clients in over TLS.
+#[test]
+fn tail_follows_a_tls_redis() {
+    let pki = Pki::new("ca-tail");
+    let redis = TlsRedis::start(&pki, true);
+    let url = format!("rediss://:{PASSWORD}@127.0.0.1:{}", redis.tls_port);
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_replhub"))
+        .args(["tail", "--resp", &url, "--channel", "sn", "--decode", "--count", "1"])
+        .args(["--ca", &pki.arg("ca.pem"), "--cert", &pki.arg("client.pem"), "--key", &pki.arg("client.key")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tail starts");
+    let mut publ = redis.client();
+    // Until tail's subscription is in place, its channel has no receivers.
+    let deadline = Instant::now() + WAIT;
+    while publ.call(&["PUBLISH", "sn", "POSITION events master 1 1"]) == Reply::Int(0) {
+        assert!(Instant::now() < deadline, "tail never subscribed over TLS");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(publ.call(&["PUBLISH", "sn", r#"RDATA typing w1 7 ["!r:x",["@u:x"]]"#]), Reply::Int(1));
+    let out = child.wait_with_output().expect("tail exits after --count");
+    assert!(out.status.success(), "tail failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let last = text.lines().last().unwrap_or_default();
+    assert!(last.starts_with(r#"{"stream":"typing","instance":"w1","token":7,"row":"#), "{text}");
+}
+
+/// tail refuses TLS files without a rediss:// URL, and names a CA file it cannot read.
+#[test]
+fn tail_names_what_is_wrong_with_its_tls_options() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_replhub"))
+            .arg("tail")
+            .args(args)
+            .output()
+            .expect("runs");
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(run(&["--resp", "127.0.0.1:1", "--ca", "/x.pem"]).contains("need a rediss:// URL"));
+    assert!(run(&["--resp", "rediss://127.0.0.1:1", "--ca", "/nonexistent/ca.pem"])
+        .contains("CA file /nonexistent/ca.pem"));
 }

@@ -81,9 +81,8 @@ mod queues;
 mod redis_bridge;
 #[cfg(test)]
 mod tests;
-mod tls;
 
-pub(crate) use tls::RedisTlsConnector;
+use crate::tls::RedisTlsConnector;
 
 /// How much spare room the upstream read buffer gets when it runs low (below
 /// [`READ_MIN_ROOM`]).

@@ -23,15 +23,15 @@
 use std::collections::HashMap;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite};
+use tokio::io::{AsyncReadExt as _, AsyncWrite};
 
-use super::tls::RedisTlsConnector;
 use super::*;
 use crate::config::RedisUpstream;
 use crate::hub::{Batch, LineMeta};
 use crate::proto::Generation;
 use crate::resp::reply::{take_reply, Reply};
 use crate::resp::RespState;
+use crate::tls::{RedisStream, RedisTlsConnector};
 use crate::upstream::redis_lines::{ReplicatePacer, TcpLines};
 
 /// The commands side of the bridge, for [`Source::drain`]: PUBLISHes queued for the real
@@ -187,13 +187,8 @@ fn bulk(rest: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((body, rest.get(cr + 4 + n..).unwrap_or_default()))
 }
 
-/// A connection to the Redis upstream: plain TCP, or TLS over it (`rediss://`).
-trait RedisIo: AsyncRead + AsyncWrite + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Unpin> RedisIo for T {}
-type RedisConn = Box<dyn RedisIo>;
-
 /// Sends a command and reads its reply on a connection still in the request/reply phase.
-async fn call(stream: &mut RedisConn, buf: &mut BytesMut, args: &[&[u8]]) -> Result<Reply, String> {
+async fn call(stream: &mut RedisStream, buf: &mut BytesMut, args: &[&[u8]]) -> Result<Reply, String> {
     let mut b = BytesMut::new();
     crate::resp::codec::put_command(&mut b, args);
     write_out(stream, &mut b).await.map_err(|e| format!("write failed: {e}"))?;
@@ -223,16 +218,8 @@ async fn dial(
     cfg: &RedisUpstream,
     tls: Option<&RedisTlsConnector>,
     buf: &mut BytesMut,
-) -> Result<RedisConn, String> {
-    let connect = async {
-        let tcp = TcpStream::connect(cfg.addr.as_str()).await.map_err(|e| e.to_string())?;
-        let _ = tcp.set_nodelay(true);
-        Ok::<RedisConn, String>(match tls {
-            Some(tls) => Box::new(tls.connect(tcp).await.map_err(|e| format!("TLS handshake failed: {e}"))?),
-            None => Box::new(tcp),
-        })
-    };
-    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+) -> Result<RedisStream, String> {
+    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, crate::tls::connect(&cfg.addr, tls))
         .await
         .map_err(|_| "connect timed out".to_owned())??;
     if let Some(password) = &cfg.password {

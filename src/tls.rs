@@ -1,11 +1,13 @@
-//! TLS to the Redis upstream (`rediss://`): rustls with its default provider, aws-lc-rs (ring
-//! lacks the post-quantum key exchange rustls now prefers).
+//! Connections to a Redis, plain or TLS (`rediss://`), for `serve --upstream-redis` and
+//! `tail --resp`: rustls with its default provider, aws-lc-rs (ring lacks the post-quantum key
+//! exchange rustls now prefers).
 //!
-//! The connector is built once, when the server starts, so that an unreadable or empty CA file,
-//! or a client key that does not parse, stops `replhub serve` with a message naming the file
-//! instead of failing every reconnect. The server's certificate is checked against the
+//! The connector is built once, before the first connection, so that an unreadable or empty CA
+//! file, or a client key that does not parse, stops `replhub serve` (or `tail`) with a message
+//! naming the file instead of failing every reconnect. The server's certificate is checked against the
 //! system's trusted roots (`rustls-native-certs`: `/etc/ssl/certs` on Debian) or, with
-//! `--upstream-redis-ca`, against that file's certificates alone, as `redis-cli --cacert` does;
+//! a CA file (`--upstream-redis-ca`, `tail --ca`), against that file's certificates alone, as
+//! `redis-cli --cacert` does;
 //! and against the URL's host, a DNS name or an IP address.
 use std::path::Path;
 use std::sync::Arc;
@@ -14,11 +16,29 @@ use anyhow::Context as _;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::RedisTls;
 
-/// What dialing a `rediss://` upstream needs: the connector and the name to check.
+/// A connection to a Redis: plain TCP, or TLS over it.
+pub(crate) trait RedisIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> RedisIo for T {}
+pub(crate) type RedisStream = Box<dyn RedisIo>;
+
+/// Connects to `addr` (`TCP_NODELAY`), with the TLS handshake when `tls` is given. The error
+/// says which step failed.
+pub(crate) async fn connect(addr: &str, tls: Option<&RedisTlsConnector>) -> Result<RedisStream, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    Ok(match tls {
+        Some(tls) => Box::new(tls.connect(tcp).await.map_err(|e| format!("TLS handshake failed: {e}"))?),
+        None => Box::new(tcp),
+    })
+}
+
+/// What dialing a `rediss://` Redis needs: the connector and the name to check.
 #[derive(Clone)]
 pub(crate) struct RedisTlsConnector {
     connector: TlsConnector,
@@ -34,9 +54,8 @@ impl std::fmt::Debug for RedisTlsConnector {
 impl RedisTlsConnector {
     /// Loads the roots and the client certificate `tls` names.
     pub(crate) fn new(tls: &RedisTls) -> anyhow::Result<Self> {
-        let server_name = ServerName::try_from(tls.server_name.clone()).with_context(|| {
-            format!("--upstream-redis: {:?} is not a DNS name or an IP address", tls.server_name)
-        })?;
+        let server_name = ServerName::try_from(tls.server_name.clone())
+            .with_context(|| format!("{:?} is not a DNS name or an IP address", tls.server_name))?;
         let roots = match &tls.ca_file {
             Some(path) => roots_from(path)?,
             None => system_roots()?,
@@ -48,12 +67,12 @@ impl RedisTlsConnector {
             .with_root_certificates(roots);
         let config = match &tls.client_cert {
             Some((cert, key)) => {
-                let chain = certs_from(cert, "--upstream-redis-cert")?;
+                let chain = certs_from(cert, "client certificate")?;
                 let key = PrivateKeyDer::from_pem_file(key)
-                    .with_context(|| format!("--upstream-redis-key {}: no PEM private key", key.display()))?;
-                builder.with_client_auth_cert(chain, key).context(
-                    "--upstream-redis-cert and --upstream-redis-key do not make a client certificate",
-                )?
+                    .with_context(|| format!("client key {}: no PEM private key", key.display()))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .context("the client certificate and key do not make a usable pair")?
             }
             None => builder.with_no_client_auth(),
         };
@@ -61,31 +80,28 @@ impl RedisTlsConnector {
     }
 
     /// The TLS handshake over a connected socket.
-    pub(crate) async fn connect(
-        &self,
-        tcp: tokio::net::TcpStream,
-    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    async fn connect(&self, tcp: TcpStream) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         self.connector.connect(self.server_name.clone(), tcp).await
     }
 }
 
 /// The certificates of a PEM file, at least one.
-fn certs_from(path: &Path, flag: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+fn certs_from(path: &Path, what: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("{flag} {}: cannot read it", path.display()))?
+        .with_context(|| format!("{what} {}: cannot read it", path.display()))?
         .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("{flag} {}: not a PEM file", path.display()))?;
-    anyhow::ensure!(!certs.is_empty(), "{flag} {}: no PEM certificate in it", path.display());
+        .with_context(|| format!("{what} {}: not a PEM file", path.display()))?;
+    anyhow::ensure!(!certs.is_empty(), "{what} {}: no PEM certificate in it", path.display());
     Ok(certs)
 }
 
 /// A root store of exactly the certificates in `path`.
 fn roots_from(path: &Path) -> anyhow::Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
-    for cert in certs_from(path, "--upstream-redis-ca")? {
-        roots.add(cert).with_context(|| {
-            format!("--upstream-redis-ca {}: a certificate rustls cannot use", path.display())
-        })?;
+    for cert in certs_from(path, "CA file")? {
+        roots
+            .add(cert)
+            .with_context(|| format!("CA file {}: a certificate rustls cannot use", path.display()))?;
     }
     Ok(roots)
 }
@@ -100,8 +116,7 @@ fn system_roots() -> anyhow::Result<RootCertStore> {
     let (added, _ignored) = roots.add_parsable_certificates(found.certs);
     anyhow::ensure!(
         added > 0,
-        "rediss://: the system has no trusted root certificates (install ca-certificates) and \
-         --upstream-redis-ca names none"
+        "the system has no trusted root certificates (install ca-certificates, or name a CA file)"
     );
     Ok(roots)
 }
@@ -126,7 +141,7 @@ mod tests {
     #[test]
     fn a_missing_ca_file_is_named() {
         let e = RedisTlsConnector::new(&tls(Some("/nonexistent/ca.pem".into()))).unwrap_err();
-        assert!(format!("{e:#}").contains("--upstream-redis-ca /nonexistent/ca.pem"), "{e:#}");
+        assert!(format!("{e:#}").contains("CA file /nonexistent/ca.pem"), "{e:#}");
     }
 
     #[test]
@@ -151,7 +166,7 @@ mod tests {
         // A file with no key in it is caught at start.
         t.client_cert = Some((cert_path.clone(), cert_path.clone()));
         let e = RedisTlsConnector::new(&t).unwrap_err();
-        assert!(format!("{e:#}").contains("--upstream-redis-key"), "{e:#}");
+        assert!(format!("{e:#}").contains("client key"), "{e:#}");
         for p in [ca_path, cert_path, key_path] {
             let _ = std::fs::remove_file(p);
         }
