@@ -31,7 +31,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{IoBackend, ServeConfig};
 use crate::driver::source::{self, SourceContext, SourceHandle};
-use crate::driver::{epoll, uring, CoreContext, CoreMsg, Inbox, StartGate};
+use crate::driver::{epoll, uring, CoreContext, CoreMsg, HostedSource, Inbox, StartGate};
 use crate::hub::stats::CoreSnapshot;
 use crate::metrics::connections::{ConnQuery, ConnectionsPage, PageContext};
 use crate::metrics::http::Limits;
@@ -222,12 +222,34 @@ impl Server {
                 start: gate.clone(),
                 worker_notsent_lowat: config.worker_notsent_lowat,
                 peers: Vec::new(),
+                hosted_source: None,
             });
         }
         for ctx in &mut contexts {
             // Not its own: a core's mailbox must close once the server and the source let go.
             ctx.peers =
                 cores.iter().enumerate().filter(|&(i, _)| i != ctx.index).map(|(_, c)| c.clone()).collect();
+        }
+
+        let source_ctx = SourceContext {
+            source: config.source.clone(),
+            hub: config.hub.clone(),
+            backoff,
+            cores: cores.clone(),
+            commands: commands_rx,
+            control: control_rx,
+            wakeup: source_wakeup,
+            stop,
+            clock,
+            resp: resp_state,
+            start: gate.clone(),
+            redis_tls,
+        };
+        // One core thread on the epoll driver runs the source itself (`HostedSource`): one
+        // thread in all, and no wake-up of another thread between the master and the workers.
+        let mut source_ctx = Some(source_ctx);
+        if threads == 1 && backend != IoBackend::Uring {
+            contexts[0].hosted_source = source_ctx.take().map(HostedSource);
         }
 
         let watch = Watch::default();
@@ -258,37 +280,26 @@ impl Server {
             }
         }
 
-        let source_ctx = SourceContext {
-            source: config.source.clone(),
-            hub: config.hub.clone(),
-            backoff,
-            cores: cores.clone(),
-            commands: commands_rx,
-            control: control_rx,
-            wakeup: source_wakeup,
-            stop,
-            clock,
-            resp: resp_state,
-            start: gate.clone(),
-            redis_tls,
-        };
         let source_watch = watch.clone();
-        let source_thread =
-            match std::thread::Builder::new().name("replhub-source".to_owned()).spawn(move || {
-                let res = source::run(source_ctx);
+        let source_thread = match source_ctx.map(|ctx| {
+            std::thread::Builder::new().name("replhub-source".to_owned()).spawn(move || {
+                let res = source::run(ctx);
                 if let Err(e) = &res {
                     tracing::error!(error = %format!("{e:#}"), "source thread stopped with an error");
                 }
                 source_watch.exited("the source thread");
                 res
-            }) {
-                Ok(h) => h,
-                Err(e) => {
-                    gate.abort();
-                    stop_cores(&cores, core_threads);
-                    return Err(e).context("cannot spawn the source thread");
-                }
-            };
+            })
+        }) {
+            None => None,
+            Some(Ok(h)) => Some(h),
+            Some(Err(e)) => {
+                gate.abort();
+                stop_cores(&cores, core_threads);
+                return Err(e).context("cannot spawn the source thread");
+            }
+        };
+        let waiting_threads = threads + usize::from(source_thread.is_some());
 
         let mut server = Self {
             local_addr,
@@ -298,12 +309,12 @@ impl Server {
             cores,
             core_threads,
             source,
-            source_thread: Some(source_thread),
+            source_thread,
             metrics: None,
             watch,
         };
         // Every thread takes its own descriptors before any core accepts (`start_gate.rs`).
-        let all_ready = gate.wait_ready(threads + 1, || {
+        let all_ready = gate.wait_ready(waiting_threads, || {
             server.core_threads.iter().any(JoinHandle::is_finished)
                 || server.source_thread.as_ref().is_some_and(JoinHandle::is_finished)
         });

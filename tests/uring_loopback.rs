@@ -54,6 +54,7 @@ impl Core {
             start: StartGate::open_now(),
             worker_notsent_lowat: 0,
             peers: Vec::new(),
+            hosted_source: None,
         };
         let thread = std::thread::spawn(move || run_core(ctx));
         let core = Self { addr, inbox, upstream, thread: Some(thread) };

@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::core_loop::{tune_worker_socket, CoreLoop, FailureLog, Sockets, Write, ACCEPT_LOG_INTERVAL_MS};
-use super::{CoreContext, CoreMsg, CoreWakeup};
+use super::{CoreContext, CoreMsg, CoreWakeup, HostedSource};
 use crate::hub::{CloseHow, ConnId, Hub, SlotMap};
 use crate::time::Now;
 
@@ -60,6 +60,7 @@ pub(crate) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
         resp,
         start,
         peers,
+        hosted_source,
     } = ctx;
     let CoreWakeup::Notify(notify) = wakeup else {
         anyhow::bail!("core {index}: the epoll driver needs a Notify wake-up, not an eventfd");
@@ -88,7 +89,30 @@ pub(crate) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
             worker_sndbuf,
             worker_notsent_lowat,
         });
-        core.run(&listener, resp_listener.as_ref(), &inbox, &notify).await;
+        let run = core.run(&listener, resp_listener.as_ref(), &inbox, &notify);
+        match hosted_source {
+            None => run.await,
+            Some(HostedSource(source)) => {
+                // The source ends first when the server stops (it is told before the cores);
+                // this core then serves until its own Shutdown, as beside a source thread.
+                let stopping = Arc::clone(&source.stop);
+                let mut source = tokio::task::spawn_local(super::source::serve(source));
+                tokio::pin!(run);
+                tokio::select! {
+                    () = &mut run => source.abort(),
+                    res = &mut source => {
+                        if !stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                            core.abort_all();
+                            return match res {
+                                Ok(Err(e)) => Err(e.context("the source stopped")),
+                                _ => Err(anyhow::anyhow!("the source stopped")),
+                            };
+                        }
+                        run.await;
+                    }
+                }
+            }
+        }
         core.abort_all();
         anyhow::Ok(())
     })

@@ -223,7 +223,13 @@ pub(crate) fn run(ctx: SourceContext) -> anyhow::Result<()> {
     if !ctx.start.ready() {
         return Ok(());
     }
-    rt.block_on(async move {
+    rt.block_on(serve(ctx))
+}
+
+/// The source's work until [`SourceHandle::stop`], on the current tokio runtime: its own
+/// thread's ([`run`]), or a core's ([`super::HostedSource`]).
+pub(crate) async fn serve(ctx: SourceContext) -> anyhow::Result<()> {
+    {
         let limit = usize::try_from(ctx.hub.max_pending_bytes).unwrap_or(usize::MAX);
         let queues = Outgoing::new(ctx.cores.len(), limit);
         let fetch_permits = Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES));
@@ -245,7 +251,7 @@ pub(crate) fn run(ctx: SourceContext) -> anyhow::Result<()> {
         // Dropping the cores' mailboxes is what tells a core whose Shutdown never came to stop.
         drop(src);
         anyhow::Ok(())
-    })
+    }
 }
 
 /// Why a connection to the master ended.

@@ -34,6 +34,7 @@ macro_rules! serve_tests {
             configured_server_name_is_checked_against_the_upstream,
             workers_wait_for_the_upstream_before_their_greeting,
             an_unreachable_master_counts_failed_connects,
+            one_core_thread_carries_the_upstream,
             replicate_answers_positions_in_map_order,
             relays_the_sample_to_many_workers_byte_identical,
             filters_by_stream,

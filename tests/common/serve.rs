@@ -475,6 +475,36 @@ pub(crate) fn slow_worker_is_evicted_and_others_get_everything(io: IoBackend) {
 // ---------------------------------------------------------------------------------------------
 // Upstream restarts
 
+/// With one core thread (on epoll the source then runs on that thread, `HostedSource`): rows
+/// relayed in order, worker commands forwarded, the upstream's metrics answered, a master
+/// restart followed, and a clean stop.
+pub(crate) fn one_core_thread_carries_the_upstream(io: IoBackend) {
+    let master = TestMaster::start();
+    let mut config = upstream_config(io, master.addr());
+    config.threads = 1;
+    let server = start(config);
+    master.wait_handshakes(1);
+    let sample = sample_rdata();
+    let (first, second) = sample.split_at(1_000);
+    let mut w = Worker::connect(server.local_addr());
+    w.subscribe("all", &["ALL"]);
+    push_chunked(&master, first);
+    assert!(w.rdata(first.len()) == first);
+    w.send("FEDERATION_ACK 1204");
+    master.wait_line("FEDERATION_ACK 1204", |l| l == "FEDERATION_ACK 1204");
+    let up = server.upstream_snapshot(WAIT).expect("the source answers");
+    assert!(up.connected && up.reconnects == 0);
+    master.drop_connection();
+    master.wait_handshakes(2);
+    push_chunked(&master, second);
+    for _ in StreamId::SEED {
+        assert!(w.line_skip_ping().starts_with("POSITION "), "fresh POSITIONs after the restart");
+    }
+    assert!(w.rdata(second.len()) == second);
+    assert_eq!(server.upstream_snapshot(WAIT).expect("the source answers").reconnects, 1);
+    stop(server, vec![w]);
+}
+
 pub(crate) fn upstream_restart_gives_fresh_positions_before_newer_rdata(io: IoBackend) {
     let master = TestMaster::start();
     let server = start(upstream_config(io, master.addr()));

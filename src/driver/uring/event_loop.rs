@@ -205,7 +205,13 @@ impl Driver {
             resp,
             start: _,
             peers,
+            hosted_source,
         } = ctx;
+        if hosted_source.is_some() {
+            anyhow::bail!(
+                "core {index}: the io_uring driver runs beside a source thread, not with the source on board"
+            );
+        }
         let (resp_listener, resp_state) = resp.unzip();
         let CoreWakeup::EventFd(eventfd) = wakeup else {
             anyhow::bail!("core {index}: the io_uring driver needs an eventfd wake-up (uring::new_wakeup)");

@@ -35,6 +35,7 @@ fn context(wakeup: CoreWakeup, inbox: std::sync::mpsc::Receiver<CoreMsg>) -> Cor
         start: crate::driver::StartGate::open_now(),
         worker_notsent_lowat: 0,
         peers: Vec::new(),
+        hosted_source: None,
     }
 }
 
