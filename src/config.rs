@@ -593,9 +593,10 @@ pub struct ServeOptions {
     pub metrics_listen: Option<String>,
     /// Core threads, each with its own listener (SO_REUSEPORT) [default: number of CPUs]
     ///
-    /// The source thread that reads the master comes on top. On a 2-CPU machine that also runs
-    /// the workers, 1 gives a shorter tail at moderate load for less at saturation (README,
-    /// "How many core threads on a small machine").
+    /// The source thread that reads the master comes on top, except with 1: the core then runs
+    /// the source itself. On a 2-CPU machine that also runs the workers, 1 gives a shorter tail
+    /// at moderate load for less at saturation (README, "How many core threads on a small
+    /// machine", "The source on the core's thread").
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
     /// I/O backend: io_uring if available (auto), io_uring or fail (uring), or epoll

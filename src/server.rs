@@ -199,8 +199,11 @@ impl Server {
         let mut cores = Vec::with_capacity(threads);
         let mut contexts = Vec::with_capacity(threads);
         for (index, (listener, resp_listener)) in listeners.into_iter().zip(resp_listeners).enumerate() {
+            // A core with the source on board sleeps in tokio on either driver.
             let (wakeup, wake) = match backend {
-                IoBackend::Uring => uring::new_wakeup().context("cannot create an io_uring wake-up")?,
+                IoBackend::Uring if threads > 1 => {
+                    uring::new_wakeup().context("cannot create an io_uring wake-up")?
+                }
                 _ => epoll::new_wakeup(),
             };
             // The Redis bridge does not coalesce its reads either (its TCP workers too).
@@ -245,10 +248,10 @@ impl Server {
             start: gate.clone(),
             redis_tls,
         };
-        // One core thread on the epoll driver runs the source itself (`HostedSource`): one
-        // thread in all, and no wake-up of another thread between the master and the workers.
+        // One core thread runs the source itself (`HostedSource`): one thread in all, and no
+        // wake-up of another thread between the master and the workers.
         let mut source_ctx = Some(source_ctx);
-        if threads == 1 && backend != IoBackend::Uring {
+        if threads == 1 {
             contexts[0].hosted_source = source_ctx.take().map(HostedSource);
         }
 

@@ -171,14 +171,15 @@ pub struct CoreContext {
     /// The other cores' mailboxes (not this one's), in core order: this core hands its
     /// Redis-mode publishes to them itself, one thread hop instead of two through the source.
     pub peers: Vec<Inbox<CoreMsg>>,
-    /// The source, when this core runs it on its own thread (one core thread on the epoll
-    /// driver: see [`HostedSource`]) instead of a source thread beside it.
+    /// The source, when this core runs it on its own thread (`--threads 1`: see
+    /// [`HostedSource`]) instead of a source thread beside it. The core's `wakeup` is then a
+    /// tokio `Notify` on either driver.
     pub hosted_source: Option<HostedSource>,
 }
 
-/// The source thread's work, run as a task on a core's own runtime instead (`--threads 1`
-/// on the epoll driver). A line from the master then reaches the workers' sockets without a
-/// wake-up of another thread: measured at 10 000 lines/s to 10 workers on 2 CPUs, the median
-/// fell from 35–36 to 30–32 µs and the p99 from 52–55 to 45–48 µs, level with Redis's
-/// (README, "The source on the core's thread"). Opaque outside the crate.
+/// The source thread's work, run as a task on a core's own tokio runtime instead
+/// (`--threads 1`, either driver; the io_uring loop then sleeps in tokio, see
+/// `uring::event_loop::Driver::run_hosted`). A line from the master then reaches the
+/// workers' sockets without a wake-up of another thread (README, "The source on the core's
+/// thread"). Opaque outside the crate.
 pub struct HostedSource(pub(crate) source::SourceContext);

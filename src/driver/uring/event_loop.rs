@@ -9,12 +9,17 @@ use std::io::{self, IoSlice};
 use std::net::{Shutdown, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use socket2::SockRef;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::Notify;
 
 use super::bufring::BufRing;
 use super::probe::{build_ring, setup_error};
@@ -24,7 +29,8 @@ use super::wakeup;
 use crate::driver::core_loop::{
     tune_worker_socket, CoreLoop, FailureLog, Sockets, Write, ACCEPT_LOG_INTERVAL_MS,
 };
-use crate::driver::{CoreContext, CoreMsg, CoreWakeup};
+use crate::driver::source::SourceContext;
+use crate::driver::{CoreContext, CoreMsg, CoreWakeup, HostedSource};
 use crate::hub::{CloseHow, ConnId, Hub, SlotMap};
 use crate::time::Now;
 
@@ -56,6 +62,45 @@ const ACCEPT_BACKOFF_MS: u64 = 50;
 const MAX_SLEEP_MS: u64 = 1_000;
 /// The id loop ops (accept, wake-up, timer) are cancelled under; it names no connection.
 const LOOP_ID: ConnId = ConnId { index: 0, gen: 0 };
+
+/// What [`Io::submit`]'s `io_uring_enter` does besides submitting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Enter {
+    /// Nothing more.
+    Submit,
+    /// Sleeps until at least one completion is ready.
+    Sleep,
+    /// Runs the completions the kernel deferred to this thread (DEFER_TASKRUN), without
+    /// sleeping, so that they are in the completion queue when it returns.
+    Flush,
+}
+
+/// The source to run on board, and the mailbox's wake-up ([`Driver::new`]).
+struct Hosted {
+    source: SourceContext,
+    notify: Arc<Notify>,
+}
+
+/// What [`Driver::run_hosted`] runs on: taken before the start-up gate, as descriptors.
+struct HostedLoop {
+    rt: tokio::runtime::Runtime,
+    /// Registered with the ring (`IORING_REGISTER_EVENTFD`): signalled when it posts or defers
+    /// completions.
+    completions: File,
+    source: SourceContext,
+    notify: Arc<Notify>,
+}
+
+impl HostedLoop {
+    fn new(ring: &IoUring, hosted: Hosted) -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let completions = File::from(wakeup::eventfd().context("an eventfd for the ring's completions")?);
+        ring.submitter()
+            .register_eventfd(completions.as_raw_fd())
+            .context("registering the completions eventfd with the ring")?;
+        Ok(Self { rt, completions, source: hosted.source, notify: hosted.notify })
+    }
+}
 
 /// Where a connection is in its life, as the driver sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,12 +159,16 @@ pub(super) struct LoopStats {
 /// [`run_core`] with `buf_count` recv buffers; returns the loop's counters.
 pub(super) fn run_core_with(ctx: CoreContext, buf_count: u16) -> anyhow::Result<LoopStats> {
     let start = ctx.start.clone();
-    let mut driver = Driver::new(ctx, buf_count)?;
+    let (mut driver, hosted) = Driver::new(ctx, buf_count)?;
+    let hosted = hosted.map(|h| HostedLoop::new(&driver.io.ring, h)).transpose()?;
     if !start.ready() {
         // Nothing was submitted yet: the driver drops like any idle one.
         return Ok(driver.io.stats);
     }
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| driver.run()));
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| match hosted {
+        None => driver.run(),
+        Some(hosted) => driver.run_hosted(hosted),
+    }));
     let stats = driver.io.stats;
     if driver.io.in_flight > 0 {
         // The kernel may still write into the recv buffers or read the iovecs and the batches
@@ -156,7 +205,9 @@ struct Io {
     /// The Redis-mode listener, when `--resp-listen` is on.
     resp_listener: Option<TcpListener>,
     resp_accept_armed: bool,
-    eventfd: File,
+    /// The mailbox's eventfd; `None` with the source on board, whose mailbox wakes the loop
+    /// through tokio instead ([`Driver::run_hosted`]).
+    eventfd: Option<File>,
     index: usize,
     /// Ops submitted (or queued to be) whose final completion has not been reaped.
     in_flight: usize,
@@ -191,7 +242,8 @@ struct Io {
 }
 
 impl Driver {
-    fn new(ctx: CoreContext, buf_count: u16) -> anyhow::Result<Self> {
+    /// The driver, and what it needs to run the source on board when it does.
+    fn new(ctx: CoreContext, buf_count: u16) -> anyhow::Result<(Self, Option<Hosted>)> {
         let CoreContext {
             index,
             listener,
@@ -207,14 +259,16 @@ impl Driver {
             peers,
             hosted_source,
         } = ctx;
-        if hosted_source.is_some() {
-            anyhow::bail!(
-                "core {index}: the io_uring driver runs beside a source thread, not with the source on board"
-            );
-        }
         let (resp_listener, resp_state) = resp.unzip();
-        let CoreWakeup::EventFd(eventfd) = wakeup else {
-            anyhow::bail!("core {index}: the io_uring driver needs an eventfd wake-up (uring::new_wakeup)");
+        let (eventfd, hosted) = match (wakeup, hosted_source) {
+            (CoreWakeup::EventFd(fd), None) => (Some(File::from(fd)), None),
+            (CoreWakeup::Notify(notify), Some(HostedSource(source))) => {
+                (None, Some(Hosted { source, notify }))
+            }
+            _ => anyhow::bail!(
+                "core {index}: the io_uring driver needs an eventfd wake-up (uring::new_wakeup), or a \
+                 tokio Notify with the source on board"
+            ),
         };
         let bufs = BufRing::new(buf_count, BUF_SIZE, BGID).context("allocating the recv buffer ring")?;
         let (ring, flags) =
@@ -231,7 +285,7 @@ impl Driver {
             listener,
             resp_listener,
             resp_accept_armed: false,
-            eventfd: File::from(eventfd),
+            eventfd,
             index,
             in_flight: 0,
             backlog: VecDeque::new(),
@@ -255,33 +309,90 @@ impl Driver {
         if let Some(state) = resp_state {
             core.hub.set_resp(state);
         }
-        Ok(Self { io, core, inbox })
+        Ok((Self { io, core, inbox }, hosted))
     }
 
     fn run(&mut self) -> anyhow::Result<()> {
-        loop {
-            let now = self.core.now();
-            // Runs every turn (an empty channel costs a couple of loads), so a dropped mailbox
-            // is noticed at the next tick even though dropping fires no wake-up. The eventfd is
-            // reset when its READ completes, before this runs, so a message sent after the
-            // drain fires it again.
-            self.core.drain_inbox(&self.inbox, &self.io, now);
-            self.core.hub.handle_timeout(now);
-            self.housekeeping(now);
-            self.core.turn(&mut self.io, now);
-            self.io.stats.turns += 1;
-            if self.finished(now) {
-                break;
-            }
-            let due = self.core.hub.poll_timeout().min(self.driver_deadline()).min(self.core.mail_retry_ms());
-            self.io.arm_timer(now, due);
-            // Recvs still waiting to be re-armed, or writes left for the next turn: do not
-            // sleep, reap and go on.
-            self.io.submit(self.io.rearm.is_empty() && !self.core.has_writes())?;
+        while let Some(may_sleep) = self.turn() {
+            self.io.submit(if may_sleep { Enter::Sleep } else { Enter::Submit })?;
             let now = self.core.now();
             self.reap(now);
         }
         self.exit()
+    }
+
+    /// One turn of the loop, up to its submission: `None` once the core has finished, else
+    /// whether the loop may sleep until the next completion.
+    fn turn(&mut self) -> Option<bool> {
+        let now = self.core.now();
+        // Runs every turn (an empty channel costs a couple of loads), so a dropped mailbox
+        // is noticed at the next tick even though dropping fires no wake-up. The eventfd is
+        // reset when its READ completes, before this runs, so a message sent after the
+        // drain fires it again.
+        self.core.drain_inbox(&self.inbox, &self.io, now);
+        self.core.hub.handle_timeout(now);
+        self.housekeeping(now);
+        self.core.turn(&mut self.io, now);
+        self.io.stats.turns += 1;
+        if self.finished(now) {
+            return None;
+        }
+        let due = self.core.hub.poll_timeout().min(self.driver_deadline()).min(self.core.mail_retry_ms());
+        self.io.arm_timer(now, due);
+        // Recvs still waiting to be re-armed, or writes left for the next turn: do not
+        // sleep, reap and go on.
+        Some(self.io.rearm.is_empty() && !self.core.has_writes())
+    }
+
+    /// [`Driver::run`] with the source on board (`--threads 1`, [`HostedSource`]): the same
+    /// turns, as a task of a tokio current-thread runtime that also runs the source. The loop
+    /// sleeps in tokio instead of in `io_uring_enter`: on an eventfd registered with the ring,
+    /// which the kernel signals when it posts completions or defers them to this thread
+    /// (DEFER_TASKRUN), and on the mailbox's `Notify`. A turn that may not sleep yields to the
+    /// source before the next.
+    fn run_hosted(&mut self, hosted: HostedLoop) -> anyhow::Result<()> {
+        let HostedLoop { rt, completions, source, notify } = hosted;
+        let stopping = Arc::clone(&source.stop);
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async {
+            // SAFETY: the `File` owns the eventfd, which stays open, the same descriptor, for as
+            // long as the `AsyncFd` that owns the `File`.
+            let completions = unsafe { AsyncFd::register_with_interest(completions, Interest::READABLE) }
+                .map_err(|e| anyhow::anyhow!("registering the completions eventfd with tokio: {e}"))?;
+            let source = tokio::task::spawn_local(crate::driver::source::serve(source));
+            let mut source_failed = false;
+            while let Some(may_sleep) = self.turn() {
+                if may_sleep {
+                    // Hand the submissions over and post what the kernel deferred to us.
+                    self.io.submit(Enter::Flush)?;
+                    if self.io.ring.completion().is_empty() {
+                        tokio::select! {
+                            () = notify.notified() => {}
+                            ready = completions.readable() => {
+                                let mut guard = ready?;
+                                guard.clear_ready();
+                                wakeup::reset(guard.get_inner());
+                            }
+                        }
+                        self.io.submit(Enter::Flush)?;
+                    }
+                } else {
+                    self.io.submit(Enter::Flush)?;
+                    tokio::task::yield_now().await;
+                }
+                if source.is_finished() && !stopping.load(Ordering::SeqCst) {
+                    source_failed = true;
+                    break;
+                }
+                let now = self.core.now();
+                self.reap(now);
+            }
+            self.exit()?;
+            if source_failed {
+                anyhow::bail!("the source stopped");
+            }
+            Ok(())
+        })
     }
 
     // ----------------------------------------------------------------------------------------
@@ -321,7 +432,9 @@ impl Driver {
                 self.io.wake_armed = false;
                 if res < 0 && res != -libc::ECANCELED {
                     tracing::debug!(core = self.io.index, error = %io::Error::from_raw_os_error(-res), "mailbox read failed");
-                    wakeup::reset(&self.io.eventfd);
+                    if let Some(fd) = &self.io.eventfd {
+                        wakeup::reset(fd);
+                    }
                 }
             }
             Op::Timeout => self.io.timer_armed = false,
@@ -546,7 +659,7 @@ impl Driver {
             } else {
                 self.io.arm_timer(now, deadline);
             }
-            self.io.submit(true)?;
+            self.io.submit(Enter::Sleep)?;
             let now = self.core.now();
             self.reap(now);
         }
@@ -589,10 +702,10 @@ impl Io {
         self.backlog.push_back(entry);
     }
 
-    /// Hands every queued submission to the kernel and, with `wait`, sleeps until at least one
-    /// completion is ready. Never spins: with `wait` it blocks in the kernel, and there is
+    /// Hands every queued submission to the kernel and, with [`Enter::Sleep`], sleeps until at
+    /// least one completion is ready. Never spins: then it blocks in the kernel, and there is
     /// always a timer, the mailbox READ or a connection op to wake it.
-    fn submit(&mut self, wait: bool) -> anyhow::Result<()> {
+    fn submit(&mut self, enter: Enter) -> anyhow::Result<()> {
         loop {
             {
                 let mut sq = self.ring.submission();
@@ -605,9 +718,25 @@ impl Io {
                 }
             }
             let more = !self.backlog.is_empty();
-            let want = usize::from(wait && !more);
             self.stats.enters += 1;
-            match self.ring.submit_and_wait(want) {
+            let res = match enter {
+                Enter::Flush => {
+                    let to_submit = u32::try_from(self.ring.submission().len()).unwrap_or(u32::MAX);
+                    // SAFETY: no argument is passed (no pointer for the kernel to follow); the
+                    // submissions it takes were queued under `queue`'s contract.
+                    unsafe {
+                        self.ring.submitter().enter::<libc::sigset_t>(
+                            to_submit,
+                            0,
+                            io_uring::EnterFlags::GETEVENTS.bits(),
+                            None,
+                        )
+                    }
+                }
+                Enter::Sleep if !more => self.ring.submit_and_wait(1),
+                _ => self.ring.submit_and_wait(0),
+            };
+            match res {
                 Ok(0) if more => return Ok(()),
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => return Ok(()),
@@ -650,8 +779,9 @@ impl Io {
     /// counter, which resets it. A POLL would leave that reset to a `read(2)` of the core's,
     /// one system call per wake-up before the core gets to its mailbox.
     fn arm_wake(&mut self) {
+        let Some(eventfd) = &self.eventfd else { return };
         let counter: *mut u64 = &mut *self.wake_counter;
-        let entry = opcode::Read::new(types::Fd(self.eventfd.as_raw_fd()), counter.cast(), 8)
+        let entry = opcode::Read::new(types::Fd(eventfd.as_raw_fd()), counter.cast(), 8)
             .build()
             .user_data(token::encode_loop(Op::Wake));
         self.wake_armed = true;

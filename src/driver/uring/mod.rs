@@ -12,6 +12,11 @@
 //!       the connection's own storage, send.rs: SENDMSG, or a plain SEND for one slice, which
 //!       spares the kernel copying and checking a msghdr), one in flight per socket; then one
 //!       io_uring_enter that submits and waits
+//!   with the source on board (--threads 1): the same turns as a task of a tokio
+//!       current-thread runtime beside the source's task; the loop sleeps in tokio, on an
+//!       eventfd registered with the ring (the kernel signals it when it posts completions or
+//!       defers them to this thread) and on the mailbox's Notify, then one io_uring_enter
+//!       with GETEVENTS posts what was deferred
 //! ```
 //!
 //! Design notes:

@@ -11,19 +11,24 @@ use crate::driver::CoreWakeup;
 /// A new non-blocking eventfd, for the core, and the function that fires it. The function owns
 /// its own descriptor of the same eventfd, so it stays safe to call after the core is gone.
 pub(super) fn new_wakeup() -> io::Result<(CoreWakeup, Arc<dyn Fn() + Send + Sync>)> {
-    // SAFETY: eventfd(2) takes no pointers; the flags are valid.
-    let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = eventfd()?;
     let writer = File::from(fd.try_clone()?);
     let wake = move || {
         // A full counter (EAGAIN) already means "wake up"; nothing else can fail here.
         let _ = (&writer).write(&1u64.to_ne_bytes());
     };
     Ok((CoreWakeup::EventFd(fd), Arc::new(wake)))
+}
+
+/// A new non-blocking eventfd.
+pub(super) fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd(2) takes no pointers; the flags are valid.
+    let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 /// Resets the eventfd's counter (a non-blocking read; zero means it was already reset).
