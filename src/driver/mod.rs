@@ -172,7 +172,7 @@ pub struct CoreContext {
     /// Redis-mode publishes to them itself, one thread hop instead of two through the source.
     pub peers: Vec<Inbox<CoreMsg>>,
     /// The source, when this core runs it on its own thread (`--threads 1`: see
-    /// [`HostedSource`]) instead of a source thread beside it. The core's `wakeup` is then a
+    /// `HostedSource`) instead of a source thread beside it. The core's `wakeup` is then a
     /// tokio `Notify` on either driver.
     pub hosted_source: Option<HostedSource>,
 }
