@@ -11,9 +11,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-use replhub::config::{BackoffConfig, IoBackend, RedisUpstream, ServeConfig, SourceConfig};
+use replhub::config::{BackoffConfig, IoBackend, RedisUpstream};
 use replhub::server::Server;
-use resp_common::{free_port, message, Client, RedisServer, Reply, BACKENDS, WAIT};
+use resp_common::{
+    bridge_config, free_port, read_ordered, subscribe_one as subscribe, Client, RedisServer, Reply, BACKENDS,
+    WAIT,
+};
 
 const N: usize = 50;
 const PASSWORD: &str = "tls-test-password";
@@ -114,41 +117,13 @@ fn bridged(io: IoBackend, redis: &TlsRedis, pki: &Pki, client_cert: bool) -> Ser
     if client_cert {
         tls.client_cert = Some((pki.path("client.pem"), pki.path("client.key")));
     }
-    let mut config = ServeConfig::new(SourceConfig::Redis(upstream.clone()));
-    config.listen = "127.0.0.1:0".parse().expect("addr");
-    config.resp_listen = Some("127.0.0.1:0".parse().expect("addr"));
-    config.resp.upstream_channels = upstream.channels;
-    config.metrics_listen = None;
-    config.threads = 2;
-    config.io = io;
+    let config = bridge_config(io, upstream);
     let backoff = BackoffConfig { initial_ms: 20, max_ms: 100, jitter_percent: 20 };
     Server::start_with(config, backoff).expect("server starts")
 }
 
-fn subscribe(c: &mut Client, ch: &str) {
-    assert_eq!(
-        c.call(&["SUBSCRIBE", ch]),
-        Reply::Array(vec![Reply::bulk("subscribe"), Reply::bulk(ch), Reply::Int(1)])
-    );
-}
-
 fn numsub(probe: &mut Client) -> Reply {
     probe.call(&["PUBSUB", "NUMSUB", "sn"])
-}
-
-/// Reads `n` messages on `sn` published as `<local|remote> <seq>`; checks each publisher's
-/// order and returns how many came from each.
-fn read_ordered(c: &mut Client, n: usize) -> [usize; 2] {
-    let mut next = [0usize; 2];
-    for _ in 0..n {
-        let (channel, payload) = message(&c.read());
-        assert_eq!(channel, "sn");
-        let (who, seq) = payload.split_once(' ').expect("who seq");
-        let who = usize::from(who == "remote");
-        assert_eq!(seq.parse::<usize>().expect("seq"), next[who], "publisher {who} out of order");
-        next[who] += 1;
-    }
-    next
 }
 
 fn messages_cross_a_tls_bridge_once_each_way(io: IoBackend) {

@@ -8,9 +8,12 @@ mod resp_common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use replhub::config::{BackoffConfig, IoBackend, RedisUpstream, ServeConfig, SourceConfig};
+use replhub::config::{BackoffConfig, IoBackend, RedisUpstream};
 use replhub::server::Server;
-use resp_common::{message, wait_metric, Client, RedisServer, Reply, BACKENDS, WAIT};
+use resp_common::{
+    bridge_config, message, read_ordered, subscribe_one as subscribe, wait_metric, Client, RedisServer,
+    Reply, BACKENDS, WAIT,
+};
 
 const N: usize = 100;
 
@@ -20,37 +23,11 @@ fn bridged(io: IoBackend, redis: &RedisServer) -> Server {
 
 fn bridged_with(io: IoBackend, redis: &RedisServer, metrics: Option<SocketAddr>) -> Server {
     let upstream = RedisUpstream::parse(&format!("redis://{}", redis.addr), "sn").expect("url");
-    let mut config = ServeConfig::new(SourceConfig::Redis(upstream.clone()));
-    config.listen = "127.0.0.1:0".parse().expect("addr");
-    config.resp_listen = Some("127.0.0.1:0".parse().expect("addr"));
-    config.resp.upstream_channels = upstream.channels;
+    let mut config = bridge_config(io, upstream);
     config.metrics_listen = metrics;
-    config.threads = 2;
-    config.io = io;
     // Quick retries: the restart test waits for one.
     let backoff = BackoffConfig { initial_ms: 20, max_ms: 200, jitter_percent: 20 };
     Server::start_with(config, backoff).expect("server starts")
-}
-
-fn subscribe(c: &mut Client, ch: &str) {
-    assert_eq!(
-        c.call(&["SUBSCRIBE", ch]),
-        Reply::Array(vec![Reply::bulk("subscribe"), Reply::bulk(ch), Reply::Int(1)])
-    );
-}
-
-/// Reads `n` messages; checks each publisher's order; returns how many came from each.
-fn read_ordered(c: &mut Client, n: usize) -> [usize; 2] {
-    let mut next = [0usize; 2];
-    for _ in 0..n {
-        let (channel, payload) = message(&c.read());
-        assert_eq!(channel, "sn");
-        let (who, seq) = payload.split_once(' ').expect("who seq");
-        let who = usize::from(who == "remote");
-        assert_eq!(seq.parse::<usize>().expect("seq"), next[who], "publisher {who} out of order");
-        next[who] += 1;
-    }
-    next
 }
 
 /// Waits until the real Redis counts `n` subscribers on `channel`.

@@ -242,14 +242,8 @@ fn tcp_workers_get_what_a_master_relays(io: IoBackend) {
 fn resp_clients_and_tcp_workers_share_the_bridge(io: IoBackend) {
     let redis = RedisServer::start(&[]);
     let upstream = RedisUpstream::parse(&format!("redis://{}", redis.addr), "sn").expect("url");
-    let mut config = ServeConfig::new(SourceConfig::Redis(upstream.clone()));
-    config.listen = "127.0.0.1:0".parse().expect("addr");
-    config.resp_listen = Some("127.0.0.1:0".parse().expect("addr"));
-    config.resp.upstream_channels = upstream.channels;
-    config.metrics_listen = None;
-    config.threads = 2;
-    config.io = io;
-    let server = Server::start_with(config, quick_backoff()).expect("server starts");
+    let server =
+        Server::start_with(resp_common::bridge_config(io, upstream), quick_backoff()).expect("server starts");
     let resp = server.resp_addr().expect("resp");
     let mut watch = watch(&redis);
     wait_numsub(&redis, 2);

@@ -229,29 +229,16 @@ pub(crate) fn run(ctx: SourceContext) -> anyhow::Result<()> {
 /// The source's work until [`SourceHandle::stop`], on the current tokio runtime: its own
 /// thread's ([`run`]), or a core's ([`super::HostedSource`]).
 pub(crate) async fn serve(ctx: SourceContext) -> anyhow::Result<()> {
-    {
-        let limit = usize::try_from(ctx.hub.max_pending_bytes).unwrap_or(usize::MAX);
-        let queues = Outgoing::new(ctx.cores.len(), limit);
-        let fetch_permits = Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES));
-        let mut src = Source {
-            ctx,
-            stopped: false,
-            queues,
-            blocked: false,
-            batches: 0,
-            fetch_permits,
-            connect_failures: 0,
-        };
-        match src.ctx.source.clone() {
-            SourceConfig::Upstream { addr, client_name } => src.run_upstream(&addr, client_name).await,
-            SourceConfig::Synthetic { rate, line_size } => src.run_synthetic(rate, line_size).await,
-            SourceConfig::None => src.run_broker().await,
-            SourceConfig::Redis(redis) => src.run_redis(&redis).await,
-        }
-        // Dropping the cores' mailboxes is what tells a core whose Shutdown never came to stop.
-        drop(src);
-        anyhow::Ok(())
+    let mut src = Source::new(ctx);
+    match src.ctx.source.clone() {
+        SourceConfig::Upstream { addr, client_name } => src.run_upstream(&addr, client_name).await,
+        SourceConfig::Synthetic { rate, line_size } => src.run_synthetic(rate, line_size).await,
+        SourceConfig::None => src.run_broker().await,
+        SourceConfig::Redis(redis) => src.run_redis(&redis).await,
     }
+    // Dropping the cores' mailboxes is what tells a core whose Shutdown never came to stop.
+    drop(src);
+    Ok(())
 }
 
 /// Why a connection to the master ended.
@@ -289,6 +276,13 @@ trait Upstream {
 }
 
 impl Source {
+    fn new(ctx: SourceContext) -> Self {
+        let limit = usize::try_from(ctx.hub.max_pending_bytes).unwrap_or(usize::MAX);
+        let queues = Outgoing::new(ctx.cores.len(), limit);
+        let fetch_permits = Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES));
+        Self { ctx, stopped: false, queues, blocked: false, batches: 0, fetch_permits, connect_failures: 0 }
+    }
+
     fn stopping(&self) -> bool {
         self.stopped || self.ctx.stop.load(Ordering::Relaxed)
     }

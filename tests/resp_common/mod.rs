@@ -34,6 +34,42 @@ macro_rules! on_both_backends {
 #[allow(unused_imports)]
 pub(crate) use on_both_backends;
 
+/// A configuration bridged to the real Redis `upstream` names (`--upstream-redis`): RESP on a
+/// free port, the channels it bridges, metrics off, two cores on `io`.
+pub(crate) fn bridge_config(io: IoBackend, upstream: replhub::config::RedisUpstream) -> ServeConfig {
+    let mut config = ServeConfig::new(SourceConfig::Redis(upstream.clone()));
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    config.resp_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    config.resp.upstream_channels = upstream.channels;
+    config.metrics_listen = None;
+    config.threads = 2;
+    config.io = io;
+    config
+}
+
+/// Reads `n` messages on `sn` published as `<local|remote> <seq>`; checks each publisher's
+/// order and returns how many came from each.
+pub(crate) fn read_ordered(c: &mut Client, n: usize) -> [usize; 2] {
+    let mut next = [0usize; 2];
+    for _ in 0..n {
+        let (channel, payload) = message(&c.read());
+        assert_eq!(channel, "sn");
+        let (who, seq) = payload.split_once(' ').expect("who seq");
+        let who = usize::from(who == "remote");
+        assert_eq!(seq.parse::<usize>().expect("seq"), next[who], "publisher {who} out of order");
+        next[who] += 1;
+    }
+    next
+}
+
+/// SUBSCRIBEs `c` to `ch`, its first subscription.
+pub(crate) fn subscribe_one(c: &mut Client, ch: &str) {
+    assert_eq!(
+        c.call(&["SUBSCRIBE", ch]),
+        Reply::Array(vec![Reply::bulk("subscribe"), Reply::bulk(ch), Reply::Int(1)])
+    );
+}
+
 /// Starts replhub as a pure pub/sub broker: no upstream, RESP on a free port, `threads` cores.
 pub(crate) fn start(io: IoBackend, threads: usize, resp: RespConfig) -> Server {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

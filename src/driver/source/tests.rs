@@ -72,17 +72,7 @@ fn recv(rx: &Receiver<Arc<Batch>>) -> Arc<Batch> {
 fn reads_are_held_only_while_a_core_has_a_message_behind_a_full_mailbox() {
     let synthetic = SourceConfig::Synthetic { rate: 0, line_size: None };
     let (ctx, _handle, rxs) = context(synthetic, 2, 1 << 20);
-    let queues = Outgoing::new(ctx.cores.len(), 1 << 20);
-    let fetch_permits = Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES));
-    let mut src = Source {
-        ctx,
-        stopped: false,
-        queues,
-        blocked: false,
-        batches: 0,
-        fetch_permits,
-        connect_failures: 0,
-    };
+    let mut src = Source::new(ctx);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let mut up = SynthHolder(SyntheticSource::new(SyntheticConfig::default(), "s".to_owned()));
     let mut send = |src: &mut Source| {
