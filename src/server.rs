@@ -164,6 +164,10 @@ impl Server {
         };
 
         let threads = config.threads.max(1);
+        // One core thread runs the source itself (`HostedSource`): one thread in all, and no
+        // wake-up of another thread between the master and the workers. That core sleeps in
+        // tokio on either driver, so its wake-up is a `Notify`.
+        let hosted = threads == 1;
         let first =
             bind_listener(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
         let local_addr = first.local_addr()?;
@@ -199,9 +203,8 @@ impl Server {
         let mut cores = Vec::with_capacity(threads);
         let mut contexts = Vec::with_capacity(threads);
         for (index, (listener, resp_listener)) in listeners.into_iter().zip(resp_listeners).enumerate() {
-            // A core with the source on board sleeps in tokio on either driver.
             let (wakeup, wake) = match backend {
-                IoBackend::Uring if threads > 1 => {
+                IoBackend::Uring if !hosted => {
                     uring::new_wakeup().context("cannot create an io_uring wake-up")?
                 }
                 _ => epoll::new_wakeup(),
@@ -248,10 +251,8 @@ impl Server {
             start: gate.clone(),
             redis_tls,
         };
-        // One core thread runs the source itself (`HostedSource`): one thread in all, and no
-        // wake-up of another thread between the master and the workers.
         let mut source_ctx = Some(source_ctx);
-        if threads == 1 {
+        if hosted {
             contexts[0].hosted_source = source_ctx.take().map(HostedSource);
         }
 

@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::core_loop::{tune_worker_socket, CoreLoop, FailureLog, Sockets, Write, ACCEPT_LOG_INTERVAL_MS};
-use super::{CoreContext, CoreMsg, CoreWakeup, HostedSource};
+use super::{CoreContext, CoreMsg, CoreWakeup};
 use crate::hub::{CloseHow, ConnId, Hub, SlotMap};
 use crate::time::Now;
 
@@ -92,21 +92,17 @@ pub(crate) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
         let run = core.run(&listener, resp_listener.as_ref(), &inbox, &notify);
         match hosted_source {
             None => run.await,
-            Some(HostedSource(source)) => {
+            Some(hosted) => {
                 // The source ends first when the server stops (it is told before the cores);
                 // this core then serves until its own Shutdown, as beside a source thread.
-                let stopping = Arc::clone(&source.stop);
-                let mut source = tokio::task::spawn_local(super::source::serve(source));
+                let mut source = hosted.spawn_local();
                 tokio::pin!(run);
                 tokio::select! {
-                    () = &mut run => source.abort(),
-                    res = &mut source => {
-                        if !stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                    () = &mut run => {}
+                    failed = source.ended() => {
+                        if let Some(e) = failed {
                             core.abort_all();
-                            return match res {
-                                Ok(Err(e)) => Err(e.context("the source stopped")),
-                                _ => Err(anyhow::anyhow!("the source stopped")),
-                            };
+                            return Err(e);
                         }
                         run.await;
                     }

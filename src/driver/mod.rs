@@ -183,3 +183,45 @@ pub struct CoreContext {
 /// workers' sockets without a wake-up of another thread (README, "The source on the core's
 /// thread"). Opaque outside the crate.
 pub struct HostedSource(pub(crate) source::SourceContext);
+
+impl HostedSource {
+    /// Starts the source as a task of this thread's `LocalSet`.
+    pub(crate) fn spawn_local(self) -> SourceTask {
+        let stopping = Arc::clone(&self.0.stop);
+        SourceTask { handle: tokio::task::spawn_local(source::serve(self.0)), stopping }
+    }
+}
+
+/// The source running on board ([`HostedSource::spawn_local`]).
+pub(crate) struct SourceTask {
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// Set by the server when it stops the source.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SourceTask {
+    /// Whether the source has ended ([`SourceTask::ended`] then returns at once).
+    pub(crate) fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// Waits for the source to end: `None` if the server stopped it, else why it stopped on
+    /// its own (the core then stops too: a core without its source serves nothing new). Call
+    /// it once.
+    pub(crate) async fn ended(&mut self) -> Option<anyhow::Error> {
+        let res = (&mut self.handle).await;
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        Some(match res {
+            Ok(Err(e)) => e.context("the source stopped"),
+            _ => anyhow::anyhow!("the source stopped"),
+        })
+    }
+}
+
+impl Drop for SourceTask {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}

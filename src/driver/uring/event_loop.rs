@@ -9,7 +9,6 @@ use std::io::{self, IoSlice};
 use std::net::{Shutdown, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +28,6 @@ use super::wakeup;
 use crate::driver::core_loop::{
     tune_worker_socket, CoreLoop, FailureLog, Sockets, Write, ACCEPT_LOG_INTERVAL_MS,
 };
-use crate::driver::source::SourceContext;
 use crate::driver::{CoreContext, CoreMsg, CoreWakeup, HostedSource};
 use crate::hub::{CloseHow, ConnId, Hub, SlotMap};
 use crate::time::Now;
@@ -77,7 +75,7 @@ enum Enter {
 
 /// The source to run on board, and the mailbox's wake-up ([`Driver::new`]).
 struct Hosted {
-    source: SourceContext,
+    source: HostedSource,
     notify: Arc<Notify>,
 }
 
@@ -87,8 +85,7 @@ struct HostedLoop {
     /// Registered with the ring (`IORING_REGISTER_EVENTFD`): signalled when it posts or defers
     /// completions.
     completions: File,
-    source: SourceContext,
-    notify: Arc<Notify>,
+    hosted: Hosted,
 }
 
 impl HostedLoop {
@@ -98,7 +95,7 @@ impl HostedLoop {
         ring.submitter()
             .register_eventfd(completions.as_raw_fd())
             .context("registering the completions eventfd with the ring")?;
-        Ok(Self { rt, completions, source: hosted.source, notify: hosted.notify })
+        Ok(Self { rt, completions, hosted })
     }
 }
 
@@ -262,9 +259,7 @@ impl Driver {
         let (resp_listener, resp_state) = resp.unzip();
         let (eventfd, hosted) = match (wakeup, hosted_source) {
             (CoreWakeup::EventFd(fd), None) => (Some(File::from(fd)), None),
-            (CoreWakeup::Notify(notify), Some(HostedSource(source))) => {
-                (None, Some(Hosted { source, notify }))
-            }
+            (CoreWakeup::Notify(notify), Some(source)) => (None, Some(Hosted { source, notify })),
             _ => anyhow::bail!(
                 "core {index}: the io_uring driver needs an eventfd wake-up (uring::new_wakeup), or a \
                  tokio Notify with the source on board"
@@ -351,16 +346,16 @@ impl Driver {
     /// (DEFER_TASKRUN), and on the mailbox's `Notify`. A turn that may not sleep yields to the
     /// source before the next.
     fn run_hosted(&mut self, hosted: HostedLoop) -> anyhow::Result<()> {
-        let HostedLoop { rt, completions, source, notify } = hosted;
-        let stopping = Arc::clone(&source.stop);
+        let HostedLoop { rt, completions, hosted: Hosted { source, notify } } = hosted;
         let local = tokio::task::LocalSet::new();
         local.block_on(&rt, async {
             // SAFETY: the `File` owns the eventfd, which stays open, the same descriptor, for as
             // long as the `AsyncFd` that owns the `File`.
             let completions = unsafe { AsyncFd::register_with_interest(completions, Interest::READABLE) }
                 .map_err(|e| anyhow::anyhow!("registering the completions eventfd with tokio: {e}"))?;
-            let source = tokio::task::spawn_local(crate::driver::source::serve(source));
-            let mut source_failed = false;
+            let mut source = source.spawn_local();
+            let mut source_done = false;
+            let mut failure = None;
             while let Some(may_sleep) = self.turn() {
                 if may_sleep {
                     // Hand the submissions over and post what the kernel deferred to us.
@@ -380,18 +375,18 @@ impl Driver {
                     self.io.submit(Enter::Flush)?;
                     tokio::task::yield_now().await;
                 }
-                if source.is_finished() && !stopping.load(Ordering::SeqCst) {
-                    source_failed = true;
-                    break;
+                if !source_done && source.is_finished() {
+                    source_done = true;
+                    failure = source.ended().await;
+                    if failure.is_some() {
+                        break;
+                    }
                 }
                 let now = self.core.now();
                 self.reap(now);
             }
             self.exit()?;
-            if source_failed {
-                anyhow::bail!("the source stopped");
-            }
-            Ok(())
+            failure.map_or(Ok(()), Err)
         })
     }
 
