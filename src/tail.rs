@@ -162,11 +162,9 @@ impl RespConn {
     }
 
     async fn send(&mut self, args: &[&[u8]]) -> anyhow::Result<()> {
-        use tokio::io::AsyncWriteExt as _;
         let mut b = bytes::BytesMut::new();
         crate::resp::codec::put_command(&mut b, args);
-        self.stream.write_all(&b).await?;
-        self.stream.flush().await?;
+        crate::tls::write_out(&mut self.stream, &mut b).await?;
         Ok(())
     }
 

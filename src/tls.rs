@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use bytes::BytesMut;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
@@ -36,6 +37,18 @@ pub(crate) async fn connect(addr: &str, tls: Option<&RedisTlsConnector>) -> Resu
         Some(tls) => Box::new(tls.connect(tcp).await.map_err(|e| format!("TLS handshake failed: {e}"))?),
         None => Box::new(tcp),
     })
+}
+
+/// Writes all of `buf` and flushes (with TLS, the records rustls still holds). Cancel-safe:
+/// what was written is gone from `buf`, and a flush cut short is repeated by the next call.
+pub(crate) async fn write_out<W: AsyncWrite + Unpin>(w: &mut W, buf: &mut BytesMut) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    while !buf.is_empty() {
+        if w.write_buf(buf).await? == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+    }
+    w.flush().await
 }
 
 /// What dialing a `rediss://` Redis needs: the connector and the name to check.

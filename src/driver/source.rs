@@ -283,6 +283,18 @@ impl Source {
         Self { ctx, stopped: false, queues, blocked: false, batches: 0, fetch_permits, connect_failures: 0 }
     }
 
+    /// Counts and logs an attempt to connect to `what` at `addr` that failed: loud for the first
+    /// failures, then about once a minute at the longest delay.
+    fn connect_failed(&mut self, backoff: &Backoff, what: &str, addr: &str, why: &str) {
+        self.connect_failures += 1;
+        let failures = backoff.failures() + 1;
+        if failures <= 3 || failures % 12 == 0 {
+            tracing::warn!(upstream = addr, error = %why, failures, "cannot connect to the {what}");
+        } else {
+            tracing::debug!(upstream = addr, error = %why, failures, "cannot connect to the {what}");
+        }
+    }
+
     fn stopping(&self) -> bool {
         self.stopped || self.ctx.stop.load(Ordering::Relaxed)
     }
@@ -396,16 +408,7 @@ impl Source {
                         return;
                     }
                 }
-                Err(e) => {
-                    self.connect_failures += 1;
-                    // Loud for the first failures, then about once a minute at the longest delay.
-                    let failures = backoff.failures() + 1;
-                    if failures <= 3 || failures % 12 == 0 {
-                        tracing::warn!(upstream = addr, error = %e, failures, "cannot connect to the upstream");
-                    } else {
-                        tracing::debug!(upstream = addr, error = %e, failures, "cannot connect to the upstream");
-                    }
-                }
+                Err(e) => self.connect_failed(&backoff, "upstream", addr, &e),
             }
             let delay = backoff.next_delay_ms();
             tracing::debug!(delay_ms = delay, "reconnecting to the upstream after a delay");

@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt as _, AsyncWrite};
+use tokio::io::AsyncReadExt as _;
 
 use super::*;
 use crate::config::RedisUpstream;
@@ -31,7 +31,7 @@ use crate::hub::{Batch, LineMeta};
 use crate::proto::Generation;
 use crate::resp::reply::{take_reply, Reply};
 use crate::resp::RespState;
-use crate::tls::{RedisStream, RedisTlsConnector};
+use crate::tls::{write_out, RedisStream, RedisTlsConnector};
 use crate::upstream::redis_lines::{ReplicatePacer, TcpLines};
 
 /// The commands side of the bridge, for [`Source::drain`]: PUBLISHes queued for the real
@@ -202,17 +202,6 @@ async fn call(stream: &mut RedisStream, buf: &mut BytesMut, args: &[&[u8]]) -> R
     }
 }
 
-/// Writes all of `buf` and flushes (with TLS, the records rustls still holds). Cancel-safe:
-/// what was written is gone from `buf`, and a flush cut short is repeated by the next call.
-async fn write_out<W: AsyncWrite + Unpin>(w: &mut W, buf: &mut BytesMut) -> io::Result<()> {
-    while !buf.is_empty() {
-        if w.write_buf(buf).await? == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-    }
-    w.flush().await
-}
-
 /// Dials (with the TLS handshake for `rediss://`) and authenticates one connection.
 async fn dial(
     cfg: &RedisUpstream,
@@ -258,16 +247,7 @@ impl Source {
                         "redis upstream lost; clients and workers stay connected and get nothing until it is back"
                     );
                 }
-                ConnEnd::Unreachable(why) => {
-                    self.connect_failures += 1;
-                    // Loud for the first failures, then about once a minute at the longest delay.
-                    let failures = backoff.failures() + 1;
-                    if failures <= 3 || failures % 12 == 0 {
-                        tracing::warn!(redis = cfg.addr, error = %why, failures, "cannot connect to the redis upstream");
-                    } else {
-                        tracing::debug!(redis = cfg.addr, error = %why, failures, "cannot connect to the redis upstream");
-                    }
-                }
+                ConnEnd::Unreachable(why) => self.connect_failed(&backoff, "redis upstream", &cfg.addr, &why),
                 ConnEnd::Closed(_) => {}
             }
             if bridge.connected {
