@@ -217,26 +217,23 @@ fn top(args: &TopArgs) -> anyhow::Result<()> {
 fn tail(args: TailArgs) -> anyhow::Result<()> {
     init_logging(args.log_level.as_deref(), "warn")?;
     if let Some(target) = args.resp {
-        let (connect, tls, user, password) =
+        let (connect, mut tls, user, password) =
             if target.starts_with("redis://") || target.starts_with("rediss://") {
-                let mut url = replhub::config::RedisUpstream::parse_for("--resp", &target, "")?;
-                match &mut url.tls {
-                    Some(tls) => {
-                        tls.ca_file = args.ca;
-                        tls.client_cert = args.cert.zip(args.key);
-                    }
-                    None if args.ca.is_some() || args.cert.is_some() => {
-                        anyhow::bail!("--ca, --cert and --key need a rediss:// URL in --resp (TLS)")
-                    }
-                    None => {}
-                }
+                let url = replhub::config::RedisUpstream::parse_for("--resp", &target, "")?;
                 (url.addr, url.tls, args.user.or(url.user), args.password.or(url.password))
             } else {
-                if args.ca.is_some() || args.cert.is_some() {
-                    anyhow::bail!("--ca, --cert and --key need a rediss:// URL in --resp (TLS)");
-                }
                 (target, None, args.user, args.password)
             };
+        match &mut tls {
+            Some(tls) => {
+                tls.ca_file = args.ca;
+                tls.client_cert = args.cert.zip(args.key);
+            }
+            None if args.ca.is_some() || args.cert.is_some() => {
+                anyhow::bail!("--ca, --cert and --key need a rediss:// URL in --resp (TLS)")
+            }
+            None => {}
+        }
         let opts = replhub::tail::RespTailOptions {
             connect,
             tls,
