@@ -14,8 +14,8 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, 
 use replhub::config::{BackoffConfig, IoBackend, RedisUpstream};
 use replhub::server::Server;
 use resp_common::{
-    bridge_config, free_port, read_ordered, subscribe_one as subscribe, Client, RedisServer, Reply, BACKENDS,
-    WAIT,
+    bridge_config, free_port, on_both_backends, read_ordered, subscribe_one as subscribe, Client,
+    RedisServer, Reply, WAIT,
 };
 
 const N: usize = 50;
@@ -159,15 +159,7 @@ fn messages_cross_a_tls_bridge_once_each_way(io: IoBackend) {
     server.shutdown().expect("clean shutdown");
 }
 
-#[test]
-fn messages_cross_a_tls_bridge_once_each_way_epoll() {
-    messages_cross_a_tls_bridge_once_each_way(BACKENDS[0]);
-}
-
-#[test]
-fn messages_cross_a_tls_bridge_once_each_way_uring() {
-    messages_cross_a_tls_bridge_once_each_way(BACKENDS[1]);
-}
+on_both_backends!(messages_cross_a_tls_bridge_once_each_way);
 
 /// Waits until `server` has failed to connect at least `n` times; asserts it never connected.
 fn wait_failures(server: &Server, n: u64) {
