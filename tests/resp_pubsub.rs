@@ -108,6 +108,45 @@ fn a_publisher_receives_its_own_messages(io: IoBackend) {
     server.shutdown().expect("clean shutdown");
 }
 
+/// With one core thread (the source on board: the io_uring loop sleeps in tokio, on an
+/// eventfd the ring signals) a command is answered and a message delivered when it arrives,
+/// not when some later wake-up happens to come. This is a wake-up check, not a speed one: the
+/// failure it catches is a kernel signal that comes late (with DEFER_TASKRUN the ring's
+/// eventfd fired 15–30 ms after a recv, so every round trip here took that long), and the
+/// bound is the median of many round trips at 5 ms, some 50 times what they take on a loaded
+/// 2-CPU machine.
+fn one_core_thread_answers_without_waiting_for_another_wake_up(io: IoBackend) {
+    const ROUND_TRIPS: usize = 41;
+    const MEDIAN_BOUND: Duration = Duration::from_millis(5);
+    let server = start(io, 1, RespConfig::default());
+    let addr = server.resp_addr().expect("resp");
+    let mut sub = Client::connect(addr);
+    subscribe(&mut sub, &["sn"]);
+    let mut publ = Client::connect(addr);
+    let mut pings = Vec::with_capacity(ROUND_TRIPS);
+    let mut deliveries = Vec::with_capacity(ROUND_TRIPS);
+    for i in 0..ROUND_TRIPS {
+        let t = Instant::now();
+        assert_eq!(publ.call(&["PING"]), Reply::Simple("PONG".into()));
+        pings.push(t.elapsed());
+        let payload = format!("POSITION events master {i} {}", i + 1);
+        let t = Instant::now();
+        publ.send(&["PUBLISH", "sn", &payload]);
+        assert_eq!(message(&sub.read()), ("sn".to_owned(), payload));
+        deliveries.push(t.elapsed());
+        assert_eq!(publ.read(), Reply::Int(1));
+    }
+    for (what, mut times) in [("PING → PONG", pings), ("PUBLISH → message", deliveries)] {
+        times.sort();
+        let median = times[ROUND_TRIPS / 2];
+        assert!(
+            median < MEDIAN_BOUND,
+            "{what}: median {median:?} over {ROUND_TRIPS} round trips; all: {times:?}"
+        );
+    }
+    server.shutdown().expect("clean shutdown");
+}
+
 fn a_slow_subscriber_is_cut_off_and_the_others_get_everything(io: IoBackend) {
     let limits = OutputLimits { hard: 512 << 10, soft: 0, soft_ms: 0 };
     let server = start(io, 2, RespConfig { output: limits, ..RespConfig::default() });
@@ -224,6 +263,7 @@ fn the_command_line_serves_redis_mode_alone(io: IoBackend) {
 on_both_backends!(
     pubsub_across_cores_keeps_per_publisher_order_and_exact_counts,
     a_publisher_receives_its_own_messages,
+    one_core_thread_answers_without_waiting_for_another_wake_up,
     a_slow_subscriber_is_cut_off_and_the_others_get_everything,
     set_and_get_expire_and_stay_bounded,
     the_command_line_serves_redis_mode_alone,

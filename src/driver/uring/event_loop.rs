@@ -21,7 +21,7 @@ use tokio::io::Interest;
 use tokio::sync::Notify;
 
 use super::bufring::BufRing;
-use super::probe::{build_ring, setup_error};
+use super::probe::{build_ring, setup_error, Sleep};
 use super::send::SendBuf;
 use super::token::{self, Op};
 use super::wakeup;
@@ -68,8 +68,9 @@ enum Enter {
     Submit,
     /// Sleeps until at least one completion is ready.
     Sleep,
-    /// Runs the completions the kernel deferred to this thread (DEFER_TASKRUN), without
-    /// sleeping, so that they are in the completion queue when it returns.
+    /// Runs the task work the kernel holds for this thread's completions (all of it with
+    /// DEFER_TASKRUN; with COOP_TASKRUN what is pending), without sleeping, so that they are
+    /// in the completion queue when it returns.
     Flush,
 }
 
@@ -82,8 +83,8 @@ struct Hosted {
 /// What [`Driver::run_hosted`] runs on: taken before the start-up gate, as descriptors.
 struct HostedLoop {
     rt: tokio::runtime::Runtime,
-    /// Registered with the ring (`IORING_REGISTER_EVENTFD`): signalled when it posts or defers
-    /// completions.
+    /// Registered with the ring (`IORING_REGISTER_EVENTFD`): signalled when it posts
+    /// completions (a ring built for [`Sleep::OnEventfd`]).
     completions: File,
     hosted: Hosted,
 }
@@ -266,13 +267,15 @@ impl Driver {
             ),
         };
         let bufs = BufRing::new(buf_count, BUF_SIZE, BGID).context("allocating the recv buffer ring")?;
+        // With the source on board the thread sleeps in tokio, on an eventfd (`Sleep`).
+        let sleep = if hosted.is_some() { Sleep::OnEventfd } else { Sleep::InRing };
         let (ring, flags) =
-            build_ring(SQ_ENTRIES, CQ_ENTRIES).map_err(|e| anyhow::anyhow!(setup_error(&e)))?;
+            build_ring(SQ_ENTRIES, CQ_ENTRIES, sleep).map_err(|e| anyhow::anyhow!(setup_error(&e)))?;
         // SAFETY: `bufs` becomes a field of the driver's `Io` next to `ring`. It is freed either
         // after `ring` (field order) with no op in flight, or never (`run_core` leaks the driver
         // while ops are in flight), so the kernel never sees it freed.
         unsafe { bufs.register(&ring.submitter()) }.context("registering the recv buffer ring")?;
-        tracing::debug!(core = index, single_issuer_defer_taskrun = flags, "io_uring core started");
+        tracing::debug!(core = index, ?sleep, taskrun_flags = flags, "io_uring core started");
         let io = Io {
             ring,
             bufs,
@@ -342,9 +345,9 @@ impl Driver {
     /// [`Driver::run`] with the source on board (`--threads 1`, [`HostedSource`]): the same
     /// turns, as a task of a tokio current-thread runtime that also runs the source. The loop
     /// sleeps in tokio instead of in `io_uring_enter`: on an eventfd registered with the ring,
-    /// which the kernel signals when it posts completions or defers them to this thread
-    /// (DEFER_TASKRUN), and on the mailbox's `Notify`. A turn that may not sleep yields to the
-    /// source before the next.
+    /// which the kernel signals when it posts completions (the ring runs COOP_TASKRUN, not
+    /// DEFER_TASKRUN: see [`Sleep::OnEventfd`]), and on the mailbox's `Notify`. A turn that
+    /// may not sleep yields to the source before the next.
     fn run_hosted(&mut self, hosted: HostedLoop) -> anyhow::Result<()> {
         let HostedLoop { rt, completions, hosted: Hosted { source, notify } } = hosted;
         let local = tokio::task::LocalSet::new();

@@ -95,7 +95,7 @@ pub(crate) mod bench {
     use io_uring::IoUring;
 
     use super::event_loop::{CQ_ENTRIES, SQ_ENTRIES};
-    use super::probe::build_ring;
+    use super::probe::{build_ring, Sleep};
     use super::send::SendBuf;
 
     /// A core's ring and a send buffer per socket (the ring first: dropped before the buffers).
@@ -108,7 +108,7 @@ pub(crate) mod bench {
     impl SendRing {
         /// A ring like a core's, with send buffers for `sockets` sockets.
         pub fn new(sockets: usize) -> io::Result<Self> {
-            let (ring, _) = build_ring(SQ_ENTRIES, CQ_ENTRIES)?;
+            let (ring, _) = build_ring(SQ_ENTRIES, CQ_ENTRIES, Sleep::InRing)?;
             Ok(Self { ring, bufs: (0..sockets).map(|_| *SendBuf::new()).collect() })
         }
 
