@@ -475,7 +475,7 @@ pub(crate) fn slow_worker_is_evicted_and_others_get_everything(io: IoBackend) {
 // ---------------------------------------------------------------------------------------------
 // Upstream restarts
 
-/// With one core thread (on epoll the source then runs on that thread, `HostedSource`): rows
+/// With one core thread (the source then runs on that thread, `HostedSource`): rows
 /// relayed in order, worker commands forwarded, the upstream's metrics answered, a master
 /// restart followed, and a clean stop.
 pub(crate) fn one_core_thread_carries_the_upstream(io: IoBackend) {

@@ -14,9 +14,10 @@
 //!       io_uring_enter that submits and waits
 //!   with the source on board (--threads 1): the same turns as a task of a tokio
 //!       current-thread runtime beside the source's task; the loop sleeps in tokio, on an
-//!       eventfd registered with the ring (the kernel signals it when it posts completions or
-//!       defers them to this thread) and on the mailbox's Notify, then one io_uring_enter
-//!       with GETEVENTS posts what was deferred
+//!       eventfd registered with the ring (which then runs COOP_TASKRUN, not DEFER_TASKRUN,
+//!       whose eventfd comes late: probe::Sleep; the kernel signals it as it posts
+//!       completions) and on the mailbox's Notify, then one io_uring_enter with GETEVENTS
+//!       posts what is pending
 //! ```
 //!
 //! Design notes:
