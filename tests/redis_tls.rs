@@ -14,8 +14,8 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, 
 use replhub::config::{BackoffConfig, IoBackend, RedisUpstream};
 use replhub::server::Server;
 use resp_common::{
-    bridge_config, free_port, on_both_backends, read_ordered, subscribe_one as subscribe, Client,
-    RedisServer, Reply, WAIT,
+    bridge_config, free_port, numsub, on_both_backends, publish_both_ways, subscribe_one as subscribe,
+    wait_numsub, Client, RedisServer, Reply, WAIT,
 };
 
 const N: usize = 50;
@@ -122,10 +122,6 @@ fn bridged(io: IoBackend, redis: &TlsRedis, pki: &Pki, client_cert: bool) -> Ser
     Server::start_with(config, backoff).expect("server starts")
 }
 
-fn numsub(probe: &mut Client) -> Reply {
-    probe.call(&["PUBSUB", "NUMSUB", "sn"])
-}
-
 fn messages_cross_a_tls_bridge_once_each_way(io: IoBackend) {
     let pki = Pki::new(&format!("ca-{io:?}"));
     let redis = TlsRedis::start(&pki, true);
@@ -137,22 +133,10 @@ fn messages_cross_a_tls_bridge_once_each_way(io: IoBackend) {
     subscribe(&mut local_sub, "sn");
     // replhub's subscription, over TLS, makes the second subscriber.
     let mut probe = redis.client();
-    let deadline = Instant::now() + WAIT;
-    while numsub(&mut probe) != Reply::Array(vec![Reply::bulk("sn"), Reply::Int(2)]) {
-        assert!(Instant::now() < deadline, "replhub never subscribed over TLS: {:?}", numsub(&mut probe));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_numsub(&mut probe, "sn", 2);
     let mut local_pub = Client::connect(addr);
     let mut remote_pub = redis.client();
-    for i in 0..N {
-        assert_eq!(local_pub.call(&["PUBLISH", "sn", &format!("local {i}")]), Reply::Int(1));
-        assert_eq!(remote_pub.call(&["PUBLISH", "sn", &format!("remote {i}")]), Reply::Int(2));
-    }
-    assert_eq!(read_ordered(&mut local_sub, 2 * N), [N, N]);
-    assert_eq!(read_ordered(&mut remote_sub, 2 * N), [N, N]);
-    for c in [&mut local_sub, &mut remote_sub] {
-        assert_eq!(c.call(&["PING"]), Reply::Array(vec![Reply::bulk("pong"), Reply::bulk("")]));
-    }
+    publish_both_ways(&mut local_pub, &mut remote_pub, [&mut local_sub, &mut remote_sub], N);
     let up = server.upstream_snapshot(WAIT).expect("snapshot");
     assert!(up.connected);
     assert_eq!(up.connect_failures, 0);
@@ -160,6 +144,14 @@ fn messages_cross_a_tls_bridge_once_each_way(io: IoBackend) {
 }
 
 on_both_backends!(messages_cross_a_tls_bridge_once_each_way);
+
+/// `server`, bridged to `redis`, fails to connect at least three times (never connected), and
+/// `redis` never sees its subscription.
+fn assert_refused(server: Server, redis: &TlsRedis) {
+    wait_failures(&server, 3);
+    assert_eq!(numsub(&mut redis.client()), Reply::Array(vec![Reply::bulk("sn"), Reply::Int(0)]));
+    server.shutdown().expect("clean shutdown");
+}
 
 /// Waits until `server` has failed to connect at least `n` times; asserts it never connected.
 fn wait_failures(server: &Server, n: u64) {
@@ -182,10 +174,7 @@ fn a_redis_certificate_from_another_ca_is_refused() {
     let pki = Pki::new("ca-real");
     let other = Pki::new("ca-other");
     let redis = TlsRedis::start(&pki, true);
-    let server = bridged(IoBackend::Epoll, &redis, &other, true);
-    wait_failures(&server, 3);
-    assert_eq!(numsub(&mut redis.client()), Reply::Array(vec![Reply::bulk("sn"), Reply::Int(0)]));
-    server.shutdown().expect("clean shutdown");
+    assert_refused(bridged(IoBackend::Epoll, &redis, &other, true), &redis);
 }
 
 /// A Redis that checks clients' certificates refuses replhub without one. The refusal comes
@@ -195,10 +184,7 @@ fn a_redis_that_wants_a_client_certificate_refuses_one_without() {
     let pki = Pki::new("ca-no-client");
     for password in [true, false] {
         let redis = TlsRedis::start(&pki, password);
-        let server = bridged(IoBackend::Epoll, &redis, &pki, false);
-        wait_failures(&server, 3);
-        assert_eq!(numsub(&mut redis.client()), Reply::Array(vec![Reply::bulk("sn"), Reply::Int(0)]));
-        server.shutdown().expect("clean shutdown");
+        assert_refused(bridged(IoBackend::Epoll, &redis, &pki, false), &redis);
     }
 }
 

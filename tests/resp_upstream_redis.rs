@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use replhub::config::{BackoffConfig, IoBackend, RedisUpstream};
 use replhub::server::Server;
 use resp_common::{
-    bridge_config, message, read_ordered, subscribe_one as subscribe, wait_metric, Client, RedisServer,
-    Reply, BACKENDS, WAIT,
+    bridge_config, message, publish_both_ways, read_ordered, subscribe_one as subscribe, wait_metric,
+    wait_numsub, Client, RedisServer, Reply, BACKENDS, WAIT,
 };
 
 const N: usize = 100;
@@ -28,19 +28,6 @@ fn bridged_with(io: IoBackend, redis: &RedisServer, metrics: Option<SocketAddr>)
     // Quick retries: the restart test waits for one.
     let backoff = BackoffConfig { initial_ms: 20, max_ms: 200, jitter_percent: 20 };
     Server::start_with(config, backoff).expect("server starts")
-}
-
-/// Waits until the real Redis counts `n` subscribers on `channel`.
-fn wait_numsub(probe: &mut Client, channel: &str, n: i64) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let r = probe.call(&["PUBSUB", "NUMSUB", channel]);
-        if r == Reply::Array(vec![Reply::bulk(channel), Reply::Int(n)]) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never {n} subscribers on the real Redis: {r:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Reads `n` messages on channel `sn` published as `<who> <seq>`; checks that each publisher
@@ -189,28 +176,10 @@ fn messages_cross_the_bridge_once_each_way(io: IoBackend) {
     subscribe(&mut local_sub, "sn");
     // Until replhub's subscription is in place on the real Redis, it has one subscriber.
     let mut probe = Client::connect(redis.addr);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let r = probe.call(&["PUBSUB", "NUMSUB", "sn"]);
-        if r == Reply::Array(vec![Reply::bulk("sn"), Reply::Int(2)]) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "replhub never subscribed on the real Redis: {r:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_numsub(&mut probe, "sn", 2);
     let mut local_pub = Client::connect(addr);
     let mut remote_pub = Client::connect(redis.addr);
-    for i in 0..N {
-        assert_eq!(local_pub.call(&["PUBLISH", "sn", &format!("local {i}")]), Reply::Int(1));
-        // The real Redis counts replhub as one subscriber, and its own.
-        assert_eq!(remote_pub.call(&["PUBLISH", "sn", &format!("remote {i}")]), Reply::Int(2));
-    }
-    assert_eq!(read_ordered(&mut local_sub, 2 * N), [N, N]);
-    assert_eq!(read_ordered(&mut remote_sub, 2 * N), [N, N]);
-    // Nothing twice: the next thing each sees is the answer to its PING.
-    for c in [&mut local_sub, &mut remote_sub] {
-        assert_eq!(c.call(&["PING"]), Reply::Array(vec![Reply::bulk("pong"), Reply::bulk("")]));
-    }
+    publish_both_ways(&mut local_pub, &mut remote_pub, [&mut local_sub, &mut remote_sub], N);
     // A channel that is not bridged stays local.
     let mut other = Client::connect(addr);
     subscribe(&mut other, "elsewhere");

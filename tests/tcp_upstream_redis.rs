@@ -10,11 +10,11 @@ mod resp_common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use replhub::config::{BackoffConfig, IoBackend, RedisUpstream, ServeConfig, SourceConfig};
 use replhub::server::Server;
-use resp_common::{message, on_both_backends, wait_metric, Client, RedisServer, Reply, WAIT};
+use resp_common::{message, on_both_backends, wait_metric, wait_numsub, Client, RedisServer, Reply, WAIT};
 
 /// replhub bridged to `redis` with TCP workers only.
 fn bridged(io: IoBackend, redis: &RedisServer, metrics: bool, backoff: BackoffConfig) -> Server {
@@ -90,20 +90,6 @@ fn watch(redis: &RedisServer) -> Client {
     c
 }
 
-/// Waits until the real Redis counts `n` subscribers on `sn`.
-fn wait_numsub(redis: &RedisServer, n: i64) {
-    let mut probe = Client::connect(redis.addr);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let r = probe.call(&["PUBSUB", "NUMSUB", "sn"]);
-        if r == Reply::Array(vec![Reply::bulk("sn"), Reply::Int(n)]) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never {n} subscribers on the real Redis: {r:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Publishes `payloads` on `sn`, pipelined; each must reach `receivers` subscribers.
 fn publish(writer: &mut Client, payloads: &[String], receivers: i64) {
     for p in payloads {
@@ -173,7 +159,7 @@ fn tcp_workers_get_what_a_master_relays(io: IoBackend) {
     let redis = RedisServer::start(&[]);
     let server = bridged(io, &redis, false, quick_backoff());
     let mut watch = watch(&redis);
-    wait_numsub(&redis, 2);
+    wait_numsub(&mut Client::connect(redis.addr), "sn", 2);
     let mut workers: Vec<Worker> = (0..WORKERS).map(|_| Worker::connect(server.local_addr())).collect();
     // Every worker at once; the REMOTE_SERVER_UP after its REPLICATE shows (once it reaches the
     // Redis) that its subscription is in place, since a connection's lines are handled in order.
@@ -246,7 +232,7 @@ fn resp_clients_and_tcp_workers_share_the_bridge(io: IoBackend) {
         Server::start_with(resp_common::bridge_config(io, upstream), quick_backoff()).expect("server starts");
     let resp = server.resp_addr().expect("resp");
     let mut watch = watch(&redis);
-    wait_numsub(&redis, 2);
+    wait_numsub(&mut Client::connect(redis.addr), "sn", 2);
     let mut local_sub = Client::connect(resp);
     assert_eq!(
         local_sub.call(&["SUBSCRIBE", "sn"]),
@@ -295,7 +281,7 @@ fn tcp_workers_survive_a_redis_restart(io: IoBackend) {
     let server = bridged(io, &redis, true, backoff);
     let metrics = server.metrics_addr().expect("metrics");
     let mut watch = watch(&redis);
-    wait_numsub(&redis, 2);
+    wait_numsub(&mut Client::connect(redis.addr), "sn", 2);
     let mut w = Worker::connect(server.local_addr());
     w.send("NAME w\nREPLICATE\n");
     assert_eq!(message(&watch.read()), ("sn".to_owned(), "REPLICATE ".to_owned()));

@@ -62,6 +62,47 @@ pub(crate) fn read_ordered(c: &mut Client, n: usize) -> [usize; 2] {
     next
 }
 
+/// How many subscribers of `sn` the Redis behind `probe` counts (`PUBSUB NUMSUB sn`).
+pub(crate) fn numsub(probe: &mut Client) -> Reply {
+    probe.call(&["PUBSUB", "NUMSUB", "sn"])
+}
+
+/// Waits until the real Redis behind `probe` counts `n` subscribers on `channel`.
+pub(crate) fn wait_numsub(probe: &mut Client, channel: &str, n: i64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = probe.call(&["PUBSUB", "NUMSUB", channel]);
+        if r == Reply::Array(vec![Reply::bulk(channel), Reply::Int(n)]) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never {n} subscribers on the real Redis: {r:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Across a bridge, `n` messages on `sn` from each side: `local <i>` published on replhub
+/// (`local_pub`, whose one local receiver is `subs[0]`) and `remote <i>` on the real Redis
+/// (`remote_pub`; it counts replhub as one subscriber, and `subs[1]`). Every subscriber gets
+/// all `2n`, each publisher's in order, and nothing twice: the next thing each sees is the
+/// answer to its PING.
+pub(crate) fn publish_both_ways(
+    local_pub: &mut Client,
+    remote_pub: &mut Client,
+    subs: [&mut Client; 2],
+    n: usize,
+) {
+    for i in 0..n {
+        assert_eq!(local_pub.call(&["PUBLISH", "sn", &format!("local {i}")]), Reply::Int(1));
+        assert_eq!(remote_pub.call(&["PUBLISH", "sn", &format!("remote {i}")]), Reply::Int(2));
+    }
+    let [local_sub, remote_sub] = subs;
+    assert_eq!(read_ordered(local_sub, 2 * n), [n, n]);
+    assert_eq!(read_ordered(remote_sub, 2 * n), [n, n]);
+    for c in [local_sub, remote_sub] {
+        assert_eq!(c.call(&["PING"]), Reply::Array(vec![Reply::bulk("pong"), Reply::bulk("")]));
+    }
+}
+
 /// SUBSCRIBEs `c` to `ch`, its first subscription.
 pub(crate) fn subscribe_one(c: &mut Client, ch: &str) {
     assert_eq!(
