@@ -58,7 +58,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -463,6 +463,15 @@ impl Source {
         // Whether read data waits uncut in the link's buffer for a busy core (module doc).
         // When the oldest read still uncut arrived, if any.
         let mut held: Option<tokio::time::Instant> = None;
+        // The wake-up, the read and the timer live across turns: a line read costs one read
+        // (a short read clears the socket's readiness, so no second read to learn it is empty),
+        // and neither a waiter on the mailbox's `Notify` nor a timer entry is made and unmade
+        // per line.
+        let wakeup = Arc::clone(&self.ctx.wakeup);
+        let mut notified = std::pin::pin!(wakeup.notified());
+        let mut timer = std::pin::pin!(tokio::time::sleep_until(tokio::time::Instant::now()));
+        let mut timer_due: Option<tokio::time::Instant> = None;
+        let (mut reader, mut writer) = stream.split();
         loop {
             if let Some(since) = held {
                 if link.0.read_buffer().len() >= COALESCE_BYTES || since.elapsed() >= HOLD_MAX || !self.busy()
@@ -478,7 +487,7 @@ impl Source {
                 out.push_back(line);
             }
             if !out.is_empty() {
-                match write_some(&stream, &mut out, &mut out_off) {
+                match write_some(writer.as_ref(), &mut out, &mut out_off) {
                     Ok(true) => link.0.on_sent(self.ctx.clock.now()),
                     Ok(false) => {}
                     Err(e) => return ConnEnd::Lost(format!("write failed: {e}")),
@@ -486,11 +495,11 @@ impl Source {
             }
             match link.0.wants_close() {
                 Some(CloseHow::Abort) => {
-                    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                    let _ = socket2::SockRef::from(writer.as_ref()).set_linger(Some(Duration::ZERO));
                     return ConnEnd::Closed(CloseHow::Abort);
                 }
                 Some(CloseHow::Graceful) if out.is_empty() => {
-                    let _ = stream.shutdown().await;
+                    let _ = writer.shutdown().await;
                     return ConnEnd::Closed(CloseHow::Graceful);
                 }
                 _ => {}
@@ -508,34 +517,39 @@ impl Source {
             if let Some(retry) = retry {
                 deadline = Some(deadline.map_or(retry, |d| d.min(retry)));
             }
+            if deadline != timer_due {
+                if let Some(due) = deadline {
+                    timer.as_mut().reset(due);
+                }
+                timer_due = deadline;
+            }
+            let buf = link.0.read_buffer();
+            if buf.capacity() - buf.len() < READ_MIN_ROOM {
+                buf.reserve(READ_RESERVE);
+            }
             tokio::select! {
                 biased;
-                () = self.ctx.wakeup.notified() => self.drain(link),
-                res = stream.writable(), if !out.is_empty() => {
+                () = notified.as_mut() => {
+                    notified.set(wakeup.notified());
+                    self.drain(link);
+                }
+                res = writer.writable(), if !out.is_empty() => {
                     if let Err(e) = res {
                         return ConnEnd::Lost(format!("write failed: {e}"));
                     }
                 }
-                res = stream.readable() => {
-                    if let Err(e) = res {
-                        return ConnEnd::Lost(format!("read failed: {e}"));
+                // Cancel-safe: when another branch wins, nothing was read.
+                res = reader.read_buf(link.0.read_buffer()) => match res {
+                    Ok(0) => return ConnEnd::Lost("closed by the upstream".to_owned()),
+                    // Cut at once unless a busy core holds it back; the top of the loop
+                    // re-checks held data on every turn.
+                    Ok(_) => {
+                        held.get_or_insert_with(tokio::time::Instant::now);
                     }
-                    let buf = link.0.read_buffer();
-                    if buf.capacity() - buf.len() < READ_MIN_ROOM {
-                        buf.reserve(READ_RESERVE);
-                    }
-                    match stream.try_read_buf(buf) {
-                        Ok(0) => return ConnEnd::Lost("closed by the upstream".to_owned()),
-                        // Cut at once unless a busy core holds it back; the top of the loop
-                        // re-checks held data on every turn.
-                        Ok(_) => {
-                            held.get_or_insert_with(tokio::time::Instant::now);
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => return ConnEnd::Lost(format!("read failed: {e}")),
-                    }
-                }
-                () = sleep_opt(deadline) => {
+                    Err(e) => return ConnEnd::Lost(format!("read failed: {e}")),
+                },
+                () = timer.as_mut(), if timer_due.is_some() => {
+                    timer_due = None;
                     // Held data and queued messages are retried at the top of the loop.
                     self.flush();
                     link.0.handle_timeout(self.ctx.clock.now());
