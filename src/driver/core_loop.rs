@@ -161,10 +161,19 @@ impl CoreLoop {
     }
 
     /// Handles every queued message (batches coalesce into one flush). `Shutdown`, or the
-    /// mailbox gone, starts the shutdown grace ([`CoreLoop::stop_at_ms`]).
-    pub(super) fn drain_inbox(&mut self, inbox: &Receiver<CoreMsg>, sockets: &impl Sockets, now: Now) {
+    /// mailbox gone, starts the shutdown grace ([`CoreLoop::stop_at_ms`]). True if there was
+    /// a message (or the mailbox is gone): then a turn has work to do.
+    pub(super) fn drain_inbox(
+        &mut self,
+        inbox: &Receiver<CoreMsg>,
+        sockets: &impl Sockets,
+        now: Now,
+    ) -> bool {
+        let mut any = false;
         loop {
-            match inbox.try_recv() {
+            let msg = inbox.try_recv();
+            any |= msg.is_ok();
+            match msg {
                 Ok(CoreMsg::Batch(batch)) => self.hub.on_batch(batch, now),
                 Ok(CoreMsg::Upstream(event)) => self.hub.on_upstream(&event, now),
                 Ok(CoreMsg::Fetched { id, result }) => self.hub.on_fetched(id, result, now),
@@ -179,13 +188,13 @@ impl CoreLoop {
                 Ok(CoreMsg::PublishLost { channels, batches }) => {
                     self.hub.on_publish_lost(&channels, batches, now);
                 }
-                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Empty) => return any,
                 Err(TryRecvError::Disconnected) => {
                     if self.stop_at_ms.is_none() {
                         tracing::info!(core = self.index, "mailbox closed; shutting down");
                     }
                     self.begin_shutdown(now);
-                    return;
+                    return true;
                 }
             }
         }

@@ -138,8 +138,14 @@ impl<T> Inbox<T> {
 pub enum CoreWakeup {
     /// The epoll driver waits on a tokio `Notify`.
     Notify(Arc<tokio::sync::Notify>),
-    /// The io_uring driver reads an eventfd.
-    EventFd(std::os::fd::OwnedFd),
+    /// The io_uring driver reads an eventfd, which senders write only while `asleep` is set
+    /// (by the core, before it sleeps; `uring::wakeup`).
+    EventFd {
+        /// The eventfd.
+        fd: std::os::fd::OwnedFd,
+        /// Set by the core when it may sleep, cleared by the sender that wakes it.
+        asleep: Arc<std::sync::atomic::AtomicBool>,
+    },
 }
 
 /// What a core thread starts with.

@@ -9,6 +9,7 @@ use std::io::{self, IoSlice};
 use std::net::{Shutdown, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::Duration;
@@ -206,6 +207,8 @@ struct Io {
     /// The mailbox's eventfd; `None` with the source on board, whose mailbox wakes the loop
     /// through tokio instead ([`Driver::run_hosted`]).
     eventfd: Option<File>,
+    /// Set while the loop may sleep: only then do senders write the eventfd (`wakeup`).
+    asleep: Option<Arc<AtomicBool>>,
     index: usize,
     /// Ops submitted (or queued to be) whose final completion has not been reaped.
     in_flight: usize,
@@ -258,9 +261,9 @@ impl Driver {
             hosted_source,
         } = ctx;
         let (resp_listener, resp_state) = resp.unzip();
-        let (eventfd, hosted) = match (wakeup, hosted_source) {
-            (CoreWakeup::EventFd(fd), None) => (Some(File::from(fd)), None),
-            (CoreWakeup::Notify(notify), Some(source)) => (None, Some(Hosted { source, notify })),
+        let (eventfd, asleep, hosted) = match (wakeup, hosted_source) {
+            (CoreWakeup::EventFd { fd, asleep }, None) => (Some(File::from(fd)), Some(asleep), None),
+            (CoreWakeup::Notify(notify), Some(source)) => (None, None, Some(Hosted { source, notify })),
             _ => anyhow::bail!(
                 "core {index}: the io_uring driver needs an eventfd wake-up (uring::new_wakeup), or a \
                  tokio Notify with the source on board"
@@ -284,6 +287,7 @@ impl Driver {
             resp_listener,
             resp_accept_armed: false,
             eventfd,
+            asleep,
             index,
             in_flight: 0,
             backlog: VecDeque::new(),
@@ -312,11 +316,29 @@ impl Driver {
 
     fn run(&mut self) -> anyhow::Result<()> {
         while let Some(may_sleep) = self.turn() {
-            self.io.submit(if may_sleep { Enter::Sleep } else { Enter::Submit })?;
+            let sleep = may_sleep && self.ready_to_sleep();
+            self.io.submit(if sleep { Enter::Sleep } else { Enter::Submit })?;
+            if let (true, Some(asleep)) = (sleep, &self.io.asleep) {
+                wakeup::announce_awake(asleep);
+            }
             let now = self.core.now();
             self.reap(now);
         }
         self.exit()
+    }
+
+    /// Tells the mailbox's senders that the loop may sleep, then looks at the mailbox once
+    /// more (the protocol in `wakeup`): false if it held anything, which the next turn
+    /// handles before the loop may sleep again.
+    fn ready_to_sleep(&mut self) -> bool {
+        let Some(asleep) = &self.io.asleep else { return true };
+        wakeup::announce_sleep(asleep);
+        let now = self.core.now();
+        if self.core.drain_inbox(&self.inbox, &self.io, now) {
+            wakeup::announce_awake(asleep);
+            return false;
+        }
+        true
     }
 
     /// One turn of the loop, up to its submission: `None` once the core has finished, else
