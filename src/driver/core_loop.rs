@@ -162,7 +162,9 @@ impl CoreLoop {
 
     /// Handles every queued message (batches coalesce into one flush). `Shutdown`, or the
     /// mailbox gone, starts the shutdown grace ([`CoreLoop::stop_at_ms`]). True if there was
-    /// a message (or the mailbox is gone): then a turn has work to do.
+    /// a message, or the mailbox is found gone before the grace started: then a turn has work
+    /// to do. (A mailbox already gone is not news: reported every time, it would keep the
+    /// io_uring loop from ever sleeping through the grace.)
     pub(super) fn drain_inbox(
         &mut self,
         inbox: &Receiver<CoreMsg>,
@@ -190,11 +192,12 @@ impl CoreLoop {
                 }
                 Err(TryRecvError::Empty) => return any,
                 Err(TryRecvError::Disconnected) => {
-                    if self.stop_at_ms.is_none() {
+                    let news = self.stop_at_ms.is_none();
+                    if news {
                         tracing::info!(core = self.index, "mailbox closed; shutting down");
                     }
                     self.begin_shutdown(now);
-                    return true;
+                    return any || news;
                 }
             }
         }

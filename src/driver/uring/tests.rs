@@ -121,3 +121,28 @@ fn an_empty_buffer_ring_neither_loses_input_nor_spins() {
     // most two recvs; only first-time arms (one per worker) come on top.
     assert!(stats.enobufs <= stats.data + WORKERS as u64, "{stats:?}");
 }
+
+/// A core whose mailbox is gone while a worker is still connected waits out the shutdown grace
+/// asleep, not spinning: the closed mailbox is news once (it starts the grace), not at every
+/// look before a sleep. The worker neither reads nor closes, so the core holds it for the
+/// whole grace (two seconds), in which a spinning loop turns hundreds of thousands of times.
+#[test]
+fn a_core_whose_mailbox_closed_waits_out_the_grace_asleep() {
+    use std::io::Write;
+
+    let (wakeup, wake) = new_wakeup().unwrap();
+    let (tx, rx) = Inbox::new(wake);
+    let mut ctx = context(wakeup, rx);
+    let (upstream, upstream_rx) = Inbox::new(Arc::new(|| {}));
+    ctx.upstream = upstream;
+    let addr = ctx.listener.local_addr().unwrap();
+    let core = std::thread::spawn(move || event_loop::run_core_with(ctx, 8));
+    let mut worker = std::net::TcpStream::connect(addr).unwrap();
+    // Forwarded upstream once the core holds the connection.
+    worker.write_all(b"FEDERATION_ACK 1\n").unwrap();
+    upstream_rx.recv_timeout(Duration::from_secs(10)).expect("the core took the worker");
+    drop(tx);
+    let stats = core.join().unwrap().unwrap();
+    assert!(stats.turns < 10_000, "the loop spun through the grace: {stats:?}");
+    drop(worker);
+}
