@@ -39,6 +39,30 @@ fn context(wakeup: CoreWakeup, inbox: std::sync::mpsc::Receiver<CoreMsg>) -> Cor
     }
 }
 
+/// A core on its own thread, as [`start_core`] leaves it.
+struct RunningCore {
+    /// Its mailbox.
+    mailbox: Inbox<CoreMsg>,
+    /// What it forwards upstream.
+    upstream: std::sync::mpsc::Receiver<(usize, crate::hub::UpstreamCmd)>,
+    /// Where its listener accepts workers.
+    addr: std::net::SocketAddr,
+    /// The thread, which returns the loop's counters.
+    thread: std::thread::JoinHandle<anyhow::Result<event_loop::LoopStats>>,
+}
+
+/// Starts a core with `buf_count` recv buffers on a thread of its own.
+fn start_core(buf_count: u16) -> RunningCore {
+    let (wakeup, wake) = new_wakeup().unwrap();
+    let (mailbox, rx) = Inbox::new(wake);
+    let mut ctx = context(wakeup, rx);
+    let (upstream, upstream_rx) = Inbox::new(Arc::new(|| {}));
+    ctx.upstream = upstream;
+    let addr = ctx.listener.local_addr().unwrap();
+    let thread = std::thread::spawn(move || event_loop::run_core_with(ctx, buf_count));
+    RunningCore { mailbox, upstream: upstream_rx, addr, thread }
+}
+
 #[test]
 fn a_core_without_connections_stops_at_once_on_shutdown() {
     let (wakeup, wake) = new_wakeup().unwrap();
@@ -82,13 +106,7 @@ fn an_empty_buffer_ring_neither_loses_input_nor_spins() {
 
     const WORKERS: usize = 40;
     const LINES: usize = 1000;
-    let (wakeup, wake) = new_wakeup().unwrap();
-    let (tx, rx) = Inbox::new(wake);
-    let mut ctx = context(wakeup, rx);
-    let (upstream, upstream_rx) = Inbox::new(Arc::new(|| {}));
-    ctx.upstream = upstream;
-    let addr = ctx.listener.local_addr().unwrap();
-    let core = std::thread::spawn(move || event_loop::run_core_with(ctx, 2));
+    let RunningCore { mailbox: tx, upstream: upstream_rx, addr, thread: core } = start_core(2);
     let mut workers: Vec<std::net::TcpStream> =
         (0..WORKERS).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
     // FEDERATION_ACK <token> is forwarded verbatim: 20 bytes a line, 20 KB a worker.
@@ -130,13 +148,7 @@ fn an_empty_buffer_ring_neither_loses_input_nor_spins() {
 fn a_core_whose_mailbox_closed_waits_out_the_grace_asleep() {
     use std::io::Write;
 
-    let (wakeup, wake) = new_wakeup().unwrap();
-    let (tx, rx) = Inbox::new(wake);
-    let mut ctx = context(wakeup, rx);
-    let (upstream, upstream_rx) = Inbox::new(Arc::new(|| {}));
-    ctx.upstream = upstream;
-    let addr = ctx.listener.local_addr().unwrap();
-    let core = std::thread::spawn(move || event_loop::run_core_with(ctx, 8));
+    let RunningCore { mailbox: tx, upstream: upstream_rx, addr, thread: core } = start_core(8);
     let mut worker = std::net::TcpStream::connect(addr).unwrap();
     // Forwarded upstream once the core holds the connection.
     worker.write_all(b"FEDERATION_ACK 1\n").unwrap();
