@@ -318,8 +318,11 @@ impl Driver {
         while let Some(may_sleep) = self.turn() {
             let sleep = may_sleep && self.ready_to_sleep();
             self.io.submit(if sleep { Enter::Sleep } else { Enter::Submit })?;
-            if let (true, Some(asleep)) = (sleep, &self.io.asleep) {
-                wakeup::announce_awake(asleep);
+            if sleep {
+                // Awake again: senders can leave the eventfd alone until the next sleep.
+                if let Some(asleep) = &self.io.asleep {
+                    wakeup::announce_awake(asleep);
+                }
             }
             let now = self.core.now();
             self.reap(now);
