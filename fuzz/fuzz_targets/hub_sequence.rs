@@ -519,7 +519,12 @@ impl Fuzz {
             }
             for s in StreamId::ALL {
                 let i = s.index();
-                assert_eq!(t.got[i], t.expected[i], "{w}: stream {}: received vs expected", s.name());
+                assert_eq!(
+                    without_repeats(&t.got[i]),
+                    without_repeats(&t.expected[i]),
+                    "{w}: stream {}: received vs expected",
+                    s.name()
+                );
                 lines += t.got[i].len();
             }
             checked += 1;
@@ -535,6 +540,23 @@ impl Fuzz {
             );
         }
     }
+}
+
+/// A stream's lines with each run of identical POSITION lines back to back taken as one. The
+/// hub sends one where the model may expect two: a second identical POSITION (a repeated
+/// REPLICATE, or an upstream reconnect at the same token) while the first still waits unsent
+/// at the same place in the log is coalesced (`Outbox::push_private_coalesced`), and for the
+/// worker the second would be a no-op. Whether the first was still queued depends on the
+/// worker's reads, which the model does not follow; a repeated RDATA is never merged.
+fn without_repeats(lines: &[String]) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::with_capacity(lines.len());
+    for line in lines {
+        if line.starts_with("POSITION ") && out.last() == Some(&line.as_str()) {
+            continue;
+        }
+        out.push(line);
+    }
+    out
 }
 
 fuzz_target!(|input: (Setup, Vec<Op>)| {

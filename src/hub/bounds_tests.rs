@@ -147,6 +147,40 @@ fn repeated_replicate_all_queues_one_position_per_stream() {
     assert_eq!(got.iter().filter(|l| l.starts_with("POSITION")).count(), served);
 }
 
+/// An upstream that keeps reconnecting at the same tokens while a worker does not read: each
+/// reconnect's POSITIONs equal the ones still queued at the same place in the log, so the
+/// queue stays at one POSITION per stream (the worker sees each once, as it would see the
+/// second of two identical ones as a no-op). A reconnect at a new token does add its POSITION.
+#[test]
+fn a_flapping_upstream_queues_one_position_per_stream_for_a_stalled_worker() {
+    let mut sim = Sim::new(config());
+    sim.connect_upstream("example.com", Sim::positions());
+    let w = sim.accept();
+    sim.send(w, "REPLICATE ALL");
+    sim.set_capacity(w, Capacity::Stalled);
+    let served = Sim::positions().iter().filter(|p| p.is_some()).count();
+    for _ in 0..10_000 {
+        sim.hub.on_upstream(&UpstreamEvent::Disconnected, sim.now);
+        sim.connect_upstream("example.com", Sim::positions());
+    }
+    let (bytes, lines) = sim.hub.private_queue(w).expect("still connected");
+    assert!(lines <= served + 2, "{lines} lines ({bytes} bytes) queued; {served} streams served");
+    let mut moved = Sim::positions();
+    let events = StreamId::Events.index();
+    moved[events] = moved[events].map(|t| t + 5);
+    sim.connect_upstream("example.com", moved);
+    sim.set_capacity(w, Capacity::Unlimited);
+    let got = sim.take_lines(w);
+    let events_positions: Vec<&String> = got.iter().filter(|l| l.starts_with("POSITION events ")).collect();
+    let (first, second) = (Sim::positions()[events].unwrap_or_default(), moved[events].unwrap_or_default());
+    // The REPLICATE's own POSITION went out before the stall; the flapping queued one more,
+    // once; the move adds the new token, and only for the stream that moved.
+    let (first, second) = (format!("POSITION events {first}"), format!("POSITION events {second}"));
+    assert_eq!(events_positions, [&first, &first, &second], "{got:?}");
+    assert_eq!(got.iter().filter(|l| l.starts_with("POSITION ")).count(), 2 * served + 1);
+    assert!(sim.closed(w).is_none());
+}
+
 /// The 10001st queued command while the socket does not drain: `ERROR Failed to keep up`
 /// and a close, even though the ERROR has to wait for the socket.
 #[test]
