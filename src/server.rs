@@ -31,7 +31,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{IoBackend, ServeConfig};
 use crate::driver::source::{self, SourceContext, SourceHandle};
-use crate::driver::{epoll, uring, CoreContext, CoreMsg, HostedSource, Inbox, StartGate};
+use crate::driver::{epoll, uring, CoreContext, CoreMsg, HostedSource, IdleCore, Inbox, StartGate};
 use crate::hub::stats::CoreSnapshot;
 use crate::metrics::connections::{ConnQuery, ConnectionsPage, PageContext};
 use crate::metrics::http::Limits;
@@ -214,13 +214,15 @@ impl Server {
                 || matches!(config.source, crate::config::SourceConfig::Redis(_));
             let depth = if uncoalesced { RESP_CORE_MAILBOX } else { CORE_MAILBOX };
             let (inbox, rx) = Inbox::bounded(wake, depth);
-            cores.push(inbox);
+            let idle = IdleCore::new(depth);
+            cores.push(inbox.with_idle(Arc::clone(&idle)));
             contexts.push(CoreContext {
                 index,
                 listener,
                 hub: config.hub.clone(),
                 inbox: rx,
                 wakeup,
+                idle,
                 upstream: source.commands(),
                 clock,
                 worker_sndbuf: config.worker_sndbuf,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use replhub::config::HubConfig;
 use replhub::proto::StreamId;
-use replhub::testing::driver::{new_wakeup, run_core, CoreContext, CoreMsg, Inbox, StartGate};
+use replhub::testing::driver::{new_wakeup, run_core, CoreContext, CoreMsg, IdleCore, Inbox, StartGate};
 use replhub::testing::hub::stats::CoreSnapshot;
 use replhub::testing::hub::{UpstreamCmd, UpstreamEvent};
 use replhub::testing::upstream::index_chunk;
@@ -55,6 +55,7 @@ impl Core {
             worker_notsent_lowat: 0,
             peers: Vec::new(),
             hosted_source: None,
+            idle: IdleCore::new(64),
         };
         let thread = std::thread::spawn(move || run_core(ctx));
         let core = Self { addr, inbox, upstream, thread: Some(thread) };

@@ -22,10 +22,11 @@
 use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
 
 use super::outgoing::Outgoing;
 use super::trim::{self, Trimmer};
-use super::{sockq, CoreMsg, Inbox};
+use super::{sockq, CoreMsg, IdleCore, Inbox};
 use crate::hub::stats::SocketSample;
 use crate::hub::{Batch, CloseHow, ConnId, Hub, HubConfig, HubOutput, UpstreamCmd};
 use crate::time::{Clock, Now};
@@ -109,6 +110,8 @@ pub(crate) struct CoreLoop {
     peers: Vec<Inbox<CoreMsg>>,
     /// What waits for a peer whose mailbox is full.
     to_peers: Outgoing,
+    /// Tells the mailbox's senders whether this core has connections.
+    idle: Arc<IdleCore>,
 }
 
 /// Empties a vector of slices and hands back its allocation with a new (unrelated) lifetime,
@@ -128,6 +131,7 @@ impl CoreLoop {
         clock: Clock,
         worker_notsent_lowat: usize,
         peers: Vec<Inbox<CoreMsg>>,
+        idle: Arc<IdleCore>,
     ) -> Self {
         let limit = usize::try_from(hub.max_pending_bytes).unwrap_or(usize::MAX);
         Self {
@@ -142,6 +146,7 @@ impl CoreLoop {
             iov: Vec::new(),
             trimmer: Trimmer::default(),
             unproven_lowat: worker_notsent_lowat == 0,
+            idle,
         }
     }
 
@@ -165,12 +170,17 @@ impl CoreLoop {
     /// a message, or the mailbox is found gone before the grace started: then a turn has work
     /// to do. (A mailbox already gone is not news: reported every time, it would keep the
     /// io_uring loop from ever sleeping through the grace.)
+    ///
+    /// First tells the senders whether the core has connections ([`IdleCore`]): one accepted
+    /// since the last drain makes the next batch wake it, and what was sent before is taken
+    /// here, before the new connection's first read is handled.
     pub(super) fn drain_inbox(
         &mut self,
         inbox: &Receiver<CoreMsg>,
         sockets: &impl Sockets,
         now: Now,
     ) -> bool {
+        self.idle.observe(self.hub.is_empty());
         let mut any = false;
         loop {
             let msg = inbox.try_recv();

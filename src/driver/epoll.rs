@@ -53,6 +53,7 @@ pub(crate) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
         hub,
         inbox,
         wakeup,
+        idle,
         upstream,
         clock,
         worker_sndbuf,
@@ -72,7 +73,7 @@ pub(crate) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let listener = TcpListener::from_std(listener)?;
-        let mut core_loop = CoreLoop::new(index, hub, upstream, clock, worker_notsent_lowat, peers);
+        let mut core_loop = CoreLoop::new(index, hub, upstream, clock, worker_notsent_lowat, peers, idle);
         let resp_listener = match resp {
             Some((l, state)) => {
                 core_loop.hub.set_resp(state);

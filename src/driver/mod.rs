@@ -80,6 +80,63 @@ pub enum CoreMsg {
 pub struct Inbox<T> {
     tx: Sender<T>,
     wake: Arc<dyn Fn() + Send + Sync>,
+    /// A core's mailbox: whether the core has connections ([`Inbox::try_send_update`]).
+    idle: Option<Arc<IdleCore>>,
+}
+
+/// Whether a core has any connection, as the senders to its mailbox see it. A core with none
+/// needs the batches and the upstream's news only before its next connection arrives (it
+/// takes its mail at the top of every turn, before it reads anything a new connection sent),
+/// so [`Inbox::try_send_update`] leaves it asleep until [`IdleCore::wake_after`] such
+/// messages wait, or its mailbox is full. On a machine with more core threads than workers
+/// this spares every idle core a wake-up per batch.
+///
+/// The core says what it is at the top of each mailbox drain ([`IdleCore::observe`]); when it
+/// gains its first connection it clears the flag and fences before it looks at the mailbox,
+/// and a sender fences after its send before it reads the flag: either the sender sees the
+/// core busy and wakes it, or the core's drain finds the message.
+#[derive(Debug)]
+pub struct IdleCore {
+    idle: std::sync::atomic::AtomicBool,
+    /// Update messages sent since the core last drained its mailbox while idle.
+    unread: std::sync::atomic::AtomicUsize,
+    wake_after: usize,
+}
+
+impl IdleCore {
+    /// For a mailbox of `depth` messages: an idle core is woken once half of it waits.
+    pub fn new(depth: usize) -> Arc<Self> {
+        Arc::new(Self {
+            idle: std::sync::atomic::AtomicBool::new(false),
+            unread: std::sync::atomic::AtomicUsize::new(0),
+            wake_after: (depth / 2).max(1),
+        })
+    }
+
+    /// How many update messages an idle core leaves unread before a sender wakes it.
+    pub fn wake_after(&self) -> usize {
+        self.wake_after
+    }
+
+    /// The core, before it takes its mail: whether it has no connection now.
+    pub(crate) fn observe(&self, no_connections: bool) {
+        use std::sync::atomic::{fence, Ordering};
+        if self.idle.load(Ordering::Relaxed) != no_connections {
+            self.idle.store(no_connections, Ordering::Relaxed);
+            // Orders the store before the drain's loads (the sender's fence is the other half).
+            fence(Ordering::SeqCst);
+        }
+        if no_connections {
+            self.unread.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A sender, after its send: whether the core may be left asleep.
+    fn may_wait(&self) -> bool {
+        use std::sync::atomic::{fence, Ordering};
+        fence(Ordering::SeqCst);
+        self.idle.load(Ordering::Relaxed) && self.unread.fetch_add(1, Ordering::Relaxed) + 1 < self.wake_after
+    }
 }
 
 enum Sender<T> {
@@ -93,7 +150,7 @@ impl<T> Clone for Inbox<T> {
             Sender::Unbounded(tx) => Sender::Unbounded(tx.clone()),
             Sender::Bounded(tx) => Sender::Bounded(tx.clone()),
         };
-        Self { tx, wake: Arc::clone(&self.wake) }
+        Self { tx, wake: Arc::clone(&self.wake), idle: self.idle.clone() }
     }
 }
 
@@ -101,14 +158,22 @@ impl<T> Inbox<T> {
     /// A mailbox whose receiver is returned; `wake` is called after each send.
     pub fn new(wake: Arc<dyn Fn() + Send + Sync>) -> (Self, mpsc::Receiver<T>) {
         let (tx, rx) = mpsc::channel();
-        (Self { tx: Sender::Unbounded(tx), wake }, rx)
+        (Self { tx: Sender::Unbounded(tx), wake, idle: None }, rx)
     }
 
     /// A mailbox holding at most `capacity` undelivered messages: [`Inbox::send`] blocks and
     /// [`Inbox::try_send`] refuses while it is full.
     pub fn bounded(wake: Arc<dyn Fn() + Send + Sync>, capacity: usize) -> (Self, mpsc::Receiver<T>) {
         let (tx, rx) = mpsc::sync_channel(capacity.max(1));
-        (Self { tx: Sender::Bounded(tx), wake }, rx)
+        (Self { tx: Sender::Bounded(tx), wake, idle: None }, rx)
+    }
+
+    /// This mailbox's core tells its senders whether it has connections through `idle`
+    /// ([`Inbox::try_send_update`]).
+    #[must_use]
+    pub fn with_idle(mut self, idle: Arc<IdleCore>) -> Self {
+        self.idle = Some(idle);
+        self
     }
 
     /// Sends and wakes the receiver (blocking while a bounded mailbox is full). Returns false
@@ -125,10 +190,27 @@ impl<T> Inbox<T> {
     /// Sends without blocking and wakes the receiver. A full mailbox gives the message back
     /// (`TrySendError::Full`), after waking the receiver so that it drains.
     pub fn try_send(&self, msg: T) -> Result<(), mpsc::TrySendError<T>> {
-        let res = match &self.tx {
+        let res = self.push(msg);
+        (self.wake)();
+        res
+    }
+
+    /// Puts `msg` in the mailbox without blocking, and wakes no one.
+    fn push(&self, msg: T) -> Result<(), mpsc::TrySendError<T>> {
+        match &self.tx {
             Sender::Unbounded(tx) => tx.send(msg).map_err(|e| mpsc::TrySendError::Disconnected(e.0)),
             Sender::Bounded(tx) => tx.try_send(msg),
-        };
+        }
+    }
+
+    /// [`Inbox::try_send`] for a message that only brings the core's state up to date (a
+    /// batch, the upstream's news): a core with no connection ([`IdleCore`]) is not woken for
+    /// it until [`IdleCore::wake_after`] of them wait. A full mailbox always wakes it.
+    pub fn try_send_update(&self, msg: T) -> Result<(), mpsc::TrySendError<T>> {
+        let res = self.push(msg);
+        if res.is_ok() && self.idle.as_ref().is_some_and(|idle| idle.may_wait()) {
+            return res;
+        }
         (self.wake)();
         res
     }
@@ -160,6 +242,8 @@ pub struct CoreContext {
     pub inbox: mpsc::Receiver<CoreMsg>,
     /// How `inbox` wakes this core.
     pub wakeup: CoreWakeup,
+    /// Shared with the senders to `inbox`: whether this core has connections.
+    pub idle: Arc<IdleCore>,
     /// Commands for the upstream, tagged with this core's index.
     pub upstream: Inbox<(usize, UpstreamCmd)>,
     /// The process clock.
@@ -229,5 +313,78 @@ impl SourceTask {
 impl Drop for SourceTask {
     fn drop(&mut self) {
         self.handle.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc::TrySendError;
+    use std::sync::Arc;
+
+    use super::{IdleCore, Inbox};
+
+    /// A mailbox of `depth` with an [`IdleCore`], and a count of its wake-ups.
+    fn mailbox(
+        depth: usize,
+        idle_depth: usize,
+    ) -> (Inbox<u32>, std::sync::mpsc::Receiver<u32>, Arc<IdleCore>, Arc<AtomicUsize>) {
+        let wakes = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&wakes);
+        let (inbox, rx) = Inbox::bounded(
+            Arc::new(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }),
+            depth,
+        );
+        let idle = IdleCore::new(idle_depth);
+        (inbox.with_idle(Arc::clone(&idle)), rx, idle, wakes)
+    }
+
+    #[test]
+    fn an_idle_core_is_woken_once_half_its_mailbox_waits() {
+        let (inbox, rx, idle, wakes) = mailbox(64, 64);
+        idle.observe(true);
+        assert_eq!(idle.wake_after(), 32);
+        for i in 0..31 {
+            inbox.try_send_update(i).unwrap();
+        }
+        assert_eq!(wakes.load(Ordering::SeqCst), 0, "31 updates left an idle core asleep");
+        inbox.try_send_update(31).unwrap();
+        assert_eq!(wakes.load(Ordering::SeqCst), 1, "the 32nd woke it");
+        // The core takes its mail: the count starts again.
+        idle.observe(true);
+        assert_eq!(rx.try_iter().count(), 32);
+        inbox.try_send_update(32).unwrap();
+        assert_eq!(wakes.load(Ordering::SeqCst), 1);
+        // Anything else wakes it at once.
+        inbox.try_send(33).unwrap();
+        assert_eq!(wakes.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_core_with_connections_is_woken_for_every_update() {
+        let (inbox, _rx, idle, wakes) = mailbox(64, 64);
+        idle.observe(true);
+        inbox.try_send_update(0).unwrap();
+        assert_eq!(wakes.load(Ordering::SeqCst), 0);
+        // Its first connection: the next update wakes it.
+        idle.observe(false);
+        for i in 1..=5 {
+            inbox.try_send_update(i).unwrap();
+        }
+        assert_eq!(wakes.load(Ordering::SeqCst), 5);
+    }
+
+    #[test]
+    fn a_full_mailbox_wakes_an_idle_core() {
+        // A mailbox smaller than the idle threshold says: only a full one wakes.
+        let (inbox, _rx, idle, wakes) = mailbox(2, 64);
+        idle.observe(true);
+        inbox.try_send_update(0).unwrap();
+        inbox.try_send_update(1).unwrap();
+        assert_eq!(wakes.load(Ordering::SeqCst), 0);
+        assert!(matches!(inbox.try_send_update(2), Err(TrySendError::Full(2))));
+        assert_eq!(wakes.load(Ordering::SeqCst), 1);
     }
 }

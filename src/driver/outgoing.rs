@@ -39,7 +39,7 @@ impl CoreQueue {
         if !self.msgs.is_empty() {
             return Some(msg);
         }
-        match core.try_send(msg) {
+        match send(core, msg) {
             Ok(()) => None,
             Err(TrySendError::Full(m)) => Some(m),
             Err(TrySendError::Disconnected(_)) => {
@@ -47,6 +47,18 @@ impl CoreQueue {
                 None
             }
         }
+    }
+}
+
+/// Sends without blocking. Batches and the upstream's news only bring the core's state up to
+/// date, so a core with no connection is not woken for each ([`Inbox::try_send_update`]).
+// The error gives a refused message back, as `Inbox::try_send` does (`CoreMsg` is large for
+// the rare `Upstream`; see its note).
+#[allow(clippy::result_large_err)]
+fn send(core: &Inbox<CoreMsg>, msg: CoreMsg) -> Result<(), TrySendError<CoreMsg>> {
+    match msg {
+        CoreMsg::Batch(_) | CoreMsg::Upstream(_) => core.try_send_update(msg),
+        _ => core.try_send(msg),
     }
 }
 
@@ -78,7 +90,7 @@ impl Outgoing {
         for (core, q) in cores.iter().zip(&mut self.queues) {
             while let Some(msg) = q.msgs.pop_front() {
                 let n = msg_bytes(&msg);
-                match core.try_send(msg) {
+                match send(core, msg) {
                     Ok(()) => q.bytes -= n,
                     Err(TrySendError::Full(m)) => {
                         q.msgs.push_front(m);

@@ -35,6 +35,7 @@ macro_rules! serve_tests {
             workers_wait_for_the_upstream_before_their_greeting,
             an_unreachable_master_counts_failed_connects,
             one_core_thread_carries_the_upstream,
+            cores_with_no_worker_are_current_for_their_first_one,
             replicate_answers_positions_in_map_order,
             relays_the_sample_to_many_workers_byte_identical,
             filters_by_stream,

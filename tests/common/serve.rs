@@ -505,6 +505,56 @@ pub(crate) fn one_core_thread_carries_the_upstream(io: IoBackend) {
     stop(server, vec![w]);
 }
 
+/// Cores with no worker are not woken for every batch (`driver::IdleCore`): what waits in
+/// their mailbox is still theirs before their first worker's REPLICATE is answered or right
+/// after, and every batch from then on wakes them. Four cores; one worker reads while the
+/// master sends 100 lines (so the source has handed them all out), then more workers, spread
+/// over the cores by the kernel, each get a POSITION and exactly the lines after it, up to
+/// one more the master sends once they are all subscribed.
+pub(crate) fn cores_with_no_worker_are_current_for_their_first_one(io: IoBackend) {
+    let master = TestMaster::start();
+    let mut config = upstream_config(io, master.addr());
+    config.threads = 4;
+    let server = start(config);
+    master.wait_handshakes(1);
+    let line = |token: i64| {
+        format!(
+            "RDATA events {token} [\"ev\", [\"$e{token}:example.com\", \"!r:example.com\", \"m.room.message\", null, null, null]]\n"
+        )
+        .into_bytes()
+    };
+    let mut witness = Worker::connect(server.local_addr());
+    witness.subscribe("witness", &["events"]);
+    for token in 200..300 {
+        master.push(&line(token));
+    }
+    assert_eq!(witness.rdata(100), (200..300).map(line).collect::<Vec<_>>());
+    let mut late = Vec::new();
+    for i in 0..12 {
+        let mut w = Worker::connect(server.local_addr());
+        w.greeting();
+        w.send(&format!("NAME late{i}"));
+        w.send("REPLICATE events");
+        let position = w.line_skip_ping();
+        let token: i64 = position
+            .strip_prefix("POSITION events ")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("worker {i}: {position}"));
+        assert!(token == 100 || (199..=299).contains(&token), "worker {i}: {position}");
+        late.push((w, token));
+    }
+    master.push(&line(300));
+    for (i, (w, token)) in late.iter_mut().enumerate() {
+        let after = if *token == 100 { 200 } else { *token + 1 };
+        let want: Vec<Vec<u8>> = (after..=300).map(line).collect();
+        assert!(w.rdata(want.len()) == want, "worker {i}: the lines after POSITION events {token}");
+    }
+    assert_eq!(witness.rdata(1), vec![line(300)]);
+    let mut workers = vec![witness];
+    workers.extend(late.into_iter().map(|(w, _)| w));
+    stop(server, workers);
+}
+
 pub(crate) fn upstream_restart_gives_fresh_positions_before_newer_rdata(io: IoBackend) {
     let master = TestMaster::start();
     let server = start(upstream_config(io, master.addr()));

@@ -251,6 +251,7 @@ impl Driver {
             hub,
             inbox,
             wakeup,
+            idle,
             upstream,
             clock,
             worker_sndbuf,
@@ -307,7 +308,7 @@ impl Driver {
             cqes: Vec::new(),
             stats: LoopStats::default(),
         };
-        let mut core = CoreLoop::new(index, hub, upstream, clock, worker_notsent_lowat, peers);
+        let mut core = CoreLoop::new(index, hub, upstream, clock, worker_notsent_lowat, peers, idle);
         if let Some(state) = resp_state {
             core.hub.set_resp(state);
         }

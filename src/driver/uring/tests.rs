@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::driver::{CoreMsg, Inbox};
+use crate::driver::{CoreMsg, IdleCore, Inbox};
 use crate::hub::HubConfig;
 use crate::time::Clock;
 
@@ -36,6 +36,7 @@ fn context(wakeup: CoreWakeup, inbox: std::sync::mpsc::Receiver<CoreMsg>) -> Cor
         worker_notsent_lowat: 0,
         peers: Vec::new(),
         hosted_source: None,
+        idle: IdleCore::new(64),
     }
 }
 
@@ -157,4 +158,78 @@ fn a_core_whose_mailbox_closed_waits_out_the_grace_asleep() {
     let stats = core.join().unwrap().unwrap();
     assert!(stats.turns < 10_000, "the loop spun through the grace: {stats:?}");
     drop(worker);
+}
+
+/// A core with no connection is left asleep by batches until half its mailbox waits; once a
+/// worker is connected, every batch wakes it. The core itself says which it is (at the top of
+/// each mailbox drain), so this runs the real loop and counts the senders' wake-ups.
+#[test]
+fn an_idle_core_is_not_woken_per_batch_and_a_busy_one_is() {
+    use std::io::{BufRead, BufReader};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let (wakeup, wake) = new_wakeup().unwrap();
+    let CoreWakeup::EventFd { asleep, .. } = &wakeup else { unreachable!("an eventfd wake-up") };
+    let asleep = Arc::clone(asleep);
+    let wakes = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&wakes);
+    let counting: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        wake();
+    });
+    let idle = IdleCore::new(64);
+    let (mailbox, rx) = Inbox::bounded(counting, 64);
+    let mailbox = mailbox.with_idle(Arc::clone(&idle));
+    let mut ctx = context(wakeup, rx);
+    ctx.idle = idle;
+    let addr = ctx.listener.local_addr().unwrap();
+    let thread = std::thread::spawn(move || event_loop::run_core_with(ctx, 16));
+    let batch = |token: i64| {
+        let line = format!(
+            "RDATA events {token} [\"ev\", [\"$e:hs\", \"!r:hs\", \"m.room.message\", null, null, null]]\n"
+        );
+        CoreMsg::Batch(Arc::new(crate::upstream::index_chunk(&bytes::Bytes::from(line)).into_batch()))
+    };
+    let wait_asleep = || {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !asleep.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the core never went to sleep");
+            std::thread::yield_now();
+        }
+    };
+    assert!(mailbox.send(CoreMsg::Upstream(crate::hub::UpstreamEvent::Connected {
+        server_name: "hs".to_owned(),
+        positions: [Some(1); crate::proto::StreamId::COUNT],
+        generation: crate::proto::Generation::Seed,
+        instance: "master".to_owned(),
+    })));
+    wait_asleep();
+    let before = wakes.load(Ordering::SeqCst);
+    for token in 2..33 {
+        mailbox.try_send_update(batch(token)).unwrap();
+    }
+    assert_eq!(wakes.load(Ordering::SeqCst), before, "31 batches left the idle core alone");
+    // However the core's own tick fell, the 32nd batch since it last took its mail wakes it.
+    let mut sent = 0;
+    while wakes.load(Ordering::SeqCst) == before {
+        mailbox.try_send_update(batch(33 + sent)).unwrap();
+        sent += 1;
+        assert!(sent <= 32, "{sent} more batches and still asleep");
+    }
+
+    // A worker: from now on the core has a connection, and every batch wakes it.
+    let worker = std::net::TcpStream::connect(addr).unwrap();
+    worker.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reader = BufReader::new(worker);
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).unwrap();
+    assert!(greeting.starts_with("SERVER "), "{greeting:?}");
+    let before = wakes.load(Ordering::SeqCst);
+    for token in 100..105 {
+        mailbox.try_send_update(batch(token)).unwrap();
+    }
+    assert_eq!(wakes.load(Ordering::SeqCst), before + 5);
+    assert!(mailbox.send(CoreMsg::Shutdown));
+    drop(reader);
+    thread.join().unwrap().unwrap();
 }
