@@ -23,7 +23,7 @@ use arbitrary::Arbitrary;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use replhub::config::HubConfig;
-use replhub::proto::{parse_line, Line, Role, StreamId, SyncState, Token, MAX_LINE_LEN};
+use replhub::proto::{generation, parse_line, Line, Role, StreamId, SyncState, Token, MAX_LINE_LEN};
 use replhub::session::SessionConfig;
 use replhub::testing::hub::sim::{Capacity, Sim};
 use replhub::testing::hub::{ConnId, UpstreamCmd, UpstreamEvent};
@@ -484,7 +484,16 @@ impl Fuzz {
                     assert_eq!(bytes.last(), Some(&b'\n'));
                     let line = Line::new(bytes.slice(..bytes.len() - 1));
                     if let Err(e) = parse_line(Role::Server, &line) {
-                        panic!("the master would reject {bytes:?}: {e}");
+                        // Before the first upstream handshake the hub knows no generation and
+                        // takes a worker that sent a bare REPLICATE (1.13+ only) at its word:
+                        // its released-form lines go on as they are, for its own master, which
+                        // runs its release (`hub::released`, "the worker's own command is the
+                        // best hint"). Every other line must parse as this harness's seed
+                        // master parses it.
+                        assert!(
+                            self.connects == 0 && released_form(&line),
+                            "the master would reject {bytes:?}: {e}"
+                        );
                     }
                 }
                 // Catch-up fetches need `fetch_catch_up`, which this harness leaves off.
@@ -539,6 +548,22 @@ impl Fuzz {
                 self.connects
             );
         }
+    }
+}
+
+/// Whether `line` is a 1.13+ form of a command the seed parses differently: `USER_SYNC` with
+/// an instance id, `FEDERATION_ACK` with an instance name, `CLEAR_USER_SYNC`.
+fn released_form(line: &Line) -> bool {
+    let text = line.as_bytes();
+    let (word, args) = match text.iter().position(|&b| b == b' ') {
+        Some(i) => (&text[..i], &text[i + 1..]),
+        None => (text, &b""[..]),
+    };
+    match word {
+        b"USER_SYNC" => generation::parse_instance_user_sync(args).is_ok(),
+        b"FEDERATION_ACK" => args.contains(&b' ') && generation::parse_any_federation_ack(args).is_ok(),
+        b"CLEAR_USER_SYNC" => std::str::from_utf8(args).is_ok(),
+        _ => false,
     }
 }
 
