@@ -91,7 +91,7 @@ pub struct Inbox<T> {
 /// messages wait, or its mailbox is full. On a machine with more core threads than workers
 /// this spares every idle core a wake-up per batch.
 ///
-/// The core says what it is at the top of each mailbox drain ([`IdleCore::observe`]); when it
+/// The core says what it is at the top of each mailbox drain (`IdleCore::observe`); when it
 /// gains its first connection it clears the flag and fences before it looks at the mailbox,
 /// and a sender fences after its send before it reads the flag: either the sender sees the
 /// core busy and wakes it, or the core's drain finds the message.
