@@ -554,12 +554,8 @@ impl Fuzz {
 /// Whether `line` is a 1.13+ form of a command the seed parses differently: `USER_SYNC` with
 /// an instance id, `FEDERATION_ACK` with an instance name, `CLEAR_USER_SYNC`.
 fn released_form(line: &Line) -> bool {
-    let text = line.as_bytes();
-    let (word, args) = match text.iter().position(|&b| b == b' ') {
-        Some(i) => (&text[..i], &text[i + 1..]),
-        None => (text, &b""[..]),
-    };
-    match word {
+    let args = line.args();
+    match line.word() {
         b"USER_SYNC" => generation::parse_instance_user_sync(args).is_ok(),
         b"FEDERATION_ACK" => args.contains(&b' ') && generation::parse_any_federation_ack(args).is_ok(),
         b"CLEAR_USER_SYNC" => std::str::from_utf8(args).is_ok(),
