@@ -196,6 +196,51 @@ pub(super) fn parse(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, RespError>
     Ok(Some((frame, at)))
 }
 
+/// Frames a subscriber's replies one after another, remembering the last message's header
+/// (everything before its payload: `*3`, `message`, the channel, the payload's length). A
+/// subscriber gets the same header by the million (one channel, one payload size), so when the
+/// next bytes start with it the message is framed by one comparison and its known length, with
+/// nothing parsed; identical header bytes cannot parse differently. Anything else takes
+/// [`parse`], and a message found there becomes the remembered header.
+#[derive(Default)]
+pub(super) struct Framer {
+    /// The last message's bytes before its payload.
+    head: Vec<u8>,
+    /// Where its channel starts and how long it is, inside `head`.
+    channel: (usize, usize),
+    /// Its payload's length.
+    len: usize,
+}
+
+impl Framer {
+    /// The first complete reply in `buf` and its length, as [`parse`] gives it.
+    #[inline]
+    pub(super) fn next<'b>(&mut self, buf: &'b [u8]) -> Result<Option<(Frame<'b>, usize)>, RespError> {
+        let (h, len) = (self.head.len(), self.len);
+        if h > 0
+            && buf.len() >= h + len + 2
+            && buf[..h] == self.head[..]
+            && buf[h + len..h + len + 2] == *b"\r\n"
+        {
+            let (at, n) = self.channel;
+            return Ok(Some((
+                Frame::Message { channel: &buf[at..at + n], payload: &buf[h..h + len] },
+                h + len + 2,
+            )));
+        }
+        let parsed = parse(buf)?;
+        if let Some((Frame::Message { channel, payload }, n)) = parsed {
+            let start = n - 2 - payload.len();
+            let at = channel.as_ptr() as usize - buf.as_ptr() as usize;
+            self.head.clear();
+            self.head.extend_from_slice(&buf[..start]);
+            self.channel = (at, channel.len());
+            self.len = payload.len();
+        }
+        Ok(parsed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,5 +285,57 @@ mod tests {
         assert!(parse(bad).is_err());
         assert_eq!(parse(b"-ERR no\r\n"), Err(RespError::Server("ERR no".into())));
         assert!(parse(b"*1\n").is_err());
+    }
+
+    #[test]
+    fn the_framer_agrees_with_parse_byte_for_byte() {
+        // Messages whose headers repeat, change channel, change length, and other replies
+        // between them; framed whole, and fed in every split of the stream.
+        let mut wire = Vec::new();
+        let mut expect = Vec::new();
+        for (channel, payload) in [
+            (&b"events"[..], &b"RDATA 1"[..]),
+            (b"events", b"RDATA 2"),
+            (b"events", b"RDATA 33"),
+            (b"typing", b"RDATA 4"),
+            (b"events", b"RDATA 5"),
+            (b"events", b"RDATA 6"),
+        ] {
+            let start = wire.len();
+            wire.extend_from_slice(b"*3\r\n$7\r\nmessage\r\n");
+            write_bulk_header(&mut wire, channel.len());
+            wire.extend_from_slice(channel);
+            wire.extend_from_slice(b"\r\n");
+            write_bulk_header(&mut wire, payload.len());
+            wire.extend_from_slice(payload);
+            wire.extend_from_slice(b"\r\n");
+            expect.push(wire[start..].to_vec());
+            if payload.ends_with(b"33") {
+                wire.extend_from_slice(b":7\r\n");
+                expect.push(b":7\r\n".to_vec());
+            }
+        }
+        // A repeat of the remembered header with a payload one byte longer than it says: the
+        // general parse decides, and rejects it.
+        let mut bad = expect[5].clone();
+        bad.insert(bad.len() - 2, b'!');
+        for split in 0..=wire.len() {
+            let mut framer = Framer::default();
+            let mut got = Vec::new();
+            let (mut fed, mut at) = (split, 0);
+            loop {
+                match framer.next(&wire[at..fed]).unwrap() {
+                    Some((frame, n)) => {
+                        assert_eq!(parse(&wire[at..fed]).unwrap(), Some((frame, n)));
+                        got.push(wire[at..at + n].to_vec());
+                        at += n;
+                    }
+                    None if fed < wire.len() => fed = wire.len(),
+                    None => break,
+                }
+            }
+            assert_eq!(got, expect, "split at {split}");
+            assert!(framer.next(&bad).is_err());
+        }
     }
 }

@@ -564,16 +564,18 @@ async fn redis_subscriber(
     };
     let want = plan.streams.len() as u32;
     let permit = Some(permit);
+    let mut framer = resp::Framer::default();
     read_loop(&mut stream, slot, state, shared, want, permit, |sub, hist, buf, now| {
         let mut used = 0;
-        // With `--check count`, the messages of a read are framed (RESP lengths) and counted,
-        // and only the run's first and last payloads are parsed, as `counting_subscriber` does.
+        // With `--check count`, the messages of a read are framed (by the remembered header
+        // and its length, see `resp::Framer`) and counted, and only the run's first and last
+        // payloads are parsed, as `counting_subscriber` does.
         let count = plan.check == Check::Count;
         sub.counted |= count;
         let exact = plan.streams.len() == 1;
         let mut run = Run::default();
         loop {
-            match resp::parse(&buf[used..]) {
+            match framer.next(&buf[used..]) {
                 Ok(Some((frame, n))) => {
                     used += n;
                     match frame {
