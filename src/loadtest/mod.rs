@@ -188,7 +188,8 @@ pub struct LoadtestOptions {
     /// `None` = 2 MiB worth of lines per subscriber, 64 MiB in all, at least 256 lines.
     pub window: Option<u64>,
     /// How subscribers check what they receive (replhub, the ideal server and Redis: a
-    /// counting Redis subscriber still frames every message by its RESP lengths).
+    /// counting Redis subscriber still frames every message: by its RESP lengths, or a repeat of
+    /// the last message's header by one comparison).
     pub check: Check,
     /// A progress line on stderr once a second.
     pub progress: bool,

@@ -147,9 +147,9 @@ fn fast_bulk(buf: &[u8], at: usize) -> Option<(&[u8], usize)> {
 }
 
 /// A complete `message` frame at the start of `buf`, framed by its lengths alone (no search
-/// for line ends): the one reply a subscriber gets by the million, so the load generator's
-/// cost per delivery stays well below the servers' it measures. `None` for anything else, or
-/// an incomplete frame: [`parse`] then takes the general way.
+/// for line ends), for a message whose header [`Framer`] has not seen yet (it frames the
+/// repeats). `None` for anything else, or an incomplete frame: [`parse`] then takes the
+/// general way.
 #[inline]
 fn fast_message(buf: &[u8]) -> Option<(Frame<'_>, usize)> {
     const HEAD: &[u8] = b"*3\r\n$7\r\nmessage\r\n";
