@@ -281,6 +281,9 @@ pub struct Hub {
     conns: Slots<Box<Conn>>,
     /// Connections whose outbox is `Dirty`, in the order they became so.
     dirty: Vec<ConnId>,
+    /// Scratch for [`Hub::take_dirty`] (its clear and congested groups) and
+    /// [`Hub::requeue_dirty`], empty between calls: kept so that a turn allocates nothing.
+    scratch: [Vec<ConnId>; 3],
     outputs: VecDeque<HubOutput>,
     server_name: Option<String>,
     /// Token of the last complete upstream batch per stream (what `POSITION` says).
@@ -337,6 +340,7 @@ impl Hub {
             log: Log::new(),
             conns: Slots::new(),
             dirty: Vec::new(),
+            scratch: Default::default(),
             outputs: VecDeque::new(),
             server_name,
             tokens: [None; StreamId::COUNT],

@@ -68,26 +68,36 @@ impl Hub {
     /// So while a crowd of workers that stopped reading has its send buffers filled (each
     /// takes a buffer and a receive window before its socket blocks), the readers, proven or
     /// new, are written before any of them in every turn.
+    ///
+    /// One pass over the dirty list: with thousands of workers that are not proven yet (every
+    /// worker of a fresh start), the turn's write budget serves a few of them and requeues the
+    /// rest, so this runs over nearly all of them in every turn.
     pub fn take_dirty(&mut self, out: &mut Vec<ConnId>) -> usize {
-        let mut proven_count = 0;
-        for rank in [Rank::Proven, Rank::Clear, Rank::Congested] {
-            for &id in &self.dirty {
-                let Some(c) = self.conns.get_mut(id) else { continue };
-                let its = if c.written > PROVEN_READER_BYTES {
-                    Rank::Proven
-                } else if c.outbox.congested() {
-                    Rank::Congested
-                } else {
-                    Rank::Clear
-                };
-                if its == rank && c.outbox.take_dirty() {
-                    out.push(id);
-                    proven_count += usize::from(rank == Rank::Proven);
+        let start = out.len();
+        let [clear, congested, _] = &mut self.scratch;
+        for &id in &self.dirty {
+            let Some(c) = self.conns.get_mut(id) else { continue };
+            let rank = if c.written > PROVEN_READER_BYTES {
+                Rank::Proven
+            } else if c.outbox.congested() {
+                Rank::Congested
+            } else {
+                Rank::Clear
+            };
+            // The first entry of an id takes it: a later duplicate finds it taken.
+            if c.outbox.take_dirty() {
+                match rank {
+                    Rank::Proven => out.push(id),
+                    Rank::Clear => clear.push(id),
+                    Rank::Congested => congested.push(id),
                 }
             }
         }
+        let proven = out.len() - start;
+        out.append(clear);
+        out.append(congested);
         self.dirty.clear();
-        proven_count
+        proven
     }
 
     /// Whether the driver should tell [`Hub::on_send_queue`] what `id`'s socket holds after a
@@ -115,7 +125,7 @@ impl Hub {
     /// write this turn, ahead of the ones that became dirty since, so that the next turn
     /// serves them first and nobody waits more than a turn behind the others.
     pub fn requeue_dirty(&mut self, ids: &[ConnId]) {
-        let mut queue = Vec::with_capacity(ids.len() + self.dirty.len());
+        let mut queue = std::mem::take(&mut self.scratch[2]);
         for &id in ids {
             let Some(c) = self.conns.get_mut(id) else { continue };
             // A taken outbox is pending; this makes it dirty again (or leaves it held back
@@ -125,7 +135,8 @@ impl Hub {
             }
         }
         queue.append(&mut self.dirty);
-        self.dirty = queue;
+        // The emptied list becomes the scratch, so neither allocates again.
+        self.scratch[2] = std::mem::replace(&mut self.dirty, queue);
     }
 
     /// The socket of a blocked connection is writable again.
