@@ -73,6 +73,11 @@ pub enum CoreMsg {
 /// The sending side of a mailbox: a channel plus a wake-up for the receiving loop
 /// (a tokio `Notify`, or an eventfd for io_uring). Cloneable, `Send`.
 ///
+/// Every send puts the message in the channel, then issues one sequentially consistent fence,
+/// and only then looks at what decides the wake-up ([`IdleCore`]'s flag, then in the wake-up
+/// itself io_uring's "may be asleep" flag). That one fence is the sender's half of both
+/// handshakes, so neither flag's reader fences again.
+///
 /// A core's mailbox is bounded ([`Inbox::bounded`]) so that a source producing faster than
 /// the cores consume (the synthetic master at rate 0) is held back by [`Inbox::try_send`]
 /// instead of growing the queue without limit; the receiving side is the same
@@ -131,12 +136,20 @@ impl IdleCore {
         }
     }
 
-    /// A sender, after its send: whether the core may be left asleep.
+    /// A sender, after its send and the fence that follows it ([`Inbox`]): whether the core
+    /// may be left asleep.
     fn may_wait(&self) -> bool {
-        use std::sync::atomic::{fence, Ordering};
-        fence(Ordering::SeqCst);
+        use std::sync::atomic::Ordering;
         self.idle.load(Ordering::Relaxed) && self.unread.fetch_add(1, Ordering::Relaxed) + 1 < self.wake_after
     }
+}
+
+/// After a send, before anything that decides whether to wake the receiver: orders the
+/// message before those loads (see [`Inbox`]; the receiver's half is its own store, fence,
+/// then look at the channel).
+#[inline]
+fn sent() {
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
 }
 
 enum Sender<T> {
@@ -183,6 +196,7 @@ impl<T> Inbox<T> {
             Sender::Unbounded(tx) => tx.send(msg).is_ok(),
             Sender::Bounded(tx) => tx.send(msg).is_ok(),
         };
+        sent();
         (self.wake)();
         ok
     }
@@ -195,12 +209,14 @@ impl<T> Inbox<T> {
         res
     }
 
-    /// Puts `msg` in the mailbox without blocking, and wakes no one.
+    /// Puts `msg` in the mailbox without blocking, then fences ([`sent`]); wakes no one.
     fn push(&self, msg: T) -> Result<(), mpsc::TrySendError<T>> {
-        match &self.tx {
+        let res = match &self.tx {
             Sender::Unbounded(tx) => tx.send(msg).map_err(|e| mpsc::TrySendError::Disconnected(e.0)),
             Sender::Bounded(tx) => tx.try_send(msg),
-        }
+        };
+        sent();
+        res
     }
 
     /// [`Inbox::try_send`] for a message that only brings the core's state up to date (a

@@ -9,9 +9,9 @@
 //! message.
 //!
 //! No message can be left asleep in the mailbox. Each side stores, fences and then loads:
-//! the sender puts the message in the channel, fences, and looks at the flag; the core sets the
-//! flag, fences, and looks at the channel once more before it sleeps ([`announce_sleep`]'s
-//! contract). With sequentially consistent fences at least one of them sees the other's
+//! the sender puts the message in the channel and fences (the `Inbox` does both, then calls
+//! the wake-up function, which looks at the flag); the core sets the flag, fences, and looks at
+//! the channel once more before it sleeps ([`announce_sleep`]'s contract). With sequentially consistent fences at least one of them sees the other's
 //! store: the sender writes the eventfd, or the core finds the message and does not sleep.
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -29,9 +29,8 @@ pub(super) fn new_wakeup() -> io::Result<(CoreWakeup, Arc<dyn Fn() + Send + Sync
     let writer = File::from(fd.try_clone()?);
     let asleep = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&asleep);
+    // Called by an `Inbox` after its send and fence (module doc), so no fence here.
     let wake = move || {
-        // Orders the message just sent before the look at the flag (module doc).
-        fence(Ordering::SeqCst);
         // The load first: while the core is awake, senders only read the flag's cache line.
         if flag.load(Ordering::Relaxed) && flag.swap(false, Ordering::AcqRel) {
             // A full counter (EAGAIN) already means "wake up"; nothing else can fail here.
