@@ -229,6 +229,7 @@ impl Server {
                 resp: resp_listener.zip(resp_state.clone()),
                 start: gate.clone(),
                 worker_notsent_lowat: config.worker_notsent_lowat,
+                moderation: config.moderation,
                 peers: Vec::new(),
                 hosted_source: None,
             });

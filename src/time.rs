@@ -57,6 +57,13 @@ impl Clock {
         Now { mono_ms: u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX), wall_ms }
     }
 
+    /// Monotonic microseconds, on the same zero as [`Now::mono_ms`], for what is timed finer
+    /// than the sans-IO timers (a core's write moderation).
+    #[allow(clippy::disallowed_methods)]
+    pub fn mono_us(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
     /// The monotonic instant of `mono_ms`.
     pub fn instant_at(&self, mono_ms: u64) -> Instant {
         self.start + std::time::Duration::from_millis(mono_ms)

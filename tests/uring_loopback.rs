@@ -53,6 +53,7 @@ impl Core {
             resp: None,
             start: StartGate::open_now(),
             worker_notsent_lowat: 0,
+            moderation: replhub::config::ModerationConfig::default(),
             peers: Vec::new(),
             hosted_source: None,
             idle: IdleCore::new(64),

@@ -19,6 +19,12 @@ fn sizes_and_durations() {
     assert_eq!(parse_duration_ms("500ms"), Ok(500));
     assert!(parse_duration_ms("soon").is_err());
     assert!(parse_duration_ms("1e400").is_err());
+    assert!(parse_duration_ms("100us").is_err(), "milliseconds are the finest unit there");
+    assert_eq!(parse_duration_us("100us"), Ok(100));
+    assert_eq!(parse_duration_us("100µs"), Ok(100));
+    assert_eq!(parse_duration_us("0.5ms"), Ok(500));
+    assert_eq!(parse_duration_us("2"), Ok(2_000_000));
+    assert!(parse_duration_us("100ns").is_err());
 }
 
 #[test]
@@ -279,4 +285,32 @@ fn worker_notsent_lowat_defaults_to_unset() {
     let file: ServeOptions =
         toml::from_str("synthetic = 5\nworker-notsent-lowat = \"64KiB\"\n").expect("toml");
     assert_eq!(ServeConfig::from_options(&file).expect("valid").worker_notsent_lowat, 64 << 10);
+}
+
+#[test]
+fn write_moderation_defaults_and_bounds() {
+    let config = ServeConfig::from_options(&opts()).expect("valid");
+    assert_eq!(config.moderation, ModerationConfig { above: 200_000, window: Duration::from_micros(200) });
+    let moderation = |above: Option<u64>, window: Option<&str>| {
+        let o = ServeOptions {
+            coalesce_above: above,
+            coalesce_window: window.map(|w| Quantity::Text(w.into())),
+            ..opts()
+        };
+        ServeConfig::from_options(&o).map(|c| c.moderation)
+    };
+    assert_eq!(
+        moderation(Some(0), Some("250us")).ok(),
+        Some(ModerationConfig { above: 0, window: Duration::from_micros(250) })
+    );
+    assert_eq!(moderation(None, Some("10ms")).ok().map(|m| m.window), Some(Duration::from_millis(10)));
+    let err = moderation(None, Some("11ms")).expect_err("over 10ms");
+    assert!(err.to_string().contains("--coalesce-window"), "{err}");
+    assert!(moderation(None, Some("soon")).is_err());
+    let file: ServeOptions =
+        toml::from_str("synthetic = 5\ncoalesce-above = 50000\ncoalesce-window = \"0.2ms\"\n").expect("toml");
+    assert_eq!(
+        ServeConfig::from_options(&file).expect("valid").moderation,
+        ModerationConfig { above: 50_000, window: Duration::from_micros(200) }
+    );
 }

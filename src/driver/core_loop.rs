@@ -24,6 +24,7 @@ use std::os::fd::RawFd;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 
+use super::moderation::{Moderation, ModerationConfig};
 use super::outgoing::Outgoing;
 use super::trim::{self, Trimmer};
 use super::{sockq, CoreMsg, IdleCore, Inbox};
@@ -112,6 +113,10 @@ pub(crate) struct CoreLoop {
     to_peers: Outgoing,
     /// Tells the mailbox's senders whether this core has connections.
     idle: Arc<IdleCore>,
+    /// Whether the mailbox waits for the write moderation window to end.
+    moderation: Moderation,
+    /// Batches taken from the mailbox since the last turn's writes.
+    batches_taken: u64,
 }
 
 /// Empties a vector of slices and hands back its allocation with a new (unrelated) lifetime,
@@ -147,12 +152,28 @@ impl CoreLoop {
             trimmer: Trimmer::default(),
             unproven_lowat: worker_notsent_lowat == 0,
             idle,
+            moderation: Moderation::new(ModerationConfig::OFF),
+            batches_taken: 0,
         }
+    }
+
+    /// The loop with write moderation as configured (it starts with none).
+    #[must_use]
+    pub(super) fn with_moderation(mut self, config: ModerationConfig) -> Self {
+        self.moderation = Moderation::new(config);
+        self
     }
 
     /// The current time.
     pub(super) fn now(&self) -> Now {
         self.clock.now()
+    }
+
+    /// While write moderation holds the mailbox back: until when (the clock's `mono_us`). The
+    /// driver then takes no mail ([`CoreLoop::drain_inbox`] does nothing) and must wake up by
+    /// then without a sender's wake-up: it may sleep without telling the senders.
+    pub(super) fn held_until_us(&self) -> Option<u64> {
+        self.moderation.held(self.clock.mono_us())
     }
 
     /// The process clock.
@@ -180,19 +201,27 @@ impl CoreLoop {
         sockets: &impl Sockets,
         now: Now,
     ) -> bool {
+        if self.held_until_us().is_some() {
+            return false;
+        }
         self.idle.observe(self.hub.is_empty());
         let mut any = false;
         loop {
             let msg = inbox.try_recv();
             any |= msg.is_ok();
             match msg {
-                Ok(CoreMsg::Batch(batch)) => self.hub.on_batch(batch, now),
+                Ok(CoreMsg::Batch(batch)) => {
+                    self.batches_taken += 1;
+                    self.hub.on_batch(batch, now);
+                }
                 Ok(CoreMsg::Upstream(event)) => self.hub.on_upstream(&event, now),
                 Ok(CoreMsg::Fetched { id, result }) => self.hub.on_fetched(id, result, now),
                 Ok(CoreMsg::Snapshot(reply)) => {
-                    let snap = self.hub.snapshot(self.index, now, |id| {
+                    let mut snap = self.hub.snapshot(self.index, now, |id| {
                         sockets.fd(id).map_or_else(SocketSample::default, socket_sample)
                     });
+                    snap.stats.coalesce_windows = self.moderation.windows();
+                    snap.stats.coalescing = u64::from(self.moderation.engaged());
                     // The scraper may have given up waiting; that is fine.
                     let _ = reply.send(snap);
                 }
@@ -240,12 +269,15 @@ impl CoreLoop {
         let proven = self.hub.take_dirty(&mut dirty);
         let mut spent = 0usize;
         let mut served = dirty.len();
+        let began_us = self.clock.mono_us();
+        let mut writes = 0u64;
         for (k, &id) in dirty.iter().enumerate() {
             if k > proven && spent >= TURN_WRITE_BUDGET {
                 served = k;
                 break;
             }
             let len = self.write(sockets, id, now);
+            writes += u64::from(len > 0);
             if k >= proven {
                 spent += len;
             }
@@ -253,6 +285,7 @@ impl CoreLoop {
         if served < dirty.len() {
             self.hub.requeue_dirty(&dirty[served..]);
         }
+        self.moderation.fanned_out(began_us, std::mem::take(&mut self.batches_taken), writes);
         self.outputs(sockets, now);
         self.dirty = dirty;
         if self.trimmer.observe(self.hub.log().held_bytes(), now.mono_ms) {

@@ -28,7 +28,9 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::core_loop::{tune_worker_socket, CoreLoop, FailureLog, Sockets, Write, ACCEPT_LOG_INTERVAL_MS};
+use super::hold_timer::HoldTimer;
 use super::{CoreContext, CoreMsg, CoreWakeup};
+use crate::config::ModerationConfig;
 use crate::hub::{CloseHow, ConnId, Hub, SlotMap};
 use crate::time::Now;
 
@@ -58,6 +60,7 @@ pub(crate) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
         clock,
         worker_sndbuf,
         worker_notsent_lowat,
+        moderation,
         resp,
         start,
         peers,
@@ -73,7 +76,17 @@ pub(crate) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let listener = TcpListener::from_std(listener)?;
-        let mut core_loop = CoreLoop::new(index, hub, upstream, clock, worker_notsent_lowat, peers, idle);
+        // The end of each write moderation window; without one, no moderation.
+        let hold_timer = match HoldTimer::new() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(core = index, error = %e, "no timerfd: write moderation is off on this core");
+                None
+            }
+        };
+        let moderation = if hold_timer.is_some() { moderation } else { ModerationConfig::OFF };
+        let mut core_loop = CoreLoop::new(index, hub, upstream, clock, worker_notsent_lowat, peers, idle)
+            .with_moderation(moderation);
         let resp_listener = match resp {
             Some((l, state)) => {
                 core_loop.hub.set_resp(state);
@@ -90,7 +103,7 @@ pub(crate) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
             worker_sndbuf,
             worker_notsent_lowat,
         });
-        let run = core.run(&listener, resp_listener.as_ref(), &inbox, &notify);
+        let run = core.run(&listener, resp_listener.as_ref(), &inbox, &notify, hold_timer);
         match hosted_source {
             None => run.await,
             Some(hosted) => {
@@ -226,11 +239,21 @@ impl Core {
         resp: Option<&TcpListener>,
         inbox: &Receiver<CoreMsg>,
         notify: &Notify,
+        mut hold_timer: Option<HoldTimer>,
     ) {
         let mut accept_pause: Option<tokio::time::Instant> = None;
         let mut accept_errors = FailureLog::new(ACCEPT_LOG_INTERVAL_MS);
         loop {
             let deadline = self.next_deadline();
+            // While write moderation holds the mailbox back, its wake-ups wait: the timer
+            // ends the window and the turn after it takes the mailbox.
+            let held = {
+                let core = self.core.borrow();
+                core.held_until_us().map(|until| (until, core.clock().mono_us()))
+            };
+            if let (Some((until, now_us)), Some(t)) = (held, hold_timer.as_mut()) {
+                t.set(until, now_us);
+            }
             let accepting = accept_pause.is_none_or(|t| tokio::time::Instant::now() >= t);
             tokio::select! {
                 biased;
@@ -260,7 +283,13 @@ impl Core {
                         accept_pause = Some(tokio::time::Instant::now() + ACCEPT_BACKOFF);
                     }
                 },
-                () = notify.notified() => {}
+                () = notify.notified(), if held.is_none() => {}
+                () = async {
+                    match hold_timer.as_mut() {
+                        Some(t) => t.fired().await,
+                        None => std::future::pending().await,
+                    }
+                }, if held.is_some() => {}
                 () = self.kick.notified() => {}
                 () = tokio::time::sleep_until(deadline) => {}
             }

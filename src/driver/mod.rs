@@ -13,6 +13,9 @@
 //! (one message per core per batch). The drivers hold the sockets and nothing else.
 mod core_loop;
 pub(crate) mod epoll;
+#[allow(unsafe_code)]
+mod hold_timer;
+pub(crate) mod moderation;
 mod outgoing;
 // The places `unsafe` is allowed (the crate denies it elsewhere): the ioctl wrapper, the io_uring
 // driver, which hands the kernel buffers and reads its completions, and the one call to glibc's
@@ -274,6 +277,8 @@ pub struct CoreContext {
     /// TCP_NOTSENT_LOWAT for accepted worker sockets (0: 64 KiB until the worker proves it
     /// reads, then none).
     pub worker_notsent_lowat: usize,
+    /// When the core holds its mailbox back to share writes (`moderation`).
+    pub moderation: moderation::ModerationConfig,
     /// The other cores' mailboxes (not this one's), in core order: this core hands its
     /// Redis-mode publishes to them itself, one thread hop instead of two through the source.
     pub peers: Vec<Inbox<CoreMsg>>,

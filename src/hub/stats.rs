@@ -139,6 +139,11 @@ pub struct CoreStats {
     pub withheld_commands: u64,
     /// Upstream batches appended to this core's log.
     pub batches: u64,
+    /// Write moderation windows this core opened (filled in by the driver's loop, which
+    /// moderates; the hub does not).
+    pub coalesce_windows: u64,
+    /// Gauge: 1 while this core's write moderation is engaged (as `coalesce_windows`).
+    pub coalescing: u64,
     /// Bytes currently held by this core's log (gauge).
     pub log_bytes: u64,
     /// Gauge: bytes of batches the 1.10–1.12 catch-up history holds (shared with the log and

@@ -110,6 +110,8 @@ struct Totals<'a> {
     user_ip: u64,
     withheld_commands: u64,
     batches: u64,
+    coalesce_windows: u64,
+    coalescing: u64,
     log_bytes: u64,
     history_bytes: u64,
     /// Per stream, the highest floor of any core (how far back every core's history reaches).
@@ -140,6 +142,8 @@ impl<'a> Totals<'a> {
             t.user_ip = t.user_ip.saturating_add(s.user_ip);
             t.withheld_commands = t.withheld_commands.saturating_add(s.withheld_commands);
             t.batches = t.batches.saturating_add(s.batches);
+            t.coalesce_windows = t.coalesce_windows.saturating_add(s.coalesce_windows);
+            t.coalescing = t.coalescing.saturating_add(s.coalescing);
             t.log_bytes = t.log_bytes.saturating_add(s.log_bytes);
             t.history_bytes = t.history_bytes.max(s.history_bytes);
             for (acc, f) in t.history_floor.iter_mut().zip(s.history_floor) {
@@ -462,6 +466,18 @@ fn replhub_metrics(
          once per core).",
         t.batches,
     )?;
+    x.counter(
+        "replhub_coalesce_windows_total",
+        "Write moderation windows the cores opened: fan-out turns after which a core left its \
+         mailbox alone for --coalesce-window, so that the lines arriving meanwhile share writes.",
+        t.coalesce_windows,
+    )?;
+    x.gauge(
+        "replhub_cores_coalescing",
+        "Cores whose write moderation is engaged (their fan-out would make --coalesce-above \
+         writes per second or more).",
+        t.coalescing,
+    )?;
     let evict: Vec<_> = EvictReason::ALL.iter().map(|r| ([r.label()], t.evictions[*r as usize])).collect();
     x.counter_vec(
         "replhub_slow_consumer_disconnects_total",
@@ -616,6 +632,8 @@ mod tests {
                 user_ip: 6,
                 withheld_commands: 2,
                 batches: 10,
+                coalesce_windows: 30,
+                coalescing: 1,
                 log_bytes: 4096,
                 history_bytes: 2048,
                 history_floor: StreamId::ALL.map(|s| (s == StreamId::Events).then_some(90)),
@@ -643,6 +661,8 @@ mod tests {
                 user_ip: 1,
                 withheld_commands: 0,
                 batches: 10,
+                coalesce_windows: 12,
+                coalescing: 0,
                 log_bytes: 1024,
                 ..CoreStats::default()
             },
@@ -800,6 +820,8 @@ mod tests {
             "replhub_history_bytes 2048",
             r#"replhub_history_floor_token{stream="events"} 90"#,
             "replhub_log_batches_appended_total 20",
+            "replhub_coalesce_windows_total 42",
+            "replhub_cores_coalescing 1",
             r#"replhub_slow_consumer_disconnects_total{reason="backlog"} 1"#,
             r#"replhub_slow_consumer_disconnects_total{reason="write_timeout"} 2"#,
             r#"replhub_connections{state="waiting"} 1"#,

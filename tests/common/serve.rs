@@ -7,15 +7,15 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use replhub::config::IoBackend;
+use replhub::config::{IoBackend, ModerationConfig};
 use replhub::proto::StreamId;
 use replhub::server::Server;
 use replhub::session::SessionConfig;
 use serde_json::Value;
 
 use super::{
-    complete_runs, eventually, positions, rdata_stream, sample_rdata, start, stop, upstream_config,
-    vector_path, MasterOptions, TestMaster, Worker, WAIT,
+    complete_runs, eventually, positions, rdata_stream, sample_rdata, spawn_checking_readers, start, stop,
+    subscribed_workers, upstream_config, vector_path, MasterOptions, TestMaster, Worker, WAIT,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -470,6 +470,52 @@ pub(crate) fn slow_worker_is_evicted_and_others_get_everything(io: IoBackend) {
     let log: u64 = server.core_snapshots(WAIT).iter().map(|s| s.stats.log_bytes).sum();
     assert!(log <= MAX_PENDING, "log still holds {log} bytes");
     stop(server, vec![]);
+}
+
+/// Write moderation forced on (any rate engages it; windows of 10 ms): lines the master sends
+/// one at a time, a little apart, so that each is an upstream read of its own, reach every
+/// worker whole and in order, many to a write instead of one write each. With two core
+/// threads and with one (the source then runs on the core's thread, and the io_uring loop
+/// sleeps in tokio).
+pub(crate) fn moderated_cores_share_writes_and_lose_nothing(io: IoBackend) {
+    for threads in [2, 1] {
+        let master = TestMaster::start();
+        let mut config = upstream_config(io, master.addr());
+        config.threads = threads;
+        config.moderation = ModerationConfig { above: 1, window: Duration::from_millis(10) };
+        let server = start(config);
+        master.wait_handshakes(1);
+
+        let mut sample = sample_rdata();
+        sample.truncate(complete_runs(&sample[..600]));
+        let all = Arc::new(sample);
+        let workers = subscribed_workers(server.local_addr(), "moderated", 3, Worker::connect);
+        let readers = spawn_checking_readers(workers, &all);
+        for line in all.iter() {
+            master.push(line);
+            // Load, not synchronisation: lines this far apart go out one write each unmoderated.
+            thread::sleep(Duration::from_micros(200));
+        }
+        let workers: Vec<Worker> =
+            readers.into_iter().map(|r| r.join().expect("every line, whole and in order")).collect();
+
+        let snaps = server.core_snapshots(WAIT);
+        assert_eq!(snaps.len(), threads);
+        for s in snaps.iter().filter(|s| !s.conns.is_empty()) {
+            let conns = s.conns.len() as u64;
+            let core = format!("{threads} threads, core {}", s.core);
+            assert_eq!(s.stats.coalescing, 1, "{core}: moderation not engaged");
+            assert!(s.stats.coalesce_windows > 0, "{core}: no window opened");
+            // Each connection took its greeting and POSITIONs in a few writes, then the lines.
+            assert!(
+                s.stats.writes <= conns * 4 + s.stats.batches * conns / 4,
+                "{core}: {} writes to {conns} workers for {} batches: lines did not share writes",
+                s.stats.writes,
+                s.stats.batches
+            );
+        }
+        stop(server, workers);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -231,6 +231,10 @@ struct Io {
     /// in flight, so it lives on the heap, rewritten only by that op.
     wake_counter: Box<u64>,
     timer_armed: bool,
+    /// The write moderation window's end, as a timer's duration: rewritten only while no
+    /// hold timer is in flight (`hold_armed`).
+    hold_timespec: Box<types::Timespec>,
+    hold_armed: bool,
     /// Recvs that ended (out of buffers, or the kernel stopped the multishot), re-armed in
     /// later turns (at most one per buffer per turn), after every buffer of the turn they
     /// ended in went back to the ring.
@@ -256,6 +260,7 @@ impl Driver {
             clock,
             worker_sndbuf,
             worker_notsent_lowat,
+            moderation,
             resp,
             start: _,
             peers,
@@ -302,13 +307,16 @@ impl Driver {
             wake_armed: false,
             wake_counter: Box::new(0),
             timer_armed: false,
+            hold_timespec: Box::new(types::Timespec::new()),
+            hold_armed: false,
             rearm: VecDeque::new(),
             reset_all_done: false,
             exiting: false,
             cqes: Vec::new(),
             stats: LoopStats::default(),
         };
-        let mut core = CoreLoop::new(index, hub, upstream, clock, worker_notsent_lowat, peers, idle);
+        let mut core = CoreLoop::new(index, hub, upstream, clock, worker_notsent_lowat, peers, idle)
+            .with_moderation(moderation);
         if let Some(state) = resp_state {
             core.hub.set_resp(state);
         }
@@ -317,7 +325,9 @@ impl Driver {
 
     fn run(&mut self) -> anyhow::Result<()> {
         while let Some(may_sleep) = self.turn() {
-            let sleep = may_sleep && self.ready_to_sleep();
+            // While the mailbox is held the loop sleeps without telling the senders: the hold
+            // timer wakes it, and only then is the mailbox taken.
+            let sleep = may_sleep && (self.arm_hold() || self.ready_to_sleep());
             self.io.submit(if sleep { Enter::Sleep } else { Enter::Submit })?;
             if sleep {
                 // Awake again: senders can leave the eventfd alone until the next sleep.
@@ -329,6 +339,17 @@ impl Driver {
             self.reap(now);
         }
         self.exit()
+    }
+
+    /// While write moderation holds the mailbox back, makes sure a timer ends the wait in time:
+    /// true if it does.
+    fn arm_hold(&mut self) -> bool {
+        let Some(until_us) = self.core.held_until_us() else { return false };
+        if !self.io.hold_armed {
+            let delay = until_us.saturating_sub(self.core.clock().mono_us()).max(1);
+            self.io.arm_hold(Duration::from_micros(delay));
+        }
+        true
     }
 
     /// Tells the mailbox's senders that the loop may sleep, then looks at the mailbox once
@@ -386,6 +407,8 @@ impl Driver {
             let mut source_done = false;
             let mut failure = None;
             while let Some(may_sleep) = self.turn() {
+                // Its completion signals `completions`, so a held mailbox is taken in time.
+                self.arm_hold();
                 if may_sleep {
                     // Hand the submissions over and post what the kernel deferred to us.
                     self.io.submit(Enter::Flush)?;
@@ -462,6 +485,7 @@ impl Driver {
                 }
             }
             Op::Timeout => self.io.timer_armed = false,
+            Op::Hold => self.io.hold_armed = false,
             Op::Cancel => {}
         }
     }
@@ -829,6 +853,17 @@ impl Io {
         self.timer_armed = true;
         // SAFETY: the timespec is boxed in the driver and not rewritten while this timer is in
         // flight (`timer_armed`); the kernel copies it at submission anyway.
+        unsafe { self.queue(entry) };
+    }
+
+    /// Arms the end of a write moderation window, `delay` from now (none is in flight).
+    fn arm_hold(&mut self, delay: Duration) {
+        *self.hold_timespec = types::Timespec::from(delay);
+        let entry =
+            opcode::Timeout::new(&*self.hold_timespec).build().user_data(token::encode_loop(Op::Hold));
+        self.hold_armed = true;
+        // SAFETY: the timespec is boxed in the driver and not rewritten while this timer is in
+        // flight (`hold_armed`); the kernel copies it at submission anyway.
         unsafe { self.queue(entry) };
     }
 

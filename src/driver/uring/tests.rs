@@ -34,6 +34,7 @@ fn context(wakeup: CoreWakeup, inbox: std::sync::mpsc::Receiver<CoreMsg>) -> Cor
         resp: None,
         start: crate::driver::StartGate::open_now(),
         worker_notsent_lowat: 0,
+        moderation: crate::driver::moderation::ModerationConfig::default(),
         peers: Vec::new(),
         hosted_source: None,
         idle: IdleCore::new(64),

@@ -24,6 +24,8 @@ pub(super) enum Op {
     Cancel = 6,
     /// The multishot accept on the Redis-mode listener.
     AcceptResp = 7,
+    /// The end of a write moderation window (`driver::moderation`).
+    Hold = 8,
 }
 
 impl Op {
@@ -36,6 +38,7 @@ impl Op {
             5 => Self::Timeout,
             6 => Self::Cancel,
             7 => Self::AcceptResp,
+            8 => Self::Hold,
             _ => return None,
         })
     }
