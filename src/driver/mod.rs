@@ -8,18 +8,19 @@
 //! Shared by both: the messages a core receives ([`CoreMsg`]) through its [`Inbox`], the
 //! [`CoreContext`] a core thread starts with, `core_loop` (the mailbox, the hub's outputs, the
 //! gathered writes of a turn and the shutdown grace, behind a small `Sockets` trait that each
-//! driver implements for its I/O), `sockq` (the kernel queue ioctls), and the source thread
+//! driver implements for its I/O), `moderation` (when a core under heavy fan-out lets lines
+//! gather before it takes its mailbox), `sockq` (the kernel queue ioctls), and the source thread
 //! that runs the upstream link or the synthetic master and hands every batch to every core
 //! (one message per core per batch). The drivers hold the sockets and nothing else.
 mod core_loop;
 pub(crate) mod epoll;
-#[allow(unsafe_code)]
-mod hold_timer;
 pub(crate) mod moderation;
 mod outgoing;
-// The places `unsafe` is allowed (the crate denies it elsewhere): the ioctl wrapper, the io_uring
-// driver, which hands the kernel buffers and reads its completions, and the one call to glibc's
-// `malloc_trim`.
+// The places `unsafe` is allowed (the crate denies it elsewhere): the epoll driver's timerfd, the
+// ioctl wrapper, the io_uring driver, which hands the kernel buffers and reads its completions,
+// and the one call to glibc's `malloc_trim`.
+#[allow(unsafe_code)]
+mod hold_timer;
 #[allow(unsafe_code)]
 pub mod sockq;
 pub(crate) mod source;

@@ -13,7 +13,9 @@
 //! Batches are cut naturally: whatever one upstream read returns becomes one batch at once, so
 //! at light load a line reaches the cores one read after it left the master, with no timer in
 //! between. A busy core takes every batch waiting in its mailbox in one turn and writes each
-//! connection once for all of them, so under load lines coalesce at the core. Lines coalesce
+//! connection once for all of them, so under load lines coalesce at the core; and a core whose
+//! fan-out one line at a time would make `--coalesce-above` writes a second or more takes its
+//! mailbox at most once per `--coalesce-window` (`driver::moderation`). Lines coalesce
 //! in the source only while a core is far behind: while some core's mailbox is full (it has
 //! not taken the last [`CORE_MAILBOX`](crate::server::CORE_MAILBOX) messages yet) and a
 //! message waits behind them in the source's queue for that core, further reads stay uncut in
