@@ -21,7 +21,13 @@
 //! The rate counts would-be writes, not writes made, so engaging does not lower it: the count
 //! is the same whether k batches go out in k turns or in one. Measured in periods of
 //! [`PERIOD_US`], so a burst engages it within one period and a quiet core is back to
-//! immediate delivery one period after its load went.
+//! immediate delivery one period after its load went. A turn that wrote nothing (no
+//! subscriber of those batches on this core) is not counted and opens no window.
+//!
+//! A held mailbox can fill ([`CORE_MAILBOX`](crate::server::CORE_MAILBOX) messages in one
+//! window, 320 000 upstream reads a second at the default window): the source then holds its
+//! reads uncut for every core, as for any core that is behind (`driver::source`, "Batching"),
+//! so the batches grow instead.
 #[cfg(test)]
 use std::time::Duration;
 
@@ -68,10 +74,12 @@ impl Moderation {
     /// A turn that began at `now_us` took `batches` batches from the mailbox and then made
     /// `writes` writes: counted, and while engaged a window opens.
     pub(crate) fn fanned_out(&mut self, now_us: u64, batches: u64, writes: u64) {
-        if self.above == 0 || batches == 0 {
+        // A turn that wrote nothing (a core without subscribers of these batches) fanned
+        // nothing out: no write to share, so neither counted nor followed by a window.
+        if self.above == 0 || batches == 0 || writes == 0 {
             return;
         }
-        self.count = self.count.saturating_add(batches.saturating_mul(writes.max(1)));
+        self.count = self.count.saturating_add(batches.saturating_mul(writes));
         let elapsed = now_us.saturating_sub(self.period_start_us);
         if elapsed >= PERIOD_US {
             // Per second, over the period just ended (which may have been long and quiet).
@@ -191,10 +199,14 @@ mod tests {
     }
 
     #[test]
-    fn turns_without_batches_do_not_count() {
+    fn turns_without_batches_or_writes_do_not_count() {
         let mut m = on(1, 100);
         m.fanned_out(0, 0, 1000);
         m.fanned_out(PERIOD_US * 2, 0, 1000);
+        // A core with no subscriber takes every batch and writes nothing.
+        let t = feed(&mut m, PERIOD_US * 3, PERIOD_US * 6, 1, 0);
         assert!(!m.engaged());
+        assert_eq!(m.held(t), None);
+        assert_eq!(m.windows(), 0);
     }
 }
