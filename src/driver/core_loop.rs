@@ -23,6 +23,7 @@ use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::moderation::{Moderation, ModerationConfig};
 use super::outgoing::Outgoing;
@@ -119,6 +120,14 @@ pub(crate) struct CoreLoop {
     batches_taken: u64,
 }
 
+/// A write moderation window in force: when it ends (the clock's `mono_us`, which names the
+/// window) and how long that is from now.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Hold {
+    pub until_us: u64,
+    pub left: Duration,
+}
+
 /// Empties a vector of slices and hands back its allocation with a new (unrelated) lifetime,
 /// so one iovec buffer serves writes that borrow different data (the closure never runs: the
 /// vector is empty).
@@ -169,11 +178,17 @@ impl CoreLoop {
         self.clock.now()
     }
 
-    /// While write moderation holds the mailbox back: until when (the clock's `mono_us`). The
-    /// driver then takes no mail ([`CoreLoop::drain_inbox`] does nothing) and must wake up by
-    /// then without a sender's wake-up: it may sleep without telling the senders.
-    pub(super) fn held_until_us(&self) -> Option<u64> {
-        self.moderation.held(self.clock.mono_us())
+    /// While write moderation holds the mailbox back: when the window ends. The driver then
+    /// takes no mail ([`CoreLoop::drain_inbox`] does nothing) and must wake up by then without
+    /// a sender's wake-up: it may sleep without telling the senders. Reads the clock only while
+    /// moderation is engaged.
+    pub(super) fn held(&self) -> Option<Hold> {
+        if !self.moderation.engaged() {
+            return None;
+        }
+        let now_us = self.clock.mono_us();
+        let until_us = self.moderation.held(now_us)?;
+        Some(Hold { until_us, left: Duration::from_micros(until_us - now_us) })
     }
 
     /// The process clock.
@@ -201,7 +216,7 @@ impl CoreLoop {
         sockets: &impl Sockets,
         now: Now,
     ) -> bool {
-        if self.held_until_us().is_some() {
+        if self.held().is_some() {
             return false;
         }
         self.idle.observe(self.hub.is_empty());
@@ -269,7 +284,8 @@ impl CoreLoop {
         let proven = self.hub.take_dirty(&mut dirty);
         let mut spent = 0usize;
         let mut served = dirty.len();
-        let began_us = self.clock.mono_us();
+        // Only a turn that took batches can open a window (and only then is it timed).
+        let began_us = (self.batches_taken > 0 && self.moderation.is_on()).then(|| self.clock.mono_us());
         let mut writes = 0u64;
         for (k, &id) in dirty.iter().enumerate() {
             if k > proven && spent >= TURN_WRITE_BUDGET {
@@ -285,7 +301,10 @@ impl CoreLoop {
         if served < dirty.len() {
             self.hub.requeue_dirty(&dirty[served..]);
         }
-        self.moderation.fanned_out(began_us, std::mem::take(&mut self.batches_taken), writes);
+        let batches = std::mem::take(&mut self.batches_taken);
+        if let Some(began_us) = began_us {
+            self.moderation.fanned_out(began_us, batches, writes);
+        }
         self.outputs(sockets, now);
         self.dirty = dirty;
         if self.trimmer.observe(self.hub.log().held_bytes(), now.mono_ms) {

@@ -247,12 +247,9 @@ impl Core {
             let deadline = self.next_deadline();
             // While write moderation holds the mailbox back, its wake-ups wait: the timer
             // ends the window and the turn after it takes the mailbox.
-            let held = {
-                let core = self.core.borrow();
-                core.held_until_us().map(|until| (until, core.clock().mono_us()))
-            };
-            if let (Some((until, now_us)), Some(t)) = (held, hold_timer.as_mut()) {
-                t.set(until, now_us);
+            let held = self.core.borrow().held();
+            if let (Some(hold), Some(t)) = (held, hold_timer.as_mut()) {
+                t.set(hold.until_us, hold.left);
             }
             let accepting = accept_pause.is_none_or(|t| tokio::time::Instant::now() >= t);
             tokio::select! {

@@ -3,6 +3,7 @@
 //! (`driver::moderation`) is about 100 µs.
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -31,17 +32,17 @@ impl HoldTimer {
         Ok(Self { fd, set_for: None })
     }
 
-    /// Sets the timer to fire at `until_us`, `until_us - now_us` from now (a later window
-    /// moves it; the same one leaves it).
-    pub(crate) fn set(&mut self, until_us: u64, now_us: u64) {
+    /// Sets the timer to fire `left` from now, for the window that ends at `until_us` (a later
+    /// window moves it; the same one leaves it).
+    pub(crate) fn set(&mut self, until_us: u64, left: Duration) {
         if self.set_for == Some(until_us) {
             return;
         }
         // At least 1 ns: an all-zero it_value would disarm the timer instead.
-        let delay = until_us.saturating_sub(now_us).max(1);
+        let left = left.max(Duration::from_nanos(1));
         let value = libc::timespec {
-            tv_sec: libc::time_t::try_from(delay / 1_000_000).unwrap_or(libc::time_t::MAX),
-            tv_nsec: libc::c_long::try_from((delay % 1_000_000) * 1_000).unwrap_or(0),
+            tv_sec: libc::time_t::try_from(left.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: libc::c_long::from(left.subsec_nanos()),
         };
         let spec =
             libc::itimerspec { it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 }, it_value: value };

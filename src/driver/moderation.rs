@@ -95,6 +95,11 @@ impl Moderation {
         }
     }
 
+    /// Whether moderation is configured at all (a nonzero threshold and window).
+    pub(crate) fn is_on(&self) -> bool {
+        self.above != 0
+    }
+
     /// Whether the core is moderating its writes.
     pub(crate) fn engaged(&self) -> bool {
         self.engaged

@@ -344,10 +344,9 @@ impl Driver {
     /// While write moderation holds the mailbox back, makes sure a timer ends the wait in time:
     /// true if it does.
     fn arm_hold(&mut self) -> bool {
-        let Some(until_us) = self.core.held_until_us() else { return false };
+        let Some(hold) = self.core.held() else { return false };
         if !self.io.hold_armed {
-            let delay = until_us.saturating_sub(self.core.clock().mono_us()).max(1);
-            self.io.arm_hold(Duration::from_micros(delay));
+            self.io.arm_hold(hold.left.max(Duration::from_micros(1)));
         }
         true
     }
