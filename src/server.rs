@@ -31,7 +31,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{IoBackend, ServeConfig};
 use crate::driver::source::{self, SourceContext, SourceHandle};
-use crate::driver::{epoll, uring, CoreContext, CoreMsg, HostedSource, IdleCore, Inbox, StartGate};
+use crate::driver::{epoll, uring, Balance, CoreContext, CoreMsg, HostedSource, IdleCore, Inbox, StartGate};
 use crate::hub::stats::CoreSnapshot;
 use crate::metrics::connections::{ConnQuery, ConnectionsPage, PageContext};
 use crate::metrics::http::Limits;
@@ -202,6 +202,7 @@ impl Server {
         let (source, commands_rx, control_rx, source_wakeup, stop) = SourceHandle::new();
         let mut cores = Vec::with_capacity(threads);
         let mut contexts = Vec::with_capacity(threads);
+        let balance = Arc::new(Balance::new(threads));
         for (index, (listener, resp_listener)) in listeners.into_iter().zip(resp_listeners).enumerate() {
             let (wakeup, wake) = match backend {
                 IoBackend::Uring if !hosted => {
@@ -231,6 +232,7 @@ impl Server {
                 worker_notsent_lowat: config.worker_notsent_lowat,
                 moderation: config.moderation,
                 peers: Vec::new(),
+                balance: Arc::clone(&balance),
                 hosted_source: None,
             });
         }

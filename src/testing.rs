@@ -17,7 +17,7 @@ pub mod driver {
     pub use crate::driver::sockq;
     pub use crate::driver::uring::bench::SendRing;
     pub use crate::driver::uring::{new_wakeup, probe, run_core};
-    pub use crate::driver::{CoreContext, CoreMsg, IdleCore, Inbox, StartGate};
+    pub use crate::driver::{Balance, CoreContext, CoreMsg, IdleCore, Inbox, StartGate};
 }
 
 /// The exposition and its HTTP endpoint, tested without a hub behind them.

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use replhub::config::HubConfig;
 use replhub::proto::StreamId;
-use replhub::testing::driver::{new_wakeup, run_core, CoreContext, CoreMsg, IdleCore, Inbox, StartGate};
+use replhub::testing::driver::{
+    new_wakeup, run_core, Balance, CoreContext, CoreMsg, IdleCore, Inbox, StartGate,
+};
 use replhub::testing::hub::stats::CoreSnapshot;
 use replhub::testing::hub::{UpstreamCmd, UpstreamEvent};
 use replhub::testing::upstream::index_chunk;
@@ -55,6 +57,7 @@ impl Core {
             worker_notsent_lowat: 0,
             moderation: replhub::config::ModerationConfig::default(),
             peers: Vec::new(),
+            balance: Arc::new(Balance::new(1)),
             hosted_source: None,
             idle: IdleCore::new(64),
         };

@@ -25,10 +25,11 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::balance::Balance;
 use super::moderation::{Moderation, ModerationConfig};
 use super::outgoing::Outgoing;
 use super::trim::{self, Trimmer};
-use super::{sockq, CoreMsg, IdleCore, Inbox};
+use super::{sockq, Adopted, CoreMsg, IdleCore, Inbox};
 use crate::hub::stats::SocketSample;
 use crate::hub::{Batch, CloseHow, ConnId, Hub, HubConfig, HubOutput, UpstreamCmd};
 use crate::time::{Clock, Now};
@@ -118,6 +119,16 @@ pub(crate) struct CoreLoop {
     moderation: Moderation,
     /// Batches taken from the mailbox since the last turn's writes.
     batches_taken: u64,
+    /// Every core's connection counts, if connections are balanced over several cores.
+    balance: Option<Arc<Balance>>,
+    /// The connection count this core last published to `balance`.
+    published_live: usize,
+    /// Connections placed on this core (kept from its own accepts, or adopted) since then.
+    unpublished: usize,
+    /// Sockets other cores handed over, taken from the mailbox, for the driver to register.
+    adopted: Vec<Adopted>,
+    /// Connections this core accepted and handed to another.
+    handed_off: u64,
 }
 
 /// A write moderation window in force: when it ends (the clock's `mono_us`, which names the
@@ -163,6 +174,80 @@ impl CoreLoop {
             idle,
             moderation: Moderation::new(ModerationConfig::OFF),
             batches_taken: 0,
+            balance: None,
+            published_live: 0,
+            unpublished: 0,
+            adopted: Vec::new(),
+            handed_off: 0,
+        }
+    }
+
+    /// The loop with new connections balanced over the cores that share `balance` (it starts
+    /// keeping every connection it accepts).
+    #[must_use]
+    pub(super) fn with_balance(mut self, balance: Arc<Balance>) -> Self {
+        self.balance = (balance.cores() > 1).then_some(balance);
+        self
+    }
+
+    /// Which core takes a connection this core just accepted: this one, unless another has
+    /// fewer connections (`balance`). Then the driver hands the socket over with
+    /// [`CoreLoop::hand_off`] before it reads or writes anything.
+    pub(super) fn placement(&mut self) -> usize {
+        let Some(balance) = &self.balance else { return self.index };
+        let to = balance.place(self.index);
+        if to == self.index {
+            self.unpublished += 1;
+        }
+        to
+    }
+
+    /// Hands a socket accepted here to core `to` (from [`CoreLoop::placement`]). Gives it back
+    /// if that core's mailbox is full or gone: then it stays here.
+    pub(super) fn hand_off(&mut self, to: usize, socket: Adopted) -> Result<(), Adopted> {
+        use std::sync::mpsc::TrySendError;
+        let peer = if to < self.index { to } else { to - 1 };
+        let Some(mailbox) = self.peers.get(peer) else {
+            self.keep_placed(to);
+            return Err(socket);
+        };
+        match mailbox.try_send(CoreMsg::Adopt(socket)) {
+            Ok(()) => {
+                self.handed_off += 1;
+                Ok(())
+            }
+            Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
+                self.keep_placed(to);
+                match msg {
+                    CoreMsg::Adopt(socket) => Err(socket),
+                    _ => unreachable!("a channel gives back the message it refused"),
+                }
+            }
+        }
+    }
+
+    /// A connection placed on core `to` stays here after all (it could not be handed over).
+    pub(super) fn keep_placed(&mut self, to: usize) {
+        if let Some(balance) = &self.balance {
+            balance.moved(to, self.index);
+        }
+        self.unpublished += 1;
+    }
+
+    /// The sockets other cores handed to this one since the last call, for the driver to
+    /// register as if it had accepted them. Call after every [`CoreLoop::drain_inbox`].
+    pub(super) fn take_adopted(&mut self) -> Vec<Adopted> {
+        std::mem::take(&mut self.adopted)
+    }
+
+    /// Tells the other cores how many connections this one holds, if that changed.
+    fn publish_load(&mut self) {
+        let Some(balance) = &self.balance else { return };
+        let live = self.hub.len();
+        if live != self.published_live || self.unpublished > 0 {
+            balance.publish(self.index, live, self.unpublished);
+            self.published_live = live;
+            self.unpublished = 0;
         }
     }
 
@@ -219,6 +304,8 @@ impl CoreLoop {
         if self.held().is_some() {
             return false;
         }
+        // Closes since the last turn count before anything here answers (a snapshot).
+        self.publish_load();
         self.idle.observe(self.hub.is_empty());
         let mut any = false;
         loop {
@@ -237,12 +324,21 @@ impl CoreLoop {
                     });
                     snap.stats.coalesce_windows = self.moderation.windows();
                     snap.stats.coalescing = u64::from(self.moderation.engaged());
+                    snap.stats.handed_off = self.handed_off;
                     // The scraper may have given up waiting; that is fine.
                     let _ = reply.send(snap);
                 }
                 Ok(CoreMsg::Shutdown) => self.begin_shutdown(now),
                 Ok(CoreMsg::PublishLost { channels, batches }) => {
                     self.hub.on_publish_lost(&channels, batches, now);
+                }
+                Ok(CoreMsg::Adopt(socket)) => {
+                    // The driver registers it before this turn ends: from here on the core
+                    // has a connection, so the senders must wake it (`IdleCore`), and what
+                    // they sent before is taken in this drain.
+                    self.idle.observe(false);
+                    self.unpublished += 1;
+                    self.adopted.push(socket);
                 }
                 Err(TryRecvError::Empty) => return any,
                 Err(TryRecvError::Disconnected) => {
@@ -307,6 +403,7 @@ impl CoreLoop {
         }
         self.outputs(sockets, now);
         self.dirty = dirty;
+        self.publish_load();
         if self.trimmer.observe(self.hub.log().held_bytes(), now.mono_ms) {
             let released = trim::release_free_heap();
             tracing::debug!(core = self.index, released, "a large backlog went; heap trimmed");

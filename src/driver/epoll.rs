@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 
 use super::core_loop::{tune_worker_socket, CoreLoop, FailureLog, Sockets, Write, ACCEPT_LOG_INTERVAL_MS};
 use super::hold_timer::HoldTimer;
-use super::{CoreContext, CoreMsg, CoreWakeup};
+use super::{Adopted, CoreContext, CoreMsg, CoreWakeup};
 use crate::config::ModerationConfig;
 use crate::hub::{CloseHow, ConnId, Hub, SlotMap};
 use crate::time::Now;
@@ -64,6 +64,7 @@ pub(crate) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
         resp,
         start,
         peers,
+        balance,
         hosted_source,
     } = ctx;
     let CoreWakeup::Notify(notify) = wakeup else {
@@ -86,7 +87,8 @@ pub(crate) fn run_core(ctx: CoreContext) -> anyhow::Result<()> {
         };
         let moderation = if hold_timer.is_some() { moderation } else { ModerationConfig::OFF };
         let mut core_loop = CoreLoop::new(index, hub, upstream, clock, worker_notsent_lowat, peers, idle)
-            .with_moderation(moderation);
+            .with_moderation(moderation)
+            .with_balance(balance);
         let resp_listener = match resp {
             Some((l, state)) => {
                 core_loop.hub.set_resp(state);
@@ -258,7 +260,7 @@ impl Core {
                     Ok((stream, _peer)) => {
                         accept_pause = None;
                         accept_errors.log_accept_success(self.index, self.core.borrow().now().mono_ms);
-                        self.register(stream, None);
+                        self.accepted(stream, None);
                     }
                     Err(e) => {
                         accept_errors.log_accept_failure(self.index, self.core.borrow().now().mono_ms, &e);
@@ -273,7 +275,7 @@ impl Core {
                 }, if accepting && resp.is_some() => match res {
                     Ok((stream, peer)) => {
                         accept_pause = None;
-                        self.register(stream, Some(peer.to_string()));
+                        self.accepted(stream, Some(peer.to_string()));
                     }
                     Err(e) => {
                         accept_errors.log_accept_failure(self.index, self.core.borrow().now().mono_ms, &e);
@@ -303,11 +305,20 @@ impl Core {
     /// One loop turn: the mailbox, the timers, the writes. Returns whether writes wait for the
     /// next turn, or `None` once the core is done (shut down, and empty or out of grace).
     fn turn(self: &Rc<Self>, inbox: &Receiver<CoreMsg>) -> Option<bool> {
+        let (now, adopted) = {
+            let mut core = self.core.borrow_mut();
+            let mut conns = self.conns.borrow_mut();
+            let io = Io { core: self, conns: &mut conns };
+            let now = core.now();
+            core.drain_inbox(inbox, &io, now);
+            (now, core.take_adopted())
+        };
+        for socket in adopted {
+            self.adopt(socket);
+        }
         let mut core = self.core.borrow_mut();
         let mut conns = self.conns.borrow_mut();
         let mut io = Io { core: self, conns: &mut conns };
-        let now = core.now();
-        core.drain_inbox(inbox, &io, now);
         core.hub.handle_timeout(now);
         core.turn(&mut io, now);
         if let Some(stop_at) = core.stop_at_ms() {
@@ -331,6 +342,47 @@ impl Core {
         let core = self.core.borrow();
         let ms = core.hub.poll_timeout().min(core.stop_at_ms().unwrap_or(u64::MAX)).min(core.mail_retry_ms());
         tokio::time::Instant::from_std(core.clock().instant_at(ms))
+    }
+
+    /// A connection accepted on this core's worker listener, or on its Redis-mode one (with
+    /// the client's address): registered here, or handed to a core with fewer connections
+    /// (`balance`) before anything is read from it.
+    fn accepted(self: &Rc<Self>, stream: TcpStream, resp_peer: Option<String>) {
+        let to = self.core.borrow_mut().placement();
+        if to == self.index {
+            return self.register(stream, resp_peer);
+        }
+        let resp = resp_peer.is_some();
+        let socket = match stream.into_std() {
+            Ok(s) => Adopted { fd: s.into(), resp },
+            Err(e) => {
+                // Not expected: taking a socket out of the reactor cannot fail once it is in.
+                tracing::warn!(core = self.index, error = %e, "cannot hand a connection over; closing it");
+                self.core.borrow_mut().keep_placed(to);
+                return;
+            }
+        };
+        let refused = self.core.borrow_mut().hand_off(to, socket);
+        if let Err(socket) = refused {
+            self.adopt(socket);
+        }
+    }
+
+    /// A socket handed over by another core, or one this core could not hand over.
+    fn adopt(self: &Rc<Self>, socket: Adopted) {
+        let std = std::net::TcpStream::from(socket.fd);
+        let stream = std.set_nonblocking(true).and_then(|()| TcpStream::from_std(std));
+        match stream {
+            Ok(stream) => {
+                let peer = socket
+                    .resp
+                    .then(|| stream.peer_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string()));
+                self.register(stream, peer);
+            }
+            Err(e) => {
+                tracing::warn!(core = self.index, error = %e, "cannot register a connection handed over")
+            }
+        }
     }
 
     /// A new worker socket, or a Redis-mode client's (with its peer address).

@@ -9,9 +9,12 @@
 //! [`CoreContext`] a core thread starts with, `core_loop` (the mailbox, the hub's outputs, the
 //! gathered writes of a turn and the shutdown grace, behind a small `Sockets` trait that each
 //! driver implements for its I/O), `moderation` (when a core under heavy fan-out lets lines
-//! gather before it takes its mailbox), `sockq` (the kernel queue ioctls), and the source thread
-//! that runs the upstream link or the synthetic master and hands every batch to every core
-//! (one message per core per batch). The drivers hold the sockets and nothing else.
+//! gather before it takes its mailbox), `balance` (which core holds a new connection), `sockq`
+//! (the kernel queue ioctls), and the source thread that runs the upstream link or the
+//! synthetic master and hands every batch to every core (one message per core per batch). The
+//! drivers hold the sockets and nothing else.
+mod balance;
+pub use balance::Balance;
 mod core_loop;
 pub(crate) mod epoll;
 pub(crate) mod moderation;
@@ -72,6 +75,18 @@ pub enum CoreMsg {
         /// How many batches were dropped.
         batches: u64,
     },
+    /// A connection another core accepted, for this core to hold: it has fewer connections
+    /// (`balance`). Nothing was read from the socket or written to it yet.
+    Adopt(Adopted),
+}
+
+/// A socket accepted on one core and handed to another ([`CoreMsg::Adopt`]).
+#[derive(Debug)]
+pub struct Adopted {
+    /// The accepted socket.
+    pub fd: std::os::fd::OwnedFd,
+    /// Accepted on the Redis-mode listener rather than the worker one.
+    pub resp: bool,
 }
 
 /// The sending side of a mailbox: a channel plus a wake-up for the receiving loop
@@ -281,8 +296,11 @@ pub struct CoreContext {
     /// When the core holds its mailbox back to share writes (`moderation`).
     pub moderation: moderation::ModerationConfig,
     /// The other cores' mailboxes (not this one's), in core order: this core hands its
-    /// Redis-mode publishes to them itself, one thread hop instead of two through the source.
+    /// Redis-mode publishes to them itself, one thread hop instead of two through the source,
+    /// and the connections it accepts while another core has fewer (`balance`).
     pub peers: Vec<Inbox<CoreMsg>>,
+    /// Every core's connection counts, shared by the cores (`balance`).
+    pub balance: Arc<Balance>,
     /// The source, when this core runs it on its own thread (`--threads 1`: see
     /// `HostedSource`) instead of a source thread beside it. The core's `wakeup` is then a
     /// tokio `Notify` on either driver.

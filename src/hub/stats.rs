@@ -144,6 +144,9 @@ pub struct CoreStats {
     pub coalesce_windows: u64,
     /// Gauge: 1 while this core's write moderation is engaged (as `coalesce_windows`).
     pub coalescing: u64,
+    /// Connections this core accepted and handed to a core with fewer (filled in by the
+    /// driver's loop, as `coalesce_windows`).
+    pub handed_off: u64,
     /// Bytes currently held by this core's log (gauge).
     pub log_bytes: u64,
     /// Gauge: bytes of batches the 1.10–1.12 catch-up history holds (shared with the log and

@@ -112,6 +112,7 @@ struct Totals<'a> {
     batches: u64,
     coalesce_windows: u64,
     coalescing: u64,
+    handed_off: u64,
     log_bytes: u64,
     history_bytes: u64,
     /// Per stream, the highest floor of any core (how far back every core's history reaches).
@@ -144,6 +145,7 @@ impl<'a> Totals<'a> {
             t.batches = t.batches.saturating_add(s.batches);
             t.coalesce_windows = t.coalesce_windows.saturating_add(s.coalesce_windows);
             t.coalescing = t.coalescing.saturating_add(s.coalescing);
+            t.handed_off = t.handed_off.saturating_add(s.handed_off);
             t.log_bytes = t.log_bytes.saturating_add(s.log_bytes);
             t.history_bytes = t.history_bytes.max(s.history_bytes);
             for (acc, f) in t.history_floor.iter_mut().zip(s.history_floor) {
@@ -478,6 +480,12 @@ fn replhub_metrics(
          writes per second or more).",
         t.coalescing,
     )?;
+    x.counter(
+        "replhub_connections_handed_off_total",
+        "Connections a core accepted and handed, before reading them, to a core with fewer \
+         connections (the kernel's SO_REUSEPORT hash spreads a few connections unevenly).",
+        t.handed_off,
+    )?;
     let evict: Vec<_> = EvictReason::ALL.iter().map(|r| ([r.label()], t.evictions[*r as usize])).collect();
     x.counter_vec(
         "replhub_slow_consumer_disconnects_total",
@@ -634,6 +642,7 @@ mod tests {
                 batches: 10,
                 coalesce_windows: 30,
                 coalescing: 1,
+                handed_off: 3,
                 log_bytes: 4096,
                 history_bytes: 2048,
                 history_floor: StreamId::ALL.map(|s| (s == StreamId::Events).then_some(90)),
@@ -663,6 +672,7 @@ mod tests {
                 batches: 10,
                 coalesce_windows: 12,
                 coalescing: 0,
+                handed_off: 2,
                 log_bytes: 1024,
                 ..CoreStats::default()
             },
@@ -822,6 +832,7 @@ mod tests {
             "replhub_log_batches_appended_total 20",
             "replhub_coalesce_windows_total 42",
             "replhub_cores_coalescing 1",
+            "replhub_connections_handed_off_total 5",
             r#"replhub_slow_consumer_disconnects_total{reason="backlog"} 1"#,
             r#"replhub_slow_consumer_disconnects_total{reason="write_timeout"} 2"#,
             r#"replhub_connections{state="waiting"} 1"#,

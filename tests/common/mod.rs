@@ -42,6 +42,7 @@ macro_rules! serve_tests {
             invalid_commands_get_their_policy_outcome,
             slow_worker_is_evicted_and_others_get_everything,
             moderated_cores_share_writes_and_lose_nothing,
+            connections_go_to_the_core_with_the_fewest,
             upstream_restart_gives_fresh_positions_before_newer_rdata,
             a_batch_run_cut_by_an_upstream_drop_never_reaches_workers,
             a_fin_after_an_unterminated_fragment_is_connection_done,

@@ -518,6 +518,60 @@ pub(crate) fn moderated_cores_share_writes_and_lose_nothing(io: IoBackend) {
     }
 }
 
+/// New connections go to the core with the fewest (`driver::Balance`), whichever core's
+/// listener the kernel picked: 12 workers connecting one after another to 3 cores are 4 on
+/// each; after 3 of one core's workers leave, the next 3 all go to that core; and every worker,
+/// kept where it arrived or handed over, gets every line in order.
+pub(crate) fn connections_go_to_the_core_with_the_fewest(io: IoBackend) {
+    let master = TestMaster::start();
+    let mut config = upstream_config(io, master.addr());
+    config.threads = 3;
+    let server = start(config);
+    master.wait_handshakes(1);
+    let addr = server.local_addr();
+    let connect = |i: usize| {
+        let mut w = Worker::connect(addr);
+        w.subscribe(&format!("w{i}"), &["events"]);
+        Some(w)
+    };
+    // Each worker's number, by core, as the cores report their connections.
+    let by_core = || -> Vec<Vec<usize>> {
+        let mut snaps = server.core_snapshots(WAIT);
+        snaps.sort_by_key(|s| s.core);
+        snaps
+            .iter()
+            .map(|s| s.conns.iter().map(|c| c.name[1..].parse().expect("named w<i>")).collect())
+            .collect()
+    };
+    let sizes = |cores: &[Vec<usize>]| cores.iter().map(Vec::len).collect::<Vec<_>>();
+
+    let mut workers: Vec<Option<Worker>> = (0..12).map(connect).collect();
+    let cores = by_core();
+    assert_eq!(sizes(&cores), [4, 4, 4], "{cores:?}");
+
+    for &i in &cores[1][..3] {
+        workers[i] = None;
+    }
+    let deadline = Instant::now() + WAIT;
+    while by_core()[1].len() > 1 {
+        assert!(Instant::now() < deadline, "core 1 still holds the closed workers");
+        // Polling the snapshots: nothing signals a close to the test.
+        thread::sleep(Duration::from_millis(5));
+    }
+    workers.extend((12..15).map(connect));
+    let cores = by_core();
+    assert_eq!(sizes(&cores), [4, 4, 4], "{cores:?}");
+    assert!([12, 13, 14].iter().all(|i| cores[1].contains(i)), "the newest went elsewhere: {cores:?}");
+
+    let lines = rdata_lines("events", 1, 50);
+    push_chunked(&master, &lines);
+    let mut workers: Vec<Worker> = workers.into_iter().flatten().collect();
+    for (i, w) in workers.iter_mut().enumerate() {
+        assert!(w.rdata(lines.len()) == lines, "worker {i} missed or reordered lines");
+    }
+    stop(server, workers);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Upstream restarts
 

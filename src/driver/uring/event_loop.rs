@@ -30,7 +30,7 @@ use super::wakeup;
 use crate::driver::core_loop::{
     tune_worker_socket, CoreLoop, FailureLog, Sockets, Write, ACCEPT_LOG_INTERVAL_MS,
 };
-use crate::driver::{CoreContext, CoreMsg, CoreWakeup, HostedSource};
+use crate::driver::{Adopted, CoreContext, CoreMsg, CoreWakeup, HostedSource};
 use crate::hub::{CloseHow, ConnId, Hub, SlotMap};
 use crate::time::Now;
 
@@ -267,6 +267,7 @@ impl Driver {
             resp,
             start: _,
             peers,
+            balance,
             hosted_source,
         } = ctx;
         let (resp_listener, resp_state) = resp.unzip();
@@ -319,7 +320,8 @@ impl Driver {
             stats: LoopStats::default(),
         };
         let mut core = CoreLoop::new(index, hub, upstream, clock, worker_notsent_lowat, peers, idle)
-            .with_moderation(moderation);
+            .with_moderation(moderation)
+            .with_balance(balance);
         if let Some(state) = resp_state {
             core.hub.set_resp(state);
         }
@@ -377,6 +379,12 @@ impl Driver {
         // reset when its READ completes, before this runs, so a message sent after the
         // drain fires it again.
         self.core.drain_inbox(&self.inbox, &self.io, now);
+        for socket in self.core.take_adopted() {
+            // Once the core stops accepting, a socket handed over is closed as it drops.
+            if self.io.accepting {
+                self.admit(socket.fd, socket.resp, now);
+            }
+        }
         self.core.hub.handle_timeout(now);
         self.housekeeping(now);
         self.core.turn(&mut self.io, now);
@@ -519,6 +527,18 @@ impl Driver {
         if !io.accepting {
             return;
         }
+        let to = self.core.placement();
+        if to == io.index {
+            self.admit(fd, resp, now);
+        } else if let Err(refused) = self.core.hand_off(to, Adopted { fd, resp }) {
+            self.admit(refused.fd, resp, now);
+        }
+    }
+
+    /// A socket this core holds from now on: accepted here, or handed over by another core
+    /// (`balance`).
+    fn admit(&mut self, fd: OwnedFd, resp: bool, now: Now) {
+        let io = &mut self.io;
         if let Err(e) = SockRef::from(&fd).set_tcp_nodelay(true) {
             tracing::debug!(core = io.index, error = %e, "TCP_NODELAY failed");
         }

@@ -36,6 +36,7 @@ fn context(wakeup: CoreWakeup, inbox: std::sync::mpsc::Receiver<CoreMsg>) -> Cor
         worker_notsent_lowat: 0,
         moderation: crate::driver::moderation::ModerationConfig::default(),
         peers: Vec::new(),
+        balance: Arc::new(crate::driver::Balance::new(1)),
         hosted_source: None,
         idle: IdleCore::new(64),
     }
