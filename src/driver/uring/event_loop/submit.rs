@@ -1,7 +1,7 @@
 //! The ring's submissions for [`Io`]: queueing an op (with the backlog for a full submission
 //! queue), handing them to the kernel (`io_uring_enter`), and arming each kind of op the loop
 //! keeps in flight: accepts, the mailbox READ, the timers, recvs, cancels.
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -79,26 +79,25 @@ impl Io {
     }
 
     pub(super) fn arm_accept(&mut self) {
-        let entry = opcode::AcceptMulti::new(types::Fd(self.listener.as_raw_fd()))
-            .flags(libc::SOCK_CLOEXEC)
-            .build()
-            .user_data(token::encode_loop(Op::Accept));
         self.accept_armed = true;
-        // SAFETY: accept writes no peer address (none was given); the listener is a field of
-        // the driver, open until the driver is dropped, which happens only with no op in
-        // flight (or never).
-        unsafe { self.queue(entry) };
+        self.queue_accept(self.listener.as_raw_fd(), Op::Accept);
     }
 
     pub(super) fn arm_resp_accept(&mut self) {
-        let Some(listener) = &self.resp_listener else { return };
-        let entry = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
+        let Some(fd) = self.resp_listener.as_ref().map(AsRawFd::as_raw_fd) else { return };
+        self.resp_accept_armed = true;
+        self.queue_accept(fd, Op::AcceptResp);
+    }
+
+    /// A multishot ACCEPT on `listener`, one of the core's listeners, completing as `op`.
+    fn queue_accept(&mut self, listener: RawFd, op: Op) {
+        let entry = opcode::AcceptMulti::new(types::Fd(listener))
             .flags(libc::SOCK_CLOEXEC)
             .build()
-            .user_data(token::encode_loop(Op::AcceptResp));
-        self.resp_accept_armed = true;
-        // SAFETY: as `arm_accept`: no peer address is written; the listener is a field of the
-        // driver, open until the driver is dropped with no op in flight (or never).
+            .user_data(token::encode_loop(op));
+        // SAFETY: accept writes no peer address (none was given); the listeners are fields of
+        // the driver, open until the driver is dropped, which happens only with no op in
+        // flight (or never).
         unsafe { self.queue(entry) };
     }
 
