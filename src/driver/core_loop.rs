@@ -526,6 +526,16 @@ impl CoreLoop {
     }
 }
 
+/// A Redis-mode client's address as `/connections` shows it (`unknown` if the socket no longer
+/// has one).
+pub(crate) fn peer_name(socket: socket2::SockRef<'_>) -> String {
+    socket
+        .peer_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map_or_else(|| "unknown".to_owned(), |a| a.to_string())
+}
+
 /// Caps an accepted worker socket's kernel send buffer at `sndbuf` (0 leaves the kernel's
 /// default and auto-tuning), so a worker that stops reading holds at most that much kernel
 /// memory (Linux reserves twice the value for bookkeeping); and the bytes it holds unsent at

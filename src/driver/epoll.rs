@@ -27,7 +27,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::core_loop::{tune_worker_socket, CoreLoop, FailureLog, Sockets, Write, ACCEPT_LOG_INTERVAL_MS};
+use super::core_loop::{
+    peer_name, tune_worker_socket, CoreLoop, FailureLog, Sockets, Write, ACCEPT_LOG_INTERVAL_MS,
+};
 use super::hold_timer::HoldTimer;
 use super::{Adopted, CoreContext, CoreMsg, CoreWakeup};
 use crate::config::ModerationConfig;
@@ -374,9 +376,7 @@ impl Core {
         let stream = std.set_nonblocking(true).and_then(|()| TcpStream::from_std(std));
         match stream {
             Ok(stream) => {
-                let peer = socket
-                    .resp
-                    .then(|| stream.peer_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string()));
+                let peer = socket.resp.then(|| peer_name(socket2::SockRef::from(&stream)));
                 self.register(stream, peer);
             }
             Err(e) => {

@@ -28,7 +28,7 @@ use super::send::SendBuf;
 use super::token::{self, Op};
 use super::wakeup;
 use crate::driver::core_loop::{
-    tune_worker_socket, CoreLoop, FailureLog, Sockets, Write, ACCEPT_LOG_INTERVAL_MS,
+    peer_name, tune_worker_socket, CoreLoop, FailureLog, Sockets, Write, ACCEPT_LOG_INTERVAL_MS,
 };
 use crate::driver::{Adopted, CoreContext, CoreMsg, CoreWakeup, HostedSource};
 use crate::hub::{CloseHow, ConnId, Hub, SlotMap};
@@ -544,12 +544,7 @@ impl Driver {
         }
         tune_worker_socket(io.index, SockRef::from(&fd), io.worker_sndbuf, io.worker_notsent_lowat);
         let id = if resp {
-            let peer = SockRef::from(&fd)
-                .peer_addr()
-                .ok()
-                .and_then(|a| a.as_socket())
-                .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
-            self.core.hub.accept_resp(peer, now)
+            self.core.hub.accept_resp(peer_name(SockRef::from(&fd)), now)
         } else {
             self.core.hub.accept(now)
         };
