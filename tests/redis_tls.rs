@@ -91,7 +91,7 @@ impl TlsRedis {
         if password {
             args.extend(["--requirepass", PASSWORD]);
         }
-        let redis = RedisServer::start_on(free_port(), &args);
+        let redis = RedisServer::start(&args);
         Self { redis, tls_port: tls_port.parse().expect("port"), password }
     }
 

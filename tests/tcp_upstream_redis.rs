@@ -319,3 +319,13 @@ on_both_backends!(
     tcp_workers_survive_a_redis_restart,
     resp_clients_and_tcp_workers_share_the_bridge,
 );
+
+/// The tests' own check (`RedisServer::try_start_on`): a port another process listens on is
+/// not mistaken for the new redis-server's, which the tests here would then talk to instead.
+#[test]
+fn a_taken_port_is_not_taken_for_the_redis() {
+    let other = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = other.local_addr().expect("addr").port();
+    assert!(RedisServer::try_start_on(port, &[]).is_none(), "another listener was taken for the redis");
+    drop(other);
+}

@@ -302,12 +302,29 @@ pub(crate) struct RedisServer {
 impl RedisServer {
     /// Starts `redis-server` with no persistence and `extra` arguments. Fails the test with a
     /// clear message if it is not installed.
+    ///
+    /// A port found free can be taken before redis-server binds it (tests run in parallel, and
+    /// each starts servers of its own): then redis-server exits at once, or another test's
+    /// server answers there. Either way this one tries again on another port.
     pub(crate) fn start(extra: &[&str]) -> Self {
-        Self::start_on(free_port(), extra)
+        const TRIES: usize = 5;
+        for _ in 0..TRIES {
+            if let Some(server) = Self::try_start_on(free_port(), extra) {
+                return server;
+            }
+        }
+        panic!("redis-server found its port taken {TRIES} times in a row");
     }
 
     /// As [`RedisServer::start`], on `port` (to restart one where its clients expect it).
     pub(crate) fn start_on(port: u16, extra: &[&str]) -> Self {
+        Self::try_start_on(port, extra)
+            .unwrap_or_else(|| panic!("redis-server could not listen on 127.0.0.1:{port}: the port is taken"))
+    }
+
+    /// Starts redis-server on `port` and waits until it listens there; `None` if it exits
+    /// first or another process answers on that port (the port was taken).
+    pub(crate) fn try_start_on(port: u16, extra: &[&str]) -> Option<Self> {
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
         cmd.args(extra).stdout(Stdio::null()).stderr(Stdio::null());
@@ -318,16 +335,46 @@ impl RedisServer {
             )
         });
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        // Killed on drop if it does not do.
+        let mut server = Self { child, addr };
         let deadline = Instant::now() + WAIT;
         loop {
+            if server.child.try_wait().expect("redis-server's status").is_some() {
+                return None;
+            }
             if let Ok(s) = TcpStream::connect(addr) {
-                drop(s);
-                break;
+                let password =
+                    extra.iter().position(|a| *a == "--requirepass").and_then(|i| extra.get(i + 1));
+                return (process_id(s, password.copied()) == Some(server.child.id())).then_some(server);
             }
             assert!(Instant::now() < deadline, "redis-server did not start listening on {addr}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self { child, addr }
+    }
+}
+
+/// The `process_id` a Redis on `stream` reports in `INFO server` (after `AUTH password`, if
+/// given); `None` for anything else (another kind of server, or none that answers within a
+/// second).
+fn process_id(mut stream: TcpStream, password: Option<&str>) -> Option<u32> {
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    if let Some(password) = password {
+        stream.write_all(&Client::encode(&[b"AUTH", password.as_bytes()])).ok()?;
+    }
+    stream.write_all(&Client::encode(&[b"INFO", b"server"])).ok()?;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got);
+        if let Some(rest) = text.split("process_id:").nth(1) {
+            if let Some(end) = rest.find("\r\n") {
+                return rest[..end].parse().ok();
+            }
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
     }
 }
 
