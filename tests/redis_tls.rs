@@ -82,17 +82,26 @@ struct TlsRedis {
 
 impl TlsRedis {
     /// With `password`, Redis also asks for [`PASSWORD`].
+    ///
+    /// Either port may be taken by another test between `free_port` and redis-server's bind:
+    /// then redis-server exits (or the plain port answers for another process), and it starts
+    /// again on two other ports.
     fn start(pki: &Pki, password: bool) -> Self {
-        let tls_port = free_port().to_string();
+        const TRIES: usize = 5;
         let files = [pki.arg("server.pem"), pki.arg("server.key"), pki.arg("ca.pem")];
-        let mut args =
-            vec!["--tls-port", &tls_port, "--tls-cert-file", &files[0], "--tls-key-file", &files[1]];
-        args.extend(["--tls-ca-cert-file", &files[2], "--tls-auth-clients", "yes"]);
-        if password {
-            args.extend(["--requirepass", PASSWORD]);
+        for _ in 0..TRIES {
+            let tls_port = free_port().to_string();
+            let mut args =
+                vec!["--tls-port", &tls_port, "--tls-cert-file", &files[0], "--tls-key-file", &files[1]];
+            args.extend(["--tls-ca-cert-file", &files[2], "--tls-auth-clients", "yes"]);
+            if password {
+                args.extend(["--requirepass", PASSWORD]);
+            }
+            if let Some(redis) = RedisServer::try_start_on(free_port(), &args) {
+                return Self { redis, tls_port: tls_port.parse().expect("port"), password };
+            }
         }
-        let redis = RedisServer::start(&args);
-        Self { redis, tls_port: tls_port.parse().expect("port"), password }
+        panic!("redis-server with TLS found a port taken {TRIES} times in a row");
     }
 
     /// A client on the plain port, authenticated.

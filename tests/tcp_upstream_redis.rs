@@ -329,3 +329,17 @@ fn a_taken_port_is_not_taken_for_the_redis() {
     assert!(RedisServer::try_start_on(port, &[]).is_none(), "another listener was taken for the redis");
     drop(other);
 }
+
+/// The tests' check of who listens on a port (`listened_by`): this process on its own
+/// listener, and not another process (a child, which does not inherit the socket).
+#[test]
+fn a_listener_is_found_by_its_process() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    assert!(resp_common::listened_by(std::process::id(), port), "this process's own listener");
+    let mut other = std::process::Command::new("sleep").arg("30").spawn().expect("run sleep");
+    let found = resp_common::listened_by(other.id(), port);
+    let _ = other.kill();
+    let _ = other.wait();
+    assert!(!found, "another process was taken for the listener's");
+}

@@ -385,6 +385,30 @@ impl Drop for RedisServer {
     }
 }
 
+/// Whether process `pid` listens on 127.0.0.1:`port` (or on every IPv4 address there): its
+/// descriptors include the listening socket `/proc/net/tcp` names for that port. A port found
+/// with [`free_port`] can be taken by another test's server before a child binds it, and
+/// then a connection there reaches the wrong process.
+pub(crate) fn listened_by(pid: u32, port: u16) -> bool {
+    const LISTEN: &str = "0A";
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else { return false };
+    let want = [format!("0100007F:{port:04X}"), format!("00000000:{port:04X}")];
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() > 9 && want.iter().any(|w| w == f[1]) && f[3] == LISTEN)
+                .then(|| format!("socket:[{}]", f[9]))
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    })
+}
+
 /// A port free right now on 127.0.0.1.
 pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
