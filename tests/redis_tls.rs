@@ -14,8 +14,8 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, 
 use replhub::config::{BackoffConfig, IoBackend, RedisUpstream};
 use replhub::server::Server;
 use resp_common::{
-    bridge_config, free_port, numsub, on_both_backends, publish_both_ways, subscribe_one as subscribe,
-    wait_numsub, Client, RedisServer, Reply, WAIT,
+    bridge_config, free_port, numsub, on_a_free_port, on_both_backends, publish_both_ways,
+    subscribe_one as subscribe, wait_numsub, Client, RedisServer, Reply, WAIT,
 };
 
 const N: usize = 50;
@@ -81,15 +81,11 @@ struct TlsRedis {
 }
 
 impl TlsRedis {
-    /// With `password`, Redis also asks for [`PASSWORD`].
-    ///
-    /// Either port may be taken by another test between `free_port` and redis-server's bind:
-    /// then redis-server exits (or the plain port answers for another process), and it starts
-    /// again on two other ports.
+    /// With `password`, Redis also asks for [`PASSWORD`]. Both ports are drawn again when either
+    /// was taken (`on_a_free_port`).
     fn start(pki: &Pki, password: bool) -> Self {
-        const TRIES: usize = 5;
         let files = [pki.arg("server.pem"), pki.arg("server.key"), pki.arg("ca.pem")];
-        for _ in 0..TRIES {
+        on_a_free_port("redis-server with TLS", |port| {
             let tls_port = free_port().to_string();
             let mut args =
                 vec!["--tls-port", &tls_port, "--tls-cert-file", &files[0], "--tls-key-file", &files[1]];
@@ -97,11 +93,9 @@ impl TlsRedis {
             if password {
                 args.extend(["--requirepass", PASSWORD]);
             }
-            if let Some(redis) = RedisServer::try_start_on(free_port(), &args) {
-                return Self { redis, tls_port: tls_port.parse().expect("port"), password };
-            }
-        }
-        panic!("redis-server with TLS found a port taken {TRIES} times in a row");
+            let redis = RedisServer::try_start_on(port, &args)?;
+            Some(Self { redis, tls_port: tls_port.parse().expect("port"), password })
+        })
     }
 
     /// A client on the plain port, authenticated.

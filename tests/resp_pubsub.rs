@@ -232,13 +232,9 @@ fn set_and_get_expire_and_stay_bounded(io: IoBackend) {
     server.shutdown().expect("clean shutdown");
 }
 
-/// `replhub serve --resp-listen` as a child on a free port, and that port. A port another test
-/// took before the child bound it (the child exits, or another process answers there) is
-/// given up for another.
+/// `replhub serve --resp-listen` as a child on a free port, and that port.
 fn spawn_resp_serve(io: IoBackend) -> (std::process::Child, std::net::SocketAddr) {
-    const TRIES: usize = 5;
-    for _ in 0..TRIES {
-        let port = resp_common::free_port();
+    resp_common::on_a_free_port("replhub serve", |port| {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_replhub"))
             .args(["serve", "--resp-listen", &format!("127.0.0.1:{port}"), "--listen", "127.0.0.1:0"])
             .args(["--metrics-listen", "off", "--io", if io == IoBackend::Uring { "uring" } else { "epoll" }])
@@ -246,25 +242,13 @@ fn spawn_resp_serve(io: IoBackend) -> (std::process::Child, std::net::SocketAddr
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("replhub starts");
-        let addr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let deadline = Instant::now() + WAIT;
-        let ours = loop {
-            if child.try_wait().expect("wait").is_some() {
-                break false;
-            }
-            if std::net::TcpStream::connect(addr).is_ok() {
-                break resp_common::listened_by(child.id(), port);
-            }
-            assert!(Instant::now() < deadline, "replhub did not listen on {addr}");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        if ours {
-            return (child, addr);
+        if resp_common::wait_own_listener(&mut child, port) {
+            return Some((child, std::net::SocketAddr::from(([127, 0, 0, 1], port))));
         }
         let _ = child.kill();
         let _ = child.wait();
-    }
-    panic!("replhub serve found its port taken {TRIES} times in a row");
+        None
+    })
 }
 
 fn the_command_line_serves_redis_mode_alone(io: IoBackend) {

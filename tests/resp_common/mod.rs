@@ -300,20 +300,10 @@ pub(crate) struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts `redis-server` with no persistence and `extra` arguments. Fails the test with a
-    /// clear message if it is not installed.
-    ///
-    /// A port found free can be taken before redis-server binds it (tests run in parallel, and
-    /// each starts servers of its own): then redis-server exits at once, or another test's
-    /// server answers there. Either way this one tries again on another port.
+    /// Starts `redis-server` with no persistence and `extra` arguments on a free port. Fails
+    /// the test with a clear message if it is not installed.
     pub(crate) fn start(extra: &[&str]) -> Self {
-        const TRIES: usize = 5;
-        for _ in 0..TRIES {
-            if let Some(server) = Self::try_start_on(free_port(), extra) {
-                return server;
-            }
-        }
-        panic!("redis-server found its port taken {TRIES} times in a row");
+        on_a_free_port("redis-server", |port| Self::try_start_on(port, extra))
     }
 
     /// As [`RedisServer::start`], on `port` (to restart one where its clients expect it).
@@ -322,8 +312,8 @@ impl RedisServer {
             .unwrap_or_else(|| panic!("redis-server could not listen on 127.0.0.1:{port}: the port is taken"))
     }
 
-    /// Starts redis-server on `port` and waits until it listens there; `None` if it exits
-    /// first or another process answers on that port (the port was taken).
+    /// Starts redis-server on `port` and waits until it listens there; `None` if the port was
+    /// taken ([`wait_own_listener`]).
     pub(crate) fn try_start_on(port: u16, extra: &[&str]) -> Option<Self> {
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
@@ -335,46 +325,40 @@ impl RedisServer {
             )
         });
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        // Killed on drop if it does not do.
+        // Killed on drop if it is not ours to keep.
         let mut server = Self { child, addr };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if server.child.try_wait().expect("redis-server's status").is_some() {
-                return None;
-            }
-            if let Ok(s) = TcpStream::connect(addr) {
-                let password =
-                    extra.iter().position(|a| *a == "--requirepass").and_then(|i| extra.get(i + 1));
-                return (process_id(s, password.copied()) == Some(server.child.id())).then_some(server);
-            }
-            assert!(Instant::now() < deadline, "redis-server did not start listening on {addr}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_own_listener(&mut server.child, port).then_some(server)
     }
 }
 
-/// The `process_id` a Redis on `stream` reports in `INFO server` (after `AUTH password`, if
-/// given); `None` for anything else (another kind of server, or none that answers within a
-/// second).
-fn process_id(mut stream: TcpStream, password: Option<&str>) -> Option<u32> {
-    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    if let Some(password) = password {
-        stream.write_all(&Client::encode(&[b"AUTH", password.as_bytes()])).ok()?;
+/// Runs `try_port` on free ports until it returns something, up to 5 times. A port found free
+/// can be taken by another test's server (tests run in parallel, each starting its own) before
+/// the process meant for it binds it: `try_port` then gives `None` ([`wait_own_listener`]).
+pub(crate) fn on_a_free_port<T>(what: &str, mut try_port: impl FnMut(u16) -> Option<T>) -> T {
+    const TRIES: usize = 5;
+    for _ in 0..TRIES {
+        if let Some(started) = try_port(free_port()) {
+            return started;
+        }
     }
-    stream.write_all(&Client::encode(&[b"INFO", b"server"])).ok()?;
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 4096];
+    panic!("{what} found its port taken {TRIES} times in a row");
+}
+
+/// Waits until `child` listens on 127.0.0.1:`port`: true once a connection there is accepted
+/// and the listener is the child's ([`listened_by`]); false if the child exits first (it could
+/// not bind) or another process answers there.
+pub(crate) fn wait_own_listener(child: &mut Child, port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + WAIT;
     loop {
-        let text = String::from_utf8_lossy(&got);
-        if let Some(rest) = text.split("process_id:").nth(1) {
-            if let Some(end) = rest.find("\r\n") {
-                return rest[..end].parse().ok();
-            }
+        if child.try_wait().expect("the child's status").is_some() {
+            return false;
         }
-        match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        if TcpStream::connect(addr).is_ok() {
+            return listened_by(child.id(), port);
         }
+        assert!(Instant::now() < deadline, "nothing listened on {addr} within {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -386,9 +370,7 @@ impl Drop for RedisServer {
 }
 
 /// Whether process `pid` listens on 127.0.0.1:`port` (or on every IPv4 address there): its
-/// descriptors include the listening socket `/proc/net/tcp` names for that port. A port found
-/// with [`free_port`] can be taken by another test's server before a child binds it, and
-/// then a connection there reaches the wrong process.
+/// descriptors include the listening socket `/proc/net/tcp` names for that port.
 pub(crate) fn listened_by(pid: u32, port: u16) -> bool {
     const LISTEN: &str = "0A";
     let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else { return false };
