@@ -68,8 +68,6 @@ const LOOP_ID: ConnId = ConnId { index: 0, gen: 0 };
 /// What [`Io::submit`]'s `io_uring_enter` does besides submitting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Enter {
-    /// Nothing more.
-    Submit,
     /// Sleeps until at least one completion is ready.
     Sleep,
     /// Runs the task work the kernel holds for this thread's completions (all of it with
@@ -152,6 +150,8 @@ pub(super) struct LoopStats {
     pub turns: u64,
     /// `io_uring_enter` calls.
     pub enters: u64,
+    /// Turns that ended asleep in `io_uring_enter`, waiting for a completion.
+    pub sleeps: u64,
     /// Sends submitted.
     pub sends: u64,
     /// Sends that wrote less than asked (the socket was full).
@@ -191,7 +191,7 @@ pub(super) fn run_core_with(ctx: CoreContext, buf_count: u16) -> anyhow::Result<
 /// A core: its I/O and the shared loop. Field order matters for the normal drop (no op in
 /// flight): the ring (first in `io`) goes first, then the memory registered with it, then the
 /// hub that owns the bytes the last sends pointed at.
-struct Driver {
+pub(super) struct Driver {
     io: Io,
     core: CoreLoop,
     inbox: Receiver<CoreMsg>,
@@ -328,22 +328,55 @@ impl Driver {
         Ok((Self { io, core, inbox }, hosted))
     }
 
+    /// A core to drive turn by turn ([`Driver::turn`], [`Driver::end_turn`]), for tests: the
+    /// source is not on board.
+    #[cfg(test)]
+    pub(super) fn stepped(ctx: CoreContext, buf_count: u16) -> anyhow::Result<Self> {
+        let (driver, hosted) = Self::new(ctx, buf_count)?;
+        anyhow::ensure!(hosted.is_none(), "a core with the source on board runs in tokio");
+        Ok(driver)
+    }
+
+    /// Ends a [`Driver::stepped`] core as [`run_core_with`] does: every op finished, or the
+    /// ring leaked rather than its memory freed under the kernel.
+    #[cfg(test)]
+    pub(super) fn finish(mut self) -> anyhow::Result<LoopStats> {
+        let result = self.exit();
+        let stats = self.io.stats;
+        if self.io.in_flight > 0 {
+            std::mem::forget(self);
+        }
+        result.map(|()| stats)
+    }
+
     fn run(&mut self) -> anyhow::Result<()> {
         while let Some(may_sleep) = self.turn() {
-            // While the mailbox is held the loop sleeps without telling the senders: the hold
-            // timer wakes it, and only then is the mailbox taken.
-            let sleep = may_sleep && (self.arm_hold() || self.ready_to_sleep());
-            self.io.submit(if sleep { Enter::Sleep } else { Enter::Submit })?;
-            if sleep {
-                // Awake again: senders can leave the eventfd alone until the next sleep.
-                if let Some(asleep) = &self.io.asleep {
-                    wakeup::announce_awake(asleep);
-                }
-            }
-            let now = self.core.now();
-            self.reap(now);
+            self.end_turn(may_sleep)?;
         }
         self.exit()
+    }
+
+    /// Ends a turn: one `io_uring_enter` hands the turn's submissions over and has the kernel
+    /// post the completions it deferred to this thread (DEFER_TASKRUN: accepts, recvs, timers),
+    /// asleep until one comes if the loop may sleep and nothing waits in the mailbox; then
+    /// reaps. A loop that never sleeps (its mailbox never empty when a turn ends, as under a
+    /// steady load whose batches come faster than a turn) must still ask for them every turn,
+    /// or its workers' input and new workers wait until the load stops.
+    pub(super) fn end_turn(&mut self, may_sleep: bool) -> anyhow::Result<()> {
+        // While the mailbox is held the loop sleeps without telling the senders: the hold
+        // timer wakes it, and only then is the mailbox taken.
+        let sleep = may_sleep && (self.arm_hold() || self.ready_to_sleep());
+        self.io.submit(if sleep { Enter::Sleep } else { Enter::Flush })?;
+        if sleep {
+            self.io.stats.sleeps += 1;
+            // Awake again: senders can leave the eventfd alone until the next sleep.
+            if let Some(asleep) = &self.io.asleep {
+                wakeup::announce_awake(asleep);
+            }
+        }
+        let now = self.core.now();
+        self.reap(now);
+        Ok(())
     }
 
     /// While write moderation holds the mailbox back, makes sure a timer ends the wait in time:
@@ -372,7 +405,7 @@ impl Driver {
 
     /// One turn of the loop, up to its submission: `None` once the core has finished, else
     /// whether the loop may sleep until the next completion.
-    fn turn(&mut self) -> Option<bool> {
+    pub(super) fn turn(&mut self) -> Option<bool> {
         let now = self.core.now();
         // Runs every turn (an empty channel costs a couple of loads), so a dropped mailbox
         // is noticed at the next tick even though dropping fires no wake-up. The eventfd is
@@ -736,6 +769,7 @@ impl Driver {
             recvs = self.io.stats.data,
             enobufs = self.io.stats.enobufs,
             turns = self.io.stats.turns,
+            sleeps = self.io.stats.sleeps,
             enters = self.io.stats.enters,
             sends = self.io.stats.sends,
             short_sends = self.io.stats.short_sends,

@@ -11,7 +11,9 @@
 //!       gathered send per dirty connection (Sockets::write copies the slices into iovecs in
 //!       the connection's own storage, send.rs: SENDMSG, or a plain SEND for one slice, which
 //!       spares the kernel copying and checking a msghdr), one in flight per socket; then one
-//!       io_uring_enter that submits and waits
+//!       io_uring_enter that submits and, with GETEVENTS, has the kernel post the completions
+//!       it deferred to this thread (DEFER_TASKRUN), asleep until one comes only if the loop
+//!       may sleep
 //!   with the source on board (--threads 1): the same turns as a task of a tokio
 //!       current-thread runtime beside the source's task; the loop sleeps in tokio, on an
 //!       eventfd registered with the ring (which then runs COOP_TASKRUN, not DEFER_TASKRUN,
@@ -46,9 +48,13 @@
 //!   open after 2 s is reset. Before the buffers are freed the loop waits (bounded) until the
 //!   kernel has finished every op; if it has not, the ring and its memory are leaked rather
 //!   than freed under the kernel.
-//! - Submissions are batched: one `io_uring_enter` per loop turn submits everything and
-//!   waits for at least one completion; submissions that do not fit the queue wait in a
-//!   backlog. A turn with many sends also hands them over every `SUBMIT_BATCH` (128), so that
+//! - Submissions are batched: one `io_uring_enter` per loop turn submits everything and,
+//!   when the loop may sleep, waits for at least one completion; submissions that do not fit
+//!   the queue wait in a backlog. That call always passes GETEVENTS: under DEFER_TASKRUN the
+//!   kernel posts accepts, recvs and timers only when asked, and a core under a steady load
+//!   (a batch waiting at the end of every turn) never sleeps, so without it the workers' input
+//!   waited until the load stopped (100 lines/s to 10 000 workers: their 10 000 PINGs of one
+//!   round were reaped in a burst 300 ms late). A turn with many sends also hands them over every `SUBMIT_BATCH` (128), so that
 //!   one call never holds a non-preemptible kernel's CPU for all of a turn's sends. The kernel keeps overflowing completions (NODROP). An idle core sleeps in the
 //!   kernel until the mailbox, a socket or the hub's timer wakes it.
 mod bufring;

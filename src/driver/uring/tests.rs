@@ -235,3 +235,47 @@ fn an_idle_core_is_not_woken_per_batch_and_a_busy_one_is() {
     drop(reader);
     thread.join().unwrap().unwrap();
 }
+
+/// A core whose mailbox is never empty when a turn ends never sleeps, as under a steady load
+/// whose batches come faster than a turn (100 lines/s to 10 000 workers). The ring runs
+/// DEFER_TASKRUN: the kernel posts an accept's or a recv's completion only when the loop asks
+/// for completions. So a turn must ask for them as it ends even when it does not sleep, or
+/// new workers and their input wait until the load stops. Driven turn by turn, never allowed
+/// to sleep, the core must still take a new worker and forward its command.
+#[test]
+fn a_core_that_never_sleeps_still_takes_its_workers_input() {
+    use std::io::Write;
+
+    let (wakeup, wake) = new_wakeup().unwrap();
+    let (_mailbox, rx) = Inbox::new(wake);
+    let mut ctx = context(wakeup, rx);
+    let (upstream, upstream_rx) = Inbox::new(Arc::new(|| {}));
+    ctx.upstream = upstream;
+    let addr = ctx.listener.local_addr().unwrap();
+    let mut core = event_loop::Driver::stepped(ctx, 16).unwrap();
+    // The first turn arms the accept.
+    assert!(core.turn().is_some());
+    core.end_turn(false).unwrap();
+    let mut worker = std::net::TcpStream::connect(addr).unwrap();
+    worker.write_all(b"FEDERATION_ACK 7\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut forwarded = None;
+    let mut turns = 0u32;
+    while forwarded.is_none() && Instant::now() < deadline {
+        assert!(core.turn().is_some(), "the core stopped");
+        core.end_turn(false).unwrap();
+        turns += 1;
+        forwarded = upstream_rx.try_recv().ok().map(|(_, cmd)| cmd);
+    }
+    // The ring's memory is only freed once its ops are done: end the core before asserting.
+    drop(worker);
+    let stats = core.finish().unwrap();
+    assert_eq!(stats.sleeps, 0, "the test let the core sleep");
+    let Some(cmd) = forwarded else {
+        panic!("a core that never slept never took the worker's command ({turns} turns)");
+    };
+    assert!(
+        matches!(cmd, crate::hub::UpstreamCmd::Forward(ref l) if &l[..] == b"FEDERATION_ACK 7\n"),
+        "{cmd:?}"
+    );
+}
