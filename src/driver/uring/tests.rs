@@ -54,14 +54,28 @@ struct RunningCore {
     thread: std::thread::JoinHandle<anyhow::Result<event_loop::LoopStats>>,
 }
 
-/// Starts a core with `buf_count` recv buffers on a thread of its own.
-fn start_core(buf_count: u16) -> RunningCore {
+/// A core's context with an eventfd wake-up, its mailbox, what it forwards upstream and
+/// where it accepts workers.
+type Wired = (
+    CoreContext,
+    Inbox<CoreMsg>,
+    std::sync::mpsc::Receiver<(usize, crate::hub::UpstreamCmd)>,
+    std::net::SocketAddr,
+);
+
+fn wired_context() -> Wired {
     let (wakeup, wake) = new_wakeup().unwrap();
     let (mailbox, rx) = Inbox::new(wake);
     let mut ctx = context(wakeup, rx);
     let (upstream, upstream_rx) = Inbox::new(Arc::new(|| {}));
     ctx.upstream = upstream;
     let addr = ctx.listener.local_addr().unwrap();
+    (ctx, mailbox, upstream_rx, addr)
+}
+
+/// Starts a core with `buf_count` recv buffers on a thread of its own.
+fn start_core(buf_count: u16) -> RunningCore {
+    let (ctx, mailbox, upstream_rx, addr) = wired_context();
     let thread = std::thread::spawn(move || event_loop::run_core_with(ctx, buf_count));
     RunningCore { mailbox, upstream: upstream_rx, addr, thread }
 }
@@ -246,12 +260,7 @@ fn an_idle_core_is_not_woken_per_batch_and_a_busy_one_is() {
 fn a_core_that_never_sleeps_still_takes_its_workers_input() {
     use std::io::Write;
 
-    let (wakeup, wake) = new_wakeup().unwrap();
-    let (_mailbox, rx) = Inbox::new(wake);
-    let mut ctx = context(wakeup, rx);
-    let (upstream, upstream_rx) = Inbox::new(Arc::new(|| {}));
-    ctx.upstream = upstream;
-    let addr = ctx.listener.local_addr().unwrap();
+    let (ctx, _mailbox, upstream_rx, addr) = wired_context();
     let mut core = event_loop::Driver::stepped(ctx, 16).unwrap();
     // The first turn arms the accept.
     assert!(core.turn().is_some());
