@@ -361,9 +361,9 @@ impl Driver {
     /// Ends a turn: one `io_uring_enter` hands the turn's submissions over and has the kernel
     /// post the completions it deferred to this thread (DEFER_TASKRUN: accepts, recvs, timers),
     /// asleep until one comes if the loop may sleep and nothing waits in the mailbox; then
-    /// reaps. A loop that never sleeps (its mailbox never empty when a turn ends, as under a
-    /// steady load whose batches come faster than a turn) must still ask for them every turn,
-    /// or its workers' input and new workers wait until the load stops.
+    /// reaps. A loop that never sleeps (writes left for its next turn, or news in its mailbox,
+    /// whenever a turn ends, as under a steady load) must still ask for them every turn, or its
+    /// workers' input and new workers wait until the load stops.
     pub(super) fn end_turn(&mut self, may_sleep: bool) -> anyhow::Result<()> {
         // While the mailbox is held the loop sleeps without telling the senders: the hold
         // timer wakes it, and only then is the mailbox taken.

@@ -250,8 +250,8 @@ fn an_idle_core_is_not_woken_per_batch_and_a_busy_one_is() {
     thread.join().unwrap().unwrap();
 }
 
-/// A core whose mailbox is never empty when a turn ends never sleeps, as under a steady load
-/// whose batches come faster than a turn (100 lines/s to 10 000 workers). The ring runs
+/// A core with writes left for its next turn, or news in its mailbox, whenever a turn ends
+/// never sleeps, as under a steady load (100 lines/s to 10 000 workers). The ring runs
 /// DEFER_TASKRUN: the kernel posts an accept's or a recv's completion only when the loop asks
 /// for completions. So a turn must ask for them as it ends even when it does not sleep, or
 /// new workers and their input wait until the load stops. Driven turn by turn, never allowed
