@@ -53,10 +53,12 @@
 //!   the queue wait in a backlog. That call always passes GETEVENTS: under DEFER_TASKRUN the
 //!   kernel posts accepts, recvs and timers only when asked, and a core under a steady load
 //!   (writes left for the next turn, or a batch waiting, at the end of every turn) never
-//!   sleeps, so without it the workers' input waited until the load stopped (100 lines/s to 10 000 workers: their 10 000 PINGs of one
-//!   round were reaped in a burst 300 ms late). A turn with many sends also hands them over every `SUBMIT_BATCH` (128), so that
-//!   one call never holds a non-preemptible kernel's CPU for all of a turn's sends. The kernel keeps overflowing completions (NODROP). An idle core sleeps in the
-//!   kernel until the mailbox, a socket or the hub's timer wakes it.
+//!   sleeps, so without it the workers' input waited until the load stopped (100 lines/s to
+//!   10 000 workers: their 10 000 PINGs of one round were reaped in a burst 300 ms late).
+//!   A turn with many sends also hands them over every `SUBMIT_BATCH` (128), so that one call
+//!   never holds a non-preemptible kernel's CPU for all of a turn's sends. The kernel keeps
+//!   overflowing completions (NODROP). An idle core sleeps in the kernel until the mailbox, a
+//!   socket or the hub's timer wakes it.
 mod bufring;
 mod event_loop;
 mod probe;
