@@ -173,17 +173,7 @@ pub(super) fn run_core_with(ctx: CoreContext, buf_count: u16) -> anyhow::Result<
         None => driver.run(),
         Some(hosted) => driver.run_hosted(hosted),
     }));
-    let stats = driver.io.stats;
-    if driver.io.in_flight > 0 {
-        // The kernel may still write into the recv buffers or read the iovecs and the batches
-        // they point at: never free them. This only happens on an error path.
-        tracing::error!(
-            core = driver.io.index,
-            ops = driver.io.in_flight,
-            "io_uring ops still in flight at exit; leaking the ring"
-        );
-        std::mem::forget(driver);
-    }
+    let stats = driver.release();
     match result {
         Ok(r) => r.map(|()| stats),
         Err(panic) => std::panic::resume_unwind(panic),
@@ -339,16 +329,30 @@ impl Driver {
         Ok(driver)
     }
 
-    /// Ends a [`Driver::stepped`] core as [`run_core_with`] does: every op finished, or the
-    /// ring leaked rather than its memory freed under the kernel.
+    /// Ends a [`Driver::stepped`] core as [`run_core_with`] does ([`Driver::exit`], then
+    /// [`Driver::release`]).
     #[cfg(test)]
     pub(super) fn finish(mut self) -> anyhow::Result<LoopStats> {
         let result = self.exit();
+        let stats = self.release();
+        result.map(|()| stats)
+    }
+
+    /// Drops the driver once its loop has ended, and returns its counters. With ops still in
+    /// flight it is leaked instead: the kernel may still write into the recv buffers or read
+    /// the iovecs and the batches they point at, so they are never freed. This only happens
+    /// on an error path.
+    fn release(self) -> LoopStats {
         let stats = self.io.stats;
         if self.io.in_flight > 0 {
+            tracing::error!(
+                core = self.io.index,
+                ops = self.io.in_flight,
+                "io_uring ops still in flight at exit; leaking the ring"
+            );
             std::mem::forget(self);
         }
-        result.map(|()| stats)
+        stats
     }
 
     fn run(&mut self) -> anyhow::Result<()> {
