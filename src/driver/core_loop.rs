@@ -9,8 +9,9 @@
 //!                proven readers first, then TURN_WRITE_BUDGET bytes at most for the others,
 //!                the congested last (the rest waits for the next turn: has_writes), then
 //!                poll_output again
-//!   written:     on_written (and, until the connection is proven, its send queue for
-//!                on_send_queue), then Sockets::wait_writable after a short write,
+//!   written:     on_written (and, until the connection is proven and while its send queue
+//!                could hold more than the congestion mark, that queue for on_send_queue),
+//!                then Sockets::wait_writable after a short write,
 //!                or Sockets::lost after an error
 //! ```
 //!
@@ -453,13 +454,13 @@ impl CoreLoop {
     ) {
         match result {
             Ok(n) => {
-                let unproven = self.hub.wants_send_queue(id);
+                let unproven = !self.hub.is_proven_reader(id);
                 self.hub.on_written(id, n, now);
                 if self.hub.wants_send_queue(id) {
                     if let Some(queued) = sockets.fd(id).and_then(|fd| sockq::send_queue(fd).ok()) {
                         self.hub.on_send_queue(id, u64::from(queued));
                     }
-                } else if unproven && self.unproven_lowat {
+                } else if unproven && self.unproven_lowat && self.hub.is_proven_reader(id) {
                     // Proven a reader with this write: its socket may queue as much as the
                     // kernel lets it from now on.
                     if let Some(fd) = sockets.fd(id) {

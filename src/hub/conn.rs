@@ -125,6 +125,9 @@ pub(super) struct Conn {
     pub inbound: [u64; WORDS],
     /// Bytes its socket took in all (see `writes::PROVEN_READER_BYTES`).
     pub written: u64,
+    /// The most its socket's send queue can hold: the driver's last measure
+    /// ([`Hub::on_send_queue`](super::Hub::on_send_queue)) plus what it took since.
+    pub queue_bound: u64,
     /// When it was accepted (both clocks: uptime from the monotonic one, the wall one to show).
     pub connected_at: Now,
     /// When it last sent `PING` (monotonic ms), if ever.
@@ -144,6 +147,7 @@ impl Conn {
             name: None,
             inbound: [0; WORDS],
             written: 0,
+            queue_bound: 0,
             connected_at: now,
             last_ping_ms: None,
             resp: None,

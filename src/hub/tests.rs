@@ -267,7 +267,6 @@ fn each_turn_serves_proven_readers_then_clear_sockets_then_congested_ones() {
     }
     sim.hub.on_send_queue(congested, super::writes::CONGESTED_SEND_QUEUE + 1);
     sim.hub.on_send_queue(clear, 0);
-    assert!(sim.hub.wants_send_queue(clear));
     assert!(!sim.hub.wants_send_queue(reader), "a proven reader costs no extra system call");
     sim.append(&[(Events, V(9_000_000))]);
     let mut order = Vec::new();
@@ -281,6 +280,39 @@ fn each_turn_serves_proven_readers_then_clear_sockets_then_congested_ones() {
     order.clear();
     sim.hub.take_dirty(&mut order);
     assert_eq!(order, vec![reader, new, congested, clear]);
+}
+
+#[test]
+fn a_send_queue_is_measured_only_once_it_could_hold_more_than_the_congestion_mark() {
+    let mut sim = sim();
+    let w = sim.accept();
+    sim.send(w, "REPLICATE ALL");
+    let mark = super::writes::CONGESTED_SEND_QUEUE as usize;
+    let mut token = 1_000;
+    let mut one_line = |sim: &mut Sim| {
+        token += 1;
+        sim.batch(&[(Events, V(token))]);
+    };
+    // Nothing measured yet: the queue holds at most what the socket took.
+    while sim.received_bytes()[&w] <= mark {
+        assert!(!sim.hub.wants_send_queue(w), "{} bytes taken", sim.received_bytes()[&w]);
+        one_line(&mut sim);
+    }
+    assert!(sim.hub.wants_send_queue(w), "it could hold more than the mark now");
+    // A measure that finds the queue empty: at most what it took since.
+    sim.hub.on_send_queue(w, 0);
+    let measured_at = sim.received_bytes()[&w];
+    while sim.received_bytes()[&w] - measured_at <= mark {
+        assert!(!sim.hub.wants_send_queue(w));
+        one_line(&mut sim);
+    }
+    assert!(sim.hub.wants_send_queue(w));
+    // Found over the mark: measured after every write until it empties.
+    sim.hub.on_send_queue(w, mark as u64 + 1);
+    one_line(&mut sim);
+    assert!(sim.hub.wants_send_queue(w), "a congested queue is measured again");
+    sim.hub.on_send_queue(w, 0);
+    assert!(!sim.hub.wants_send_queue(w));
 }
 
 #[test]

@@ -100,17 +100,30 @@ impl Hub {
         proven
     }
 
+    /// Whether `id`'s socket has taken more than a worker that never reads could absorb
+    /// ([`PROVEN_READER_BYTES`]): its writes go first in every turn.
+    pub fn is_proven_reader(&self, id: ConnId) -> bool {
+        self.conns.get(id).is_some_and(|c| c.written > PROVEN_READER_BYTES)
+    }
+
     /// Whether the driver should tell [`Hub::on_send_queue`] what `id`'s socket holds after a
-    /// write: only until the connection is proven (after that its rank no longer depends on
-    /// it), so a proven reader's writes cost no extra system call.
+    /// write: only while the answer can change its rank. A proven reader's rank no longer
+    /// depends on it, and a send queue cannot hold more than the last measure plus what the
+    /// socket took since: while that is at most [`CONGESTED_SEND_QUEUE`], the measure would
+    /// find the connection clear. So a reader's writes cost an extra system call once per
+    /// 64 KiB it takes before it is proven, not once per write (at 100 lines a second, one in
+    /// some 200 writes), and a worker that stopped reading is found out as soon as before.
     pub fn wants_send_queue(&self, id: ConnId) -> bool {
-        self.conns.get(id).is_some_and(|c| c.written <= PROVEN_READER_BYTES)
+        self.conns
+            .get(id)
+            .is_some_and(|c| c.written <= PROVEN_READER_BYTES && c.queue_bound > CONGESTED_SEND_QUEUE)
     }
 
     /// `id`'s socket held `bytes` unsent or unacknowledged after a write (SIOCOUTQ): more than
     /// [`CONGESTED_SEND_QUEUE`] ranks it after the other unproven connections.
     pub fn on_send_queue(&mut self, id: ConnId, bytes: u64) {
         if let Some(c) = self.conns.get_mut(id) {
+            c.queue_bound = bytes;
             c.outbox.set_congested(bytes > CONGESTED_SEND_QUEUE);
         }
     }
@@ -197,6 +210,7 @@ impl Hub {
             c.session.on_sent(now);
         }
         c.written += n as u64;
+        c.queue_bound += n as u64;
         self.stats.lines_delivered += written.lines;
         self.stats.bytes_delivered += n as u64;
         self.stats.writes += 1;
