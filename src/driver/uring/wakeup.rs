@@ -133,17 +133,28 @@ mod tests {
         use std::sync::atomic::AtomicU64;
 
         const MESSAGES: u64 = 20_000;
+        /// Every this many messages the sender waits for the core to go to sleep before it
+        /// sends the next: on a busy machine the sender can otherwise win every race, and a
+        /// core that never sleeps tests nothing.
+        const SLEEP_EVERY: u64 = 1_000;
         let (file, asleep, wake) = parts();
         let (tx, rx) = mpsc::channel::<u64>();
         let taken = Arc::new(AtomicU64::new(0));
+        let slept = Arc::new(AtomicU64::new(0));
         let sender = std::thread::spawn({
-            let taken = Arc::clone(&taken);
+            let (taken, slept) = (Arc::clone(&taken), Arc::clone(&slept));
             move || {
                 for i in 0..MESSAGES {
+                    let sleeps_before = slept.load(Ordering::Acquire);
                     tx.send(i).unwrap();
                     wake();
                     while taken.load(Ordering::Acquire) <= i {
                         std::thread::yield_now();
+                    }
+                    if i % SLEEP_EVERY == SLEEP_EVERY - 1 && i + 1 < MESSAGES {
+                        while slept.load(Ordering::Acquire) == sleeps_before {
+                            std::thread::yield_now();
+                        }
                     }
                 }
             }
@@ -172,6 +183,7 @@ mod tests {
                 break;
             }
             sleeps += 1;
+            slept.store(u64::from(sleeps), Ordering::Release);
             let mut pfd =
                 libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&file), events: libc::POLLIN, revents: 0 };
             // SAFETY: one valid pollfd, for the duration of the call.
