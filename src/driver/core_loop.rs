@@ -5,7 +5,7 @@
 //!   drain_inbox: Batch → on_batch, Upstream → on_upstream, Snapshot → snapshot (+ queues),
 //!                Shutdown (or the mailbox gone) → shutdown, and the grace starts
 //!   turn:        poll_output (Upstream → the source's inbox, Close → Sockets::close),
-//!                then take_dirty → gather → Sockets::write, one write per connection,
+//!                then next_dirty → gather → Sockets::write, one write per connection,
 //!                proven readers first, then TURN_WRITE_BUDGET bytes at most for the others,
 //!                the congested last (the rest waits for the next turn: has_writes), then
 //!                poll_output again
@@ -102,7 +102,6 @@ pub(crate) struct CoreLoop {
     upstream: Inbox<(usize, UpstreamCmd)>,
     /// Set by `Shutdown`: when to stop flushing (monotonic ms).
     stop_at_ms: Option<u64>,
-    dirty: Vec<ConnId>,
     /// The iovec list, its allocation reused for every write.
     iov: Vec<IoSlice<'static>>,
     /// When to give the heap back after a large backlog went.
@@ -168,7 +167,6 @@ impl CoreLoop {
             clock,
             upstream,
             stop_at_ms: None,
-            dirty: Vec::new(),
             iov: Vec::new(),
             trimmer: Trimmer::default(),
             unproven_lowat: worker_notsent_lowat == 0,
@@ -376,34 +374,23 @@ impl CoreLoop {
     pub(super) fn turn(&mut self, sockets: &mut impl Sockets, now: Now) {
         self.to_peers.flush(&self.peers);
         self.outputs(sockets, now);
-        let mut dirty = std::mem::take(&mut self.dirty);
-        dirty.clear();
-        let proven = self.hub.take_dirty(&mut dirty);
-        let mut spent = 0usize;
-        let mut served = dirty.len();
         // Only a turn that took batches can open a window (and only then is it timed).
         let began_us = (self.batches_taken > 0 && self.moderation.is_on()).then(|| self.clock.mono_us());
+        let mut order = self.hub.dirty_turn();
+        let mut spent = 0usize;
         let mut writes = 0u64;
-        for (k, &id) in dirty.iter().enumerate() {
-            if k > proven && spent >= TURN_WRITE_BUDGET {
-                served = k;
-                break;
-            }
-            let len = self.write(sockets, id, now);
+        while let Some(next) = self.hub.next_dirty(&mut order, spent < TURN_WRITE_BUDGET) {
+            let len = self.write(sockets, next.id, now);
             writes += u64::from(len > 0);
-            if k >= proven {
+            if !next.proven {
                 spent += len;
             }
-        }
-        if served < dirty.len() {
-            self.hub.requeue_dirty(&dirty[served..]);
         }
         let batches = std::mem::take(&mut self.batches_taken);
         if let Some(began_us) = began_us {
             self.moderation.fanned_out(began_us, batches, writes);
         }
         self.outputs(sockets, now);
-        self.dirty = dirty;
         self.publish_load();
         if self.trimmer.observe(self.hub.log().held_bytes(), now.mono_ms) {
             let released = trim::release_free_heap();

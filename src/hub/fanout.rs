@@ -66,7 +66,7 @@ impl Hub {
                 }
                 let Some(c) = conns.get_mut(id) else { continue };
                 if c.outbox.wake(log, first, now.mono_ms, c.close.emitted()) {
-                    dirty.push(id);
+                    dirty.push(id, c);
                 } else if c.outbox.waits_on_socket() {
                     if parked.len() <= slot {
                         parked.resize(slot + 1, 0);
@@ -85,7 +85,7 @@ impl Hub {
                     && c.resp.is_none()
                     && c.outbox.wake(&mut self.log, first, now.mono_ms, c.close.emitted())
                 {
-                    self.dirty.push(id);
+                    self.dirty.push(id, c);
                 }
             }
         }
@@ -106,7 +106,7 @@ impl Hub {
     pub(super) fn wake(&mut self, id: ConnId, from: Seq, now: Now) {
         let Some(c) = self.conns.get_mut(id) else { return };
         if c.outbox.wake(&mut self.log, from, now.mono_ms, c.close.emitted()) {
-            self.dirty.push(id);
+            self.dirty.push(id, c);
         }
     }
 }

@@ -4,7 +4,8 @@
 //! Driving it (str0m style: after every input, drain the outputs):
 //! - inputs: [`Hub::accept`], [`Hub::on_bytes`], [`Hub::on_peer_closed`], [`Hub::on_batch`],
 //!   [`Hub::on_upstream`], [`Hub::handle_timeout`], [`Hub::shutdown`];
-//! - writes: [`Hub::take_dirty`] lists connections with output and no write in flight;
+//! - writes: [`Hub::next_dirty`] takes the loop turn's connections with output and no write
+//!   in flight, in their order;
 //!   [`Hub::gather`] fills an iovec list for one of them; [`Hub::on_written`] reports progress;
 //! - outputs: [`Hub::poll_output`] (closes, commands for the upstream), [`Hub::poll_timeout`].
 //!
@@ -279,11 +280,8 @@ pub struct Hub {
     /// Boxed so that the slot table stays small (its growth by doubling would otherwise cost
     /// more than the connections themselves).
     conns: Slots<Box<Conn>>,
-    /// Connections whose outbox is `Dirty`, in the order they became so.
-    dirty: Vec<ConnId>,
-    /// Scratch for [`Hub::take_dirty`] (its clear and congested groups) and
-    /// [`Hub::requeue_dirty`], empty between calls: kept so that a turn allocates nothing.
-    scratch: [Vec<ConnId>; 3],
+    /// Connections whose outbox is `Dirty`, by rank, in the order they became so.
+    dirty: writes::DirtyQueues,
     outputs: VecDeque<HubOutput>,
     server_name: Option<String>,
     /// Token of the last complete upstream batch per stream (what `POSITION` says).
@@ -339,8 +337,7 @@ impl Hub {
             config,
             log: Log::new(),
             conns: Slots::new(),
-            dirty: Vec::new(),
-            scratch: Default::default(),
+            dirty: Default::default(),
             outputs: VecDeque::new(),
             server_name,
             tokens: [None; StreamId::COUNT],

@@ -327,6 +327,12 @@ impl Outbox {
         }
     }
 
+    /// Whether it is in the hub's dirty list.
+    #[inline]
+    pub(super) fn is_dirty(&self) -> bool {
+        matches!(self.state, WriteState::Dirty)
+    }
+
     /// Leaves the dirty list; returns whether it was in it.
     #[inline]
     pub(super) fn take_dirty(&mut self) -> bool {

@@ -454,7 +454,7 @@ impl Hub {
         for &id in list {
             let Some(c) = self.conns.get_mut(id) else { continue };
             if c.outbox.wake(&mut self.log, first, now.mono_ms, c.close.emitted()) {
-                self.dirty.push(id);
+                self.dirty.push(id, c);
             }
         }
     }

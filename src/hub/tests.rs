@@ -1,6 +1,6 @@
 //! Hub tests without sockets: every rule of ARCHITECTURE.md §3–4 driven through [`Sim`].
 use super::sim::{Capacity, Sim};
-use super::{CloseHow, HubConfig, UpstreamCmd};
+use super::{CloseHow, ConnId, HubConfig, UpstreamCmd};
 use crate::proto::{StreamId, SyncState, Token};
 
 use StreamId::{Caches, Events, Typing};
@@ -273,13 +273,51 @@ fn each_turn_serves_proven_readers_then_clear_sockets_then_congested_ones() {
     let proven = sim.hub.take_dirty(&mut order);
     assert_eq!(proven, 1);
     assert_eq!(order, vec![reader, clear, new, congested]);
-    // The rank follows the last measure: one queue emptied, the other filled up.
-    sim.hub.requeue_dirty(&order);
-    sim.hub.on_send_queue(congested, 0);
-    sim.hub.on_send_queue(clear, super::writes::CONGESTED_SEND_QUEUE + 1);
-    order.clear();
-    sim.hub.take_dirty(&mut order);
-    assert_eq!(order, vec![reader, new, congested, clear]);
+}
+
+/// Takes the turn's connections as the core loop does with its write budget spent after
+/// `unproven` of the others: every proven reader, then that many more.
+fn turn_with_budget_for(sim: &mut Sim, unproven: usize) -> Vec<(ConnId, bool)> {
+    let mut turn = sim.hub.dirty_turn();
+    let mut taken = Vec::new();
+    let mut left = unproven;
+    while let Some(next) = sim.hub.next_dirty(&mut turn, left > 0) {
+        taken.push((next.id, next.proven));
+        if !next.proven {
+            left -= 1;
+        }
+    }
+    taken
+}
+
+#[test]
+fn a_turn_cut_short_leaves_the_rest_first_in_line_in_their_rank_as_it_is_then() {
+    let mut sim = sim();
+    let reader = sim.accept();
+    sim.send(reader, "REPLICATE ALL");
+    let rows = (0..1_000).map(|k| (Events, V(1_000 + k))).collect::<Vec<_>>();
+    while sim.received_bytes()[&reader] <= super::writes::PROVEN_READER_BYTES as usize {
+        sim.batch(&rows);
+    }
+    let [a, b, c, d] = [(); 4].map(|()| sim.accept());
+    for id in [a, b, c, d] {
+        sim.send(id, "REPLICATE ALL");
+    }
+    sim.hub.on_send_queue(d, super::writes::CONGESTED_SEND_QUEUE + 1);
+    sim.append(&[(Events, V(9_000_000))]);
+    // The budget runs out after one of the others: the proven reader still goes first.
+    assert_eq!(turn_with_budget_for(&mut sim, 1), vec![(reader, true), (a, false)]);
+    // While they wait, one clear queue fills up and the congested one empties: each moves to
+    // its new group's end, and each is taken once.
+    sim.hub.on_send_queue(b, super::writes::CONGESTED_SEND_QUEUE + 1);
+    sim.hub.on_send_queue(d, 0);
+    let rest: Vec<ConnId> =
+        turn_with_budget_for(&mut sim, usize::MAX).into_iter().map(|(id, _)| id).collect();
+    assert_eq!(rest, vec![c, d, b]);
+    let mut none = Vec::new();
+    assert_eq!(sim.hub.take_dirty(&mut none), 0);
+    assert!(none.is_empty(), "every connection taken once: {none:?}");
+    assert!(!sim.hub.has_dirty(), "the stale entries went with that turn");
 }
 
 #[test]

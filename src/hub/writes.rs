@@ -1,8 +1,9 @@
 //! Writes: the dirty list, and the glue between the driver's write loop and each connection's
 //! [`Outbox`](super::outbox::Outbox) (which plans the writes and accounts for them).
+use std::collections::VecDeque;
 use std::io::IoSlice;
 
-use super::conn::CloseState;
+use super::conn::{CloseState, Conn};
 use super::outbox::{AfterWrite, Gathered};
 use super::stats::{CloseReason, ConnPhase};
 use super::{CloseHow, ConnId, Hub, HubOutput};
@@ -22,7 +23,7 @@ pub(super) const PROVEN_READER_BYTES: u64 = 1 << 20;
 /// only costs it its place among the unproven until it is proven).
 pub(crate) const CONGESTED_SEND_QUEUE: u64 = 64 << 10;
 
-/// Which group of the turn's order a dirty connection is in (see [`Hub::take_dirty`]).
+/// Which group of the turn's order a dirty connection is in (see [`Hub::next_dirty`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Rank {
     /// Took more than a worker that never reads could absorb.
@@ -32,6 +33,59 @@ enum Rank {
     /// Not proven, and its send queue holds bytes back: most likely a worker that stopped
     /// reading, whose send buffer is being filled.
     Congested,
+}
+
+impl Rank {
+    const COUNT: usize = 3;
+
+    #[inline]
+    fn of(c: &Conn) -> Self {
+        if c.written > PROVEN_READER_BYTES {
+            Self::Proven
+        } else if c.outbox.congested() {
+            Self::Congested
+        } else {
+            Self::Clear
+        }
+    }
+}
+
+/// The dirty list: the connections whose outbox is `Dirty`, one queue per [`Rank`], each in
+/// the order they became dirty. A dirty connection is in the queue of its rank; entries that
+/// no longer match (the rank changed, or the outbox was taken) are dropped when reached.
+#[derive(Default)]
+pub(super) struct DirtyQueues([VecDeque<ConnId>; Rank::COUNT]);
+
+impl DirtyQueues {
+    /// `id` (whose connection is `c`) became dirty.
+    #[inline]
+    pub(super) fn push(&mut self, id: ConnId, c: &Conn) {
+        self.0[Rank::of(c) as usize].push_back(id);
+    }
+
+    fn lens(&self) -> [usize; Rank::COUNT] {
+        self.0.each_ref().map(VecDeque::len)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.iter().all(VecDeque::is_empty)
+    }
+}
+
+/// A loop turn's place in the dirty list ([`Hub::dirty_turn`]).
+pub struct DirtyTurn {
+    /// Entries of each group the turn has yet to look at.
+    left: [usize; Rank::COUNT],
+    /// The group it is in.
+    group: usize,
+}
+
+/// A connection [`Hub::next_dirty`] took for the turn's write.
+#[derive(Clone, Copy, Debug)]
+pub struct Dirty {
+    pub id: ConnId,
+    /// A proven reader: its write does not count against the turn's budget for the others.
+    pub proven: bool,
 }
 
 impl Hub {
@@ -59,44 +113,59 @@ impl Hub {
         }
     }
 
-    /// Appends the connections that have output and no write in flight, to be written this
-    /// loop turn: first the proven readers (whose sockets took more than
-    /// `PROVEN_READER_BYTES`), then the unproven ones whose send queue empties, then the
-    /// congested ones ([`Hub::on_send_queue`]), each group in the order it became dirty.
-    /// Returns how many proven readers lead the list.
+    /// Where a loop turn starts in the dirty queues: it takes at most what each held then, so
+    /// a connection that becomes dirty during the turn waits for the next one.
+    pub fn dirty_turn(&self) -> DirtyTurn {
+        DirtyTurn { left: self.dirty.lens(), group: 0 }
+    }
+
+    /// The next connection this loop turn writes, out of the dirty list: first every proven
+    /// reader of the turn (whose socket took more than `PROVEN_READER_BYTES`), then, while
+    /// `more_unproven` holds, the unproven ones whose send queue empties, then the congested
+    /// ones ([`Hub::on_send_queue`]), each group in the order it became dirty. The connections
+    /// the turn leaves stay where they are, first in line for the next turn.
     ///
     /// So while a crowd of workers that stopped reading has its send buffers filled (each
     /// takes a buffer and a receive window before its socket blocks), the readers, proven or
-    /// new, are written before any of them in every turn.
-    ///
-    /// One pass over the dirty list: with thousands of workers that are not proven yet (every
-    /// worker of a fresh start), the turn's write budget serves a few of them and requeues the
-    /// rest, so this runs over nearly all of them in every turn.
-    pub fn take_dirty(&mut self, out: &mut Vec<ConnId>) -> usize {
-        let start = out.len();
-        let [clear, congested, _] = &mut self.scratch;
-        for &id in &self.dirty {
+    /// new, are written before any of them in every turn; and a turn whose write budget serves
+    /// a few hundred of thousands of unproven workers (every worker of a fresh start) touches
+    /// only those.
+    pub fn next_dirty(&mut self, turn: &mut DirtyTurn, more_unproven: bool) -> Option<Dirty> {
+        while turn.group < Rank::COUNT {
+            let group = turn.group;
+            if group > Rank::Proven as usize && !more_unproven {
+                return None;
+            }
+            if turn.left[group] == 0 {
+                turn.group += 1;
+                continue;
+            }
+            turn.left[group] -= 1;
+            let Some(id) = self.dirty.0[group].pop_front() else { continue };
             let Some(c) = self.conns.get_mut(id) else { continue };
-            let rank = if c.written > PROVEN_READER_BYTES {
-                Rank::Proven
-            } else if c.outbox.congested() {
-                Rank::Congested
-            } else {
-                Rank::Clear
-            };
-            // The first entry of an id takes it: a later duplicate finds it taken.
+            // An entry left behind when the connection's rank changed: the connection has one
+            // in its new group ([`Hub::on_send_queue`]).
+            if Rank::of(c) as usize != group {
+                continue;
+            }
+            // A connection has one entry while dirty; one found clean is stale.
             if c.outbox.take_dirty() {
-                match rank {
-                    Rank::Proven => out.push(id),
-                    Rank::Clear => clear.push(id),
-                    Rank::Congested => congested.push(id),
-                }
+                return Some(Dirty { id, proven: group == Rank::Proven as usize });
             }
         }
-        let proven = out.len() - start;
-        out.append(clear);
-        out.append(congested);
-        self.dirty.clear();
+        None
+    }
+
+    /// Takes every connection the turn would write without a budget into `out`, in turn
+    /// order ([`Hub::next_dirty`]); returns how many proven readers lead the list. For a loop
+    /// that writes all of them (the tests' and benches' sockets, which take everything).
+    pub fn take_dirty(&mut self, out: &mut Vec<ConnId>) -> usize {
+        let mut turn = self.dirty_turn();
+        let mut proven = 0;
+        while let Some(next) = self.next_dirty(&mut turn, true) {
+            out.push(next.id);
+            proven += usize::from(next.proven);
+        }
         proven
     }
 
@@ -121,35 +190,25 @@ impl Hub {
 
     /// `id`'s socket held `bytes` unsent or unacknowledged after a write (SIOCOUTQ): more than
     /// [`CONGESTED_SEND_QUEUE`] ranks it after the other unproven connections.
+    /// A dirty connection whose rank changes moves to its new group's end.
     pub fn on_send_queue(&mut self, id: ConnId, bytes: u64) {
         if let Some(c) = self.conns.get_mut(id) {
             c.queue_bound = bytes;
-            c.outbox.set_congested(bytes > CONGESTED_SEND_QUEUE);
-        }
-    }
-
-    /// Whether some connection waits in the dirty list (a driver that ended its turn early, see
-    /// [`Hub::requeue_dirty`], must not sleep while this holds).
-    pub fn has_dirty(&self) -> bool {
-        !self.dirty.is_empty()
-    }
-
-    /// Puts back connections taken with [`Hub::take_dirty`] that the driver did not get to
-    /// write this turn, ahead of the ones that became dirty since, so that the next turn
-    /// serves them first and nobody waits more than a turn behind the others.
-    pub fn requeue_dirty(&mut self, ids: &[ConnId]) {
-        let mut queue = std::mem::take(&mut self.scratch[2]);
-        for &id in ids {
-            let Some(c) = self.conns.get_mut(id) else { continue };
-            // A taken outbox is pending; this makes it dirty again (or leaves it held back
-            // once its `Close` is out), exactly as a socket that became writable would.
-            if c.outbox.on_writable(c.close.emitted()) {
-                queue.push(id);
+            let congested = bytes > CONGESTED_SEND_QUEUE;
+            if c.outbox.congested() != congested {
+                c.outbox.set_congested(congested);
+                // Its entry in the old group is skipped when that group's turn comes.
+                if c.outbox.is_dirty() {
+                    self.dirty.push(id, c);
+                }
             }
         }
-        queue.append(&mut self.dirty);
-        // The emptied list becomes the scratch, so neither allocates again.
-        self.scratch[2] = std::mem::replace(&mut self.dirty, queue);
+    }
+
+    /// Whether some connection waits in the dirty list (a driver whose turn left some, see
+    /// [`Hub::next_dirty`], must not sleep while this holds).
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
     }
 
     /// The socket of a blocked connection is writable again.
@@ -157,7 +216,7 @@ impl Hub {
         self.unpark(id);
         let Some(c) = self.conns.get_mut(id) else { return };
         if c.outbox.on_writable(c.close.emitted()) {
-            self.dirty.push(id);
+            self.dirty.push(id, c);
         }
     }
 
@@ -179,7 +238,7 @@ impl Hub {
                 0
             }
             Gathered::Again => {
-                self.dirty.push(id);
+                self.dirty.push(id, c);
                 0
             }
             Gathered::Write(total) => {
@@ -216,7 +275,7 @@ impl Hub {
         self.stats.writes += 1;
         match written.next {
             AfterWrite::Idle => self.close_if_drained(id),
-            AfterWrite::Dirty => self.dirty.push(id),
+            AfterWrite::Dirty => self.dirty.push(id, c),
             AfterWrite::Blocked => {}
         }
     }
