@@ -307,8 +307,8 @@ fn a_turn_cut_short_leaves_the_rest_first_in_line_in_their_rank_as_it_is_then() 
     sim.append(&[(Events, V(9_000_000))]);
     // The budget runs out after one of the others: the proven reader still goes first.
     assert_eq!(turn_with_budget_for(&mut sim, 1), vec![(reader, true), (a, false)]);
-    // While they wait, one clear queue fills up and the congested one empties: each moves to
-    // its new group's end, and each is taken once.
+    // While they wait, a clear socket's send queue fills up and the congested one's empties:
+    // each moves to its new group's end, and each is taken once.
     sim.hub.on_send_queue(b, super::writes::CONGESTED_SEND_QUEUE + 1);
     sim.hub.on_send_queue(d, 0);
     let rest: Vec<ConnId> =

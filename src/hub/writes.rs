@@ -127,9 +127,9 @@ impl Hub {
     ///
     /// So while a crowd of workers that stopped reading has its send buffers filled (each
     /// takes a buffer and a receive window before its socket blocks), the readers, proven or
-    /// new, are written before any of them in every turn; and a turn whose write budget serves
-    /// a few hundred of thousands of unproven workers (every worker of a fresh start) touches
-    /// only those.
+    /// new, are written before any of them in every turn; and a turn whose write budget
+    /// reaches a few hundred of thousands of unproven workers (every worker of a fresh start)
+    /// touches only those few hundred.
     pub fn next_dirty(&mut self, turn: &mut DirtyTurn, more_unproven: bool) -> Option<Dirty> {
         while turn.group < Rank::COUNT {
             let group = turn.group;
@@ -148,7 +148,8 @@ impl Hub {
             if Rank::of(c) as usize != group {
                 continue;
             }
-            // A connection has one entry while dirty; one found clean is stale.
+            // Not dirty: taken through a later entry already (its rank changed and changed
+            // back), or no longer waiting to be written.
             if c.outbox.take_dirty() {
                 return Some(Dirty { id, proven: group == Rank::Proven as usize });
             }
