@@ -251,16 +251,22 @@ fn a_stalled_worker_is_evicted_by_backlog_and_the_others_get_everything() {
     assert_eq!(sim.closed(stalled), Some(CloseHow::Graceful));
 }
 
-#[test]
-fn each_turn_serves_proven_readers_then_clear_sockets_then_congested_ones() {
+/// A hub with one worker whose socket took more than a worker that never reads could ever
+/// absorb: a proven reader.
+fn sim_with_a_proven_reader() -> (Sim, ConnId) {
     let mut sim = sim();
-    // The reader took more than a worker that never reads could ever absorb.
     let reader = sim.accept();
     sim.send(reader, "REPLICATE ALL");
     let rows = (0..1_000).map(|k| (Events, V(1_000 + k))).collect::<Vec<_>>();
     while sim.received_bytes()[&reader] <= super::writes::PROVEN_READER_BYTES as usize {
         sim.batch(&rows);
     }
+    (sim, reader)
+}
+
+#[test]
+fn each_turn_serves_proven_readers_then_clear_sockets_then_congested_ones() {
+    let (mut sim, reader) = sim_with_a_proven_reader();
     let [congested, clear, new] = [(); 3].map(|()| sim.accept());
     for id in [congested, clear, new] {
         sim.send(id, "REPLICATE ALL");
@@ -292,13 +298,7 @@ fn turn_with_budget_for(sim: &mut Sim, unproven: usize) -> Vec<(ConnId, bool)> {
 
 #[test]
 fn a_turn_cut_short_leaves_the_rest_first_in_line_in_their_rank_as_it_is_then() {
-    let mut sim = sim();
-    let reader = sim.accept();
-    sim.send(reader, "REPLICATE ALL");
-    let rows = (0..1_000).map(|k| (Events, V(1_000 + k))).collect::<Vec<_>>();
-    while sim.received_bytes()[&reader] <= super::writes::PROVEN_READER_BYTES as usize {
-        sim.batch(&rows);
-    }
+    let (mut sim, reader) = sim_with_a_proven_reader();
     let [a, b, c, d] = [(); 4].map(|()| sim.accept());
     for id in [a, b, c, d] {
         sim.send(id, "REPLICATE ALL");
