@@ -137,6 +137,13 @@ pub(super) struct Conn {
 }
 
 impl Conn {
+    /// Its socket took more than a worker that never reads could absorb
+    /// (`writes::PROVEN_READER_BYTES`): a reader, whose writes go first in every turn.
+    #[inline]
+    pub(super) fn is_proven_reader(&self) -> bool {
+        self.written > super::writes::PROVEN_READER_BYTES
+    }
+
     pub(super) fn new(session: Session, outbox: Outbox, now: Now) -> Self {
         Self {
             session,

@@ -40,7 +40,7 @@ impl Rank {
 
     #[inline]
     fn of(c: &Conn) -> Self {
-        if c.written > PROVEN_READER_BYTES {
+        if c.is_proven_reader() {
             Self::Proven
         } else if c.outbox.congested() {
             Self::Congested
@@ -173,7 +173,7 @@ impl Hub {
     /// Whether `id`'s socket has taken more than a worker that never reads could absorb
     /// ([`PROVEN_READER_BYTES`]): its writes go first in every turn.
     pub fn is_proven_reader(&self, id: ConnId) -> bool {
-        self.conns.get(id).is_some_and(|c| c.written > PROVEN_READER_BYTES)
+        self.conns.get(id).is_some_and(|c| c.is_proven_reader())
     }
 
     /// Whether the driver should tell [`Hub::on_send_queue`] what `id`'s socket holds after a
@@ -184,14 +184,12 @@ impl Hub {
     /// 64 KiB it takes before it is proven, not once per write (at 100 lines a second, one in
     /// some 200 writes), and a worker that stopped reading is found out as soon as before.
     pub fn wants_send_queue(&self, id: ConnId) -> bool {
-        self.conns
-            .get(id)
-            .is_some_and(|c| c.written <= PROVEN_READER_BYTES && c.queue_bound > CONGESTED_SEND_QUEUE)
+        self.conns.get(id).is_some_and(|c| !c.is_proven_reader() && c.queue_bound > CONGESTED_SEND_QUEUE)
     }
 
     /// `id`'s socket held `bytes` unsent or unacknowledged after a write (SIOCOUTQ): more than
-    /// [`CONGESTED_SEND_QUEUE`] ranks it after the other unproven connections.
-    /// A dirty connection whose rank changes moves to its new group's end.
+    /// [`CONGESTED_SEND_QUEUE`] ranks it after the other unproven connections. A dirty
+    /// connection whose rank changes moves to its new group's end.
     pub fn on_send_queue(&mut self, id: ConnId, bytes: u64) {
         if let Some(c) = self.conns.get_mut(id) {
             c.queue_bound = bytes;
