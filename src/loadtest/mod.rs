@@ -232,12 +232,30 @@ impl LtClock {
     }
 }
 
-/// One subscriber's progress, on its own cache line (written once per read).
+/// One subscriber's progress, on its own cache line (written once per read that brought lines).
 #[repr(align(64))]
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Slot {
+    /// Lines received (stored with `Release`, after `last_read_ns`).
     received: AtomicU64,
+    /// When (load-test clock) the read that brought `received` to its value was taken.
+    last_read_ns: AtomicU64,
     alive: AtomicBool,
+}
+
+impl Slot {
+    fn live() -> Self {
+        Self { alive: AtomicBool::new(true), ..Self::default() }
+    }
+
+    /// A read taken at `now_ns` brought the count to `received` (the subscriber's own thread
+    /// is the only writer).
+    pub(crate) fn on_read(&self, received: u64, now_ns: u64) {
+        if self.received.load(Ordering::Relaxed) != received {
+            self.last_read_ns.store(now_ns, Ordering::Relaxed);
+            self.received.store(received, Ordering::Release);
+        }
+    }
 }
 
 /// State shared by the publisher, the client threads and the controller.
@@ -277,6 +295,21 @@ impl Shared {
             .min()
     }
 
+    /// Once every live subscriber has `want` lines: when the last delivery was read (the
+    /// latest read that brought lines, on any subscriber; 0 if none ever did). `None` while a
+    /// live subscriber is short.
+    fn last_delivery(&self, want: u64) -> Option<u64> {
+        let mut last = 0;
+        for s in self.slots.iter() {
+            let received = s.received.load(Ordering::Acquire);
+            if received < want && s.alive.load(Ordering::Relaxed) {
+                return None;
+            }
+            last = last.max(s.last_read_ns.load(Ordering::Relaxed));
+        }
+        Some(last)
+    }
+
     fn total_received(&self) -> u64 {
         self.slots.iter().map(|s| s.received.load(Ordering::Relaxed)).sum()
     }
@@ -301,9 +334,7 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
     let shared = Arc::new(Shared {
         clock,
         subscribers: opts.subscribers,
-        slots: (0..opts.subscribers)
-            .map(|_| Slot { received: AtomicU64::new(0), alive: AtomicBool::new(true) })
-            .collect(),
+        slots: (0..opts.subscribers).map(|_| Slot::live()).collect(),
         published: AtomicU64::new(0),
         ready: AtomicUsize::new(0),
         failed: AtomicUsize::new(0),
@@ -526,14 +557,14 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
     // Wait for the last deliveries.
     let drain_deadline = Instant::now() + DRAIN_TIMEOUT;
     let want = published.lines;
+    // The run ends at the last delivery as its subscriber read it, not when this loop looked.
     let done_ns = loop {
-        let all = shared
-            .slots
-            .iter()
-            .all(|s| !s.alive.load(Ordering::Relaxed) || s.received.load(Ordering::Relaxed) >= want);
         let now = clock.now_ns();
-        if all || Instant::now() >= drain_deadline {
-            break now;
+        match shared.last_delivery(want) {
+            Some(last) if last > 0 => break last,
+            Some(_) => break now,
+            None if Instant::now() >= drain_deadline => break now,
+            None => {}
         }
         sample(&mut rate_series);
         if last_tick.elapsed() >= Duration::from_secs(1) {
@@ -736,6 +767,44 @@ fn open_stalled(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn shared_with(slots: usize) -> Shared {
+        Shared {
+            clock: LtClock(Instant::now()),
+            subscribers: slots,
+            slots: (0..slots).map(|_| Slot::live()).collect(),
+            published: AtomicU64::new(0),
+            ready: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            stop_clients: AtomicBool::new(false),
+            abort: AtomicBool::new(false),
+            errors: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The run ends when the last line was read, by whichever subscriber, not when the
+    /// controller looked; a read that brought no line (a PING) does not move it.
+    #[test]
+    fn the_last_delivery_is_the_latest_read_that_brought_lines() {
+        let shared = shared_with(3);
+        let [a, b, c] = &shared.slots[..] else { unreachable!() };
+        a.on_read(10, 1_000);
+        b.on_read(7, 1_200);
+        c.on_read(10, 900);
+        assert_eq!(shared.last_delivery(10), None, "b is short");
+        b.on_read(10, 1_500);
+        a.on_read(10, 2_000);
+        assert_eq!(shared.last_delivery(10), Some(1_500));
+        // A subscriber that is gone does not hold the run open.
+        let shared = shared_with(2);
+        shared.slots[0].on_read(4, 300);
+        shared.slots[1].on_read(2, 200);
+        assert_eq!(shared.last_delivery(4), None);
+        shared.slots[1].alive.store(false, Ordering::Relaxed);
+        assert_eq!(shared.last_delivery(4), Some(300));
+        // Nothing read at all: 0, which the drain loop replaces with its own clock.
+        assert_eq!(shared_with(1).last_delivery(0), Some(0));
+    }
 
     #[test]
     fn windows() {

@@ -193,11 +193,18 @@ impl<'a> Run<'a> {
     }
 }
 
-/// After a read has been accounted: publishes the subscriber's count and, the first time
+/// After a read taken at `now_ns` has been accounted: publishes the subscriber's count (and,
+/// if it grew, when) and, the first time
 /// every stream is positioned, releases its connect permit and counts it as ready. The
 /// permit being gone is what marks the subscriber ready.
-fn after_read(shared: &Shared, sub: &SubState, want: u32, permit: &mut Option<SemaphorePermit<'_>>) {
-    shared.slots[sub.id].received.store(sub.received, Ordering::Relaxed);
+fn after_read(
+    shared: &Shared,
+    sub: &SubState,
+    want: u32,
+    permit: &mut Option<SemaphorePermit<'_>>,
+    now_ns: u64,
+) {
+    shared.slots[sub.id].on_read(sub.received, now_ns);
     if permit.is_some() && sub.positioned >= want {
         drop(permit.take());
         shared.ready.fetch_add(1, Ordering::SeqCst);
@@ -365,7 +372,7 @@ async fn replhub_subscriber(
                 Err(e) => return Err(e.to_string()),
             }
         }
-        after_read(shared, sub, want, &mut permit);
+        after_read(shared, sub, want, &mut permit, now);
         drop(guard);
     }
 }
@@ -434,7 +441,7 @@ async fn read_loop(
         let sub = &mut subs[slot];
         let used = scan(sub, hist, &buf, now)?;
         buf.advance(used);
-        after_read(shared, sub, want, &mut permit);
+        after_read(shared, sub, want, &mut permit, now);
         drop(guard);
     }
 }
