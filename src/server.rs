@@ -51,7 +51,7 @@ pub const DISABLE_URING_ENV: &str = "REPLHUB_DISABLE_URING";
 /// waited in the source for the next upstream read (about 100 µs at 10 000 lines/s) or the
 /// 1 ms retry, which put 1.5% of the lines of a paced run 100 µs behind (p99 140 µs against
 /// the ideal server's 53 µs). With 64 the p99 is 59–71 µs in the same run, and max-rate
-/// deliveries at 100 and 1000 subscribers went up 3–13% (README, "Performance").
+/// deliveries at 100 and 1000 subscribers went up 3–13% (docs/performance-history.md).
 pub const CORE_MAILBOX: usize = 64;
 /// The same in Redis mode: PUBLISH batches are made on the cores, ready, and the source cannot
 /// coalesce them as it does a master's reads, so a one-message mailbox would hand a core that

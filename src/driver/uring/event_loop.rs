@@ -54,8 +54,8 @@ pub(super) const CQ_ENTRIES: u32 = 16384;
 /// space is a point where the scheduler can switch, as after each `writev` of the epoll
 /// driver; one more `io_uring_enter` per this many sends costs next to nothing. At 100
 /// subscribers (about 50 sends a core per turn) a turn still makes one call. Far fewer per
-/// call do cost: 8 took 17% more CPU per delivery at max rate to 1000 workers (README,
-/// "Where it stands", fourteenth session).
+/// call do cost: 8 took 17% more CPU per delivery at max rate to 1000 workers
+/// (docs/performance-history.md, "Where it stood", fourteenth session).
 const SUBMIT_BATCH: usize = 128;
 /// How long, after the shutdown grace, the core waits for the kernel to finish its ops before
 /// it gives up.
