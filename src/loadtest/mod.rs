@@ -248,9 +248,9 @@ impl Slot {
         Self { alive: AtomicBool::new(true), ..Self::default() }
     }
 
-    /// A read taken at `now_ns` brought the count to `received` (the subscriber's own thread
-    /// is the only writer).
-    pub(crate) fn on_read(&self, received: u64, now_ns: u64) {
+    /// A read taken at `now_ns` brought the count to `received` (the subscriber's task is the
+    /// slot's only writer).
+    fn on_read(&self, received: u64, now_ns: u64) {
         if self.received.load(Ordering::Relaxed) != received {
             self.last_read_ns.store(now_ns, Ordering::Relaxed);
             self.received.store(received, Ordering::Release);

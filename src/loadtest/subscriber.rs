@@ -194,9 +194,8 @@ impl<'a> Run<'a> {
 }
 
 /// After a read taken at `now_ns` has been accounted: publishes the subscriber's count (and,
-/// if it grew, when) and, the first time
-/// every stream is positioned, releases its connect permit and counts it as ready. The
-/// permit being gone is what marks the subscriber ready.
+/// if it grew, when) and, the first time every stream is positioned, releases its connect
+/// permit and counts it as ready. The permit being gone is what marks the subscriber ready.
 fn after_read(
     shared: &Shared,
     sub: &SubState,
