@@ -273,6 +273,20 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    fn new(clock: LtClock, subscribers: usize) -> Self {
+        Self {
+            clock,
+            subscribers,
+            slots: (0..subscribers).map(|_| Slot::live()).collect(),
+            published: AtomicU64::new(0),
+            ready: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            stop_clients: AtomicBool::new(false),
+            abort: AtomicBool::new(false),
+            errors: Mutex::new(Vec::new()),
+        }
+    }
+
     fn note_error(&self, e: String) {
         if let Ok(mut errs) = self.errors.lock() {
             if errs.len() < MAX_ERRORS {
@@ -331,17 +345,7 @@ pub fn run_blocking(opts: &LoadtestOptions) -> anyhow::Result<Report> {
     let streams = opts.streams.streams();
     let clock = LtClock(Instant::now());
     let window = opts.window.unwrap_or_else(|| default_window(opts.subscribers, opts.message_size));
-    let shared = Arc::new(Shared {
-        clock,
-        subscribers: opts.subscribers,
-        slots: (0..opts.subscribers).map(|_| Slot::live()).collect(),
-        published: AtomicU64::new(0),
-        ready: AtomicUsize::new(0),
-        failed: AtomicUsize::new(0),
-        stop_clients: AtomicBool::new(false),
-        abort: AtomicBool::new(false),
-        errors: Mutex::new(Vec::new()),
-    });
+    let shared = Arc::new(Shared::new(clock, opts.subscribers));
 
     // The server, and the publisher's connection to it.
     let expect_replies = Arc::new(AtomicU64::new(u64::MAX));
@@ -769,17 +773,7 @@ mod tests {
     use super::*;
 
     fn shared_with(slots: usize) -> Shared {
-        Shared {
-            clock: LtClock(Instant::now()),
-            subscribers: slots,
-            slots: (0..slots).map(|_| Slot::live()).collect(),
-            published: AtomicU64::new(0),
-            ready: AtomicUsize::new(0),
-            failed: AtomicUsize::new(0),
-            stop_clients: AtomicBool::new(false),
-            abort: AtomicBool::new(false),
-            errors: Mutex::new(Vec::new()),
-        }
+        Shared::new(LtClock(Instant::now()), slots)
     }
 
     /// The run ends when the last line was read, by whichever subscriber, not when the
