@@ -46,17 +46,6 @@ const BGID: u16 = 0;
 /// kernel keeps completions that overflow (IORING_FEAT_NODROP).
 pub(super) const SQ_ENTRIES: u32 = 1024;
 pub(super) const CQ_ENTRIES: u32 = 16384;
-/// Sends queued in a turn before they are handed to the kernel without waiting for the end of
-/// the turn. The kernel issues a whole submission batch in one `io_uring_enter`, and on a
-/// kernel without preemption (`PREEMPT_NONE`, common on servers and VMs) nothing else runs on
-/// that CPU until it returns: hundreds of sends in one call keep the workers this core just
-/// woke (and the upstream's source thread) off the CPU for milliseconds. Every return to user
-/// space is a point where the scheduler can switch, as after each `writev` of the epoll
-/// driver; one more `io_uring_enter` per this many sends costs next to nothing. At 100
-/// subscribers (about 50 sends a core per turn) a turn still makes one call. Far fewer per
-/// call do cost: 8 took 17% more CPU per delivery at max rate to 1000 workers
-/// (docs/performance-history.md, "Where it stood", fourteenth session).
-const SUBMIT_BATCH: usize = 128;
 /// How long, after the shutdown grace, the core waits for the kernel to finish its ops before
 /// it gives up.
 const EXIT_WAIT_MS: u64 = 1_000;
@@ -856,13 +845,19 @@ impl Sockets for Io {
         // freed only with the connection, once no op of it is in flight. The fd is closed
         // only then too.
         unsafe { self.queue(entry) };
-        if self.backlog.is_empty() && self.ring.submission().len() >= SUBMIT_BATCH {
+        Write::Submitted
+    }
+
+    /// The turn's sends so far, issued by the kernel in one `io_uring_enter` (so one call never
+    /// holds a non-preemptible kernel's CPU for all of a long turn's sends). Leaves a backlog to
+    /// the turn's own submit, which drains it in order.
+    fn hand_over(&mut self) {
+        if self.backlog.is_empty() && !self.ring.submission().is_empty() {
             self.stats.enters += 1;
             // Only hands the queue over: an error here shows again in the turn's own submit,
             // which reports it.
             let _ = self.ring.submit();
         }
-        Write::Submitted
     }
 
     fn wait_writable(&mut self, hub: &mut Hub, id: ConnId) {

@@ -55,8 +55,9 @@
 //!   (writes left for the next turn, or a batch waiting, at the end of every turn) never
 //!   sleeps, so without it the workers' input waited until the load stopped (100 lines/s to
 //!   10 000 workers: their 10 000 PINGs of one round were reaped in a burst 300 ms late).
-//!   A turn with many sends also hands them over every `SUBMIT_BATCH` (128), so that one call
-//!   never holds a non-preemptible kernel's CPU for all of a turn's sends. The kernel keeps
+//!   A turn with many sends also hands them over every `YIELD_EVERY_WRITES` (64) and offers
+//!   the CPU to whoever waits for it (`core_loop`), so that one call never holds a
+//!   non-preemptible kernel's CPU for all of a turn's sends. The kernel keeps
 //!   overflowing completions (NODROP). An idle core sleeps in the kernel until the mailbox, a
 //!   socket or the hub's timer wakes it.
 mod bufring;
