@@ -51,11 +51,15 @@ pub(crate) const TURN_WRITE_BUDGET: usize = 256 << 10;
 /// Writes a loop turn makes before the core hands them to the kernel ([`Sockets::hand_over`])
 /// and offers its CPU to a task that waits for it (`sched_yield(2)`, which returns at once when
 /// none does). On a kernel without preemption (`PREEMPT_NONE`, common on servers and VMs) a
-/// worker this core's writes woke on the same CPU otherwise waits for the end of the turn, or of
-/// the io_uring call that issues its sends; beside a crowd of co-located readers that falls
-/// behind, they read more often but smaller pieces, and every piece costs them and the core a
-/// TCP segment, an ACK and a wake-up (README, "Giving the CPU back during a long turn").
-/// Turns to 100 subscribers (about 50 writes a core) never get here.
+/// worker this core's writes woke on the same CPU runs only when the core returns to user space
+/// and the scheduler has already decided to switch, or when one io_uring call has issued all
+/// its sends; beside co-located readers that fall behind, the core then goes round its workers
+/// faster than they read, each read finds several small sends, and every one cost a TCP
+/// segment, an ACK and a wake-up (README, "Giving the CPU back during a long turn": at 100
+/// lines/s to 10 000 workers the median fell from 77 to 33 ms on io_uring, 69 to 39 ms on
+/// epoll). Turns to 100 subscribers (about 50 writes a core) never get here. Much shorter
+/// stretches cost CPU: 8 sends per io_uring call took 17% more per delivery at max rate to 1000
+/// workers (docs/performance-history.md, fourteenth session).
 pub(crate) const YIELD_EVERY_WRITES: u64 = 64;
 
 /// TCP_NOTSENT_LOWAT of a worker socket until it has proven it reads (its socket took more
