@@ -676,7 +676,7 @@ fn log_repeated(core: usize, report: Report) {
 mod tests {
     use super::*;
     use crate::hub::sim::Sim;
-    use crate::hub::{LineMeta, UpstreamEvent};
+    use crate::hub::LineMeta;
     use crate::proto::{Generation, StreamId};
 
     const E: &str = "Too many open files (os error 24)";
@@ -717,13 +717,7 @@ mod tests {
         let mut core =
             CoreLoop::new(0, Sim::test_config(1 << 20), upstream, clock, 0, Vec::new(), IdleCore::new(64));
         let now = core.now();
-        let connected = UpstreamEvent::Connected {
-            server_name: "master".to_owned(),
-            positions: Sim::positions(),
-            generation: Generation::Seed,
-            instance: "master".to_owned(),
-        };
-        core.hub.on_upstream(&connected, now);
+        core.hub.on_upstream(&Sim::connected("master", Sim::positions(), Generation::Seed), now);
         for _ in 0..workers {
             let id = core.hub.accept(now);
             core.hub.on_bytes(id, b"NAME w\nREPLICATE ALL\n", now);

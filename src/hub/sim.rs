@@ -106,16 +106,23 @@ impl Sim {
         positions: [Option<i64>; StreamId::COUNT],
         generation: crate::proto::Generation,
     ) {
-        self.hub.on_upstream(
-            &UpstreamEvent::Connected {
-                server_name: name.to_owned(),
-                positions,
-                generation,
-                instance: "master".to_owned(),
-            },
-            self.now,
-        );
+        self.hub.on_upstream(&Self::connected(name, positions, generation), self.now);
         self.flush();
+    }
+
+    /// The event of an upstream of `generation`, instance `master`, connecting with
+    /// `positions` (for a hub outside the harness).
+    pub fn connected(
+        name: &str,
+        positions: [Option<i64>; StreamId::COUNT],
+        generation: crate::proto::Generation,
+    ) -> UpstreamEvent {
+        UpstreamEvent::Connected {
+            server_name: name.to_owned(),
+            positions,
+            generation,
+            instance: "master".to_owned(),
+        }
     }
 
     /// A worker connects.
